@@ -1,0 +1,44 @@
+// Structured logs: one JSON object per line on stderr, e.g.
+//   {"ts":"2026-11-24T18:55:32.123456Z","level":"info","msg":"client attached","client_id":"c-3"}
+// Thread-safe; a line is written with one write(2) so concurrent lines never interleave.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <string_view>
+
+namespace cachemgr {
+
+enum class LogLevel { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3 };
+
+// One key/value of a log line. Values are rendered as JSON strings or numbers.
+struct LogField {
+  LogField(std::string_view k, std::string_view v) : key(k), value(v), quoted(true) {}
+  LogField(std::string_view k, const char* v) : key(k), value(v), quoted(true) {}
+  LogField(std::string_view k, const std::string& v) : key(k), value(v), quoted(true) {}
+  LogField(std::string_view k, int64_t v) : key(k), value(std::to_string(v)), quoted(false) {}
+  LogField(std::string_view k, uint64_t v) : key(k), value(std::to_string(v)), quoted(false) {}
+  LogField(std::string_view k, int v) : key(k), value(std::to_string(v)), quoted(false) {}
+  LogField(std::string_view k, unsigned v) : key(k), value(std::to_string(v)), quoted(false) {}
+  LogField(std::string_view k, double v) : key(k), value(std::to_string(v)), quoted(false) {}
+  std::string key;
+  std::string value;
+  bool quoted;
+};
+
+// Lines below this level are dropped. Default kInfo.
+void SetMinLogLevel(LogLevel level);
+LogLevel MinLogLevel();
+
+// Writes one line to `fd` (default stderr). Keys and values are JSON-escaped.
+void Log(LogLevel level, std::string_view msg, std::initializer_list<LogField> fields = {});
+
+// Renders the line Log would write (without the newline); exposed for tests.
+std::string FormatLogLine(LogLevel level, std::string_view msg,
+                          std::initializer_list<LogField> fields);
+
+// Parses "debug" / "info" / "warning" / "error".
+bool ParseLogLevel(std::string_view text, LogLevel* level);
+
+}  // namespace cachemgr

@@ -1,0 +1,185 @@
+// The C++ client of cachemgrd. Hides gRPC and protobuf: every call returns absl::Status or
+// absl::StatusOr carrying the daemon's status code and message unchanged.
+//
+//   ASSIGN_OR_RETURN(auto session, cachemgr::client::Session::Attach("/run/cachemgr/cachemgr.sock",
+//                                                                    options));
+//   ASSIGN_OR_RETURN(auto alloc, session->Allocate("req-1", 48));
+//   float* k = session->pool().key<float>(/*layer=*/0, alloc.layers[0].new_block_ids[0], 0, 0);
+//
+// Thread safety: a Session may be used from several threads at once.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cachemgr/client/kv_pool_view.h"
+
+namespace cachemgr::client {
+
+enum class DType { kFp16, kBf16, kFp32 };
+enum class CacheLayout { kFlashAttn, kFlashInfer };
+enum class RopeStyle { kNone, kInterleaved, kHalfSplit };
+
+// Bytes of one element of `dtype`.
+uint32_t DTypeBytes(DType dtype);
+
+struct RopeConfig {
+  RopeStyle style = RopeStyle::kInterleaved;
+  double theta = 10000.0;
+  double scaling_factor = 1.0;
+  uint32_t rotary_dim = 0;  // 0 = head_dim
+};
+
+struct ModelSpec {
+  std::string name;
+  uint32_t num_layers = 0;
+  uint32_t num_q_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kFp16;
+  uint32_t block_size = 16;
+  CacheLayout layout = CacheLayout::kFlashAttn;
+  RopeConfig rope;
+};
+
+struct AttachOptions {
+  std::string client_name;
+  ModelSpec model;
+  // Blocks per layer if this attach creates the pool; 0 lets the daemon decide.
+  uint32_t num_blocks = 0;
+  // Send heartbeats from a background thread at the interval the daemon asks for.
+  bool auto_heartbeat = true;
+};
+
+struct BlockCopy {
+  uint32_t src_block = 0;
+  uint32_t dst_block = 0;
+};
+
+struct LayerAllocation {
+  uint32_t layer = 0;
+  std::vector<uint32_t> new_block_ids;
+  std::vector<int64_t> slot_mapping;  // one per new token
+  uint32_t num_tokens = 0;            // tokens the layer holds after the call
+  std::vector<BlockCopy> copies;      // copy-on-write the daemon performed
+};
+
+struct Allocation {
+  std::string sequence_id;
+  bool created = false;
+  uint64_t first_position = 0;
+  uint64_t num_positions = 0;
+  std::vector<LayerAllocation> layers;
+};
+
+struct LayerBlockTable {
+  uint32_t layer = 0;
+  uint32_t num_tokens = 0;
+  std::vector<uint32_t> block_ids;
+  uint64_t kv_digest = 0;  // set when requested
+};
+
+struct SequenceInfo {
+  std::string sequence_id;
+  std::string owner_client_id;
+  std::string parent_sequence_id;
+  uint64_t num_positions = 0;
+  std::vector<LayerBlockTable> layers;
+};
+
+struct SequenceSummary {
+  std::string sequence_id;
+  std::string owner_client_id;
+  std::string owner_client_name;
+  uint64_t num_positions = 0;
+  uint64_t num_blocks = 0;
+};
+
+struct LayerOccupancy {
+  uint32_t layer = 0;
+  uint32_t capacity_blocks = 0;
+  uint32_t used_blocks = 0;
+  uint32_t free_blocks = 0;
+  uint32_t shared_blocks = 0;
+};
+
+struct PoolStats {
+  std::string pool_id;
+  std::string model_name;
+  std::string backend;  // "host" or "cuda"
+  std::string device;
+  uint64_t bytes = 0;
+  uint32_t clients = 0;
+  std::vector<LayerOccupancy> layers;
+};
+
+struct ClientInfo {
+  std::string client_id;
+  std::string client_name;
+  std::string pool_id;
+  uint32_t sequences = 0;
+  uint32_t lease_remaining_ms = 0;
+};
+
+struct Stats {
+  std::vector<PoolStats> pools;
+  std::vector<ClientInfo> clients;
+  uint32_t num_sequences = 0;
+  uint64_t uptime_ms = 0;
+  std::string version;
+};
+
+// Daemon-wide inspection that needs no session (the socket's 0600 mode is the access control).
+absl::StatusOr<Stats> GetStats(const std::string& socket_path);
+absl::StatusOr<std::vector<SequenceSummary>> ListAllSequences(const std::string& socket_path);
+
+// One attached client: its lease, its mapping of the pool, and its calls.
+class Session {
+ public:
+  // Connects to the daemon's gRPC socket, attaches, fetches the pool's descriptors over the
+  // share channel and maps them. Starts the heartbeat thread if asked.
+  static absl::StatusOr<std::unique_ptr<Session>> Attach(const std::string& socket_path,
+                                                         const AttachOptions& options);
+
+  // Detaches (best effort) if Detach() was not called; stops the heartbeat thread; unmaps.
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  const std::string& client_id() const;
+  // The negotiated model description (defaults filled in by the daemon).
+  const ModelSpec& model() const;
+  const std::string& pool_id() const;
+  uint32_t num_blocks() const;
+  uint32_t heartbeat_interval_ms() const;
+  uint32_t lease_timeout_ms() const;
+  // The pool memory, mapped into this process.
+  const KvPoolView& pool() const;
+
+  absl::StatusOr<Allocation> Allocate(std::string_view sequence_id, uint32_t num_new_tokens);
+  // Returns blocks whose last reference went away.
+  absl::StatusOr<uint64_t> Free(std::string_view sequence_id);
+  absl::StatusOr<SequenceInfo> Fork(std::string_view parent_sequence_id,
+                                    std::string_view child_sequence_id);
+  absl::StatusOr<SequenceInfo> GetSequence(std::string_view sequence_id,
+                                           bool include_kv_digest = false);
+  // This client's sequences.
+  absl::StatusOr<std::vector<SequenceSummary>> ListSequences();
+  // Renews the lease; returns the milliseconds left.
+  absl::StatusOr<uint32_t> Heartbeat();
+  // Ends the session; the daemon frees every sequence it owned. Later calls fail.
+  absl::Status Detach();
+
+  struct Impl;
+
+ private:
+  explicit Session(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cachemgr::client
