@@ -25,19 +25,26 @@ struct FdMessage {
 
 // Sends `payload` (<= kMaxFdMessagePayload bytes, may be empty) with `fds` (borrowed, not
 // closed; at most kMaxFdsPerMessage). Retries EINTR. INVALID_ARGUMENT for limits, UNAVAILABLE
-// when the peer is gone (EPIPE/ECONNRESET; uses MSG_NOSIGNAL), INTERNAL otherwise.
+// when the peer is gone (EPIPE/ECONNRESET; uses MSG_NOSIGNAL), DEADLINE_EXCEEDED when a send
+// timeout (SO_SNDTIMEO) expires or a non-blocking socket is full, INTERNAL otherwise.
 absl::Status SendFdMessage(int socket_fd, std::string_view payload, absl::Span<const int> fds);
 
 // Receives one message. Descriptors arrive owned (and close-on-exec). UNAVAILABLE on orderly
 // shutdown by the peer (0 bytes), DATA_LOSS if the payload or control data was truncated
-// (MSG_TRUNC / MSG_CTRUNC; any descriptors that did arrive are closed), INTERNAL otherwise.
+// (MSG_TRUNC / MSG_CTRUNC; any descriptors that did arrive are closed), DEADLINE_EXCEEDED when
+// a receive timeout (SO_RCVTIMEO) expires or a non-blocking socket has nothing queued, INTERNAL
+// otherwise. An empty message is told apart from EOF (SO_PASSCRED is enabled for the duration
+// of the call and restored), so empty payloads round-trip.
 absl::StatusOr<FdMessage> ReceiveFdMessage(int socket_fd);
 
 // Creates a listening AF_UNIX SOCK_SEQPACKET socket at `path` with mode 0600, removing a stale
 // socket file first (but refusing, with FAILED_PRECONDITION, to replace a non-socket file).
+// INVALID_ARGUMENT when `path` is empty or does not fit sockaddr_un::sun_path. The fd is
+// close-on-exec.
 absl::StatusOr<UniqueFd> ListenSeqpacket(const std::string& path, int backlog = 64);
 
-// Connects to a SOCK_SEQPACKET listener. UNAVAILABLE when nothing listens there.
+// Connects to a SOCK_SEQPACKET listener. UNAVAILABLE when nothing listens there (no file or
+// connection refused), PERMISSION_DENIED on EACCES, INVALID_ARGUMENT for a bad path.
 absl::StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path);
 
 }  // namespace cachemgr

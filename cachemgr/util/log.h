@@ -31,14 +31,16 @@ struct LogField {
 void SetMinLogLevel(LogLevel level);
 LogLevel MinLogLevel();
 
-// Writes one line to `fd` (default stderr). Keys and values are JSON-escaped.
+// Writes one line to stderr. Keys and values are JSON-escaped; a numeric field whose value is
+// not a JSON number (NaN, infinity) is written as a string.
 void Log(LogLevel level, std::string_view msg, std::initializer_list<LogField> fields = {});
 
 // Renders the line Log would write (without the newline); exposed for tests.
 std::string FormatLogLine(LogLevel level, std::string_view msg,
                           std::initializer_list<LogField> fields);
 
-// Parses "debug" / "info" / "warning" / "error".
+// Parses "debug" / "info" / "warning" (or "warn") / "error", case-insensitively. Returns false
+// (leaving *level untouched) for anything else.
 bool ParseLogLevel(std::string_view text, LogLevel* level);
 
 }  // namespace cachemgr

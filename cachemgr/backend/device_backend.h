@@ -1,0 +1,74 @@
+// The backend seam: where pool memory comes from and how it is shared with clients.
+//
+// A DeviceBackend creates PoolMemory for a pool: one or more exported regions and, per layer,
+// where that layer's KV tensor sits. The host backend uses one memfd region; the CUDA backend
+// (CACHEMGR_CUDA) uses device allocations exported through CUDA IPC. Everything above this seam
+// (allocator, sequences, service) is backend-agnostic.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "cachemgr/kernels/block_copy_types.h"
+#include "cachemgr/kernels/kv_layout.h"
+
+namespace cachemgr {
+
+enum class BackendKind : uint8_t { kHost, kCuda };
+enum class ShareMethod : uint8_t { kMemfd, kCudaIpcHandle, kCudaVmmFd };
+
+struct RegionInfo {
+  uint64_t bytes = 0;
+};
+
+struct LayerPlacement {
+  uint32_t region_index = 0;
+  uint64_t offset = 0;  // bytes from the region start
+  uint64_t bytes = 0;   // the layer tensor's bytes
+};
+
+// Memory of one pool. Released (unmapped / freed) on destruction. Thread-compatible: the
+// CacheManager serializes calls.
+class PoolMemory {
+ public:
+  virtual ~PoolMemory() = default;
+
+  virtual const kernels::KvLayerLayout& layout() const = 0;
+  virtual const std::vector<RegionInfo>& regions() const = 0;
+  virtual const std::vector<LayerPlacement>& layers() const = 0;
+
+  // Descriptors to pass to a client for ShareMethod::kMemfd / kCudaVmmFd, in regions() order;
+  // borrowed (owned by this object).
+  virtual std::vector<int> ShareFds() const = 0;
+
+  // Copies whole blocks (both planes) within one layer: the copy-on-write step.
+  virtual absl::Status CopyBlocks(uint32_t layer,
+                                  absl::Span<const kernels::BlockCopyPair> pairs) = 0;
+
+  // FNV-1a digest of the first `num_tokens` tokens of `block_table` (see kv_digest.h).
+  virtual absl::StatusOr<uint64_t> DigestLayer(uint32_t layer,
+                                               absl::Span<const uint32_t> block_table,
+                                               uint32_t num_tokens) const = 0;
+};
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+
+  virtual BackendKind kind() const = 0;
+  virtual ShareMethod share_method() const = 0;
+  // Human-readable device identity ("host", or a GPU UUID).
+  virtual std::string device_name() const = 0;
+
+  // Allocates `num_layers` layer tensors of `layout` (zero-filled). RESOURCE_EXHAUSTED when the
+  // memory cannot be had.
+  virtual absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(
+      const std::string& pool_id, const kernels::KvLayerLayout& layout, uint32_t num_layers) = 0;
+};
+
+}  // namespace cachemgr

@@ -1,0 +1,71 @@
+#include "cachemgr/backend/host_backend.h"
+
+#include <unistd.h>
+
+#include "absl/strings/str_cat.h"
+#include "cachemgr/host/memfd_region.h"
+#include "cachemgr/kernels/kv_digest.h"
+#include "cachemgr/util/status_macros.h"
+#include "kernels/cpu/block_copy.h"
+
+namespace cachemgr {
+namespace {
+
+class HostPoolMemory final : public PoolMemory {
+ public:
+  HostPoolMemory(kernels::KvLayerLayout layout, MemfdRegion region,
+                 std::vector<LayerPlacement> layers)
+      : layout_(layout), region_(std::move(region)), layers_(std::move(layers)) {
+    regions_.push_back(RegionInfo{region_.size()});
+  }
+
+  const kernels::KvLayerLayout& layout() const override { return layout_; }
+  const std::vector<RegionInfo>& regions() const override { return regions_; }
+  const std::vector<LayerPlacement>& layers() const override { return layers_; }
+  std::vector<int> ShareFds() const override { return {region_.fd()}; }
+
+  absl::Status CopyBlocks(uint32_t layer,
+                          absl::Span<const kernels::BlockCopyPair> pairs) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    return kernels::CopyBlocksCpu(layout_, LayerBase(layer), pairs);
+  }
+
+  absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
+                                       uint32_t num_tokens) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    const uint64_t blocks_needed = (uint64_t{num_tokens} + layout_.block_size - 1) /
+                                   layout_.block_size;
+    if (block_table.size() < blocks_needed) {
+      return absl::InvalidArgumentError("block table shorter than the token count");
+    }
+    for (uint32_t b : block_table) {
+      if (b >= layout_.num_blocks) return absl::InvalidArgumentError("block id out of range");
+    }
+    return kernels::DigestLayerTokens(layout_, LayerBase(layer), block_table.data(),
+                                      num_tokens);
+  }
+
+ private:
+  std::byte* LayerBase(uint32_t layer) const { return region_.data() + layers_[layer].offset; }
+
+  kernels::KvLayerLayout layout_;
+  MemfdRegion region_;
+  std::vector<RegionInfo> regions_;
+  std::vector<LayerPlacement> layers_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PoolMemory>> HostBackend::CreatePool(
+    const std::string& pool_id, const kernels::KvLayerLayout& layout, uint32_t num_layers) {
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t layer_bytes = layout.layer_bytes();
+  const uint64_t stride = (layer_bytes + page - 1) / page * page;
+  std::vector<LayerPlacement> layers(num_layers);
+  for (uint32_t l = 0; l < num_layers; ++l) layers[l] = {0, l * stride, layer_bytes};
+  ASSIGN_OR_RETURN(MemfdRegion region,
+                   MemfdRegion::Create(absl::StrCat("cachemgr-", pool_id), stride * num_layers));
+  return std::make_unique<HostPoolMemory>(layout, std::move(region), std::move(layers));
+}
+
+}  // namespace cachemgr

@@ -1,0 +1,249 @@
+// CacheManager: the daemon's state — pools, client sessions with leases, sequences with per-layer
+// block tables — and every operation on it. Backend-agnostic (memory comes from a
+// DeviceBackend) and transport-agnostic (the gRPC service converts to and from these types).
+//
+// Errors: every method validates all of its inputs before changing anything, so a failed call
+// leaves the state exactly as it was. Messages name the offending request field.
+//   INVALID_ARGUMENT   malformed field (empty id, zero tokens, bad model description)
+//   NOT_FOUND          session_token names no attached client; unknown sequence
+//   ALREADY_EXISTS     Fork's child id is taken
+//   PERMISSION_DENIED  the sequence belongs to another client
+//   FAILED_PRECONDITION  a pool with the same model name but another description exists
+//   RESOURCE_EXHAUSTED a layer has too few free blocks, or the memory budget is spent
+//
+// Thread-safe: one mutex serializes all operations (each is microseconds of bookkeeping).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "cachemgr/backend/device_backend.h"
+#include "cachemgr/block_allocator.h"
+#include "cachemgr/event_hub.h"
+#include "cachemgr/model_spec.h"
+#include "cachemgr/util/clock.h"
+#include "cachemgr/util/unique_fd.h"
+
+namespace cachemgr {
+
+struct CacheManagerOptions {
+  absl::Duration heartbeat_interval = absl::Seconds(1);
+  absl::Duration lease_timeout = absl::Seconds(10);
+  // Bytes all pools together may hold.
+  uint64_t memory_budget_bytes = uint64_t{1} << 30;
+  // Bytes of a pool created by an Attach with num_blocks == 0 (capped by what the budget has).
+  uint64_t default_pool_bytes = uint64_t{256} << 20;
+  // block_size used when a client sends 0.
+  uint32_t default_block_size = 16;
+  // Largest num_new_tokens one Allocate accepts.
+  uint32_t max_tokens_per_allocate = 1u << 20;
+};
+
+inline constexpr size_t kMaxSequenceIdLength = 256;
+
+struct AttachParams {
+  std::string client_name;
+  ModelSpec model;  // block_size 0 / rope.scaling_factor 0 mean defaults
+  uint32_t num_blocks = 0;
+};
+
+struct PoolDescription {
+  std::string pool_id;
+  BackendKind backend = BackendKind::kHost;
+  ShareMethod share_method = ShareMethod::kMemfd;
+  std::string device;
+  ModelSpec model;  // negotiated
+  uint32_t num_blocks = 0;
+  uint64_t block_bytes = 0;
+  std::vector<RegionInfo> regions;
+  std::vector<LayerPlacement> layers;
+};
+
+struct AttachResult {
+  std::string client_id;
+  std::string session_token;
+  PoolDescription pool;
+  absl::Duration heartbeat_interval;
+  absl::Duration lease_timeout;
+};
+
+struct DetachResult {
+  uint32_t sequences_freed = 0;
+  uint64_t blocks_released = 0;
+};
+
+struct LayerAllocationResult {
+  std::vector<uint32_t> new_block_ids;
+  std::vector<int64_t> slot_mapping;
+  uint32_t num_tokens = 0;
+  std::vector<kernels::BlockCopyPair> copies;
+};
+
+struct AllocateResult {
+  bool created = false;
+  uint64_t first_position = 0;
+  uint64_t num_positions = 0;
+  std::vector<LayerAllocationResult> layers;
+};
+
+struct LayerTableSnapshot {
+  uint32_t num_tokens = 0;
+  std::vector<uint32_t> block_ids;
+  std::optional<uint64_t> kv_digest;
+};
+
+struct SequenceSnapshot {
+  std::string sequence_id;
+  std::string owner_client_id;
+  std::string parent_sequence_id;
+  uint64_t num_positions = 0;
+  std::vector<LayerTableSnapshot> layers;
+};
+
+struct SequenceSummary {
+  std::string sequence_id;
+  std::string owner_client_id;
+  std::string owner_client_name;
+  uint64_t num_positions = 0;
+  uint64_t num_blocks = 0;
+};
+
+struct LayerOccupancy {
+  uint32_t capacity_blocks = 0;
+  uint32_t used_blocks = 0;
+  uint32_t free_blocks = 0;
+  uint32_t shared_blocks = 0;
+};
+
+struct PoolSnapshot {
+  std::string pool_id;
+  std::string model_name;
+  BackendKind backend = BackendKind::kHost;
+  std::string device;
+  uint64_t bytes = 0;
+  uint32_t clients = 0;
+  std::vector<LayerOccupancy> layers;
+};
+
+struct ClientSnapshot {
+  std::string client_id;
+  std::string client_name;
+  std::string pool_id;
+  uint32_t sequences = 0;
+  absl::Duration lease_remaining;
+};
+
+struct StatsSnapshot {
+  std::vector<PoolSnapshot> pools;
+  std::vector<ClientSnapshot> clients;
+  uint32_t num_sequences = 0;
+  uint64_t memory_used_bytes = 0;
+};
+
+class CacheManager {
+ public:
+  // `backend` and `clock` must outlive the manager; `events` may be null.
+  CacheManager(CacheManagerOptions options, DeviceBackend* backend, const Clock* clock,
+               EventHub* events);
+  ~CacheManager();
+  CacheManager(const CacheManager&) = delete;
+  CacheManager& operator=(const CacheManager&) = delete;
+
+  const CacheManagerOptions& options() const { return options_; }
+
+  // Registers a client. The first client of a model name creates its pool; later clients must
+  // describe the same model (FAILED_PRECONDITION otherwise) and share the pool.
+  absl::StatusOr<AttachResult> Attach(const AttachParams& params);
+
+  // Renews the lease; returns the time left on it.
+  absl::StatusOr<absl::Duration> Heartbeat(const std::string& session_token);
+
+  // Frees every sequence of the client and forgets it; releases its pool when no client is left.
+  absl::StatusOr<DetachResult> Detach(const std::string& session_token);
+
+  // Appends `num_new_tokens` to `sequence_id` in every layer, creating the sequence on first
+  // use. A shared, partially filled tail block is first replaced by a private copy (copy on
+  // write). All layers or none: RESOURCE_EXHAUSTED names the layer, the blocks it needs and the
+  // blocks it has free.
+  absl::StatusOr<AllocateResult> Allocate(const std::string& session_token,
+                                          const std::string& sequence_id,
+                                          uint32_t num_new_tokens);
+
+  // Drops the sequence; returns blocks whose last reference went away.
+  absl::StatusOr<uint64_t> Free(const std::string& session_token, const std::string& sequence_id);
+
+  // New sequence `child` sharing every block of `parent` (refcounts +1).
+  absl::StatusOr<SequenceSnapshot> Fork(const std::string& session_token,
+                                        const std::string& parent_sequence_id,
+                                        const std::string& child_sequence_id);
+
+  // With a token, only the caller's sequences (PERMISSION_DENIED otherwise); with an empty token,
+  // read-only inspection of any sequence. A token renews the lease, as every call with one does. `include_kv_digest` reads the KV bytes.
+  absl::StatusOr<SequenceSnapshot> GetSequence(const std::string& session_token,
+                                               const std::string& sequence_id,
+                                               bool include_kv_digest);
+
+  // The caller's sequences, or every client's with an empty token. Sorted by id.
+  absl::StatusOr<std::vector<SequenceSummary>> ListSequences(
+      const std::string& session_token);
+
+  StatsSnapshot Stats() const;
+
+  // Descriptors of the caller's pool regions, duplicated for the caller (who owns them).
+  absl::StatusOr<std::vector<UniqueFd>> ShareFds(const std::string& session_token);
+
+  // Expires every client whose lease ran out (freeing what it held); returns their client ids.
+  std::vector<std::string> ExpireLeases();
+
+  // Detaches every client and releases every pool (daemon shutdown).
+  void Shutdown();
+
+  // Checks every allocator and that each block's refcount equals the number of sequence
+  // layer tables referencing it. O(total blocks). For tests.
+  absl::Status CheckInvariants() const;
+
+ private:
+  struct Pool;
+  struct Client;
+  struct Sequence;
+
+  // Looks up a live client (an expired one is reaped here and reported NOT_FOUND).
+  absl::StatusOr<Client*> FindClientLocked(const std::string& session_token)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Sequence*> FindOwnedSequenceLocked(const Client& client,
+                                                    const std::string& sequence_id,
+                                                    const char* field) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  uint64_t ReleaseSequenceLocked(Sequence& seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  DetachResult RemoveClientLocked(const std::string& token, EventType why)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  SequenceSnapshot SnapshotLocked(const Sequence& seq) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void PublishLocked(EventType type, const std::string& client_id, const std::string& sequence_id,
+                     const std::string& pool_id, std::string detail)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const CacheManagerOptions options_;
+  DeviceBackend* const backend_;
+  const Clock* const clock_;
+  EventHub* const events_;
+
+  mutable absl::Mutex mu_;
+  // Keyed by model name.
+  absl::flat_hash_map<std::string, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
+  // Keyed by session token.
+  absl::flat_hash_map<std::string, std::unique_ptr<Client>> clients_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::unique_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
+  uint64_t memory_used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_client_serial_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_pool_serial_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace cachemgr

@@ -1,0 +1,48 @@
+// cachemgrd: parses flags, starts the daemon, waits for SIGTERM/SIGINT, shuts down gracefully.
+#include <signal.h>
+
+#include <cstdio>
+#include <thread>
+
+#include "cachemgr/config.h"
+#include "cachemgr/daemon.h"
+#include "cachemgr/util/log.h"
+
+int main(int argc, char** argv) {
+  // Block the shutdown signals before any thread exists so every thread inherits the mask and
+  // only the sigwait below sees them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto parsed = cachemgr::ParseDaemonCommandLine(std::vector<std::string>(argv + 1, argv + argc));
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "cachemgrd: %s\n", std::string(parsed.status().message()).c_str());
+    return 2;
+  }
+  if (parsed->exit_now) {
+    std::printf("%s\n", parsed->message.c_str());
+    return 0;
+  }
+  cachemgr::SetMinLogLevel(parsed->config.log_level);
+
+  auto daemon = cachemgr::Daemon::Start(parsed->config);
+  if (!daemon.ok()) {
+    cachemgr::Log(cachemgr::LogLevel::kError, "startup failed",
+                  {{"error", daemon.status().ToString()}});
+    return 1;
+  }
+  std::thread signal_waiter([&signals, d = daemon->get()] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    cachemgr::Log(cachemgr::LogLevel::kInfo, "signal received", {{"signal", sig}});
+    d->RequestShutdown();
+  });
+  (*daemon)->Wait();  // returns after the signal waiter asked for shutdown
+  signal_waiter.join();
+  daemon->reset();
+  return 0;
+}

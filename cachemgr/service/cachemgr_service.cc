@@ -1,0 +1,282 @@
+#include "cachemgr/service/cachemgr_service.h"
+
+#include <deque>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "cachemgr/service/proto_convert.h"
+#include "cachemgr/util/log.h"
+#include "cachemgr/util/status_macros.h"
+
+namespace cachemgr {
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      std::string(status.message()));
+}
+
+namespace {
+
+// Compares without an early exit so the token cannot be guessed byte by byte from timing.
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+// Streams events to one Watch caller. Events are queued by the hub's callback (never blocking
+// the publisher) and written one at a time; a watcher that falls kMaxQueued events behind is
+// ended with RESOURCE_EXHAUSTED rather than letting the daemon's memory grow.
+class WatchReactor final : public grpc::ServerWriteReactor<v1::Event> {
+ public:
+  static constexpr size_t kMaxQueued = 16384;
+
+  WatchReactor(EventHub* hub, const v1::WatchRequest& request) : hub_(hub) {
+    for (int t : request.types()) types_.insert(t);
+    subscription_ = hub_->Subscribe([this](const Event* e) { OnEvent(e); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {
+      FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE, "watch stream broken"));
+      return;
+    }
+    PumpLocked();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    FinishLocked(grpc::Status::CANCELLED);
+  }
+
+  void OnDone() override {
+    hub_->Unsubscribe(subscription_);
+    delete this;
+  }
+
+ private:
+  void OnEvent(const Event* e) {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    if (e == nullptr) {
+      closing_ = true;
+    } else {
+      const v1::EventType type = EventTypeToProto(e->type);
+      if (!types_.empty() && !types_.contains(type)) return;
+      if (queue_.size() >= kMaxQueued) {
+        FinishLocked(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                  absl::StrCat("watcher fell ", kMaxQueued,
+                                               " events behind; reconnect and read faster")));
+        return;
+      }
+      EventToProto(*e, &queue_.emplace_back());
+    }
+    PumpLocked();
+  }
+
+  void PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || writing_) return;
+    if (queue_.empty()) {
+      if (closing_) FinishLocked(grpc::Status::OK);
+      return;
+    }
+    current_ = std::move(queue_.front());
+    queue_.pop_front();
+    writing_ = true;
+    StartWrite(&current_);
+  }
+
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  EventHub* const hub_;
+  absl::flat_hash_set<int> types_;
+  uint64_t subscription_ = 0;
+  absl::Mutex mu_;
+  std::deque<v1::Event> queue_ ABSL_GUARDED_BY(mu_);
+  v1::Event current_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// A Watch call refused before it started streaming.
+class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
+ public:
+  explicit RefusedWatch(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+CacheManagerService::CacheManagerService(CacheManager* manager, EventHub* events,
+                                         std::string share_socket_path, std::string tcp_token,
+                                         std::string version)
+    : manager_(manager),
+      events_(events),
+      share_socket_path_(std::move(share_socket_path)),
+      tcp_token_(std::move(tcp_token)),
+      version_(std::move(version)),
+      started_(absl::Now()) {}
+
+absl::Status CacheManagerService::Authorize(grpc::CallbackServerContext* ctx) const {
+  if (absl::StartsWith(ctx->peer(), "unix:")) return absl::OkStatus();
+  if (tcp_token_.empty()) return absl::UnauthenticatedError("TCP callers are not accepted");
+  const auto& metadata = ctx->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return absl::UnauthenticatedError("missing \"authorization: Bearer <token>\" metadata");
+  }
+  const absl::string_view value(it->second.data(), it->second.size());
+  if (!absl::StartsWith(value, "Bearer ") ||
+      !ConstantTimeEquals(value.substr(7), tcp_token_)) {
+    return absl::UnauthenticatedError("the bearer token in \"authorization\" is not valid");
+  }
+  return absl::OkStatus();
+}
+
+template <typename Body>
+grpc::ServerUnaryReactor* CacheManagerService::Unary(grpc::CallbackServerContext* ctx,
+                                                     Body&& body) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status status = Authorize(ctx);
+  if (status.ok()) status = body();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContext* ctx,
+                                                      const v1::AttachRequest* request,
+                                                      v1::AttachResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    if (!request->has_model()) return absl::InvalidArgumentError("model is required");
+    AttachParams params;
+    params.client_name = request->client_name();
+    ASSIGN_OR_RETURN(params.model, ModelSpecFromProto(request->model()));
+    params.num_blocks = request->num_blocks();
+    ASSIGN_OR_RETURN(AttachResult result, manager_->Attach(params));
+    AttachResultToProto(result, share_socket_path_, response);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerContext* ctx,
+                                                         const v1::HeartbeatRequest* request,
+                                                         v1::HeartbeatResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(absl::Duration left, manager_->Heartbeat(request->session_token()));
+    response->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(left)));
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Detach(grpc::CallbackServerContext* ctx,
+                                                      const v1::DetachRequest* request,
+                                                      v1::DetachResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(DetachResult r, manager_->Detach(request->session_token()));
+    response->set_sequences_freed(r.sequences_freed);
+    response->set_blocks_released(r.blocks_released);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Allocate(grpc::CallbackServerContext* ctx,
+                                                        const v1::AllocateRequest* request,
+                                                        v1::AllocateResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(AllocateResult r,
+                     manager_->Allocate(request->session_token(), request->sequence_id(),
+                                        request->num_new_tokens()));
+    AllocateResultToProto(request->sequence_id(), r, response);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Free(grpc::CallbackServerContext* ctx,
+                                                    const v1::FreeRequest* request,
+                                                    v1::FreeResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(uint64_t released,
+                     manager_->Free(request->session_token(), request->sequence_id()));
+    response->set_blocks_released(released);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Fork(grpc::CallbackServerContext* ctx,
+                                                    const v1::ForkRequest* request,
+                                                    v1::ForkResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(SequenceSnapshot child,
+                     manager_->Fork(request->session_token(), request->parent_sequence_id(),
+                                    request->child_sequence_id()));
+    SequenceToProto(child, response->mutable_child());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::GetSequence(grpc::CallbackServerContext* ctx,
+                                                           const v1::GetSequenceRequest* request,
+                                                           v1::GetSequenceResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(SequenceSnapshot seq,
+                     manager_->GetSequence(request->session_token(), request->sequence_id(),
+                                           request->include_kv_digest()));
+    SequenceToProto(seq, response->mutable_sequence());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::ListSequences(
+    grpc::CallbackServerContext* ctx, const v1::ListSequencesRequest* request,
+    v1::ListSequencesResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::vector<SequenceSummary> list,
+                     manager_->ListSequences(request->session_token()));
+    for (const SequenceSummary& s : list) {
+      v1::SequenceSummary* out = response->add_sequences();
+      out->set_sequence_id(s.sequence_id);
+      out->set_owner_client_id(s.owner_client_id);
+      out->set_owner_client_name(s.owner_client_name);
+      out->set_num_positions(s.num_positions);
+      out->set_num_blocks(s.num_blocks);
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext* ctx,
+                                                     const v1::StatsRequest* /*request*/,
+                                                     v1::StatsResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    StatsToProto(manager_->Stats(), response);
+    response->set_uptime_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(absl::Now() - started_)));
+    response->set_version(version_);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerWriteReactor<v1::Event>* CacheManagerService::Watch(grpc::CallbackServerContext* ctx,
+                                                                const v1::WatchRequest* request) {
+  if (absl::Status s = Authorize(ctx); !s.ok()) return new RefusedWatch(ToGrpcStatus(s));
+  for (int t : request->types()) {
+    if (!v1::EventType_IsValid(t) || t == v1::EVENT_TYPE_UNSPECIFIED) {
+      return new RefusedWatch(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                      absl::StrCat("types holds an unknown event type ", t)));
+    }
+  }
+  return new WatchReactor(events_, *request);
+}
+
+}  // namespace cachemgr

@@ -1,0 +1,67 @@
+// CacheManagerService: the cachemgr.v1 gRPC service (callback API) over a CacheManager.
+//
+// The only place absl::Status becomes grpc::Status. Handlers do bookkeeping only (microseconds)
+// and finish inline; no handler blocks on device work. Calls arriving over TCP must carry
+// "authorization: Bearer <token>" metadata; Unix-socket callers are trusted (socket mode 0600).
+#pragma once
+
+#include <string>
+
+#include "cachemgr/cache_manager.h"
+#include "cachemgr/event_hub.h"
+#include "cachemgr/v1/cachemgr.grpc.pb.h"
+
+namespace cachemgr {
+
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+class CacheManagerService final : public v1::CacheManager::CallbackService {
+ public:
+  // `manager` and `events` must outlive the service. `tcp_token` empty means TCP is not served.
+  CacheManagerService(CacheManager* manager, EventHub* events, std::string share_socket_path,
+                      std::string tcp_token, std::string version);
+
+  grpc::ServerUnaryReactor* Attach(grpc::CallbackServerContext* ctx,
+                                   const v1::AttachRequest* request,
+                                   v1::AttachResponse* response) override;
+  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
+                                      const v1::HeartbeatRequest* request,
+                                      v1::HeartbeatResponse* response) override;
+  grpc::ServerUnaryReactor* Detach(grpc::CallbackServerContext* ctx,
+                                   const v1::DetachRequest* request,
+                                   v1::DetachResponse* response) override;
+  grpc::ServerUnaryReactor* Allocate(grpc::CallbackServerContext* ctx,
+                                     const v1::AllocateRequest* request,
+                                     v1::AllocateResponse* response) override;
+  grpc::ServerUnaryReactor* Free(grpc::CallbackServerContext* ctx, const v1::FreeRequest* request,
+                                 v1::FreeResponse* response) override;
+  grpc::ServerUnaryReactor* Fork(grpc::CallbackServerContext* ctx, const v1::ForkRequest* request,
+                                 v1::ForkResponse* response) override;
+  grpc::ServerUnaryReactor* GetSequence(grpc::CallbackServerContext* ctx,
+                                        const v1::GetSequenceRequest* request,
+                                        v1::GetSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* ListSequences(grpc::CallbackServerContext* ctx,
+                                          const v1::ListSequencesRequest* request,
+                                          v1::ListSequencesResponse* response) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx,
+                                  const v1::StatsRequest* request,
+                                  v1::StatsResponse* response) override;
+  grpc::ServerWriteReactor<v1::Event>* Watch(grpc::CallbackServerContext* ctx,
+                                             const v1::WatchRequest* request) override;
+
+ private:
+  // OK for Unix-socket peers; for TCP peers checks the bearer token.
+  absl::Status Authorize(grpc::CallbackServerContext* ctx) const;
+  // Runs `body` after authorization and finishes the call with its status.
+  template <typename Body>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, Body&& body);
+
+  CacheManager* const manager_;
+  EventHub* const events_;
+  const std::string share_socket_path_;
+  const std::string tcp_token_;
+  const std::string version_;
+  const absl::Time started_;
+};
+
+}  // namespace cachemgr

@@ -1,0 +1,24 @@
+// Conversions between cachemgr.v1 messages and the core's types. Request conversions validate
+// enum fields (INVALID_ARGUMENT naming the field); the core validates everything else.
+#pragma once
+
+#include "absl/status/statusor.h"
+#include "cachemgr/cache_manager.h"
+#include "cachemgr/event_hub.h"
+#include "cachemgr/v1/cachemgr.pb.h"
+
+namespace cachemgr {
+
+absl::StatusOr<ModelSpec> ModelSpecFromProto(const v1::ModelSpec& proto);
+void ModelSpecToProto(const ModelSpec& spec, v1::ModelSpec* proto);
+
+void AttachResultToProto(const AttachResult& result, const std::string& share_socket_path,
+                         v1::AttachResponse* proto);
+void AllocateResultToProto(const std::string& sequence_id, const AllocateResult& result,
+                           v1::AllocateResponse* proto);
+void SequenceToProto(const SequenceSnapshot& seq, v1::SequenceInfo* proto);
+void StatsToProto(const StatsSnapshot& stats, v1::StatsResponse* proto);
+void EventToProto(const Event& event, v1::Event* proto);
+v1::EventType EventTypeToProto(EventType type);
+
+}  // namespace cachemgr

@@ -1,0 +1,301 @@
+#include "cachemgr/service/share_channel.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string_view>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "cachemgr/util/fd_passing.h"
+#include "cachemgr/util/log.h"
+
+namespace cachemgr {
+namespace {
+
+// absl::string_view throughout: Debian's abseil has its own type, distinct from
+// std::string_view, and StrCat / Status only take the former.
+
+constexpr absl::string_view kSharePrefix = "SHARE ";
+constexpr absl::string_view kOkPrefix = "OK ";
+constexpr absl::string_view kErrPrefix = "ERR ";
+
+std::string ErrnoText(int err) { return absl::StrCat(std::strerror(err), " (errno ", err, ")"); }
+
+absl::Status SetTimeouts(int fd, absl::Duration timeout) {
+  const timeval tv = absl::ToTimeval(timeout);
+  if (::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0 ||
+      ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0) {
+    const int err = errno;
+    return absl::InternalError(
+        absl::StrCat("setsockopt(SO_RCVTIMEO/SO_SNDTIMEO): ", ErrnoText(err)));
+  }
+  return absl::OkStatus();
+}
+
+std::string ErrorReply(const absl::Status& status) {
+  return absl::StrCat(kErrPrefix, absl::StatusCodeToString(status.code()), " ", status.message());
+}
+
+// Tokens are opaque but printable and space-free, which keeps the one-line protocol unambiguous.
+bool IsValidToken(absl::string_view token) {
+  if (token.empty()) return false;
+  for (char c : token) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u <= 0x20 || u == 0x7f) return false;
+  }
+  return true;
+}
+
+bool ParseStatusCode(absl::string_view name, absl::StatusCode* code) {
+  // absl status codes are the dense range OK(0)..UNAUTHENTICATED(16).
+  for (int i = 0; i <= static_cast<int>(absl::StatusCode::kUnauthenticated); ++i) {
+    const auto candidate = static_cast<absl::StatusCode>(i);
+    if (absl::StatusCodeToString(candidate) == name) {
+      *code = candidate;
+      return true;
+    }
+  }
+  return false;
+}
+
+void SendReply(int conn, std::string_view payload, absl::Span<const int> fds) {
+  absl::Status sent = SendFdMessage(conn, payload, fds);
+  if (!sent.ok()) {
+    Log(LogLevel::kWarning, "share channel: reply not delivered", {{"error", sent.ToString()}});
+  }
+}
+
+}  // namespace
+
+ShareChannelServer::ShareChannelServer(std::string path, UniqueFd listener, Resolver resolver)
+    : path_(std::move(path)), listener_(std::move(listener)), resolver_(std::move(resolver)) {}
+
+absl::StatusOr<std::unique_ptr<ShareChannelServer>> ShareChannelServer::Start(
+    const std::string& path, Resolver resolver) {
+  if (!resolver) return absl::InvalidArgumentError("share channel needs a resolver");
+  auto listener = ListenSeqpacket(path);
+  if (!listener.ok()) return listener.status();
+  // Non-blocking so a client that vanishes between poll() and accept4() cannot block the loop.
+  if (::fcntl(listener->get(), F_SETFL, O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::unlink(path.c_str());
+    return absl::InternalError(absl::StrCat("fcntl(O_NONBLOCK) on listener: ", ErrnoText(err)));
+  }
+  struct stat st = {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    const int err = errno;
+    return absl::InternalError(absl::StrCat("lstat \"", path, "\": ", ErrnoText(err)));
+  }
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::unlink(path.c_str());
+    return absl::InternalError(absl::StrCat("pipe2: ", ErrnoText(err)));
+  }
+  std::unique_ptr<ShareChannelServer> server(
+      new ShareChannelServer(path, std::move(*listener), std::move(resolver)));
+  server->wake_read_.reset(pipe_fds[0]);
+  server->wake_write_.reset(pipe_fds[1]);
+  server->socket_dev_ = st.st_dev;
+  server->socket_ino_ = st.st_ino;
+  server->thread_ = std::thread(&ShareChannelServer::Serve, server.get());
+  return server;
+}
+
+ShareChannelServer::~ShareChannelServer() { Stop(); }
+
+void ShareChannelServer::Stop() {
+  if (stopped_.exchange(true)) return;
+  if (wake_write_.valid()) {
+    const char byte = 1;
+    ssize_t n;
+    do {
+      n = ::write(wake_write_.get(), &byte, 1);
+    } while (n < 0 && errno == EINTR);
+  }
+  if (thread_.joinable()) thread_.join();
+  listener_.reset();
+  // Only remove the file if it is still ours: a successor may already have replaced it.
+  struct stat st = {};
+  if (::lstat(path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+      static_cast<uint64_t>(st.st_dev) == socket_dev_ &&
+      static_cast<uint64_t>(st.st_ino) == socket_ino_) {
+    ::unlink(path_.c_str());
+  }
+}
+
+bool ShareChannelServer::WaitForStop(absl::Duration timeout) {
+  pollfd pfd{wake_read_.get(), POLLIN, 0};
+  const int rc = ::poll(&pfd, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+  return (rc > 0 && pfd.revents != 0) || stopped_.load();
+}
+
+void ShareChannelServer::Serve() {
+  while (!stopped_.load()) {
+    pollfd pfds[2] = {{listener_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
+    const int rc = ::poll(pfds, 2, -1);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      Log(LogLevel::kError, "share channel: poll failed", {{"error", ErrnoText(err)}});
+      if (WaitForStop(absl::Milliseconds(100))) return;
+      continue;
+    }
+    if (pfds[1].revents != 0) return;
+    if (pfds[0].revents & (POLLERR | POLLNVAL)) {
+      Log(LogLevel::kError, "share channel: listener failed; no longer serving", {{"path", path_}});
+      return;
+    }
+    if (!(pfds[0].revents & POLLIN)) continue;
+
+    UniqueFd conn(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn.valid()) {
+      const int err = errno;
+      if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ECONNABORTED) continue;
+      Log(LogLevel::kWarning, "share channel: accept failed", {{"error", ErrnoText(err)}});
+      // E.g. EMFILE: the pending connection stays queued, so back off instead of spinning.
+      if (WaitForStop(absl::Milliseconds(50))) return;
+      continue;
+    }
+    HandleConnection(std::move(conn));
+  }
+}
+
+void ShareChannelServer::HandleConnection(UniqueFd conn) {
+  const int fd = conn.get();
+  // Bounds both the wait for the request and the reply send, so one client cannot stall the
+  // thread that serves everyone.
+  if (absl::Status s = SetTimeouts(fd, kShareRequestTimeout); !s.ok()) {
+    Log(LogLevel::kWarning, "share channel: dropping connection", {{"error", s.ToString()}});
+    return;
+  }
+
+  absl::StatusOr<FdMessage> request = ReceiveFdMessage(fd);
+  if (!request.ok()) {
+    if (absl::IsDeadlineExceeded(request.status())) {
+      SendReply(fd,
+                ErrorReply(absl::DeadlineExceededError(absl::StrCat(
+                    "no request within ", absl::FormatDuration(kShareRequestTimeout)))),
+                {});
+    } else if (absl::IsDataLoss(request.status())) {
+      SendReply(fd, ErrorReply(absl::InvalidArgumentError("request too large")), {});
+    }
+    Log(LogLevel::kDebug, "share channel: no request received",
+        {{"error", request.status().ToString()}});
+    return;
+  }
+  // The 0600 mode already keeps other users out; the uid check also covers a socket whose mode
+  // was loosened or a descriptor to it that leaked into another user's process. It comes after
+  // reading the request on purpose: closing with unread data makes the peer's recvmsg fail with
+  // ECONNRESET before it sees the queued reply.
+  ucred cred = {};
+  socklen_t cred_len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0) {
+    const int err = errno;
+    Log(LogLevel::kWarning, "share channel: SO_PEERCRED failed", {{"error", ErrnoText(err)}});
+    return;
+  }
+  const uid_t own_uid = ::geteuid();
+  if (cred.uid != own_uid) {
+    Log(LogLevel::kWarning, "share channel: rejected peer with foreign uid",
+        {{"peer_uid", static_cast<uint64_t>(cred.uid)},
+         {"peer_pid", static_cast<int64_t>(cred.pid)}});
+    SendReply(fd,
+              ErrorReply(absl::PermissionDeniedError(
+                  absl::StrCat("peer uid ", cred.uid, " differs from the daemon's uid ", own_uid))),
+              {});
+    return;
+  }
+
+  if (!request->fds.empty()) {
+    // The descriptors are closed when `request` goes out of scope.
+    SendReply(fd,
+              ErrorReply(absl::InvalidArgumentError("a SHARE request must not carry descriptors")),
+              {});
+    return;
+  }
+  absl::string_view payload = request->payload;
+  if (payload.substr(0, kSharePrefix.size()) != kSharePrefix ||
+      !IsValidToken(payload.substr(kSharePrefix.size()))) {
+    SendReply(fd,
+              ErrorReply(absl::InvalidArgumentError(
+                  "malformed request; expected \"SHARE <session_token>\"")),
+              {});
+    return;
+  }
+  const std::string token(payload.substr(kSharePrefix.size()));
+
+  absl::StatusOr<std::vector<int>> fds = resolver_(token);
+  if (!fds.ok()) {
+    SendReply(fd, ErrorReply(fds.status()), {});
+    return;
+  }
+  if (fds->size() > kMaxFdsPerMessage) {
+    Log(LogLevel::kError, "share channel: resolver returned too many descriptors",
+        {{"count", static_cast<uint64_t>(fds->size())}});
+    SendReply(
+        fd,
+        ErrorReply(absl::InternalError(absl::StrCat(
+            "daemon has ", fds->size(), " regions; at most ", kMaxFdsPerMessage, " can be sent"))),
+        {});
+    return;
+  }
+  SendReply(fd, absl::StrCat(kOkPrefix, fds->size()), *fds);
+}
+
+absl::StatusOr<std::vector<UniqueFd>> FetchSharedFds(const std::string& path,
+                                                     const std::string& session_token) {
+  auto conn = ConnectSeqpacket(path);
+  if (!conn.ok()) return conn.status();
+  if (absl::Status s = SetTimeouts(conn->get(), kShareFetchTimeout); !s.ok()) return s;
+  if (absl::Status s = SendFdMessage(conn->get(), absl::StrCat(kSharePrefix, session_token), {});
+      !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("share channel \"", path, "\": ", s.message()));
+  }
+  auto reply = ReceiveFdMessage(conn->get());
+  if (!reply.ok()) {
+    const absl::Status& s = reply.status();
+    return absl::Status(s.code(),
+                        absl::StrCat("share channel \"", path, "\": no reply: ", s.message()));
+  }
+
+  absl::string_view payload = reply->payload;
+  if (payload.substr(0, kOkPrefix.size()) == kOkPrefix) {
+    size_t expected = 0;
+    absl::string_view count = payload.substr(kOkPrefix.size());
+    // SimpleAtoi tolerates surrounding whitespace; the protocol does not.
+    if (count.empty() || count.find_first_not_of("0123456789") != absl::string_view::npos ||
+        !absl::SimpleAtoi(count, &expected)) {
+      return absl::InternalError(
+          absl::StrCat("share channel: malformed reply \"", payload.substr(0, 64), "\""));
+    }
+    if (reply->fds.size() != expected) {
+      return absl::DataLossError(absl::StrCat("share channel: daemon announced ", expected,
+                                              " descriptors but ", reply->fds.size(), " arrived"));
+    }
+    return std::move(reply->fds);
+  }
+  if (payload.substr(0, kErrPrefix.size()) == kErrPrefix) {
+    absl::string_view rest = payload.substr(kErrPrefix.size());
+    const size_t space = rest.find(' ');
+    absl::string_view code_name = rest.substr(0, space);
+    absl::string_view message = space == absl::string_view::npos ? "" : rest.substr(space + 1);
+    absl::StatusCode code;
+    if (!ParseStatusCode(code_name, &code) || code == absl::StatusCode::kOk) {
+      return absl::UnknownError(absl::StrCat("share channel: daemon error: ", rest));
+    }
+    return absl::Status(code, message);
+  }
+  return absl::InternalError(
+      absl::StrCat("share channel: malformed reply \"", payload.substr(0, 64), "\""));
+}
+
+}  // namespace cachemgr

@@ -1,0 +1,152 @@
+#include "cachemgr/util/log.h"
+
+#include <errno.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cctype>
+
+#include "absl/strings/ascii.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
+namespace cachemgr {
+namespace {
+
+std::atomic<int> g_min_level{static_cast<int>(LogLevel::kInfo)};
+
+const char* LevelName(LogLevel level) {
+  switch (level) {
+    case LogLevel::kDebug:
+      return "debug";
+    case LogLevel::kInfo:
+      return "info";
+    case LogLevel::kWarning:
+      return "warning";
+    case LogLevel::kError:
+      return "error";
+  }
+  return "unknown";
+}
+
+void AppendJsonString(std::string* out, std::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  out->push_back('"');
+  for (char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    switch (c) {
+      case '"':
+        out->append("\\\"");
+        break;
+      case '\\':
+        out->append("\\\\");
+        break;
+      case '\n':
+        out->append("\\n");
+        break;
+      case '\r':
+        out->append("\\r");
+        break;
+      case '\t':
+        out->append("\\t");
+        break;
+      default:
+        // Other control characters (and DEL, which terminals misrender) as \u00XX. Bytes
+        // >= 0x80 pass through so UTF-8 text stays readable.
+        if (u < 0x20 || u == 0x7f) {
+          out->append("\\u00");
+          out->push_back(kHex[u >> 4]);
+          out->push_back(kHex[u & 0xf]);
+        } else {
+          out->push_back(c);
+        }
+    }
+  }
+  out->push_back('"');
+}
+
+// std::to_string(double) yields "nan"/"inf" for non-finite values, which are not JSON numbers.
+bool IsJsonNumber(std::string_view v) {
+  size_t i = 0;
+  if (i < v.size() && v[i] == '-') ++i;
+  if (i >= v.size() || !std::isdigit(static_cast<unsigned char>(v[i]))) return false;
+  for (; i < v.size(); ++i) {
+    const char c = v[i];
+    if (!std::isdigit(static_cast<unsigned char>(c)) && c != '.' && c != 'e' && c != 'E' &&
+        c != '+' && c != '-') {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void SetMinLogLevel(LogLevel level) {
+  g_min_level.store(static_cast<int>(level), std::memory_order_relaxed);
+}
+
+LogLevel MinLogLevel() {
+  return static_cast<LogLevel>(g_min_level.load(std::memory_order_relaxed));
+}
+
+std::string FormatLogLine(LogLevel level, std::string_view msg,
+                          std::initializer_list<LogField> fields) {
+  std::string line;
+  line.reserve(96 + msg.size());
+  line.append("{\"ts\":\"");
+  line.append(absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::Now(), absl::UTCTimeZone()));
+  line.append("\",\"level\":\"");
+  line.append(LevelName(level));
+  line.append("\",\"msg\":");
+  AppendJsonString(&line, msg);
+  for (const LogField& field : fields) {
+    line.push_back(',');
+    AppendJsonString(&line, field.key);
+    line.push_back(':');
+    if (field.quoted || !IsJsonNumber(field.value)) {
+      AppendJsonString(&line, field.value);
+    } else {
+      line.append(field.value);
+    }
+  }
+  line.push_back('}');
+  return line;
+}
+
+void Log(LogLevel level, std::string_view msg, std::initializer_list<LogField> fields) {
+  if (static_cast<int>(level) < g_min_level.load(std::memory_order_relaxed)) return;
+  std::string line = FormatLogLine(level, msg, fields);
+  line.push_back('\n');
+  // One write(2) per line keeps concurrent lines whole; the loop only matters for the rare
+  // short write (e.g. a signal mid-write on a pipe), where finishing the line beats dropping it.
+  const char* p = line.data();
+  size_t left = line.size();
+  while (left > 0) {
+    const ssize_t n = ::write(STDERR_FILENO, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;  // Nowhere to report a failing stderr.
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+}
+
+bool ParseLogLevel(std::string_view text, LogLevel* level) {
+  const std::string lower = absl::AsciiStrToLower(absl::string_view(text.data(), text.size()));
+  if (lower == "debug") {
+    *level = LogLevel::kDebug;
+  } else if (lower == "info") {
+    *level = LogLevel::kInfo;
+  } else if (lower == "warning" || lower == "warn") {
+    *level = LogLevel::kWarning;
+  } else if (lower == "error") {
+    *level = LogLevel::kError;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+}  // namespace cachemgr
