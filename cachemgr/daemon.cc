@@ -170,9 +170,14 @@ void Daemon::Shutdown() {
   if (config_.enable_health) {
     server_->GetHealthCheckService()->SetServingStatus(false);
   }
-  events_.Close();  // ends Watch streams so Shutdown need not wait for them
-  server_->Shutdown(std::chrono::system_clock::now() +
-                    absl::ToChronoMilliseconds(config_.shutdown_grace));
+  // Refuse new calls, end Watch streams, let in-flight calls deliver their status; then close
+  // every connection at once (an idle client connection would otherwise hold Shutdown until
+  // its deadline).
+  service_->BeginDrain();
+  events_.Close();
+  const bool idle = service_->WaitIdle(config_.shutdown_grace);
+  if (!idle) Log(LogLevel::kWarning, "grace period over: cancelling calls still in flight");
+  server_->Shutdown(std::chrono::system_clock::now());
   server_->Wait();
   share_server_->Stop();
   if (reaper_.joinable()) reaper_.join();

@@ -29,6 +29,20 @@ bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
   return diff == 0;
 }
 
+// A unary call's reactor: finishes with the handler's status and tells the service when the
+// call is completely done (status delivered), which is what graceful shutdown waits for.
+class UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryCall(CacheManagerService* service) : service_(service) { service_->CallStarted(); }
+  void OnDone() override {
+    service_->CallDone();
+    delete this;
+  }
+
+ private:
+  CacheManagerService* const service_;
+};
+
 // Streams events to one Watch caller. Events are queued by the hub's callback (never blocking
 // the publisher) and written one at a time; a watcher that falls kMaxQueued events behind is
 // ended with RESOURCE_EXHAUSTED rather than letting the daemon's memory grow.
@@ -36,7 +50,9 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Event> {
  public:
   static constexpr size_t kMaxQueued = 16384;
 
-  WatchReactor(EventHub* hub, const v1::WatchRequest& request) : hub_(hub) {
+  WatchReactor(CacheManagerService* service, EventHub* hub, const v1::WatchRequest& request)
+      : service_(service), hub_(hub) {
+    service_->CallStarted();
     for (int t : request.types()) types_.insert(t);
     subscription_ = hub_->Subscribe([this](const Event* e) { OnEvent(e); });
   }
@@ -58,6 +74,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Event> {
 
   void OnDone() override {
     hub_->Unsubscribe(subscription_);
+    service_->CallDone();
     delete this;
   }
 
@@ -99,6 +116,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Event> {
     Finish(status);
   }
 
+  CacheManagerService* const service_;
   EventHub* const hub_;
   absl::flat_hash_set<int> types_;
   uint64_t subscription_ = 0;
@@ -113,8 +131,17 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Event> {
 // A Watch call refused before it started streaming.
 class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
  public:
-  explicit RefusedWatch(const grpc::Status& status) { Finish(status); }
-  void OnDone() override { delete this; }
+  RefusedWatch(CacheManagerService* service, const grpc::Status& status) : service_(service) {
+    service_->CallStarted();
+    Finish(status);
+  }
+  void OnDone() override {
+    service_->CallDone();
+    delete this;
+  }
+
+ private:
+  CacheManagerService* const service_;
 };
 
 }  // namespace
@@ -145,11 +172,31 @@ absl::Status CacheManagerService::Authorize(grpc::CallbackServerContext* ctx) co
   return absl::OkStatus();
 }
 
+void CacheManagerService::CallStarted() {
+  absl::MutexLock lock(&calls_mu_);
+  ++calls_in_flight_;
+}
+
+void CacheManagerService::CallDone() {
+  absl::MutexLock lock(&calls_mu_);
+  --calls_in_flight_;
+}
+
+void CacheManagerService::BeginDrain() { draining_.store(true); }
+
+bool CacheManagerService::WaitIdle(absl::Duration timeout) {
+  absl::MutexLock lock(&calls_mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(calls_mu_) { return calls_in_flight_ == 0; };
+  return calls_mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
+}
+
 template <typename Body>
 grpc::ServerUnaryReactor* CacheManagerService::Unary(grpc::CallbackServerContext* ctx,
                                                      Body&& body) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  absl::Status status = Authorize(ctx);
+  auto* reactor = new UnaryCall(this);
+  absl::Status status = draining_.load()
+                            ? absl::UnavailableError("cachemgrd is shutting down")
+                            : Authorize(ctx);
   if (status.ok()) status = body();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -269,14 +316,18 @@ grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext
 
 grpc::ServerWriteReactor<v1::Event>* CacheManagerService::Watch(grpc::CallbackServerContext* ctx,
                                                                 const v1::WatchRequest* request) {
-  if (absl::Status s = Authorize(ctx); !s.ok()) return new RefusedWatch(ToGrpcStatus(s));
+  if (draining_.load()) {
+    return new RefusedWatch(this, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                               "cachemgrd is shutting down"));
+  }
+  if (absl::Status s = Authorize(ctx); !s.ok()) return new RefusedWatch(this, ToGrpcStatus(s));
   for (int t : request->types()) {
     if (!v1::EventType_IsValid(t) || t == v1::EVENT_TYPE_UNSPECIFIED) {
-      return new RefusedWatch(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+      return new RefusedWatch(this, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                       absl::StrCat("types holds an unknown event type ", t)));
     }
   }
-  return new WatchReactor(events_, *request);
+  return new WatchReactor(this, events_, *request);
 }
 
 }  // namespace cachemgr

@@ -5,8 +5,10 @@
 // "authorization: Bearer <token>" metadata; Unix-socket callers are trusted (socket mode 0600).
 #pragma once
 
+#include <atomic>
 #include <string>
 
+#include "absl/synchronization/mutex.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/event_hub.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
@@ -49,6 +51,17 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   grpc::ServerWriteReactor<v1::Event>* Watch(grpc::CallbackServerContext* ctx,
                                              const v1::WatchRequest* request) override;
 
+  // Shutdown support. After BeginDrain, new calls are answered UNAVAILABLE at once. WaitIdle
+  // blocks until every call that started has completed (its status delivered), or `timeout`;
+  // true when idle. gRPC's own Shutdown deadline cannot tell an in-flight call from an idle
+  // client connection, so the daemon waits here and then shuts the server down at once.
+  void BeginDrain();
+  bool WaitIdle(absl::Duration timeout);
+
+  // Call bookkeeping used by the reactors (public for them; not part of the API).
+  void CallStarted();
+  void CallDone();
+
  private:
   // OK for Unix-socket peers; for TCP peers checks the bearer token.
   absl::Status Authorize(grpc::CallbackServerContext* ctx) const;
@@ -62,6 +75,10 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   const std::string tcp_token_;
   const std::string version_;
   const absl::Time started_;
+
+  std::atomic<bool> draining_{false};
+  absl::Mutex calls_mu_;
+  int64_t calls_in_flight_ ABSL_GUARDED_BY(calls_mu_) = 0;
 };
 
 }  // namespace cachemgr
