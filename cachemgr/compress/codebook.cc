@@ -1,1 +1,350 @@
-// placeholder: being written
+#include "cachemgr/compress/codebook.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace cachemgr::compress {
+namespace {
+
+// The adjacency bitset is n^2 / 8 bytes: 512 MiB at this bound. Callers split larger sets (per
+// KV head) instead.
+constexpr size_t kMaxVectors = 65536;
+
+// Similarity tiles hold about this many bytes of unit vectors each (two tiles live in L2).
+constexpr size_t kTileBytes = 32 * 1024;
+
+// Two unit vectors that are element-wise identical always have a computed cosine above this
+// (the float rounding of a d-term dot product of unit vectors is far below 1e-3).
+constexpr float kIdenticalCandidate = 0.999f;
+
+[[noreturn]] void Die(const std::string& message) {
+  std::fprintf(stderr, "cachemgr::compress codebook: %s\n", message.c_str());
+  std::abort();
+}
+
+bool ValidTheta(float theta) { return theta > 0.0f && theta <= 1.0f; }  // false for NaN
+
+// Every cosine is this dot product of float unit vectors with a float accumulator: eight
+// partial sums (lane l takes the elements k with k % 8 == l), combined pairwise at the end. The
+// order is fixed, so a pair's value never depends on the tiling or on which kernel computed it,
+// dot(a, b) == dot(b, a) bit for bit, and the compiler can keep the eight lanes in SIMD
+// registers. Float (not double) error is about 1e-7 * sqrt(d), far below any useful theta step.
+inline float Dot(const float* a, const float* b, uint32_t dim) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  uint32_t k = 0;
+  for (; k + 8 <= dim; k += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += a[k + l] * b[k + l];
+  }
+  for (int l = 0; k < dim; ++k, ++l) acc[l] += a[k] * b[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Dot() of `a` with four vectors at once (loads of `a` shared); same arithmetic per pair.
+inline void Dot4(const float* a, const float* b0, const float* b1, const float* b2, const float* b3,
+                 uint32_t dim, float out[4]) {
+  float acc[4][8] = {};
+  const float* b[4] = {b0, b1, b2, b3};
+  uint32_t k = 0;
+  for (; k + 8 <= dim; k += 8) {
+    for (int q = 0; q < 4; ++q) {
+      for (int l = 0; l < 8; ++l) acc[q][l] += a[k + l] * b[q][k + l];
+    }
+  }
+  for (int l = 0; k < dim; ++k, ++l) {
+    for (int q = 0; q < 4; ++q) acc[q][l] += a[k] * b[q][k];
+  }
+  for (int q = 0; q < 4; ++q) {
+    const float* s = acc[q];
+    out[q] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  }
+}
+
+// The edge test of eq. 9, cos > theta. Vectors whose unit vectors are identical are always
+// similar, so that theta = 1 (where cos > 1 can only be a rounding artefact, hence ignored)
+// merges exactly the duplicates. Zero vectors (unit vector 0, dot 0) are similar to nothing.
+inline bool Similar(float dot, float theta, const float* a, const float* b, uint32_t dim) {
+  if (theta < 1.0f && dot > theta) return true;
+  return dot > kIdenticalCandidate && std::equal(a, a + dim, b);
+}
+
+// Eq. 8: magnitude in double (then rounded once to float), unit vector x / m rounded to float.
+// Returns false for a non-finite element.
+bool Normalize(const float* x, uint32_t dim, float* unit, float* magnitude) {
+  double sum = 0.0;
+  for (uint32_t k = 0; k < dim; ++k) sum += static_cast<double>(x[k]) * x[k];
+  if (!std::isfinite(sum)) return false;
+  const double m = std::sqrt(sum);
+  *magnitude = static_cast<float>(m);
+  for (uint32_t k = 0; k < dim; ++k) unit[k] = m > 0.0 ? static_cast<float>(x[k] / m) : 0.0f;
+  return true;
+}
+
+// Greedy rounds of Algorithm 1 over a symmetric adjacency bitset with the diagonal set.
+class GreedyCover {
+ public:
+  GreedyCover(size_t n, size_t words, const uint64_t* adjacency)
+      : n_(n), words_(words), adjacency_(adjacency), alive_(words, 0), degree_(n, 0) {
+    for (size_t i = 0; i < n; ++i) alive_[i / 64] |= uint64_t{1} << (i % 64);
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t d = 0;
+      for (size_t w = 0; w < words; ++w) d += std::popcount(adjacency[i * words + w]);
+      degree_[i] = d;
+    }
+    leaves_ = 1;
+    while (leaves_ < n) leaves_ *= 2;
+    tree_.assign(2 * leaves_, kNone);
+    for (size_t i = 0; i < n; ++i) tree_[leaves_ + i] = static_cast<uint32_t>(i);
+    for (size_t node = leaves_ - 1; node >= 1; --node) {
+      tree_[node] = Better(tree_[2 * node], tree_[2 * node + 1]);
+    }
+    touched_flag_.assign(n, 0);
+  }
+
+  // Runs the rounds; entry c of the result is the vertex picked in round c, and (*refs)[v] is
+  // the round that removed v.
+  std::vector<uint32_t> Run(std::vector<uint32_t>* refs) {
+    std::vector<uint32_t> picks;
+    refs->assign(n_, 0);
+    std::vector<uint32_t> members;
+    std::vector<uint32_t> touched;
+    while (true) {
+      const uint32_t pick = tree_[1];
+      if (pick == kNone || degree_[pick] == 0) break;  // G is empty
+      const uint32_t round = static_cast<uint32_t>(picks.size());
+      picks.push_back(pick);
+      // eta = argwhere(G[pick] == 1): the pick itself (self-loop) and its alive neighbours.
+      members.clear();
+      ForEachAliveNeighbour(pick, [&](uint32_t v) { members.push_back(v); });
+      for (uint32_t v : members) {
+        (*refs)[v] = round;
+        alive_[v / 64] &= ~(uint64_t{1} << (v % 64));
+        degree_[v] = 0;
+      }
+      // Eq. 13 removes the members' rows and columns: every surviving neighbour of a member
+      // loses one degree per member edge. Each vertex's row is scanned once, when removed.
+      touched.clear();
+      for (uint32_t v : members) {
+        ForEachAliveNeighbour(v, [&](uint32_t u) {
+          --degree_[u];
+          if (!touched_flag_[u]) {
+            touched_flag_[u] = 1;
+            touched.push_back(u);
+          }
+        });
+      }
+      for (uint32_t v : members) Update(v);
+      for (uint32_t u : touched) {
+        touched_flag_[u] = 0;
+        Update(u);
+      }
+    }
+    return picks;
+  }
+
+ private:
+  static constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
+
+  // Max degree wins; equal degrees go to the lower index (numpy.argmax). Removed vertices have
+  // degree 0 and lose to every alive one (degree >= 1 by the self-loop).
+  uint32_t Better(uint32_t a, uint32_t b) const {
+    if (a == kNone) return b;
+    if (b == kNone) return a;
+    if (degree_[a] != degree_[b]) return degree_[a] > degree_[b] ? a : b;
+    return a < b ? a : b;
+  }
+
+  void Update(uint32_t v) {
+    for (size_t node = (leaves_ + v) / 2; node >= 1; node /= 2) {
+      tree_[node] = Better(tree_[2 * node], tree_[2 * node + 1]);
+    }
+  }
+
+  template <typename Fn>
+  void ForEachAliveNeighbour(uint32_t v, Fn&& fn) const {
+    const uint64_t* row = adjacency_ + v * words_;
+    for (size_t w = 0; w < words_; ++w) {
+      uint64_t bits = row[w] & alive_[w];
+      while (bits != 0) {
+        fn(static_cast<uint32_t>(w * 64 + std::countr_zero(bits)));
+        bits &= bits - 1;
+      }
+    }
+  }
+
+  size_t n_;
+  size_t words_;
+  const uint64_t* adjacency_;
+  std::vector<uint64_t> alive_;
+  std::vector<uint32_t> degree_;
+  size_t leaves_ = 1;
+  std::vector<uint32_t> tree_;  // tournament tree: tree_[1] is the vertex Algorithm 1 picks next
+  std::vector<uint8_t> touched_flag_;
+};
+
+absl::StatusOr<Codebook> Build(absl::Span<const float> vectors, uint32_t dim, float theta) {
+  if (!ValidTheta(theta)) {
+    return absl::InvalidArgumentError(absl::StrCat("theta must be in (0, 1], got ", theta));
+  }
+  if (dim == 0) return absl::InvalidArgumentError("codebook dim must be > 0");
+  if (vectors.size() % dim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("codebook input has ", vectors.size(),
+                                                   " floats, not a multiple of dim ", dim));
+  }
+  const size_t n = vectors.size() / dim;
+  if (n > kMaxVectors) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "codebook over n = ", n, " vectors needs an n x n adjacency bitset of ", n / 8 * n / 1024,
+        " KiB; at most ", kMaxVectors, " vectors per codebook (split per KV head)"));
+  }
+  Codebook codebook;
+  codebook.dim = dim;
+  if (n == 0) return codebook;
+
+  std::vector<float> unit(n * dim);
+  codebook.magnitudes.resize(n);
+  std::vector<uint8_t> nonzero(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!Normalize(&vectors[i * dim], dim, &unit[i * dim], &codebook.magnitudes[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("codebook input vector ", i, " has a non-finite element"));
+    }
+    nonzero[i] = codebook.magnitudes[i] > 0.0f;
+  }
+
+  // Eq. 9 in one blocked pass over the upper triangle, never materialising S.
+  const size_t words = (n + 63) / 64;
+  std::vector<uint64_t> adjacency;
+  try {
+    adjacency.assign(n * words, 0);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", n * words * 8,
+                                                     "-byte adjacency bitset for ", n, " vectors"));
+  }
+  auto set_edge = [&](size_t i, size_t j) {
+    adjacency[i * words + j / 64] |= uint64_t{1} << (j % 64);
+    adjacency[j * words + i / 64] |= uint64_t{1} << (i % 64);
+  };
+  for (size_t i = 0; i < n; ++i) set_edge(i, i);  // self-loops, zero vectors included
+  const size_t tile = std::clamp<size_t>(kTileBytes / (sizeof(float) * dim), 8, 512);
+  for (size_t i0 = 0; i0 < n; i0 += tile) {
+    const size_t i1 = std::min(n, i0 + tile);
+    for (size_t j0 = i0; j0 < n; j0 += tile) {
+      const size_t j1 = std::min(n, j0 + tile);
+      for (size_t i = i0; i < i1; ++i) {
+        if (!nonzero[i]) continue;
+        const float* a = &unit[i * dim];
+        size_t j = std::max(j0, i + 1);
+        float dots[4];
+        for (; j + 4 <= j1; j += 4) {
+          const float* b = &unit[j * dim];
+          Dot4(a, b, b + dim, b + 2 * dim, b + 3 * dim, dim, dots);
+          for (size_t q = 0; q < 4; ++q) {
+            if (Similar(dots[q], theta, a, b + q * dim, dim)) set_edge(i, j + q);
+          }
+        }
+        for (; j < j1; ++j) {
+          const float* b = &unit[j * dim];
+          if (Similar(Dot(a, b, dim), theta, a, b, dim)) set_edge(i, j);
+        }
+      }
+    }
+  }
+
+  GreedyCover cover(n, words, adjacency.data());
+  const std::vector<uint32_t> picks = cover.Run(&codebook.refs);
+  codebook.entries.resize(picks.size() * dim);
+  for (size_t c = 0; c < picks.size(); ++c) {
+    std::copy_n(&unit[size_t{picks[c]} * dim], dim, &codebook.entries[c * dim]);
+  }
+  return codebook;
+}
+
+}  // namespace
+
+absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta) {
+  return Build(vectors, dim, theta);
+}
+
+void ReconstructCodebook(const Codebook& codebook, absl::Span<float> out) {
+  const size_t dim = codebook.dim;
+  const size_t n = codebook.refs.size();
+  if (codebook.magnitudes.size() != n || out.size() != n * dim) {
+    Die(absl::StrCat("ReconstructCodebook: ", n, " refs, ", codebook.magnitudes.size(),
+                     " magnitudes, output of ", out.size(), " floats (want refs * dim = ", n * dim,
+                     ")"));
+  }
+  const size_t entries = codebook.size();
+  for (size_t i = 0; i < n; ++i) {
+    const size_t ref = codebook.refs[i];
+    if (ref >= entries) {
+      Die(absl::StrCat("ReconstructCodebook: ref ", ref, " of vector ", i, " >= ", entries,
+                       " entries"));
+    }
+    const float* entry = &codebook.entries[ref * dim];
+    const float m = codebook.magnitudes[i];
+    for (size_t k = 0; k < dim; ++k) out[i * dim + k] = entry[k] * m;
+  }
+}
+
+std::vector<uint32_t> MatchAndAppend(Codebook& codebook, absl::Span<const float> new_vectors,
+                                     float theta) {
+  const uint32_t dim = codebook.dim;
+  if (dim == 0 || new_vectors.size() % dim != 0) {
+    Die(absl::StrCat("MatchAndAppend: ", new_vectors.size(),
+                     " floats is not a whole number of vectors of the codebook's dim ", dim));
+  }
+  const size_t count = new_vectors.size() / dim;
+  const size_t entries = codebook.size();
+  std::vector<uint32_t> unmatched;
+  std::vector<float> unit(dim);
+  for (size_t i = 0; i < count; ++i) {
+    float magnitude = 0.0f;
+    // An invalid theta, a non-finite or a zero vector matches nothing.
+    if (!ValidTheta(theta) || !Normalize(&new_vectors[i * dim], dim, unit.data(), &magnitude) ||
+        magnitude == 0.0f) {
+      unmatched.push_back(static_cast<uint32_t>(i));
+      continue;
+    }
+    size_t best = entries;
+    float best_dot = 0.0f;
+    for (size_t e = 0; e < entries; ++e) {
+      const float* entry = &codebook.entries[e * dim];
+      const float dot = Dot(unit.data(), entry, dim);
+      // Strictly greater: ties keep the lowest entry index.
+      if (Similar(dot, theta, unit.data(), entry, dim) && (best == entries || dot > best_dot)) {
+        best = e;
+        best_dot = dot;
+      }
+    }
+    if (best == entries) {
+      unmatched.push_back(static_cast<uint32_t>(i));
+    } else {
+      codebook.refs.push_back(static_cast<uint32_t>(best));
+      codebook.magnitudes.push_back(magnitude);
+    }
+  }
+  return unmatched;
+}
+
+absl::Status AppendBatch(Codebook& codebook, absl::Span<const float> vectors, float theta) {
+  if (codebook.dim == 0) return absl::InvalidArgumentError("AppendBatch: codebook dim is 0");
+  absl::StatusOr<Codebook> batch = Build(vectors, codebook.dim, theta);
+  if (!batch.ok()) return batch.status();
+  const uint32_t offset = codebook.size();
+  codebook.entries.insert(codebook.entries.end(), batch->entries.begin(), batch->entries.end());
+  for (uint32_t ref : batch->refs) codebook.refs.push_back(offset + ref);
+  codebook.magnitudes.insert(codebook.magnitudes.end(), batch->magnitudes.begin(),
+                             batch->magnitudes.end());
+  return absl::OkStatus();
+}
+
+}  // namespace cachemgr::compress

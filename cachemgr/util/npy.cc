@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -263,8 +264,8 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
   }
   std::string header(header_len, '\0');
   if (header_len > 0 && std::fread(header.data(), 1, header_len, file.get()) != header_len) {
-    return FileError(path, absl::StrCat("truncated: header of ", header_len,
-                                        " bytes, file ends inside it"));
+    return FileError(
+        path, absl::StrCat("truncated: header of ", header_len, " bytes, file ends inside it"));
   }
 
   NpyArray array;
@@ -273,8 +274,8 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
   if (!parsed.ok()) return FileError(path, parsed.message());
   const size_t item_size = ItemSize(array.dtype);
   if (item_size == 0) {
-    return FileError(path, absl::StrCat("unsupported dtype '", array.dtype,
-                                        "' (supported: ", kSupported, ")"));
+    return FileError(
+        path, absl::StrCat("unsupported dtype '", array.dtype, "' (supported: ", kSupported, ")"));
   }
   if (fortran_order) {
     return FileError(path, "fortran_order=True is not supported (write a C-order array)");
@@ -293,14 +294,14 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
   const uint64_t available =
       static_cast<uint64_t>(file_size) > data_offset ? file_size - data_offset : 0;
   if (available < data_bytes) {
-    return FileError(path, absl::StrCat("truncated: shape ", ShapeLiteral(array.shape), " of ",
-                                        array.dtype, " needs ", data_bytes,
-                                        " bytes of data, the file has ", available));
+    return FileError(
+        path, absl::StrCat("truncated: shape ", ShapeLiteral(array.shape), " of ", array.dtype,
+                           " needs ", data_bytes, " bytes of data, the file has ", available));
   }
   if (available > data_bytes) {
-    return FileError(path, absl::StrCat("has ", available - data_bytes,
-                                        " trailing bytes after the data of shape ",
-                                        ShapeLiteral(array.shape)));
+    return FileError(
+        path, absl::StrCat("has ", available - data_bytes,
+                           " trailing bytes after the data of shape ", ShapeLiteral(array.shape)));
   }
   if (std::fseek(file.get(), static_cast<long>(data_offset), SEEK_SET) != 0) {
     return FileError(path, "cannot seek");
@@ -321,13 +322,13 @@ absl::Status WriteNpy(const std::string& path, const NpyArray& array) {
   uint64_t count = 0;
   if (!CountElements(array.shape, &count) || count > array.data.size() / item_size ||
       count * item_size != array.data.size()) {
-    return FileError(path, absl::StrCat("cannot write: shape ", ShapeLiteral(array.shape), " of ",
-                                        array.dtype, " does not match ", array.data.size(),
-                                        " bytes of data"));
+    return FileError(
+        path, absl::StrCat("cannot write: shape ", ShapeLiteral(array.shape), " of ", array.dtype,
+                           " does not match ", array.data.size(), " bytes of data"));
   }
-  std::string header = absl::StrCat("{'descr': '", array.dtype,
-                                    "', 'fortran_order': False, 'shape': ",
-                                    ShapeLiteral(array.shape), ", }");
+  std::string header =
+      absl::StrCat("{'descr': '", array.dtype,
+                   "', 'fortran_order': False, 'shape': ", ShapeLiteral(array.shape), ", }");
   // Version 1.0 has a 2-byte header length; version 2.0 (4 bytes) only when it does not fit.
   size_t preamble_len = 10;
   uint8_t major = 1;
@@ -366,15 +367,15 @@ absl::Status WriteNpy(const std::string& path, const NpyArray& array) {
 absl::StatusOr<std::vector<float>> NpyToFloat32(const NpyArray& array) {
   const size_t item_size = ItemSize(array.dtype);
   if (item_size == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot convert dtype '", array.dtype, "' to float32 (supported: ", kSupported, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("cannot convert dtype '", array.dtype,
+                                                   "' to float32 (supported: ", kSupported, ")"));
   }
   uint64_t count = 0;
   if (!CountElements(array.shape, &count) || count > array.data.size() / item_size ||
       count * item_size != array.data.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("array of shape ", ShapeLiteral(array.shape), " and dtype ", array.dtype,
-                     " has ", array.data.size(), " bytes of data"));
+    return absl::InvalidArgumentError(absl::StrCat("array of shape ", ShapeLiteral(array.shape),
+                                                   " and dtype ", array.dtype, " has ",
+                                                   array.data.size(), " bytes of data"));
   }
   if (array.dtype == "<f4") return ConvertElements<float>(array);
   if (array.dtype == "<f2") return ConvertElements<uint16_t>(array);

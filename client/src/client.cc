@@ -46,6 +46,9 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& socket_path) {
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  // Allocate replies carry a slot per token per layer: a long prefill on a deep model exceeds
+  // gRPC's 4 MiB default.
+  args.SetMaxReceiveMessageSize(256 << 20);
   return grpc::CreateCustomChannel("unix:" + socket_path, grpc::InsecureChannelCredentials(), args);
 }
 

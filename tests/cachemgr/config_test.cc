@@ -87,6 +87,13 @@ TEST_CASE("config file is read, flags override it, errors carry file:line", "[cp
   CHECK_THAT(std::string(missing.status().message()), Catch::Contains("cannot read"));
 }
 
+TEST_CASE("the shipped example config is valid", "[cpu]") {
+  auto p = Parse({std::string("--config=") + CACHEMGR_SOURCE_DIR + "/deploy/cachemgrd.conf"});
+  REQUIRE(p.ok());
+  CHECK(p->config.socket_path == "/run/cachemgr/cachemgr.sock");
+  CHECK(p->config.manager.memory_budget_bytes == (uint64_t{8} << 30));
+}
+
 TEST_CASE("help and version exit early", "[cpu]") {
   auto h = Parse({"--help"});
   REQUIRE(h.ok());
