@@ -4,13 +4,15 @@
 // directory, attaches with the client library, runs the benchmarks and stops the daemon with
 // SIGTERM at exit.
 //
-//   CACHEMGR_BENCH_DAEMON_CPU=0 CACHEMGR_BENCH_CLIENT_CPU=1 ./cachemgr_bench_rpc \
-//       --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+//   CACHEMGR_BENCH_DAEMON_CPU=0 CACHEMGR_BENCH_CLIENT_CPU=1 ./cachemgr_bench_rpc
+//       --benchmark_repetitions=3 --benchmark_report_aggregates_only=true   (one line)
 //
 // Environment:
 //   CACHEMGR_BENCH_DAEMON_CPU  pin the daemon (all its threads) to this CPU
 //   CACHEMGR_BENCH_CLIENT_CPU  pin this process (all its threads) to this CPU
 //   CACHEMGR_BENCH_DAEMON      run this cachemgrd binary instead of the one built alongside
+//   CACHEMGR_BENCH_SAMPLES_DIR write every run's per-RPC samples (ns, in call order) there as
+//                              <benchmark>.<run>.tsv, for histograms and time series
 //
 // Benchmarks (one iteration):
 //   BM_AllocateFree/N            Session::Allocate(seq, N*16 tokens) + Session::Free(seq) on a
@@ -250,7 +252,9 @@ struct Samples {
   std::vector<int64_t> second;  // Free
   std::vector<int64_t> iter;
 
-  explicit Samples(benchmark::State& state) {
+  std::string name;  // for the optional dump
+
+  Samples(benchmark::State& state, std::string bench_name) : name(std::move(bench_name)) {
     const size_t n = std::min<size_t>(state.max_iterations, size_t{1} << 22);
     first.reserve(n);
     second.reserve(n);
@@ -261,7 +265,10 @@ struct Samples {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
   }
 
+  void Dump() const;
+
   void Report(benchmark::State& state) {
+    Dump();
     std::vector<int64_t> all;
     all.reserve(first.size() + second.size());
     all.insert(all.end(), first.begin(), first.end());
@@ -281,11 +288,31 @@ struct Samples {
   }
 };
 
+// Optional raw dump: one line per iteration, "first_ns[\tsecond_ns]".
+void Samples::Dump() const {
+  const char* dir = std::getenv("CACHEMGR_BENCH_SAMPLES_DIR");
+  if (dir == nullptr || *dir == '\0' || first.empty()) return;
+  static int run = 0;
+  const std::string path = std::string(dir) + "/" + name + "." + std::to_string(run++) + ".tsv";
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (f == nullptr) return;
+  for (size_t i = 0; i < first.size(); ++i) {
+    if (i < second.size()) {
+      std::fprintf(f, "%lld\t%lld\n", static_cast<long long>(first[i]),
+                   static_cast<long long>(second[i]));
+    } else {
+      std::fprintf(f, "%lld\n", static_cast<long long>(first[i]));
+    }
+  }
+  std::fclose(f);
+}
+
 // ---- Client-library benchmarks --------------------------------------------------------------
 
-void RunAllocateFree(benchmark::State& state, Session& session, const char* seq) {
+void RunAllocateFree(benchmark::State& state, Session& session, const char* seq,
+                     const char* name) {
   const uint32_t tokens = static_cast<uint32_t>(state.range(0)) * kBlockSize;
-  Samples s(state);
+  Samples s(state, name + std::string("_") + std::to_string(state.range(0)));
   for (auto _ : state) {
     const auto t0 = Clock::now();
     auto alloc = session.Allocate(seq, tokens);
@@ -309,18 +336,18 @@ void RunAllocateFree(benchmark::State& state, Session& session, const char* seq)
 }
 
 void BM_AllocateFree(benchmark::State& state) {
-  RunAllocateFree(state, *GetEnv().llama, "bench-seq-llama");
+  RunAllocateFree(state, *GetEnv().llama, "bench-seq-llama", "BM_AllocateFree");
 }
 BENCHMARK(BM_AllocateFree)->Arg(1)->Arg(64)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 void BM_AllocateFreeSmallModel(benchmark::State& state) {
-  RunAllocateFree(state, *GetEnv().small, "bench-seq-small");
+  RunAllocateFree(state, *GetEnv().small, "bench-seq-small", "BM_AllocateFreeSmallModel");
 }
 BENCHMARK(BM_AllocateFreeSmallModel)->Arg(1)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 void BM_Heartbeat(benchmark::State& state) {
   Session& session = *GetEnv().llama;
-  Samples s(state);
+  Samples s(state, "BM_Heartbeat");
   for (auto _ : state) {
     const auto t0 = Clock::now();
     auto left = session.Heartbeat();
@@ -391,7 +418,7 @@ void BM_RawStubAllocateFree(benchmark::State& state) {
   pb::FreeRequest free_req;
   free_req.set_session_token(raw.token);
   free_req.set_sequence_id("bench-seq-raw");
-  Samples s(state);
+  Samples s(state, "BM_RawStubAllocateFree_" + std::to_string(state.range(0)));
   for (auto _ : state) {
     const auto t0 = Clock::now();
     pb::AllocateResponse alloc_resp;
@@ -428,7 +455,7 @@ void BM_RawStubHeartbeat(benchmark::State& state) {
   RawClient raw(GetEnv().daemon.socket_path());
   pb::HeartbeatRequest request;
   request.set_session_token(raw.token);
-  Samples s(state);
+  Samples s(state, "BM_RawStubHeartbeat");
   for (auto _ : state) {
     const auto t0 = Clock::now();
     pb::HeartbeatResponse response;

@@ -15,9 +15,8 @@ BlockAllocator::BlockAllocator(uint32_t num_blocks) : refcounts_(num_blocks, 0) 
 
 absl::StatusOr<std::vector<uint32_t>> BlockAllocator::Allocate(uint32_t count) {
   if (count > free_list_.size()) {
-    return absl::ResourceExhaustedError(absl::StrCat("asked for ", count, " blocks but ",
-                                                     free_list_.size(), " of ", capacity(),
-                                                     " are free"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "asked for ", count, " blocks but ", free_list_.size(), " of ", capacity(), " are free"));
   }
   std::vector<uint32_t> blocks(free_list_.end() - count, free_list_.end());
   std::reverse(blocks.begin(), blocks.end());
@@ -59,8 +58,8 @@ absl::Status BlockAllocator::CheckInvariants() const {
     if (refcounts_[b] > 1) ++shared;
   }
   if (used + num_free() != capacity()) {
-    return absl::InternalError(absl::StrCat("free ", num_free(), " + used ", used,
-                                            " != capacity ", capacity()));
+    return absl::InternalError(
+        absl::StrCat("free ", num_free(), " + used ", used, " != capacity ", capacity()));
   }
   if (shared != num_shared_) {
     return absl::InternalError(

@@ -69,8 +69,8 @@ uint32_t CeilDiv(uint64_t a, uint32_t b) { return static_cast<uint32_t>((a + b -
 
 }  // namespace
 
-CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend,
-                           const Clock* clock, EventHub* events)
+CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend, const Clock* clock,
+                           EventHub* events)
     : options_(options), backend_(backend), clock_(clock), events_(events) {}
 
 CacheManager::~CacheManager() { Shutdown(); }
@@ -90,8 +90,8 @@ void CacheManager::PublishLocked(EventType type, const std::string& client_id,
 
 absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   if (!IsValidIdentifier(params.client_name, kMaxNameLength)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "client_name must be 1-", kMaxNameLength, " printable characters without spaces"));
+    return absl::InvalidArgumentError(absl::StrCat("client_name must be 1-", kMaxNameLength,
+                                                   " printable characters without spaces"));
   }
   ModelSpec model = params.model;
   if (model.block_size == 0) model.block_size = options_.default_block_size;
@@ -121,9 +121,8 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
             block_bytes_all_layers, " bytes over all layers) of model \"", model.name, "\""));
       }
     } else if (num_blocks > UINT32_MAX / kMaxBlockSize) {
-      return absl::InvalidArgumentError(absl::StrCat("num_blocks must be at most ",
-                                                     UINT32_MAX / kMaxBlockSize, " (got ",
-                                                     num_blocks, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "num_blocks must be at most ", UINT32_MAX / kMaxBlockSize, " (got ", num_blocks, ")"));
     } else if (num_blocks * block_bytes_all_layers > budget_left) {
       return absl::ResourceExhaustedError(
           absl::StrCat("num_blocks ", num_blocks, " needs ", num_blocks * block_bytes_all_layers,
@@ -134,8 +133,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
     created->model = model;
     created->num_blocks = static_cast<uint32_t>(num_blocks);
     ASSIGN_OR_RETURN(created->memory,
-                     backend_->CreatePool(created->pool_id,
-                                          model.LayerLayout(created->num_blocks),
+                     backend_->CreatePool(created->pool_id, model.LayerLayout(created->num_blocks),
                                           model.num_layers));
     for (const RegionInfo& r : created->memory->regions()) created->bytes += r.bytes;
     created->allocators.reserve(model.num_layers);
@@ -147,7 +145,9 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
     pool = created.get();
     pools_.emplace(model.name, std::move(created));
     Log(LogLevel::kInfo, "pool created",
-        {{"pool_id", pool->pool_id}, {"model", model.Describe()}, {"num_blocks", pool->num_blocks},
+        {{"pool_id", pool->pool_id},
+         {"model", model.Describe()},
+         {"num_blocks", pool->num_blocks},
          {"bytes", pool->bytes}});
     PublishLocked(EventType::kPoolCreated, "", "", pool->pool_id,
                   absl::StrCat("num_blocks=", pool->num_blocks, " bytes=", pool->bytes));
@@ -178,7 +178,8 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   d.layers = pool->memory->layers();
 
   Log(LogLevel::kInfo, "client attached",
-      {{"client_id", client->client_id}, {"client_name", client->client_name},
+      {{"client_id", client->client_id},
+       {"client_name", client->client_name},
        {"pool_id", pool->pool_id}});
   PublishLocked(EventType::kClientAttached, client->client_id, "", pool->pool_id,
                 absl::StrCat("name=", client->client_name));
@@ -212,8 +213,8 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
     return absl::NotFoundError(absl::StrCat(field, " \"", sequence_id, "\" does not exist"));
   }
   if (it->second->owner != &client) {
-    return absl::PermissionDeniedError(absl::StrCat(field, " \"", sequence_id,
-                                                    "\" belongs to another client"));
+    return absl::PermissionDeniedError(
+        absl::StrCat(field, " \"", sequence_id, "\" belongs to another client"));
   }
   return it->second.get();
 }
@@ -313,8 +314,8 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const std::string& session
                        " tokens, more than the whole pool holds (", pool.num_blocks, " blocks of ",
                        bs, " tokens)"));
     }
-    plan[l].copy_tail = seq && tokens % bs != 0 &&
-                        pool.allocators[l].refcount(seq->layers[l].blocks.back()) > 1;
+    plan[l].copy_tail =
+        seq && tokens % bs != 0 && pool.allocators[l].refcount(seq->layers[l].blocks.back()) > 1;
     plan[l].new_blocks = CeilDiv(after, bs) - static_cast<uint32_t>(have);
     const uint32_t needed = plan[l].new_blocks + (plan[l].copy_tail ? 1 : 0);
     if (needed > pool.allocators[l].num_free()) {
@@ -350,8 +351,8 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const std::string& session
         // The plan validated ids, so this is a backend fault; keep the state consistent.
         alloc.Release(dst);
         Log(LogLevel::kError, "copy-on-write failed", {{"error", s.ToString()}});
-        return absl::InternalError(absl::StrCat("copy-on-write of layer ", l, " failed: ",
-                                                s.message()));
+        return absl::InternalError(
+            absl::StrCat("copy-on-write of layer ", l, " failed: ", s.message()));
       }
       alloc.Release(src);
       table.blocks.back() = dst;
@@ -386,8 +387,8 @@ absl::StatusOr<uint64_t> CacheManager::Free(const std::string& session_token,
   const uint64_t released = ReleaseSequenceLocked(*seq);
   std::erase(client->sequences, sequence_id);
   sequences_.erase(sequence_id);
-  PublishLocked(EventType::kSequenceFreed, client->client_id, sequence_id,
-                client->pool->pool_id, absl::StrCat("blocks_released=", released));
+  PublishLocked(EventType::kSequenceFreed, client->client_id, sequence_id, client->pool->pool_id,
+                absl::StrCat("blocks_released=", released));
   return released;
 }
 
@@ -443,8 +444,7 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const std::string& se
     RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
     auto it = sequences_.find(sequence_id);
     if (it == sequences_.end()) {
-      return absl::NotFoundError(absl::StrCat("sequence_id \"", sequence_id,
-                                              "\" does not exist"));
+      return absl::NotFoundError(absl::StrCat("sequence_id \"", sequence_id, "\" does not exist"));
     }
     seq = it->second.get();
   } else {
@@ -516,8 +516,7 @@ StatsSnapshot CacheManager::Stats() const {
   return s;
 }
 
-absl::StatusOr<std::vector<UniqueFd>> CacheManager::ShareFds(
-    const std::string& session_token) {
+absl::StatusOr<std::vector<UniqueFd>> CacheManager::ShareFds(const std::string& session_token) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
   std::vector<UniqueFd> fds;
@@ -574,17 +573,16 @@ absl::Status CacheManager::CheckInvariants() const {
       RETURN_IF_ERROR(pool->allocators[l].CheckInvariants());
       for (uint32_t b = 0; b < pool->num_blocks; ++b) {
         if (refs[l][b] != pool->allocators[l].refcount(b)) {
-          return absl::InternalError(absl::StrCat("pool ", pool->pool_id, " layer ", l, " block ",
-                                                  b, " has refcount ",
-                                                  pool->allocators[l].refcount(b), " but ",
-                                                  refs[l][b], " sequences reference it"));
+          return absl::InternalError(absl::StrCat(
+              "pool ", pool->pool_id, " layer ", l, " block ", b, " has refcount ",
+              pool->allocators[l].refcount(b), " but ", refs[l][b], " sequences reference it"));
         }
       }
     }
   }
   if (bytes != memory_used_bytes_) {
-    return absl::InternalError(absl::StrCat("pools hold ", bytes, " bytes but the budget counts ",
-                                            memory_used_bytes_));
+    return absl::InternalError(
+        absl::StrCat("pools hold ", bytes, " bytes but the budget counts ", memory_used_bytes_));
   }
   return absl::OkStatus();
 }

@@ -174,8 +174,7 @@ class CacheManager {
   // write). All layers or none: RESOURCE_EXHAUSTED names the layer, the blocks it needs and the
   // blocks it has free.
   absl::StatusOr<AllocateResult> Allocate(const std::string& session_token,
-                                          const std::string& sequence_id,
-                                          uint32_t num_new_tokens);
+                                          const std::string& sequence_id, uint32_t num_new_tokens);
 
   // Drops the sequence; returns blocks whose last reference went away.
   absl::StatusOr<uint64_t> Free(const std::string& session_token, const std::string& sequence_id);
@@ -186,14 +185,14 @@ class CacheManager {
                                         const std::string& child_sequence_id);
 
   // With a token, only the caller's sequences (PERMISSION_DENIED otherwise); with an empty token,
-  // read-only inspection of any sequence. A token renews the lease, as every call with one does. `include_kv_digest` reads the KV bytes.
+  // read-only inspection of any sequence. A token renews the lease, as every call with one does.
+  // `include_kv_digest` reads the KV bytes.
   absl::StatusOr<SequenceSnapshot> GetSequence(const std::string& session_token,
                                                const std::string& sequence_id,
                                                bool include_kv_digest);
 
   // The caller's sequences, or every client's with an empty token. Sorted by id.
-  absl::StatusOr<std::vector<SequenceSummary>> ListSequences(
-      const std::string& session_token);
+  absl::StatusOr<std::vector<SequenceSummary>> ListSequences(const std::string& session_token);
 
   StatsSnapshot Stats() const;
 

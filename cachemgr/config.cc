@@ -104,8 +104,7 @@ const std::vector<Option>& Options() {
        }},
       {"memory_budget", "BYTES", "bytes all pools together may hold, e.g. 8G (default 1G)",
        [](DaemonConfig& c, absl::string_view v) {
-         if (!ParseBytes(v, &c.manager.memory_budget_bytes) ||
-             c.manager.memory_budget_bytes == 0) {
+         if (!ParseBytes(v, &c.manager.memory_budget_bytes) || c.manager.memory_budget_bytes == 0) {
            return absl::StrCat("must be a byte count > 0 like 512M or 8G (got \"", v, "\")");
          }
          return std::string();
@@ -218,21 +217,21 @@ absl::Status Validate(DaemonConfig& c) {
   if (c.socket_path.empty()) return absl::InvalidArgumentError("--socket must not be empty");
   if (c.share_socket_path.empty()) c.share_socket_path = c.socket_path + ".share";
   // sockaddr_un.sun_path holds 108 bytes including the terminator.
-  for (const auto& [flag, path] : {std::pair{"--socket", c.socket_path},
-                                   std::pair{"--share_socket", c.share_socket_path}}) {
+  for (const auto& [flag, path] :
+       {std::pair{"--socket", c.socket_path}, std::pair{"--share_socket", c.share_socket_path}}) {
     if (path.size() > 107) {
-      return absl::InvalidArgumentError(absl::StrCat(flag, " is ", path.size(),
-                                                     " bytes long; Unix socket paths hold 107"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, " is ", path.size(), " bytes long; Unix socket paths hold 107"));
     }
   }
   if (c.share_socket_path == c.socket_path) {
     return absl::InvalidArgumentError("--share_socket must differ from --socket");
   }
   if (c.manager.lease_timeout <= c.manager.heartbeat_interval) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--lease_timeout_ms (", absl::ToInt64Milliseconds(c.manager.lease_timeout),
-        ") must exceed --heartbeat_interval_ms (",
-        absl::ToInt64Milliseconds(c.manager.heartbeat_interval), ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--lease_timeout_ms (", absl::ToInt64Milliseconds(c.manager.lease_timeout),
+                     ") must exceed --heartbeat_interval_ms (",
+                     absl::ToInt64Milliseconds(c.manager.heartbeat_interval), ")"));
   }
   if (c.manager.default_pool_bytes > c.manager.memory_budget_bytes) {
     return absl::InvalidArgumentError("--default_pool_bytes must not exceed --memory_budget");
@@ -311,8 +310,7 @@ absl::StatusOr<ParsedCommandLine> ParseDaemonCommandLine(const std::vector<std::
       }
     }
     if (FindOption(name) == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("unknown flag --", name, " (see --help)"));
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name, " (see --help)"));
     }
     flags.emplace_back(std::move(name), std::move(value));
   }

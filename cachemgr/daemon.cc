@@ -74,19 +74,18 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   // The share channel calls the resolver on its single serving thread and sends the returned
   // descriptors before the next call, so holding the last batch here keeps them open exactly
   // as long as needed, even if the pool is released meanwhile.
-  ASSIGN_OR_RETURN(d->share_server_,
-                   ShareChannelServer::Start(
-                       config.share_socket_path,
-                       [daemon = d.get()](
-                           const std::string& token) -> absl::StatusOr<std::vector<int>> {
-                         ASSIGN_OR_RETURN(daemon->shared_fds_in_flight_,
-                                          daemon->manager_->ShareFds(token));
-                         std::vector<int> fds;
-                         for (const UniqueFd& fd : daemon->shared_fds_in_flight_) {
-                           fds.push_back(fd.get());
-                         }
-                         return fds;
-                       }));
+  ASSIGN_OR_RETURN(
+      d->share_server_,
+      ShareChannelServer::Start(
+          config.share_socket_path,
+          [daemon = d.get()](const std::string& token) -> absl::StatusOr<std::vector<int>> {
+            ASSIGN_OR_RETURN(daemon->shared_fds_in_flight_, daemon->manager_->ShareFds(token));
+            std::vector<int> fds;
+            for (const UniqueFd& fd : daemon->shared_fds_in_flight_) {
+              fds.push_back(fd.get());
+            }
+            return fds;
+          }));
 
   d->service_ = std::make_unique<CacheManagerService>(
       d->manager_.get(), &d->events_, config.share_socket_path, config.tcp_token, kVersion);
@@ -107,14 +106,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   d->server_ = builder.BuildAndStart();
   umask(old_umask);
   if (d->server_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat("gRPC server failed to listen on unix:",
-                                               config.socket_path,
-                                               config.tcp_address.empty() ? "" : " or ",
-                                               config.tcp_address));
+    return absl::UnavailableError(
+        absl::StrCat("gRPC server failed to listen on unix:", config.socket_path,
+                     config.tcp_address.empty() ? "" : " or ", config.tcp_address));
   }
   if (!config.tcp_address.empty() && tcp_port == 0) {
-    return absl::UnavailableError(absl::StrCat("--tcp_address: cannot listen on ",
-                                               config.tcp_address));
+    return absl::UnavailableError(
+        absl::StrCat("--tcp_address: cannot listen on ", config.tcp_address));
   }
   chmod(config.socket_path.c_str(), 0600);
   if (config.enable_health) {

@@ -95,9 +95,9 @@ absl::Status ValidateModelSpec(const ModelSpec& spec, const std::string& prefix)
                               spec.rope.rotary_dim, ")"));
     }
     if (spec.rope.rotary_dim == 0 && spec.head_dim % 2 != 0) {
-      return Bad(prefix, "head_dim",
-                 absl::StrCat("must be even when RoPE rotates the whole head (got ",
-                              spec.head_dim, ")"));
+      return Bad(
+          prefix, "head_dim",
+          absl::StrCat("must be even when RoPE rotates the whole head (got ", spec.head_dim, ")"));
     }
   }
   return absl::OkStatus();

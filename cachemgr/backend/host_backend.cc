@@ -24,8 +24,7 @@ class HostPoolMemory final : public PoolMemory {
   const std::vector<LayerPlacement>& layers() const override { return layers_; }
   std::vector<int> ShareFds() const override { return {region_.fd()}; }
 
-  absl::Status CopyBlocks(uint32_t layer,
-                          absl::Span<const kernels::BlockCopyPair> pairs) override {
+  absl::Status CopyBlocks(uint32_t layer, absl::Span<const kernels::BlockCopyPair> pairs) override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
     return kernels::CopyBlocksCpu(layout_, LayerBase(layer), pairs);
   }
@@ -33,16 +32,15 @@ class HostPoolMemory final : public PoolMemory {
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
                                        uint32_t num_tokens) const override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
-    const uint64_t blocks_needed = (uint64_t{num_tokens} + layout_.block_size - 1) /
-                                   layout_.block_size;
+    const uint64_t blocks_needed =
+        (uint64_t{num_tokens} + layout_.block_size - 1) / layout_.block_size;
     if (block_table.size() < blocks_needed) {
       return absl::InvalidArgumentError("block table shorter than the token count");
     }
     for (uint32_t b : block_table) {
       if (b >= layout_.num_blocks) return absl::InvalidArgumentError("block id out of range");
     }
-    return kernels::DigestLayerTokens(layout_, LayerBase(layer), block_table.data(),
-                                      num_tokens);
+    return kernels::DigestLayerTokens(layout_, LayerBase(layer), block_table.data(), num_tokens);
   }
 
  private:

@@ -133,6 +133,7 @@ std::vector<double> LayerContextRatios(const PolicyConfig& policy, uint32_t num_
     case BudgetSchedule::kPyramid:
       return PyramidContextRatios(context_ratio, num_layers, policy.beta);
     case BudgetSchedule::kZigZag:
+      if (lmba.size() != num_layers) return UniformContextRatios(context_ratio, num_layers);
       return ZigZagContextRatios(context_ratio, context, lmba, policy.zigzag_min_fraction);
   }
   return UniformContextRatios(context_ratio, num_layers);

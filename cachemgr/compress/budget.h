@@ -63,7 +63,8 @@ std::vector<double> ZigZagContextRatios(double context_ratio, uint32_t context,
 uint32_t KeptContextCount(double layer_ratio, uint32_t context);
 
 // The schedule of `policy`: kFull gives all ones; kUniform / kPyramid / kZigZag as above
-// (`lmba` is only read by kZigZag and then needs num_layers entries).
+// (`lmba` is only read by kZigZag; with other than num_layers entries it falls back to
+// uniform).
 std::vector<double> LayerContextRatios(const PolicyConfig& policy, uint32_t num_layers,
                                        double context_ratio, uint32_t context,
                                        absl::Span<const double> lmba);

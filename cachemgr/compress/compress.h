@@ -27,8 +27,8 @@ struct ModelShape {
   uint32_t elem_bytes = 2;  // bytes per stored element (fp16/bf16: 2, fp32: 4)
   RopeStyle rope_style = RopeStyle::kInterleaved;
   double rope_theta = 10000.0;
-  double rope_scaling = 1.0;   // positions are divided by it
-  uint32_t rotary_dim = 0;     // 0 = head_dim
+  double rope_scaling = 1.0;  // positions are divided by it
+  uint32_t rotary_dim = 0;    // 0 = head_dim
 };
 
 // ---- Stages -------------------------------------------------------------------------------
@@ -64,8 +64,8 @@ struct PolicyConfig {
   std::string name;  // preset name, for reports
 
   BudgetSchedule schedule = BudgetSchedule::kPyramid;
-  double beta = 0.05;           // minimal per-layer context ratio of the pyramid
-  double zigzag_tau = 0.9;      // attention mass LMBA must reach
+  double beta = 0.05;                // minimal per-layer context ratio of the pyramid
+  double zigzag_tau = 0.9;           // attention mass LMBA must reach
   double zigzag_min_fraction = 0.2;  // B_min = fraction * B_avg
 
   Scoring scoring = Scoring::kWindow;
@@ -109,6 +109,7 @@ struct LayerInput {
 struct SequenceInput {
   uint32_t num_tokens = 0;
   // positions[t]: the RoPE position of token t (normally t); used to un-rotate / re-rotate K.
+  // Either num_tokens entries or empty, which means positions[t] = t.
   std::vector<uint32_t> positions;
   std::vector<LayerInput> layers;  // num_layers
 };
@@ -118,6 +119,9 @@ enum class TargetKind : uint8_t {
   kByteRatio,     // honest bytes held / full bytes; met within 1% (searched over r)
 };
 
+// kByteRatio: |honest_ratio / value - 1| <= this.
+inline constexpr double kByteRatioTolerance = 0.01;
+
 struct CompressTarget {
   TargetKind kind = TargetKind::kReserveRatio;
   double value = 0.2;  // in (0, 1]
@@ -126,15 +130,24 @@ struct CompressTarget {
 // ---- Outputs ------------------------------------------------------------------------------
 
 struct LayerResult {
-  double context_ratio = 1.0;       // r_c(lambda) used for this layer
-  uint32_t num_selection_heads = 0;  // num_kv_heads (group mean) or num_q_heads (repeat)
-  uint32_t kept_per_head = 0;        // tokens kept by every selection head (window included)
+  double context_ratio = 1.0;  // r_c(lambda) used for this layer
+  // num_kv_heads (group mean) or num_q_heads (repeat); always num_kv_heads for kFull and
+  // kSinksRecent, whose choice does not depend on the head. Selection head s holds the vectors
+  // of KV head s * num_kv_heads / num_selection_heads.
+  uint32_t num_selection_heads = 0;
+  uint32_t kept_per_head = 0;  // tokens kept by every selection head (window included)
   // [num_selection_heads, kept_per_head]: original token indices, ascending per head.
   std::vector<uint32_t> kept;
   // Set when the layer is stored in codebook form. Vectors are ordered [head][kept token];
   // key codebooks are built on pre-RoPE K.
   std::optional<Codebook> key_codebook;
   std::optional<Codebook> value_codebook;
+  // Codebook parts, num_parts + 1 offsets into the entries (set with the codebooks): part p owns
+  // entries [offsets[p], offsets[p+1]) and the vectors of an equal, consecutive share of the
+  // selection heads. CodebookScope::kLayer has one part ({0, size}); kKvHead one part per KV
+  // head, built independently and concatenated (refs index the concatenation).
+  std::vector<uint32_t> key_entry_offsets;
+  std::vector<uint32_t> value_entry_offsets;
   uint64_t bytes_held = 0;  // honest bytes of this layer (see CompressionStats)
   double eq15_ratio = 1.0;  // r^lambda = r1 * r2 * r3 of eq. 15
 };
@@ -157,16 +170,33 @@ struct SequenceResult {
 };
 
 // Runs the policy. INVALID_ARGUMENT (naming the field) for a bad shape, policy or target, or
-// missing queries/scores when the scoring needs them.
-absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape,
-                                                const PolicyConfig& policy,
+// missing queries/scores when the scoring needs them. Errors of BuildCodebook pass through
+// (e.g. RESOURCE_EXHAUSTED for a codebook part of more than 65536 vectors). Thread-safe: no
+// shared state; the input arrays are only read.
+//
+// Per layer: budget (r -> r_c -> r_c(lambda) -> k) -> scores -> selection -> codebook (if on:
+// K un-rotated to pre-RoPE at its token's position; kept only if smaller when
+// codebook_only_if_smaller) -> accounting. Scores are computed once per layer and reused by
+// every step of a byte-ratio search.
+//
+// kByteRatio searches r in (0, 1] (bracketed false position with bisection safeguard, at most
+// 40 evaluations) until |honest_ratio / value - 1| <= kByteRatioTolerance. When the bracket
+// closes on a jump wider than that (a short sequence, where every layer's kept count steps at
+// the same r), the result mixes the layers of the two sides: some layers take the larger
+// selection of the upper side (largest byte step first), so those layers keep a token more than
+// the schedule says; stats.reserve_ratio is then the upper side's r. OUT_OF_RANGE naming
+// "target.value" with the achievable range when value lies outside [honest ratio at the
+// smallest r (window only), honest ratio at r = 1], or when even the mix misses (the message
+// gives the nearest ratios). The honest ratio is non-decreasing in r except for codebook
+// sizes, which the search treats as noise.
+absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const PolicyConfig& policy,
                                                 const SequenceInput& input,
                                                 const CompressTarget& target);
 
 // Rebuilds a layer's kept K and V as dense arrays [num_selection_heads, kept_per_head, head_dim]
 // (K post-RoPE at each kept token's original position), from the codebooks or the input.
-absl::Status MaterializeLayer(const ModelShape& shape, const SequenceInput& input,
-                              uint32_t layer, const LayerResult& result, std::vector<float>* keys,
+absl::Status MaterializeLayer(const ModelShape& shape, const SequenceInput& input, uint32_t layer,
+                              const LayerResult& result, std::vector<float>* keys,
                               std::vector<float>* values);
 
 }  // namespace cachemgr::compress

@@ -20,15 +20,13 @@ absl::Status ValidateRope(const RopeParams& params) {
   if (params.head_dim == 0) return absl::InvalidArgumentError("shape.head_dim must be > 0");
   if (params.style == RopeStyle::kNone) return absl::OkStatus();
   if (params.style != RopeStyle::kInterleaved && params.style != RopeStyle::kHalfSplit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("shape.rope_style is not a known style (got ", static_cast<int>(params.style),
-                     ")"));
+    return absl::InvalidArgumentError(absl::StrCat("shape.rope_style is not a known style (got ",
+                                                   static_cast<int>(params.style), ")"));
   }
   const uint32_t rotary_dim = params.EffectiveRotaryDim();
   if (rotary_dim % 2 != 0 || rotary_dim > params.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shape.rotary_dim must be even and <= head_dim ", params.head_dim, " (got ", rotary_dim,
-        ")"));
+    return absl::InvalidArgumentError(absl::StrCat("shape.rotary_dim must be even and <= head_dim ",
+                                                   params.head_dim, " (got ", rotary_dim, ")"));
   }
   if (!(params.theta > 0.0) || !std::isfinite(params.theta)) {
     return absl::InvalidArgumentError(
@@ -118,8 +116,8 @@ void RotateRows(const RopeParams& params, const RopeAngles& angles,
 
 namespace {
 
-absl::Status Rotate(const RopeParams& params, absl::Span<const uint32_t> positions,
-                    uint32_t heads, absl::Span<float> x, bool inverse) {
+absl::Status Rotate(const RopeParams& params, absl::Span<const uint32_t> positions, uint32_t heads,
+                    absl::Span<float> x, bool inverse) {
   if (absl::Status status = ValidateRope(params); !status.ok()) return status;
   const size_t expected = positions.size() * heads * params.head_dim;
   if (x.size() != expected) {

@@ -22,6 +22,10 @@
 //      (Hugging Face repeat_kv order) into one selection head per KV head; kRepeat keeps one
 //      selection head per query head. Steps 2-3 run per query head, before the mean.
 //   NaN scores become -infinity (never selected before a finite score).
+// Numerics: logits and probabilities in float (q pre-scaled by 1/sqrt(head_dim)), exp by a
+// polynomial (relative error ~1e-7) clamped at e^-87, so a probability is never exactly 0 for
+// a visible key; row sums of the softmax in double. Mirrors should compare with a relative
+// tolerance (~1e-5), not bit for bit.
 //
 // Cost: num_q_heads * num_queries * num_tokens * head_dim multiply-adds; memory O(num_tokens *
 // (num_q_heads + a small query tile)), never num_queries x num_tokens for all queries at once.

@@ -15,8 +15,7 @@ namespace cachemgr {
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
 namespace {
@@ -165,8 +164,7 @@ absl::Status CacheManagerService::Authorize(grpc::CallbackServerContext* ctx) co
     return absl::UnauthenticatedError("missing \"authorization: Bearer <token>\" metadata");
   }
   const absl::string_view value(it->second.data(), it->second.size());
-  if (!absl::StartsWith(value, "Bearer ") ||
-      !ConstantTimeEquals(value.substr(7), tcp_token_)) {
+  if (!absl::StartsWith(value, "Bearer ") || !ConstantTimeEquals(value.substr(7), tcp_token_)) {
     return absl::UnauthenticatedError("the bearer token in \"authorization\" is not valid");
   }
   return absl::OkStatus();
@@ -194,9 +192,8 @@ template <typename Body>
 grpc::ServerUnaryReactor* CacheManagerService::Unary(grpc::CallbackServerContext* ctx,
                                                      Body&& body) {
   auto* reactor = new UnaryCall(this);
-  absl::Status status = draining_.load()
-                            ? absl::UnavailableError("cachemgrd is shutting down")
-                            : Authorize(ctx);
+  absl::Status status =
+      draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
   if (status.ok()) status = body();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -308,7 +305,8 @@ grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext
                                                      v1::StatsResponse* response) {
   return Unary(ctx, [&]() -> absl::Status {
     StatsToProto(manager_->Stats(), response);
-    response->set_uptime_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(absl::Now() - started_)));
+    response->set_uptime_ms(
+        static_cast<uint64_t>(absl::ToInt64Milliseconds(absl::Now() - started_)));
     response->set_version(version_);
     return absl::OkStatus();
   });
@@ -317,14 +315,15 @@ grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext
 grpc::ServerWriteReactor<v1::Event>* CacheManagerService::Watch(grpc::CallbackServerContext* ctx,
                                                                 const v1::WatchRequest* request) {
   if (draining_.load()) {
-    return new RefusedWatch(this, grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                               "cachemgrd is shutting down"));
+    return new RefusedWatch(
+        this, grpc::Status(grpc::StatusCode::UNAVAILABLE, "cachemgrd is shutting down"));
   }
   if (absl::Status s = Authorize(ctx); !s.ok()) return new RefusedWatch(this, ToGrpcStatus(s));
   for (int t : request->types()) {
     if (!v1::EventType_IsValid(t) || t == v1::EVENT_TYPE_UNSPECIFIED) {
-      return new RefusedWatch(this, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                      absl::StrCat("types holds an unknown event type ", t)));
+      return new RefusedWatch(this,
+                              grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                           absl::StrCat("types holds an unknown event type ", t)));
     }
   }
   return new WatchReactor(this, events_, *request);

@@ -50,10 +50,10 @@ absl::StatusOr<ModelSpec> ModelSpecFromProto(const v1::ModelSpec& p) {
       s.rope.style = RopeStyle::kHalfSplit;
       break;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "model.rope.style must be ROPE_STYLE_NONE, ROPE_STYLE_INTERLEAVED or "
-          "ROPE_STYLE_HALF_SPLIT (got ",
-          static_cast<int>(p.rope().style()), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.rope.style must be ROPE_STYLE_NONE, ROPE_STYLE_INTERLEAVED or "
+                       "ROPE_STYLE_HALF_SPLIT (got ",
+                       static_cast<int>(p.rope().style()), ")"));
   }
   s.rope.theta = p.rope().theta();
   s.rope.scaling_factor = p.rope().scaling_factor();
@@ -190,8 +190,7 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
     ci->set_client_name(c.client_name);
     ci->set_pool_id(c.pool_id);
     ci->set_sequences(c.sequences);
-    ci->set_lease_remaining_ms(
-        static_cast<uint32_t>(absl::ToInt64Milliseconds(c.lease_remaining)));
+    ci->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(c.lease_remaining)));
   }
 }
 

@@ -11,9 +11,9 @@
 #define CACHEMGR_CONCAT_(a, b) CACHEMGR_CONCAT_INNER_(a, b)
 
 // Evaluates `expr` (an absl::Status) and returns it from the enclosing function if not OK.
-#define RETURN_IF_ERROR(expr)                       \
-  do {                                              \
-    ::absl::Status cachemgr_status_ = (expr);       \
+#define RETURN_IF_ERROR(expr)                            \
+  do {                                                   \
+    ::absl::Status cachemgr_status_ = (expr);            \
     if (!cachemgr_status_.ok()) return cachemgr_status_; \
   } while (false)
 

@@ -273,8 +273,7 @@ TEST_CASE("fork shares blocks and the first writer copies the shared tail", "[cp
   REQUIRE(p_seq.ok());
   REQUIRE(c_seq.ok());
   const uint32_t c_table[] = {0, 2};
-  CHECK(*c_seq->layers[1].kv_digest ==
-        kernels::DigestLayerTokens(layout, layer1, c_table, 7));
+  CHECK(*c_seq->layers[1].kv_digest == kernels::DigestLayerTokens(layout, layer1, c_table, 7));
 
   // Freeing the parent keeps the shared block 0 alive for the child.
   auto released = f.manager.Free(a.session_token, "p");
@@ -305,8 +304,7 @@ TEST_CASE("fork and free errors change nothing", "[cpu]") {
   CHECK(f.manager.Fork("bogus", "p", "z").status().code() == absl::StatusCode::kNotFound);
   CHECK(f.manager.Free(b.session_token, "p").status().code() ==
         absl::StatusCode::kPermissionDenied);
-  CHECK(f.manager.Free(a.session_token, "missing").status().code() ==
-        absl::StatusCode::kNotFound);
+  CHECK(f.manager.Free(a.session_token, "missing").status().code() == absl::StatusCode::kNotFound);
   CHECK(f.manager.GetSequence(b.session_token, "p", false).status().code() ==
         absl::StatusCode::kPermissionDenied);
   CHECK(f.UsedBlocks() == used);
@@ -368,8 +366,8 @@ TEST_CASE("detach frees everything and releases the pool with its last client", 
   for (const Event& e : f.events) types.push_back(e.type);
   CHECK(types == std::vector<EventType>{EventType::kPoolCreated, EventType::kClientAttached,
                                         EventType::kSequenceAllocated,
-                                        EventType::kSequenceAllocated,
-                                        EventType::kClientDetached, EventType::kPoolReleased});
+                                        EventType::kSequenceAllocated, EventType::kClientDetached,
+                                        EventType::kPoolReleased});
 }
 
 TEST_CASE("list sequences: own by token, all without", "[cpu]") {

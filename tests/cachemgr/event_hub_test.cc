@@ -17,8 +17,14 @@ TEST_CASE("events reach subscribers in order with increasing seq", "[cpu]") {
       closed = true;
     }
   });
-  hub.Publish({.type = EventType::kClientAttached, .client_id = "c1"});
-  hub.Publish({.type = EventType::kSequenceAllocated, .sequence_id = "s"});
+  Event attached;
+  attached.type = EventType::kClientAttached;
+  attached.client_id = "c1";
+  hub.Publish(attached);
+  Event allocated;
+  allocated.type = EventType::kSequenceAllocated;
+  allocated.sequence_id = "s";
+  hub.Publish(allocated);
   REQUIRE(got.size() == 2);
   CHECK(got[0].seq == 1);
   CHECK(got[1].seq == 2);
@@ -26,7 +32,9 @@ TEST_CASE("events reach subscribers in order with increasing seq", "[cpu]") {
   CHECK(got[1].type == EventType::kSequenceAllocated);
   CHECK(got[1].unix_micros >= got[0].unix_micros);
   hub.Unsubscribe(id);
-  hub.Publish({.type = EventType::kSequenceFreed});
+  Event freed;
+  freed.type = EventType::kSequenceFreed;
+  hub.Publish(freed);
   CHECK(got.size() == 2);
   CHECK(hub.published() == 3);
   CHECK_FALSE(closed);

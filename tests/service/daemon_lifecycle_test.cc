@@ -13,7 +13,7 @@ namespace cachemgr::testing {
 namespace {
 
 grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& socket,
-                                                           const std::string& service) {
+                                                            const std::string& service) {
   auto stub = grpc::health::v1::Health::NewStub(
       grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;

@@ -125,19 +125,17 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
        C::INVALID_ARGUMENT, "model is required"},
       {"attach empty name", Call(&S::Attach, attach_req([](auto& r) { r.set_client_name(""); })),
        C::INVALID_ARGUMENT, "client_name"},
-      {"attach bad dtype",
-       Call(&S::Attach,
-            attach_req([](auto& r) { r.mutable_model()->set_dtype(v1::DTYPE_UNSPECIFIED); })),
+      {"attach bad dtype", Call(&S::Attach, attach_req([](auto& r) {
+         r.mutable_model()->set_dtype(v1::DTYPE_UNSPECIFIED);
+       })),
        C::INVALID_ARGUMENT, "model.dtype"},
-      {"attach bad layout",
-       Call(&S::Attach, attach_req([](auto& r) {
-              r.mutable_model()->set_layout(v1::CACHE_LAYOUT_UNSPECIFIED);
-            })),
+      {"attach bad layout", Call(&S::Attach, attach_req([](auto& r) {
+         r.mutable_model()->set_layout(v1::CACHE_LAYOUT_UNSPECIFIED);
+       })),
        C::INVALID_ARGUMENT, "model.layout"},
-      {"attach bad rope",
-       Call(&S::Attach, attach_req([](auto& r) {
-              r.mutable_model()->mutable_rope()->set_style(v1::ROPE_STYLE_UNSPECIFIED);
-            })),
+      {"attach bad rope", Call(&S::Attach, attach_req([](auto& r) {
+         r.mutable_model()->mutable_rope()->set_style(v1::ROPE_STYLE_UNSPECIFIED);
+       })),
        C::INVALID_ARGUMENT, "model.rope.style"},
       {"attach zero kv heads",
        Call(&S::Attach, attach_req([](auto& r) { r.mutable_model()->set_num_kv_heads(0); })),
@@ -145,11 +143,10 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
       {"attach huge head_dim",
        Call(&S::Attach, attach_req([](auto& r) { r.mutable_model()->set_head_dim(5000); })),
        C::INVALID_ARGUMENT, "model.head_dim"},
-      {"attach other description",
-       Call(&S::Attach, attach_req([](auto& r) {
-              *r.mutable_model() = StoriesModel();
-              r.mutable_model()->set_head_dim(16);
-            })),
+      {"attach other description", Call(&S::Attach, attach_req([](auto& r) {
+         *r.mutable_model() = StoriesModel();
+         r.mutable_model()->set_head_dim(16);
+       })),
        C::FAILED_PRECONDITION, "stories260K"},
       {"attach over budget",
        Call(&S::Attach, attach_req([](auto& r) { r.set_num_blocks(100000); })),
@@ -164,14 +161,12 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
        "num_new_tokens"},
       {"allocate other's", Call(&S::Allocate, alloc_req(a, "seq-b", 1)), C::PERMISSION_DENIED,
        "seq-b"},
-      {"allocate too many", Call(&S::Allocate, alloc_req(a, "seq-a", 100)),
-       C::RESOURCE_EXHAUSTED, "layer 0 needs"},
-      {"free bad token", Call(&S::Free, free_req("nope", "seq-a")), C::NOT_FOUND,
-       "session_token"},
+      {"allocate too many", Call(&S::Allocate, alloc_req(a, "seq-a", 100)), C::RESOURCE_EXHAUSTED,
+       "layer 0 needs"},
+      {"free bad token", Call(&S::Free, free_req("nope", "seq-a")), C::NOT_FOUND, "session_token"},
       {"free missing", Call(&S::Free, free_req(a, "ghost")), C::NOT_FOUND, "ghost"},
       {"free other's", Call(&S::Free, free_req(a, "seq-b")), C::PERMISSION_DENIED, "seq-b"},
-      {"free bad id", Call(&S::Free, free_req(a, "has space")), C::INVALID_ARGUMENT,
-       "sequence_id"},
+      {"free bad id", Call(&S::Free, free_req(a, "has space")), C::INVALID_ARGUMENT, "sequence_id"},
       {"fork existing child", Call(&S::Fork, fork_req(a, "seq-a", "seq-b")), C::ALREADY_EXISTS,
        "child_sequence_id"},
       {"fork other's parent", Call(&S::Fork, fork_req(a, "seq-b", "new")), C::PERMISSION_DENIED,
@@ -184,8 +179,7 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
        "session_token"},
       {"get other's", Call(&S::GetSequence, get_req(a, "seq-b")), C::PERMISSION_DENIED, "seq-b"},
       {"get missing", Call(&S::GetSequence, get_req("", "ghost")), C::NOT_FOUND, "ghost"},
-      {"get empty id", Call(&S::GetSequence, get_req("", "")), C::INVALID_ARGUMENT,
-       "sequence_id"},
+      {"get empty id", Call(&S::GetSequence, get_req("", "")), C::INVALID_ARGUMENT, "sequence_id"},
       {"list bad token", Call(&S::ListSequences, list), C::NOT_FOUND, "session_token"},
   };
   const Snapshot before = Take(*stub);

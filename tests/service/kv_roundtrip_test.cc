@@ -17,8 +17,8 @@ std::vector<std::string> JsonStrings(const std::string& json, const std::string&
   if (!std::regex_search(json, m, array)) return out;
   const std::string body = m[1];
   const std::regex item("\"([^\"]*)\"");
-  for (auto it = std::sregex_iterator(body.begin(), body.end(), item);
-       it != std::sregex_iterator(); ++it) {
+  for (auto it = std::sregex_iterator(body.begin(), body.end(), item); it != std::sregex_iterator();
+       ++it) {
     out.push_back((*it)[1]);
   }
   return out;
@@ -64,8 +64,7 @@ TEST_CASE("KV written by a client process is what the daemon reads back", "[serv
   CHECK(UsedBlocks(*stub) == 0);
 }
 
-TEST_CASE("a client killed with SIGKILL gets its blocks reclaimed by lease expiry",
-          "[service]") {
+TEST_CASE("a client killed with SIGKILL gets its blocks reclaimed by lease expiry", "[service]") {
   auto daemon = DaemonProcess::Start({"--heartbeat_interval_ms=100", "--lease_timeout_ms=600"});
   REQUIRE(daemon.ok());
   auto stub = RawStub((*daemon)->socket_path());

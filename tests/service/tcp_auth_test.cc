@@ -11,8 +11,8 @@ namespace cachemgr::testing {
 namespace {
 
 grpc::Status StatsOverTcp(int port, const std::string& authorization) {
-  auto stub = v1::CacheManager::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  auto stub = v1::CacheManager::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
@@ -23,9 +23,7 @@ grpc::Status StatsOverTcp(int port, const std::string& authorization) {
 TEST_CASE("TCP callers need the bearer token; Unix callers do not", "[service]") {
   TempDir secrets;
   const std::string token = "s3cret-token-0123456789";
-  {
-    std::ofstream(secrets.file("token")) << token << "\n";
-  }
+  { std::ofstream(secrets.file("token")) << token << "\n"; }
   auto daemon = DaemonProcess::Start(
       {"--tcp_address=127.0.0.1:0", "--tcp_token_file=" + secrets.file("token")});
   REQUIRE(daemon.ok());
@@ -50,8 +48,8 @@ TEST_CASE("TCP callers need the bearer token; Unix callers do not", "[service]")
 }
 
 TEST_CASE("TCP without a token file is refused at startup", "[service]") {
-  auto child = ChildProcess::Spawn(DaemonPath(), {"--socket=/tmp/cachemgr-never.sock",
-                                                  "--tcp_address=127.0.0.1:0"});
+  auto child = ChildProcess::Spawn(
+      DaemonPath(), {"--socket=/tmp/cachemgr-never.sock", "--tcp_address=127.0.0.1:0"});
   REQUIRE(child.ok());
   auto code = (*child)->Wait(absl::Seconds(10));
   REQUIRE(code.ok());

@@ -48,11 +48,11 @@ TEST_CASE("watch sees attach, allocate, fork, free and detach in order", "[servi
     last_seq = e.seq();
     if (e.type() == v1::EVENT_TYPE_SEQUENCE_FORKED) CHECK(e.sequence_id() == "t");
   }
-  CHECK(types == std::vector<v1::EventType>{
-                     v1::EVENT_TYPE_POOL_CREATED, v1::EVENT_TYPE_CLIENT_ATTACHED,
-                     v1::EVENT_TYPE_SEQUENCE_ALLOCATED, v1::EVENT_TYPE_SEQUENCE_FORKED,
-                     v1::EVENT_TYPE_SEQUENCE_FREED, v1::EVENT_TYPE_CLIENT_DETACHED,
-                     v1::EVENT_TYPE_POOL_RELEASED});
+  CHECK(types ==
+        std::vector<v1::EventType>{v1::EVENT_TYPE_POOL_CREATED, v1::EVENT_TYPE_CLIENT_ATTACHED,
+                                   v1::EVENT_TYPE_SEQUENCE_ALLOCATED,
+                                   v1::EVENT_TYPE_SEQUENCE_FORKED, v1::EVENT_TYPE_SEQUENCE_FREED,
+                                   v1::EVENT_TYPE_CLIENT_DETACHED, v1::EVENT_TYPE_POOL_RELEASED});
   ctx.TryCancel();
   reader->Finish();
 }

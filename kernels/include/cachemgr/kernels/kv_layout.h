@@ -48,9 +48,8 @@ struct KvLayerLayout {
   // Offset of the start of `block`'s plane (block_size contiguous token rows).
   CACHEMGR_HD size_t block_offset(KvPlane plane, uint32_t block) const {
     const size_t p = static_cast<size_t>(plane);
-    return order == KvOrder::kFlashAttn
-               ? (p * num_blocks + block) * plane_block_bytes()
-               : (size_t{block} * 2 + p) * plane_block_bytes();
+    return order == KvOrder::kFlashAttn ? (p * num_blocks + block) * plane_block_bytes()
+                                        : (size_t{block} * 2 + p) * plane_block_bytes();
   }
   // Offset of one token's row (all heads) at `slot_in_block` of `block`.
   CACHEMGR_HD size_t token_offset(KvPlane plane, uint32_t block, uint32_t slot_in_block) const {

@@ -1,0 +1,78 @@
+// The usage text and error reporting shared by the subcommands.
+#include <cstdio>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "cachemgr/compress/compress.h"
+#include "tools/cachemgrctl/commands.h"
+
+namespace cachemgr::ctl {
+
+std::string UsageText() {
+  return absl::StrCat(
+      R"(usage: cachemgrctl <command> [--flag=value ...]
+
+Commands:
+  help       this text
+  compress   run a compression policy offline on KV tensors in .npy files
+  codebook   build the similarity codebook (SpindleKV Algorithm 1) of a set of vectors
+
+cachemgrctl compress --keys=K.npy --values=V.npy (--queries=Q.npy | --scores=S.npy)
+                     --out=DIR [flags]
+  Inputs (.npy, little-endian, C order; float32 or float16 unless noted):
+    --keys=K.npy        [num_layers, num_tokens, num_kv_heads, head_dim], post-RoPE
+    --values=V.npy      [num_layers, num_tokens, num_kv_heads, head_dim]
+    --queries=Q.npy     [num_layers, num_queries, num_q_heads, head_dim], post-RoPE: the
+                        observation-window queries (the last num_queries positions)
+    --scores=S.npy      [num_layers, num_q_heads, num_tokens]: precomputed attention column
+                        sums, instead of --queries
+    --positions=P.npy   [num_tokens] int32/int64 RoPE positions (default 0..num_tokens-1)
+    Queries or scores are required unless the policy needs none (fullkv, streamingllm,
+    codebook).
+  Policy:
+    --policy=NAME       preset (default spindlekv), one of:
+                        )",
+      absl::StrJoin(compress::PresetNames(), ", "), R"(
+    overrides of the preset's stages:
+    --schedule=full|uniform|pyramid|zigzag   --beta=B   --zigzag_tau=T
+    --zigzag_min_fraction=F   --scoring=window|accumulated|sinks_recent   --window=W
+    --normalization=literal|sum   --pooling=none|avg|max   --pool_kernel=K   --sinks=N
+    --gqa=mean|repeat   --codebook=true|false   --theta_k=T   --theta_v=T
+    --codebook_scope=layer|kv_head   --codebook_only_if_smaller=true|false
+  Target (one of; default --reserve_ratio=0.2):
+    --reserve_ratio=R   fraction of tokens kept on average (paper's r)
+    --byte_ratio=R      honest bytes held / full KV bytes, met within 1%
+  Model:
+    --num_q_heads=H     query heads (default: from --queries or --scores; else required)
+    --rope=interleaved|half_split|none   RoPE layout of K (required when the policy builds
+                        codebooks, which work on pre-RoPE K)
+    --rope_theta=10000  --rope_scaling=1  --rotary_dim=0 (0 = head_dim)
+    --elem_bytes=2      bytes per stored element, for the byte accounting (1, 2 or 4)
+  Outputs in DIR (previous cachemgrctl outputs there are replaced):
+    stats.json                    policy, target, bytes, ratios, per-layer summary
+    layer<L>_kept.npy             uint32 [num_selection_heads, kept_per_head] token indices
+    for layers stored as codebooks, X in {k, v} (k: pre-RoPE keys):
+    layer<L>_X_codebook.npy       float32 [entries, head_dim] unit vectors
+    layer<L>_X_refs.npy           uint32 [num_selection_heads * kept_per_head]
+    layer<L>_X_magnitudes.npy     float32 [num_selection_heads * kept_per_head]
+    layer<L>_X_offsets.npy        uint32 [parts + 1]: entry ranges of the codebook parts
+
+cachemgrctl codebook --vectors=X.npy --theta=T --out=DIR
+    --vectors=X.npy     float32 (or float16) [n, dim]
+    --theta=T           cosine threshold in (0, 1]
+  Writes DIR/entries.npy (float32 [entries, dim]), DIR/refs.npy (uint32 [n]) and
+  DIR/magnitudes.npy (float32 [n]).
+
+Exit status: 0 success, 1 failure (unreadable input, bad shapes, compression error),
+2 usage error. See docs/OFFLINE.md.
+)");
+}
+
+int ReportError(const std::string& command, const std::string& message, int code) {
+  std::fprintf(stderr, "cachemgrctl %s: %s\n", command.c_str(), message.c_str());
+  if (code == kExitUsage) std::fputs("run 'cachemgrctl help' for usage\n", stderr);
+  return code;
+}
+
+}  // namespace cachemgr::ctl
