@@ -27,7 +27,9 @@
 #include "absl/time/time.h"
 #include "cachemgr/backend/device_backend.h"
 #include "cachemgr/block_allocator.h"
+#include "cachemgr/compress/compress.h"
 #include "cachemgr/event_hub.h"
+#include "cachemgr/host/memfd_region.h"
 #include "cachemgr/model_spec.h"
 #include "cachemgr/util/clock.h"
 #include "cachemgr/util/unique_fd.h"
@@ -45,6 +47,8 @@ struct CacheManagerOptions {
   uint32_t default_block_size = 16;
   // Largest num_new_tokens one Allocate accepts.
   uint32_t max_tokens_per_allocate = 1u << 20;
+  // Largest per-client Compress input buffer an Attach may ask for.
+  uint64_t max_input_buffer_bytes = uint64_t{1} << 30;
 };
 
 inline constexpr size_t kMaxSequenceIdLength = 256;
@@ -53,6 +57,9 @@ struct AttachParams {
   std::string client_name;
   ModelSpec model;  // block_size 0 / rope.scaling_factor 0 mean defaults
   uint32_t num_blocks = 0;
+  // Bytes of the client's Compress input buffer; 0 means 64 float32 window queries of every
+  // layer (num_layers * 64 * num_q_heads * head_dim * 4).
+  uint64_t input_buffer_bytes = 0;
 };
 
 struct PoolDescription {
@@ -73,6 +80,9 @@ struct AttachResult {
   PoolDescription pool;
   absl::Duration heartbeat_interval;
   absl::Duration lease_timeout;
+  // The input buffer is the descriptor ShareFds returns after the pool's regions.
+  uint32_t input_buffer_region_index = 0;
+  uint64_t input_buffer_bytes = 0;
 };
 
 struct DetachResult {
@@ -106,6 +116,55 @@ struct SequenceSnapshot {
   std::string parent_sequence_id;
   uint64_t num_positions = 0;
   std::vector<LayerTableSnapshot> layers;
+  // Compression state (set once Compress succeeded).
+  bool compressed = false;
+  std::string compression_policy;
+  std::vector<uint32_t> kept_per_layer;  // rows per KV head Compress left in each layer
+};
+
+// ---- Compress / Fetch ----------------------------------------------------------------------
+
+enum class CompressInput : uint8_t { kNone, kWindowQueries, kScores };
+
+struct CompressParams {
+  compress::PolicyConfig policy;  // resolved: preset + overrides (see ResolvePreset)
+  compress::CompressTarget target;
+  CompressInput input = CompressInput::kNone;
+  uint32_t num_queries = 0;  // kWindowQueries
+};
+
+// The preset named `preset` ("" means "spindlekv"); INVALID_ARGUMENT naming "policy.preset".
+absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset);
+
+struct CompressedLayerResult {
+  double context_ratio = 1.0;
+  uint32_t kept_per_head = 0;  // library's count per selection head
+  uint32_t num_tokens = 0;     // rows the layer holds
+  std::vector<uint32_t> block_ids;
+  std::vector<uint32_t> kept_positions;  // [num_kv_heads, num_tokens]
+  bool codebook = false;
+  uint32_t key_codebook_size = 0;
+  uint32_t value_codebook_size = 0;
+  uint64_t bytes_held = 0;
+  double eq15_ratio = 1.0;
+};
+
+struct CompressResult {
+  std::vector<CompressedLayerResult> layers;
+  uint64_t bytes_before = 0;  // whole blocks held before
+  uint64_t bytes_after = 0;   // whole blocks held after + codebook arena
+  double honest_ratio = 1.0;
+  double eq15_ratio = 1.0;
+  double reserve_ratio = 1.0;
+  uint64_t blocks_released = 0;
+};
+
+struct FetchedLayerResult {
+  uint32_t layer = 0;
+  uint32_t num_tokens = 0;
+  std::vector<uint32_t> block_ids;
+  std::vector<uint32_t> kept_positions;  // [num_kv_heads, kept] of Compress; empty if none
+  uint32_t new_blocks = 0;
 };
 
 struct SequenceSummary {
@@ -196,7 +255,28 @@ class CacheManager {
 
   StatsSnapshot Stats() const;
 
-  // Descriptors of the caller's pool regions, duplicated for the caller (who owns them).
+  // Compresses the caller's sequence in place (docs/COMPRESSION.md). Inputs are read from the
+  // caller's input buffer. Plain layers are compacted in place: row r of KV head h takes that
+  // head's r-th kept token; the first ceil(rows / block_size) blocks of the table are kept and
+  // the rest released (so Compress needs no free blocks). Codebook layers move to a
+  // per-sequence arena and release every block until Fetch. Selection per query head (GQA
+  // repeat) is stored merged per KV head: the union of the group's kept sets, padded to the
+  // longest union with the head's lowest-index tokens outside it.
+  //   FAILED_PRECONDITION  already compressed, or blocks shared with a fork
+  //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input
+  absl::StatusOr<CompressResult> Compress(const std::string& session_token,
+                                          const std::string& sequence_id,
+                                          const CompressParams& params);
+
+  // Makes `layers` (empty: all) resident: codebook layers are reconstructed into newly
+  // allocated blocks (all or nothing: RESOURCE_EXHAUSTED changes nothing); others are
+  // returned as they are. A second Fetch allocates nothing.
+  absl::StatusOr<std::vector<FetchedLayerResult>> Fetch(const std::string& session_token,
+                                                        const std::string& sequence_id,
+                                                        const std::vector<uint32_t>& layers);
+
+  // Descriptors of the caller's pool regions, then of the caller's input buffer, duplicated
+  // for the caller (who owns them).
   absl::StatusOr<std::vector<UniqueFd>> ShareFds(const std::string& session_token);
 
   // Expires every client whose lease ran out (freeing what it held); returns their client ids.
@@ -213,6 +293,7 @@ class CacheManager {
   struct Pool;
   struct Client;
   struct Sequence;
+  struct Compression;
 
   // Looks up a live client (an expired one is reaped here and reported NOT_FOUND).
   absl::StatusOr<Client*> FindClientLocked(const std::string& session_token)

@@ -21,6 +21,7 @@ enum class EventType : uint8_t {
   kSequenceForked,
   kPoolCreated,
   kPoolReleased,
+  kSequenceCompressed,
 };
 
 struct Event {

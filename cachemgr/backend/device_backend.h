@@ -6,6 +6,7 @@
 // (allocator, sequences, service) is backend-agnostic.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -49,6 +50,10 @@ class PoolMemory {
   // Copies whole blocks (both planes) within one layer: the copy-on-write step.
   virtual absl::Status CopyBlocks(uint32_t layer,
                                   absl::Span<const kernels::BlockCopyPair> pairs) = 0;
+
+  // The layer tensor's bytes when the host can address them directly (host backend), else
+  // nullptr. Compress and Fetch read and write rows through it.
+  virtual std::byte* HostLayerBase(uint32_t /*layer*/) const { return nullptr; }
 
   // FNV-1a digest of the first `num_tokens` tokens of `block_table` (see kv_digest.h).
   virtual absl::StatusOr<uint64_t> DigestLayer(uint32_t layer,

@@ -29,6 +29,10 @@ class HostPoolMemory final : public PoolMemory {
     return kernels::CopyBlocksCpu(layout_, LayerBase(layer), pairs);
   }
 
+  std::byte* HostLayerBase(uint32_t layer) const override {
+    return layer < layers_.size() ? LayerBase(layer) : nullptr;
+  }
+
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
                                        uint32_t num_tokens) const override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");

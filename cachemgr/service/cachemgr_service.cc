@@ -208,6 +208,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContex
     params.client_name = request->client_name();
     ASSIGN_OR_RETURN(params.model, ModelSpecFromProto(request->model()));
     params.num_blocks = request->num_blocks();
+    params.input_buffer_bytes = request->input_buffer_bytes();
     ASSIGN_OR_RETURN(AttachResult result, manager_->Attach(params));
     AttachResultToProto(result, share_socket_path_, response);
     return absl::OkStatus();
@@ -296,6 +297,30 @@ grpc::ServerUnaryReactor* CacheManagerService::ListSequences(
       out->set_num_positions(s.num_positions);
       out->set_num_blocks(s.num_blocks);
     }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Compress(grpc::CallbackServerContext* ctx,
+                                                        const v1::CompressRequest* request,
+                                                        v1::CompressResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(CompressParams params, CompressParamsFromProto(*request));
+    ASSIGN_OR_RETURN(CompressResult r,
+                     manager_->Compress(request->session_token(), request->sequence_id(), params));
+    CompressResultToProto(r, response);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Fetch(grpc::CallbackServerContext* ctx,
+                                                     const v1::FetchRequest* request,
+                                                     v1::FetchResponse* response) {
+  return Unary(ctx, [&]() -> absl::Status {
+    std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
+    ASSIGN_OR_RETURN(std::vector<FetchedLayerResult> r,
+                     manager_->Fetch(request->session_token(), request->sequence_id(), layers));
+    FetchResultToProto(r, response);
     return absl::OkStatus();
   });
 }

@@ -47,6 +47,11 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
                                           v1::ListSequencesResponse* response) override;
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* request,
                                   v1::StatsResponse* response) override;
+  grpc::ServerUnaryReactor* Compress(grpc::CallbackServerContext* ctx,
+                                     const v1::CompressRequest* request,
+                                     v1::CompressResponse* response) override;
+  grpc::ServerUnaryReactor* Fetch(grpc::CallbackServerContext* ctx, const v1::FetchRequest* request,
+                                  v1::FetchResponse* response) override;
   grpc::ServerWriteReactor<v1::Event>* Watch(grpc::CallbackServerContext* ctx,
                                              const v1::WatchRequest* request) override;
 

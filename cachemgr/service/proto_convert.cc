@@ -1,6 +1,7 @@
 #include "cachemgr/service/proto_convert.h"
 
 #include "absl/strings/str_cat.h"
+#include "cachemgr/util/status_macros.h"
 
 namespace cachemgr {
 
@@ -127,6 +128,8 @@ void AttachResultToProto(const AttachResult& r, const std::string& share_socket_
     lp->set_bytes(r.pool.layers[l].bytes);
   }
   d->set_share_socket_path(share_socket_path);
+  d->set_input_buffer_region_index(r.input_buffer_region_index);
+  d->set_input_buffer_bytes(r.input_buffer_bytes);
 }
 
 void AllocateResultToProto(const std::string& sequence_id, const AllocateResult& r,
@@ -163,6 +166,9 @@ void SequenceToProto(const SequenceSnapshot& s, v1::SequenceInfo* p) {
     t->mutable_block_ids()->Add(s.layers[l].block_ids.begin(), s.layers[l].block_ids.end());
     if (s.layers[l].kv_digest) t->set_kv_digest(*s.layers[l].kv_digest);
   }
+  p->set_compressed(s.compressed);
+  p->set_compression_policy(s.compression_policy);
+  p->mutable_kept_per_layer()->Add(s.kept_per_layer.begin(), s.kept_per_layer.end());
 }
 
 void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
@@ -210,6 +216,8 @@ v1::EventType EventTypeToProto(EventType type) {
       return v1::EVENT_TYPE_SEQUENCE_FORKED;
     case EventType::kPoolCreated:
       return v1::EVENT_TYPE_POOL_CREATED;
+    case EventType::kSequenceCompressed:
+      return v1::EVENT_TYPE_SEQUENCE_COMPRESSED;
     case EventType::kPoolReleased:
       return v1::EVENT_TYPE_POOL_RELEASED;
   }
@@ -224,6 +232,171 @@ void EventToProto(const Event& e, v1::Event* p) {
   p->set_sequence_id(e.sequence_id);
   p->set_pool_id(e.pool_id);
   p->set_detail(e.detail);
+}
+
+absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest& r) {
+  const v1::CompressionPolicy& p = r.policy();
+  CompressParams out;
+  ASSIGN_OR_RETURN(out.policy, ResolvePreset(p.preset()));
+  compress::PolicyConfig& c = out.policy;
+  auto bad_enum = [](const char* field, int value) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " holds an unknown value ", value));
+  };
+  switch (p.schedule()) {
+    case v1::BUDGET_SCHEDULE_UNSPECIFIED:
+      break;
+    case v1::BUDGET_SCHEDULE_FULL:
+      c.schedule = compress::BudgetSchedule::kFull;
+      break;
+    case v1::BUDGET_SCHEDULE_UNIFORM:
+      c.schedule = compress::BudgetSchedule::kUniform;
+      break;
+    case v1::BUDGET_SCHEDULE_PYRAMID:
+      c.schedule = compress::BudgetSchedule::kPyramid;
+      break;
+    case v1::BUDGET_SCHEDULE_ZIGZAG:
+      c.schedule = compress::BudgetSchedule::kZigZag;
+      break;
+    default:
+      return bad_enum("policy.schedule", p.schedule());
+  }
+  switch (p.scoring()) {
+    case v1::SCORING_UNSPECIFIED:
+      break;
+    case v1::SCORING_WINDOW:
+      c.scoring = compress::Scoring::kWindow;
+      break;
+    case v1::SCORING_ACCUMULATED:
+      c.scoring = compress::Scoring::kAccumulated;
+      break;
+    case v1::SCORING_SINKS_RECENT:
+      c.scoring = compress::Scoring::kSinksRecent;
+      break;
+    default:
+      return bad_enum("policy.scoring", p.scoring());
+  }
+  switch (p.normalization()) {
+    case v1::WINDOW_NORMALIZATION_UNSPECIFIED:
+      break;
+    case v1::WINDOW_NORMALIZATION_LITERAL:
+      c.normalization = compress::WindowNormalization::kLiteral;
+      break;
+    case v1::WINDOW_NORMALIZATION_SUM:
+      c.normalization = compress::WindowNormalization::kSum;
+      break;
+    default:
+      return bad_enum("policy.normalization", p.normalization());
+  }
+  switch (p.pooling()) {
+    case v1::POOLING_UNSPECIFIED:
+      break;
+    case v1::POOLING_NONE:
+      c.pooling = compress::Pooling::kNone;
+      break;
+    case v1::POOLING_AVG:
+      c.pooling = compress::Pooling::kAvg;
+      break;
+    case v1::POOLING_MAX:
+      c.pooling = compress::Pooling::kMax;
+      break;
+    default:
+      return bad_enum("policy.pooling", p.pooling());
+  }
+  switch (p.gqa()) {
+    case v1::GQA_MODE_UNSPECIFIED:
+      break;
+    case v1::GQA_MODE_GROUP_MEAN:
+      c.gqa = compress::GqaMode::kGroupMean;
+      break;
+    case v1::GQA_MODE_REPEAT:
+      c.gqa = compress::GqaMode::kRepeat;
+      break;
+    default:
+      return bad_enum("policy.gqa", p.gqa());
+  }
+  switch (p.codebook_scope()) {
+    case v1::CODEBOOK_SCOPE_UNSPECIFIED:
+      break;
+    case v1::CODEBOOK_SCOPE_LAYER:
+      c.codebook_scope = compress::CodebookScope::kLayer;
+      break;
+    case v1::CODEBOOK_SCOPE_KV_HEAD:
+      c.codebook_scope = compress::CodebookScope::kKvHead;
+      break;
+    default:
+      return bad_enum("policy.codebook_scope", p.codebook_scope());
+  }
+  if (p.has_beta()) c.beta = p.beta();
+  if (p.has_zigzag_tau()) c.zigzag_tau = p.zigzag_tau();
+  if (p.has_zigzag_min_fraction()) c.zigzag_min_fraction = p.zigzag_min_fraction();
+  if (p.has_window()) c.window = p.window();
+  if (p.has_pool_kernel()) c.pool_kernel = p.pool_kernel();
+  if (p.has_sinks()) c.sinks = p.sinks();
+  if (p.has_codebook()) c.codebook = p.codebook();
+  if (p.has_theta_k()) c.theta_k = p.theta_k();
+  if (p.has_theta_v()) c.theta_v = p.theta_v();
+  if (p.has_codebook_only_if_smaller()) c.codebook_only_if_smaller = p.codebook_only_if_smaller();
+  switch (r.target_case()) {
+    case v1::CompressRequest::kReserveRatio:
+      out.target = {compress::TargetKind::kReserveRatio, r.reserve_ratio()};
+      break;
+    case v1::CompressRequest::kByteRatio:
+      out.target = {compress::TargetKind::kByteRatio, r.byte_ratio()};
+      break;
+    default:
+      return absl::InvalidArgumentError("target: set reserve_ratio or byte_ratio");
+  }
+  switch (r.input()) {
+    case v1::INPUT_SOURCE_UNSPECIFIED:
+    case v1::INPUT_SOURCE_NONE:
+      out.input = CompressInput::kNone;
+      break;
+    case v1::INPUT_SOURCE_WINDOW_QUERIES:
+      out.input = CompressInput::kWindowQueries;
+      break;
+    case v1::INPUT_SOURCE_SCORES:
+      out.input = CompressInput::kScores;
+      break;
+    default:
+      return bad_enum("input", r.input());
+  }
+  out.num_queries = r.num_queries();
+  return out;
+}
+
+void CompressResultToProto(const CompressResult& r, v1::CompressResponse* p) {
+  for (uint32_t l = 0; l < r.layers.size(); ++l) {
+    const CompressedLayerResult& in = r.layers[l];
+    v1::CompressedLayer* out = p->add_layers();
+    out->set_layer(l);
+    out->set_context_ratio(in.context_ratio);
+    out->set_kept_per_head(in.kept_per_head);
+    out->set_num_tokens(in.num_tokens);
+    out->mutable_block_ids()->Add(in.block_ids.begin(), in.block_ids.end());
+    out->mutable_kept_positions()->Add(in.kept_positions.begin(), in.kept_positions.end());
+    out->set_codebook(in.codebook);
+    out->set_key_codebook_size(in.key_codebook_size);
+    out->set_value_codebook_size(in.value_codebook_size);
+    out->set_bytes_held(in.bytes_held);
+    out->set_eq15_ratio(in.eq15_ratio);
+  }
+  p->set_bytes_before(r.bytes_before);
+  p->set_bytes_after(r.bytes_after);
+  p->set_honest_ratio(r.honest_ratio);
+  p->set_eq15_ratio(r.eq15_ratio);
+  p->set_reserve_ratio(r.reserve_ratio);
+  p->set_blocks_released(r.blocks_released);
+}
+
+void FetchResultToProto(const std::vector<FetchedLayerResult>& layers, v1::FetchResponse* p) {
+  for (const FetchedLayerResult& in : layers) {
+    v1::FetchedLayer* out = p->add_layers();
+    out->set_layer(in.layer);
+    out->set_num_tokens(in.num_tokens);
+    out->mutable_block_ids()->Add(in.block_ids.begin(), in.block_ids.end());
+    out->mutable_kept_positions()->Add(in.kept_positions.begin(), in.kept_positions.end());
+    out->set_new_blocks(in.new_blocks);
+  }
 }
 
 }  // namespace cachemgr

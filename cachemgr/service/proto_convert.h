@@ -21,4 +21,9 @@ void StatsToProto(const StatsSnapshot& stats, v1::StatsResponse* proto);
 void EventToProto(const Event& event, v1::Event* proto);
 v1::EventType EventTypeToProto(EventType type);
 
+// Preset (INVALID_ARGUMENT naming policy.preset) + overrides; enum fields are validated.
+absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest& request);
+void CompressResultToProto(const CompressResult& result, v1::CompressResponse* proto);
+void FetchResultToProto(const std::vector<FetchedLayerResult>& layers, v1::FetchResponse* proto);
+
 }  // namespace cachemgr

@@ -206,6 +206,9 @@ SequenceInfo FromProto(const pb::SequenceInfo& in) {
     table.kv_digest = layer.kv_digest();
     out.layers.push_back(std::move(table));
   }
+  out.compressed = in.compressed();
+  out.compression_policy = in.compression_policy();
+  out.kept_per_layer.assign(in.kept_per_layer().begin(), in.kept_per_layer().end());
   return out;
 }
 
@@ -346,6 +349,7 @@ struct Session::Impl {
   uint32_t lease_timeout_ms = 0;
   std::vector<MemfdRegion> regions;
   KvPoolView pool;
+  MemfdRegion input_buffer;
 
   absl::Mutex detach_mu;  // serializes Detach()
   // Null once Detach() ran (successfully or not): later calls fail locally, and the channel
@@ -463,6 +467,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Attach(const std::string& sock
   request.set_client_name(options.client_name);
   ToProto(options.model, request.mutable_model());
   request.set_num_blocks(options.num_blocks);
+  request.set_input_buffer_bytes(options.input_buffer_bytes);
   pb::AttachResponse response;
   {
     grpc::ClientContext context;
@@ -496,10 +501,22 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Attach(const std::string& sock
 
   ASSIGN_OR_RETURN(std::vector<UniqueFd> fds,
                    FetchSharedFds(pool.share_socket_path(), s.session_token));
-  if (fds.size() != static_cast<size_t>(pool.regions_size())) {
+  if (fds.size() != static_cast<size_t>(pool.regions_size()) + 1 ||
+      pool.input_buffer_region_index() != static_cast<uint32_t>(pool.regions_size())) {
     return absl::DataLossError(absl::StrCat("share channel ", pool.share_socket_path(), " passed ",
                                             fds.size(), " descriptors for ", pool.regions_size(),
-                                            " regions"));
+                                            " regions and the input buffer (announced at index ",
+                                            pool.input_buffer_region_index(), ")"));
+  }
+  {
+    absl::StatusOr<MemfdRegion> input =
+        MemfdRegion::Map(std::move(fds.back()), pool.input_buffer_bytes());
+    if (!input.ok()) {
+      return absl::Status(input.status().code(),
+                          absl::StrCat("mapping the input buffer: ", input.status().message()));
+    }
+    s.input_buffer = *std::move(input);
+    fds.pop_back();
   }
   s.regions.reserve(fds.size());
   for (size_t i = 0; i < fds.size(); ++i) {
@@ -533,6 +550,10 @@ uint32_t Session::num_blocks() const { return impl_->num_blocks; }
 uint32_t Session::heartbeat_interval_ms() const { return impl_->heartbeat_interval_ms; }
 uint32_t Session::lease_timeout_ms() const { return impl_->lease_timeout_ms; }
 const KvPoolView& Session::pool() const { return impl_->pool; }
+std::span<float> Session::input_buffer() const {
+  return {reinterpret_cast<float*>(impl_->input_buffer.data()),
+          impl_->input_buffer.size() / sizeof(float)};
+}
 
 absl::StatusOr<Allocation> Session::Allocate(std::string_view sequence_id,
                                              uint32_t num_new_tokens) {
@@ -606,6 +627,102 @@ absl::StatusOr<std::vector<SequenceSummary>> Session::ListSequences() {
   SetDeadline(context);
   RETURN_IF_ERROR(FromGrpc(stub->ListSequences(&context, request, &response)));
   return FromProto(response);
+}
+
+absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
+                                                 const CompressOptions& options) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
+  pb::CompressRequest request;
+  request.set_session_token(impl_->session_token);
+  request.set_sequence_id(std::string(sequence_id));
+  const CompressionPolicy& in = options.policy;
+  pb::CompressionPolicy* p = request.mutable_policy();
+  p->set_preset(in.preset);
+  // The client enums list kPreset first, in the proto's order, so the values map directly.
+  p->set_schedule(static_cast<pb::BudgetSchedule>(in.schedule));
+  p->set_scoring(static_cast<pb::Scoring>(in.scoring));
+  p->set_normalization(static_cast<pb::WindowNormalization>(in.normalization));
+  p->set_pooling(static_cast<pb::Pooling>(in.pooling));
+  p->set_gqa(static_cast<pb::GqaMode>(in.gqa));
+  p->set_codebook_scope(static_cast<pb::CodebookScope>(in.codebook_scope));
+  if (in.beta) p->set_beta(*in.beta);
+  if (in.zigzag_tau) p->set_zigzag_tau(*in.zigzag_tau);
+  if (in.zigzag_min_fraction) p->set_zigzag_min_fraction(*in.zigzag_min_fraction);
+  if (in.window) p->set_window(*in.window);
+  if (in.pool_kernel) p->set_pool_kernel(*in.pool_kernel);
+  if (in.sinks) p->set_sinks(*in.sinks);
+  if (in.codebook) p->set_codebook(*in.codebook);
+  if (in.theta_k) p->set_theta_k(*in.theta_k);
+  if (in.theta_v) p->set_theta_v(*in.theta_v);
+  if (in.codebook_only_if_smaller) p->set_codebook_only_if_smaller(*in.codebook_only_if_smaller);
+  if (options.target_kind == CompressTargetKind::kReserveRatio) {
+    request.set_reserve_ratio(options.target);
+  } else {
+    request.set_byte_ratio(options.target);
+  }
+  switch (options.input) {
+    case CompressInputSource::kNone:
+      request.set_input(pb::INPUT_SOURCE_NONE);
+      break;
+    case CompressInputSource::kWindowQueries:
+      request.set_input(pb::INPUT_SOURCE_WINDOW_QUERIES);
+      break;
+    case CompressInputSource::kScores:
+      request.set_input(pb::INPUT_SOURCE_SCORES);
+      break;
+  }
+  request.set_num_queries(options.num_queries);
+  pb::CompressResponse response;
+  grpc::ClientContext context;
+  SetDeadline(context);
+  RETURN_IF_ERROR(FromGrpc(stub->Compress(&context, request, &response)));
+  CompressResult out;
+  for (const pb::CompressedLayer& l : response.layers()) {
+    CompressedLayer c;
+    c.layer = l.layer();
+    c.context_ratio = l.context_ratio();
+    c.kept_per_head = l.kept_per_head();
+    c.num_tokens = l.num_tokens();
+    c.block_ids.assign(l.block_ids().begin(), l.block_ids().end());
+    c.kept_positions.assign(l.kept_positions().begin(), l.kept_positions().end());
+    c.codebook = l.codebook();
+    c.key_codebook_size = l.key_codebook_size();
+    c.value_codebook_size = l.value_codebook_size();
+    c.bytes_held = l.bytes_held();
+    c.eq15_ratio = l.eq15_ratio();
+    out.layers.push_back(std::move(c));
+  }
+  out.bytes_before = response.bytes_before();
+  out.bytes_after = response.bytes_after();
+  out.honest_ratio = response.honest_ratio();
+  out.eq15_ratio = response.eq15_ratio();
+  out.reserve_ratio = response.reserve_ratio();
+  out.blocks_released = response.blocks_released();
+  return out;
+}
+
+absl::StatusOr<std::vector<FetchedLayer>> Session::Fetch(std::string_view sequence_id,
+                                                         const std::vector<uint32_t>& layers) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
+  pb::FetchRequest request;
+  request.set_session_token(impl_->session_token);
+  request.set_sequence_id(std::string(sequence_id));
+  request.mutable_layers()->Add(layers.begin(), layers.end());
+  pb::FetchResponse response;
+  grpc::ClientContext context;
+  SetDeadline(context);
+  RETURN_IF_ERROR(FromGrpc(stub->Fetch(&context, request, &response)));
+  std::vector<FetchedLayer> out;
+  for (const pb::FetchedLayer& l : response.layers()) {
+    FetchedLayer f;
+    f.layer = l.layer();
+    f.num_tokens = l.num_tokens();
+    f.block_ids.assign(l.block_ids().begin(), l.block_ids().end());
+    f.kept_positions.assign(l.kept_positions().begin(), l.kept_positions().end());
+    f.new_blocks = l.new_blocks();
+    out.push_back(std::move(f));
+  }
+  return out;
 }
 
 absl::StatusOr<uint32_t> Session::Heartbeat() { return impl_->DoHeartbeat(/*cancellable=*/false); }

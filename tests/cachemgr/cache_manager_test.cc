@@ -222,7 +222,7 @@ TEST_CASE("fork shares blocks and the first writer copies the shared tail", "[cp
   AttachResult a = f.Attach();
   auto share = f.manager.ShareFds(a.session_token);
   REQUIRE(share.ok());
-  REQUIRE(share->size() == 1);
+  REQUIRE(share->size() == 2);  // the pool region, then the input buffer
   auto region = MemfdRegion::Map(std::move((*share)[0]), a.pool.regions[0].bytes);
   REQUIRE(region.ok());
   const kernels::KvLayerLayout layout = a.pool.model.LayerLayout(a.pool.num_blocks);

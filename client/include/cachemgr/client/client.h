@@ -11,6 +11,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -54,6 +56,8 @@ struct AttachOptions {
   uint32_t num_blocks = 0;
   // Send heartbeats from a background thread at the interval the daemon asks for.
   bool auto_heartbeat = true;
+  // Bytes of this client's Compress input buffer; 0: 64 float32 window queries of all layers.
+  uint64_t input_buffer_bytes = 0;
 };
 
 struct BlockCopy {
@@ -90,6 +94,81 @@ struct SequenceInfo {
   std::string parent_sequence_id;
   uint64_t num_positions = 0;
   std::vector<LayerBlockTable> layers;
+  bool compressed = false;
+  std::string compression_policy;
+  std::vector<uint32_t> kept_per_layer;
+};
+
+// ---- Compression (see docs/COMPRESSION.md) ---------------------------------------------------
+
+enum class BudgetSchedule { kPreset, kFull, kUniform, kPyramid, kZigZag };
+enum class Scoring { kPreset, kWindow, kAccumulated, kSinksRecent };
+enum class WindowNormalization { kPreset, kLiteral, kSum };
+enum class Pooling { kPreset, kNone, kAvg, kMax };
+enum class GqaMode { kPreset, kGroupMean, kRepeat };
+enum class CodebookScope { kPreset, kLayer, kKvHead };
+
+// A preset plus overrides; kPreset / nullopt keep the preset's value.
+struct CompressionPolicy {
+  std::string preset;  // empty: "spindlekv"
+  BudgetSchedule schedule = BudgetSchedule::kPreset;
+  std::optional<double> beta, zigzag_tau, zigzag_min_fraction;
+  Scoring scoring = Scoring::kPreset;
+  std::optional<uint32_t> window;
+  WindowNormalization normalization = WindowNormalization::kPreset;
+  Pooling pooling = Pooling::kPreset;
+  std::optional<uint32_t> pool_kernel, sinks;
+  GqaMode gqa = GqaMode::kPreset;
+  std::optional<bool> codebook;
+  std::optional<float> theta_k, theta_v;
+  CodebookScope codebook_scope = CodebookScope::kPreset;
+  std::optional<bool> codebook_only_if_smaller;
+};
+
+enum class CompressTargetKind { kReserveRatio, kByteRatio };
+// Where Compress reads its inputs: the input buffer holds window queries
+// float32 [num_layers, num_queries, num_q_heads, head_dim] or scores
+// float32 [num_layers, num_q_heads, num_tokens].
+enum class CompressInputSource { kNone, kWindowQueries, kScores };
+
+struct CompressOptions {
+  CompressionPolicy policy;
+  CompressTargetKind target_kind = CompressTargetKind::kReserveRatio;
+  double target = 0.2;
+  CompressInputSource input = CompressInputSource::kNone;
+  uint32_t num_queries = 0;
+};
+
+struct CompressedLayer {
+  uint32_t layer = 0;
+  double context_ratio = 1.0;
+  uint32_t kept_per_head = 0;
+  uint32_t num_tokens = 0;  // rows
+  std::vector<uint32_t> block_ids;
+  std::vector<uint32_t> kept_positions;  // [num_kv_heads, num_tokens]
+  bool codebook = false;
+  uint32_t key_codebook_size = 0;
+  uint32_t value_codebook_size = 0;
+  uint64_t bytes_held = 0;
+  double eq15_ratio = 1.0;
+};
+
+struct CompressResult {
+  std::vector<CompressedLayer> layers;
+  uint64_t bytes_before = 0;
+  uint64_t bytes_after = 0;
+  double honest_ratio = 1.0;
+  double eq15_ratio = 1.0;
+  double reserve_ratio = 1.0;
+  uint64_t blocks_released = 0;
+};
+
+struct FetchedLayer {
+  uint32_t layer = 0;
+  uint32_t num_tokens = 0;
+  std::vector<uint32_t> block_ids;
+  std::vector<uint32_t> kept_positions;
+  uint32_t new_blocks = 0;
 };
 
 struct SequenceSummary {
@@ -160,6 +239,8 @@ class Session {
   uint32_t lease_timeout_ms() const;
   // The pool memory, mapped into this process.
   const KvPoolView& pool() const;
+  // This client's Compress input buffer (shared with the daemon), as float32.
+  std::span<float> input_buffer() const;
 
   absl::StatusOr<Allocation> Allocate(std::string_view sequence_id, uint32_t num_new_tokens);
   // Returns blocks whose last reference went away.
@@ -170,6 +251,12 @@ class Session {
                                            bool include_kv_digest = false);
   // This client's sequences.
   absl::StatusOr<std::vector<SequenceSummary>> ListSequences();
+  // Compresses a sequence in place; inputs are read from input_buffer().
+  absl::StatusOr<CompressResult> Compress(std::string_view sequence_id,
+                                          const CompressOptions& options);
+  // Makes layers (empty: all) resident: codebook layers are reconstructed into new blocks.
+  absl::StatusOr<std::vector<FetchedLayer>> Fetch(std::string_view sequence_id,
+                                                  const std::vector<uint32_t>& layers = {});
   // Renews the lease; returns the milliseconds left.
   absl::StatusOr<uint32_t> Heartbeat();
   // Ends the session; the daemon frees every sequence it owned. Later calls fail.

@@ -1,0 +1,343 @@
+// CPU cost of the SpindleKV compression twin (cachemgr_compress), with every time also given as
+// a ratio to a memcpy of the same KV bytes measured in the same benchmark function, so numbers
+// taken on a shared or throttled machine stay comparable.
+//
+//   BM_Codebook/n/d       one layer x one KV head: BuildCodebook on K (theta 0.98) and on V
+//                         (theta 0.95) of n tokens.
+//   BM_CompressLayer/n/d  the "spindlekv" preset on one layer (4 query heads, 1 KV head,
+//                         32 observation-window queries, reserve ratio 0.3) via CompressSequence.
+//   BM_Memcpy/bytes       plain memcpy baseline.
+//
+// memcpy_ratio = (time of one call) / (time of one memcpy of n * d * 2 (K and V) * 2 bytes, the
+// fp16 size of the layer-head's KV), both wall-clock; memcpy_ratio_cpu is the same with thread
+// CPU time on both sides (robust to another job sharing the cores). The memcpy time is the
+// median of samples (each a >= 2 ms loop) taken before the loop, after every call and after the
+// loop, in the same process and benchmark function.
+//
+// Data is not iid noise: vectors are a seeded mixture of 64 cluster centres (each token =
+// centre + small Gaussian noise) plus 10% unclustered outliers, so the similarity graph has
+// edges, as in shallow layers. Keys are generated pre-RoPE and then rotated at their positions
+// (CompressSequence un-rotates them before building the K codebook).
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "cachemgr/compress/codebook.h"
+#include "cachemgr/compress/compress.h"
+#include "cachemgr/compress/rope.h"
+
+namespace {
+
+using cachemgr::compress::BuildCodebook;
+using cachemgr::compress::Codebook;
+using Clock = std::chrono::steady_clock;
+
+constexpr uint32_t kClusters = 64;
+constexpr double kOutlierFraction = 0.10;
+constexpr float kKeyNoise = 0.10f;    // per component; centres have N(0, 1) components
+constexpr float kValueNoise = 0.15f;  // V threshold is looser (0.95), so a bit more spread
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// [rows, dim] row-major: mixture of kClusters centres + noise, plus outliers.
+std::vector<float> MixtureVectors(uint32_t rows, uint32_t dim, float noise, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  std::uniform_int_distribution<uint32_t> pick(0, kClusters - 1);
+  std::vector<float> centres(static_cast<size_t>(kClusters) * dim);
+  for (float& c : centres) c = gauss(rng);
+  std::vector<float> out(static_cast<size_t>(rows) * dim);
+  for (uint32_t r = 0; r < rows; ++r) {
+    float* row = &out[static_cast<size_t>(r) * dim];
+    if (unit(rng) < kOutlierFraction) {
+      for (uint32_t j = 0; j < dim; ++j) row[j] = gauss(rng);
+    } else {
+      const float* c = &centres[static_cast<size_t>(pick(rng)) * dim];
+      for (uint32_t j = 0; j < dim; ++j) row[j] = c[j] + noise * gauss(rng);
+    }
+  }
+  return out;
+}
+
+// Thread CPU time: unaffected by time spent descheduled when another job shares the 2 cores.
+double ThreadCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// Seconds of one memcpy of `bytes`: `samples` samples, each the mean of a loop of >= 2 ms of
+// copies. Appends the per-copy wall and thread-CPU times of every sample.
+void MemcpySamples(size_t bytes, int samples, std::vector<double>* wall,
+                   std::vector<double>* cpu) {
+  static std::vector<char> src, dst;
+  if (src.size() < bytes) {
+    src.assign(bytes, 1);
+    dst.assign(bytes, 0);
+  }
+  for (int i = 0; i < 3; ++i) std::memcpy(dst.data(), src.data(), bytes);  // warm up
+  for (int s = 0; s < samples; ++s) {
+    uint64_t reps = 0;
+    const double c0 = ThreadCpuSeconds();
+    const auto start = Clock::now();
+    auto now = start;
+    do {
+      for (int i = 0; i < 4; ++i) {
+        std::memcpy(dst.data(), src.data(), bytes);
+        benchmark::DoNotOptimize(dst.data());
+        benchmark::ClobberMemory();
+      }
+      reps += 4;
+      now = Clock::now();
+    } while (Seconds(start, now) < 0.002);
+    const double c1 = ThreadCpuSeconds();
+    wall->push_back(Seconds(start, now) / static_cast<double>(reps));
+    cpu->push_back((c1 - c0) / static_cast<double>(reps));
+  }
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+// Undirected pairs i < j with cos(v_i, v_j) > theta (the similarity graph without self-loops),
+// counted outside the timed region, for context only.
+uint64_t CountEdges(const std::vector<float>& vectors, uint32_t dim, float theta) {
+  const size_t n = vectors.size() / dim;
+  std::vector<float> unit(vectors.size());
+  for (size_t i = 0; i < n; ++i) {
+    float norm = 0;
+    for (uint32_t j = 0; j < dim; ++j) norm += vectors[i * dim + j] * vectors[i * dim + j];
+    const float inv = norm > 0 ? 1.0f / std::sqrt(norm) : 0.0f;
+    for (uint32_t j = 0; j < dim; ++j) unit[i * dim + j] = vectors[i * dim + j] * inv;
+  }
+  uint64_t edges = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const float* a = &unit[i * dim];
+    for (size_t k = i + 1; k < n; ++k) {
+      const float* b = &unit[k * dim];
+      float dot = 0;
+      for (uint32_t j = 0; j < dim; ++j) dot += a[j] * b[j];
+      edges += dot > theta ? 1 : 0;
+    }
+  }
+  return edges;
+}
+
+size_t KvFp16Bytes(uint32_t n, uint32_t d) { return static_cast<size_t>(n) * d * 2 * 2; }
+
+// Memcpy is sampled before the loop, after every timed call, and after the loop; the ratio uses
+// the median sample. memcpy_spread = max / min sample (near 1 when the machine was steady).
+struct MemcpyBaseline {
+  size_t bytes;
+  std::vector<double> wall, cpu;
+  explicit MemcpyBaseline(size_t b) : bytes(b) { MemcpySamples(bytes, 5, &wall, &cpu); }
+  void Sample(int samples) { MemcpySamples(bytes, samples, &wall, &cpu); }
+};
+
+void SetRatioCounters(benchmark::State& state, double wall_total, double cpu_total,
+                      uint64_t calls, const MemcpyBaseline& mc) {
+  const double wall = wall_total / static_cast<double>(calls);
+  const double cpu = cpu_total / static_cast<double>(calls);
+  const double mc_wall = Median(mc.wall);
+  const double mc_cpu = Median(mc.cpu);
+  state.counters["call_ms"] = wall * 1e3;
+  state.counters["call_cpu_ms"] = cpu * 1e3;
+  state.counters["memcpy_us"] = mc_wall * 1e6;
+  state.counters["memcpy_spread"] =
+      *std::max_element(mc.wall.begin(), mc.wall.end()) /
+      *std::min_element(mc.wall.begin(), mc.wall.end());
+  state.counters["memcpy_ratio"] = wall / mc_wall;     // wall / wall
+  state.counters["memcpy_ratio_cpu"] = cpu / mc_cpu;   // thread CPU / thread CPU
+  state.counters["kv_fp16_bytes"] = static_cast<double>(mc.bytes);
+}
+
+void BM_Codebook(benchmark::State& state) {
+  const auto n = static_cast<uint32_t>(state.range(0));
+  const auto d = static_cast<uint32_t>(state.range(1));
+  const std::vector<float> keys = MixtureVectors(n, d, kKeyNoise, 1000 + n * 7 + d);
+  const std::vector<float> values = MixtureVectors(n, d, kValueNoise, 2000 + n * 7 + d);
+  const size_t kv_bytes = KvFp16Bytes(n, d);
+
+  MemcpyBaseline memcpy_baseline(kv_bytes);
+  double total = 0, cpu_total = 0, k_total = 0, v_total = 0;
+  uint64_t calls = 0;
+  uint32_t k_entries = 0, v_entries = 0;
+  for (auto _ : state) {
+    const double c0 = ThreadCpuSeconds();
+    const auto t0 = Clock::now();
+    auto k = BuildCodebook(keys, d, 0.98f);
+    const auto t1 = Clock::now();
+    auto v = BuildCodebook(values, d, 0.95f);
+    const auto t2 = Clock::now();
+    cpu_total += ThreadCpuSeconds() - c0;
+    if (!k.ok() || !v.ok()) {
+      state.SkipWithError("BuildCodebook failed");
+      return;
+    }
+    benchmark::DoNotOptimize(k->refs.data());
+    benchmark::DoNotOptimize(v->refs.data());
+    k_entries = k->size();
+    v_entries = v->size();
+    k_total += Seconds(t0, t1);
+    v_total += Seconds(t1, t2);
+    total += Seconds(t0, t2);
+    ++calls;
+    state.PauseTiming();
+    memcpy_baseline.Sample(1);
+    state.ResumeTiming();
+  }
+  memcpy_baseline.Sample(5);
+  SetRatioCounters(state, total, cpu_total, calls, memcpy_baseline);
+  state.counters["k_edges"] = static_cast<double>(CountEdges(keys, d, 0.98f));
+  state.counters["v_edges"] = static_cast<double>(CountEdges(values, d, 0.95f));
+  state.counters["k_ms"] = k_total / calls * 1e3;
+  state.counters["v_ms"] = v_total / calls * 1e3;
+  state.counters["k_entries"] = k_entries;
+  state.counters["v_entries"] = v_entries;
+  state.counters["codebook_entries"] = k_entries + v_entries;
+}
+
+void BM_CompressLayer(benchmark::State& state) {
+  namespace cc = cachemgr::compress;
+  const auto n = static_cast<uint32_t>(state.range(0));
+  const auto d = static_cast<uint32_t>(state.range(1));
+  cc::ModelShape shape;
+  shape.num_layers = 1;
+  shape.num_q_heads = 4;
+  shape.num_kv_heads = 1;
+  shape.head_dim = d;
+  shape.elem_bytes = 2;
+  shape.rope_style = cc::RopeStyle::kInterleaved;
+  constexpr uint32_t kWindow = 32;
+
+  auto policy = cc::PresetPolicy("spindlekv");
+  if (!policy.ok()) {
+    state.SkipWithError("no spindlekv preset");
+    return;
+  }
+  policy->window = kWindow;
+
+  // Pre-RoPE mixtures; K rotated at its positions (stored post-RoPE, as the engine has it).
+  std::vector<float> keys = MixtureVectors(n, d, kKeyNoise, 3000 + n * 7 + d);
+  const std::vector<float> values = MixtureVectors(n, d, kValueNoise, 4000 + n * 7 + d);
+  // Queries for the last kWindow positions, 4 heads each, drawn from the same kind of mixture.
+  std::vector<float> queries = MixtureVectors(kWindow * shape.num_q_heads, d, 0.3f, 5000 + d);
+  const cc::RopeParams rope = cc::RopeParamsFromShape(shape);
+  std::vector<uint32_t> positions(n);
+  for (uint32_t t = 0; t < n; ++t) positions[t] = t;
+  std::vector<uint32_t> q_positions(positions.end() - kWindow, positions.end());
+  if (!cc::ApplyRope(rope, positions, 1, absl::MakeSpan(keys)).ok() ||
+      !cc::ApplyRope(rope, q_positions, shape.num_q_heads, absl::MakeSpan(queries)).ok()) {
+    state.SkipWithError("ApplyRope failed");
+    return;
+  }
+
+  cc::SequenceInput input;
+  input.num_tokens = n;
+  cc::LayerInput layer;
+  layer.keys = keys.data();
+  layer.values = values.data();
+  layer.queries = queries.data();
+  layer.num_queries = kWindow;
+  input.layers.push_back(layer);
+  cc::CompressTarget target;
+  target.kind = cc::TargetKind::kReserveRatio;
+  target.value = 0.3;
+
+  const size_t kv_bytes = KvFp16Bytes(n, d);
+  MemcpyBaseline memcpy_baseline(kv_bytes);
+  double total = 0, cpu_total = 0;
+  uint64_t calls = 0;
+  cc::SequenceResult last;
+  for (auto _ : state) {
+    const double c0 = ThreadCpuSeconds();
+    const auto t0 = Clock::now();
+    auto result = cc::CompressSequence(shape, *policy, input, target);
+    const auto t1 = Clock::now();
+    cpu_total += ThreadCpuSeconds() - c0;
+    if (!result.ok()) {
+      state.SkipWithError(std::string(result.status().message()).c_str());
+      return;
+    }
+    benchmark::DoNotOptimize(result->layers.data());
+    total += Seconds(t0, t1);
+    ++calls;
+    state.PauseTiming();
+    last = *std::move(result);
+    memcpy_baseline.Sample(1);
+    state.ResumeTiming();
+  }
+  memcpy_baseline.Sample(5);
+  SetRatioCounters(state, total, cpu_total, calls, memcpy_baseline);
+  const cc::LayerResult& lr = last.layers.at(0);
+  state.counters["kept_per_head"] = lr.kept_per_head;
+  state.counters["selection_heads"] = lr.num_selection_heads;
+  state.counters["codebook_layer"] = lr.key_codebook.has_value() ? 1 : 0;
+  state.counters["codebook_entries"] =
+      (lr.key_codebook ? lr.key_codebook->size() : 0) +
+      (lr.value_codebook ? lr.value_codebook->size() : 0);
+  state.counters["honest_ratio"] = last.stats.honest_ratio;
+}
+
+void BM_Memcpy(benchmark::State& state) {
+  const auto bytes = static_cast<size_t>(state.range(0));
+  std::vector<char> src(bytes, 1), dst(bytes, 0);
+  for (auto _ : state) {
+    std::memcpy(dst.data(), src.data(), bytes);
+    benchmark::DoNotOptimize(dst.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(bytes));
+}
+
+void CodebookArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "d"});
+  for (int64_t n : {1024, 4096}) {
+    for (int64_t d : {64, 128}) b->Args({n, d});
+  }
+}
+void CodebookArgsLarge(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "d"});
+  for (int64_t d : {64, 128}) b->Args({16384, d});
+}
+
+}  // namespace
+
+BENCHMARK(BM_Codebook)->Apply(CodebookArgs)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Codebook)
+    ->Apply(CodebookArgsLarge)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(3);
+BENCHMARK(BM_CompressLayer)->Apply(CodebookArgs)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_CompressLayer)
+    ->Apply(CodebookArgsLarge)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(3);
+// n * d * 2 * 2 for the (n, d) pairs above.
+BENCHMARK(BM_Memcpy)
+    ->Arg(256 << 10)
+    ->Arg(512 << 10)
+    ->Arg(1 << 20)
+    ->Arg(2 << 20)
+    ->Arg(4 << 20)
+    ->Arg(8 << 20)
+    ->Unit(benchmark::kMicrosecond);
+
+BENCHMARK_MAIN();

@@ -1,0 +1,475 @@
+// CacheManager::Compress / Fetch on the host backend: kept counts match the library, kept rows
+// hold the original vectors, codebook layers park and reconstruct, errors change nothing.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "cachemgr/backend/host_backend.h"
+#include "cachemgr/cache_manager.h"
+#include "cachemgr/host/memfd_region.h"
+#include "kernels/cpu/dtype_convert.h"
+
+namespace cachemgr {
+namespace {
+
+constexpr uint32_t kLayers = 3, kQHeads = 4, kKvHeads = 2, kDim = 8, kBlock = 4, kTokens = 40;
+
+ModelSpec Model() {
+  ModelSpec m;
+  m.name = "cmp";
+  m.num_layers = kLayers;
+  m.num_q_heads = kQHeads;
+  m.num_kv_heads = kKvHeads;
+  m.head_dim = kDim;
+  m.dtype = DType::kFp32;
+  m.block_size = kBlock;
+  return m;
+}
+
+struct Fixture {
+  Fixture() : manager({}, &backend, &clock, &hub) {
+    hub.Subscribe([this](const Event* e) {
+      if (e) events.push_back(*e);
+    });
+    auto r = manager.Attach({"engine", Model(), 64});
+    REQUIRE(r.ok());
+    a = *r;
+    auto fds = manager.ShareFds(a.session_token);
+    REQUIRE(fds.ok());
+    REQUIRE(fds->size() == 2);
+    REQUIRE(a.input_buffer_region_index == 1);
+    REQUIRE(a.input_buffer_bytes == uint64_t{kLayers} * 64 * kQHeads * kDim * 4);
+    pool = *MemfdRegion::Map(std::move((*fds)[0]), a.pool.regions[0].bytes);
+    input = *MemfdRegion::Map(std::move((*fds)[1]), a.input_buffer_bytes);
+    layout = a.pool.model.LayerLayout(a.pool.num_blocks);
+  }
+
+  float* Head(uint32_t l, kernels::KvPlane plane, uint32_t block, uint32_t row, uint32_t h) {
+    return reinterpret_cast<float*>(pool.data() + a.pool.layers[l].offset +
+                                    layout.head_offset(plane, block, row, h));
+  }
+
+  // Allocates `id` with kTokens tokens of random KV; keeps a dense copy [n, Hkv, D] per layer.
+  void Fill(const std::string& id, uint32_t seed) {
+    auto alloc = manager.Allocate(a.session_token, id, kTokens);
+    REQUIRE(alloc.ok());
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal;
+    keys.assign(kLayers, std::vector<float>(kTokens * kKvHeads * kDim));
+    values = keys;
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        const int64_t slot = alloc->layers[l].slot_mapping[t];
+        for (uint32_t h = 0; h < kKvHeads; ++h) {
+          float* k = Head(l, kernels::KvPlane::kKey, slot / kBlock, slot % kBlock, h);
+          float* v = Head(l, kernels::KvPlane::kValue, slot / kBlock, slot % kBlock, h);
+          for (uint32_t d = 0; d < kDim; ++d) {
+            // Tokens of a head share a direction, so codebooks merge some of them.
+            const float base = (t % 3 == 0 ? 1.0f : 0.2f) * static_cast<float>(d + h);
+            k[d] = keys[l][(t * kKvHeads + h) * kDim + d] = base + 0.05f * normal(rng);
+            v[d] = values[l][(t * kKvHeads + h) * kDim + d] = base - 0.05f * normal(rng);
+          }
+        }
+      }
+    }
+    // Scores [L, Hq, n] into the input buffer.
+    scores.resize(size_t{kLayers} * kQHeads * kTokens);
+    std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+    for (float& s : scores) s = uni(rng);
+    std::memcpy(input.data(), scores.data(), scores.size() * 4);
+  }
+
+  compress::SequenceResult Reference(const compress::PolicyConfig& policy, double r) {
+    compress::ModelShape shape;
+    shape.num_layers = kLayers;
+    shape.num_q_heads = kQHeads;
+    shape.num_kv_heads = kKvHeads;
+    shape.head_dim = kDim;
+    shape.elem_bytes = 4;
+    compress::SequenceInput in;
+    in.num_tokens = kTokens;
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      compress::LayerInput li;
+      li.keys = keys[l].data();
+      li.values = values[l].data();
+      li.scores = scores.data() + size_t{l} * kQHeads * kTokens;
+      in.layers.push_back(li);
+    }
+    auto result =
+        compress::CompressSequence(shape, policy, in, {compress::TargetKind::kReserveRatio, r});
+    REQUIRE(result.ok());
+    return *std::move(result);
+  }
+
+  uint64_t UsedBlocks() {
+    uint64_t used = 0;
+    const StatsSnapshot stats = manager.Stats();
+    for (const auto& l : stats.pools[0].layers) used += l.used_blocks;
+    return used;
+  }
+
+  std::vector<Event> events;
+  HostBackend backend;
+  FakeClock clock;
+  EventHub hub;
+  CacheManager manager;
+  AttachResult a;
+  MemfdRegion pool, input;
+  kernels::KvLayerLayout layout;
+  std::vector<std::vector<float>> keys, values;
+  std::vector<float> scores;
+};
+
+CompressParams Params(const std::string& preset, double r = 0.3) {
+  CompressParams p;
+  p.policy = *ResolvePreset(preset);
+  p.policy.window = 4;
+  p.target = {compress::TargetKind::kReserveRatio, r};
+  p.input = CompressInput::kScores;
+  return p;
+}
+
+double Cos(const float* a, const float* b, uint32_t n) {
+  double ab = 0, aa = 0, bb = 0;
+  for (uint32_t i = 0; i < n; ++i) {
+    ab += double{a[i]} * b[i];
+    aa += double{a[i]} * a[i];
+    bb += double{b[i]} * b[i];
+  }
+  return ab / std::sqrt(aa * bb);
+}
+
+TEST_CASE("Compress matches the library and keeps the original rows", "[cpu]") {
+  const std::string preset =
+      GENERATE("snapkv", "pyramidkv", "streamingllm", "h2o", "spindlekv", "codebook", "fullkv");
+  Fixture f;
+  f.Fill("s", 7);
+  const uint64_t used_before = f.UsedBlocks();
+  const CompressParams params = Params(preset);
+  const compress::SequenceResult ref = f.Reference(params.policy, 0.3);
+  auto r = f.manager.Compress(f.a.session_token, "s", params);
+  REQUIRE(r.ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+  REQUIRE(r->layers.size() == kLayers);
+  CHECK(r->honest_ratio == Approx(ref.stats.honest_ratio));
+  CHECK(r->bytes_before == uint64_t{kLayers} * (kTokens / kBlock) * f.layout.block_bytes());
+  CHECK(f.UsedBlocks() == used_before - r->blocks_released);
+  uint64_t blocks_after = 0;
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    const auto& out = r->layers[l];
+    const auto& lr = ref.layers[l];
+    INFO("preset " << preset << " layer " << l);
+    CHECK(out.kept_per_head == lr.kept_per_head);
+    CHECK(out.codebook == lr.key_codebook.has_value());
+    const uint32_t rows = out.num_tokens;
+    REQUIRE(out.kept_positions.size() == size_t{kKvHeads} * rows);
+    // Every selection head's kept tokens are stored in its KV head's rows.
+    const uint32_t group = lr.num_selection_heads / kKvHeads;
+    for (uint32_t s = 0; s < lr.num_selection_heads; ++s) {
+      const uint32_t h = s / group;
+      for (uint32_t i = 0; i < lr.kept_per_head; ++i) {
+        const uint32_t tok = lr.kept[size_t{s} * lr.kept_per_head + i];
+        const auto begin = out.kept_positions.begin() + size_t{h} * rows;
+        CHECK(std::binary_search(begin, begin + rows, tok));
+      }
+    }
+    if (group == 1) CHECK(rows == lr.kept_per_head);
+    if (out.codebook) {
+      CHECK(out.block_ids.empty());
+      CHECK(out.key_codebook_size > 0);
+      continue;
+    }
+    REQUIRE(out.block_ids.size() == (rows + kBlock - 1) / kBlock);
+    blocks_after += out.block_ids.size();
+    for (uint32_t row = 0; row < rows; ++row) {
+      for (uint32_t h = 0; h < kKvHeads; ++h) {
+        const uint32_t tok = out.kept_positions[size_t{h} * rows + row];
+        const uint32_t block = out.block_ids[row / kBlock];
+        CHECK(std::memcmp(f.Head(l, kernels::KvPlane::kKey, block, row % kBlock, h),
+                          &f.keys[l][(tok * kKvHeads + h) * kDim], kDim * 4) == 0);
+        CHECK(std::memcmp(f.Head(l, kernels::KvPlane::kValue, block, row % kBlock, h),
+                          &f.values[l][(tok * kKvHeads + h) * kDim], kDim * 4) == 0);
+      }
+    }
+  }
+  CHECK(f.UsedBlocks() == blocks_after);
+  auto snap = f.manager.GetSequence(f.a.session_token, "s", true);
+  REQUIRE(snap.ok());
+  CHECK(snap->compressed);
+  CHECK(snap->compression_policy == preset);
+  REQUIRE(snap->kept_per_layer.size() == kLayers);
+  CHECK(f.events.back().type == EventType::kSequenceCompressed);
+
+  // Fetch: codebook layers get blocks holding vectors within the codebook's angle.
+  auto fetched = f.manager.Fetch(f.a.session_token, "s", {});
+  REQUIRE(fetched.ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    const auto& fl = (*fetched)[l];
+    CHECK(fl.kept_positions == r->layers[l].kept_positions);
+    CHECK(fl.num_tokens == r->layers[l].num_tokens);
+    REQUIRE(fl.block_ids.size() == (fl.num_tokens + kBlock - 1) / kBlock);
+    if (!r->layers[l].codebook) {
+      CHECK(fl.new_blocks == 0);
+      CHECK(fl.block_ids == r->layers[l].block_ids);
+      continue;
+    }
+    for (uint32_t row = 0; row < fl.num_tokens; ++row) {
+      for (uint32_t h = 0; h < kKvHeads; ++h) {
+        const uint32_t tok = fl.kept_positions[size_t{h} * fl.num_tokens + row];
+        const uint32_t block = fl.block_ids[row / kBlock];
+        CHECK(Cos(f.Head(l, kernels::KvPlane::kKey, block, row % kBlock, h),
+                  &f.keys[l][(tok * kKvHeads + h) * kDim], kDim) > params.policy.theta_k - 1e-5);
+        CHECK(Cos(f.Head(l, kernels::KvPlane::kValue, block, row % kBlock, h),
+                  &f.values[l][(tok * kKvHeads + h) * kDim], kDim) > params.policy.theta_v - 1e-5);
+      }
+    }
+  }
+  // A second Fetch allocates nothing.
+  const uint64_t used = f.UsedBlocks();
+  auto again = f.manager.Fetch(f.a.session_token, "s", {});
+  REQUIRE(again.ok());
+  CHECK(f.UsedBlocks() == used);
+  for (uint32_t l = 0; l < kLayers; ++l) CHECK((*again)[l].block_ids == (*fetched)[l].block_ids);
+
+  // Appends after Compress land after each layer's rows.
+  auto alloc = f.manager.Allocate(f.a.session_token, "s", 5);
+  REQUIRE(alloc.ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+  CHECK(alloc->first_position == kTokens);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    CHECK(alloc->layers[l].num_tokens == r->layers[l].num_tokens + 5);
+    const auto table = f.manager.GetSequence(f.a.session_token, "s", false)->layers[l].block_ids;
+    const uint32_t row0 = r->layers[l].num_tokens;
+    CHECK(alloc->layers[l].slot_mapping[0] ==
+          int64_t{table[row0 / kBlock]} * kBlock + row0 % kBlock);
+  }
+  auto freed = f.manager.Free(f.a.session_token, "s");
+  REQUIRE(freed.ok());
+  CHECK(f.UsedBlocks() == 0);
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("a codebook layer parks until Fetch; Allocate asks for Fetch first", "[cpu]") {
+  const bool repeat = GENERATE(false, true);
+  Fixture f;
+  f.Fill("s", 11);
+  CompressParams params = Params("spindlekv", 0.5);
+  params.policy.codebook_only_if_smaller = false;
+  params.policy.gqa = repeat ? compress::GqaMode::kRepeat : compress::GqaMode::kGroupMean;
+  auto r = f.manager.Compress(f.a.session_token, "s", params);
+  REQUIRE(r.ok());
+  for (const auto& l : r->layers) CHECK(l.codebook);
+  CHECK(f.UsedBlocks() == 0);
+  CHECK(r->bytes_after > 0);
+  CHECK(r->bytes_after < r->bytes_before);
+  REQUIRE(f.manager.CheckInvariants().ok());
+  auto alloc = f.manager.Allocate(f.a.session_token, "s", 1);
+  CHECK(alloc.status().code() == absl::StatusCode::kFailedPrecondition);
+  // Fetch one layer only.
+  auto one = f.manager.Fetch(f.a.session_token, "s", {1});
+  REQUIRE(one.ok());
+  REQUIRE(one->size() == 1);
+  CHECK((*one)[0].new_blocks == (r->layers[1].num_tokens + kBlock - 1) / kBlock);
+  CHECK(f.UsedBlocks() == (*one)[0].new_blocks);
+  REQUIRE(f.manager.CheckInvariants().ok());
+  CHECK(f.manager.Fetch(f.a.session_token, "s", {7}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
+  auto all = f.manager.Fetch(f.a.session_token, "s", {});
+  REQUIRE(all.ok());
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    const auto& fl = (*all)[l];
+    CHECK(fl.new_blocks == (l == 1 ? 0u : (fl.num_tokens + kBlock - 1) / kBlock));
+    if (!repeat) CHECK(fl.num_tokens == r->layers[l].kept_per_head);
+    for (uint32_t row = 0; row < fl.num_tokens; ++row) {
+      for (uint32_t h = 0; h < kKvHeads; ++h) {
+        const uint32_t tok = fl.kept_positions[size_t{h} * fl.num_tokens + row];
+        const uint32_t block = fl.block_ids[row / kBlock];
+        CHECK(Cos(f.Head(l, kernels::KvPlane::kKey, block, row % kBlock, h),
+                  &f.keys[l][(tok * kKvHeads + h) * kDim], kDim) > params.policy.theta_k - 1e-5);
+        CHECK(Cos(f.Head(l, kernels::KvPlane::kValue, block, row % kBlock, h),
+                  &f.values[l][(tok * kKvHeads + h) * kDim], kDim) > params.policy.theta_v - 1e-5);
+      }
+    }
+  }
+  if (repeat) {
+    // The query heads of a group chose different tokens: the merged rows outnumber each
+    // head's own choice, and the shorter unions were padded (stored verbatim in the arena).
+    bool merged = false;
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      merged = merged || (*all)[l].num_tokens > r->layers[l].kept_per_head;
+    }
+    CHECK(merged);
+  }
+  REQUIRE(f.manager.Allocate(f.a.session_token, "s", 3).ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+  REQUIRE(f.manager.Free(f.a.session_token, "s").ok());
+  CHECK(f.UsedBlocks() == 0);
+}
+
+TEST_CASE("failed Compress calls change nothing", "[cpu]") {
+  Fixture f;
+  f.Fill("s", 3);
+  auto before = f.manager.GetSequence(f.a.session_token, "s", true);
+  REQUIRE(before.ok());
+  auto same = [&] {
+    auto now = f.manager.GetSequence(f.a.session_token, "s", true);
+    REQUIRE(now.ok());
+    CHECK_FALSE(now->compressed);
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      CHECK(now->layers[l].block_ids == before->layers[l].block_ids);
+      CHECK(now->layers[l].kv_digest == before->layers[l].kv_digest);
+    }
+    REQUIRE(f.manager.CheckInvariants().ok());
+  };
+  auto expect = [&](const CompressParams& p, absl::StatusCode code, const std::string& field) {
+    auto r = f.manager.Compress(f.a.session_token, "s", p);
+    CHECK(r.status().code() == code);
+    CHECK_THAT(std::string(r.status().message()), Catch::Contains(field));
+    same();
+  };
+  CompressParams p = Params("spindlekv");
+  p.policy.theta_k = 1.5f;
+  expect(p, absl::StatusCode::kInvalidArgument, "policy.theta_k");
+  p = Params("spindlekv");
+  p.policy.theta_k = 0.0f;
+  expect(p, absl::StatusCode::kInvalidArgument, "policy.theta_k");
+  p = Params("snapkv", 0.0);
+  expect(p, absl::StatusCode::kInvalidArgument, "target.reserve_ratio");
+  p = Params("snapkv", -1.0);
+  expect(p, absl::StatusCode::kInvalidArgument, "target.reserve_ratio");
+  p = Params("snapkv");
+  p.target.kind = compress::TargetKind::kByteRatio;
+  p.target.value = 1.5;
+  expect(p, absl::StatusCode::kInvalidArgument, "target.byte_ratio");
+  p = Params("snapkv");
+  p.target = {compress::TargetKind::kByteRatio, 1e-6};  // below what the window alone holds
+  expect(p, absl::StatusCode::kOutOfRange, "target.byte_ratio");
+  p = Params("snapkv");
+  p.input = CompressInput::kWindowQueries;
+  p.num_queries = 0;
+  expect(p, absl::StatusCode::kInvalidArgument, "num_queries");
+  p.num_queries = 1000;  // more than the buffer holds
+  expect(p, absl::StatusCode::kInvalidArgument, "num_queries");
+  p = Params("snapkv");
+  p.input = CompressInput::kNone;  // snapkv needs scores
+  CHECK_FALSE(f.manager.Compress(f.a.session_token, "s", p).ok());
+  same();
+
+  auto unknown = ResolvePreset("no-such-policy");
+  CHECK(unknown.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(unknown.status().message()), Catch::Contains("policy.preset"));
+  CHECK(ResolvePreset("")->name == "spindlekv");
+
+  // Another client's sequence.
+  auto other = f.manager.Attach({"other", Model(), 0});
+  REQUIRE(other.ok());
+  auto denied = f.manager.Compress(other->session_token, "s", Params("snapkv"));
+  CHECK(denied.status().code() == absl::StatusCode::kPermissionDenied);
+  CHECK(f.manager.Fetch(other->session_token, "s", {}).status().code() ==
+        absl::StatusCode::kPermissionDenied);
+  same();
+
+  // Shared with a fork.
+  REQUIRE(f.manager.Fork(f.a.session_token, "s", "child").ok());
+  auto shared = f.manager.Compress(f.a.session_token, "s", Params("snapkv"));
+  CHECK(shared.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(shared.status().message()), Catch::Contains("fork"));
+  same();
+  REQUIRE(f.manager.Free(f.a.session_token, "child").ok());
+
+  // Twice.
+  REQUIRE(f.manager.Compress(f.a.session_token, "s", Params("snapkv")).ok());
+  auto after = f.manager.GetSequence(f.a.session_token, "s", true);
+  auto twice = f.manager.Compress(f.a.session_token, "s", Params("snapkv"));
+  CHECK(twice.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(twice.status().message()), Catch::Contains("twice"));
+  auto now = f.manager.GetSequence(f.a.session_token, "s", true);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    CHECK(now->layers[l].block_ids == after->layers[l].block_ids);
+    CHECK(now->layers[l].kv_digest == after->layers[l].kv_digest);
+  }
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("a fork of a parked sequence reconstructs into its own blocks", "[cpu]") {
+  Fixture f;
+  f.Fill("s", 13);
+  CompressParams params = Params("spindlekv", 0.5);
+  params.policy.codebook_only_if_smaller = false;
+  REQUIRE(f.manager.Compress(f.a.session_token, "s", params).ok());
+  CHECK(f.UsedBlocks() == 0);
+  auto child = f.manager.Fork(f.a.session_token, "s", "c");
+  REQUIRE(child.ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+  auto fetched = f.manager.Fetch(f.a.session_token, "c", {});
+  REQUIRE(fetched.ok());
+  const uint64_t child_blocks = f.UsedBlocks();
+  CHECK(child_blocks > 0);
+  REQUIRE(f.manager.CheckInvariants().ok());
+  // The parent is still parked; compressing the child again is refused.
+  auto parent = f.manager.GetSequence(f.a.session_token, "s", false);
+  for (const auto& l : parent->layers) CHECK(l.block_ids.empty());
+  CHECK(f.manager.Compress(f.a.session_token, "c", params).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+  REQUIRE(f.manager.Free(f.a.session_token, "s").ok());
+  CHECK(f.UsedBlocks() == child_blocks);
+  CHECK(*f.manager.Free(f.a.session_token, "c") == child_blocks);
+  CHECK(f.UsedBlocks() == 0);
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("a byte-ratio target is met within the library's tolerance", "[cpu]") {
+  Fixture f;
+  f.Fill("s", 17);
+  CompressParams p = Params("snapkv");
+  p.target = {compress::TargetKind::kByteRatio, 0.5};
+  auto r = f.manager.Compress(f.a.session_token, "s", p);
+  REQUIRE(r.ok());
+  CHECK(std::abs(r->honest_ratio / 0.5 - 1) <= compress::kByteRatioTolerance);
+  CHECK(r->bytes_after <= r->bytes_before);
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("Compress with window queries from the input buffer", "[cpu]") {
+  Fixture f;
+  f.Fill("s", 5);
+  const uint32_t nq = 4;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal;
+  std::vector<float> queries(size_t{kLayers} * nq * kQHeads * kDim);
+  for (float& q : queries) q = normal(rng);
+  std::memcpy(f.input.data(), queries.data(), queries.size() * 4);
+  CompressParams p = Params("pyramidkv");
+  p.input = CompressInput::kWindowQueries;
+  p.num_queries = nq;
+  auto r = f.manager.Compress(f.a.session_token, "s", p);
+  REQUIRE(r.ok());
+  uint32_t kept = 0;
+  for (const auto& l : r->layers) kept += l.kept_per_head;
+  CHECK(kept < kLayers * kTokens);
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("dtype converters round to nearest even", "[cpu]") {
+  using namespace kernels;
+  for (float v : {0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 5.9604645e-08f, 0.333251953125f}) {
+    CHECK(F16ToF32(F32ToF16(v)) == v);
+  }
+  CHECK(F32ToF16(1.0f) == 0x3c00);
+  CHECK(F32ToF16(65520.0f) == 0x7c00);
+  CHECK(F32ToF16(1.0f + 1.0f / 2048) == 0x3c00);  // tie: to even
+  CHECK(F32ToF16(1.0f + 3.0f / 2048) == 0x3c02);  // tie: to even (up)
+  CHECK(F32ToF16(2.98023224e-08f) == 0x0000);     // 2^-25: tie to zero
+  CHECK(F32ToF16(2.98023259e-08f) == 0x0001);     // just above: smallest subnormal
+  CHECK(F32ToBf16(1.0f) == 0x3f80);
+  CHECK(F32ToBf16(Bf16ToF32(0x3f81)) == 0x3f81);
+  CHECK(F32ToBf16(1.0f + 1.0f / 256) == 0x3f80);  // tie: to even
+  CHECK(F32ToBf16(1.0f + 3.0f / 256) == 0x3f82);
+  CHECK(std::isnan(F16ToF32(F32ToF16(std::nanf("")))));
+  CHECK(std::isnan(Bf16ToF32(F32ToBf16(std::nanf("")))));
+}
+
+}  // namespace
+}  // namespace cachemgr
