@@ -703,6 +703,11 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
     if (params.num_queries == 0) {
       return absl::InvalidArgumentError("num_queries must be >= 1 for WINDOW_QUERIES input");
     }
+    // The window holds the last positions of the sequence; this also bounds the size math.
+    if (params.num_queries > n) {
+      return absl::InvalidArgumentError(absl::StrCat("num_queries ", params.num_queries,
+                                                     " exceeds the sequence's ", n, " tokens"));
+    }
     per_layer_inputs = size_t{params.num_queries} * hq * dim;
     const uint64_t need = uint64_t{num_layers} * per_layer_inputs * 4;
     if (need > buffer_bytes) {

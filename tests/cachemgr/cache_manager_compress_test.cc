@@ -352,6 +352,8 @@ TEST_CASE("failed Compress calls change nothing", "[cpu]") {
   expect(p, absl::StatusCode::kInvalidArgument, "num_queries");
   p.num_queries = 1000;  // more than the buffer holds
   expect(p, absl::StatusCode::kInvalidArgument, "num_queries");
+  p.num_queries = UINT32_MAX;  // more than the sequence has tokens (and than size math holds)
+  expect(p, absl::StatusCode::kInvalidArgument, "num_queries");
   p = Params("snapkv");
   p.input = CompressInput::kNone;  // snapkv needs scores
   CHECK_FALSE(f.manager.Compress(f.a.session_token, "s", p).ok());
