@@ -23,11 +23,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <ctime>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <random>
 #include <vector>
 
@@ -80,8 +80,7 @@ double ThreadCpuSeconds() {
 
 // Seconds of one memcpy of `bytes`: `samples` samples, each the mean of a loop of >= 2 ms of
 // copies. Appends the per-copy wall and thread-CPU times of every sample.
-void MemcpySamples(size_t bytes, int samples, std::vector<double>* wall,
-                   std::vector<double>* cpu) {
+void MemcpySamples(size_t bytes, int samples, std::vector<double>* wall, std::vector<double>* cpu) {
   static std::vector<char> src, dst;
   if (src.size() < bytes) {
     src.assign(bytes, 1);
@@ -149,8 +148,8 @@ struct MemcpyBaseline {
   void Sample(int samples) { MemcpySamples(bytes, samples, &wall, &cpu); }
 };
 
-void SetRatioCounters(benchmark::State& state, double wall_total, double cpu_total,
-                      uint64_t calls, const MemcpyBaseline& mc) {
+void SetRatioCounters(benchmark::State& state, double wall_total, double cpu_total, uint64_t calls,
+                      const MemcpyBaseline& mc) {
   const double wall = wall_total / static_cast<double>(calls);
   const double cpu = cpu_total / static_cast<double>(calls);
   const double mc_wall = Median(mc.wall);
@@ -158,11 +157,10 @@ void SetRatioCounters(benchmark::State& state, double wall_total, double cpu_tot
   state.counters["call_ms"] = wall * 1e3;
   state.counters["call_cpu_ms"] = cpu * 1e3;
   state.counters["memcpy_us"] = mc_wall * 1e6;
-  state.counters["memcpy_spread"] =
-      *std::max_element(mc.wall.begin(), mc.wall.end()) /
-      *std::min_element(mc.wall.begin(), mc.wall.end());
-  state.counters["memcpy_ratio"] = wall / mc_wall;     // wall / wall
-  state.counters["memcpy_ratio_cpu"] = cpu / mc_cpu;   // thread CPU / thread CPU
+  state.counters["memcpy_spread"] = *std::max_element(mc.wall.begin(), mc.wall.end()) /
+                                    *std::min_element(mc.wall.begin(), mc.wall.end());
+  state.counters["memcpy_ratio"] = wall / mc_wall;    // wall / wall
+  state.counters["memcpy_ratio_cpu"] = cpu / mc_cpu;  // thread CPU / thread CPU
   state.counters["kv_fp16_bytes"] = static_cast<double>(mc.bytes);
 }
 
@@ -286,11 +284,9 @@ void BM_CompressLayer(benchmark::State& state) {
   SetRatioCounters(state, total, cpu_total, calls, memcpy_baseline);
   const cc::LayerResult& lr = last.layers.at(0);
   state.counters["kept_per_head"] = lr.kept_per_head;
-  state.counters["selection_heads"] = lr.num_selection_heads;
   state.counters["codebook_layer"] = lr.key_codebook.has_value() ? 1 : 0;
-  state.counters["codebook_entries"] =
-      (lr.key_codebook ? lr.key_codebook->size() : 0) +
-      (lr.value_codebook ? lr.value_codebook->size() : 0);
+  state.counters["codebook_entries"] = (lr.key_codebook ? lr.key_codebook->size() : 0) +
+                                       (lr.value_codebook ? lr.value_codebook->size() : 0);
   state.counters["honest_ratio"] = last.stats.honest_ratio;
 }
 

@@ -8,67 +8,11 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "cachemgr/cache_manager_state.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/status_macros.h"
-#include "kernels/cpu/dtype_convert.h"
 
 namespace cachemgr {
-
-struct CacheManager::Pool {
-  std::string pool_id;
-  ModelSpec model;
-  uint32_t num_blocks = 0;
-  uint64_t bytes = 0;
-  std::unique_ptr<PoolMemory> memory;
-  std::vector<BlockAllocator> allocators;  // one per layer
-  uint32_t clients = 0;
-};
-
-struct CacheManager::Client {
-  std::string client_id;
-  std::string client_name;
-  std::string session_token;
-  Pool* pool = nullptr;
-  absl::Time lease_deadline;
-  std::vector<std::string> sequences;  // ids, insertion order
-  MemfdRegion input_buffer;            // Compress inputs, written by the client
-};
-
-// What Compress left of a sequence: per layer the stored rows' original positions and, for
-// codebook layers, the arena (codebooks + the raw rows of padding tokens). Immutable once
-// built, so forks share it.
-struct CacheManager::Compression {
-  struct Layer {
-    uint32_t rows = 0;
-    std::vector<uint32_t> positions;  // [num_kv_heads, rows]
-    bool codebook = false;
-    // Codebook layers: the library's result (kept, codebooks) and, per [kv head, row], the
-    // selection vector it comes from (>= 0) or -1 - p for the p-th padding row in pad_k/pad_v.
-    compress::LayerResult result;
-    std::vector<int64_t> source;
-    std::vector<std::byte> pad_k, pad_v;  // [pads, head_dim * elem_bytes]
-    uint64_t arena_bytes = 0;
-  };
-  std::string policy_name;
-  compress::ModelShape shape;
-  uint32_t num_tokens = 0;  // tokens before Compress (reconstruction positions are 0..n-1)
-  std::vector<Layer> layers;
-};
-
-struct CacheManager::Sequence {
-  struct LayerTable {
-    std::vector<uint32_t> blocks;
-    uint32_t num_tokens = 0;  // rows
-    // A codebook layer at rest: num_tokens rows live in the arena, no blocks until Fetch.
-    bool parked = false;
-  };
-  std::string sequence_id;
-  Client* owner = nullptr;
-  std::string parent_sequence_id;
-  uint64_t num_positions = 0;
-  std::vector<LayerTable> layers;
-  std::shared_ptr<const Compression> compression;
-};
 
 namespace {
 
@@ -92,7 +36,8 @@ absl::Status CheckSequenceId(const std::string& id, const char* field) {
   return absl::OkStatus();
 }
 
-uint32_t CeilDiv(uint64_t a, uint32_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+using cache_manager_internal::CeilDiv;
+using cache_manager_internal::CheckNotBusy;
 
 }  // namespace
 
@@ -174,7 +119,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
     created->num_blocks = static_cast<uint32_t>(num_blocks);
     ASSIGN_OR_RETURN(created->memory,
                      backend_->CreatePool(created->pool_id, model.LayerLayout(created->num_blocks),
-                                          model.num_layers));
+                                          model.ElemType(), model.num_layers));
     for (const RegionInfo& r : created->memory->regions()) created->bytes += r.bytes;
     created->allocators.reserve(model.num_layers);
     for (uint32_t l = 0; l < model.num_layers; ++l) {
@@ -336,6 +281,7 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const std::string& session
           absl::StrCat("sequence_id \"", sequence_id, "\" belongs to another client"));
     }
     seq = it->second.get();
+    RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     for (uint32_t l = 0; l < seq->layers.size(); ++l) {
       if (seq->layers[l].parked) {
         return absl::FailedPreconditionError(
@@ -378,6 +324,7 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const std::string& session
   AllocateResult result;
   if (seq == nullptr) {
     auto created = std::make_unique<Sequence>();
+    created->serial = next_sequence_serial_++;
     created->sequence_id = sequence_id;
     created->owner = client;
     created->layers.resize(num_layers);
@@ -449,12 +396,14 @@ absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const std::string& session_t
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
   ASSIGN_OR_RETURN(Sequence * parent,
                    FindOwnedSequenceLocked(*client, parent_sequence_id, "parent_sequence_id"));
+  RETURN_IF_ERROR(CheckNotBusy(parent_sequence_id, parent->busy));
   RETURN_IF_ERROR(CheckSequenceId(child_sequence_id, "child_sequence_id"));
   if (sequences_.contains(child_sequence_id)) {
     return absl::AlreadyExistsError(
         absl::StrCat("child_sequence_id \"", child_sequence_id, "\" already exists"));
   }
   auto child = std::make_unique<Sequence>();
+  child->serial = next_sequence_serial_++;
   child->sequence_id = child_sequence_id;
   child->owner = client;
   child->parent_sequence_id = parent_sequence_id;
@@ -479,6 +428,7 @@ SequenceSnapshot CacheManager::SnapshotLocked(const Sequence& seq) const {
   s.owner_client_id = seq.owner->client_id;
   s.parent_sequence_id = seq.parent_sequence_id;
   s.num_positions = seq.num_positions;
+  if (seq.busy != nullptr) s.busy = seq.busy;
   s.layers.reserve(seq.layers.size());
   for (const Sequence::LayerTable& t : seq.layers) {
     s.layers.push_back(LayerTableSnapshot{t.num_tokens, t.blocks, std::nullopt});
@@ -489,6 +439,13 @@ SequenceSnapshot CacheManager::SnapshotLocked(const Sequence& seq) const {
     for (const auto& l : seq.compression->layers) s.kept_per_layer.push_back(l.rows);
   }
   return s;
+}
+
+CacheManager::Sequence* CacheManager::FindSerialLocked(const std::string& sequence_id,
+                                                       uint64_t serial) {
+  auto it = sequences_.find(sequence_id);
+  if (it == sequences_.end() || it->second->serial != serial) return nullptr;
+  return it->second.get();
 }
 
 absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const std::string& session_token,
@@ -573,395 +530,6 @@ StatsSnapshot CacheManager::Stats() const {
   return s;
 }
 
-absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset) {
-  const std::string name = preset.empty() ? "spindlekv" : preset;
-  absl::StatusOr<compress::PolicyConfig> policy = compress::PresetPolicy(name);
-  if (!policy.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("policy.preset \"", name, "\" is unknown: ", policy.status().message()));
-  }
-  return policy;
-}
-
-namespace {
-
-compress::ModelShape ShapeOf(const ModelSpec& m) {
-  compress::ModelShape s;
-  s.num_layers = m.num_layers;
-  s.num_q_heads = m.num_q_heads;
-  s.num_kv_heads = m.num_kv_heads;
-  s.head_dim = m.head_dim;
-  s.elem_bytes = DTypeBytes(m.dtype);
-  switch (m.rope.style) {
-    case RopeStyle::kNone:
-      s.rope_style = compress::RopeStyle::kNone;
-      break;
-    case RopeStyle::kInterleaved:
-      s.rope_style = compress::RopeStyle::kInterleaved;
-      break;
-    case RopeStyle::kHalfSplit:
-      s.rope_style = compress::RopeStyle::kHalfSplit;
-      break;
-  }
-  s.rope_theta = m.rope.theta;
-  s.rope_scaling = m.rope.scaling_factor == 0 ? 1.0 : m.rope.scaling_factor;
-  s.rotary_dim = m.rope.rotary_dim;
-  return s;
-}
-
-// Per KV head, the rows a layer result is stored as: `positions` [num_kv_heads, rows]
-// ascending per head, and per entry the selection vector it comes from (-1 for a padding
-// token that no selection head kept).
-struct RowPlan {
-  uint32_t rows = 0;
-  std::vector<uint32_t> positions;
-  std::vector<int64_t> source;
-};
-
-RowPlan PlanRows(const compress::LayerResult& r, uint32_t num_kv_heads, uint32_t num_tokens) {
-  RowPlan plan;
-  const uint32_t sel = r.num_selection_heads;
-  const uint32_t k = r.kept_per_head;
-  const uint32_t group = sel / num_kv_heads;
-  std::vector<std::vector<std::pair<uint32_t, int64_t>>> per_head(num_kv_heads);
-  for (uint32_t h = 0; h < num_kv_heads; ++h) {
-    std::vector<int64_t> first(num_tokens, -1);
-    for (uint32_t g = 0; g < group; ++g) {
-      const uint32_t s = h * group + g;
-      for (uint32_t i = 0; i < k; ++i) {
-        const uint32_t t = r.kept[size_t{s} * k + i];
-        if (first[t] < 0) first[t] = int64_t{s} * k + i;
-      }
-    }
-    for (uint32_t t = 0; t < num_tokens; ++t) {
-      if (first[t] >= 0) per_head[h].push_back({t, first[t]});
-    }
-    plan.rows = std::max<uint32_t>(plan.rows, static_cast<uint32_t>(per_head[h].size()));
-  }
-  // Pad every head to the longest union with its lowest-index tokens outside its union.
-  for (uint32_t h = 0; h < num_kv_heads; ++h) {
-    auto& list = per_head[h];
-    if (list.size() < plan.rows) {
-      std::vector<bool> in(num_tokens, false);
-      for (const auto& e : list) in[e.first] = true;
-      for (uint32_t t = 0; t < num_tokens && list.size() < plan.rows; ++t) {
-        if (!in[t]) list.push_back({t, -1});
-      }
-      std::sort(list.begin(), list.end());
-    }
-    for (const auto& e : list) {
-      plan.positions.push_back(e.first);
-      plan.source.push_back(e.second);
-    }
-  }
-  return plan;
-}
-
-}  // namespace
-
-absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session_token,
-                                                      const std::string& sequence_id,
-                                                      const CompressParams& params) {
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
-  ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
-  if (seq->compression != nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("sequence_id \"", sequence_id,
-                     "\" is already compressed; compressing a sequence twice is not supported"));
-  }
-  Pool& pool = *client->pool;
-  const ModelSpec& model = pool.model;
-  const uint32_t num_layers = model.num_layers;
-  for (uint32_t l = 0; l < num_layers; ++l) {
-    for (uint32_t b : seq->layers[l].blocks) {
-      if (pool.allocators[l].refcount(b) > 1) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "sequence_id \"", sequence_id, "\" shares layer ", l, " block ", b,
-            " with a fork; free the forks (or compress a sequence that shares nothing)"));
-      }
-    }
-  }
-  RETURN_IF_ERROR(compress::ValidatePolicy(params.policy));
-  const char* target_field = params.target.kind == compress::TargetKind::kReserveRatio
-                                 ? "target.reserve_ratio"
-                                 : "target.byte_ratio";
-  if (!(params.target.value > 0.0 && params.target.value <= 1.0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(target_field, " must be in (0, 1] (got ", params.target.value, ")"));
-  }
-  if (pool.memory->HostLayerBase(0) == nullptr) {
-    return absl::UnimplementedError("Compress needs a backend whose memory the host can address");
-  }
-  const uint32_t n = seq->layers[0].num_tokens;
-  const uint32_t hkv = model.num_kv_heads, hq = model.num_q_heads, dim = model.head_dim;
-  const uint64_t buffer_bytes = client->input_buffer.size();
-  const float* buffer = reinterpret_cast<const float*>(client->input_buffer.data());
-  std::vector<float> inputs;  // a private copy: the client may write the buffer concurrently
-  size_t per_layer_inputs = 0;
-  if (params.input == CompressInput::kWindowQueries) {
-    if (params.num_queries == 0) {
-      return absl::InvalidArgumentError("num_queries must be >= 1 for WINDOW_QUERIES input");
-    }
-    // The window holds the last positions of the sequence; this also bounds the size math.
-    if (params.num_queries > n) {
-      return absl::InvalidArgumentError(absl::StrCat("num_queries ", params.num_queries,
-                                                     " exceeds the sequence's ", n, " tokens"));
-    }
-    per_layer_inputs = size_t{params.num_queries} * hq * dim;
-    const uint64_t need = uint64_t{num_layers} * per_layer_inputs * 4;
-    if (need > buffer_bytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("num_queries ", params.num_queries, " needs ", need,
-                       " bytes of window queries but the input buffer holds ", buffer_bytes));
-    }
-  } else if (params.input == CompressInput::kScores) {
-    per_layer_inputs = size_t{hq} * n;
-    const uint64_t need = uint64_t{num_layers} * per_layer_inputs * 4;
-    if (need > buffer_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("input: scores for ", n, " tokens need ", need,
-                                                     " bytes but the input buffer holds ",
-                                                     buffer_bytes));
-    }
-  }
-  inputs.assign(buffer, buffer + num_layers * per_layer_inputs);
-
-  // Gather the KV as float32 [n, num_kv_heads, head_dim] per layer.
-  const kernels::KvLayerLayout layout = pool.memory->layout();
-  const uint32_t bs = model.block_size;
-  const uint32_t elem = layout.elem_bytes;
-  const bool bf16 = model.dtype == DType::kBf16;
-  const size_t row_elems = size_t{hkv} * dim;
-  std::vector<std::vector<float>> keys(num_layers), values(num_layers);
-  compress::SequenceInput input;
-  input.num_tokens = n;
-  input.layers.resize(num_layers);
-  for (uint32_t l = 0; l < num_layers; ++l) {
-    const auto& t = seq->layers[l];
-    if (t.num_tokens != n || t.parked) {
-      return absl::InternalError(
-          absl::StrCat("layer ", l, " holds ", t.num_tokens, " rows but layer 0 holds ", n));
-    }
-    const std::byte* base = pool.memory->HostLayerBase(l);
-    keys[l].resize(size_t{n} * row_elems);
-    values[l].resize(size_t{n} * row_elems);
-    for (uint32_t i = 0; i < n; ++i) {
-      const uint32_t block = t.blocks[i / bs];
-      kernels::ToF32(base + layout.token_offset(kernels::KvPlane::kKey, block, i % bs), elem, bf16,
-                     row_elems, keys[l].data() + i * row_elems);
-      kernels::ToF32(base + layout.token_offset(kernels::KvPlane::kValue, block, i % bs), elem,
-                     bf16, row_elems, values[l].data() + i * row_elems);
-    }
-    compress::LayerInput& li = input.layers[l];
-    li.keys = keys[l].data();
-    li.values = values[l].data();
-    if (params.input == CompressInput::kWindowQueries) {
-      li.queries = inputs.data() + l * per_layer_inputs;
-      li.num_queries = params.num_queries;
-    } else if (params.input == CompressInput::kScores) {
-      li.scores = inputs.data() + l * per_layer_inputs;
-    }
-  }
-  const compress::ModelShape shape = ShapeOf(model);
-  absl::StatusOr<compress::SequenceResult> computed =
-      compress::CompressSequence(shape, params.policy, input, params.target);
-  if (!computed.ok()) {
-    // The library names the target "target.value"; the request calls it by its kind.
-    std::string message(computed.status().message());
-    if (const size_t at = message.find("target.value"); at != std::string::npos) {
-      message.replace(at, std::string("target.value").size(), target_field);
-    }
-    return absl::Status(computed.status().code(), message);
-  }
-  compress::SequenceResult sr = *std::move(computed);
-
-  // Plan the storage (nothing fails after this point).
-  auto compression = std::make_shared<Compression>();
-  compression->policy_name = params.policy.name;
-  compression->shape = shape;
-  compression->num_tokens = n;
-  compression->layers.resize(num_layers);
-  CompressResult result;
-  result.layers.resize(num_layers);
-  const uint64_t block_bytes = layout.block_bytes();
-  for (uint32_t l = 0; l < num_layers; ++l) {
-    compress::LayerResult& lr = sr.layers[l];
-    Compression::Layer& cl = compression->layers[l];
-    RowPlan plan = PlanRows(lr, hkv, n);
-    cl.rows = plan.rows;
-    cl.positions = std::move(plan.positions);
-    cl.codebook = lr.key_codebook.has_value();
-    result.bytes_before += seq->layers[l].blocks.size() * block_bytes;
-    CompressedLayerResult& out = result.layers[l];
-    out.context_ratio = lr.context_ratio;
-    out.kept_per_head = lr.kept_per_head;
-    out.num_tokens = cl.rows;
-    out.kept_positions = cl.positions;
-    out.codebook = cl.codebook;
-    out.bytes_held = lr.bytes_held;
-    out.eq15_ratio = lr.eq15_ratio;
-    if (cl.codebook) {
-      out.key_codebook_size = lr.key_codebook->size();
-      out.value_codebook_size = lr.value_codebook->size();
-      const std::byte* base = pool.memory->HostLayerBase(l);
-      const auto& t = seq->layers[l];
-      cl.source = std::move(plan.source);
-      const size_t head_bytes = layout.head_bytes();
-      for (uint32_t h = 0; h < hkv; ++h) {
-        for (uint32_t r = 0; r < cl.rows; ++r) {
-          int64_t& src = cl.source[size_t{h} * cl.rows + r];
-          if (src >= 0) continue;
-          const uint32_t tok = cl.positions[size_t{h} * cl.rows + r];
-          const uint32_t block = t.blocks[tok / bs];
-          src = -1 - static_cast<int64_t>(cl.pad_k.size() / head_bytes);
-          const std::byte* k =
-              base + layout.head_offset(kernels::KvPlane::kKey, block, tok % bs, h);
-          const std::byte* v =
-              base + layout.head_offset(kernels::KvPlane::kValue, block, tok % bs, h);
-          cl.pad_k.insert(cl.pad_k.end(), k, k + head_bytes);
-          cl.pad_v.insert(cl.pad_v.end(), v, v + head_bytes);
-        }
-      }
-      cl.arena_bytes = lr.bytes_held + cl.pad_k.size() + cl.pad_v.size();
-      cl.result = std::move(lr);
-      result.bytes_after += cl.arena_bytes;
-    }
-  }
-
-  // Write: plain layers compact in place (row r of head h reads token positions[h][r] >= r,
-  // which no earlier row overwrote); codebook layers park. Then release the tail blocks.
-  for (uint32_t l = 0; l < num_layers; ++l) {
-    Sequence::LayerTable& t = seq->layers[l];
-    const Compression::Layer& cl = compression->layers[l];
-    std::byte* base = pool.memory->HostLayerBase(l);
-    uint32_t keep_blocks = 0;
-    if (!cl.codebook) {
-      const size_t head_bytes = layout.head_bytes();
-      for (uint32_t r = 0; r < cl.rows; ++r) {
-        for (uint32_t h = 0; h < hkv; ++h) {
-          const uint32_t tok = cl.positions[size_t{h} * cl.rows + r];
-          if (tok == r) continue;
-          for (kernels::KvPlane plane : {kernels::KvPlane::kKey, kernels::KvPlane::kValue}) {
-            std::memmove(base + layout.head_offset(plane, t.blocks[r / bs], r % bs, h),
-                         base + layout.head_offset(plane, t.blocks[tok / bs], tok % bs, h),
-                         head_bytes);
-          }
-        }
-      }
-      keep_blocks = CeilDiv(cl.rows, bs);
-    } else {
-      t.parked = true;
-    }
-    for (size_t i = keep_blocks; i < t.blocks.size(); ++i) {
-      result.blocks_released += pool.allocators[l].Release(t.blocks[i]) ? 1 : 0;
-    }
-    t.blocks.resize(keep_blocks);
-    t.num_tokens = cl.rows;
-    result.layers[l].block_ids = t.blocks;
-    result.bytes_after += t.blocks.size() * block_bytes;
-  }
-  seq->compression = std::move(compression);
-  result.honest_ratio = sr.stats.honest_ratio;
-  result.eq15_ratio = sr.stats.eq15_ratio;
-  result.reserve_ratio = sr.stats.reserve_ratio;
-  PublishLocked(EventType::kSequenceCompressed, client->client_id, sequence_id, pool.pool_id,
-                absl::StrCat("policy=", params.policy.name, " bytes_before=", result.bytes_before,
-                             " bytes_after=", result.bytes_after,
-                             " blocks_released=", result.blocks_released));
-  return result;
-}
-
-absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
-    const std::string& session_token, const std::string& sequence_id,
-    const std::vector<uint32_t>& layers) {
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
-  ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
-  Pool& pool = *client->pool;
-  const uint32_t num_layers = pool.model.num_layers;
-  std::vector<uint32_t> which = layers;
-  if (which.empty()) {
-    for (uint32_t l = 0; l < num_layers; ++l) which.push_back(l);
-  }
-  std::vector<bool> seen(num_layers, false);
-  for (size_t i = 0; i < which.size(); ++i) {
-    if (which[i] >= num_layers) {
-      return absl::InvalidArgumentError(absl::StrCat("layers[", i, "] = ", which[i],
-                                                     " but the model has ", num_layers, " layers"));
-    }
-    if (seen[which[i]]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("layers[", i, "] = ", which[i], " is listed twice"));
-    }
-    seen[which[i]] = true;
-  }
-  const uint32_t bs = pool.model.block_size;
-  // Plan: every parked layer needs ceil(rows / bs) blocks.
-  for (uint32_t l : which) {
-    const auto& t = seq->layers[l];
-    if (!t.parked) continue;
-    const uint32_t need = CeilDiv(t.num_tokens, bs);
-    if (need > pool.allocators[l].num_free()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("layer ", l, " needs ", need, " blocks to reconstruct but ",
-                       pool.allocators[l].num_free(), " of ", pool.num_blocks, " are free"));
-    }
-  }
-  // Reconstruct before allocating, so an error of the library changes nothing.
-  const kernels::KvLayerLayout layout = pool.memory->layout();
-  std::vector<std::vector<float>> rec_k(num_layers), rec_v(num_layers);
-  const Compression* comp = seq->compression.get();
-  for (uint32_t l : which) {
-    if (!seq->layers[l].parked) continue;
-    if (pool.memory->HostLayerBase(l) == nullptr) {
-      return absl::UnimplementedError("Fetch needs a backend whose memory the host can address");
-    }
-    compress::SequenceInput input;
-    input.num_tokens = comp->num_tokens;
-    input.layers.resize(num_layers);
-    RETURN_IF_ERROR(compress::MaterializeLayer(comp->shape, input, l, comp->layers[l].result,
-                                               &rec_k[l], &rec_v[l]));
-  }
-  std::vector<FetchedLayerResult> out;
-  const uint32_t hkv = pool.model.num_kv_heads, dim = pool.model.head_dim;
-  const bool bf16 = pool.model.dtype == DType::kBf16;
-  const size_t head_bytes = layout.head_bytes();
-  for (uint32_t l : which) {
-    Sequence::LayerTable& t = seq->layers[l];
-    FetchedLayerResult r;
-    r.layer = l;
-    if (t.parked) {
-      const Compression::Layer& cl = comp->layers[l];
-      t.blocks = pool.allocators[l].Allocate(CeilDiv(t.num_tokens, bs)).value();  // planned
-      r.new_blocks = static_cast<uint32_t>(t.blocks.size());
-      std::byte* base = pool.memory->HostLayerBase(l);
-      for (uint32_t h = 0; h < hkv; ++h) {
-        for (uint32_t row = 0; row < cl.rows; ++row) {
-          const int64_t src = cl.source[size_t{h} * cl.rows + row];
-          std::byte* k =
-              base + layout.head_offset(kernels::KvPlane::kKey, t.blocks[row / bs], row % bs, h);
-          std::byte* v =
-              base + layout.head_offset(kernels::KvPlane::kValue, t.blocks[row / bs], row % bs, h);
-          if (src >= 0) {
-            kernels::FromF32(rec_k[l].data() + src * dim, layout.elem_bytes, bf16, dim, k);
-            kernels::FromF32(rec_v[l].data() + src * dim, layout.elem_bytes, bf16, dim, v);
-          } else {
-            const size_t pad = static_cast<size_t>(-1 - src);
-            std::memcpy(k, cl.pad_k.data() + pad * head_bytes, head_bytes);
-            std::memcpy(v, cl.pad_v.data() + pad * head_bytes, head_bytes);
-          }
-        }
-      }
-      t.parked = false;
-    }
-    r.num_tokens = t.num_tokens;
-    r.block_ids = t.blocks;
-    if (comp != nullptr) r.kept_positions = comp->layers[l].positions;
-    out.push_back(std::move(r));
-  }
-  return out;
-}
-
 absl::StatusOr<std::vector<UniqueFd>> CacheManager::ShareFds(const std::string& session_token) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
@@ -1011,7 +579,8 @@ absl::Status CacheManager::CheckInvariants() const {
       for (uint32_t l = 0; l < seq->layers.size(); ++l) {
         const auto& t = seq->layers[l];
         const uint32_t want = t.parked ? 0 : CeilDiv(t.num_tokens, pool->model.block_size);
-        if (t.parked && (seq->compression == nullptr || !seq->compression->layers[l].codebook)) {
+        if (t.parked &&
+            (seq->compression == nullptr || seq->compression->layers[l].coded == nullptr)) {
           return absl::InternalError(
               absl::StrCat("sequence ", id, " layer ", l, " is parked but not a codebook layer"));
         }

@@ -10,8 +10,12 @@
 //   PERMISSION_DENIED  the sequence belongs to another client
 //   FAILED_PRECONDITION  a pool with the same model name but another description exists
 //   RESOURCE_EXHAUSTED a layer has too few free blocks, or the memory budget is spent
+//   ABORTED            the sequence is busy in a Compress / Fetch / Park, or was freed by
+//                      another call while one of those worked on it
 //
-// Thread-safe: one mutex serializes all operations (each is microseconds of bookkeeping).
+// Thread-safe: one mutex serializes the bookkeeping (microseconds per call). The heavy part of
+// Compress, Fetch and Park (scoring, codebooks, reconstruction) runs outside it on private
+// copies, with the sequence marked busy.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +31,7 @@
 #include "absl/time/time.h"
 #include "cachemgr/backend/device_backend.h"
 #include "cachemgr/block_allocator.h"
+#include "cachemgr/compress/coded_layer.h"
 #include "cachemgr/compress/compress.h"
 #include "cachemgr/event_hub.h"
 #include "cachemgr/host/memfd_region.h"
@@ -120,6 +125,8 @@ struct SequenceSnapshot {
   bool compressed = false;
   std::string compression_policy;
   std::vector<uint32_t> kept_per_layer;  // rows per KV head Compress left in each layer
+  // The call working on the sequence outside the lock ("Compress", "Fetch", "Park"), or "".
+  std::string busy;
 };
 
 // ---- Compress / Fetch ----------------------------------------------------------------------
@@ -138,8 +145,8 @@ absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset);
 
 struct CompressedLayerResult {
   double context_ratio = 1.0;
-  uint32_t kept_per_head = 0;  // library's count per selection head
-  uint32_t num_tokens = 0;     // rows the layer holds
+  uint32_t kept_per_head = 0;  // tokens kept per KV head (window included)
+  uint32_t num_tokens = 0;     // rows the layer holds (== kept_per_head)
   std::vector<uint32_t> block_ids;
   std::vector<uint32_t> kept_positions;  // [num_kv_heads, num_tokens]
   bool codebook = false;
@@ -163,8 +170,22 @@ struct FetchedLayerResult {
   uint32_t layer = 0;
   uint32_t num_tokens = 0;
   std::vector<uint32_t> block_ids;
-  std::vector<uint32_t> kept_positions;  // [num_kv_heads, kept] of Compress; empty if none
+  // [num_kv_heads, num_tokens]: the position of every row (rows appended after Compress
+  // included); empty for a sequence never compressed (row t is position t).
+  std::vector<uint32_t> positions;
   uint32_t new_blocks = 0;
+};
+
+struct ParkedLayerResult {
+  uint32_t layer = 0;
+  uint32_t num_tokens = 0;     // rows the layer holds, all in the arena now
+  uint32_t rows_appended = 0;  // rows coded by this call (appended since the last Fetch)
+  compress::AppendStats append;
+  uint32_t key_codebook_size = 0;
+  uint32_t value_codebook_size = 0;
+  uint32_t queued = 0;  // vectors waiting for a batch after this call
+  uint64_t arena_bytes = 0;
+  uint32_t blocks_released = 0;
 };
 
 struct SequenceSummary {
@@ -259,11 +280,10 @@ class CacheManager {
   // caller's input buffer. Plain layers are compacted in place: row r of KV head h takes that
   // head's r-th kept token; the first ceil(rows / block_size) blocks of the table are kept and
   // the rest released (so Compress needs no free blocks). Codebook layers move to a
-  // per-sequence arena and release every block until Fetch. Selection per query head (GQA
-  // repeat) is stored merged per KV head: the union of the group's kept sets, padded to the
-  // longest union with the head's lowest-index tokens outside it.
+  // per-sequence arena (compress::CodedLayer) and release every block until Fetch.
   //   FAILED_PRECONDITION  already compressed, or blocks shared with a fork
   //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input
+  //   OUT_OF_RANGE         target.byte_ratio outside what the policy can reach here
   absl::StatusOr<CompressResult> Compress(const std::string& session_token,
                                           const std::string& sequence_id,
                                           const CompressParams& params);
@@ -271,9 +291,21 @@ class CacheManager {
   // Makes `layers` (empty: all) resident: codebook layers are reconstructed into newly
   // allocated blocks (all or nothing: RESOURCE_EXHAUSTED changes nothing); others are
   // returned as they are. A second Fetch allocates nothing.
+  //   INVALID_ARGUMENT  a layer out of range or listed twice
   absl::StatusOr<std::vector<FetchedLayerResult>> Fetch(const std::string& session_token,
                                                         const std::string& sequence_id,
                                                         const std::vector<uint32_t>& layers);
+
+  // Returns fetched codebook layers (`layers`; empty: every codebook layer) to the arena and
+  // releases their blocks. Rows appended since the last Fetch are coded first (paper §3.4):
+  // each vector joins its codebook part's most similar entry when cos > theta, the rest queue
+  // and are coded by Algorithm 1 in batches of policy.append_batch (compress::CodedLayer).
+  // Layers already parked are reported unchanged.
+  //   FAILED_PRECONDITION  never compressed, or a listed layer is not a codebook layer
+  //   INVALID_ARGUMENT     a layer out of range or listed twice
+  absl::StatusOr<std::vector<ParkedLayerResult>> Park(const std::string& session_token,
+                                                      const std::string& sequence_id,
+                                                      const std::vector<uint32_t>& layers);
 
   // Descriptors of the caller's pool regions, then of the caller's input buffer, duplicated
   // for the caller (who owns them).
@@ -306,6 +338,12 @@ class CacheManager {
   DetachResult RemoveClientLocked(const std::string& token, EventType why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SequenceSnapshot SnapshotLocked(const Sequence& seq) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The sequence created with `serial` if it still exists.
+  Sequence* FindSerialLocked(const std::string& sequence_id, uint64_t serial)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Per layer, the position of each row (see FetchedLayerResult::positions).
+  std::vector<uint32_t> RowPositionsLocked(const Sequence& seq, uint32_t layer) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void PublishLocked(EventType type, const std::string& client_id, const std::string& sequence_id,
                      const std::string& pool_id, std::string detail)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -323,6 +361,7 @@ class CacheManager {
   absl::flat_hash_map<std::string, std::unique_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
   uint64_t memory_used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_client_serial_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_sequence_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_pool_serial_ ABSL_GUARDED_BY(mu_) = 1;
 };
 

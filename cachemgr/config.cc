@@ -165,6 +165,13 @@ const std::vector<Option>& Options() {
                     ? std::string()
                     : absl::StrCat("must be true or false (got \"", v, "\")");
        }},
+      {"worker_threads", "N", "threads running Compress, Fetch and Park (default 2)",
+       [](DaemonConfig& c, absl::string_view v) {
+         uint64_t n = 0;
+         std::string e = NeedUint(v, 1, 256, &n);
+         c.worker_threads = static_cast<uint32_t>(n);
+         return e;
+       }},
       {"shutdown_grace_ms", "MS", "time in-flight calls get to finish at shutdown (default 5000)",
        [](DaemonConfig& c, absl::string_view v) {
          uint64_t n = 0;

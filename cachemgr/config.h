@@ -31,6 +31,8 @@ struct DaemonConfig {
   LogLevel log_level = LogLevel::kInfo;
   bool enable_reflection = true;
   bool enable_health = true;
+  // Threads running Compress, Fetch and Park (CPU work proportional to the sequence).
+  uint32_t worker_threads = 2;
   // How long shutdown waits for in-flight calls before cancelling them.
   absl::Duration shutdown_grace = absl::Seconds(5);
   // Where the config was read from, for the startup log line.

@@ -87,8 +87,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
             return fds;
           }));
 
-  d->service_ = std::make_unique<CacheManagerService>(
-      d->manager_.get(), &d->events_, config.share_socket_path, config.tcp_token, kVersion);
+  d->service_ = std::make_unique<CacheManagerService>(d->manager_.get(), &d->events_,
+                                                      config.share_socket_path, config.tcp_token,
+                                                      kVersion, config.worker_threads);
 
   grpc::EnableDefaultHealthCheckService(config.enable_health);
   if (config.enable_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -22,6 +22,7 @@ enum class EventType : uint8_t {
   kPoolCreated,
   kPoolReleased,
   kSequenceCompressed,
+  kSequenceParked,
 };
 
 struct Event {

@@ -34,6 +34,18 @@ kernels::KvLayerLayout ModelSpec::LayerLayout(uint32_t num_blocks) const {
 
 uint64_t ModelSpec::BlockBytes() const { return LayerLayout(0).block_bytes(); }
 
+kernels::KvElemType ModelSpec::ElemType() const {
+  switch (dtype) {
+    case DType::kFp16:
+      return kernels::KvElemType::kF16;
+    case DType::kBf16:
+      return kernels::KvElemType::kBf16;
+    case DType::kFp32:
+      break;
+  }
+  return kernels::KvElemType::kF32;
+}
+
 std::string ModelSpec::Describe() const {
   return absl::StrFormat("%s L=%u H=%u/%u D=%u %s bs=%u %s", name, num_layers, num_q_heads,
                          num_kv_heads, head_dim, DTypeName(dtype), block_size,

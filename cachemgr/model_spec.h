@@ -48,6 +48,7 @@ struct ModelSpec {
   kernels::KvLayerLayout LayerLayout(uint32_t num_blocks) const;
   // Bytes one block occupies in one layer (K and V).
   uint64_t BlockBytes() const;
+  kernels::KvElemType ElemType() const;
   // One line for logs: "stories260K L=5 H=8/4 D=8 fp32 bs=16 fa".
   std::string Describe() const;
 };

@@ -51,9 +51,17 @@ class PoolMemory {
   virtual absl::Status CopyBlocks(uint32_t layer,
                                   absl::Span<const kernels::BlockCopyPair> pairs) = 0;
 
-  // The layer tensor's bytes when the host can address them directly (host backend), else
-  // nullptr. Compress and Fetch read and write rows through it.
-  virtual std::byte* HostLayerBase(uint32_t /*layer*/) const { return nullptr; }
+  // Token rows as float32 (Compress reads a sequence through it, Fetch writes reconstructions,
+  // Park reads appended rows): keys/values are host arrays [slots.size(), num_kv_heads,
+  // head_dim]. The gather / scatter kernels of kernels/cpu/token_rows.h or their CUDA versions.
+  virtual absl::Status GatherTokens(uint32_t layer, absl::Span<const int64_t> slots, float* keys,
+                                    float* values) const = 0;
+  virtual absl::Status ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots,
+                                     const float* keys, const float* values) = 0;
+  // In-place compaction of a layer's rows into whole blocks (CompactHeadsCpu's contract).
+  virtual absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
+                                    uint32_t num_tokens, absl::Span<const uint32_t> kept,
+                                    uint32_t rows) = 0;
 
   // FNV-1a digest of the first `num_tokens` tokens of `block_table` (see kv_digest.h).
   virtual absl::StatusOr<uint64_t> DigestLayer(uint32_t layer,
@@ -70,10 +78,11 @@ class DeviceBackend {
   // Human-readable device identity ("host", or a GPU UUID).
   virtual std::string device_name() const = 0;
 
-  // Allocates `num_layers` layer tensors of `layout` (zero-filled). RESOURCE_EXHAUSTED when the
-  // memory cannot be had.
+  // Allocates `num_layers` layer tensors of `layout` holding elements of `type` (zero-filled).
+  // RESOURCE_EXHAUSTED when the memory cannot be had.
   virtual absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(
-      const std::string& pool_id, const kernels::KvLayerLayout& layout, uint32_t num_layers) = 0;
+      const std::string& pool_id, const kernels::KvLayerLayout& layout, kernels::KvElemType type,
+      uint32_t num_layers) = 0;
 };
 
 }  // namespace cachemgr

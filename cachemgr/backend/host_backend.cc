@@ -7,15 +7,16 @@
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/util/status_macros.h"
 #include "kernels/cpu/block_copy.h"
+#include "kernels/cpu/token_rows.h"
 
 namespace cachemgr {
 namespace {
 
 class HostPoolMemory final : public PoolMemory {
  public:
-  HostPoolMemory(kernels::KvLayerLayout layout, MemfdRegion region,
+  HostPoolMemory(kernels::KvLayerLayout layout, kernels::KvElemType type, MemfdRegion region,
                  std::vector<LayerPlacement> layers)
-      : layout_(layout), region_(std::move(region)), layers_(std::move(layers)) {
+      : layout_(layout), type_(type), region_(std::move(region)), layers_(std::move(layers)) {
     regions_.push_back(RegionInfo{region_.size()});
   }
 
@@ -29,8 +30,23 @@ class HostPoolMemory final : public PoolMemory {
     return kernels::CopyBlocksCpu(layout_, LayerBase(layer), pairs);
   }
 
-  std::byte* HostLayerBase(uint32_t layer) const override {
-    return layer < layers_.size() ? LayerBase(layer) : nullptr;
+  absl::Status GatherTokens(uint32_t layer, absl::Span<const int64_t> slots, float* keys,
+                            float* values) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    return kernels::GatherTokensF32Cpu(layout_, type_, LayerBase(layer), slots, keys, values);
+  }
+
+  absl::Status ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots, const float* keys,
+                             const float* values) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    return kernels::ScatterTokensF32Cpu(layout_, type_, LayerBase(layer), slots, keys, values);
+  }
+
+  absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
+                            uint32_t num_tokens, absl::Span<const uint32_t> kept,
+                            uint32_t rows) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    return kernels::CompactHeadsCpu(layout_, LayerBase(layer), block_table, num_tokens, kept, rows);
   }
 
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
@@ -51,6 +67,7 @@ class HostPoolMemory final : public PoolMemory {
   std::byte* LayerBase(uint32_t layer) const { return region_.data() + layers_[layer].offset; }
 
   kernels::KvLayerLayout layout_;
+  kernels::KvElemType type_;
   MemfdRegion region_;
   std::vector<RegionInfo> regions_;
   std::vector<LayerPlacement> layers_;
@@ -59,7 +76,8 @@ class HostPoolMemory final : public PoolMemory {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<PoolMemory>> HostBackend::CreatePool(
-    const std::string& pool_id, const kernels::KvLayerLayout& layout, uint32_t num_layers) {
+    const std::string& pool_id, const kernels::KvLayerLayout& layout, kernels::KvElemType type,
+    uint32_t num_layers) {
   const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
   const uint64_t layer_bytes = layout.layer_bytes();
   const uint64_t stride = (layer_bytes + page - 1) / page * page;
@@ -67,7 +85,7 @@ absl::StatusOr<std::unique_ptr<PoolMemory>> HostBackend::CreatePool(
   for (uint32_t l = 0; l < num_layers; ++l) layers[l] = {0, l * stride, layer_bytes};
   ASSIGN_OR_RETURN(MemfdRegion region,
                    MemfdRegion::Create(absl::StrCat("cachemgr-", pool_id), stride * num_layers));
-  return std::make_unique<HostPoolMemory>(layout, std::move(region), std::move(layers));
+  return std::make_unique<HostPoolMemory>(layout, type, std::move(region), std::move(layers));
 }
 
 }  // namespace cachemgr

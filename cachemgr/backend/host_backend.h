@@ -17,6 +17,7 @@ class HostBackend final : public DeviceBackend {
   // One memfd region holding every layer, each layer at a page-aligned offset.
   absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(const std::string& pool_id,
                                                          const kernels::KvLayerLayout& layout,
+                                                         kernels::KvElemType type,
                                                          uint32_t num_layers) override;
 };
 

@@ -41,8 +41,9 @@ uint64_t FullKvBytes(const ModelShape& shape, uint32_t num_tokens) {
          shape.head_dim * 2 * shape.elem_bytes;
 }
 
-uint64_t PlainLayerBytes(const ModelShape& shape, uint32_t num_heads, uint32_t kept_per_head) {
-  return static_cast<uint64_t>(num_heads) * kept_per_head * shape.head_dim * 2 * shape.elem_bytes;
+uint64_t PlainLayerBytes(const ModelShape& shape, uint32_t kept_per_head) {
+  return static_cast<uint64_t>(shape.num_kv_heads) * kept_per_head * shape.head_dim * 2 *
+         shape.elem_bytes;
 }
 
 uint32_t CodebookRefBytes(uint32_t num_entries) { return num_entries < 65536 ? 2 : 4; }
@@ -55,9 +56,9 @@ uint64_t CodebookPartBytes(uint32_t num_entries, uint64_t num_vectors, uint32_t 
 
 uint64_t LayerBytes(const ModelShape& shape, const LayerResult& layer) {
   if (!layer.key_codebook.has_value() || !layer.value_codebook.has_value()) {
-    return PlainLayerBytes(shape, layer.num_selection_heads, layer.kept_per_head);
+    return PlainLayerBytes(shape, layer.kept_per_head);
   }
-  const uint64_t vectors = static_cast<uint64_t>(layer.num_selection_heads) * layer.kept_per_head;
+  const uint64_t vectors = static_cast<uint64_t>(shape.num_kv_heads) * layer.kept_per_head;
   return CodebookBytes(shape, *layer.key_codebook, layer.key_entry_offsets, vectors) +
          CodebookBytes(shape, *layer.value_codebook, layer.value_entry_offsets, vectors);
 }
@@ -66,7 +67,7 @@ double LayerEq15Ratio(const ModelShape& shape, const LayerResult& layer, uint32_
   if (num_tokens == 0) return 1.0;
   const double r1 = static_cast<double>(layer.kept_per_head) / num_tokens;
   if (!layer.key_codebook.has_value() || !layer.value_codebook.has_value()) return r1;
-  const double vectors = static_cast<double>(layer.num_selection_heads) * layer.kept_per_head * 2.0;
+  const double vectors = static_cast<double>(shape.num_kv_heads) * layer.kept_per_head * 2.0;
   if (vectors == 0.0) return r1;
   const double r2 =
       static_cast<double>(layer.key_codebook->size() + layer.value_codebook->size()) / vectors;

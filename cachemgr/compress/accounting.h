@@ -2,19 +2,14 @@
 //
 // Honest bytes (what CompressionStats documents):
 //   full KV:        num_layers * l * num_kv_heads * head_dim * 2 * elem_bytes
-//   plain layer:    num_selection_heads * kept_per_head * head_dim * 2 * elem_bytes
-//                   (under GqaMode::kRepeat a plain layer holds num_q_heads selection heads:
-//                   more bytes than the KV heads it came from, which is what storing the
-//                   repeated vectors costs)
+//   plain layer:    num_kv_heads * kept_per_head * head_dim * 2 * elem_bytes
 //   codebook layer: for K and for V, per codebook part (one per layer, or one per KV head):
 //                   entries * head_dim * elem_bytes + vectors * (ref_bytes + elem_bytes),
 //                   ref_bytes = 2 when the part has < 65536 entries, else 4; the magnitude is
 //                   stored at elem_bytes.
 //
 // Eq. 15 (the paper's number; printed garbled), per layer lambda:
-//   r1 = sum_j (|K_r^j| + |V_r^j|) / sum_j (|K^j| + |V^j|) with h_g = h under repeat
-//      = kept_per_head / l for every head layout (each selection head keeps kept_per_head of
-//        the l vectors of the head it stands for);
+//   r1 = sum_j (|K_r^j| + |V_r^j|) / sum_j (|K^j| + |V^j|) = kept_per_head / l;
 //   r2 = (|C_K| + |C_V|) / (kept K vectors + kept V vectors) for a codebook layer, else 1;
 //   r3 = (d_h + (index_bits + magnitude_bits) / elem_bits) / d_h for a codebook layer, else 1,
 //        with index_bits = 8 * ref_bytes (of the largest codebook part of the layer),
@@ -35,7 +30,7 @@ namespace cachemgr::compress {
 
 uint64_t FullKvBytes(const ModelShape& shape, uint32_t num_tokens);
 
-uint64_t PlainLayerBytes(const ModelShape& shape, uint32_t num_heads, uint32_t kept_per_head);
+uint64_t PlainLayerBytes(const ModelShape& shape, uint32_t kept_per_head);
 
 // 2 bytes for a codebook of fewer than 65536 entries, else 4.
 uint32_t CodebookRefBytes(uint32_t num_entries);

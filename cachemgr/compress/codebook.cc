@@ -16,10 +16,6 @@
 namespace cachemgr::compress {
 namespace {
 
-// The adjacency bitset is n^2 / 8 bytes: 512 MiB at this bound. Callers split larger sets (per
-// KV head) instead.
-constexpr size_t kMaxVectors = 65536;
-
 // Similarity tiles hold about this many bytes of unit vectors each (two tiles live in L2).
 constexpr size_t kTileBytes = 32 * 1024;
 
@@ -226,21 +222,9 @@ class GreedyCover {
   std::vector<uint8_t> touched_flag_;
 };
 
-absl::StatusOr<Codebook> Build(absl::Span<const float> vectors, uint32_t dim, float theta) {
-  if (!ValidTheta(theta)) {
-    return absl::InvalidArgumentError(absl::StrCat("theta must be in (0, 1], got ", theta));
-  }
-  if (dim == 0) return absl::InvalidArgumentError("codebook dim must be > 0");
-  if (vectors.size() % dim != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("codebook input has ", vectors.size(),
-                                                   " floats, not a multiple of dim ", dim));
-  }
+// Algorithm 1 on one similarity graph over all of `vectors` (validated by the caller).
+absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t dim, float theta) {
   const size_t n = vectors.size() / dim;
-  if (n > kMaxVectors) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "codebook over n = ", n, " vectors needs an n x n adjacency bitset of ", n / 8 * n / 1024,
-        " KiB; at most ", kMaxVectors, " vectors per codebook (split per KV head)"));
-  }
   Codebook codebook;
   codebook.dim = dim;
   if (n == 0) return codebook;
@@ -304,10 +288,97 @@ absl::StatusOr<Codebook> Build(absl::Span<const float> vectors, uint32_t dim, fl
   return codebook;
 }
 
+absl::Status ValidateBuild(absl::Span<const float> vectors, uint32_t dim, float theta) {
+  if (!ValidTheta(theta)) {
+    return absl::InvalidArgumentError(absl::StrCat("theta must be in (0, 1], got ", theta));
+  }
+  if (dim == 0) return absl::InvalidArgumentError("codebook dim must be > 0");
+  if (vectors.size() % dim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("codebook input has ", vectors.size(),
+                                                   " floats, not a multiple of dim ", dim));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
-absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta) {
-  return Build(vectors, dim, theta);
+bool NormalizeVector(const float* x, uint32_t dim, float* unit, float* magnitude) {
+  return Normalize(x, dim, unit, magnitude);
+}
+
+int64_t MatchEntry(absl::Span<const float> entries, uint32_t dim, const float* unit, float theta) {
+  const size_t count = dim == 0 ? 0 : entries.size() / dim;
+  int64_t best = -1;
+  float best_dot = 0.0f;
+  size_t e = 0;
+  float dots[4];
+  auto consider = [&](size_t index, float dot) {
+    // Strictly greater: ties keep the lowest entry index.
+    if (Similar(dot, theta, unit, &entries[index * dim], dim) && (best < 0 || dot > best_dot)) {
+      best = static_cast<int64_t>(index);
+      best_dot = dot;
+    }
+  };
+  for (; e + 4 <= count; e += 4) {
+    Dot4(unit, &entries[e * dim], dim, dots);
+    for (size_t q = 0; q < 4; ++q) consider(e + q, dots[q]);
+  }
+  for (; e < count; ++e) consider(e, Dot(unit, &entries[e * dim], dim));
+  return best;
+}
+
+absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta,
+                                       uint32_t max_graph_vectors) {
+  if (absl::Status s = ValidateBuild(vectors, dim, theta); !s.ok()) return s;
+  if (max_graph_vectors == 0) {
+    return absl::InvalidArgumentError("codebook max_graph_vectors must be > 0");
+  }
+  const size_t n = vectors.size() / dim;
+  if (n <= max_graph_vectors) return BuildGraph(vectors, dim, theta);
+
+  // Chunks: match against the entries so far, then Algorithm 1 on what matched nothing.
+  Codebook codebook;
+  codebook.dim = dim;
+  codebook.refs.resize(n);
+  codebook.magnitudes.resize(n);
+  std::vector<float> unit(dim);
+  std::vector<float> unmatched;
+  std::vector<size_t> unmatched_index;
+  for (size_t begin = 0; begin < n; begin += max_graph_vectors) {
+    const size_t end = std::min(n, begin + max_graph_vectors);
+    const size_t known = codebook.size();
+    unmatched.clear();
+    unmatched_index.clear();
+    for (size_t i = begin; i < end; ++i) {
+      const float* x = &vectors[i * dim];
+      float magnitude = 0.0f;
+      if (!Normalize(x, dim, unit.data(), &magnitude)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("codebook input vector ", i, " has a non-finite element"));
+      }
+      const int64_t match =
+          magnitude > 0.0f && known > 0
+              ? MatchEntry(absl::MakeConstSpan(codebook.entries.data(), known * dim), dim,
+                           unit.data(), theta)
+              : -1;
+      if (match >= 0) {
+        codebook.refs[i] = static_cast<uint32_t>(match);
+        codebook.magnitudes[i] = magnitude;
+      } else {
+        unmatched.insert(unmatched.end(), x, x + dim);
+        unmatched_index.push_back(i);
+      }
+    }
+    absl::StatusOr<Codebook> part = BuildGraph(unmatched, dim, theta);
+    if (!part.ok()) return part.status();
+    const uint32_t base = codebook.size();
+    codebook.entries.insert(codebook.entries.end(), part->entries.begin(), part->entries.end());
+    for (size_t j = 0; j < unmatched_index.size(); ++j) {
+      codebook.refs[unmatched_index[j]] = base + part->refs[j];
+      codebook.magnitudes[unmatched_index[j]] = part->magnitudes[j];
+    }
+  }
+  return codebook;
 }
 
 void ReconstructCodebook(const Codebook& codebook, absl::Span<float> out) {
@@ -329,58 +400,6 @@ void ReconstructCodebook(const Codebook& codebook, absl::Span<float> out) {
     const float m = codebook.magnitudes[i];
     for (size_t k = 0; k < dim; ++k) out[i * dim + k] = entry[k] * m;
   }
-}
-
-std::vector<uint32_t> MatchAndAppend(Codebook& codebook, absl::Span<const float> new_vectors,
-                                     float theta) {
-  const uint32_t dim = codebook.dim;
-  if (dim == 0 || new_vectors.size() % dim != 0) {
-    Die(absl::StrCat("MatchAndAppend: ", new_vectors.size(),
-                     " floats is not a whole number of vectors of the codebook's dim ", dim));
-  }
-  const size_t count = new_vectors.size() / dim;
-  const size_t entries = codebook.size();
-  std::vector<uint32_t> unmatched;
-  std::vector<float> unit(dim);
-  for (size_t i = 0; i < count; ++i) {
-    float magnitude = 0.0f;
-    // An invalid theta, a non-finite or a zero vector matches nothing.
-    if (!ValidTheta(theta) || !Normalize(&new_vectors[i * dim], dim, unit.data(), &magnitude) ||
-        magnitude == 0.0f) {
-      unmatched.push_back(static_cast<uint32_t>(i));
-      continue;
-    }
-    size_t best = entries;
-    float best_dot = 0.0f;
-    for (size_t e = 0; e < entries; ++e) {
-      const float* entry = &codebook.entries[e * dim];
-      const float dot = Dot(unit.data(), entry, dim);
-      // Strictly greater: ties keep the lowest entry index.
-      if (Similar(dot, theta, unit.data(), entry, dim) && (best == entries || dot > best_dot)) {
-        best = e;
-        best_dot = dot;
-      }
-    }
-    if (best == entries) {
-      unmatched.push_back(static_cast<uint32_t>(i));
-    } else {
-      codebook.refs.push_back(static_cast<uint32_t>(best));
-      codebook.magnitudes.push_back(magnitude);
-    }
-  }
-  return unmatched;
-}
-
-absl::Status AppendBatch(Codebook& codebook, absl::Span<const float> vectors, float theta) {
-  if (codebook.dim == 0) return absl::InvalidArgumentError("AppendBatch: codebook dim is 0");
-  absl::StatusOr<Codebook> batch = Build(vectors, codebook.dim, theta);
-  if (!batch.ok()) return batch.status();
-  const uint32_t offset = codebook.size();
-  codebook.entries.insert(codebook.entries.end(), batch->entries.begin(), batch->entries.end());
-  for (uint32_t ref : batch->refs) codebook.refs.push_back(offset + ref);
-  codebook.magnitudes.insert(codebook.magnitudes.end(), batch->magnitudes.begin(),
-                             batch->magnitudes.end());
-  return absl::OkStatus();
 }
 
 }  // namespace cachemgr::compress

@@ -28,20 +28,29 @@ struct Codebook {
   uint32_t size() const { return dim == 0 ? 0 : static_cast<uint32_t>(entries.size() / dim); }
 };
 
+// Largest number of vectors whose similarity graph one Algorithm 1 run builds (its bitset is
+// n^2 / 8 bytes: 32 MiB here).
+inline constexpr uint32_t kMaxGraphVectors = 16384;
+
 // `vectors` is [n, dim] row-major. theta in (0, 1] (INVALID_ARGUMENT otherwise, naming
 // "theta"). A zero vector gets magnitude 0 and is treated as similar to nothing but itself.
-absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta);
+// Up to max_graph_vectors vectors: Algorithm 1 exactly. More: consecutive chunks of
+// max_graph_vectors, the first by Algorithm 1, each later one as decode-time appends are coded
+// (§3.4): a vector joins the most similar entry so far when cos > theta (MatchEntry), and
+// Algorithm 1 codes the chunk's unmatched vectors on their own, appending their entries.
+absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta,
+                                       uint32_t max_graph_vectors = kMaxGraphVectors);
 
 // Reconstruction (eq. 14): out[i] = entries[refs[i]] * magnitudes[i]; `out` is [n, dim].
 void ReconstructCodebook(const Codebook& codebook, absl::Span<float> out);
 
-// Decode-time append (paper §3.4): for each new vector, the entry with the highest cosine if it
-// exceeds theta (the vector then joins it: refs/magnitudes grow). Vectors that match nothing are
-// returned by index so the caller can queue them and later code them in a batch with
-// AppendBatch.
-std::vector<uint32_t> MatchAndAppend(Codebook& codebook, absl::Span<const float> new_vectors,
-                                     float theta);
-// Runs the greedy build on `vectors` alone and appends the new entries and their refs.
-absl::Status AppendBatch(Codebook& codebook, absl::Span<const float> vectors, float theta);
+// Eq. 8 for one vector: magnitude (computed in double) and unit vector x / m (all zeros when
+// m = 0). False when an element is not finite.
+bool NormalizeVector(const float* x, uint32_t dim, float* unit, float* magnitude);
+
+// The entry of `entries` ([count, dim] unit vectors) most similar to the unit vector `unit` if
+// it passes the edge test of BuildCodebook (cos > theta, or identical at theta = 1), else -1.
+// Ties keep the lowest index. The same float arithmetic as the build's.
+int64_t MatchEntry(absl::Span<const float> entries, uint32_t dim, const float* unit, float theta);
 
 }  // namespace cachemgr::compress

@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "cachemgr/compress/accounting.h"
-#include "cachemgr/compress/selection.h"
 
 namespace cachemgr::compress {
 namespace {
@@ -44,20 +43,18 @@ absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& po
   result->value_codebook.reset();
   result->key_entry_offsets.clear();
   result->value_entry_offsets.clear();
-  const uint32_t heads = result->num_selection_heads;
+  const uint32_t heads = shape.num_kv_heads;
   const uint32_t per_head = result->kept_per_head;
   const uint32_t dim = shape.head_dim;
-  const uint32_t num_kv_heads = shape.num_kv_heads;
   if (heads == 0 || per_head == 0) return absl::OkStatus();
 
   const size_t num_vectors = static_cast<size_t>(heads) * per_head;
   std::vector<float> keys(num_vectors * dim);
   std::vector<float> values(num_vectors * dim);
   for (uint32_t head = 0; head < heads; ++head) {
-    const uint32_t kv_head = KvHeadOfSelectionHead(head, heads, num_kv_heads);
     for (uint32_t i = 0; i < per_head; ++i) {
       const size_t row = static_cast<size_t>(head) * per_head + i;
-      const size_t src = (static_cast<size_t>(result->kept[row]) * num_kv_heads + kv_head) * dim;
+      const size_t src = (static_cast<size_t>(result->kept[row]) * heads + head) * dim;
       std::copy_n(layer.keys + src, dim, keys.data() + row * dim);
       std::copy_n(layer.values + src, dim, values.data() + row * dim);
     }
@@ -65,8 +62,7 @@ absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& po
   // The kept token ids are exactly the angle rows of the vectors, in order.
   RotateRows(rope, angles, result->kept, /*heads=*/1, absl::MakeSpan(keys), /*inverse=*/true);
 
-  const uint32_t parts =
-      policy.codebook_scope == CodebookScope::kKvHead ? std::min(num_kv_heads, heads) : 1;
+  const uint32_t parts = policy.codebook_scope == CodebookScope::kKvHead ? heads : 1;
   Codebook key_codebook;
   Codebook value_codebook;
   std::vector<uint32_t> key_offsets;
@@ -86,7 +82,7 @@ absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& po
   result->key_entry_offsets = std::move(key_offsets);
   result->value_entry_offsets = std::move(value_offsets);
   if (policy.codebook_only_if_smaller &&
-      LayerBytes(shape, *result) >= PlainLayerBytes(shape, heads, per_head)) {
+      LayerBytes(shape, *result) >= PlainLayerBytes(shape, per_head)) {
     result->key_codebook.reset();
     result->value_codebook.reset();
     result->key_entry_offsets.clear();

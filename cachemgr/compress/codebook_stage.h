@@ -2,9 +2,8 @@
 // replaced by codebooks (entries + per-vector ref and magnitude), built by BuildCodebook.
 //
 // Keys are un-rotated to pre-RoPE at their token's position before the build (the paper
-// builds on pre-RoPE K); MaterializeLayer re-rotates them. Vectors are ordered [selection
-// head][kept token], so under GqaMode::kRepeat a token kept by several query heads of one KV
-// head appears once per head (exact duplicates, which the codebook absorbs).
+// builds on pre-RoPE K); MaterializeLayer re-rotates them. Vectors are ordered [kv head][kept
+// token].
 #pragma once
 
 #include <cstdint>
@@ -16,10 +15,9 @@
 namespace cachemgr::compress {
 
 // Fills result->key_codebook / value_codebook and the part offsets for the selection already in
-// `result` (kept, num_selection_heads, kept_per_head). Scope kLayer builds one codebook per
-// layer over all selection heads; kKvHead one per KV head over the selection heads of that KV
-// head, concatenated. With policy.codebook_only_if_smaller the codebooks are dropped again
-// when their honest bytes are not below the plain bytes of the same selection.
+// `result` (kept, kept_per_head). Scope kLayer builds one codebook per layer over all KV heads;
+// kKvHead one per KV head, concatenated. With policy.codebook_only_if_smaller the codebooks are
+// dropped again when their honest bytes are not below the plain bytes of the same selection.
 // `angles` holds the RoPE angles of every token of the sequence, indexed by token.
 // Errors from BuildCodebook pass through.
 absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& policy,

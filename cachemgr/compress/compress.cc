@@ -59,7 +59,6 @@ class SequenceCompressor {
         policy_(policy),
         input_(input),
         split_(SplitWindow(input.num_tokens, policy.window)),
-        num_heads_(NumSelectionHeads(shape, policy)),
         rope_(RopeParamsFromShape(shape)),
         memo_(shape.num_layers) {}
 
@@ -105,14 +104,14 @@ class SequenceCompressor {
  private:
   absl::StatusOr<LayerResult> CompressLayer(uint32_t l, uint32_t k) {
     LayerResult layer;
-    layer.num_selection_heads = num_heads_;
     layer.kept_per_head = k + split_.window;
+    const uint32_t heads = shape_.num_kv_heads;
     if (k == split_.context) {
-      SelectAll(num_heads_, split_.num_tokens, &layer.kept);
+      SelectAll(heads, split_.num_tokens, &layer.kept);
     } else if (policy_.scoring == Scoring::kSinksRecent) {
-      SelectSinksRecent(num_heads_, split_, k, policy_.sinks, &layer.kept);
+      SelectSinksRecent(heads, split_, k, policy_.sinks, &layer.kept);
     } else {
-      SelectTopK(scores_[l].scores, num_heads_, split_, k, &layer.kept);
+      SelectTopK(scores_[l].scores, scores_[l].num_heads, heads, split_, k, &layer.kept);
     }
     if (policy_.codebook) {
       RETURN_IF_ERROR(
@@ -127,7 +126,6 @@ class SequenceCompressor {
   const PolicyConfig& policy_;
   const SequenceInput& input_;
   const WindowSplit split_;
-  const uint32_t num_heads_;
   const RopeParams rope_;
   RopeAngles angles_;
   std::vector<LayerScores> scores_;
@@ -253,13 +251,7 @@ absl::StatusOr<SequenceResult> SearchByteRatio(const ModelShape& shape, uint32_t
 
 absl::Status ValidateLayerResult(const ModelShape& shape, const SequenceInput& input,
                                  const LayerResult& result) {
-  const uint32_t heads = result.num_selection_heads;
-  if (heads == 0 || heads % shape.num_kv_heads != 0 ||
-      (heads != shape.num_kv_heads && heads != shape.num_q_heads)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "result.num_selection_heads must be shape.num_kv_heads or shape.num_q_heads (got ", heads,
-        ")"));
-  }
+  const uint32_t heads = shape.num_kv_heads;
   const size_t vectors = static_cast<size_t>(heads) * result.kept_per_head;
   if (result.kept.size() != vectors) {
     return absl::InvalidArgumentError(
@@ -324,7 +316,7 @@ absl::Status MaterializeLayer(const ModelShape& shape, const SequenceInput& inpu
                      " entries, expected input.num_tokens = ", input.num_tokens, " (or none)"));
   }
   RETURN_IF_ERROR(ValidateLayerResult(shape, input, result));
-  const uint32_t heads = result.num_selection_heads;
+  const uint32_t heads = shape.num_kv_heads;
   const uint32_t dim = shape.head_dim;
   const size_t vectors = static_cast<size_t>(heads) * result.kept_per_head;
   keys->resize(vectors * dim);
@@ -359,11 +351,9 @@ absl::Status MaterializeLayer(const ModelShape& shape, const SequenceInput& inpu
         absl::StrCat("input.layers[", layer, "].keys and .values are required for a plain layer"));
   }
   for (uint32_t head = 0; head < heads; ++head) {
-    const uint32_t kv_head = KvHeadOfSelectionHead(head, heads, shape.num_kv_heads);
     for (uint32_t i = 0; i < result.kept_per_head; ++i) {
       const size_t row = static_cast<size_t>(head) * result.kept_per_head + i;
-      const size_t src =
-          (static_cast<size_t>(result.kept[row]) * shape.num_kv_heads + kv_head) * dim;
+      const size_t src = (static_cast<size_t>(result.kept[row]) * heads + head) * dim;
       std::copy_n(in.keys + src, dim, keys->data() + row * dim);
       std::copy_n(in.values + src, dim, values->data() + row * dim);
     }

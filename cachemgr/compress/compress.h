@@ -55,7 +55,7 @@ enum class Pooling : uint8_t { kNone, kAvg, kMax };
 
 enum class GqaMode : uint8_t {
   kGroupMean,  // eq. 3: average scores over the h_n query heads of a KV head; select per KV head
-  kRepeat,     // unfold each KV head to its h_n query heads; select per query head
+  kRepeat,     // unfold each KV head to its h_n query heads; rank per query head (selection.h)
 };
 
 enum class CodebookScope : uint8_t { kLayer, kKvHead };
@@ -84,6 +84,9 @@ struct PolicyConfig {
   // A layer keeps its codebook form only if that holds fewer bytes than storing its kept
   // vectors plainly (otherwise the codebook would cost memory, not save it).
   bool codebook_only_if_smaller = true;
+  // Rows appended to a codebook layer after Compress (decoding): vectors that match no entry
+  // queue per codebook part, and are coded together by Algorithm 1 once this many have queued.
+  uint32_t append_batch = 32;
 };
 
 // Named presets: "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "pyramidinfer",
@@ -131,20 +134,18 @@ struct CompressTarget {
 
 struct LayerResult {
   double context_ratio = 1.0;  // r_c(lambda) used for this layer
-  // num_kv_heads (group mean) or num_q_heads (repeat); always num_kv_heads for kFull and
-  // kSinksRecent, whose choice does not depend on the head. Selection head s holds the vectors
-  // of KV head s * num_kv_heads / num_selection_heads.
-  uint32_t num_selection_heads = 0;
-  uint32_t kept_per_head = 0;  // tokens kept by every selection head (window included)
-  // [num_selection_heads, kept_per_head]: original token indices, ascending per head.
+  uint32_t kept_per_head = 0;  // tokens kept by every KV head (window included)
+  // [num_kv_heads, kept_per_head]: original token indices, ascending per head. Under
+  // GqaMode::kRepeat the query heads of a KV head rank the tokens and the KV head takes their
+  // rankings round-robin (selection.h), so a layer always stores kept_per_head rows per KV head.
   std::vector<uint32_t> kept;
-  // Set when the layer is stored in codebook form. Vectors are ordered [head][kept token];
+  // Set when the layer is stored in codebook form. Vectors are ordered [kv head][kept token];
   // key codebooks are built on pre-RoPE K.
   std::optional<Codebook> key_codebook;
   std::optional<Codebook> value_codebook;
   // Codebook parts, num_parts + 1 offsets into the entries (set with the codebooks): part p owns
   // entries [offsets[p], offsets[p+1]) and the vectors of an equal, consecutive share of the
-  // selection heads. CodebookScope::kLayer has one part ({0, size}); kKvHead one part per KV
+  // KV heads. CodebookScope::kLayer has one part ({0, size}); kKvHead one part per KV
   // head, built independently and concatenated (refs index the concatenation).
   std::vector<uint32_t> key_entry_offsets;
   std::vector<uint32_t> value_entry_offsets;
@@ -193,7 +194,7 @@ absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const P
                                                 const SequenceInput& input,
                                                 const CompressTarget& target);
 
-// Rebuilds a layer's kept K and V as dense arrays [num_selection_heads, kept_per_head, head_dim]
+// Rebuilds a layer's kept K and V as dense arrays [num_kv_heads, kept_per_head, head_dim]
 // (K post-RoPE at each kept token's original position), from the codebooks or the input.
 absl::Status MaterializeLayer(const ModelShape& shape, const SequenceInput& input, uint32_t layer,
                               const LayerResult& result, std::vector<float>* keys,

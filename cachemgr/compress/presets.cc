@@ -91,6 +91,9 @@ absl::Status ValidatePolicy(const PolicyConfig& policy) {
   if (!(policy.theta_v > 0.0f && policy.theta_v <= 1.0f)) {
     return OutOfRange("theta_v", "(0, 1]", policy.theta_v);
   }
+  if (policy.append_batch == 0) {
+    return absl::InvalidArgumentError("policy.append_batch must be >= 1 (got 0)");
+  }
   if (policy.scoring == Scoring::kWindow && policy.schedule != BudgetSchedule::kFull &&
       policy.window == 0) {
     return absl::InvalidArgumentError(

@@ -341,10 +341,10 @@ absl::StatusOr<LayerScores> ScoreLayer(const ModelShape& shape, const PolicyConf
 
   // Step 4.
   if (policy.gqa == GqaMode::kRepeat || group == 1) {
-    out.num_selection_heads = num_q_heads;
+    out.num_heads = num_q_heads;
     out.scores = std::move(per_head);
   } else {
-    out.num_selection_heads = shape.num_kv_heads;
+    out.num_heads = shape.num_kv_heads;
     out.scores.assign(static_cast<size_t>(shape.num_kv_heads) * context, 0.0f);
     const float inv_group = 1.0f / static_cast<float>(group);
     for (uint32_t h = 0; h < num_q_heads; ++h) {

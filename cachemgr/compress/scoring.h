@@ -19,8 +19,9 @@
 //              default count_include_pad=True, which SnapKV uses. Edge tokens are damped.
 //        kMax: out[a] = max of the in-range cells of in[a-p .. a+p] (max_pool1d pads with -inf).
 //   4. GQA (eq. 3): kGroupMean averages the h_n query heads g*h_n .. g*h_n+h_n-1 of KV head g
-//      (Hugging Face repeat_kv order) into one selection head per KV head; kRepeat keeps one
-//      selection head per query head. Steps 2-3 run per query head, before the mean.
+//      (Hugging Face repeat_kv order) into one score row per KV head; kRepeat keeps one row per
+//      query head (SelectTopK merges them per KV head). Steps 2-3 run per query head, before
+//      the mean.
 //   NaN scores become -infinity (never selected before a finite score).
 // Numerics: logits and probabilities in float (q pre-scaled by 1/sqrt(head_dim)), exp by a
 // polynomial (relative error ~1e-7) clamped at e^-87, so a probability is never exactly 0 for
@@ -57,9 +58,11 @@ void Pool1d(Pooling pooling, uint32_t kernel, absl::Span<const float> in, absl::
 
 // Per-layer output of the pipeline.
 struct LayerScores {
-  uint32_t num_selection_heads = 0;
+  // Score rows: num_q_heads under GqaMode::kRepeat (when num_q_heads > num_kv_heads), else
+  // num_kv_heads.
+  uint32_t num_heads = 0;
   uint32_t context = 0;       // l_c
-  std::vector<float> scores;  // [num_selection_heads, context]
+  std::vector<float> scores;  // [num_heads, context]
   // Mean over query heads of HeadMinimumBudget(sums[h][0, l_c), zigzag_tau) on the raw step-1
   // sums; only filled when requested (the ZigZag schedule).
   double lmba = 0.0;

@@ -4,46 +4,82 @@
 #include <functional>
 
 namespace cachemgr::compress {
+namespace {
 
-uint32_t NumSelectionHeads(const ModelShape& shape, const PolicyConfig& policy) {
-  if (policy.schedule == BudgetSchedule::kFull || policy.scoring == Scoring::kSinksRecent) {
-    return shape.num_kv_heads;
+// The k highest of `row` (ties to the lower index), ascending, into out[0, k). Threshold = the
+// k-th largest score; everything above it and the lowest-indexed tokens equal to it, in one scan
+// in token order.
+void TopKAscending(const float* row, uint32_t context, uint32_t k, std::vector<float>& scratch,
+                   uint32_t* out) {
+  if (k == 0) return;
+  if (k == context) {
+    for (uint32_t a = 0; a < context; ++a) out[a] = a;
+    return;
   }
-  return policy.gqa == GqaMode::kRepeat ? shape.num_q_heads : shape.num_kv_heads;
+  scratch.assign(row, row + context);
+  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
+                   std::greater<float>());
+  const float threshold = scratch[k - 1];
+  uint32_t above = 0;
+  for (uint32_t a = 0; a < context; ++a) above += row[a] > threshold ? 1 : 0;
+  uint32_t ties_left = k - above;
+  uint32_t n = 0;
+  for (uint32_t a = 0; a < context; ++a) {
+    if (row[a] > threshold) {
+      out[n++] = a;
+    } else if (row[a] == threshold && ties_left > 0) {
+      out[n++] = a;
+      --ties_left;
+    }
+  }
 }
 
-void SelectTopK(absl::Span<const float> scores, uint32_t num_heads, const WindowSplit& split,
-                uint32_t k, std::vector<uint32_t>* kept) {
+// The first k tokens of `row`'s ranking (descending score, ties to the lower index).
+void RankedTopK(const float* row, uint32_t context, uint32_t k, std::vector<uint32_t>* ranked) {
+  ranked->resize(context);
+  for (uint32_t a = 0; a < context; ++a) (*ranked)[a] = a;
+  auto by_rank = [row](uint32_t x, uint32_t y) {
+    return row[x] > row[y] || (row[x] == row[y] && x < y);
+  };
+  std::partial_sort(ranked->begin(), ranked->begin() + k, ranked->end(), by_rank);
+  ranked->resize(k);
+}
+
+}  // namespace
+
+void SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads, uint32_t num_kv_heads,
+                const WindowSplit& split, uint32_t k, std::vector<uint32_t>* kept) {
   const uint32_t context = split.context;
   const uint32_t per_head = k + split.window;
-  kept->resize(static_cast<size_t>(num_heads) * per_head);
+  const uint32_t group = num_score_heads / num_kv_heads;
+  kept->resize(static_cast<size_t>(num_kv_heads) * per_head);
   std::vector<float> scratch;
-  for (uint32_t head = 0; head < num_heads; ++head) {
-    const float* row = scores.data() + static_cast<size_t>(head) * context;
-    uint32_t* out = kept->data() + static_cast<size_t>(head) * per_head;
-    uint32_t n = 0;
-    if (k == context) {
-      for (uint32_t a = 0; a < context; ++a) out[n++] = a;
+  std::vector<std::vector<uint32_t>> ranked(group);
+  std::vector<uint8_t> taken;
+  for (uint32_t h = 0; h < num_kv_heads; ++h) {
+    uint32_t* out = kept->data() + static_cast<size_t>(h) * per_head;
+    if (group == 1 || k == context) {
+      TopKAscending(scores.data() + static_cast<size_t>(h) * context, context, k, scratch, out);
     } else if (k > 0) {
-      // Threshold = the k-th largest score; take everything above it and the lowest-indexed
-      // tokens equal to it. One scan in token order keeps the output ascending.
-      scratch.assign(row, row + context);
-      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
-                       std::greater<float>());
-      const float threshold = scratch[k - 1];
-      uint32_t above = 0;
-      for (uint32_t a = 0; a < context; ++a) above += row[a] > threshold ? 1 : 0;
-      uint32_t ties_left = k - above;
-      for (uint32_t a = 0; a < context; ++a) {
-        if (row[a] > threshold) {
-          out[n++] = a;
-        } else if (row[a] == threshold && ties_left > 0) {
-          out[n++] = a;
-          --ties_left;
+      for (uint32_t g = 0; g < group; ++g) {
+        RankedTopK(scores.data() + (static_cast<size_t>(h) * group + g) * context, context, k,
+                   &ranked[g]);
+      }
+      taken.assign(context, 0);
+      uint32_t n = 0;
+      // Each ranking holds k distinct tokens, so the union reaches k before the ranks run out.
+      for (uint32_t rank = 0; n < k; ++rank) {
+        for (uint32_t g = 0; g < group && n < k; ++g) {
+          const uint32_t token = ranked[g][rank];
+          if (!taken[token]) {
+            taken[token] = 1;
+            out[n++] = token;
+          }
         }
       }
+      std::sort(out, out + k);
     }
-    for (uint32_t a = context; a < split.num_tokens; ++a) out[n++] = a;
+    for (uint32_t a = context; a < split.num_tokens; ++a) out[k + (a - context)] = a;
   }
 }
 

@@ -1,8 +1,8 @@
-// Token selection: which tokens each selection head of a layer keeps (paper eq. 7).
+// Token selection: which tokens each KV head of a layer keeps (paper eq. 7).
 //
-// Every selection head keeps the same number of tokens: k context tokens plus the whole
-// observation window [l_c, l). Outputs are [num_heads, k + l_w] original token indices,
-// ascending within each head. Thread-compatible; no shared state.
+// Every KV head keeps the same number of tokens: k context tokens plus the whole observation
+// window [l_c, l). Outputs are [num_kv_heads, k + l_w] original token indices, ascending within
+// each head. Thread-compatible; no shared state.
 #pragma once
 
 #include <cstdint>
@@ -14,21 +14,20 @@
 
 namespace cachemgr::compress {
 
-// Heads that select independently: one per query head with GqaMode::kRepeat, else one per KV
-// head. kFull and kSinksRecent always use KV heads: their choice does not depend on the head,
-// so repeating would only store identical copies.
-uint32_t NumSelectionHeads(const ModelShape& shape, const PolicyConfig& policy);
-
-// The KV head whose vectors selection head `head` keeps (head * num_kv_heads / num_heads).
-inline uint32_t KvHeadOfSelectionHead(uint32_t head, uint32_t num_heads, uint32_t num_kv_heads) {
-  return static_cast<uint32_t>(static_cast<uint64_t>(head) * num_kv_heads / num_heads);
-}
-
-// Per head, the k context tokens of highest score (scores [num_heads, l_c]); among equal scores
-// the lower index wins (so -inf/NaN-free scores give a unique answer); then the window.
-// Linear time per head. REQUIRES: k <= split.context, scores.size() == num_heads * l_c.
-void SelectTopK(absl::Span<const float> scores, uint32_t num_heads, const WindowSplit& split,
-                uint32_t k, std::vector<uint32_t>* kept);
+// Per KV head, k context tokens chosen from `scores` [num_score_heads, l_c], then the window.
+//   num_score_heads == num_kv_heads (group mean, or no GQA): the k highest scores of the head;
+//     among equal scores the lower index wins. Linear time per head.
+//   num_score_heads == g * num_kv_heads, g > 1 (GqaMode::kRepeat: one row per query head, Hugging
+//     Face repeat_kv order, query heads h*g .. h*g+g-1 serve KV head h): every query head ranks
+//     the context by descending score (ties to the lower index) and the KV head takes the
+//     group's rankings round-robin -- rank 0 of each query head in head order, then rank 1, ...
+//     -- skipping tokens already taken, until it holds k distinct tokens. Each query head thus
+//     keeps its own best tokens, and the layer still stores exactly k rows per KV head (the
+//     bytes of the budget, unlike storing every query head's copy). O(l_c log k) per query head.
+// REQUIRES: k <= split.context, num_score_heads % num_kv_heads == 0,
+// scores.size() == num_score_heads * l_c.
+void SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads, uint32_t num_kv_heads,
+                const WindowSplit& split, uint32_t k, std::vector<uint32_t>* kept);
 
 // StreamingLLM: context tokens [0, min(sinks, k)) and the k - min(sinks, k) context tokens just
 // before the window, then the window; identical for every head.

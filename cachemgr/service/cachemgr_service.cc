@@ -147,13 +147,14 @@ class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
 
 CacheManagerService::CacheManagerService(CacheManager* manager, EventHub* events,
                                          std::string share_socket_path, std::string tcp_token,
-                                         std::string version)
+                                         std::string version, size_t worker_threads)
     : manager_(manager),
       events_(events),
       share_socket_path_(std::move(share_socket_path)),
       tcp_token_(std::move(tcp_token)),
       version_(std::move(version)),
-      started_(absl::Now()) {}
+      started_(absl::Now()),
+      workers_(worker_threads) {}
 
 absl::Status CacheManagerService::Authorize(grpc::CallbackServerContext* ctx) const {
   if (absl::StartsWith(ctx->peer(), "unix:")) return absl::OkStatus();
@@ -196,6 +197,19 @@ grpc::ServerUnaryReactor* CacheManagerService::Unary(grpc::CallbackServerContext
       draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
   if (status.ok()) status = body();
   reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(grpc::CallbackServerContext* ctx,
+                                                             std::function<absl::Status()> body) {
+  auto* reactor = new UnaryCall(this);
+  absl::Status status =
+      draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
+  if (!status.ok()) {
+    reactor->Finish(ToGrpcStatus(status));
+    return reactor;
+  }
+  workers_.Submit([reactor, body = std::move(body)] { reactor->Finish(ToGrpcStatus(body())); });
   return reactor;
 }
 
@@ -304,7 +318,7 @@ grpc::ServerUnaryReactor* CacheManagerService::ListSequences(
 grpc::ServerUnaryReactor* CacheManagerService::Compress(grpc::CallbackServerContext* ctx,
                                                         const v1::CompressRequest* request,
                                                         v1::CompressResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return UnaryOnWorker(ctx, [this, request, response]() -> absl::Status {
     ASSIGN_OR_RETURN(CompressParams params, CompressParamsFromProto(*request));
     ASSIGN_OR_RETURN(CompressResult r,
                      manager_->Compress(request->session_token(), request->sequence_id(), params));
@@ -316,11 +330,23 @@ grpc::ServerUnaryReactor* CacheManagerService::Compress(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CacheManagerService::Fetch(grpc::CallbackServerContext* ctx,
                                                      const v1::FetchRequest* request,
                                                      v1::FetchResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return UnaryOnWorker(ctx, [this, request, response]() -> absl::Status {
     std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
     ASSIGN_OR_RETURN(std::vector<FetchedLayerResult> r,
                      manager_->Fetch(request->session_token(), request->sequence_id(), layers));
     FetchResultToProto(r, response);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::Park(grpc::CallbackServerContext* ctx,
+                                                    const v1::ParkRequest* request,
+                                                    v1::ParkResponse* response) {
+  return UnaryOnWorker(ctx, [this, request, response]() -> absl::Status {
+    std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
+    ASSIGN_OR_RETURN(std::vector<ParkedLayerResult> r,
+                     manager_->Park(request->session_token(), request->sequence_id(), layers));
+    ParkResultToProto(r, response);
     return absl::OkStatus();
   });
 }

@@ -1,16 +1,19 @@
 // CacheManagerService: the cachemgr.v1 gRPC service (callback API) over a CacheManager.
 //
-// The only place absl::Status becomes grpc::Status. Handlers do bookkeeping only (microseconds)
-// and finish inline; no handler blocks on device work. Calls arriving over TCP must carry
+// The only place absl::Status becomes grpc::Status. Bookkeeping handlers (microseconds) finish
+// inline; Compress, Fetch and Park, which do seconds of CPU work on long sequences, run on a
+// WorkerPool so they never hold gRPC's callback threads. Calls arriving over TCP must carry
 // "authorization: Bearer <token>" metadata; Unix-socket callers are trusted (socket mode 0600).
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <string>
 
 #include "absl/synchronization/mutex.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/event_hub.h"
+#include "cachemgr/service/worker_pool.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 
 namespace cachemgr {
@@ -20,8 +23,9 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 class CacheManagerService final : public v1::CacheManager::CallbackService {
  public:
   // `manager` and `events` must outlive the service. `tcp_token` empty means TCP is not served.
+  // `worker_threads` (>= 1) run the heavy calls.
   CacheManagerService(CacheManager* manager, EventHub* events, std::string share_socket_path,
-                      std::string tcp_token, std::string version);
+                      std::string tcp_token, std::string version, size_t worker_threads);
 
   grpc::ServerUnaryReactor* Attach(grpc::CallbackServerContext* ctx,
                                    const v1::AttachRequest* request,
@@ -52,6 +56,8 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
                                      v1::CompressResponse* response) override;
   grpc::ServerUnaryReactor* Fetch(grpc::CallbackServerContext* ctx, const v1::FetchRequest* request,
                                   v1::FetchResponse* response) override;
+  grpc::ServerUnaryReactor* Park(grpc::CallbackServerContext* ctx, const v1::ParkRequest* request,
+                                 v1::ParkResponse* response) override;
   grpc::ServerWriteReactor<v1::Event>* Watch(grpc::CallbackServerContext* ctx,
                                              const v1::WatchRequest* request) override;
 
@@ -72,6 +78,10 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   // Runs `body` after authorization and finishes the call with its status.
   template <typename Body>
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, Body&& body);
+  // The same, with `body` run on the worker pool (it must only capture what outlives the call:
+  // the request and response messages do).
+  grpc::ServerUnaryReactor* UnaryOnWorker(grpc::CallbackServerContext* ctx,
+                                          std::function<absl::Status()> body);
 
   CacheManager* const manager_;
   EventHub* const events_;
@@ -83,6 +93,8 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   std::atomic<bool> draining_{false};
   absl::Mutex calls_mu_;
   int64_t calls_in_flight_ ABSL_GUARDED_BY(calls_mu_) = 0;
+  // Last member: destroyed (its queue run, its threads joined) before anything it uses.
+  WorkerPool workers_;
 };
 
 }  // namespace cachemgr

@@ -169,6 +169,7 @@ void SequenceToProto(const SequenceSnapshot& s, v1::SequenceInfo* p) {
   p->set_compressed(s.compressed);
   p->set_compression_policy(s.compression_policy);
   p->mutable_kept_per_layer()->Add(s.kept_per_layer.begin(), s.kept_per_layer.end());
+  p->set_busy(s.busy);
 }
 
 void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
@@ -218,6 +219,8 @@ v1::EventType EventTypeToProto(EventType type) {
       return v1::EVENT_TYPE_POOL_CREATED;
     case EventType::kSequenceCompressed:
       return v1::EVENT_TYPE_SEQUENCE_COMPRESSED;
+    case EventType::kSequenceParked:
+      return v1::EVENT_TYPE_SEQUENCE_PARKED;
     case EventType::kPoolReleased:
       return v1::EVENT_TYPE_POOL_RELEASED;
   }
@@ -336,6 +339,7 @@ absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest
   if (p.has_theta_k()) c.theta_k = p.theta_k();
   if (p.has_theta_v()) c.theta_v = p.theta_v();
   if (p.has_codebook_only_if_smaller()) c.codebook_only_if_smaller = p.codebook_only_if_smaller();
+  if (p.has_append_batch()) c.append_batch = p.append_batch();
   switch (r.target_case()) {
     case v1::CompressRequest::kReserveRatio:
       out.target = {compress::TargetKind::kReserveRatio, r.reserve_ratio()};
@@ -394,9 +398,30 @@ void FetchResultToProto(const std::vector<FetchedLayerResult>& layers, v1::Fetch
     out->set_layer(in.layer);
     out->set_num_tokens(in.num_tokens);
     out->mutable_block_ids()->Add(in.block_ids.begin(), in.block_ids.end());
-    out->mutable_kept_positions()->Add(in.kept_positions.begin(), in.kept_positions.end());
+    out->mutable_positions()->Add(in.positions.begin(), in.positions.end());
     out->set_new_blocks(in.new_blocks);
   }
+}
+
+void ParkResultToProto(const std::vector<ParkedLayerResult>& layers, v1::ParkResponse* p) {
+  uint64_t released = 0;
+  for (const ParkedLayerResult& in : layers) {
+    v1::ParkedLayer* out = p->add_layers();
+    out->set_layer(in.layer);
+    out->set_num_tokens(in.num_tokens);
+    out->set_rows_appended(in.rows_appended);
+    out->set_matched(in.append.matched);
+    out->set_queued(in.append.queued);
+    out->set_batch_coded(in.append.batch_coded);
+    out->set_new_entries(in.append.new_entries);
+    out->set_key_codebook_size(in.key_codebook_size);
+    out->set_value_codebook_size(in.value_codebook_size);
+    out->set_queued_total(in.queued);
+    out->set_arena_bytes(in.arena_bytes);
+    out->set_blocks_released(in.blocks_released);
+    released += in.blocks_released;
+  }
+  p->set_blocks_released(released);
 }
 
 }  // namespace cachemgr

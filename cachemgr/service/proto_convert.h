@@ -25,5 +25,6 @@ v1::EventType EventTypeToProto(EventType type);
 absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest& request);
 void CompressResultToProto(const CompressResult& result, v1::CompressResponse* proto);
 void FetchResultToProto(const std::vector<FetchedLayerResult>& layers, v1::FetchResponse* proto);
+void ParkResultToProto(const std::vector<ParkedLayerResult>& layers, v1::ParkResponse* proto);
 
 }  // namespace cachemgr

@@ -56,6 +56,13 @@ void SetDeadline(grpc::ClientContext& context) {
   context.set_deadline(std::chrono::system_clock::now() + kCallDeadline);
 }
 
+// Compress, Fetch and Park do CPU work proportional to the sequence (codebooks are quadratic).
+constexpr auto kHeavyCallDeadline = std::chrono::minutes(10);
+
+void SetHeavyDeadline(grpc::ClientContext& context) {
+  context.set_deadline(std::chrono::system_clock::now() + kHeavyCallDeadline);
+}
+
 // ---- Enum conversion -------------------------------------------------------------------------
 
 pb::DType ToProto(DType dtype) {
@@ -209,6 +216,7 @@ SequenceInfo FromProto(const pb::SequenceInfo& in) {
   out.compressed = in.compressed();
   out.compression_policy = in.compression_policy();
   out.kept_per_layer.assign(in.kept_per_layer().begin(), in.kept_per_layer().end());
+  out.busy = in.busy();
   return out;
 }
 
@@ -655,6 +663,7 @@ absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
   if (in.theta_k) p->set_theta_k(*in.theta_k);
   if (in.theta_v) p->set_theta_v(*in.theta_v);
   if (in.codebook_only_if_smaller) p->set_codebook_only_if_smaller(*in.codebook_only_if_smaller);
+  if (in.append_batch) p->set_append_batch(*in.append_batch);
   if (options.target_kind == CompressTargetKind::kReserveRatio) {
     request.set_reserve_ratio(options.target);
   } else {
@@ -674,7 +683,7 @@ absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
   request.set_num_queries(options.num_queries);
   pb::CompressResponse response;
   grpc::ClientContext context;
-  SetDeadline(context);
+  SetHeavyDeadline(context);
   RETURN_IF_ERROR(FromGrpc(stub->Compress(&context, request, &response)));
   CompressResult out;
   for (const pb::CompressedLayer& l : response.layers()) {
@@ -710,7 +719,7 @@ absl::StatusOr<std::vector<FetchedLayer>> Session::Fetch(std::string_view sequen
   request.mutable_layers()->Add(layers.begin(), layers.end());
   pb::FetchResponse response;
   grpc::ClientContext context;
-  SetDeadline(context);
+  SetHeavyDeadline(context);
   RETURN_IF_ERROR(FromGrpc(stub->Fetch(&context, request, &response)));
   std::vector<FetchedLayer> out;
   for (const pb::FetchedLayer& l : response.layers()) {
@@ -718,9 +727,40 @@ absl::StatusOr<std::vector<FetchedLayer>> Session::Fetch(std::string_view sequen
     f.layer = l.layer();
     f.num_tokens = l.num_tokens();
     f.block_ids.assign(l.block_ids().begin(), l.block_ids().end());
-    f.kept_positions.assign(l.kept_positions().begin(), l.kept_positions().end());
+    f.positions.assign(l.positions().begin(), l.positions().end());
     f.new_blocks = l.new_blocks();
     out.push_back(std::move(f));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<ParkedLayer>> Session::Park(std::string_view sequence_id,
+                                                       const std::vector<uint32_t>& layers) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
+  pb::ParkRequest request;
+  request.set_session_token(impl_->session_token);
+  request.set_sequence_id(std::string(sequence_id));
+  request.mutable_layers()->Add(layers.begin(), layers.end());
+  pb::ParkResponse response;
+  grpc::ClientContext context;
+  SetHeavyDeadline(context);
+  RETURN_IF_ERROR(FromGrpc(stub->Park(&context, request, &response)));
+  std::vector<ParkedLayer> out;
+  for (const pb::ParkedLayer& l : response.layers()) {
+    ParkedLayer p;
+    p.layer = l.layer();
+    p.num_tokens = l.num_tokens();
+    p.rows_appended = l.rows_appended();
+    p.matched = l.matched();
+    p.queued = l.queued();
+    p.batch_coded = l.batch_coded();
+    p.new_entries = l.new_entries();
+    p.key_codebook_size = l.key_codebook_size();
+    p.value_codebook_size = l.value_codebook_size();
+    p.queued_total = l.queued_total();
+    p.arena_bytes = l.arena_bytes();
+    p.blocks_released = l.blocks_released();
+    out.push_back(p);
   }
   return out;
 }

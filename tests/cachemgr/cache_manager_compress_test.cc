@@ -5,144 +5,16 @@
 #include <cstring>
 #include <random>
 
-#include "cachemgr/backend/host_backend.h"
 #include "cachemgr/cache_manager.h"
-#include "cachemgr/host/memfd_region.h"
 #include "kernels/cpu/dtype_convert.h"
+#include "tests/cachemgr/compress_fixture.h"
 
 namespace cachemgr {
 namespace {
 
-constexpr uint32_t kLayers = 3, kQHeads = 4, kKvHeads = 2, kDim = 8, kBlock = 4, kTokens = 40;
-
-ModelSpec Model() {
-  ModelSpec m;
-  m.name = "cmp";
-  m.num_layers = kLayers;
-  m.num_q_heads = kQHeads;
-  m.num_kv_heads = kKvHeads;
-  m.head_dim = kDim;
-  m.dtype = DType::kFp32;
-  m.block_size = kBlock;
-  return m;
-}
-
-struct Fixture {
-  Fixture() : manager({}, &backend, &clock, &hub) {
-    hub.Subscribe([this](const Event* e) {
-      if (e) events.push_back(*e);
-    });
-    auto r = manager.Attach({"engine", Model(), 64});
-    REQUIRE(r.ok());
-    a = *r;
-    auto fds = manager.ShareFds(a.session_token);
-    REQUIRE(fds.ok());
-    REQUIRE(fds->size() == 2);
-    REQUIRE(a.input_buffer_region_index == 1);
-    REQUIRE(a.input_buffer_bytes == uint64_t{kLayers} * 64 * kQHeads * kDim * 4);
-    pool = *MemfdRegion::Map(std::move((*fds)[0]), a.pool.regions[0].bytes);
-    input = *MemfdRegion::Map(std::move((*fds)[1]), a.input_buffer_bytes);
-    layout = a.pool.model.LayerLayout(a.pool.num_blocks);
-  }
-
-  float* Head(uint32_t l, kernels::KvPlane plane, uint32_t block, uint32_t row, uint32_t h) {
-    return reinterpret_cast<float*>(pool.data() + a.pool.layers[l].offset +
-                                    layout.head_offset(plane, block, row, h));
-  }
-
-  // Allocates `id` with kTokens tokens of random KV; keeps a dense copy [n, Hkv, D] per layer.
-  void Fill(const std::string& id, uint32_t seed) {
-    auto alloc = manager.Allocate(a.session_token, id, kTokens);
-    REQUIRE(alloc.ok());
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> normal;
-    keys.assign(kLayers, std::vector<float>(kTokens * kKvHeads * kDim));
-    values = keys;
-    for (uint32_t l = 0; l < kLayers; ++l) {
-      for (uint32_t t = 0; t < kTokens; ++t) {
-        const int64_t slot = alloc->layers[l].slot_mapping[t];
-        for (uint32_t h = 0; h < kKvHeads; ++h) {
-          float* k = Head(l, kernels::KvPlane::kKey, slot / kBlock, slot % kBlock, h);
-          float* v = Head(l, kernels::KvPlane::kValue, slot / kBlock, slot % kBlock, h);
-          for (uint32_t d = 0; d < kDim; ++d) {
-            // Tokens of a head share a direction, so codebooks merge some of them.
-            const float base = (t % 3 == 0 ? 1.0f : 0.2f) * static_cast<float>(d + h);
-            k[d] = keys[l][(t * kKvHeads + h) * kDim + d] = base + 0.05f * normal(rng);
-            v[d] = values[l][(t * kKvHeads + h) * kDim + d] = base - 0.05f * normal(rng);
-          }
-        }
-      }
-    }
-    // Scores [L, Hq, n] into the input buffer.
-    scores.resize(size_t{kLayers} * kQHeads * kTokens);
-    std::uniform_real_distribution<float> uni(0.0f, 1.0f);
-    for (float& s : scores) s = uni(rng);
-    std::memcpy(input.data(), scores.data(), scores.size() * 4);
-  }
-
-  compress::SequenceResult Reference(const compress::PolicyConfig& policy, double r) {
-    compress::ModelShape shape;
-    shape.num_layers = kLayers;
-    shape.num_q_heads = kQHeads;
-    shape.num_kv_heads = kKvHeads;
-    shape.head_dim = kDim;
-    shape.elem_bytes = 4;
-    compress::SequenceInput in;
-    in.num_tokens = kTokens;
-    for (uint32_t l = 0; l < kLayers; ++l) {
-      compress::LayerInput li;
-      li.keys = keys[l].data();
-      li.values = values[l].data();
-      li.scores = scores.data() + size_t{l} * kQHeads * kTokens;
-      in.layers.push_back(li);
-    }
-    auto result =
-        compress::CompressSequence(shape, policy, in, {compress::TargetKind::kReserveRatio, r});
-    REQUIRE(result.ok());
-    return *std::move(result);
-  }
-
-  uint64_t UsedBlocks() {
-    uint64_t used = 0;
-    const StatsSnapshot stats = manager.Stats();
-    for (const auto& l : stats.pools[0].layers) used += l.used_blocks;
-    return used;
-  }
-
-  std::vector<Event> events;
-  HostBackend backend;
-  FakeClock clock;
-  EventHub hub;
-  CacheManager manager;
-  AttachResult a;
-  MemfdRegion pool, input;
-  kernels::KvLayerLayout layout;
-  std::vector<std::vector<float>> keys, values;
-  std::vector<float> scores;
-};
-
-CompressParams Params(const std::string& preset, double r = 0.3) {
-  CompressParams p;
-  p.policy = *ResolvePreset(preset);
-  p.policy.window = 4;
-  p.target = {compress::TargetKind::kReserveRatio, r};
-  p.input = CompressInput::kScores;
-  return p;
-}
-
-double Cos(const float* a, const float* b, uint32_t n) {
-  double ab = 0, aa = 0, bb = 0;
-  for (uint32_t i = 0; i < n; ++i) {
-    ab += double{a[i]} * b[i];
-    aa += double{a[i]} * a[i];
-    bb += double{b[i]} * b[i];
-  }
-  return ab / std::sqrt(aa * bb);
-}
-
 TEST_CASE("Compress matches the library and keeps the original rows", "[cpu]") {
-  const std::string preset =
-      GENERATE("snapkv", "pyramidkv", "streamingllm", "h2o", "spindlekv", "codebook", "fullkv");
+  const std::string preset = GENERATE("snapkv", "pyramidkv", "streamingllm", "h2o", "spindlekv",
+                                      "codebook", "fullkv", "pyramidinfer", "zigzagkv");
   Fixture f;
   f.Fill("s", 7);
   const uint64_t used_before = f.UsedBlocks();
@@ -163,18 +35,9 @@ TEST_CASE("Compress matches the library and keeps the original rows", "[cpu]") {
     CHECK(out.kept_per_head == lr.kept_per_head);
     CHECK(out.codebook == lr.key_codebook.has_value());
     const uint32_t rows = out.num_tokens;
-    REQUIRE(out.kept_positions.size() == size_t{kKvHeads} * rows);
-    // Every selection head's kept tokens are stored in its KV head's rows.
-    const uint32_t group = lr.num_selection_heads / kKvHeads;
-    for (uint32_t s = 0; s < lr.num_selection_heads; ++s) {
-      const uint32_t h = s / group;
-      for (uint32_t i = 0; i < lr.kept_per_head; ++i) {
-        const uint32_t tok = lr.kept[size_t{s} * lr.kept_per_head + i];
-        const auto begin = out.kept_positions.begin() + size_t{h} * rows;
-        CHECK(std::binary_search(begin, begin + rows, tok));
-      }
-    }
-    if (group == 1) CHECK(rows == lr.kept_per_head);
+    // Each KV head stores exactly the library's kept tokens, in order.
+    CHECK(rows == lr.kept_per_head);
+    CHECK(out.kept_positions == lr.kept);
     if (out.codebook) {
       CHECK(out.block_ids.empty());
       CHECK(out.key_codebook_size > 0);
@@ -207,7 +70,7 @@ TEST_CASE("Compress matches the library and keeps the original rows", "[cpu]") {
   REQUIRE(f.manager.CheckInvariants().ok());
   for (uint32_t l = 0; l < kLayers; ++l) {
     const auto& fl = (*fetched)[l];
-    CHECK(fl.kept_positions == r->layers[l].kept_positions);
+    CHECK(fl.positions == r->layers[l].kept_positions);
     CHECK(fl.num_tokens == r->layers[l].num_tokens);
     REQUIRE(fl.block_ids.size() == (fl.num_tokens + kBlock - 1) / kBlock);
     if (!r->layers[l].codebook) {
@@ -217,7 +80,7 @@ TEST_CASE("Compress matches the library and keeps the original rows", "[cpu]") {
     }
     for (uint32_t row = 0; row < fl.num_tokens; ++row) {
       for (uint32_t h = 0; h < kKvHeads; ++h) {
-        const uint32_t tok = fl.kept_positions[size_t{h} * fl.num_tokens + row];
+        const uint32_t tok = fl.positions[size_t{h} * fl.num_tokens + row];
         const uint32_t block = fl.block_ids[row / kBlock];
         CHECK(Cos(f.Head(l, kernels::KvPlane::kKey, block, row % kBlock, h),
                   &f.keys[l][(tok * kKvHeads + h) * kDim], kDim) > params.policy.theta_k - 1e-5);
@@ -281,10 +144,10 @@ TEST_CASE("a codebook layer parks until Fetch; Allocate asks for Fetch first", "
   for (uint32_t l = 0; l < kLayers; ++l) {
     const auto& fl = (*all)[l];
     CHECK(fl.new_blocks == (l == 1 ? 0u : (fl.num_tokens + kBlock - 1) / kBlock));
-    if (!repeat) CHECK(fl.num_tokens == r->layers[l].kept_per_head);
+    CHECK(fl.num_tokens == r->layers[l].kept_per_head);
     for (uint32_t row = 0; row < fl.num_tokens; ++row) {
       for (uint32_t h = 0; h < kKvHeads; ++h) {
-        const uint32_t tok = fl.kept_positions[size_t{h} * fl.num_tokens + row];
+        const uint32_t tok = fl.positions[size_t{h} * fl.num_tokens + row];
         const uint32_t block = fl.block_ids[row / kBlock];
         CHECK(Cos(f.Head(l, kernels::KvPlane::kKey, block, row % kBlock, h),
                   &f.keys[l][(tok * kKvHeads + h) * kDim], kDim) > params.policy.theta_k - 1e-5);
@@ -292,15 +155,6 @@ TEST_CASE("a codebook layer parks until Fetch; Allocate asks for Fetch first", "
                   &f.values[l][(tok * kKvHeads + h) * kDim], kDim) > params.policy.theta_v - 1e-5);
       }
     }
-  }
-  if (repeat) {
-    // The query heads of a group chose different tokens: the merged rows outnumber each
-    // head's own choice, and the shorter unions were padded (stored verbatim in the arena).
-    bool merged = false;
-    for (uint32_t l = 0; l < kLayers; ++l) {
-      merged = merged || (*all)[l].num_tokens > r->layers[l].kept_per_head;
-    }
-    CHECK(merged);
   }
   REQUIRE(f.manager.Allocate(f.a.session_token, "s", 3).ok());
   REQUIRE(f.manager.CheckInvariants().ok());

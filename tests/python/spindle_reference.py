@@ -7,7 +7,8 @@ still practical, so that test_reference.py can check `cachemgrctl` against it:
     either divided by (l - a) as printed ("literal") or left as plain sums ("sum", SnapKV's
     code)), SnapKV's 1-D pooling, and eq. 3 (mean over the query heads of a KV head);
   * eq. 5-7 per-layer budgets with eq. 5 corrected so that the layers' mean is r_c;
-  * top-k selection per head (ties to the lower token index), window always kept;
+  * top-k selection per KV head (ties to the lower token index), or under GQA repeat the query
+    heads' rankings merged round-robin per KV head; window always kept;
   * Algorithm 1 exactly as printed: a dense graph G, `while G.any()`, degree = G.sum(1) of the
     remaining graph, argmax (first maximum), mask = outer(~G[i], ~G[i]), G &= mask.
 
@@ -71,7 +72,7 @@ def pool1d(rows, pooling, kernel):
 
 def window_scores(sums, num_tokens, window, normalization, pooling, kernel, gqa, num_kv_heads):
     """Eq. 2 (+ pooling) per query head on the context tokens, then eq. 3 for gqa == "mean".
-    sums [Hq, T] -> [num_selection_heads, l_c]."""
+    sums [Hq, T] -> [Hq (repeat) or Hkv (mean), l_c]."""
     _, l_c = split_window(num_tokens, window)
     ctx = sums[:, :l_c].astype(np.float64)
     if normalization == "literal":
@@ -181,6 +182,46 @@ def top_k_with_window(scores, num_tokens, window, k):
     return np.array(rows, dtype=np.int64).reshape(len(scores), k + l_w)
 
 
+def round_robin_last_rank(scores, group, k):
+    """The rank at which the round-robin over `scores` [group, l_c] takes its k-th token."""
+    l_c = scores.shape[1]
+    rankings = [np.lexsort((np.arange(l_c), -scores[g])) for g in range(group)]
+    seen = set()
+    for rank in range(l_c):
+        for g in range(group):
+            seen.add(int(rankings[g][rank]))
+            if len(seen) == k:
+                return rank
+    return l_c - 1
+
+
+def round_robin_with_window(scores, num_kv_heads, num_tokens, window, k):
+    """GQA repeat: scores [Hq, l_c] (query head h serves KV head h // (Hq / Hkv)) ->
+    [Hkv, k + l_w]. Each query head ranks the context (score descending, ties to the lower
+    index); a KV head takes rank 0 of each of its query heads in order, then rank 1, ...,
+    skipping tokens already taken, until it holds k; ascending, then the window."""
+    l_w, l_c = split_window(num_tokens, window)
+    group = scores.shape[0] // num_kv_heads
+    rows = []
+    for h in range(num_kv_heads):
+        rankings = [np.lexsort((np.arange(l_c), -scores[h * group + g])) for g in range(group)]
+        taken = []
+        seen = set()
+        for rank in range(l_c):
+            for g in range(group):
+                if len(taken) == k:
+                    break
+                t = int(rankings[g][rank])
+                if t not in seen:
+                    seen.add(t)
+                    taken.append(t)
+            if len(taken) == k:
+                break
+        rows.append(np.concatenate([np.sort(np.array(taken, dtype=np.int64)),
+                                    np.arange(l_c, num_tokens)]))
+    return np.array(rows, dtype=np.int64).reshape(num_kv_heads, k + l_w)
+
+
 def sinks_recent(num_heads, num_tokens, window, k, sinks):
     l_w, l_c = split_window(num_tokens, window)
     first = min(sinks, k)
@@ -236,14 +277,13 @@ def compress_kept(policy, keys, queries=None, scores=None, reserve_ratio=0.2):
     for lam in range(num_layers):
         k = l_c if schedule == "full" else kept_context_count(ratios[lam], l_c)
         counts.append(k)
-        if not uses_scores:
-            heads = num_kv_heads
-        else:
-            heads = num_q_heads if policy["gqa"] == "repeat" else num_kv_heads
         if k == l_c:
-            kept.append(np.tile(np.arange(num_tokens), (heads, 1)))
+            kept.append(np.tile(np.arange(num_tokens), (num_kv_heads, 1)))
         elif policy["scoring"] == "sinks_recent":
-            kept.append(sinks_recent(heads, num_tokens, window, k, policy["sinks"]))
+            kept.append(sinks_recent(num_kv_heads, num_tokens, window, k, policy["sinks"]))
+        elif layer_scores[lam].shape[0] > num_kv_heads:  # repeat: one row per query head
+            kept.append(round_robin_with_window(layer_scores[lam], num_kv_heads, num_tokens,
+                                                window, k))
         else:
             kept.append(top_k_with_window(layer_scores[lam], num_tokens, window, k))
     return ratios, counts, kept
@@ -251,7 +291,9 @@ def compress_kept(policy, keys, queries=None, scores=None, reserve_ratio=0.2):
 
 def boundary_gaps(policy, keys, queries=None, scores=None, reserve_ratio=0.2):
     """For every scored (layer, head): the relative gap between the k-th and (k+1)-th highest
-    score, where float rounding could flip the selection. Returns the smallest (inf if none)."""
+    score, where float rounding could flip the selection; under GQA repeat, per query head, the
+    gaps around the rank R at which the round-robin stops (R-1 | R and R | R+1: the union of the
+    top-R sets and the rank-R tokens decide the choice). Returns the smallest (inf if none)."""
     num_layers, num_tokens, num_kv_heads, _ = keys.shape
     window = policy["window"]
     _, l_c = split_window(num_tokens, window)
@@ -269,10 +311,18 @@ def boundary_gaps(policy, keys, queries=None, scores=None, reserve_ratio=0.2):
                               num_kv_heads)
         else:
             s = accumulated_scores(sums, num_tokens, window, policy["gqa"], num_kv_heads)
-        for row in s:
+        group = s.shape[0] // num_kv_heads
+        for h, row in enumerate(s):
             ordered = np.sort(row)[::-1]
             scale = max(abs(ordered[0]), 1e-30)
-            smallest = min(smallest, (ordered[k - 1] - ordered[k]) / scale)
+            if group == 1:
+                smallest = min(smallest, (ordered[k - 1] - ordered[k]) / scale)
+                continue
+            g0 = (h // group) * group
+            last = round_robin_last_rank(s[g0:g0 + group], group, k)
+            for a in (last - 1, last):
+                if 0 <= a and a + 1 < len(ordered):
+                    smallest = min(smallest, (ordered[a] - ordered[a + 1]) / scale)
     return smallest
 
 

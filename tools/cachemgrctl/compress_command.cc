@@ -194,7 +194,6 @@ std::string StatsJson(const CompressOptions& options, const LoadedSequence& seq,
     json.BeginObject();
     json.Key("layer").Uint(l);
     json.Key("context_ratio").Double(layer.context_ratio);
-    json.Key("num_selection_heads").Uint(layer.num_selection_heads);
     json.Key("kept_per_head").Uint(layer.kept_per_head);
     const bool codebook = layer.key_codebook.has_value();
     json.Key("codebook").Bool(codebook);
@@ -230,7 +229,7 @@ absl::Status WriteOutputs(const CompressOptions& options, const LoadedSequence& 
     const std::string prefix = absl::StrCat(options.out_dir, "/layer", l);
     RETURN_IF_ERROR(
         WriteNpy(prefix + "_kept.npy",
-                 NpyFromUint32(layer.kept, {layer.num_selection_heads, layer.kept_per_head})));
+                 NpyFromUint32(layer.kept, {seq.shape.num_kv_heads, layer.kept_per_head})));
     if (layer.key_codebook.has_value()) {
       RETURN_IF_ERROR(WriteCodebook(prefix + "_k", *layer.key_codebook, layer.key_entry_offsets));
       RETURN_IF_ERROR(

@@ -51,11 +51,11 @@ cachemgrctl compress --keys=K.npy --values=V.npy (--queries=Q.npy | --scores=S.n
     --elem_bytes=2      bytes per stored element, for the byte accounting (1, 2 or 4)
   Outputs in DIR (previous cachemgrctl outputs there are replaced):
     stats.json                    policy, target, bytes, ratios, per-layer summary
-    layer<L>_kept.npy             uint32 [num_selection_heads, kept_per_head] token indices
+    layer<L>_kept.npy             uint32 [num_kv_heads, kept_per_head] token indices
     for layers stored as codebooks, X in {k, v} (k: pre-RoPE keys):
     layer<L>_X_codebook.npy       float32 [entries, head_dim] unit vectors
-    layer<L>_X_refs.npy           uint32 [num_selection_heads * kept_per_head]
-    layer<L>_X_magnitudes.npy     float32 [num_selection_heads * kept_per_head]
+    layer<L>_X_refs.npy           uint32 [num_kv_heads * kept_per_head]
+    layer<L>_X_magnitudes.npy     float32 [num_kv_heads * kept_per_head]
     layer<L>_X_offsets.npy        uint32 [parts + 1]: entry ranges of the codebook parts
 
 cachemgrctl codebook --vectors=X.npy --theta=T --out=DIR

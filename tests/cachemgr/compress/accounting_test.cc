@@ -27,14 +27,13 @@ Codebook MakeCodebook(uint32_t entries, uint32_t vectors) {
 TEST_CASE("full and plain bytes", "[cpu]") {
   // 2 layers * 10 tokens * 2 KV heads * 8 dims * (K and V) * 2 bytes.
   CHECK(FullKvBytes(Shape(), 10) == 1280);
-  // Repeat: 4 selection heads * 5 kept * 8 * 2 * 2.
-  CHECK(PlainLayerBytes(Shape(), 4, 5) == 640);
-  CHECK(PlainLayerBytes(Shape(4), 2, 5) == 640);
+  // 2 KV heads * 5 kept * 8 * (K and V) * 2 bytes.
+  CHECK(PlainLayerBytes(Shape(), 5) == 320);
+  CHECK(PlainLayerBytes(Shape(4), 5) == 640);
 
   LayerResult plain;
-  plain.num_selection_heads = 4;
   plain.kept_per_head = 5;
-  CHECK(LayerBytes(Shape(), plain) == 640);
+  CHECK(LayerBytes(Shape(), plain) == 320);
   // Eq. 15 for a plain layer is r1 = kept / l.
   CHECK(LayerEq15Ratio(Shape(), plain, 10) == Approx(0.5));
 }
@@ -45,9 +44,8 @@ TEST_CASE("codebook bytes: entries, then a ref and a magnitude per vector", "[cp
   CHECK(CodebookPartBytes(3, 10, 8, 2) == 3 * 8 * 2 + 10 * (2 + 2));
   CHECK(CodebookPartBytes(70000, 1, 8, 2) == 70000ull * 16 + (4 + 2));
 
-  // 2 selection heads * 5 kept = 10 vectors; K codebook 3 entries, V 4 entries.
+  // 2 KV heads * 5 kept = 10 vectors; K codebook 3 entries, V 4 entries.
   LayerResult layer;
-  layer.num_selection_heads = 2;
   layer.kept_per_head = 5;
   layer.key_codebook = MakeCodebook(3, 10);
   layer.value_codebook = MakeCodebook(4, 10);

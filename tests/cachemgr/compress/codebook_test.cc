@@ -234,38 +234,72 @@ TEST_CASE("zero vectors are similar to nothing but themselves", "[cpu]") {
   CHECK(out == x);
 }
 
-TEST_CASE("MatchAndAppend joins the best entry; AppendBatch codes the rest", "[cpu]") {
+TEST_CASE("MatchEntry picks the most similar entry above theta", "[cpu]") {
   absl::StatusOr<Codebook> cb = BuildCodebook(std::vector<float>{1, 0, 0, 0, 3, 0}, 3, 0.7f);
   REQUIRE(cb.ok());
-  REQUIRE(cb->size() == 2);                          // e0, e1
-  const std::vector<float> incoming = {2, 2,    0,   // cos 0.707 with both: tie -> entry 0
-                                       1, 1.1f, 0,   // closer to e1
-                                       0, 0,    5,   // orthogonal: unmatched
-                                       0, 0,    0,   // zero: unmatched
-                                       0, 0.1f, 4};  // near e2: unmatched
-  std::vector<uint32_t> unmatched = MatchAndAppend(*cb, incoming, 0.7f);
-  CHECK(unmatched == std::vector<uint32_t>{2, 3, 4});
-  CHECK(cb->refs == std::vector<uint32_t>{0, 1, 0, 1});
-  REQUIRE(cb->magnitudes.size() == 4);
-  CHECK(cb->magnitudes[2] == ExactMagnitude(&incoming[0], 3));
-  CHECK(cb->size() == 2);
+  REQUIRE(cb->size() == 2);  // e0 = x, e1 = y
+  auto match = [&](std::vector<float> x, float theta = 0.7f) {
+    std::vector<float> unit(3);
+    float m = 0;
+    REQUIRE(NormalizeVector(x.data(), 3, unit.data(), &m));
+    return MatchEntry(cb->entries, 3, unit.data(), theta);
+  };
+  CHECK(match({2, 2, 0}) == 0);     // cos 0.707 with both: the tie keeps entry 0
+  CHECK(match({1, 1.1f, 0}) == 1);  // closer to e1
+  CHECK(match({0, 0, 5}) == -1);    // orthogonal
+  CHECK(match({0, 0, 0}) == -1);    // zero vector
+  CHECK(match({2, 2, 0}, 0.75f) == -1);
+  CHECK(match({0, 7, 0}, 1.0f) == 1);  // theta 1: identical unit vectors only
+  CHECK(match({0, 7, 0.001f}, 1.0f) == -1);
+  CHECK(MatchEntry({}, 3, cb->entries.data(), 0.5f) == -1);  // no entries
+  float m = 0;
+  std::vector<float> unit(2);
+  const std::vector<float> inf = {1, std::numeric_limits<float>::infinity()};
+  CHECK_FALSE(NormalizeVector(inf.data(), 2, unit.data(), &m));
+}
 
-  std::vector<float> queued;
-  for (uint32_t i : unmatched) queued.insert(queued.end(), &incoming[3 * i], &incoming[3 * i + 3]);
-  REQUIRE(AppendBatch(*cb, queued, 0.7f).ok());
-  // The batch alone: {e2, near e2} merge (entry 2), the zero vector is its own (entry 3).
-  CHECK(cb->size() == 4);
-  CHECK(cb->refs == std::vector<uint32_t>{0, 1, 0, 1, 2, 3, 2});
-  CHECK(cb->magnitudes.size() == 7);
-  // Now the queued direction matches.
-  CHECK(MatchAndAppend(*cb, std::vector<float>{0, 0, 1}, 0.7f).empty());
-  CHECK(cb->refs.back() == 2);
+TEST_CASE("more vectors than one graph: chunks match earlier entries, then Algorithm 1", "[cpu]") {
+  // Chunk 0 = {x, 2x, y, z}; chunk 1 = {3y, w, 2w, -x}: 3y joins y's entry, the w pair and -x
+  // get new entries built on chunk 1's unmatched vectors alone.
+  const std::vector<float> x = {
+      1, 0, 0, 0, 2, 0, 0, 0, 0, 1, 0, 0, 0,  0, 1, 0,  // chunk 0
+      0, 3, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, -1, 0, 0, 0,  // chunk 1
+  };
+  absl::StatusOr<Codebook> chunked = BuildCodebook(x, 4, 0.9f, /*max_graph_vectors=*/4);
+  REQUIRE(chunked.ok());
+  CHECK(chunked->size() == 5);  // x, y, z from chunk 0; w, -x from chunk 1
+  CHECK(chunked->refs == std::vector<uint32_t>{0, 0, 1, 2, 1, 3, 3, 4});
+  CHECK(chunked->magnitudes == std::vector<float>{1, 2, 1, 1, 3, 1, 2, 1});
+  absl::StatusOr<Codebook> whole = BuildCodebook(x, 4, 0.9f);
+  REQUIRE(whole.ok());
+  CHECK(whole->size() == 5);  // the same cover here, found in one graph
 
-  // An empty codebook matches nothing.
-  Codebook empty;
-  empty.dim = 3;
-  CHECK(MatchAndAppend(empty, std::vector<float>{1, 0, 0, 0, 1, 0}, 0.5f) ==
-        std::vector<uint32_t>{0, 1});
+  // Random clusters, chunked at several sizes: every vector within theta of its entry.
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const uint32_t dim = 16, n = 600;
+  std::vector<float> centers(8 * dim), v(n * dim);
+  for (float& c : centers) c = normal(rng);
+  for (uint32_t i = 0; i < n; ++i) {
+    for (uint32_t k = 0; k < dim; ++k)
+      v[i * dim + k] = centers[(i % 8) * dim + k] + 0.05f * normal(rng);
+  }
+  for (uint32_t chunk : {7u, 64u, 599u, 600u}) {
+    absl::StatusOr<Codebook> cb = BuildCodebook(v, dim, 0.95f, chunk);
+    REQUIRE(cb.ok());
+    REQUIRE(cb->refs.size() == n);
+    CHECK(cb->size() >= 8);
+    CHECK(cb->size() < n / 4);
+    for (uint32_t i = 0; i < n; ++i) {
+      const float* e = &cb->entries[cb->refs[i] * dim];
+      double dot = 0, norm = 0;
+      for (uint32_t k = 0; k < dim; ++k) {
+        dot += double{e[k]} * v[i * dim + k];
+        norm += double{v[i * dim + k]} * v[i * dim + k];
+      }
+      CHECK(dot / std::sqrt(norm) > 0.95 - 1e-6);
+    }
+  }
 }
 
 TEST_CASE("invalid arguments", "[cpu]") {
@@ -281,21 +315,17 @@ TEST_CASE("invalid arguments", "[cpu]") {
   const std::vector<float> inf = {1, std::numeric_limits<float>::infinity()};
   CHECK(BuildCodebook(inf, 2, 0.9f).status().code() == absl::StatusCode::kInvalidArgument);
 
-  const std::vector<float> too_many(65537, 1.0f);
-  absl::StatusOr<Codebook> big = BuildCodebook(too_many, 1, 0.9f);
-  REQUIRE_FALSE(big.ok());
-  CHECK(big.status().code() == absl::StatusCode::kResourceExhausted);
-  CHECK(std::string(big.status().message()).find("65537") != std::string::npos);
+  // Past one graph's size the build goes by chunks instead of refusing.
+  const std::vector<float> many(kMaxGraphVectors + 5, 1.0f);
+  absl::StatusOr<Codebook> big = BuildCodebook(many, 1, 0.9f);
+  REQUIRE(big.ok());
+  CHECK(big->size() == 1);
+  CHECK(BuildCodebook(x, 2, 0.9f, 0).status().code() == absl::StatusCode::kInvalidArgument);
 
   absl::StatusOr<Codebook> empty = BuildCodebook({}, 4, 0.9f);
   REQUIRE(empty.ok());
   CHECK(empty->size() == 0);
   CHECK(empty->dim == 4);
-
-  Codebook cb;
-  CHECK(AppendBatch(cb, x, 0.9f).code() == absl::StatusCode::kInvalidArgument);
-  cb.dim = 2;
-  CHECK(AppendBatch(cb, x, 2.0f).code() == absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -11,82 +11,10 @@
 #include "cachemgr/compress/budget.h"
 #include "cachemgr/compress/rope.h"
 #include "cachemgr/compress/scoring.h"
+#include "tests/cachemgr/compress/test_sequence.h"
 
 namespace cachemgr::compress {
 namespace {
-
-ModelShape Shape(uint32_t layers = 3, uint32_t q_heads = 4, uint32_t kv_heads = 2,
-                 uint32_t head_dim = 16) {
-  ModelShape shape;
-  shape.num_layers = layers;
-  shape.num_q_heads = q_heads;
-  shape.num_kv_heads = kv_heads;
-  shape.head_dim = head_dim;
-  shape.elem_bytes = 2;
-  shape.rope_style = RopeStyle::kHalfSplit;
-  shape.rope_theta = 10000.0;
-  return shape;
-}
-
-// A sequence with owned storage. With clusters > 0, pre-RoPE keys and values are drawn from
-// that many directions (times a magnitude in [0.5, 2], plus `noise`), then keys are rotated at
-// their positions: the codebook can only find the clusters if it un-rotates correctly.
-struct Sequence {
-  ModelShape shape;
-  std::vector<std::vector<float>> keys, values, queries, pre_rope_keys;
-  SequenceInput input;
-};
-
-Sequence MakeSequence(const ModelShape& shape, uint32_t n, uint32_t num_queries, uint32_t seed,
-                      uint32_t clusters = 0, float noise = 0.0f, uint32_t position_offset = 0) {
-  Sequence s;
-  s.shape = shape;
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
-  std::uniform_real_distribution<float> magnitude(0.5f, 2.0f);
-  const uint32_t d = shape.head_dim;
-  s.input.num_tokens = n;
-  for (uint32_t t = 0; t < n; ++t) s.input.positions.push_back(position_offset + t);
-  const RopeParams rope = RopeParamsFromShape(shape);
-  for (uint32_t l = 0; l < shape.num_layers; ++l) {
-    const size_t kv_size = static_cast<size_t>(n) * shape.num_kv_heads * d;
-    std::vector<float> keys(kv_size), values(kv_size);
-    if (clusters == 0) {
-      for (float& v : keys) v = normal(rng);
-      for (float& v : values) v = normal(rng);
-    } else {
-      std::vector<float> key_dirs(static_cast<size_t>(clusters) * d), value_dirs(key_dirs.size());
-      for (float& v : key_dirs) v = normal(rng);
-      for (float& v : value_dirs) v = normal(rng);
-      for (size_t row = 0; row < kv_size / d; ++row) {
-        const uint32_t ck = rng() % clusters;
-        const uint32_t cv = rng() % clusters;
-        const float mk = magnitude(rng);
-        const float mv = magnitude(rng);
-        for (uint32_t i = 0; i < d; ++i) {
-          keys[row * d + i] = mk * key_dirs[ck * d + i] + noise * normal(rng);
-          values[row * d + i] = mv * value_dirs[cv * d + i] + noise * normal(rng);
-        }
-      }
-    }
-    s.pre_rope_keys.push_back(keys);
-    REQUIRE(ApplyRope(rope, s.input.positions, shape.num_kv_heads, absl::MakeSpan(keys)).ok());
-    std::vector<float> queries(static_cast<size_t>(num_queries) * shape.num_q_heads * d);
-    for (float& v : queries) v = normal(rng);
-    s.keys.push_back(std::move(keys));
-    s.values.push_back(std::move(values));
-    s.queries.push_back(std::move(queries));
-  }
-  for (uint32_t l = 0; l < shape.num_layers; ++l) {
-    LayerInput layer;
-    layer.keys = s.keys[l].data();
-    layer.values = s.values[l].data();
-    layer.queries = num_queries > 0 ? s.queries[l].data() : nullptr;
-    layer.num_queries = num_queries;
-    s.input.layers.push_back(layer);
-  }
-  return s;
-}
 
 PolicyConfig Preset(const std::string& name, uint32_t window = 8) {
   absl::StatusOr<PolicyConfig> policy = PresetPolicy(name);
@@ -103,9 +31,8 @@ void CheckWellFormed(const Sequence& s, const SequenceResult& result, uint32_t w
   uint64_t held = 0;
   double eq15 = 0.0;
   for (const LayerResult& layer : result.layers) {
-    REQUIRE(layer.kept.size() ==
-            static_cast<size_t>(layer.num_selection_heads) * layer.kept_per_head);
-    for (uint32_t h = 0; h < layer.num_selection_heads; ++h) {
+    REQUIRE(layer.kept.size() == static_cast<size_t>(s.shape.num_kv_heads) * layer.kept_per_head);
+    for (uint32_t h = 0; h < s.shape.num_kv_heads; ++h) {
       auto begin = layer.kept.begin() + static_cast<size_t>(h) * layer.kept_per_head;
       auto end = begin + layer.kept_per_head;
       CHECK(std::is_sorted(begin, end));
@@ -132,7 +59,6 @@ TEST_CASE("FullKV keeps everything", "[cpu]") {
   REQUIRE(result.ok());
   CheckWellFormed(s, *result, 8);
   for (const LayerResult& layer : result->layers) {
-    CHECK(layer.num_selection_heads == 2);
     CHECK(layer.kept_per_head == 50);
     CHECK(!layer.key_codebook.has_value());
   }
@@ -140,28 +66,28 @@ TEST_CASE("FullKV keeps everything", "[cpu]") {
   CHECK(result->stats.eq15_ratio == 1.0);
 }
 
-TEST_CASE("SnapKV: uniform budget, per query head under repeat", "[cpu]") {
+TEST_CASE("SnapKV: uniform budget, ranked per query head under repeat", "[cpu]") {
   const Sequence s = MakeSequence(Shape(), 200, 8, 2);
   // r_c = (0.5 * 200 - 8) / 192 = 0.4791..; k = floor(92) = 92; kept 100 per head.
   auto result = CompressSequence(s.shape, Preset("snapkv"), s.input, Reserve(0.5));
   REQUIRE(result.ok());
   CheckWellFormed(s, *result, 8);
   for (const LayerResult& layer : result->layers) {
-    CHECK(layer.num_selection_heads == 4);
     CHECK(layer.kept_per_head == 100);
     CHECK(layer.context_ratio == Approx(92.0 / 192.0));
     CHECK(layer.eq15_ratio == Approx(0.5));
   }
-  // Repeat stores 4 selection heads of 2 KV heads: twice the bytes of the kept fraction.
-  CHECK(result->stats.honest_ratio == Approx(1.0));
+  // Repeat merges the query heads' rankings into the KV head's budget: the bytes of r.
+  CHECK(result->stats.honest_ratio == Approx(0.5));
   CHECK(result->stats.reserve_ratio == 0.5);
 
   PolicyConfig mean = Preset("snapkv");
   mean.gqa = GqaMode::kGroupMean;
   auto grouped = CompressSequence(s.shape, mean, s.input, Reserve(0.5));
   REQUIRE(grouped.ok());
-  CHECK(grouped->layers[0].num_selection_heads == 2);
   CHECK(grouped->stats.honest_ratio == Approx(0.5));
+  // Same budget, different choice (random queries disagree across a group).
+  CHECK(grouped->layers[0].kept != result->layers[0].kept);
 }
 
 TEST_CASE("precomputed scores select like the queries they came from", "[cpu]") {
@@ -192,7 +118,6 @@ TEST_CASE("pyramid layers follow eq. 5-7", "[cpu]") {
   const double rc = (0.3 * 264 - 8) / 256;
   const std::vector<double> ratios = PyramidContextRatios(rc, 4, 0.05);
   for (uint32_t l = 0; l < 4; ++l) {
-    CHECK(result->layers[l].num_selection_heads == 2);  // group mean
     CHECK(result->layers[l].context_ratio == Approx(ratios[l]));
     CHECK(result->layers[l].kept_per_head == KeptContextCount(ratios[l], 256) + 8);
   }
@@ -207,7 +132,6 @@ TEST_CASE("StreamingLLM and H2O", "[cpu]") {
   std::vector<uint32_t> want = {0, 1, 2, 3};
   for (uint32_t t = 74; t < 100; ++t) want.push_back(t);
   for (const LayerResult& layer : streaming->layers) {
-    CHECK(layer.num_selection_heads == 2);
     CHECK(std::vector<uint32_t>(layer.kept.begin(), layer.kept.begin() + 30) == want);
   }
 
@@ -245,7 +169,7 @@ TEST_CASE("codebook on pre-RoPE keys, and materialization re-applies RoPE", "[cp
     CHECK(layer.key_codebook->size() <= 6);
     CHECK(layer.value_codebook->size() <= 6);
     CHECK(layer.key_entry_offsets == std::vector<uint32_t>{0, layer.key_codebook->size()});
-    CHECK(layer.bytes_held < PlainLayerBytes(s.shape, 4, layer.kept_per_head));
+    CHECK(layer.bytes_held < PlainLayerBytes(s.shape, layer.kept_per_head));
 
     std::vector<float> keys, values;
     REQUIRE(MaterializeLayer(s.shape, s.input, l, layer, &keys, &values).ok());
@@ -253,7 +177,7 @@ TEST_CASE("codebook on pre-RoPE keys, and materialization re-applies RoPE", "[cp
     REQUIRE(keys.size() == layer.kept.size() * d);
     for (size_t v = 0; v < layer.kept.size(); ++v) {
       const uint32_t token = layer.kept[v];
-      const uint32_t kv = static_cast<uint32_t>(v / layer.kept_per_head) / 2;  // repeat: 4 -> 2
+      const uint32_t kv = static_cast<uint32_t>(v / layer.kept_per_head);
       for (uint32_t i = 0; i < d; ++i) {
         const size_t src = (static_cast<size_t>(token) * 2 + kv) * d + i;
         CHECK(keys[v * d + i] == Approx(s.keys[l][src]).margin(2e-4));
@@ -303,7 +227,7 @@ TEST_CASE("materializing a plain layer gathers the kept vectors", "[cpu]") {
   std::vector<float> keys, values;
   REQUIRE(MaterializeLayer(s.shape, s.input, 0, layer, &keys, &values).ok());
   for (size_t v = 0; v < layer.kept.size(); ++v) {
-    const uint32_t kv = static_cast<uint32_t>(v / layer.kept_per_head) / 2;
+    const uint32_t kv = static_cast<uint32_t>(v / layer.kept_per_head);
     const size_t src = (static_cast<size_t>(layer.kept[v]) * 2 + kv) * 16;
     CHECK(std::equal(keys.begin() + v * 16, keys.begin() + (v + 1) * 16, s.keys[0].begin() + src));
     CHECK(std::equal(values.begin() + v * 16, values.begin() + (v + 1) * 16,
@@ -450,8 +374,12 @@ TEST_CASE("a sequence no longer than the window is kept whole", "[cpu]") {
   auto zigzag = CompressSequence(s.shape, Preset("zigzagkv"), s.input, Reserve(0.1));
   REQUIRE(zigzag.ok());
   for (const LayerResult& layer : zigzag->layers) CHECK(layer.kept_per_head == 6);
-  auto bytes = CompressSequence(s.shape, Preset("snapkv"), s.input, Bytes(1.0));
-  CHECK(bytes.status().code() == absl::StatusCode::kOutOfRange);  // repeat: 2x full, always
+  // Every r keeps everything: only a byte ratio of 1 is reachable.
+  auto whole = CompressSequence(s.shape, Preset("snapkv"), s.input, Bytes(1.0));
+  REQUIRE(whole.ok());
+  CHECK(whole->stats.honest_ratio == 1.0);
+  auto bytes = CompressSequence(s.shape, Preset("snapkv"), s.input, Bytes(0.5));
+  CHECK(bytes.status().code() == absl::StatusCode::kOutOfRange);
 }
 
 }  // namespace

@@ -68,7 +68,7 @@ TEST_CASE("eq. 2 literal divides by l - a; plain sum does not", "[cpu]") {
                             tiny.Layer(), 0, split, false);
   REQUIRE(literal.ok());
   REQUIRE(literal->scores.size() == 2);
-  CHECK(literal->num_selection_heads == 1);
+  CHECK(literal->num_heads == 1);
   CHECK(literal->scores[0] == Approx((1.0 / 6 + 0.1) / 4).epsilon(1e-6));
   CHECK(literal->scores[1] == Approx((2.0 / 6 + 0.2) / 3).epsilon(1e-6));
   auto sum = ScoreLayer(Shape(1, 1, 1), WindowPolicy(2, WindowNormalization::kSum), tiny.Layer(), 0,
@@ -150,14 +150,14 @@ TEST_CASE("GQA: group mean averages a KV head's query heads, repeat keeps them",
                  WindowPolicy(1, WindowNormalization::kSum, Pooling::kNone, 1, GqaMode::kGroupMean),
                  layer, 0, split, false);
   REQUIRE(mean.ok());
-  CHECK(mean->num_selection_heads == 2);
+  CHECK(mean->num_heads == 2);
   CHECK(mean->scores == std::vector<float>{0.5f, 1.5f, 0, 0, 0, 0, 1.0f, 2.0f});
   auto repeat =
       ScoreLayer(Shape(4, 2, 1),
                  WindowPolicy(1, WindowNormalization::kSum, Pooling::kNone, 1, GqaMode::kRepeat),
                  layer, 0, split, false);
   REQUIRE(repeat.ok());
-  CHECK(repeat->num_selection_heads == 4);
+  CHECK(repeat->num_heads == 4);
   CHECK(repeat->scores == std::vector<float>{1, 0, 0, 0, 0, 3, 0, 0, 0, 0, 2, 0, 0, 0, 0, 4});
 }
 

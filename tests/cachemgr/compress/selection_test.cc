@@ -19,15 +19,15 @@ TEST_CASE("top-k: ties go to the lower index, window always kept, ascending", "[
   const std::vector<float> scores = {1, 3, 3, 2, 3};  // context of 5, window of 2
   const WindowSplit split = SplitWindow(7, 2);
   std::vector<uint32_t> kept;
-  SelectTopK(scores, 1, split, 2, &kept);
+  SelectTopK(scores, 1, 1, split, 2, &kept);
   CHECK(kept == std::vector<uint32_t>{1, 2, 5, 6});
-  SelectTopK(scores, 1, split, 3, &kept);
+  SelectTopK(scores, 1, 1, split, 3, &kept);
   CHECK(kept == std::vector<uint32_t>{1, 2, 4, 5, 6});
-  SelectTopK(scores, 1, split, 4, &kept);
+  SelectTopK(scores, 1, 1, split, 4, &kept);
   CHECK(kept == std::vector<uint32_t>{1, 2, 3, 4, 5, 6});
-  SelectTopK(scores, 1, split, 0, &kept);
+  SelectTopK(scores, 1, 1, split, 0, &kept);
   CHECK(kept == std::vector<uint32_t>{5, 6});
-  SelectTopK(scores, 1, split, 5, &kept);
+  SelectTopK(scores, 1, 1, split, 5, &kept);
   CHECK(kept == std::vector<uint32_t>{0, 1, 2, 3, 4, 5, 6});
 }
 
@@ -38,7 +38,7 @@ TEST_CASE("top-k per head, equal counts; -inf loses to any finite score", "[cpu]
       9,    8, -inf, 7,  // head 1
   };
   std::vector<uint32_t> kept;
-  SelectTopK(scores, 2, SplitWindow(5, 1), 3, &kept);
+  SelectTopK(scores, 2, 2, SplitWindow(5, 1), 3, &kept);
   REQUIRE(kept.size() == 2 * 4);
   CHECK(Row(kept, 4, 0) == std::vector<uint32_t>{1, 2, 3, 4});
   CHECK(Row(kept, 4, 1) == std::vector<uint32_t>{0, 1, 3, 4});
@@ -55,7 +55,7 @@ TEST_CASE("top-k matches a sort-based reference", "[cpu]") {
     const uint32_t k = rng() % (context + 1);
     const WindowSplit split = SplitWindow(context + window, window);
     std::vector<uint32_t> kept;
-    SelectTopK(scores, heads, split, k, &kept);
+    SelectTopK(scores, heads, heads, split, k, &kept);
     REQUIRE(kept.size() == static_cast<size_t>(heads) * (k + split.window));
     for (uint32_t h = 0; h < heads; ++h) {
       std::vector<uint32_t> order(context);
@@ -90,33 +90,72 @@ TEST_CASE("StreamingLLM keeps sinks and the most recent tokens", "[cpu]") {
   CHECK(kept == std::vector<uint32_t>{7, 8, 9});
 }
 
-TEST_CASE("select all, selection heads and their KV heads", "[cpu]") {
+TEST_CASE("select all", "[cpu]") {
   std::vector<uint32_t> kept;
   SelectAll(2, 3, &kept);
   CHECK(kept == std::vector<uint32_t>{0, 1, 2, 0, 1, 2});
+}
 
-  ModelShape shape;
-  shape.num_q_heads = 8;
-  shape.num_kv_heads = 2;
-  PolicyConfig policy;
-  policy.schedule = BudgetSchedule::kPyramid;
-  policy.scoring = Scoring::kWindow;
-  policy.gqa = GqaMode::kRepeat;
-  CHECK(NumSelectionHeads(shape, policy) == 8);
-  policy.gqa = GqaMode::kGroupMean;
-  CHECK(NumSelectionHeads(shape, policy) == 2);
-  policy.gqa = GqaMode::kRepeat;
-  policy.scoring = Scoring::kSinksRecent;
-  CHECK(NumSelectionHeads(shape, policy) == 2);
-  policy.scoring = Scoring::kWindow;
-  policy.schedule = BudgetSchedule::kFull;
-  CHECK(NumSelectionHeads(shape, policy) == 2);
+TEST_CASE("repeat: a KV head takes its query heads' rankings round-robin", "[cpu]") {
+  // 2 KV heads, 2 query heads each, context 6, window 1.
+  const std::vector<float> scores = {
+      9, 8, 7, 0, 0, 0,  // q0 (kv 0): ranks 0, 1, 2
+      9, 0, 0, 8, 0, 7,  // q1 (kv 0): ranks 0, 3, 5
+      0, 0, 0, 0, 5, 4,  // q2 (kv 1): ranks 4, 5, then ties 0, 1, ...
+      0, 0, 0, 0, 4, 5,  // q3 (kv 1): ranks 5, 4, ...
+  };
+  const WindowSplit split = SplitWindow(7, 1);
+  std::vector<uint32_t> kept;
+  // kv 0, k = 3: rank 0 -> 0 (q0), 0 (q1, taken); rank 1 -> 1 (q0), 3 (q1).
+  // kv 1, k = 3: rank 0 -> 4, 5; rank 1 -> 5, 4 (taken); rank 2 -> 0 (q2's first tie).
+  SelectTopK(scores, 4, 2, split, 3, &kept);
+  CHECK(Row(kept, 4, 0) == std::vector<uint32_t>{0, 1, 3, 6});
+  CHECK(Row(kept, 4, 1) == std::vector<uint32_t>{0, 4, 5, 6});
+  // k = 1 takes q0's (resp. q2's) best; k = 0 the window only; k = context everything.
+  SelectTopK(scores, 4, 2, split, 1, &kept);
+  CHECK(kept == std::vector<uint32_t>{0, 6, 4, 6});
+  SelectTopK(scores, 4, 2, split, 0, &kept);
+  CHECK(kept == std::vector<uint32_t>{6, 6});
+  SelectTopK(scores, 4, 2, split, 6, &kept);
+  CHECK(Row(kept, 7, 1) == std::vector<uint32_t>{0, 1, 2, 3, 4, 5, 6});
+}
 
-  CHECK(KvHeadOfSelectionHead(0, 8, 2) == 0);
-  CHECK(KvHeadOfSelectionHead(3, 8, 2) == 0);
-  CHECK(KvHeadOfSelectionHead(4, 8, 2) == 1);
-  CHECK(KvHeadOfSelectionHead(7, 8, 2) == 1);
-  CHECK(KvHeadOfSelectionHead(1, 2, 2) == 1);
+TEST_CASE("repeat round-robin matches a literal reference", "[cpu]") {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 40; ++trial) {
+    const uint32_t context = 1 + rng() % 300;
+    const uint32_t window = rng() % 8;
+    const uint32_t kv_heads = 1 + rng() % 3;
+    const uint32_t group = 2 + rng() % 3;
+    std::vector<float> scores(static_cast<size_t>(kv_heads) * group * context);
+    for (float& s : scores) s = static_cast<float>(rng() % 30);
+    const uint32_t k = rng() % (context + 1);
+    const WindowSplit split = SplitWindow(context + window, window);
+    std::vector<uint32_t> kept;
+    SelectTopK(scores, kv_heads * group, kv_heads, split, k, &kept);
+    REQUIRE(kept.size() == static_cast<size_t>(kv_heads) * (k + split.window));
+    for (uint32_t h = 0; h < kv_heads; ++h) {
+      std::vector<std::vector<uint32_t>> ranking(group);
+      for (uint32_t g = 0; g < group; ++g) {
+        ranking[g].resize(context);
+        std::iota(ranking[g].begin(), ranking[g].end(), 0);
+        const float* row = scores.data() + (static_cast<size_t>(h) * group + g) * context;
+        std::stable_sort(ranking[g].begin(), ranking[g].end(),
+                         [row](uint32_t a, uint32_t b) { return row[a] > row[b]; });
+      }
+      std::vector<uint32_t> want;
+      for (uint32_t rank = 0; rank < context && want.size() < k; ++rank) {
+        for (uint32_t g = 0; g < group && want.size() < k; ++g) {
+          const uint32_t t = ranking[g][rank];
+          if (std::find(want.begin(), want.end(), t) == want.end()) want.push_back(t);
+        }
+      }
+      std::sort(want.begin(), want.end());
+      for (uint32_t a = context; a < context + window; ++a) want.push_back(a);
+      INFO("trial " << trial << " head " << h);
+      CHECK(Row(kept, k + split.window, h) == want);
+    }
+  }
 }
 
 }  // namespace

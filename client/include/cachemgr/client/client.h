@@ -97,6 +97,7 @@ struct SequenceInfo {
   bool compressed = false;
   std::string compression_policy;
   std::vector<uint32_t> kept_per_layer;
+  std::string busy;  // "Compress", "Fetch" or "Park" while one works on it
 };
 
 // ---- Compression (see docs/COMPRESSION.md) ---------------------------------------------------
@@ -123,6 +124,7 @@ struct CompressionPolicy {
   std::optional<float> theta_k, theta_v;
   CodebookScope codebook_scope = CodebookScope::kPreset;
   std::optional<bool> codebook_only_if_smaller;
+  std::optional<uint32_t> append_batch;
 };
 
 enum class CompressTargetKind { kReserveRatio, kByteRatio };
@@ -167,8 +169,21 @@ struct FetchedLayer {
   uint32_t layer = 0;
   uint32_t num_tokens = 0;
   std::vector<uint32_t> block_ids;
-  std::vector<uint32_t> kept_positions;
+  // [num_kv_heads, num_tokens]: each row's position; empty if never compressed (row t is t).
+  std::vector<uint32_t> positions;
   uint32_t new_blocks = 0;
+};
+
+struct ParkedLayer {
+  uint32_t layer = 0;
+  uint32_t num_tokens = 0;
+  uint32_t rows_appended = 0;                                          // coded by this call
+  uint32_t matched = 0, queued = 0, batch_coded = 0, new_entries = 0;  // K and V vectors
+  uint32_t key_codebook_size = 0;
+  uint32_t value_codebook_size = 0;
+  uint32_t queued_total = 0;  // still waiting for a batch
+  uint64_t arena_bytes = 0;
+  uint32_t blocks_released = 0;
 };
 
 struct SequenceSummary {
@@ -257,6 +272,10 @@ class Session {
   // Makes layers (empty: all) resident: codebook layers are reconstructed into new blocks.
   absl::StatusOr<std::vector<FetchedLayer>> Fetch(std::string_view sequence_id,
                                                   const std::vector<uint32_t>& layers = {});
+  // Returns fetched codebook layers (empty: all) to the daemon's arena, coding rows appended
+  // since Fetch; their blocks are released.
+  absl::StatusOr<std::vector<ParkedLayer>> Park(std::string_view sequence_id,
+                                                const std::vector<uint32_t>& layers = {});
   // Renews the lease; returns the milliseconds left.
   absl::StatusOr<uint32_t> Heartbeat();
   // Ends the session; the daemon frees every sequence it owned. Later calls fail.

@@ -26,6 +26,10 @@ enum class KvOrder : uint8_t { kFlashAttn = 0, kFlashInfer = 1 };
 // Which of the two tensors of a layer.
 enum class KvPlane : uint8_t { kKey = 0, kValue = 1 };
 
+// The element type of the tensors (elem_bytes 2, 2, 4). Kernels that convert to or from float32
+// take it beside the layout, as vLLM's cache kernels take kv_cache_dtype.
+enum class KvElemType : uint8_t { kF16 = 0, kBf16 = 1, kF32 = 2 };
+
 struct KvLayerLayout {
   KvOrder order = KvOrder::kFlashAttn;
   uint32_t num_blocks = 0;

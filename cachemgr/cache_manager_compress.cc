@@ -1,0 +1,524 @@
+// CacheManager::Compress, Fetch and Park (docs/COMPRESSION.md). Each runs in three steps:
+// under the lock it validates and copies what it needs out of the pool and marks the sequence
+// busy; outside the lock it does the math on those private copies (never touching the pool or
+// the manager's state); under the lock again it finds the sequence (by serial: it may have been
+// freed meanwhile) and applies the result, or changes nothing.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "cachemgr/cache_manager.h"
+#include "cachemgr/cache_manager_state.h"
+#include "cachemgr/util/log.h"
+#include "cachemgr/util/status_macros.h"
+#include "kernels/cpu/token_rows.h"
+
+namespace cachemgr {
+
+using cache_manager_internal::CeilDiv;
+using cache_manager_internal::CheckNotBusy;
+using cache_manager_internal::SlotOf;
+
+absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset) {
+  const std::string name = preset.empty() ? "spindlekv" : preset;
+  absl::StatusOr<compress::PolicyConfig> policy = compress::PresetPolicy(name);
+  if (!policy.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.preset \"", name, "\" is unknown: ", policy.status().message()));
+  }
+  return policy;
+}
+
+namespace {
+
+compress::ModelShape ShapeOf(const ModelSpec& m) {
+  compress::ModelShape s;
+  s.num_layers = m.num_layers;
+  s.num_q_heads = m.num_q_heads;
+  s.num_kv_heads = m.num_kv_heads;
+  s.head_dim = m.head_dim;
+  s.elem_bytes = DTypeBytes(m.dtype);
+  switch (m.rope.style) {
+    case RopeStyle::kNone:
+      s.rope_style = compress::RopeStyle::kNone;
+      break;
+    case RopeStyle::kInterleaved:
+      s.rope_style = compress::RopeStyle::kInterleaved;
+      break;
+    case RopeStyle::kHalfSplit:
+      s.rope_style = compress::RopeStyle::kHalfSplit;
+      break;
+  }
+  s.rope_theta = m.rope.theta;
+  s.rope_scaling = m.rope.scaling_factor == 0 ? 1.0 : m.rope.scaling_factor;
+  s.rotary_dim = m.rope.rotary_dim;
+  return s;
+}
+
+absl::Status FreedMeanwhile(const std::string& sequence_id, const char* call) {
+  return absl::AbortedError(absl::StrCat("sequence_id \"", sequence_id, "\" was freed while ", call,
+                                         " worked on it; nothing was changed"));
+}
+
+// The slots of rows [begin, end) of a layer table.
+std::vector<int64_t> RowSlots(const std::vector<uint32_t>& blocks, uint32_t begin, uint32_t end,
+                              uint32_t block_size) {
+  std::vector<int64_t> slots;
+  slots.reserve(end - begin);
+  for (uint32_t r = begin; r < end; ++r) slots.push_back(SlotOf(blocks, r, block_size));
+  return slots;
+}
+
+// `layers` resolved against the model: empty means all; INVALID_ARGUMENT for one out of range or
+// listed twice.
+absl::StatusOr<std::vector<uint32_t>> ResolveLayers(const std::vector<uint32_t>& layers,
+                                                    uint32_t num_layers) {
+  std::vector<uint32_t> which = layers;
+  if (which.empty()) {
+    for (uint32_t l = 0; l < num_layers; ++l) which.push_back(l);
+  }
+  std::vector<bool> seen(num_layers, false);
+  for (size_t i = 0; i < which.size(); ++i) {
+    if (which[i] >= num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("layers[", i, "] = ", which[i],
+                                                     " but the model has ", num_layers, " layers"));
+    }
+    if (seen[which[i]]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layers[", i, "] = ", which[i], " is listed twice"));
+    }
+    seen[which[i]] = true;
+  }
+  return which;
+}
+
+}  // namespace
+
+std::vector<uint32_t> CacheManager::RowPositionsLocked(const Sequence& seq, uint32_t layer) const {
+  if (seq.compression == nullptr) return {};
+  const Compression::Layer& cl = seq.compression->layers[layer];
+  const uint32_t hkv = seq.owner->pool->model.num_kv_heads;
+  const std::vector<uint32_t> base = cl.coded != nullptr ? cl.coded->Positions() : cl.positions;
+  const uint32_t base_rows = cl.coded != nullptr ? cl.coded->rows() : cl.rows;
+  const uint32_t rows = seq.layers[layer].num_tokens;
+  // Rows past the stored ones were appended since, in position order: the sequence's last ones.
+  std::vector<uint32_t> out;
+  out.reserve(size_t{hkv} * rows);
+  for (uint32_t h = 0; h < hkv; ++h) {
+    out.insert(out.end(), base.begin() + size_t{h} * base_rows,
+               base.begin() + size_t{h + 1} * base_rows);
+    for (uint32_t r = base_rows; r < rows; ++r) {
+      out.push_back(static_cast<uint32_t>(seq.num_positions - rows + r));
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session_token,
+                                                      const std::string& sequence_id,
+                                                      const CompressParams& params) {
+  const char* target_field = params.target.kind == compress::TargetKind::kReserveRatio
+                                 ? "target.reserve_ratio"
+                                 : "target.byte_ratio";
+  compress::ModelShape shape;
+  uint64_t serial = 0;
+  uint32_t n = 0;
+  size_t per_layer_inputs = 0;
+  std::vector<float> inputs;  // a private copy: the client may write the buffer concurrently
+  std::vector<std::vector<float>> keys, values;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
+    RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
+    if (seq->compression != nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence_id \"", sequence_id,
+                       "\" is already compressed; compressing a sequence twice is not supported"));
+    }
+    Pool& pool = *client->pool;
+    const ModelSpec& model = pool.model;
+    const uint32_t num_layers = model.num_layers;
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      for (uint32_t b : seq->layers[l].blocks) {
+        if (pool.allocators[l].refcount(b) > 1) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "sequence_id \"", sequence_id, "\" shares layer ", l, " block ", b,
+              " with a fork; free the forks (or compress a sequence that shares nothing)"));
+        }
+      }
+    }
+    RETURN_IF_ERROR(compress::ValidatePolicy(params.policy));
+    if (!(params.target.value > 0.0 && params.target.value <= 1.0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(target_field, " must be in (0, 1] (got ", params.target.value, ")"));
+    }
+    n = seq->layers[0].num_tokens;
+    const uint32_t hq = model.num_q_heads, dim = model.head_dim;
+    const uint64_t buffer_bytes = client->input_buffer.size();
+    if (params.input == CompressInput::kWindowQueries) {
+      if (params.num_queries == 0) {
+        return absl::InvalidArgumentError("num_queries must be >= 1 for WINDOW_QUERIES input");
+      }
+      // The window holds the last positions of the sequence; this also bounds the size math.
+      if (params.num_queries > n) {
+        return absl::InvalidArgumentError(absl::StrCat("num_queries ", params.num_queries,
+                                                       " exceeds the sequence's ", n, " tokens"));
+      }
+      per_layer_inputs = size_t{params.num_queries} * hq * dim;
+      const uint64_t need = uint64_t{num_layers} * per_layer_inputs * 4;
+      if (need > buffer_bytes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("num_queries ", params.num_queries, " needs ", need,
+                         " bytes of window queries but the input buffer holds ", buffer_bytes));
+      }
+    } else if (params.input == CompressInput::kScores) {
+      per_layer_inputs = size_t{hq} * n;
+      const uint64_t need = uint64_t{num_layers} * per_layer_inputs * 4;
+      if (need > buffer_bytes) {
+        return absl::InvalidArgumentError(absl::StrCat("input: scores for ", n, " tokens need ",
+                                                       need, " bytes but the input buffer holds ",
+                                                       buffer_bytes));
+      }
+    }
+    const float* buffer = reinterpret_cast<const float*>(client->input_buffer.data());
+    inputs.assign(buffer, buffer + num_layers * per_layer_inputs);
+    // The KV as float32 [n, num_kv_heads, head_dim] per layer.
+    const size_t layer_floats = size_t{n} * model.num_kv_heads * dim;
+    keys.resize(num_layers);
+    values.resize(num_layers);
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      const auto& t = seq->layers[l];
+      if (t.num_tokens != n || t.parked) {
+        return absl::InternalError(
+            absl::StrCat("layer ", l, " holds ", t.num_tokens, " rows but layer 0 holds ", n));
+      }
+      keys[l].resize(layer_floats);
+      values[l].resize(layer_floats);
+      RETURN_IF_ERROR(pool.memory->GatherTokens(l, RowSlots(t.blocks, 0, n, model.block_size),
+                                                keys[l].data(), values[l].data()));
+    }
+    shape = ShapeOf(model);
+    seq->busy = "Compress";
+    serial = seq->serial;
+  }
+
+  // Outside the lock: the policy on the private copies, then the codebook layers' coded form.
+  compress::SequenceInput input;
+  input.num_tokens = n;
+  input.layers.resize(shape.num_layers);
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    compress::LayerInput& li = input.layers[l];
+    li.keys = keys[l].data();
+    li.values = values[l].data();
+    if (params.input == CompressInput::kWindowQueries) {
+      li.queries = inputs.data() + l * per_layer_inputs;
+      li.num_queries = params.num_queries;
+    } else if (params.input == CompressInput::kScores) {
+      li.scores = inputs.data() + l * per_layer_inputs;
+    }
+  }
+  absl::StatusOr<compress::SequenceResult> computed =
+      compress::CompressSequence(shape, params.policy, input, params.target);
+  std::vector<std::shared_ptr<const compress::CodedLayer>> coded(shape.num_layers);
+  absl::Status coding = absl::OkStatus();
+  if (computed.ok()) {
+    for (uint32_t l = 0; l < shape.num_layers && coding.ok(); ++l) {
+      const compress::LayerResult& lr = computed->layers[l];
+      if (!lr.key_codebook.has_value()) continue;
+      absl::StatusOr<compress::CodedLayer> layer =
+          compress::CodedLayer::FromResult(shape, params.policy, lr, {});
+      if (layer.ok()) {
+        coded[l] = std::make_shared<const compress::CodedLayer>(*std::move(layer));
+      } else {
+        coding = absl::InternalError(absl::StrCat("layer ", l, ": ", layer.status().message()));
+      }
+    }
+  }
+  keys.clear();
+  values.clear();
+
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindSerialLocked(sequence_id, serial);
+  if (seq == nullptr) return FreedMeanwhile(sequence_id, "Compress");
+  seq->busy = nullptr;
+  if (!computed.ok()) {
+    // The library names the target "target.value"; the request calls it by its kind.
+    std::string message(computed.status().message());
+    if (const size_t at = message.find("target.value"); at != std::string::npos) {
+      message.replace(at, std::string("target.value").size(), target_field);
+    }
+    return absl::Status(computed.status().code(), message);
+  }
+  RETURN_IF_ERROR(coding);
+  compress::SequenceResult& sr = *computed;
+  Pool& pool = *seq->owner->pool;
+  const ModelSpec& model = pool.model;
+  const uint32_t num_layers = model.num_layers, bs = model.block_size;
+  const kernels::KvLayerLayout& layout = pool.memory->layout();
+  // Validate every compaction before the first one moves a row.
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    if (coded[l] != nullptr) continue;
+    RETURN_IF_ERROR(kernels::ValidateCompaction(layout, seq->layers[l].blocks, n, sr.layers[l].kept,
+                                                sr.layers[l].kept_per_head));
+  }
+
+  auto compression = std::make_shared<Compression>();
+  compression->policy_name = params.policy.name;
+  compression->policy = params.policy;
+  compression->num_tokens = n;
+  compression->layers.resize(num_layers);
+  CompressResult result;
+  result.layers.resize(num_layers);
+  const uint64_t block_bytes = layout.block_bytes();
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    compress::LayerResult& lr = sr.layers[l];
+    Sequence::LayerTable& t = seq->layers[l];
+    Compression::Layer& cl = compression->layers[l];
+    const uint32_t rows = lr.kept_per_head;
+    result.bytes_before += t.blocks.size() * block_bytes;
+    uint32_t keep_blocks = 0;
+    if (coded[l] == nullptr) {
+      if (absl::Status s = pool.memory->CompactHeads(l, t.blocks, n, lr.kept, rows); !s.ok()) {
+        // Validated above, so this is a backend fault.
+        Log(LogLevel::kError, "compaction failed", {{"layer", l}, {"error", s.ToString()}});
+        return absl::InternalError(
+            absl::StrCat("compaction of layer ", l, " failed: ", s.message()));
+      }
+      keep_blocks = CeilDiv(rows, bs);
+    } else {
+      cl.coded = coded[l];
+      t.parked = true;
+    }
+    for (size_t i = keep_blocks; i < t.blocks.size(); ++i) {
+      result.blocks_released += pool.allocators[l].Release(t.blocks[i]) ? 1 : 0;
+    }
+    t.blocks.resize(keep_blocks);
+    t.num_tokens = rows;
+    cl.rows = rows;
+    cl.positions = lr.kept;
+
+    CompressedLayerResult& out = result.layers[l];
+    out.context_ratio = lr.context_ratio;
+    out.kept_per_head = lr.kept_per_head;
+    out.num_tokens = rows;
+    out.block_ids = t.blocks;
+    out.kept_positions = lr.kept;
+    out.codebook = cl.coded != nullptr;
+    out.bytes_held = lr.bytes_held;
+    out.eq15_ratio = lr.eq15_ratio;
+    if (cl.coded != nullptr) {
+      out.key_codebook_size = cl.coded->key_entries();
+      out.value_codebook_size = cl.coded->value_entries();
+      result.bytes_after += cl.coded->bytes();
+    }
+    result.bytes_after += t.blocks.size() * block_bytes;
+  }
+  seq->compression = std::move(compression);
+  result.honest_ratio = sr.stats.honest_ratio;
+  result.eq15_ratio = sr.stats.eq15_ratio;
+  result.reserve_ratio = sr.stats.reserve_ratio;
+  PublishLocked(EventType::kSequenceCompressed, seq->owner->client_id, sequence_id, pool.pool_id,
+                absl::StrCat("policy=", params.policy.name, " bytes_before=", result.bytes_before,
+                             " bytes_after=", result.bytes_after,
+                             " blocks_released=", result.blocks_released));
+  return result;
+}
+
+absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
+    const std::string& session_token, const std::string& sequence_id,
+    const std::vector<uint32_t>& layers) {
+  std::vector<uint32_t> which;
+  std::vector<std::shared_ptr<const compress::CodedLayer>> parked;  // per entry of `which`
+  uint64_t serial = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
+    RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
+    ASSIGN_OR_RETURN(which, ResolveLayers(layers, client->pool->model.num_layers));
+    bool any = false;
+    for (uint32_t l : which) {
+      const bool is_parked = seq->layers[l].parked;
+      parked.push_back(is_parked ? seq->compression->layers[l].coded : nullptr);
+      any = any || is_parked;
+    }
+    if (any) {
+      seq->busy = "Fetch";
+      serial = seq->serial;
+    } else {
+      std::vector<FetchedLayerResult> out;
+      for (uint32_t l : which) {
+        out.push_back(
+            {l, seq->layers[l].num_tokens, seq->layers[l].blocks, RowPositionsLocked(*seq, l), 0});
+      }
+      return out;
+    }
+  }
+
+  // Outside the lock: reconstruct from the immutable coded layers.
+  std::vector<std::vector<float>> rec_k(which.size()), rec_v(which.size());
+  for (size_t i = 0; i < which.size(); ++i) {
+    if (parked[i] != nullptr) parked[i]->Reconstruct(&rec_k[i], &rec_v[i]);
+  }
+
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindSerialLocked(sequence_id, serial);
+  if (seq == nullptr) return FreedMeanwhile(sequence_id, "Fetch");
+  seq->busy = nullptr;
+  Pool& pool = *seq->owner->pool;
+  const uint32_t bs = pool.model.block_size;
+  // Other sequences may have taken blocks meanwhile: plan again, all or nothing.
+  for (uint32_t l : which) {
+    const auto& t = seq->layers[l];
+    if (!t.parked) continue;
+    const uint32_t need = CeilDiv(t.num_tokens, bs);
+    if (need > pool.allocators[l].num_free()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("layer ", l, " needs ", need, " blocks to reconstruct but ",
+                       pool.allocators[l].num_free(), " of ", pool.num_blocks, " are free"));
+    }
+  }
+  std::vector<FetchedLayerResult> out;
+  for (size_t i = 0; i < which.size(); ++i) {
+    const uint32_t l = which[i];
+    Sequence::LayerTable& t = seq->layers[l];
+    FetchedLayerResult r;
+    r.layer = l;
+    if (t.parked) {
+      std::vector<uint32_t> blocks = pool.allocators[l].Allocate(CeilDiv(t.num_tokens, bs)).value();
+      if (absl::Status s = pool.memory->ScatterTokens(l, RowSlots(blocks, 0, t.num_tokens, bs),
+                                                      rec_k[i].data(), rec_v[i].data());
+          !s.ok()) {
+        for (uint32_t b : blocks) pool.allocators[l].Release(b);
+        Log(LogLevel::kError, "reconstruction write failed", {{"error", s.ToString()}});
+        return absl::InternalError(absl::StrCat("writing layer ", l, " failed: ", s.message()));
+      }
+      t.blocks = std::move(blocks);
+      t.parked = false;
+      r.new_blocks = static_cast<uint32_t>(t.blocks.size());
+    }
+    r.num_tokens = t.num_tokens;
+    r.block_ids = t.blocks;
+    r.positions = RowPositionsLocked(*seq, l);
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
+    const std::string& session_token, const std::string& sequence_id,
+    const std::vector<uint32_t>& layers) {
+  struct Work {
+    uint32_t layer = 0;
+    std::shared_ptr<const compress::CodedLayer> coded;
+    bool resident = false;
+    std::vector<float> keys, values;  // appended rows [count, num_kv_heads, head_dim]
+    std::vector<uint32_t> positions;  // of the appended rows
+    std::shared_ptr<compress::CodedLayer> updated;
+    compress::AppendStats stats;
+  };
+  std::vector<Work> work;
+  uint64_t serial = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
+    RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
+    if (seq->compression == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "sequence_id \"", sequence_id, "\" was never compressed: it has no codebook layers"));
+    }
+    const ModelSpec& model = client->pool->model;
+    std::vector<uint32_t> which;
+    if (layers.empty()) {
+      for (uint32_t l = 0; l < model.num_layers; ++l) {
+        if (seq->compression->layers[l].coded != nullptr) which.push_back(l);
+      }
+    } else {
+      ASSIGN_OR_RETURN(which, ResolveLayers(layers, model.num_layers));
+    }
+    const size_t row_floats = size_t{model.num_kv_heads} * model.head_dim;
+    for (size_t i = 0; i < which.size(); ++i) {
+      const uint32_t l = which[i];
+      const Compression::Layer& cl = seq->compression->layers[l];
+      if (cl.coded == nullptr) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("layers[", i, "] = ", l, " is not a codebook layer (policy \"",
+                         seq->compression->policy_name, "\" kept it as plain rows)"));
+      }
+      const Sequence::LayerTable& t = seq->layers[l];
+      Work w;
+      w.layer = l;
+      w.coded = cl.coded;
+      w.resident = !t.parked;
+      if (w.resident) {
+        const uint32_t begin = cl.coded->rows();
+        const uint32_t count = t.num_tokens - begin;
+        w.keys.resize(count * row_floats);
+        w.values.resize(count * row_floats);
+        RETURN_IF_ERROR(client->pool->memory->GatherTokens(
+            l, RowSlots(t.blocks, begin, t.num_tokens, model.block_size), w.keys.data(),
+            w.values.data()));
+        const std::vector<uint32_t> all = RowPositionsLocked(*seq, l);  // head 0 first
+        w.positions.assign(all.begin() + begin, all.begin() + t.num_tokens);
+      }
+      work.push_back(std::move(w));
+    }
+    seq->busy = "Park";
+    serial = seq->serial;
+  }
+
+  // Outside the lock: code the appended rows into copies of the coded layers.
+  absl::Status coding = absl::OkStatus();
+  for (Work& w : work) {
+    if (!w.resident || !coding.ok()) continue;
+    w.updated = std::make_shared<compress::CodedLayer>(*w.coded);
+    absl::StatusOr<compress::AppendStats> stats = w.updated->Append(w.keys, w.values, w.positions);
+    if (stats.ok()) {
+      w.stats = *stats;
+    } else {
+      coding = absl::Status(stats.status().code(),
+                            absl::StrCat("layer ", w.layer, ": ", stats.status().message()));
+    }
+  }
+
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindSerialLocked(sequence_id, serial);
+  if (seq == nullptr) return FreedMeanwhile(sequence_id, "Park");
+  seq->busy = nullptr;
+  RETURN_IF_ERROR(coding);
+  Pool& pool = *seq->owner->pool;
+  auto compression = std::make_shared<Compression>(*seq->compression);
+  std::vector<ParkedLayerResult> out;
+  uint64_t released_total = 0;
+  for (Work& w : work) {
+    Sequence::LayerTable& t = seq->layers[w.layer];
+    ParkedLayerResult r;
+    r.layer = w.layer;
+    if (w.resident) {
+      r.rows_appended = static_cast<uint32_t>(w.positions.size());
+      r.append = w.stats;
+      for (uint32_t b : t.blocks) r.blocks_released += pool.allocators[w.layer].Release(b) ? 1 : 0;
+      t.blocks.clear();
+      t.parked = true;
+      compression->layers[w.layer].coded = std::move(w.updated);
+    }
+    const compress::CodedLayer& coded = *compression->layers[w.layer].coded;
+    r.num_tokens = t.num_tokens;
+    r.key_codebook_size = coded.key_entries();
+    r.value_codebook_size = coded.value_entries();
+    r.queued = coded.queued();
+    r.arena_bytes = coded.bytes();
+    released_total += r.blocks_released;
+    out.push_back(r);
+  }
+  seq->compression = std::move(compression);
+  PublishLocked(EventType::kSequenceParked, seq->owner->client_id, sequence_id, pool.pool_id,
+                absl::StrCat("layers=", out.size(), " blocks_released=", released_total));
+  return out;
+}
+
+}  // namespace cachemgr

@@ -1,0 +1,90 @@
+// The state behind CacheManager (its private nested types), shared by cache_manager.cc
+// (sessions, blocks, sequences) and cache_manager_compress.cc (Compress, Fetch, Park). Not part
+// of any public interface.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "cachemgr/cache_manager.h"
+#include "cachemgr/compress/coded_layer.h"
+
+namespace cachemgr {
+
+struct CacheManager::Pool {
+  std::string pool_id;
+  ModelSpec model;
+  uint32_t num_blocks = 0;
+  uint64_t bytes = 0;
+  std::unique_ptr<PoolMemory> memory;
+  std::vector<BlockAllocator> allocators;  // one per layer
+  uint32_t clients = 0;
+};
+
+struct CacheManager::Client {
+  std::string client_id;
+  std::string client_name;
+  std::string session_token;
+  Pool* pool = nullptr;
+  absl::Time lease_deadline;
+  std::vector<std::string> sequences;  // ids, insertion order
+  MemfdRegion input_buffer;            // Compress inputs, written by the client
+};
+
+// What Compress left of a sequence, per layer: the rows it kept and, for codebook layers, their
+// coded form. Immutable once built (forks share it; Park builds a new one).
+struct CacheManager::Compression {
+  struct Layer {
+    uint32_t rows = 0;                // rows per KV head Compress left
+    std::vector<uint32_t> positions;  // [num_kv_heads, rows]: original token index of each row
+    // Codebook layers: the coded rows (Compress's, then every row Park coded since).
+    std::shared_ptr<const compress::CodedLayer> coded;
+  };
+  std::string policy_name;
+  compress::PolicyConfig policy;
+  uint32_t num_tokens = 0;  // tokens (= positions) when compressed
+  std::vector<Layer> layers;
+};
+
+struct CacheManager::Sequence {
+  struct LayerTable {
+    std::vector<uint32_t> blocks;
+    uint32_t num_tokens = 0;  // rows
+    // A codebook layer at rest: num_tokens rows live in the arena, no blocks until Fetch.
+    bool parked = false;
+  };
+  uint64_t serial = 0;  // unique per sequence ever created (ids can be reused after Free)
+  std::string sequence_id;
+  Client* owner = nullptr;
+  std::string parent_sequence_id;
+  uint64_t num_positions = 0;
+  std::vector<LayerTable> layers;
+  std::shared_ptr<const Compression> compression;
+  // Set while Compress, Fetch or Park works on a copy outside the lock: the name of the call.
+  // Every call that would change the sequence is refused (ABORTED) meanwhile; Free is not, and
+  // the working call then finds the sequence gone and changes nothing.
+  const char* busy = nullptr;
+};
+
+namespace cache_manager_internal {
+
+inline uint32_t CeilDiv(uint64_t a, uint32_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+
+// The slot of row `row` of a layer table (block_table[row / bs] * bs + row % bs).
+inline int64_t SlotOf(const std::vector<uint32_t>& blocks, uint32_t row, uint32_t block_size) {
+  return int64_t{blocks[row / block_size]} * block_size + row % block_size;
+}
+
+// ABORTED while another call works on the sequence outside the lock.
+inline absl::Status CheckNotBusy(const std::string& sequence_id, const char* busy) {
+  if (busy == nullptr) return absl::OkStatus();
+  return absl::AbortedError(absl::StrCat("sequence_id \"", sequence_id, "\" is busy in ", busy,
+                                         "; retry when it returns"));
+}
+
+}  // namespace cache_manager_internal
+}  // namespace cachemgr

@@ -1,0 +1,280 @@
+#include "cachemgr/compress/coded_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "cachemgr/compress/accounting.h"
+#include "cachemgr/compress/codebook.h"
+#include "cachemgr/compress/validation.h"
+#include "cachemgr/util/status_macros.h"
+
+namespace cachemgr::compress {
+namespace {
+
+// Part boundaries of a result codebook: its offsets, or one part over every entry.
+std::vector<uint32_t> Offsets(const Codebook& codebook, const std::vector<uint32_t>& stored) {
+  if (stored.size() >= 2) return stored;
+  return {0, codebook.size()};
+}
+
+}  // namespace
+
+absl::StatusOr<CodedLayer> CodedLayer::FromResult(const ModelShape& shape,
+                                                  const PolicyConfig& policy,
+                                                  const LayerResult& result,
+                                                  absl::Span<const uint32_t> positions) {
+  if (!result.key_codebook.has_value() || !result.value_codebook.has_value()) {
+    return absl::InvalidArgumentError("result holds no codebooks: not a codebook layer");
+  }
+  RETURN_IF_ERROR(ValidateShape(shape));
+  const uint32_t heads = shape.num_kv_heads;
+  const uint32_t rows = result.kept_per_head;
+  const uint32_t dim = shape.head_dim;
+  const size_t vectors = size_t{heads} * rows;
+  if (heads == 0 || dim == 0 || result.kept.size() != vectors) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("result.kept has ", result.kept.size(),
+                     " entries, expected num_kv_heads * kept = ", vectors));
+  }
+  CodedLayer layer;
+  layer.shape_ = shape;
+  layer.rope_ = RopeParamsFromShape(shape);
+  layer.append_batch_ = std::max<uint32_t>(1, policy.append_batch);
+  layer.key_.theta = policy.theta_k;
+  layer.value_.theta = policy.theta_v;
+  layer.positions_.assign(heads, std::vector<uint32_t>(rows));
+  for (uint32_t h = 0; h < heads; ++h) {
+    for (uint32_t r = 0; r < rows; ++r) {
+      const uint32_t token = result.kept[size_t{h} * rows + r];
+      if (!positions.empty() && token >= positions.size()) {
+        return absl::InvalidArgumentError(absl::StrCat("result.kept holds token ", token,
+                                                       " but positions has ", positions.size()));
+      }
+      layer.positions_[h][r] = positions.empty() ? token : positions[token];
+    }
+  }
+  const std::vector<uint32_t> key_offsets = Offsets(*result.key_codebook, result.key_entry_offsets);
+  const std::vector<uint32_t> value_offsets =
+      Offsets(*result.value_codebook, result.value_entry_offsets);
+  const uint32_t parts = static_cast<uint32_t>(key_offsets.size() - 1);
+  if (value_offsets.size() != key_offsets.size() || (parts != 1 && parts != heads)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("result codebooks have ", parts, " key and ", value_offsets.size() - 1,
+                     " value parts; expected 1 or num_kv_heads (", heads, ") of each"));
+  }
+  layer.num_parts_ = parts;
+  for (auto [plane, codebook, offsets] :
+       {std::tuple{&layer.key_, &*result.key_codebook, &key_offsets},
+        std::tuple{&layer.value_, &*result.value_codebook, &value_offsets}}) {
+    if (codebook->dim != dim || codebook->refs.size() != vectors ||
+        codebook->magnitudes.size() != vectors || offsets->back() != codebook->size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("result codebook does not match the layer (dim ", codebook->dim, ", ",
+                       codebook->refs.size(), " refs, ", codebook->magnitudes.size(),
+                       " magnitudes; expected dim ", dim, " and ", vectors, ")"));
+    }
+    plane->parts.resize(parts);
+    for (uint32_t p = 0; p < parts; ++p) {
+      const uint32_t begin = (*offsets)[p], end = (*offsets)[p + 1];
+      if (begin > end) return absl::InvalidArgumentError("result codebook offsets decrease");
+      plane->parts[p].entries.assign(codebook->entries.begin() + size_t{begin} * dim,
+                                     codebook->entries.begin() + size_t{end} * dim);
+    }
+    plane->code.assign(heads, std::vector<uint32_t>(rows));
+    plane->magnitude.assign(heads, std::vector<float>(rows));
+    for (uint32_t h = 0; h < heads; ++h) {
+      const uint32_t p = layer.PartOf(h);
+      for (uint32_t r = 0; r < rows; ++r) {
+        const size_t v = size_t{h} * rows + r;
+        const uint32_t ref = codebook->refs[v];
+        if (ref < (*offsets)[p] || ref >= (*offsets)[p + 1]) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("result codebook ref ", ref, " of KV head ", h, " is outside its part [",
+                           (*offsets)[p], ", ", (*offsets)[p + 1], ")"));
+        }
+        plane->code[h][r] = ref - (*offsets)[p];
+        plane->magnitude[h][r] = codebook->magnitudes[v];
+      }
+    }
+  }
+  return layer;
+}
+
+uint32_t CodedLayer::PartOf(uint32_t head) const {
+  return static_cast<uint32_t>(uint64_t{head} * num_parts_ / num_kv_heads());
+}
+
+uint32_t CodedLayer::NumEntries(const Plane& plane) const {
+  size_t entries = 0;
+  for (const Plane::Part& part : plane.parts) entries += part.entries.size() / shape_.head_dim;
+  return static_cast<uint32_t>(entries);
+}
+
+uint32_t CodedLayer::NumQueued(const Plane& plane) {
+  size_t queued = 0;
+  for (const Plane::Part& part : plane.parts) queued += part.queue_rows.size();
+  return static_cast<uint32_t>(queued);
+}
+
+std::vector<uint32_t> CodedLayer::Positions() const {
+  std::vector<uint32_t> out;
+  out.reserve(size_t{num_kv_heads()} * rows());
+  for (const auto& head : positions_) out.insert(out.end(), head.begin(), head.end());
+  return out;
+}
+
+uint64_t CodedLayer::PlaneBytes(const Plane& plane) const {
+  const uint32_t dim = shape_.head_dim;
+  const uint64_t heads_per_part = num_kv_heads() / num_parts_;
+  uint64_t bytes = 0;
+  for (const Plane::Part& part : plane.parts) {
+    const uint32_t entries = static_cast<uint32_t>(part.entries.size() / dim);
+    const uint64_t queued = part.queue_rows.size();
+    const uint64_t coded = heads_per_part * rows() - queued;
+    bytes += CodebookPartBytes(entries, coded, dim, shape_.elem_bytes) +
+             queued * dim * shape_.elem_bytes;
+  }
+  return bytes;
+}
+
+uint64_t CodedLayer::bytes() const { return PlaneBytes(key_) + PlaneBytes(value_); }
+
+void CodedLayer::CodeRow(Plane& plane, uint32_t head, uint32_t row, const float* unit,
+                         float magnitude, const float* raw, AppendStats& stats) {
+  const uint32_t dim = shape_.head_dim;
+  Plane::Part& part = plane.parts[PartOf(head)];
+  const int64_t match = MatchEntry(part.entries, dim, unit, plane.theta);
+  if (match >= 0) {
+    plane.code[head].push_back(static_cast<uint32_t>(match));
+    plane.magnitude[head].push_back(magnitude);
+    ++stats.matched;
+    return;
+  }
+  plane.code[head].push_back(Plane::kQueuedBit | static_cast<uint32_t>(part.queue_rows.size()));
+  plane.magnitude[head].push_back(0.0f);
+  part.queue.insert(part.queue.end(), raw, raw + dim);
+  part.queue_rows.emplace_back(head, row);
+  ++stats.queued;
+}
+
+absl::Status CodedLayer::CodeQueue(Plane& plane, uint32_t part_index, bool is_key,
+                                   AppendStats& stats) {
+  const uint32_t dim = shape_.head_dim;
+  Plane::Part& part = plane.parts[part_index];
+  std::vector<float> vectors = part.queue;
+  if (is_key) {  // queued K is post-RoPE; the codebook is built on pre-RoPE K
+    std::vector<uint32_t> positions;
+    positions.reserve(part.queue_rows.size());
+    for (const auto& [head, row] : part.queue_rows) positions.push_back(positions_[head][row]);
+    if (absl::Status s = UnapplyRope(rope_, positions, 1, absl::MakeSpan(vectors)); !s.ok()) {
+      return s;
+    }
+  }
+  absl::StatusOr<Codebook> batch = BuildCodebook(vectors, dim, plane.theta);
+  if (!batch.ok()) return batch.status();
+  const uint32_t base = static_cast<uint32_t>(part.entries.size() / dim);
+  part.entries.insert(part.entries.end(), batch->entries.begin(), batch->entries.end());
+  for (size_t j = 0; j < part.queue_rows.size(); ++j) {
+    const auto [head, row] = part.queue_rows[j];
+    plane.code[head][row] = base + batch->refs[j];
+    plane.magnitude[head][row] = batch->magnitudes[j];
+  }
+  stats.batch_coded += static_cast<uint32_t>(part.queue_rows.size());
+  stats.new_entries += batch->size();
+  part.queue.clear();
+  part.queue_rows.clear();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AppendStats> CodedLayer::Append(absl::Span<const float> keys,
+                                               absl::Span<const float> values,
+                                               absl::Span<const uint32_t> positions) {
+  const uint32_t heads = num_kv_heads();
+  const uint32_t dim = shape_.head_dim;
+  const size_t count = positions.size();
+  const size_t want = count * heads * dim;
+  if (keys.size() != want || values.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat("append of ", count, " rows needs ", want,
+                                                   " key and value floats (got ", keys.size(),
+                                                   " and ", values.size(), ")"));
+  }
+  for (absl::Span<const float> x : {keys, values}) {
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (!std::isfinite(x[i])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("appended row ", i / (size_t{heads} * dim), " has a non-finite element"));
+      }
+    }
+  }
+  std::vector<float> pre_rope(keys.begin(), keys.end());
+  if (absl::Status s = UnapplyRope(rope_, positions, heads, absl::MakeSpan(pre_rope)); !s.ok()) {
+    return s;
+  }
+  AppendStats stats;
+  std::vector<float> unit(dim);
+  for (size_t i = 0; i < count; ++i) {
+    for (uint32_t h = 0; h < heads; ++h) {
+      const uint32_t row = static_cast<uint32_t>(positions_[h].size());
+      positions_[h].push_back(positions[i]);
+      const size_t at = (i * heads + h) * dim;
+      float magnitude = 0.0f;
+      NormalizeVector(&pre_rope[at], dim, unit.data(), &magnitude);  // finite: checked above
+      CodeRow(key_, h, row, unit.data(), magnitude, &keys[at], stats);
+      NormalizeVector(&values[at], dim, unit.data(), &magnitude);
+      CodeRow(value_, h, row, unit.data(), magnitude, &values[at], stats);
+    }
+  }
+  for (uint32_t p = 0; p < num_parts_; ++p) {
+    for (Plane* plane : {&key_, &value_}) {
+      if (plane->parts[p].queue_rows.size() >= append_batch_) {
+        if (absl::Status s = CodeQueue(*plane, p, plane == &key_, stats); !s.ok()) return s;
+      }
+    }
+  }
+  return stats;
+}
+
+void CodedLayer::Reconstruct(std::vector<float>* keys, std::vector<float>* values) const {
+  const uint32_t heads = num_kv_heads();
+  const uint32_t rows = this->rows();
+  const uint32_t dim = shape_.head_dim;
+  keys->resize(size_t{rows} * heads * dim);
+  values->resize(size_t{rows} * heads * dim);
+  // Coded K rows come out pre-RoPE: gathered, rotated at their positions, scattered back.
+  std::vector<float> coded_keys;
+  std::vector<uint32_t> coded_positions;
+  std::vector<size_t> coded_at;
+  for (uint32_t h = 0; h < heads; ++h) {
+    const uint32_t p = PartOf(h);
+    for (uint32_t r = 0; r < rows; ++r) {
+      const size_t at = (size_t{r} * heads + h) * dim;
+      for (auto [plane, out] : {std::pair{&key_, keys}, std::pair{&value_, values}}) {
+        const Plane::Part& part = plane->parts[p];
+        const uint32_t code = plane->code[h][r];
+        if (code & Plane::kQueuedBit) {
+          const float* raw = &part.queue[size_t{code & ~Plane::kQueuedBit} * dim];
+          std::copy_n(raw, dim, out->data() + at);
+          continue;
+        }
+        const float* entry = &part.entries[size_t{code} * dim];
+        const float m = plane->magnitude[h][r];
+        float* dst = out->data() + at;
+        for (uint32_t k = 0; k < dim; ++k) dst[k] = entry[k] * m;
+        if (plane == &key_) {
+          coded_keys.insert(coded_keys.end(), dst, dst + dim);
+          coded_positions.push_back(positions_[h][r]);
+          coded_at.push_back(at);
+        }
+      }
+    }
+  }
+  // The shape was validated when the layer was built, so this cannot fail.
+  (void)ApplyRope(rope_, coded_positions, 1, absl::MakeSpan(coded_keys));
+  for (size_t i = 0; i < coded_at.size(); ++i) {
+    std::copy_n(&coded_keys[i * dim], dim, keys->data() + coded_at[i]);
+  }
+}
+
+}  // namespace cachemgr::compress

@@ -1,0 +1,108 @@
+// CodedLayer: one layer of one sequence held in codebook form (paper §3.4, eq. 8-14), the form
+// the daemon keeps a codebook layer in while it is parked, able to take the rows a decoding
+// engine appended.
+//
+// Per KV head the layer holds `rows()` rows, each with its RoPE position. For K and for V, the
+// layer's codebook is split in parts (one per layer, or one per KV head: CodebookScope); part p
+// serves an equal, consecutive share of the KV heads. A row of a head is either
+//   coded:  a reference to an entry of its part and a magnitude (eq. 14: entry * magnitude;
+//           K entries are pre-RoPE, so RoPE is re-applied at the row's position), or
+//   queued: its vector verbatim (K as the engine stored it, post-RoPE), waiting to be coded.
+// Append codes new rows the paper's way: each vector joins the most similar entry of its part
+// when cos > theta (MatchEntry); the others queue, and once a part holds `append_batch` queued
+// vectors they are coded together by Algorithm 1 (BuildCodebook) and their entries appended.
+//
+// Bytes (the honest accounting of accounting.h, extended by the queue): per plane and part,
+//   entries * head_dim * elem_bytes + coded rows * (ref_bytes(entries) + elem_bytes)
+//   + queued rows * head_dim * elem_bytes.
+// Values are held as float32 in memory; elem_bytes is what the model's dtype would store.
+//
+// Thread-compatible: const methods may run concurrently; Append needs exclusive access.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "cachemgr/compress/compress.h"
+#include "cachemgr/compress/rope.h"
+
+namespace cachemgr::compress {
+
+struct AppendStats {
+  uint32_t matched = 0;      // vectors (K and V counted apart) that joined an existing entry
+  uint32_t queued = 0;       // vectors that matched nothing and were queued
+  uint32_t batch_coded = 0;  // queued vectors coded by Algorithm 1 in this call
+  uint32_t new_entries = 0;  // entries those batches added
+};
+
+class CodedLayer {
+ public:
+  // The layer `result` (which must hold codebooks, as CompressSequence leaves a codebook layer)
+  // of a sequence whose token t sat at RoPE position positions[t] (empty: t). `policy` gives
+  // theta_k/theta_v, the scope and append_batch. INVALID_ARGUMENT when the result does not match
+  // the shape (no codebooks, wrong sizes, refs out of range, kept token without a position).
+  static absl::StatusOr<CodedLayer> FromResult(const ModelShape& shape, const PolicyConfig& policy,
+                                               const LayerResult& result,
+                                               absl::Span<const uint32_t> positions);
+
+  uint32_t num_kv_heads() const { return static_cast<uint32_t>(positions_.size()); }
+  uint32_t rows() const {
+    return positions_.empty() ? 0 : static_cast<uint32_t>(positions_[0].size());
+  }
+  // [num_kv_heads, rows]: the RoPE position of every row.
+  std::vector<uint32_t> Positions() const;
+  uint32_t key_entries() const { return NumEntries(key_); }
+  uint32_t value_entries() const { return NumEntries(value_); }
+  // Vectors (K and V counted apart) waiting in a queue.
+  uint32_t queued() const { return NumQueued(key_) + NumQueued(value_); }
+  uint64_t bytes() const;
+
+  // Appends `count` rows to every KV head: keys and values [count, num_kv_heads, head_dim]
+  // (keys post-RoPE), row i at RoPE position positions[i]. INVALID_ARGUMENT for a size mismatch
+  // or a non-finite element (nothing is appended then).
+  absl::StatusOr<AppendStats> Append(absl::Span<const float> keys, absl::Span<const float> values,
+                                     absl::Span<const uint32_t> positions);
+
+  // Every row as it would be attended to: keys (post-RoPE at each row's position) and values,
+  // each [rows, num_kv_heads, head_dim] (the pool's token-major order), resized.
+  void Reconstruct(std::vector<float>* keys, std::vector<float>* values) const;
+
+ private:
+  // One of K and V.
+  struct Plane {
+    static constexpr uint32_t kQueuedBit = 0x80000000u;
+    struct Part {
+      std::vector<float> entries;  // [E, head_dim], unit vectors (K: pre-RoPE)
+      std::vector<float> queue;    // [Q, head_dim], verbatim (K: post-RoPE)
+      std::vector<std::pair<uint32_t, uint32_t>> queue_rows;  // (head, row) of each queued one
+    };
+    float theta = 1.0f;
+    std::vector<Part> parts;
+    // [head][row]: entry index within the head's part, or kQueuedBit | index into its queue.
+    std::vector<std::vector<uint32_t>> code;
+    std::vector<std::vector<float>> magnitude;  // [head][row], coded rows only
+  };
+
+  CodedLayer() = default;
+  uint32_t NumEntries(const Plane& plane) const;
+  static uint32_t NumQueued(const Plane& plane);
+  uint32_t PartOf(uint32_t head) const;
+  // Codes `unit` (magnitude m) of `head`'s new row `row` in `plane`, or queues `raw`.
+  void CodeRow(Plane& plane, uint32_t head, uint32_t row, const float* unit, float magnitude,
+               const float* raw, AppendStats& stats);
+  // Codes a part's queue by Algorithm 1 (K un-rotated first) and empties it.
+  absl::Status CodeQueue(Plane& plane, uint32_t part, bool is_key, AppendStats& stats);
+  uint64_t PlaneBytes(const Plane& plane) const;
+
+  ModelShape shape_;
+  RopeParams rope_;
+  uint32_t num_parts_ = 1;
+  uint32_t append_batch_ = 1;
+  std::vector<std::vector<uint32_t>> positions_;  // [head][row]
+  Plane key_;
+  Plane value_;
+};
+
+}  // namespace cachemgr::compress
