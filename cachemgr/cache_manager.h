@@ -279,11 +279,14 @@ class CacheManager {
   // Compresses the caller's sequence in place (docs/COMPRESSION.md). Inputs are read from the
   // caller's input buffer. Plain layers are compacted in place: row r of KV head h takes that
   // head's r-th kept token; the first ceil(rows / block_size) blocks of the table are kept and
-  // the rest released (so Compress needs no free blocks). Codebook layers move to a
-  // per-sequence arena (compress::CodedLayer) and release every block until Fetch.
-  //   FAILED_PRECONDITION  already compressed, or blocks shared with a fork
+  // the rest released (so Compress needs no free blocks). A layer sharing blocks with a fork
+  // (a prefix-cached prompt, say) is instead written to ceil(rows / block_size) fresh blocks,
+  // and the fork keeps the old ones. Codebook layers move to a per-sequence arena
+  // (compress::CodedLayer) and release every block until Fetch.
+  //   FAILED_PRECONDITION  already compressed
   //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input
   //   OUT_OF_RANGE         target.byte_ratio outside what the policy can reach here
+  //   RESOURCE_EXHAUSTED   a shared layer needs more fresh blocks than are free
   absl::StatusOr<CompressResult> Compress(const std::string& session_token,
                                           const std::string& sequence_id,
                                           const CompressParams& params);

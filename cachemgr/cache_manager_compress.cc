@@ -141,15 +141,6 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
     Pool& pool = *client->pool;
     const ModelSpec& model = pool.model;
     const uint32_t num_layers = model.num_layers;
-    for (uint32_t l = 0; l < num_layers; ++l) {
-      for (uint32_t b : seq->layers[l].blocks) {
-        if (pool.allocators[l].refcount(b) > 1) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "sequence_id \"", sequence_id, "\" shares layer ", l, " block ", b,
-              " with a fork; free the forks (or compress a sequence that shares nothing)"));
-        }
-      }
-    }
     RETURN_IF_ERROR(compress::ValidatePolicy(params.policy));
     if (!(params.target.value > 0.0 && params.target.value <= 1.0)) {
       return absl::InvalidArgumentError(
@@ -237,8 +228,6 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
       }
     }
   }
-  keys.clear();
-  values.clear();
 
   absl::MutexLock lock(&mu_);
   Sequence* seq = FindSerialLocked(sequence_id, serial);
@@ -258,11 +247,53 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
   const ModelSpec& model = pool.model;
   const uint32_t num_layers = model.num_layers, bs = model.block_size;
   const kernels::KvLayerLayout& layout = pool.memory->layout();
-  // Validate every compaction before the first one moves a row.
+  // A plain layer with a block shared with a fork is written to fresh blocks (the fork keeps
+  // the old ones); the others are compacted in place. Plan and validate everything before the
+  // first row moves, so a refusal changes nothing.
+  std::vector<bool> fresh(num_layers, false);
   for (uint32_t l = 0; l < num_layers; ++l) {
     if (coded[l] != nullptr) continue;
-    RETURN_IF_ERROR(kernels::ValidateCompaction(layout, seq->layers[l].blocks, n, sr.layers[l].kept,
-                                                sr.layers[l].kept_per_head));
+    const Sequence::LayerTable& t = seq->layers[l];
+    for (uint32_t b : t.blocks) fresh[l] = fresh[l] || pool.allocators[l].refcount(b) > 1;
+    if (fresh[l]) {
+      const uint32_t need = CeilDiv(sr.layers[l].kept_per_head, bs);
+      if (need > pool.allocators[l].num_free()) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("layer ", l, " shares blocks with a fork, so its ",
+                         sr.layers[l].kept_per_head, " kept rows need ", need,
+                         " fresh blocks, but ", pool.allocators[l].num_free(), " are free"));
+      }
+    } else {
+      RETURN_IF_ERROR(kernels::ValidateCompaction(layout, t.blocks, n, sr.layers[l].kept,
+                                                  sr.layers[l].kept_per_head));
+    }
+  }
+  // Rows of layers that share blocks go to fresh blocks first: a failure there changes nothing.
+  std::vector<std::vector<uint32_t>> fresh_blocks(num_layers);
+  const size_t row_floats = size_t{model.num_kv_heads} * model.head_dim;
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    if (!fresh[l]) continue;
+    const compress::LayerResult& lr = sr.layers[l];
+    const uint32_t rows = lr.kept_per_head;
+    std::vector<float> rows_k(size_t{rows} * row_floats), rows_v(rows_k.size());
+    for (uint32_t h = 0; h < model.num_kv_heads; ++h) {
+      for (uint32_t r = 0; r < rows; ++r) {
+        const size_t src = size_t{lr.kept[size_t{h} * rows + r]} * row_floats + h * model.head_dim;
+        const size_t dst = size_t{r} * row_floats + h * model.head_dim;
+        std::copy_n(keys[l].data() + src, model.head_dim, rows_k.data() + dst);
+        std::copy_n(values[l].data() + src, model.head_dim, rows_v.data() + dst);
+      }
+    }
+    fresh_blocks[l] = pool.allocators[l].Allocate(CeilDiv(rows, bs)).value();  // planned
+    if (absl::Status s = pool.memory->ScatterTokens(l, RowSlots(fresh_blocks[l], 0, rows, bs),
+                                                    rows_k.data(), rows_v.data());
+        !s.ok()) {
+      for (uint32_t m = 0; m <= l; ++m) {
+        for (uint32_t b : fresh_blocks[m]) pool.allocators[m].Release(b);
+      }
+      Log(LogLevel::kError, "compaction failed", {{"layer", l}, {"error", s.ToString()}});
+      return absl::InternalError(absl::StrCat("writing layer ", l, " failed: ", s.message()));
+    }
   }
 
   auto compression = std::make_shared<Compression>();
@@ -279,23 +310,24 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
     Compression::Layer& cl = compression->layers[l];
     const uint32_t rows = lr.kept_per_head;
     result.bytes_before += t.blocks.size() * block_bytes;
-    uint32_t keep_blocks = 0;
-    if (coded[l] == nullptr) {
-      if (absl::Status s = pool.memory->CompactHeads(l, t.blocks, n, lr.kept, rows); !s.ok()) {
-        // Validated above, so this is a backend fault.
-        Log(LogLevel::kError, "compaction failed", {{"layer", l}, {"error", s.ToString()}});
-        return absl::InternalError(
-            absl::StrCat("compaction of layer ", l, " failed: ", s.message()));
-      }
-      keep_blocks = CeilDiv(rows, bs);
-    } else {
+    std::vector<uint32_t> dropped;  // references this sequence gives up
+    if (coded[l] != nullptr) {
       cl.coded = coded[l];
       t.parked = true;
+      dropped = std::exchange(t.blocks, {});
+    } else if (fresh[l]) {
+      dropped = std::exchange(t.blocks, std::move(fresh_blocks[l]));
+    } else {
+      // Validated above; the host backend cannot fail here. A device fault leaves the layer's
+      // rows undefined but the books consistent.
+      if (absl::Status s = pool.memory->CompactHeads(l, t.blocks, n, lr.kept, rows); !s.ok()) {
+        Log(LogLevel::kError, "compaction failed", {{"layer", l}, {"error", s.ToString()}});
+      }
+      const uint32_t keep = CeilDiv(rows, bs);
+      dropped.assign(t.blocks.begin() + keep, t.blocks.end());
+      t.blocks.resize(keep);
     }
-    for (size_t i = keep_blocks; i < t.blocks.size(); ++i) {
-      result.blocks_released += pool.allocators[l].Release(t.blocks[i]) ? 1 : 0;
-    }
-    t.blocks.resize(keep_blocks);
+    for (uint32_t b : dropped) result.blocks_released += pool.allocators[l].Release(b) ? 1 : 0;
     t.num_tokens = rows;
     cl.rows = rows;
     cl.positions = lr.kept;

@@ -227,13 +227,18 @@ TEST_CASE("failed Compress calls change nothing", "[cpu]") {
         absl::StatusCode::kPermissionDenied);
   same();
 
-  // Shared with a fork.
+  // Shared with a fork whose compression needs more fresh blocks than are free: refused whole.
   REQUIRE(f.manager.Fork(f.a.session_token, "s", "child").ok());
-  auto shared = f.manager.Compress(f.a.session_token, "s", Params("snapkv"));
-  CHECK(shared.status().code() == absl::StatusCode::kFailedPrecondition);
-  CHECK_THAT(std::string(shared.status().message()), Catch::Contains("fork"));
+  auto hog = f.manager.Allocate(f.a.session_token, "hog", kBlock * (64 - kTokens / kBlock));
+  REQUIRE(hog.ok());
+  auto full = f.manager.Compress(f.a.session_token, "child", Params("snapkv"));
+  CHECK(full.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK_THAT(std::string(full.status().message()), Catch::Contains("fresh blocks"));
+  CHECK_FALSE(f.manager.GetSequence(f.a.session_token, "child", false)->compressed);
   same();
+  REQUIRE(f.manager.Free(f.a.session_token, "hog").ok());
   REQUIRE(f.manager.Free(f.a.session_token, "child").ok());
+  same();
 
   // Twice.
   REQUIRE(f.manager.Compress(f.a.session_token, "s", Params("snapkv")).ok());
@@ -247,6 +252,49 @@ TEST_CASE("failed Compress calls change nothing", "[cpu]") {
     CHECK(now->layers[l].kv_digest == after->layers[l].kv_digest);
   }
   REQUIRE(f.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("a fork compresses into fresh blocks; the parent keeps its rows", "[cpu]") {
+  const std::string preset = GENERATE("snapkv", "spindlekv", "fullkv");
+  Fixture f;
+  f.Fill("s", 19);
+  const auto parent_before = f.manager.GetSequence(f.a.session_token, "s", true);
+  REQUIRE(f.manager.Fork(f.a.session_token, "s", "c").ok());
+  const uint64_t used_before = f.UsedBlocks();
+  CompressParams params = Params(preset, 0.4);
+  auto r = f.manager.Compress(f.a.session_token, "c", params);
+  REQUIRE(r.ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+  // The fork's old references were all dropped, no block was freed (the parent holds them),
+  // and the kept rows hold the original vectors.
+  CHECK(r->blocks_released == 0);
+  uint64_t fresh = 0;
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    const auto& out = r->layers[l];
+    if (out.codebook) continue;
+    fresh += out.block_ids.size();
+    for (uint32_t row = 0; row < out.num_tokens; ++row) {
+      for (uint32_t h = 0; h < kKvHeads; ++h) {
+        const uint32_t tok = out.kept_positions[size_t{h} * out.num_tokens + row];
+        CHECK(std::memcmp(
+                  f.Head(l, kernels::KvPlane::kKey, out.block_ids[row / kBlock], row % kBlock, h),
+                  &f.keys[l][(tok * kKvHeads + h) * kDim], kDim * 4) == 0);
+      }
+    }
+  }
+  CHECK(f.UsedBlocks() == used_before + fresh);
+  const auto parent_after = f.manager.GetSequence(f.a.session_token, "s", true);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    CHECK(parent_after->layers[l].block_ids == parent_before->layers[l].block_ids);
+    CHECK(parent_after->layers[l].kv_digest == parent_before->layers[l].kv_digest);
+  }
+  CHECK_FALSE(parent_after->compressed);
+  // The parent compresses in place now that nothing shares its blocks.
+  REQUIRE(f.manager.Free(f.a.session_token, "c").ok());
+  REQUIRE(f.manager.Compress(f.a.session_token, "s", params).ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+  REQUIRE(f.manager.Free(f.a.session_token, "s").ok());
+  CHECK(f.UsedBlocks() == 0);
 }
 
 TEST_CASE("a fork of a parked sequence reconstructs into its own blocks", "[cpu]") {
