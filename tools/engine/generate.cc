@@ -1,0 +1,84 @@
+#include "tools/engine/generate.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "cachemgr/util/status_macros.h"
+#include "tools/engine/ops.h"
+
+namespace cachemgr::engine {
+
+absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,
+                                                         const std::string& seq,
+                                                         const ForwardResult& prefill,
+                                                         client::CompressOptions options) {
+  std::span<float> buffer = cache.session().input_buffer();
+  const std::vector<float>* input = nullptr;
+  if (options.input == client::CompressInputSource::kWindowQueries) {
+    input = &prefill.window_queries;
+    const LlamaConfig& c = cache.config();
+    options.num_queries = static_cast<uint32_t>(
+        prefill.window_queries.size() / (size_t{c.num_layers} * c.num_heads * c.head_dim()));
+  } else if (options.input == client::CompressInputSource::kScores) {
+    input = &prefill.attention_sums;
+  }
+  if (input != nullptr) {
+    if (input->empty()) {
+      return absl::InvalidArgumentError("the prefill recorded none of the inputs Compress needs");
+    }
+    if (input->size() > buffer.size()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "Compress inputs of ", input->size() * 4, " bytes do not fit the ",
+          buffer.size() * 4, "-byte input buffer (attach with a larger input_buffer_bytes)"));
+    }
+    std::memcpy(buffer.data(), input->data(), input->size() * 4);
+  }
+  ASSIGN_OR_RETURN(client::CompressResult result, cache.Compress(seq, options));
+  RETURN_IF_ERROR(cache.Fetch(seq).status());
+  return result;
+}
+
+absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache& cache,
+                                              const Tokenizer& tokenizer, const std::string& seq,
+                                              const std::vector<uint32_t>& prompt,
+                                              const GenerateOptions& options) {
+  if (prompt.empty()) return absl::InvalidArgumentError("the prompt must not be empty");
+  if (cache.has(seq)) {
+    return absl::AlreadyExistsError(absl::StrCat("sequence \"", seq, "\" already exists"));
+  }
+  GenerateResult out;
+  ForwardOptions prefill_options;
+  if (options.compress.has_value()) {
+    if (options.compress->input == client::CompressInputSource::kWindowQueries) {
+      prefill_options.window_queries =
+          std::min<uint32_t>(static_cast<uint32_t>(prompt.size()),
+                             options.compress->policy.window.value_or(32));
+    }
+    prefill_options.attention_sums =
+        options.compress->input == client::CompressInputSource::kScores;
+  }
+  ASSIGN_OR_RETURN(ForwardResult prefill, engine.Forward(seq, prompt, prefill_options));
+  if (options.compress.has_value()) {
+    ASSIGN_OR_RETURN(out.compressed, CompressPrefilled(cache, seq, prefill, *options.compress));
+  }
+  const uint32_t vocab = engine.config().vocab_size;
+  uint32_t previous = prompt.back();
+  uint32_t next = Argmax(prefill.logits.data(), vocab);
+  for (uint32_t step = 0; step < options.steps; ++step) {
+    if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), next) !=
+        options.stop_tokens.end()) {
+      break;
+    }
+    out.tokens.push_back(next);
+    out.text += tokenizer.Decode(previous, next);
+    previous = next;
+    if (step + 1 == options.steps) break;
+    const uint32_t token = next;
+    ASSIGN_OR_RETURN(ForwardResult r, engine.Forward(seq, {&token, 1}));
+    next = Argmax(r.logits.data(), vocab);
+  }
+  return out;
+}
+
+}  // namespace cachemgr::engine

@@ -1,0 +1,46 @@
+// Greedy generation on the sidecar: prefill a prompt, optionally compress it, then decode one
+// token per step (one Allocate, one forward, argmax each).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cachemgr/client/client.h"
+#include "tools/engine/llama.h"
+#include "tools/engine/tokenizer.h"
+
+namespace cachemgr::engine {
+
+struct GenerateOptions {
+  uint32_t steps = 256;  // tokens to generate
+  // Stop before emitting one of these (run.c stops at BOS); empty: never.
+  std::vector<uint32_t> stop_tokens;
+  // Compress the prompt before decoding (window queries of the prompt's last tokens, or the
+  // prompt's attention sums for H2O); nullopt: FullKV.
+  std::optional<client::CompressOptions> compress;
+};
+
+struct GenerateResult {
+  std::vector<uint32_t> tokens;  // generated, prompt excluded
+  std::string text;              // their decoded bytes
+  std::optional<client::CompressResult> compressed;
+};
+
+// The prompt must not be empty (start it with BOS to generate from scratch). `seq` must not
+// exist yet; it is left in the sidecar (the caller frees it).
+absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache& cache,
+                                              const Tokenizer& tokenizer, const std::string& seq,
+                                              const std::vector<uint32_t>& prompt,
+                                              const GenerateOptions& options);
+
+// Compresses `seq`, a prompt just prefilled with `prefill` (its window queries or attention
+// sums, as options.input says), then fetches its codebook layers so decoding can go on.
+absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,
+                                                         const std::string& seq,
+                                                         const ForwardResult& prefill,
+                                                         client::CompressOptions options);
+
+}  // namespace cachemgr::engine

@@ -1,0 +1,153 @@
+#include "tools/engine/sidecar_cache.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "cachemgr/util/status_macros.h"
+#include "kernels/cpu/dtype_convert.h"
+
+namespace cachemgr::engine {
+
+SidecarCache::SidecarCache(std::unique_ptr<client::Session> session, const LlamaConfig& config)
+    : session_(std::move(session)),
+      config_(config),
+      layout_(session_->pool().layout()),
+      dtype_(session_->model().dtype) {}
+
+absl::StatusOr<std::unique_ptr<SidecarCache>> SidecarCache::Attach(const SidecarOptions& options,
+                                                                 const LlamaConfig& config) {
+  client::AttachOptions attach;
+  attach.client_name = options.client_name;
+  attach.model.name = options.model_name;
+  attach.model.num_layers = config.num_layers;
+  attach.model.num_q_heads = config.num_heads;
+  attach.model.num_kv_heads = config.num_kv_heads;
+  attach.model.head_dim = config.head_dim();
+  attach.model.dtype = options.dtype;
+  attach.model.block_size = options.block_size;
+  attach.model.layout = options.layout;
+  attach.model.rope.style = config.rope_style == RopeStyle::kInterleaved
+                                ? client::RopeStyle::kInterleaved
+                                : client::RopeStyle::kHalfSplit;
+  attach.model.rope.theta = config.rope_theta;
+  attach.num_blocks = options.num_blocks;
+  attach.input_buffer_bytes = options.input_buffer_bytes;
+  ASSIGN_OR_RETURN(std::unique_ptr<client::Session> session,
+                   client::Session::Attach(options.socket_path, attach));
+  return std::unique_ptr<SidecarCache>(new SidecarCache(std::move(session), config));
+}
+
+absl::StatusOr<AppendedRows> SidecarCache::Append(const std::string& seq, uint32_t n) {
+  ASSIGN_OR_RETURN(client::Allocation alloc, session_->Allocate(seq, n));
+  Sequence& s = sequences_[seq];
+  s.layers.resize(config_.num_layers);
+  AppendedRows out;
+  out.first_position = alloc.first_position;
+  for (uint32_t l = 0; l < config_.num_layers; ++l) {
+    const client::LayerAllocation& la = alloc.layers[l];
+    Layer& layer = s.layers[l];
+    for (const client::BlockCopy& copy : la.copies) {  // copy-on-write of a shared tail
+      for (uint32_t& b : layer.blocks) {
+        if (b == copy.src_block) b = copy.dst_block;
+      }
+    }
+    layer.blocks.insert(layer.blocks.end(), la.new_block_ids.begin(), la.new_block_ids.end());
+    out.first_row.push_back(layer.rows);
+    layer.rows = la.num_tokens;
+    out.slots.push_back(la.slot_mapping);
+  }
+  s.positions = alloc.num_positions;
+  return out;
+}
+
+void SidecarCache::Write(uint32_t layer, absl::Span<const int64_t> slots, const float* keys,
+                         const float* values) {
+  const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
+  const bool bf16 = dtype_ == client::DType::kBf16;
+  const client::KvPoolView& pool = session_->pool();
+  for (size_t i = 0; i < slots.size(); ++i) {
+    kernels::FromF32(keys + i * row, layout_.elem_bytes, bf16, row,
+                     reinterpret_cast<std::byte*>(pool.key_at_slot<uint8_t>(layer, slots[i])));
+    kernels::FromF32(values + i * row, layout_.elem_bytes, bf16, row,
+                     reinterpret_cast<std::byte*>(pool.value_at_slot<uint8_t>(layer, slots[i])));
+  }
+}
+
+uint32_t SidecarCache::Read(const std::string& seq, uint32_t layer, std::vector<float>* keys,
+                            std::vector<float>* values) const {
+  const Layer& l = sequences_.at(seq).layers[layer];
+  const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
+  keys->resize(l.rows * row);
+  values->resize(l.rows * row);
+  const bool bf16 = dtype_ == client::DType::kBf16;
+  const client::KvPoolView& pool = session_->pool();
+  const uint32_t bs = layout_.block_size;
+  for (uint32_t r = 0; r < l.rows; ++r) {
+    const int64_t slot = int64_t{l.blocks[r / bs]} * bs + r % bs;
+    kernels::ToF32(reinterpret_cast<const std::byte*>(pool.key_at_slot<uint8_t>(layer, slot)),
+                   layout_.elem_bytes, bf16, row, keys->data() + r * row);
+    kernels::ToF32(reinterpret_cast<const std::byte*>(pool.value_at_slot<uint8_t>(layer, slot)),
+                   layout_.elem_bytes, bf16, row, values->data() + r * row);
+  }
+  return l.rows;
+}
+
+uint32_t SidecarCache::rows(const std::string& seq, uint32_t layer) const {
+  auto it = sequences_.find(seq);
+  return it == sequences_.end() ? 0 : it->second.layers[layer].rows;
+}
+
+uint64_t SidecarCache::positions(const std::string& seq) const {
+  auto it = sequences_.find(seq);
+  return it == sequences_.end() ? 0 : it->second.positions;
+}
+
+uint64_t SidecarCache::ResidentBytes(const std::string& seq) const {
+  uint64_t blocks = 0;
+  for (const Layer& l : sequences_.at(seq).layers) blocks += l.blocks.size();
+  return blocks * layout_.block_bytes();
+}
+
+absl::Status SidecarCache::Refresh(const std::string& seq) {
+  ASSIGN_OR_RETURN(client::SequenceInfo info, session_->GetSequence(seq));
+  Sequence& s = sequences_[seq];
+  s.layers.resize(config_.num_layers);
+  s.positions = info.num_positions;
+  for (uint32_t l = 0; l < config_.num_layers; ++l) {
+    s.layers[l].blocks = info.layers[l].block_ids;
+    s.layers[l].rows = info.layers[l].num_tokens;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SidecarCache::Fork(const std::string& parent, const std::string& child) {
+  RETURN_IF_ERROR(session_->Fork(parent, child).status());
+  return Refresh(child);
+}
+
+absl::Status SidecarCache::Free(const std::string& seq) {
+  RETURN_IF_ERROR(session_->Free(seq).status());
+  sequences_.erase(seq);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<client::CompressResult> SidecarCache::Compress(
+    const std::string& seq, const client::CompressOptions& options) {
+  ASSIGN_OR_RETURN(client::CompressResult r, session_->Compress(seq, options));
+  RETURN_IF_ERROR(Refresh(seq));
+  return r;
+}
+
+absl::StatusOr<std::vector<client::FetchedLayer>> SidecarCache::Fetch(const std::string& seq) {
+  ASSIGN_OR_RETURN(std::vector<client::FetchedLayer> r, session_->Fetch(seq));
+  RETURN_IF_ERROR(Refresh(seq));
+  return r;
+}
+
+absl::StatusOr<std::vector<client::ParkedLayer>> SidecarCache::Park(const std::string& seq) {
+  ASSIGN_OR_RETURN(std::vector<client::ParkedLayer> r, session_->Park(seq));
+  RETURN_IF_ERROR(Refresh(seq));
+  return r;
+}
+
+}  // namespace cachemgr::engine

@@ -1,0 +1,97 @@
+// SidecarCache: the engine's KV cache, held by cachemgrd and reached through one client Session,
+// the way a vLLM-style engine uses the sidecar: it allocates rows as tokens arrive, writes K/V
+// into the shared pool at the slots the daemon hands out, reads every layer through that
+// layer's block table, and asks the daemon to compress, fetch, park, fork and free sequences.
+//
+// Per sequence it mirrors the per-layer block tables (updated from Allocate, refreshed from the
+// daemon after Compress / Fetch / Park / Fork) and the next RoPE position. K is stored post-RoPE,
+// so attention over the rows Compress kept needs no positions; new rows get the sequence's next
+// positions, whatever was evicted before them.
+//
+// Thread-compatible: one thread drives it (the engine parallelizes inside its math).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "cachemgr/client/client.h"
+#include "tools/engine/checkpoint.h"
+
+namespace cachemgr::engine {
+
+struct SidecarOptions {
+  std::string socket_path;
+  std::string client_name = "cachemgr-engine";
+  std::string model_name;  // pool name; default "<checkpoint file name>"
+  client::DType dtype = client::DType::kFp32;
+  client::CacheLayout layout = client::CacheLayout::kFlashAttn;
+  uint32_t block_size = 16;
+  uint32_t num_blocks = 0;           // per layer; 0 lets the daemon decide
+  uint64_t input_buffer_bytes = 0;   // Compress inputs; 0: the daemon's default
+};
+
+struct AppendedRows {
+  uint64_t first_position = 0;              // RoPE position of the first new row
+  std::vector<uint32_t> first_row;          // per layer (compressed layers hold fewer rows)
+  std::vector<std::vector<int64_t>> slots;  // [layer][new row]
+};
+
+class SidecarCache {
+ public:
+  static absl::StatusOr<std::unique_ptr<SidecarCache>> Attach(const SidecarOptions& options,
+                                                             const LlamaConfig& config);
+
+  client::Session& session() { return *session_; }
+  const LlamaConfig& config() const { return config_; }
+
+  // Appends `n` rows to every layer (creating the sequence); each layer's new rows follow its
+  // own (after Compress, layers hold different numbers of rows).
+  absl::StatusOr<AppendedRows> Append(const std::string& seq, uint32_t n);
+
+  // Writes rows at `slots` of `layer`: keys, values [slots.size(), num_kv_heads * head_dim].
+  void Write(uint32_t layer, absl::Span<const int64_t> slots, const float* keys,
+             const float* values);
+  // Every row of `layer` of `seq` as float32 [rows, num_kv_heads * head_dim]; returns rows.
+  uint32_t Read(const std::string& seq, uint32_t layer, std::vector<float>* keys,
+                std::vector<float>* values) const;
+
+  uint32_t rows(const std::string& seq, uint32_t layer) const;
+  uint64_t positions(const std::string& seq) const;
+  bool has(const std::string& seq) const { return sequences_.contains(seq); }
+
+  absl::Status Fork(const std::string& parent, const std::string& child);
+  absl::Status Free(const std::string& seq);
+  absl::StatusOr<client::CompressResult> Compress(const std::string& seq,
+                                                  const client::CompressOptions& options);
+  absl::StatusOr<std::vector<client::FetchedLayer>> Fetch(const std::string& seq);
+  absl::StatusOr<std::vector<client::ParkedLayer>> Park(const std::string& seq);
+
+  // Bytes of blocks the sequence references now (whole blocks, K and V, every layer).
+  uint64_t ResidentBytes(const std::string& seq) const;
+
+ private:
+  struct Layer {
+    std::vector<uint32_t> blocks;
+    uint32_t rows = 0;
+  };
+  struct Sequence {
+    std::vector<Layer> layers;
+    uint64_t positions = 0;
+  };
+
+  SidecarCache(std::unique_ptr<client::Session> session, const LlamaConfig& config);
+  absl::Status Refresh(const std::string& seq);
+
+  std::unique_ptr<client::Session> session_;
+  LlamaConfig config_;
+  kernels::KvLayerLayout layout_;
+  client::DType dtype_;
+  absl::flat_hash_map<std::string, Sequence> sequences_;
+};
+
+}  // namespace cachemgr::engine
