@@ -1,0 +1,98 @@
+// The llama2.c and GGUF loaders on stories260K: the same model either way; the half-split
+// permutation; bad files refused.
+#include "tools/engine/checkpoint.h"
+
+#include <catch2/catch.hpp>
+#include <fstream>
+
+#include "tests/support/temp_dir.h"
+#include "tests/tools/engine/model_paths.h"
+
+namespace cachemgr::engine {
+namespace {
+
+TEST_CASE("llama2.c and GGUF loaders read the same stories260K", "[cpu]") {
+  auto bin = LoadLlama2c(testing::StoriesBin());
+  REQUIRE(bin.ok());
+  auto gguf = LoadGguf(testing::StoriesGguf());
+  REQUIRE(gguf.ok());
+  const LlamaConfig& a = bin->config;
+  const LlamaConfig& b = gguf->config;
+  CHECK(a.dim == 64);
+  CHECK(a.hidden_dim == 172);
+  CHECK(a.num_layers == 5);
+  CHECK(a.num_heads == 8);
+  CHECK(a.num_kv_heads == 4);
+  CHECK(a.vocab_size == 512);
+  CHECK(a.max_seq_len == 512);
+  CHECK(a.head_dim() == 8);
+  CHECK(b.dim == a.dim);
+  CHECK(b.hidden_dim == a.hidden_dim);
+  CHECK(b.num_layers == a.num_layers);
+  CHECK(b.num_heads == a.num_heads);
+  CHECK(b.num_kv_heads == a.num_kv_heads);
+  CHECK(b.vocab_size == a.vocab_size);
+  CHECK(b.rope_theta == a.rope_theta);
+  // Both store F32: every weight is bit-identical.
+  CHECK(gguf->weights.token_embedding == bin->weights.token_embedding);
+  CHECK(gguf->weights.final_norm == bin->weights.final_norm);
+  CHECK(gguf->weights.classifier() == bin->weights.classifier());
+  for (uint32_t l = 0; l < a.num_layers; ++l) {
+    const LayerWeights& x = bin->weights.layers[l];
+    const LayerWeights& y = gguf->weights.layers[l];
+    INFO("layer " << l);
+    CHECK(x.wq == y.wq);
+    CHECK(x.wk == y.wk);
+    CHECK(x.wv == y.wv);
+    CHECK(x.wo == y.wo);
+    CHECK(x.w_gate == y.w_gate);
+    CHECK(x.w_down == y.w_down);
+    CHECK(x.w_up == y.w_up);
+    CHECK(x.attn_norm == y.attn_norm);
+    CHECK(x.ffn_norm == y.ffn_norm);
+  }
+}
+
+TEST_CASE("half-split permutes each head's q and k rows", "[cpu]") {
+  auto ck = LoadLlama2c(testing::StoriesBin());
+  REQUIRE(ck.ok());
+  const Checkpoint before = *ck;
+  ToHalfSplit(*ck);
+  CHECK(ck->config.rope_style == RopeStyle::kHalfSplit);
+  const uint32_t d = 64, hd = 8;
+  for (uint32_t h = 0; h < 4; ++h) {  // KV heads
+    for (uint32_t i = 0; i < hd / 2; ++i) {
+      for (uint32_t c = 0; c < d; ++c) {
+        const auto& wk = ck->weights.layers[2].wk;
+        const auto& old = before.weights.layers[2].wk;
+        CHECK(wk[(h * hd + i) * d + c] == old[(h * hd + 2 * i) * d + c]);
+        CHECK(wk[(h * hd + hd / 2 + i) * d + c] == old[(h * hd + 2 * i + 1) * d + c]);
+      }
+    }
+  }
+  CHECK(ck->weights.layers[2].wv == before.weights.layers[2].wv);
+  ToHalfSplit(*ck);  // idempotent
+  CHECK(ck->weights.layers[0].wq != before.weights.layers[0].wq);
+}
+
+TEST_CASE("bad checkpoints are refused", "[cpu]") {
+  cachemgr::testing::TempDir dir;
+  const std::string path = dir.file("bad.bin");
+  {
+    std::ifstream in(testing::StoriesBin(), std::ios::binary);
+    std::ofstream out(path, std::ios::binary);
+    std::string head(28 + 400, '\0');
+    in.read(head.data(), static_cast<std::streamsize>(head.size()));
+    out.write(head.data(), static_cast<std::streamsize>(head.size()));  // header, few weights
+  }
+  auto short_file = LoadLlama2c(path);
+  CHECK(short_file.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(short_file.status().message()), Catch::Contains("describes"));
+  std::ofstream(path) << "garbage";
+  CHECK(LoadLlama2c(path).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(LoadGguf(path).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(LoadLlama2c(dir.file("missing")).status().code() == absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace cachemgr::engine
