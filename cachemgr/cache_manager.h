@@ -54,6 +54,8 @@ struct CacheManagerOptions {
   uint32_t max_tokens_per_allocate = 1u << 20;
   // Largest per-client Compress input buffer an Attach may ask for.
   uint64_t max_input_buffer_bytes = uint64_t{1} << 30;
+  // Threads one Compress spreads its layers over (0: one per hardware thread).
+  uint32_t compress_threads = 0;
 };
 
 inline constexpr size_t kMaxSequenceIdLength = 256;

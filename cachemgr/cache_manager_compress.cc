@@ -211,8 +211,8 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
       li.scores = inputs.data() + l * per_layer_inputs;
     }
   }
-  absl::StatusOr<compress::SequenceResult> computed =
-      compress::CompressSequence(shape, params.policy, input, params.target);
+  absl::StatusOr<compress::SequenceResult> computed = compress::CompressSequence(
+      shape, params.policy, input, params.target, options_.compress_threads);
   std::vector<std::shared_ptr<const compress::CodedLayer>> coded(shape.num_layers);
   absl::Status coding = absl::OkStatus();
   if (computed.ok()) {

@@ -172,6 +172,14 @@ const std::vector<Option>& Options() {
          c.worker_threads = static_cast<uint32_t>(n);
          return e;
        }},
+      {"compress_threads", "N",
+       "threads one Compress spreads its layers over; 0: one per core (default 0)",
+       [](DaemonConfig& c, absl::string_view v) {
+         uint64_t n = 0;
+         std::string e = NeedUint(v, 0, 256, &n);
+         c.manager.compress_threads = static_cast<uint32_t>(n);
+         return e;
+       }},
       {"shutdown_grace_ms", "MS", "time in-flight calls get to finish at shutdown (default 5000)",
        [](DaemonConfig& c, absl::string_view v) {
          uint64_t n = 0;

@@ -3,9 +3,12 @@
 #include "cachemgr/compress/compress.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -32,6 +35,25 @@ std::vector<uint32_t> PositionsOf(const SequenceInput& input) {
   return positions;
 }
 
+// Runs fn(l) for l in [0, n) on up to `threads` threads (the caller's included); returns the
+// error of the lowest failing layer, if any.
+absl::Status ForEachLayer(uint32_t n, uint32_t threads,
+                          const std::function<absl::Status(uint32_t)>& fn) {
+  std::vector<absl::Status> status(n);
+  std::atomic<uint32_t> next{0};
+  auto work = [&] {
+    for (uint32_t l = next++; l < n; l = next++) status[l] = fn(l);
+  };
+  std::vector<std::thread> helpers;
+  for (uint32_t t = 1; t < std::min(threads, n); ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread& t : helpers) t.join();
+  for (absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 // Sums the layers of `result` into its stats.
 void FillStats(const ModelShape& shape, uint32_t num_tokens, double reserve_ratio,
                SequenceResult* result) {
@@ -54,10 +76,11 @@ void FillStats(const ModelShape& shape, uint32_t num_tokens, double reserve_rati
 class SequenceCompressor {
  public:
   SequenceCompressor(const ModelShape& shape, const PolicyConfig& policy,
-                     const SequenceInput& input)
+                     const SequenceInput& input, uint32_t threads)
       : shape_(shape),
         policy_(policy),
         input_(input),
+        threads_(threads),
         split_(SplitWindow(input.num_tokens, policy.window)),
         rope_(RopeParamsFromShape(shape)),
         memo_(shape.num_layers) {}
@@ -68,24 +91,21 @@ class SequenceCompressor {
     if (policy_.codebook) angles_ = ComputeRopeAngles(rope_, PositionsOf(input_));
     if (!PolicyNeedsScores(policy_) || split_.context == 0) return absl::OkStatus();
     const bool want_lmba = policy_.schedule == BudgetSchedule::kZigZag;
-    scores_.reserve(shape_.num_layers);
-    lmba_.reserve(shape_.num_layers);
-    for (uint32_t l = 0; l < shape_.num_layers; ++l) {
-      ASSIGN_OR_RETURN(LayerScores scores,
+    scores_.resize(shape_.num_layers);
+    lmba_.resize(shape_.num_layers);
+    return ForEachLayer(shape_.num_layers, threads_, [&](uint32_t l) -> absl::Status {
+      ASSIGN_OR_RETURN(scores_[l],
                        ScoreLayer(shape_, policy_, input_.layers[l], l, split_, want_lmba));
-      lmba_.push_back(scores.lmba);
-      scores_.push_back(std::move(scores));
-    }
-    return absl::OkStatus();
+      lmba_[l] = scores_[l].lmba;
+      return absl::OkStatus();
+    });
   }
 
   absl::StatusOr<SequenceResult> Evaluate(double reserve_ratio) {
     const double context_ratio = ContextRatio(reserve_ratio, split_);
     const std::vector<double> ratios =
         LayerContextRatios(policy_, shape_.num_layers, context_ratio, split_.context, lmba_);
-    SequenceResult result;
-    result.layers.reserve(shape_.num_layers);
-    for (uint32_t l = 0; l < shape_.num_layers; ++l) {
+    RETURN_IF_ERROR(ForEachLayer(shape_.num_layers, threads_, [&](uint32_t l) -> absl::Status {
       const uint32_t k = policy_.schedule == BudgetSchedule::kFull
                              ? split_.context
                              : KeptContextCount(ratios[l], split_.context);
@@ -93,6 +113,11 @@ class SequenceCompressor {
         ASSIGN_OR_RETURN(LayerResult layer, CompressLayer(l, k));
         memo_[l] = std::move(layer);
       }
+      return absl::OkStatus();
+    }));
+    SequenceResult result;
+    result.layers.reserve(shape_.num_layers);
+    for (uint32_t l = 0; l < shape_.num_layers; ++l) {
       LayerResult layer = *memo_[l];
       layer.context_ratio = ratios[l];
       result.layers.push_back(std::move(layer));
@@ -125,6 +150,7 @@ class SequenceCompressor {
   const ModelShape& shape_;
   const PolicyConfig& policy_;
   const SequenceInput& input_;
+  const uint32_t threads_;
   const WindowSplit split_;
   const RopeParams rope_;
   RopeAngles angles_;
@@ -291,12 +317,15 @@ absl::Status ValidateLayerResult(const ModelShape& shape, const SequenceInput& i
 
 absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const PolicyConfig& policy,
                                                 const SequenceInput& input,
-                                                const CompressTarget& target) {
+                                                const CompressTarget& target,
+                                                uint32_t max_threads) {
   RETURN_IF_ERROR(ValidateShape(shape));
   RETURN_IF_ERROR(ValidatePolicy(policy));
   RETURN_IF_ERROR(ValidateTarget(target));
   RETURN_IF_ERROR(ValidateInput(shape, policy, input));
-  SequenceCompressor compressor(shape, policy, input);
+  const uint32_t threads =
+      max_threads == 0 ? std::max(1u, std::thread::hardware_concurrency()) : max_threads;
+  SequenceCompressor compressor(shape, policy, input, threads);
   RETURN_IF_ERROR(compressor.Prepare());
   if (target.kind == TargetKind::kReserveRatio) return compressor.Evaluate(target.value);
   return SearchByteRatio(shape, input.num_tokens, compressor, target.value, policy);

@@ -172,7 +172,7 @@ struct SequenceResult {
 
 // Runs the policy. INVALID_ARGUMENT (naming the field) for a bad shape, policy or target, or
 // missing queries/scores when the scoring needs them. Errors of BuildCodebook pass through
-// (e.g. RESOURCE_EXHAUSTED for a codebook part of more than 65536 vectors). Thread-safe: no
+// (e.g. RESOURCE_EXHAUSTED when a codebook's bitset cannot be allocated). Thread-safe: no
 // shared state; the input arrays are only read.
 //
 // Per layer: budget (r -> r_c -> r_c(lambda) -> k) -> scores -> selection -> codebook (if on:
@@ -190,9 +190,13 @@ struct SequenceResult {
 // smallest r (window only), honest ratio at r = 1], or when even the mix misses (the message
 // gives the nearest ratios). The honest ratio is non-decreasing in r except for codebook
 // sizes, which the search treats as noise.
+//
+// Layers are scored, selected and coded independently, on up to `max_threads` threads (the
+// caller's included; 0: one per hardware thread). The result does not depend on the count.
 absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const PolicyConfig& policy,
                                                 const SequenceInput& input,
-                                                const CompressTarget& target);
+                                                const CompressTarget& target,
+                                                uint32_t max_threads = 1);
 
 // Rebuilds a layer's kept K and V as dense arrays [num_kv_heads, kept_per_head, head_dim]
 // (K post-RoPE at each kept token's original position), from the codebooks or the input.

@@ -384,3 +384,37 @@ TEST_CASE("a sequence no longer than the window is kept whole", "[cpu]") {
 
 }  // namespace
 }  // namespace cachemgr::compress
+
+namespace cachemgr::compress {
+namespace {
+
+TEST_CASE("layers on several threads give the same result as on one", "[cpu]") {
+  const Sequence s = MakeSequence(Shape(6, 4, 2, 16), 150, 8, 23, /*clusters=*/4, 0.01f);
+  for (const std::string name : {"spindlekv", "zigzagkv", "h2o"}) {
+    INFO(name);
+    PolicyConfig policy = *PresetPolicy(name);
+    policy.window = 8;
+    for (const CompressTarget target : {CompressTarget{TargetKind::kReserveRatio, 0.4},
+                                        CompressTarget{TargetKind::kByteRatio, 0.1}}) {
+      auto one = CompressSequence(s.shape, policy, s.input, target, 1);
+      auto many = CompressSequence(s.shape, policy, s.input, target, 4);
+      auto all = CompressSequence(s.shape, policy, s.input, target, 0);
+      INFO(one.status().message());
+      REQUIRE(one.ok());
+      REQUIRE(many.ok());
+      REQUIRE(all.ok());
+      CHECK(one->stats.held_bytes == many->stats.held_bytes);
+      CHECK(one->stats.held_bytes == all->stats.held_bytes);
+      for (size_t l = 0; l < one->layers.size(); ++l) {
+        CHECK(one->layers[l].kept == many->layers[l].kept);
+        CHECK(one->layers[l].key_codebook.has_value() == many->layers[l].key_codebook.has_value());
+        if (one->layers[l].key_codebook.has_value()) {
+          CHECK(one->layers[l].key_codebook->refs == many->layers[l].key_codebook->refs);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cachemgr::compress
