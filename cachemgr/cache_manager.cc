@@ -207,6 +207,20 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
   return it->second.get();
 }
 
+absl::StatusOr<CacheManager::Sequence*> CacheManager::FindSequenceForCallerLocked(
+    const std::string& session_token, const std::string& sequence_id) {
+  if (!session_token.empty()) {
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    return FindOwnedSequenceLocked(*client, sequence_id, "sequence_id");
+  }
+  RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
+  auto it = sequences_.find(sequence_id);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("sequence_id \"", sequence_id, "\" does not exist"));
+  }
+  return it->second.get();
+}
+
 absl::StatusOr<absl::Duration> CacheManager::Heartbeat(const std::string& session_token) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
@@ -379,13 +393,14 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const std::string& session
 absl::StatusOr<uint64_t> CacheManager::Free(const std::string& session_token,
                                             const std::string& sequence_id) {
   absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
-  ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
+  ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(session_token, sequence_id));
+  Client* owner = seq->owner;
   const uint64_t released = ReleaseSequenceLocked(*seq);
-  std::erase(client->sequences, sequence_id);
+  std::erase(owner->sequences, sequence_id);
   sequences_.erase(sequence_id);
-  PublishLocked(EventType::kSequenceFreed, client->client_id, sequence_id, client->pool->pool_id,
-                absl::StrCat("blocks_released=", released));
+  PublishLocked(
+      EventType::kSequenceFreed, owner->client_id, sequence_id, owner->pool->pool_id,
+      absl::StrCat("blocks_released=", released, session_token.empty() ? " by=operator" : ""));
   return released;
 }
 
@@ -430,8 +445,18 @@ SequenceSnapshot CacheManager::SnapshotLocked(const Sequence& seq) const {
   s.num_positions = seq.num_positions;
   if (seq.busy != nullptr) s.busy = seq.busy;
   s.layers.reserve(seq.layers.size());
-  for (const Sequence::LayerTable& t : seq.layers) {
-    s.layers.push_back(LayerTableSnapshot{t.num_tokens, t.blocks, std::nullopt});
+  for (uint32_t l = 0; l < seq.layers.size(); ++l) {
+    const Sequence::LayerTable& t = seq.layers[l];
+    LayerTableSnapshot layer{t.num_tokens, t.blocks, std::nullopt};
+    layer.parked = t.parked;
+    if (seq.compression != nullptr && seq.compression->layers[l].coded != nullptr) {
+      const compress::CodedLayer& coded = *seq.compression->layers[l].coded;
+      layer.codebook = true;
+      layer.key_codebook_size = coded.key_entries();
+      layer.value_codebook_size = coded.value_entries();
+      layer.arena_bytes = coded.bytes();
+    }
+    s.layers.push_back(std::move(layer));
   }
   if (seq.compression != nullptr) {
     s.compressed = true;
@@ -514,6 +539,13 @@ StatsSnapshot CacheManager::Stats() const {
     p.clients = pool->clients;
     for (const BlockAllocator& a : pool->allocators) {
       p.layers.push_back({a.capacity(), a.num_used(), a.num_free(), a.num_shared()});
+    }
+    for (const auto& [id, seq] : sequences_) {
+      if (seq->owner->pool != pool.get() || seq->compression == nullptr) continue;
+      ++p.compressed_sequences;
+      for (const auto& l : seq->compression->layers) {
+        if (l.coded != nullptr) p.arena_bytes += l.coded->bytes();
+      }
     }
     s.pools.push_back(std::move(p));
   }

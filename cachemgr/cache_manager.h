@@ -115,6 +115,11 @@ struct LayerTableSnapshot {
   uint32_t num_tokens = 0;
   std::vector<uint32_t> block_ids;
   std::optional<uint64_t> kv_digest;
+  bool codebook = false;  // stored as a codebook (compress::CodedLayer)
+  bool parked = false;    // its rows in the arena, no blocks
+  uint32_t key_codebook_size = 0;
+  uint32_t value_codebook_size = 0;
+  uint64_t arena_bytes = 0;
 };
 
 struct SequenceSnapshot {
@@ -213,6 +218,8 @@ struct PoolSnapshot {
   uint64_t bytes = 0;
   uint32_t clients = 0;
   std::vector<LayerOccupancy> layers;
+  uint64_t arena_bytes = 0;  // codebook layers of the pool's sequences
+  uint32_t compressed_sequences = 0;
 };
 
 struct ClientSnapshot {
@@ -258,7 +265,8 @@ class CacheManager {
   absl::StatusOr<AllocateResult> Allocate(const std::string& session_token,
                                           const std::string& sequence_id, uint32_t num_new_tokens);
 
-  // Drops the sequence; returns blocks whose last reference went away.
+  // Drops the sequence; returns blocks whose last reference went away. An empty token is an
+  // operator call: any client's sequence (the transport already trusted the caller).
   absl::StatusOr<uint64_t> Free(const std::string& session_token, const std::string& sequence_id);
 
   // New sequence `child` sharing every block of `parent` (refcounts +1).
@@ -285,8 +293,9 @@ class CacheManager {
   // (a prefix-cached prompt, say) is instead written to ceil(rows / block_size) fresh blocks,
   // and the fork keeps the old ones. Codebook layers move to a per-sequence arena
   // (compress::CodedLayer) and release every block until Fetch.
+  // An empty token is an operator call on any client's sequence, with no inputs.
   //   FAILED_PRECONDITION  already compressed
-  //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input
+  //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input (operator calls: not NONE)
   //   OUT_OF_RANGE         target.byte_ratio outside what the policy can reach here
   //   RESOURCE_EXHAUSTED   a shared layer needs more fresh blocks than are free
   absl::StatusOr<CompressResult> Compress(const std::string& session_token,
@@ -339,6 +348,10 @@ class CacheManager {
                                                     const std::string& sequence_id,
                                                     const char* field) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The caller's sequence, or with an empty token (an operator call) anyone's.
+  absl::StatusOr<Sequence*> FindSequenceForCallerLocked(const std::string& session_token,
+                                                        const std::string& sequence_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   uint64_t ReleaseSequenceLocked(Sequence& seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   DetachResult RemoveClientLocked(const std::string& token, EventType why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -130,8 +130,13 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
   std::vector<std::vector<float>> keys, values;
   {
     absl::MutexLock lock(&mu_);
-    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
-    ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
+    ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(session_token, sequence_id));
+    Client* client = seq->owner;
+    if (session_token.empty() && params.input != CompressInput::kNone) {
+      return absl::InvalidArgumentError(
+          "input must be NONE for an operator Compress (no session_token): the window queries "
+          "or scores of a sequence are its owner's");
+    }
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     if (seq->compression != nullptr) {
       return absl::FailedPreconditionError(

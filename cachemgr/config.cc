@@ -102,6 +102,12 @@ const std::vector<Option>& Options() {
          c.tcp_token_file = std::string(v);
          return std::string();
        }},
+      {"metrics_address", "HOST:PORT",
+       "serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free); off by default",
+       [](DaemonConfig& c, absl::string_view v) {
+         c.metrics_address = std::string(v);
+         return std::string();
+       }},
       {"memory_budget", "BYTES", "bytes all pools together may hold, e.g. 8G (default 1G)",
        [](DaemonConfig& c, absl::string_view v) {
          if (!ParseBytes(v, &c.manager.memory_budget_bytes) || c.manager.memory_budget_bytes == 0) {

@@ -27,6 +27,9 @@ struct DaemonConfig {
   std::string tcp_token_file;
   std::string tcp_token;  // read from tcp_token_file during validation
 
+  // Prometheus scrape endpoint "host:port" (GET /metrics); empty: no endpoint.
+  std::string metrics_address;
+
   CacheManagerOptions manager;
   LogLevel log_level = LogLevel::kInfo;
   bool enable_reflection = true;

@@ -15,6 +15,7 @@
 #include "cachemgr/util/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/impl/server_builder_option.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
@@ -59,6 +60,18 @@ absl::Status PrepareSocketPath(const std::string& path, const char* flag) {
   return absl::OkStatus();
 }
 
+// Linking grpc++_reflection registers its plugin with every ServerBuilder (a static
+// initializer), so --reflection=false has to take it out again.
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    std::erase_if(*plugins, [](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+      return plugin->name() == "proto_server_reflection";
+    });
+  }
+};
+
 }  // namespace
 
 Daemon::Daemon(const DaemonConfig& config) : config_(config) {}
@@ -87,13 +100,22 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
             return fds;
           }));
 
-  d->service_ = std::make_unique<CacheManagerService>(d->manager_.get(), &d->events_,
-                                                      config.share_socket_path, config.tcp_token,
-                                                      kVersion, config.worker_threads);
+  d->metrics_ = std::make_unique<Metrics>(d->manager_.get(), &d->events_, kVersion);
+  d->service_ = std::make_unique<CacheManagerService>(
+      d->manager_.get(), &d->events_, config.share_socket_path, config.tcp_token, kVersion,
+      config.worker_threads, d->metrics_.get());
+  int metrics_port = 0;
+  if (!config.metrics_address.empty()) {
+    ASSIGN_OR_RETURN(d->metrics_server_,
+                     MetricsHttpServer::Start(config.metrics_address,
+                                              [m = d->metrics_.get()] { return m->Render(); }));
+    metrics_port = d->metrics_server_->port();
+  }
 
   grpc::EnableDefaultHealthCheckService(config.enable_health);
   if (config.enable_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  if (!config.enable_reflection) builder.SetOption(std::make_unique<WithoutReflection>());
   builder.AddListeningPort("unix:" + config.socket_path, grpc::InsecureServerCredentials());
   int tcp_port = 0;
   if (!config.tcp_address.empty()) {
@@ -128,6 +150,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
        {"share_socket", config.share_socket_path},
        {"tcp", config.tcp_address.empty() ? std::string("off")
                                           : absl::StrCat(config.tcp_address, " port ", tcp_port)},
+       {"metrics", config.metrics_address.empty()
+                       ? std::string("off")
+                       : absl::StrCat(config.metrics_address, " port ", metrics_port)},
+       {"metrics_port", static_cast<uint64_t>(metrics_port)},
        {"backend", d->backend_->device_name()},
        {"memory_budget", config.manager.memory_budget_bytes},
        {"heartbeat_interval_ms", absl::ToInt64Milliseconds(config.manager.heartbeat_interval)},
@@ -179,6 +205,7 @@ void Daemon::Shutdown() {
   server_->Shutdown(std::chrono::system_clock::now());
   server_->Wait();
   share_server_->Stop();
+  if (metrics_server_ != nullptr) metrics_server_->Stop();
   if (reaper_.joinable()) reaper_.join();
   const StatsSnapshot before = manager_->Stats();
   manager_->Shutdown();

@@ -1,6 +1,6 @@
 // Daemon: wires a DaemonConfig into a running cachemgrd — backend, CacheManager, lease reaper,
-// share channel, gRPC server (Unix socket, optional TCP), health and reflection — and tears it
-// down in order.
+// share channel, gRPC server (Unix socket, optional TCP), health and reflection, Prometheus
+// metrics endpoint — and tears it down in order.
 #pragma once
 
 #include <memory>
@@ -12,6 +12,8 @@
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/config.h"
 #include "cachemgr/event_hub.h"
+#include "cachemgr/metrics/http_server.h"
+#include "cachemgr/metrics/metrics.h"
 #include "cachemgr/service/cachemgr_service.h"
 #include "cachemgr/service/share_channel.h"
 #include "cachemgr/util/clock.h"
@@ -49,11 +51,13 @@ class Daemon {
   EventHub events_;
   std::unique_ptr<DeviceBackend> backend_;
   std::unique_ptr<CacheManager> manager_;
+  std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<CacheManagerService> service_;
   std::unique_ptr<ShareChannelServer> share_server_;
   // Descriptors of the share channel's current reply (only its thread touches them).
   std::vector<UniqueFd> shared_fds_in_flight_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsHttpServer> metrics_server_;
   std::thread reaper_;
   absl::Notification shutdown_requested_;
   bool shut_down_ = false;

@@ -147,8 +147,10 @@ class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
 
 CacheManagerService::CacheManagerService(CacheManager* manager, EventHub* events,
                                          std::string share_socket_path, std::string tcp_token,
-                                         std::string version, size_t worker_threads)
+                                         std::string version, size_t worker_threads,
+                                         Metrics* metrics)
     : manager_(manager),
+      metrics_(metrics),
       events_(events),
       share_socket_path_(std::move(share_socket_path)),
       tcp_token_(std::move(tcp_token)),
@@ -191,32 +193,47 @@ bool CacheManagerService::WaitIdle(absl::Duration timeout) {
 
 template <typename Body>
 grpc::ServerUnaryReactor* CacheManagerService::Unary(grpc::CallbackServerContext* ctx,
-                                                     Body&& body) {
+                                                     const char* method, Body&& body) {
+  const absl::Time start = absl::Now();
   auto* reactor = new UnaryCall(this);
   absl::Status status =
       draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
   if (status.ok()) status = body();
+  Finished(method, status, start);
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
 
+void CacheManagerService::Finished(const char* method, const absl::Status& status,
+                                   absl::Time start) {
+  if (metrics_ == nullptr) return;
+  metrics_->ObserveRpc(method, absl::StatusCodeToString(status.code()), absl::Now() - start);
+}
+
 grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(grpc::CallbackServerContext* ctx,
+                                                             const char* method,
                                                              std::function<absl::Status()> body) {
+  const absl::Time start = absl::Now();
   auto* reactor = new UnaryCall(this);
   absl::Status status =
       draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
   if (!status.ok()) {
+    Finished(method, status, start);
     reactor->Finish(ToGrpcStatus(status));
     return reactor;
   }
-  workers_.Submit([reactor, body = std::move(body)] { reactor->Finish(ToGrpcStatus(body())); });
+  workers_.Submit([this, reactor, method, start, body = std::move(body)] {
+    const absl::Status result = body();
+    Finished(method, result, start);
+    reactor->Finish(ToGrpcStatus(result));
+  });
   return reactor;
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContext* ctx,
                                                       const v1::AttachRequest* request,
                                                       v1::AttachResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "Attach", [&]() -> absl::Status {
     if (!request->has_model()) return absl::InvalidArgumentError("model is required");
     AttachParams params;
     params.client_name = request->client_name();
@@ -232,7 +249,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerContext* ctx,
                                                          const v1::HeartbeatRequest* request,
                                                          v1::HeartbeatResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "Heartbeat", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(absl::Duration left, manager_->Heartbeat(request->session_token()));
     response->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(left)));
     return absl::OkStatus();
@@ -242,7 +259,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* CacheManagerService::Detach(grpc::CallbackServerContext* ctx,
                                                       const v1::DetachRequest* request,
                                                       v1::DetachResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "Detach", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(DetachResult r, manager_->Detach(request->session_token()));
     response->set_sequences_freed(r.sequences_freed);
     response->set_blocks_released(r.blocks_released);
@@ -253,7 +270,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Detach(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* CacheManagerService::Allocate(grpc::CallbackServerContext* ctx,
                                                         const v1::AllocateRequest* request,
                                                         v1::AllocateResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "Allocate", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(AllocateResult r,
                      manager_->Allocate(request->session_token(), request->sequence_id(),
                                         request->num_new_tokens()));
@@ -265,7 +282,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Allocate(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CacheManagerService::Free(grpc::CallbackServerContext* ctx,
                                                     const v1::FreeRequest* request,
                                                     v1::FreeResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "Free", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(uint64_t released,
                      manager_->Free(request->session_token(), request->sequence_id()));
     response->set_blocks_released(released);
@@ -276,7 +293,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Free(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* CacheManagerService::Fork(grpc::CallbackServerContext* ctx,
                                                     const v1::ForkRequest* request,
                                                     v1::ForkResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "Fork", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(SequenceSnapshot child,
                      manager_->Fork(request->session_token(), request->parent_sequence_id(),
                                     request->child_sequence_id()));
@@ -288,7 +305,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Fork(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* CacheManagerService::GetSequence(grpc::CallbackServerContext* ctx,
                                                            const v1::GetSequenceRequest* request,
                                                            v1::GetSequenceResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "GetSequence", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(SequenceSnapshot seq,
                      manager_->GetSequence(request->session_token(), request->sequence_id(),
                                            request->include_kv_digest()));
@@ -300,7 +317,7 @@ grpc::ServerUnaryReactor* CacheManagerService::GetSequence(grpc::CallbackServerC
 grpc::ServerUnaryReactor* CacheManagerService::ListSequences(
     grpc::CallbackServerContext* ctx, const v1::ListSequencesRequest* request,
     v1::ListSequencesResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "ListSequences", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(std::vector<SequenceSummary> list,
                      manager_->ListSequences(request->session_token()));
     for (const SequenceSummary& s : list) {
@@ -318,11 +335,12 @@ grpc::ServerUnaryReactor* CacheManagerService::ListSequences(
 grpc::ServerUnaryReactor* CacheManagerService::Compress(grpc::CallbackServerContext* ctx,
                                                         const v1::CompressRequest* request,
                                                         v1::CompressResponse* response) {
-  return UnaryOnWorker(ctx, [this, request, response]() -> absl::Status {
+  return UnaryOnWorker(ctx, "Compress", [this, request, response]() -> absl::Status {
     ASSIGN_OR_RETURN(CompressParams params, CompressParamsFromProto(*request));
     ASSIGN_OR_RETURN(CompressResult r,
                      manager_->Compress(request->session_token(), request->sequence_id(), params));
     CompressResultToProto(r, response);
+    if (metrics_ != nullptr) metrics_->ObserveCompress(params.policy.name, r);
     return absl::OkStatus();
   });
 }
@@ -330,11 +348,12 @@ grpc::ServerUnaryReactor* CacheManagerService::Compress(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CacheManagerService::Fetch(grpc::CallbackServerContext* ctx,
                                                      const v1::FetchRequest* request,
                                                      v1::FetchResponse* response) {
-  return UnaryOnWorker(ctx, [this, request, response]() -> absl::Status {
+  return UnaryOnWorker(ctx, "Fetch", [this, request, response]() -> absl::Status {
     std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
     ASSIGN_OR_RETURN(std::vector<FetchedLayerResult> r,
                      manager_->Fetch(request->session_token(), request->sequence_id(), layers));
     FetchResultToProto(r, response);
+    if (metrics_ != nullptr) metrics_->ObserveFetch(r);
     return absl::OkStatus();
   });
 }
@@ -342,11 +361,12 @@ grpc::ServerUnaryReactor* CacheManagerService::Fetch(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CacheManagerService::Park(grpc::CallbackServerContext* ctx,
                                                     const v1::ParkRequest* request,
                                                     v1::ParkResponse* response) {
-  return UnaryOnWorker(ctx, [this, request, response]() -> absl::Status {
+  return UnaryOnWorker(ctx, "Park", [this, request, response]() -> absl::Status {
     std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
     ASSIGN_OR_RETURN(std::vector<ParkedLayerResult> r,
                      manager_->Park(request->session_token(), request->sequence_id(), layers));
     ParkResultToProto(r, response);
+    if (metrics_ != nullptr) metrics_->ObservePark(r);
     return absl::OkStatus();
   });
 }
@@ -354,7 +374,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Park(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext* ctx,
                                                      const v1::StatsRequest* /*request*/,
                                                      v1::StatsResponse* response) {
-  return Unary(ctx, [&]() -> absl::Status {
+  return Unary(ctx, "Stats", [&]() -> absl::Status {
     StatsToProto(manager_->Stats(), response);
     response->set_uptime_ms(
         static_cast<uint64_t>(absl::ToInt64Milliseconds(absl::Now() - started_)));

@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/event_hub.h"
+#include "cachemgr/metrics/metrics.h"
 #include "cachemgr/service/worker_pool.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 
@@ -22,10 +23,11 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 
 class CacheManagerService final : public v1::CacheManager::CallbackService {
  public:
-  // `manager` and `events` must outlive the service. `tcp_token` empty means TCP is not served.
-  // `worker_threads` (>= 1) run the heavy calls.
+  // `manager`, `events` and `metrics` (may be null) must outlive the service. `tcp_token` empty
+  // means TCP is not served. `worker_threads` (>= 1) run the heavy calls.
   CacheManagerService(CacheManager* manager, EventHub* events, std::string share_socket_path,
-                      std::string tcp_token, std::string version, size_t worker_threads);
+                      std::string tcp_token, std::string version, size_t worker_threads,
+                      Metrics* metrics = nullptr);
 
   grpc::ServerUnaryReactor* Attach(grpc::CallbackServerContext* ctx,
                                    const v1::AttachRequest* request,
@@ -76,14 +78,19 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   // OK for Unix-socket peers; for TCP peers checks the bearer token.
   absl::Status Authorize(grpc::CallbackServerContext* ctx) const;
   // Runs `body` after authorization and finishes the call with its status.
+  // `method` names the RPC for the metrics.
   template <typename Body>
-  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, Body&& body);
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
+                                  Body&& body);
   // The same, with `body` run on the worker pool (it must only capture what outlives the call:
   // the request and response messages do).
-  grpc::ServerUnaryReactor* UnaryOnWorker(grpc::CallbackServerContext* ctx,
+  grpc::ServerUnaryReactor* UnaryOnWorker(grpc::CallbackServerContext* ctx, const char* method,
                                           std::function<absl::Status()> body);
+  // Records a finished call in the metrics.
+  void Finished(const char* method, const absl::Status& status, absl::Time start);
 
   CacheManager* const manager_;
+  Metrics* const metrics_;
   EventHub* const events_;
   const std::string share_socket_path_;
   const std::string tcp_token_;

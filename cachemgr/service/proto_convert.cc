@@ -165,6 +165,11 @@ void SequenceToProto(const SequenceSnapshot& s, v1::SequenceInfo* p) {
     t->set_num_tokens(s.layers[l].num_tokens);
     t->mutable_block_ids()->Add(s.layers[l].block_ids.begin(), s.layers[l].block_ids.end());
     if (s.layers[l].kv_digest) t->set_kv_digest(*s.layers[l].kv_digest);
+    t->set_codebook(s.layers[l].codebook);
+    t->set_parked(s.layers[l].parked);
+    t->set_key_codebook_size(s.layers[l].key_codebook_size);
+    t->set_value_codebook_size(s.layers[l].value_codebook_size);
+    t->set_arena_bytes(s.layers[l].arena_bytes);
   }
   p->set_compressed(s.compressed);
   p->set_compression_policy(s.compression_policy);
@@ -182,6 +187,8 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
     ps->set_device(pool.device);
     ps->set_bytes(pool.bytes);
     ps->set_clients(pool.clients);
+    ps->set_arena_bytes(pool.arena_bytes);
+    ps->set_compressed_sequences(pool.compressed_sequences);
     for (uint32_t l = 0; l < pool.layers.size(); ++l) {
       v1::LayerOccupancy* o = ps->add_layers();
       o->set_layer(l);

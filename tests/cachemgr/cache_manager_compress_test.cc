@@ -377,3 +377,57 @@ TEST_CASE("dtype converters round to nearest even", "[cpu]") {
 
 }  // namespace
 }  // namespace cachemgr
+
+namespace cachemgr {
+namespace {
+
+TEST_CASE("operator calls: Free and Compress of any client's sequence by an empty token", "[cpu]") {
+  Fixture f;
+  f.Fill("s", 29);
+  CompressParams queries = Params("snapkv");
+  queries.input = CompressInput::kWindowQueries;
+  queries.num_queries = 4;
+  auto refused = f.manager.Compress("", "s", queries);
+  CHECK(refused.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(refused.status().message()), Catch::Contains("input must be NONE"));
+  CompressParams none = Params("streamingllm");
+  none.input = CompressInput::kNone;
+  auto r = f.manager.Compress("", "s", none);
+  REQUIRE(r.ok());
+  CHECK(r->blocks_released > 0);
+  auto snap = f.manager.GetSequence("", "s", false);
+  REQUIRE(snap.ok());
+  CHECK(snap->compressed);
+  CHECK(snap->owner_client_id == f.a.client_id);  // still the owner's
+  CHECK(f.manager.Free("", "missing").status().code() == absl::StatusCode::kNotFound);
+  REQUIRE(f.manager.Free("", "s").ok());
+  CHECK(f.UsedBlocks() == 0);
+  CHECK(f.manager.Stats().clients[0].sequences == 0);
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("snapshots and stats report codebook layers and the arena", "[cpu]") {
+  Fixture f;
+  f.Fill("s", 31);
+  CompressParams params = Params("spindlekv", 0.5);
+  params.policy.codebook_only_if_smaller = false;
+  auto r = f.manager.Compress(f.a.session_token, "s", params);
+  REQUIRE(r.ok());
+  auto snap = f.manager.GetSequence(f.a.session_token, "s", false);
+  REQUIRE(snap.ok());
+  uint64_t arena = 0;
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    CHECK(snap->layers[l].codebook);
+    CHECK(snap->layers[l].parked);
+    CHECK(snap->layers[l].key_codebook_size == r->layers[l].key_codebook_size);
+    CHECK(snap->layers[l].arena_bytes > 0);
+    arena += snap->layers[l].arena_bytes;
+  }
+  const StatsSnapshot stats = f.manager.Stats();
+  CHECK(stats.pools[0].arena_bytes == arena);
+  CHECK(stats.pools[0].compressed_sequences == 1);
+  CHECK(r->bytes_after == arena);  // every layer parked: no blocks
+}
+
+}  // namespace
+}  // namespace cachemgr

@@ -1,4 +1,5 @@
-// cachemgrctl: the command-line tool of cachemgr. Dispatches to the subcommands of
+// cachemgrctl: the command-line tool of cachemgr: inspects and operates a running daemon, and
+// runs the compression math offline. Dispatches to the subcommands of
 // commands.h; `cachemgrctl help` prints the usage of all of them.
 #include <cstdio>
 #include <string>
@@ -18,7 +19,23 @@ int main(int argc, char** argv) {
     std::fputs(UsageText().c_str(), stdout);
     return kExitOk;
   }
-  if (command == "compress") return RunCompress(args);
+  if (command == "compress") {
+    // With --sequence it compresses a sequence in the daemon; otherwise .npy files offline.
+    for (const std::string& arg : args) {
+      if (arg.rfind("--sequence=", 0) == 0) return RunDaemonCompress(args);
+    }
+    return RunCompress(args);
+  }
   if (command == "codebook") return RunCodebook(args);
-  return ReportError(command, "unknown command (known: compress, codebook, help)", kExitUsage);
+  if (command == "health") return RunHealth(args);
+  if (command == "stats") return RunStats(args);
+  if (command == "clients") return RunClients(args);
+  if (command == "sequences") return RunSequences(args);
+  if (command == "sequence") return RunSequence(args);
+  if (command == "watch") return RunWatch(args);
+  if (command == "free") return RunFree(args);
+  return ReportError(command,
+                     "unknown command (known: health, stats, clients, sequences, sequence, watch, "
+                     "free, compress, codebook, help)",
+                     kExitUsage);
 }

@@ -13,10 +13,39 @@ std::string UsageText() {
   return absl::StrCat(
       R"(usage: cachemgrctl <command> [--flag=value ...]
 
-Commands:
-  help       this text
-  compress   run a compression policy offline on KV tensors in .npy files
+Commands on a running cachemgrd:
+  health     is it serving? (exit 1 if not); version and uptime
+  stats      pools: occupancy per device, per pool and per layer; arena bytes
+  clients    attached clients and their leases
+  sequences  every client's sequences
+  sequence   one sequence's per-layer block tables and compression state
+  watch      the event stream, live
+  free       free any client's sequence
+  compress --sequence=ID   compress a sequence in the daemon by hand
+Offline (no daemon):
+  compress   run a compression policy on KV tensors in .npy files
   codebook   build the similarity codebook (SpindleKV Algorithm 1) of a set of vectors
+  help       this text
+
+Daemon commands share these flags:
+  --socket=PATH        the daemon's Unix socket (default $CACHEMGR_SOCKET, else
+                       /run/cachemgr/cachemgr.sock)
+  --address=HOST:PORT  TCP instead, with --token_file=FILE (the bearer token)
+  --timeout=SECONDS    per-call deadline (default 10)
+  --json               proto3 JSON (field names as in proto/cachemgr/v1/cachemgr.proto)
+                       instead of tables; watch prints one JSON object per line
+
+cachemgrctl sequence --id=ID [--digest] [--all_blocks]
+    --digest            also the daemon's FNV-1a digest of each layer's KV bytes
+    --all_blocks        list every block id (default: the first 12)
+cachemgrctl watch [--types=T1,T2] [--count=N] [--for=SECONDS]
+    --types             event types (e.g. sequence_allocated,client_expired); default all
+    --count             exit after N events; --for: after SECONDS (default: until shutdown)
+cachemgrctl free --sequence=ID
+cachemgrctl compress --sequence=ID [--policy=NAME] [--reserve_ratio=R | --byte_ratio=R]
+                     [--sinks=N] [--theta_k=T] [--theta_v=T]
+    Operator calls read no inputs: only policies that need no scores work (fullkv,
+    streamingllm, codebook); the others are INVALID_ARGUMENT. Default --reserve_ratio=0.2.
 
 cachemgrctl compress --keys=K.npy --values=V.npy (--queries=Q.npy | --scores=S.npy)
                      --out=DIR [flags]
@@ -64,8 +93,9 @@ cachemgrctl codebook --vectors=X.npy --theta=T --out=DIR
   Writes DIR/entries.npy (float32 [entries, dim]), DIR/refs.npy (uint32 [n]) and
   DIR/magnitudes.npy (float32 [n]).
 
-Exit status: 0 success, 1 failure (unreadable input, bad shapes, compression error),
-2 usage error. See docs/OFFLINE.md.
+Exit status: 0 success, 1 failure (unreadable input, bad shapes, compression error, an error
+status from the daemon, printed as CODE: message), 2 usage error. See docs/OFFLINE.md and
+docs/OPERATIONS.md.
 )");
 }
 

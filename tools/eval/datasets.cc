@@ -92,19 +92,26 @@ absl::StatusOr<std::vector<Sample>> TinyStoriesSamples(const engine::Tokenizer& 
       begin = i + 1;
     }
   }
+  // Tokenized lazily: only as far as the samples reach.
   std::vector<uint32_t> stream;
   std::vector<size_t> story_start;  // index into `stream` of each story's BOS
-  for (const std::string& story : stories) {
-    story_start.push_back(stream.size());
-    const std::vector<uint32_t> ids = tokenizer.Encode(story, /*add_bos=*/true);
-    stream.insert(stream.end(), ids.begin(), ids.end());
-  }
+  auto tokenize_until = [&](size_t story, size_t tokens) {
+    while (story_start.size() < stories.size() &&
+           (story_start.size() <= story || stream.size() < tokens)) {
+      story_start.push_back(stream.size());
+      const std::vector<uint32_t> ids =
+          tokenizer.Encode(stories[story_start.size() - 1], /*add_bos=*/true);
+      stream.insert(stream.end(), ids.begin(), ids.end());
+    }
+  };
   const std::vector<uint32_t> lengths = Lengths(o.samples, o.min_prompt, o.max_prompt, o.seed);
   std::mt19937_64 rng(o.seed * 7919 + 1);
   std::vector<Sample> out;
   size_t story = std::uniform_int_distribution<size_t>(0, 10)(rng);
   for (uint32_t s = 0; s < o.samples; ++s) {
     const size_t need = lengths[s] + o.continuation;
+    tokenize_until(story, 0);
+    if (story < story_start.size()) tokenize_until(story, story_start[story] + need);
     if (story >= story_start.size() || story_start[story] + need > stream.size()) {
       return absl::OutOfRangeError(absl::StrCat("TinyStories ran out after ", s, " samples"));
     }
@@ -115,7 +122,11 @@ absl::StatusOr<std::vector<Sample>> TinyStoriesSamples(const engine::Tokenizer& 
     sample.continuation.assign(stream.begin() + at + lengths[s], stream.begin() + at + need);
     out.push_back(std::move(sample));
     // The next sample starts at a story past this one's tokens, plus a seeded skip.
-    while (story < story_start.size() && story_start[story] < at + need) ++story;
+    while (story < stories.size()) {
+      tokenize_until(story, 0);
+      if (story_start[story] >= at + need) break;
+      ++story;
+    }
     story += std::uniform_int_distribution<size_t>(0, 10)(rng);
   }
   return out;

@@ -33,7 +33,7 @@ struct Flags {
   std::string ratios = "0.15,0.2,0.3,0.4,0.5,1.0", target = "reserve", dtype;
   std::string shared = CACHEMGR_SHARED_DIR;
   uint32_t samples = 8, min_prompt = 256, max_prompt = 448, continuation = 64, greedy = 64;
-  uint32_t window = 32, threads = 2;
+  uint32_t window = 32, threads = 0;  // 0: 1 for small models (dim < 256), else 2
   uint64_t seed = 1;
   bool observations = false;
 };
@@ -46,7 +46,8 @@ int Usage(const std::string& message) {
                "  [--min_prompt=256] [--max_prompt=448] [--continuation=64] [--greedy=64]\n"
                "  [--policies=all|NAME,...] [--ratios=0.15,0.2,0.3,0.4,0.5,1.0]\n"
                "  [--target=reserve|bytes] [--window=32] [--dtype=fp32|bf16|fp16]\n"
-               "  [--threads=2] [--shared=DIR] [--out=DIR] [--observations]\n",
+               "  [--threads=N (0: 1 for small models, else 2)] [--shared=DIR] [--out=DIR]\n"
+               "  [--observations]\n",
                message.c_str());
   return 2;
 }
@@ -211,7 +212,8 @@ int main(int argc, char** argv) {
                          uint64_t{c.num_layers} * c.num_heads * (longest + 1) * 4);
   auto cache = engine::SidecarCache::Attach(so, c);
   if (!cache.ok()) return fail(cache.status());
-  engine::ThreadPool pool(f.threads);
+  // Threads pay off only when a layer's matmuls outweigh waking them (not for stories260K).
+  engine::ThreadPool pool(f.threads > 0 ? f.threads : (c.dim < 256 ? 1 : 2));
   engine::LlamaEngine llama(loaded->checkpoint, cache->get(), &pool);
 
   eval::Observations observations;

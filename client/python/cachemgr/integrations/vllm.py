@@ -1,0 +1,382 @@
+"""A vLLM v1 KV connector backed by cachemgrd: the sidecar as a compressed store for requests'
+KV (prefill results and preempted requests), with the method names and roles of vLLM's
+`KVConnectorBase_V1` (vllm/distributed/kv_transfer/kv_connector/v1/base.py).
+
+Load it in vLLM with
+
+    --kv-transfer-config '{"kv_connector": "CacheManagerConnector",
+        "kv_connector_module_path": "cachemgr.integrations.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"socket": "/run/cachemgr/cachemgr.sock",
+                                      "policy": "codebook", "reserve_ratio": 1.0}}'
+
+What it does with a request (sequence "vllm-<request id>" in the daemon):
+  prefill    save_kv_layer copies the tokens vLLM computed this step from vLLM's paged KV into
+             the sidecar pool (Allocate, then zero-copy writes through the mapped pool);
+  end of     wait_for_save compresses the saved prompt with the configured policy (Compress;
+  prefill    codebook layers park in the daemon's arena and hold no blocks);
+  decode     nothing is copied: vLLM keeps attending to its own blocks;
+  preempted  (SchedulerOutput.preempted_req_ids) handle_preemptions fetches the sidecar copy,
+             appends the tokens decoded since and parks it again (Park codes the new rows into
+             the codebook), before vLLM reuses the request's blocks;
+  resumed    get_num_new_matched_tokens reports the tokens the sidecar holds, the scheduler
+             allocates blocks for them, start_load_kv fetches (reconstructs) the sequence and
+             copies it into those blocks, then parks it again;
+  finished   request_finished forgets it; the worker's get_finished(finished_req_ids) frees the
+             sidecar sequence.
+Loads are synchronous (start_load_kv returns when the KV is in place; get_finished reports
+nothing). A stock vLLM attention needs one KV row per token position, so only sequences whose
+layers kept every token can be loaded back: token-preserving policies (codebook, fullkv) give
+loadable sequences; with an evicting policy (e.g. spindlekv) the sidecar copy still saves memory
+and is reported, but get_num_new_matched_tokens returns 0 for it and vLLM recomputes.
+
+vLLM objects are used by duck typing, never imported at module level, so this module loads (and
+is tested, tests/python/test_vllm_connector.py) without vLLM. Attributes it reads:
+  Request: request_id, prompt_token_ids, num_tokens, num_computed_tokens
+  KVCacheBlocks: get_block_ids() -> tuple of block id lists (one per KV cache group; group 0)
+  SchedulerOutput: scheduled_new_reqs[i].req_id / .block_ids / .num_computed_tokens,
+    scheduled_cached_reqs.req_ids / .new_block_ids / .num_computed_tokens /
+    .resumed_req_ids (or .resumed_from_preemption),
+    num_scheduled_tokens (dict req_id -> tokens this step), finished_req_ids,
+    preempted_req_ids (set; optional)
+  kv_caches (register_kv_caches): {layer name: tensor [2, num_blocks, block_size, kv_heads,
+    head_dim]} (FlashAttention layout; numpy arrays or CPU/GPU torch tensors); the layer index
+    is the first integer in the name ("model.layers.7.self_attn.attn" -> 7).
+"""
+
+import dataclasses
+import re
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import numpy as np
+
+from ..errors import CacheManagerError
+from ..session import Session
+from ..types import ModelSpec, Policy
+
+try:  # only for subclassing when vLLM is present; the adapter works without it
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
+        KVConnectorBase_V1 as _Base, KVConnectorMetadata as _MetaBase)
+except Exception:  # noqa: BLE001 - vLLM absent (or another version): plain classes
+    _Base = object
+    _MetaBase = object
+
+
+class KVConnectorRole:
+    """Mirror of vllm's enum (SCHEDULER = 0, WORKER = 1) for use without vLLM."""
+    SCHEDULER = 0
+    WORKER = 1
+
+
+@dataclasses.dataclass
+class _Transfer:
+    sequence_id: str
+    block_ids: List[int]   # vLLM block ids covering the tokens
+    first_token: int       # tokens [first_token, first_token + num_tokens) of the request
+    num_tokens: int
+
+
+@dataclasses.dataclass
+class CacheManagerConnectorMetadata(_MetaBase):
+    """Scheduler -> worker, per step."""
+    saves: List[_Transfer] = dataclasses.field(default_factory=list)
+    compress_after_save: List[str] = dataclasses.field(default_factory=list)
+    loads: List[_Transfer] = dataclasses.field(default_factory=list)
+    preempted: List[_Transfer] = dataclasses.field(default_factory=list)
+    # Preempted before their prompt was saved whole: the partial copy is dropped, and the
+    # prefill that vLLM redoes saves it again.
+    dropped: List[str] = dataclasses.field(default_factory=list)
+    finished: List[str] = dataclasses.field(default_factory=list)
+
+
+def _sequence_id(request_id: str) -> str:
+    return f"vllm-{request_id}"
+
+
+def _role_value(role) -> int:
+    return getattr(role, "value", role)
+
+
+class CacheManagerConnector(_Base):
+    """See the module docstring. `config` holds the kv_connector_extra_config keys:
+    socket (required), policy ("codebook"), reserve_ratio (1.0) or byte_ratio, window (32),
+    client_name, and for the worker the model's shape: num_layers, num_q_heads, num_kv_heads,
+    head_dim, dtype ("fp16"), block_size (16), rope_style ("half_split", vLLM's), rope_theta
+    (10000). Outside vLLM, pass `config` directly."""
+
+    def __init__(self, vllm_config=None, role=KVConnectorRole.WORKER, kv_cache_config=None,
+                 config: Optional[Dict[str, Any]] = None):
+        if config is None:
+            extra = getattr(getattr(vllm_config, "kv_transfer_config", None),
+                            "kv_connector_extra_config", None) or {}
+            config = dict(extra)
+            model_config = getattr(vllm_config, "model_config", None)
+            cache_config = getattr(vllm_config, "cache_config", None)
+            if model_config is not None and "num_layers" not in config:
+                hf = model_config.hf_config
+                config.setdefault("num_layers", hf.num_hidden_layers)
+                config.setdefault("num_q_heads", hf.num_attention_heads)
+                config.setdefault("num_kv_heads", getattr(hf, "num_key_value_heads",
+                                                          hf.num_attention_heads))
+                config.setdefault("head_dim", getattr(hf, "head_dim", None) or
+                                  hf.hidden_size // hf.num_attention_heads)
+                config.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+                config.setdefault("model_name", model_config.model)
+            if cache_config is not None:
+                config.setdefault("block_size", cache_config.block_size)
+        if "socket" not in config:
+            raise ValueError("kv_connector_extra_config needs \"socket\" (cachemgrd's socket)")
+        self.config = config
+        self._role = role
+        self.policy = Policy(config.get("policy", "codebook"), window=config.get("window"))
+        self.reserve_ratio = config.get("reserve_ratio")
+        self.byte_ratio = config.get("byte_ratio")
+        if self.reserve_ratio is None and self.byte_ratio is None:
+            self.reserve_ratio = 1.0
+        self.block_size = int(config.get("block_size", 16))
+        self._metadata: Optional[CacheManagerConnectorMetadata] = None
+        # Scheduler side.
+        self._block_ids: Dict[str, List[int]] = {}       # req id -> vLLM blocks (group 0)
+        self._saved: Dict[str, int] = {}                 # req id -> tokens held by the sidecar
+        self._loadable: Dict[str, bool] = {}             # rows == tokens in every layer
+        self._prompt_len: Dict[str, int] = {}
+        self._computed: Dict[str, int] = {}              # tokens with KV in vLLM's blocks
+        self._compressed: Set[str] = set()               # prompt saved whole and compressed
+        self._pending: CacheManagerConnectorMetadata = CacheManagerConnectorMetadata()
+        # Worker side.
+        self.session: Optional[Session] = None
+        self._kv_caches: Dict[int, Any] = {}
+        self.stats = dict(saved_tokens=0, loaded_tokens=0, compressions=0, parks=0,
+                          bytes_before=0, bytes_after=0)
+        if _role_value(role) == KVConnectorRole.WORKER:
+            self._attach()
+
+    @property
+    def role(self):
+        return self._role
+
+    # ---- worker side -------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        c = self.config
+        from ..types import RopeConfig
+        model = ModelSpec(
+            name=str(c.get("model_name", "vllm-model")).replace("/", "_"),
+            num_layers=int(c["num_layers"]), num_q_heads=int(c["num_q_heads"]),
+            num_kv_heads=int(c["num_kv_heads"]), head_dim=int(c["head_dim"]),
+            dtype=c.get("dtype", "fp16"), block_size=self.block_size, layout="flash_attn",
+            rope=RopeConfig(style=c.get("rope_style", "half_split"),
+                            theta=float(c.get("rope_theta", 10000.0))))
+        self.session = Session.attach(c["socket"], c.get("client_name", "vllm-worker"), model,
+                                      num_blocks=int(c.get("num_blocks", 0)))
+
+    def register_kv_caches(self, kv_caches: Dict[str, Any]) -> None:
+        """Records vLLM's per-layer paged KV tensors ([2, num_blocks, block_size, kv_heads,
+        head_dim])."""
+        for name, tensor in kv_caches.items():
+            match = re.search(r"(\d+)", name)
+            if match is None:
+                raise ValueError(f"cannot tell the layer index of KV cache {name!r}")
+            self._kv_caches[int(match.group(1))] = tensor
+        if self.session is not None and len(self._kv_caches) != self.session.model.num_layers:
+            raise ValueError(f"{len(self._kv_caches)} KV caches registered for a model of "
+                             f"{self.session.model.num_layers} layers")
+
+    def bind_connector_metadata(self, metadata: CacheManagerConnectorMetadata) -> None:
+        self._metadata = metadata
+
+    def clear_connector_metadata(self) -> None:
+        self._metadata = None
+
+    def _numpy(self, tensor):
+        return tensor.cpu().numpy() if hasattr(tensor, "cpu") else np.asarray(tensor)
+
+    def _vllm_rows(self, layer: int, t: _Transfer):
+        """(k, v) of the transfer's tokens from vLLM's paged tensor, [tokens, heads, dim]."""
+        kv = self._kv_caches[layer]
+        tokens = np.arange(t.first_token, t.first_token + t.num_tokens)
+        blocks = np.asarray(t.block_ids, dtype=np.int64)[tokens // self.block_size]
+        offsets = tokens % self.block_size
+        if hasattr(kv, "index_select"):  # torch
+            import torch
+            b = torch.as_tensor(blocks, device=kv.device)
+            o = torch.as_tensor(offsets, device=kv.device)
+            return self._numpy(kv[0][b, o]), self._numpy(kv[1][b, o])
+        return kv[0][blocks, offsets], kv[1][blocks, offsets]
+
+    def _save(self, t: _Transfer, layers=None) -> None:
+        """Appends the transfer's tokens to the sidecar sequence in every layer."""
+        alloc = self.session.allocate(t.sequence_id, t.num_tokens)
+        for layer in (range(self.session.model.num_layers) if layers is None else layers):
+            k, v = self._vllm_rows(layer, t)
+            self.session.pool.write(layer, alloc.layers[layer].slot_mapping,
+                                    k.astype(self.session.pool.dtype, copy=False),
+                                    v.astype(self.session.pool.dtype, copy=False))
+        self.stats["saved_tokens"] += t.num_tokens
+
+    def start_load_kv(self, forward_context=None, **kwargs) -> None:
+        """Copies every scheduled load from the sidecar into vLLM's blocks (synchronously)."""
+        meta = self._metadata
+        if meta is None:
+            return
+        for t in meta.loads:
+            fetched = self.session.fetch(t.sequence_id)
+            for f in fetched:
+                rows = min(f.num_tokens, t.first_token + t.num_tokens)
+                k, v = self.session.pool.read(f.layer, f.block_ids, rows)
+                kv = self._kv_caches[f.layer]
+                tokens = np.arange(t.first_token, rows)
+                blocks = np.asarray(t.block_ids, dtype=np.int64)[tokens // self.block_size]
+                offsets = tokens % self.block_size
+                if hasattr(kv, "index_put_"):
+                    import torch
+                    b = torch.as_tensor(blocks, device=kv.device)
+                    o = torch.as_tensor(offsets, device=kv.device)
+                    kv[0][b, o] = torch.as_tensor(k[t.first_token:rows], device=kv.device)
+                    kv[1][b, o] = torch.as_tensor(v[t.first_token:rows], device=kv.device)
+                else:
+                    kv[0][blocks, offsets] = k[t.first_token:rows]
+                    kv[1][blocks, offsets] = v[t.first_token:rows]
+            self.stats["loaded_tokens"] += t.num_tokens
+            self.session.park(t.sequence_id)  # back to the arena until the next preemption
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata=None, **kwargs) -> None:
+        """Saving happens once per step for all layers in wait_for_save (the sidecar allocates
+        a token in every layer at once); vLLM has written this layer by now."""
+        return
+
+    def wait_for_save(self) -> None:
+        """Saves this step's prefill tokens, and compresses the prompts that completed."""
+        meta = self._metadata
+        if meta is None:
+            return
+        for t in meta.saves:
+            self._save(t)
+        for sequence_id in meta.compress_after_save:
+            result = self.session.compress(sequence_id, self.policy,
+                                           reserve_ratio=self.reserve_ratio,
+                                           byte_ratio=self.byte_ratio)
+            self.stats["compressions"] += 1
+            self.stats["bytes_before"] += result.bytes_before
+            self.stats["bytes_after"] += result.bytes_after
+
+    def handle_preemptions(self, kv_connector_metadata=None) -> None:
+        """Before vLLM reuses a preempted request's blocks: append its decoded tokens to the
+        sidecar copy and park it."""
+        meta = kv_connector_metadata or self._metadata
+        if meta is None:
+            return
+        for sequence_id in meta.dropped:
+            self.session.free(sequence_id)
+        for t in meta.preempted:
+            if t.num_tokens > 0:
+                self.session.fetch(t.sequence_id)
+                self._save(t)
+            self.session.park(t.sequence_id)
+            self.stats["parks"] += 1
+
+    def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]],
+                                                               Optional[Set[str]]]:
+        """Frees the sidecar sequences of the requests vLLM finished; nothing is asynchronous,
+        so no request is reported back."""
+        for rid in finished_req_ids:
+            try:
+                self.session.free(_sequence_id(rid))
+            except CacheManagerError as e:
+                if e.code.name != "NOT_FOUND":  # never saved (e.g. finished in its prefill)
+                    raise
+        return None, None
+
+    def shutdown(self) -> None:
+        if self.session is not None:
+            self.session.detach()
+            self.session = None
+
+    # ---- scheduler side ----------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        """Tokens the sidecar can load beyond what vLLM computed (0 unless the request was
+        saved and every layer kept all its tokens). Side-effect free."""
+        rid = request.request_id
+        held = self._saved.get(rid, 0)
+        if not self._loadable.get(rid, False) or held <= num_computed_tokens:
+            return 0, False
+        # vLLM computes at least the last token itself (it needs its logits).
+        matched = min(held, request.num_tokens - 1) - num_computed_tokens
+        return max(0, matched), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        rid = request.request_id
+        block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
+        if block_ids:
+            self._block_ids[rid] = block_ids
+        if num_external_tokens > 0:
+            self._pending.loads.append(_Transfer(_sequence_id(rid), list(self._block_ids[rid]),
+                                                 request.num_computed_tokens,
+                                                 num_external_tokens))
+            self._computed[rid] = request.num_computed_tokens + num_external_tokens
+
+    def build_connector_meta(self, scheduler_output) -> CacheManagerConnectorMetadata:
+        meta, self._pending = self._pending, CacheManagerConnectorMetadata()
+        # Preempted requests first: their blocks still hold what they computed.
+        for rid in sorted(getattr(scheduler_output, "preempted_req_ids", None) or ()):
+            held, computed = self._saved.get(rid, 0), self._computed.get(rid, 0)
+            if rid not in self._compressed:
+                if held > 0:
+                    meta.dropped.append(_sequence_id(rid))
+                self._saved[rid] = 0
+            elif held > 0:
+                meta.preempted.append(_Transfer(_sequence_id(rid),
+                                                list(self._block_ids.get(rid, [])), held,
+                                                max(0, computed - held)))
+                self._saved[rid] = max(held, computed)
+            self._block_ids.pop(rid, None)
+            self._computed[rid] = 0
+        scheduled = getattr(scheduler_output, "num_scheduled_tokens", {}) or {}
+        for new in getattr(scheduler_output, "scheduled_new_reqs", []) or []:
+            rid = new.req_id
+            self._block_ids[rid] = list(new.block_ids[0])
+            self._prompt_len[rid] = len(new.prompt_token_ids)
+            self._step(meta, rid, new.num_computed_tokens, scheduled.get(rid, 0))
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        if cached is not None:
+            resumed = set(getattr(cached, "resumed_req_ids", None) or ())
+            flags = getattr(cached, "resumed_from_preemption", None)
+            for i, rid in enumerate(cached.req_ids):
+                extra = cached.new_block_ids[i]
+                if rid in resumed or (flags is not None and flags[i]):
+                    self._block_ids[rid] = list(extra[0]) if extra is not None else []
+                elif extra is not None:
+                    self._block_ids[rid] = self._block_ids.get(rid, []) + list(extra[0])
+                self._step(meta, rid, cached.num_computed_tokens[i], scheduled.get(rid, 0))
+        meta.finished = sorted(getattr(scheduler_output, "finished_req_ids", None) or ())
+        return meta
+
+    def _step(self, meta, rid: str, computed: int, scheduled: int) -> None:
+        """Saves the prompt tokens computed this step; compresses once the prompt is saved."""
+        self._computed[rid] = computed + scheduled
+        prompt = self._prompt_len.get(rid, 0)
+        held = self._saved.get(rid, 0)
+        end = min(prompt, computed + scheduled)
+        if end > held and held == computed:
+            meta.saves.append(_Transfer(_sequence_id(rid), list(self._block_ids[rid]), held,
+                                        end - held))
+            self._saved[rid] = end
+            if end == prompt:
+                meta.compress_after_save.append(_sequence_id(rid))
+                self._compressed.add(rid)
+                # Only a sequence that kept every token can go back into vLLM's blocks.
+                self._loadable[rid] = self.policy.preset in ("codebook", "fullkv") and (
+                    self.byte_ratio is None and self.reserve_ratio == 1.0)
+
+    def request_finished(self, request, block_ids) -> Tuple[bool, Optional[dict]]:
+        """Forgets the request (the worker frees its sidecar sequence when get_finished hears
+        of it); vLLM may free the blocks at once."""
+        rid = request.request_id
+        for table in (self._block_ids, self._saved, self._loadable, self._prompt_len,
+                      self._computed):
+            table.pop(rid, None)
+        self._compressed.discard(rid)
+        return False, None

@@ -1,0 +1,101 @@
+"""Zero-copy views of a host pool (memfd shared memory) in vLLM's layouts.
+
+Per layer the daemon lays K and V out as vLLM's attention backends expect:
+  flash_attn:  [2, num_blocks, block_size, num_kv_heads, head_dim]   (K plane, then V plane)
+  flashinfer:  [num_blocks, 2, block_size, num_kv_heads, head_dim]
+A slot is block * block_size + offset (vLLM's slot mapping). bf16 has no numpy type: its views
+are uint16 (the raw bits; `bf16_to_float32` converts)."""
+
+import mmap
+import os
+from typing import List, Sequence
+
+import numpy as np
+
+from .types import ModelSpec
+
+_NUMPY_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as the daemon's kernels do."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(values)
+    out = rounded.astype(np.uint16)
+    out[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+    return out
+
+
+class HostPool:
+    """The pool of one model, mapped into this process. Views stay valid while the pool (and
+    the Session that owns it) lives."""
+
+    def __init__(self, model: ModelSpec, num_blocks: int, region_fds: Sequence[int],
+                 region_bytes: Sequence[int], layer_places: Sequence[tuple]):
+        self.model = model
+        self.num_blocks = num_blocks
+        self._maps: List[mmap.mmap] = []
+        for fd, size in zip(region_fds, region_bytes):
+            try:
+                self._maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED,
+                                            mmap.PROT_READ | mmap.PROT_WRITE))
+            finally:
+                os.close(fd)
+        self.dtype = _NUMPY_DTYPES[model.dtype]
+        shape = ((2, num_blocks) if model.layout == "flash_attn" else (num_blocks, 2)) + (
+            model.block_size, model.num_kv_heads, model.head_dim)
+        self._layers = []
+        for region, offset, nbytes in layer_places:
+            array = np.frombuffer(self._maps[region], dtype=self.dtype,
+                                  count=nbytes // np.dtype(self.dtype).itemsize, offset=offset)
+            self._layers.append(array.reshape(shape))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def layer(self, layer: int) -> np.ndarray:
+        """The whole layer tensor in the negotiated layout (a writable view)."""
+        return self._layers[layer]
+
+    def key_cache(self, layer: int) -> np.ndarray:
+        """[num_blocks, block_size, num_kv_heads, head_dim] view of the K plane."""
+        t = self._layers[layer]
+        return t[0] if self.model.layout == "flash_attn" else t[:, 0]
+
+    def value_cache(self, layer: int) -> np.ndarray:
+        t = self._layers[layer]
+        return t[1] if self.model.layout == "flash_attn" else t[:, 1]
+
+    def write(self, layer: int, slot_mapping: np.ndarray, keys: np.ndarray,
+              values: np.ndarray) -> None:
+        """vLLM's reshape_and_cache: token t's K/V rows ([tokens, num_kv_heads, head_dim], in the
+        pool's dtype) go to slot_mapping[t]; -1 is padding."""
+        slots = np.asarray(slot_mapping, dtype=np.int64)
+        keep = slots >= 0
+        blocks, offsets = np.divmod(slots[keep], self.model.block_size)
+        self.key_cache(layer)[blocks, offsets] = keys[keep]
+        self.value_cache(layer)[blocks, offsets] = values[keep]
+
+    def read(self, layer: int, block_ids: Sequence[int], num_tokens: int):
+        """Copies of the first `num_tokens` rows of a block table: (keys, values), each
+        [num_tokens, num_kv_heads, head_dim]."""
+        rows = np.arange(num_tokens)
+        table = np.asarray(block_ids, dtype=np.int64)
+        blocks, offsets = table[rows // self.model.block_size], rows % self.model.block_size
+        return self.key_cache(layer)[blocks, offsets].copy(), \
+            self.value_cache(layer)[blocks, offsets].copy()
+
+    def close(self) -> None:
+        self._layers = []
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view still exported by the caller keeps the mapping alive
+        self._maps = []

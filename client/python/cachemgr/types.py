@@ -1,0 +1,204 @@
+"""Plain data types of the client (no protobuf types leak out of the package)."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+DTYPES = {"fp16": 1, "bf16": 2, "fp32": 3}
+LAYOUTS = {"flash_attn": 1, "flashinfer": 2}
+ROPE_STYLES = {"none": 1, "interleaved": 2, "half_split": 3}
+ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+@dataclass
+class RopeConfig:
+    style: str = "interleaved"  # "none", "interleaved" (GPT-J, llama2.c) or "half_split" (HF)
+    theta: float = 10000.0
+    scaling_factor: float = 1.0
+    rotary_dim: int = 0  # 0: head_dim
+
+
+@dataclass
+class ModelSpec:
+    """What the daemon needs to know about a model's KV cache. Clients attaching with the same
+    name and description share one pool."""
+
+    name: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "fp16"  # "fp16", "bf16" or "fp32"
+    block_size: int = 16
+    layout: str = "flash_attn"  # vLLM's FlashAttention [2, blocks, ...] or "flashinfer"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+
+@dataclass
+class BlockCopy:
+    src_block: int
+    dst_block: int
+
+
+@dataclass
+class LayerAllocation:
+    layer: int
+    new_block_ids: List[int]
+    slot_mapping: np.ndarray  # int64 [new tokens]: block * block_size + offset
+    num_tokens: int
+    copies: List[BlockCopy]
+
+
+@dataclass
+class Allocation:
+    sequence_id: str
+    created: bool
+    first_position: int
+    num_positions: int
+    layers: List[LayerAllocation]
+
+
+@dataclass
+class LayerBlockTable:
+    layer: int
+    num_tokens: int
+    block_ids: List[int]
+    kv_digest: int = 0
+
+
+@dataclass
+class SequenceInfo:
+    sequence_id: str
+    owner_client_id: str
+    num_positions: int
+    layers: List[LayerBlockTable]
+    parent_sequence_id: str = ""
+    compressed: bool = False
+    compression_policy: str = ""
+    kept_per_layer: List[int] = field(default_factory=list)
+    busy: str = ""
+
+
+@dataclass
+class SequenceSummary:
+    sequence_id: str
+    owner_client_id: str
+    owner_client_name: str
+    num_positions: int
+    num_blocks: int
+
+
+@dataclass
+class CompressedLayer:
+    layer: int
+    context_ratio: float
+    kept_per_head: int
+    num_tokens: int
+    block_ids: List[int]
+    kept_positions: np.ndarray  # uint32 [num_kv_heads, num_tokens]
+    codebook: bool
+    key_codebook_size: int
+    value_codebook_size: int
+    bytes_held: int
+    eq15_ratio: float
+
+
+@dataclass
+class CompressResult:
+    layers: List[CompressedLayer]
+    bytes_before: int
+    bytes_after: int
+    honest_ratio: float
+    eq15_ratio: float
+    reserve_ratio: float
+    blocks_released: int
+
+
+@dataclass
+class FetchedLayer:
+    layer: int
+    num_tokens: int
+    block_ids: List[int]
+    positions: np.ndarray  # uint32 [num_kv_heads, num_tokens]; empty if never compressed
+    new_blocks: int
+
+
+@dataclass
+class ParkedLayer:
+    layer: int
+    num_tokens: int
+    rows_appended: int
+    matched: int
+    queued: int
+    batch_coded: int
+    new_entries: int
+    key_codebook_size: int
+    value_codebook_size: int
+    queued_total: int
+    arena_bytes: int
+    blocks_released: int
+
+
+@dataclass
+class LayerOccupancy:
+    layer: int
+    capacity_blocks: int
+    used_blocks: int
+    free_blocks: int
+    shared_blocks: int
+
+
+@dataclass
+class PoolStats:
+    pool_id: str
+    model_name: str
+    backend: str
+    device: str
+    bytes: int
+    clients: int
+    layers: List[LayerOccupancy]
+
+
+@dataclass
+class ClientInfo:
+    client_id: str
+    client_name: str
+    pool_id: str
+    sequences: int
+    lease_remaining_ms: int
+
+
+@dataclass
+class Stats:
+    pools: List[PoolStats]
+    clients: List[ClientInfo]
+    num_sequences: int
+    uptime_ms: int
+    version: str
+
+
+@dataclass
+class Policy:
+    """A compression preset and overrides (None keeps the preset's value); see
+    docs/COMPRESSION.md. Presets: fullkv, streamingllm, h2o, snapkv, pyramidkv, pyramidinfer,
+    zigzagkv, codebook, spindlekv."""
+
+    preset: str = "spindlekv"
+    schedule: Optional[str] = None  # "full", "uniform", "pyramid", "zigzag"
+    beta: Optional[float] = None
+    zigzag_tau: Optional[float] = None
+    zigzag_min_fraction: Optional[float] = None
+    scoring: Optional[str] = None  # "window", "accumulated", "sinks_recent"
+    window: Optional[int] = None
+    normalization: Optional[str] = None  # "literal", "sum"
+    pooling: Optional[str] = None  # "none", "avg", "max"
+    pool_kernel: Optional[int] = None
+    sinks: Optional[int] = None
+    gqa: Optional[str] = None  # "group_mean", "repeat"
+    codebook: Optional[bool] = None
+    theta_k: Optional[float] = None
+    theta_v: Optional[float] = None
+    codebook_scope: Optional[str] = None  # "layer", "kv_head"
+    codebook_only_if_smaller: Optional[bool] = None
+    append_batch: Optional[int] = None

@@ -1,0 +1,164 @@
+"""The Python client (client/python, pip-installed) against the real cachemgrd: attach as a
+context manager, zero-copy numpy views in both vLLM layouts (checked against the daemon's own
+digest of the bytes), compress / fetch / park / fork / free, errors as exceptions, leases."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import cachemgr
+
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+
+
+def fnv1a(data: bytes, h=FNV_OFFSET):
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def model(layout="flash_attn", dtype="fp16", name="py-model", layers=3):
+    return cachemgr.ModelSpec(name=name, num_layers=layers, num_q_heads=4, num_kv_heads=2,
+                              head_dim=8, dtype=dtype, block_size=4, layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["flash_attn", "flashinfer"])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "bf16"])
+def test_views_write_what_the_daemon_reads(daemon, layout, dtype):
+    m = model(layout, dtype)
+    with cachemgr.Session.attach(daemon.socket, "py-writer", m, num_blocks=32) as s:
+        assert s.pool.layer(0).shape == ((2, 32, 4, 2, 8) if layout == "flash_attn"
+                                         else (32, 2, 4, 2, 8))
+        assert s.pool.key_cache(1).shape == (32, 4, 2, 8)
+        alloc = s.allocate("seq", 10)
+        assert alloc.created and alloc.first_position == 0 and alloc.num_positions == 10
+        rng = np.random.default_rng(7)
+        written = []
+        for layer in range(3):
+            k = rng.standard_normal((10, 2, 8)).astype(np.float32)
+            v = rng.standard_normal((10, 2, 8)).astype(np.float32)
+            if dtype == "bf16":
+                k, v = cachemgr.float32_to_bf16(k), cachemgr.float32_to_bf16(v)
+            else:
+                k, v = k.astype(s.pool.dtype), v.astype(s.pool.dtype)
+            s.pool.write(layer, alloc.layers[layer].slot_mapping, k, v)
+            written.append((k, v))
+        info = s.get_sequence("seq", include_kv_digest=True)
+        for layer, (k, v) in enumerate(written):
+            h = FNV_OFFSET
+            for t in range(10):
+                h = fnv1a(k[t].tobytes(), h)
+                h = fnv1a(v[t].tobytes(), h)
+            assert info.layers[layer].kv_digest == h, f"layer {layer}"
+            rk, rv = s.pool.read(layer, info.layers[layer].block_ids, 10)
+            np.testing.assert_array_equal(rk, k)
+            np.testing.assert_array_equal(rv, v)
+        if dtype == "bf16":  # the round trip of the helpers
+            x = np.array([1.0, -2.5, 3.14159, 1e-3], dtype=np.float32)
+            back = cachemgr.bf16_to_float32(cachemgr.float32_to_bf16(x))
+            np.testing.assert_allclose(back, x, rtol=1 / 128)
+
+
+def test_compress_fetch_park_fork_free(daemon):
+    m = model(dtype="fp32")
+    with cachemgr.Session.attach(daemon.socket, "py-compress", m, num_blocks=64) as s:
+        alloc = s.allocate("seq", 40)
+        rng = np.random.default_rng(3)
+        for layer in range(3):
+            base = rng.standard_normal((1, 2, 8)).astype(np.float32)
+            k = (base + 0.01 * rng.standard_normal((40, 2, 8))).astype(np.float32)
+            v = (base * 2 + 0.01 * rng.standard_normal((40, 2, 8))).astype(np.float32)
+            s.pool.write(layer, alloc.layers[layer].slot_mapping, k, v)
+        queries = rng.standard_normal((3, 8, 4, 8)).astype(np.float32)
+        before = cachemgr.stats(daemon.socket).pools[0]
+        used_before = sum(l.used_blocks for l in before.layers)
+        r = s.compress("seq", cachemgr.Policy("snapkv", window=8), reserve_ratio=0.5,
+                       queries=queries)
+        assert 0.45 < r.honest_ratio < 0.55
+        assert r.blocks_released > 0
+        assert r.layers[0].kept_positions.shape == (2, r.layers[0].num_tokens)
+        after = cachemgr.stats(daemon.socket).pools[0]
+        assert sum(l.used_blocks for l in after.layers) == used_before - r.blocks_released
+        info = s.get_sequence("seq")
+        assert info.compressed and info.compression_policy == "snapkv"
+        fetched = s.fetch("seq")
+        assert [f.layer for f in fetched] == [0, 1, 2]
+        assert all(f.new_blocks == 0 for f in fetched)  # snapkv keeps plain rows
+        np.testing.assert_array_equal(fetched[0].positions, r.layers[0].kept_positions)
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            s.compress("seq", cachemgr.Policy("snapkv"), reserve_ratio=0.5, queries=queries)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+        # A codebook-only fork parks its layers; decode appends are coded by Park.
+        s.allocate("cb", 40)
+        r2 = s.compress("cb", cachemgr.Policy("codebook", codebook_only_if_smaller=False,
+                                              append_batch=4), reserve_ratio=1.0)
+        assert all(l.codebook for l in r2.layers)
+        assert r2.bytes_after < r2.bytes_before
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            s.allocate("cb", 1)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        s.fetch("cb")
+        s.allocate("cb", 6)
+        parked = s.park("cb")
+        assert [p.rows_appended for p in parked] == [6, 6, 6]
+        assert all(p.matched + p.queued == 6 * 2 * 2 for p in parked)
+        child = s.fork("seq", "seq-child")
+        assert child.parent_sequence_id == "seq"
+        names = sorted(x.sequence_id for x in s.list_sequences())
+        assert names == ["cb", "seq", "seq-child"]
+        for sid in names:
+            s.free(sid)
+        assert sum(l.used_blocks for l in cachemgr.stats(daemon.socket).pools[0].layers) == 0
+
+
+def test_errors_carry_status_and_field(daemon):
+    with cachemgr.Session.attach(daemon.socket, "py-errors", model(), num_blocks=16) as s:
+        for call, code, field in (
+                (lambda: s.allocate("", 4), grpc.StatusCode.INVALID_ARGUMENT, "sequence_id"),
+                (lambda: s.allocate("x", 0), grpc.StatusCode.INVALID_ARGUMENT, "num_new_tokens"),
+                (lambda: s.allocate("big", 10_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "layer"),
+                (lambda: s.free("missing"), grpc.StatusCode.NOT_FOUND, "sequence_id"),
+                (lambda: s.fetch("missing"), grpc.StatusCode.NOT_FOUND, "sequence_id")):
+            with pytest.raises(cachemgr.CacheManagerError) as e:
+                call()
+            assert e.value.code == code
+            assert field in e.value.message
+        s.allocate("x", 4)
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            s.compress("x", cachemgr.Policy("spindlekv", theta_k=1.5), reserve_ratio=0.5)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "policy.theta_k" in e.value.message
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            s.compress("x", cachemgr.Policy("nope"), reserve_ratio=0.5)
+        assert "policy.preset" in e.value.message
+        with pytest.raises(ValueError):
+            s.compress("x", reserve_ratio=0.5, byte_ratio=0.5)
+    with pytest.raises(ValueError):
+        cachemgr.Session.attach(daemon.socket, "bad", cachemgr.ModelSpec(
+            "m", 1, 1, 1, 8, dtype="int4"))
+    with pytest.raises(cachemgr.CacheManagerError) as e:
+        cachemgr.Session.attach(daemon.socket, "bad", cachemgr.ModelSpec("m", 0, 1, 1, 8))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "num_layers" in e.value.message
+
+
+def test_heartbeats_keep_the_lease_and_detach_frees(daemon_factory):
+    d = daemon_factory("--lease_timeout_ms=600", "--heartbeat_interval_ms=100")
+    alive = cachemgr.Session.attach(d.socket, "beating", model(name="lease"), num_blocks=16)
+    silent = cachemgr.Session.attach(d.socket, "silent", model(name="lease"), heartbeat=False)
+    alive.allocate("a", 8)
+    silent.allocate("b", 8)
+    time.sleep(1.5)
+    clients = {c.client_name for c in cachemgr.stats(d.socket).clients}
+    assert "beating" in clients
+    assert "silent" not in clients  # its lease expired and its blocks came back
+    assert [x.sequence_id for x in cachemgr.list_all_sequences(d.socket)] == ["a"]
+    assert alive.detach() == 1
+    assert alive.detach() is None
+    assert cachemgr.stats(d.socket).num_sequences == 0
+    with pytest.raises(cachemgr.CacheManagerError) as e:
+        silent.allocate("b", 1)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    silent.detach()

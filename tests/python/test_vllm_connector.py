@@ -1,0 +1,294 @@
+"""cachemgr.integrations.vllm driven by a scripted vLLM-like scheduler and worker against the
+real cachemgrd: many requests with chunked prefill, decode, preemption when vLLM's own blocks
+run out, resumption from the sidecar's copy, and finish; vLLM itself is not needed (nor
+imported).
+
+The "model" writes, for every token, K/V that depend on (layer, token id, position) only, so a
+KV row loaded back from the sidecar can be checked against what the model would have written.
+"""
+
+import dataclasses
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+import cachemgr
+from cachemgr.integrations import vllm as connector_module
+
+LAYERS, Q_HEADS, KV_HEADS, DIM, BLOCK = 3, 4, 2, 16, 4
+
+
+def model_kv(layer, token, position):
+    """Deterministic K/V rows [KV_HEADS, DIM] of one token."""
+    rng = np.random.default_rng(1000 * layer + token)
+    base = rng.standard_normal((2, KV_HEADS, DIM)).astype(np.float32)
+    # Position enters smoothly so the codebook can merge tokens of one id.
+    k = base[0] * (1.0 + 0.001 * position)
+    v = base[1]
+    return k.astype(np.float16), v.astype(np.float16)
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list
+    max_new: int
+    output: list = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0
+    blocks: list = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self):
+        return len(self.prompt_token_ids) + len(self.output)
+
+    def token(self, i):
+        return self.prompt_token_ids[i] if i < len(self.prompt_token_ids) else \
+            self.output[i - len(self.prompt_token_ids)]
+
+
+class Blocks:  # vLLM's KVCacheBlocks
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_block_ids(self):
+        return (list(self.ids),)
+
+
+@dataclasses.dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list
+    block_ids: tuple
+    num_computed_tokens: int
+
+
+@dataclasses.dataclass
+class CachedRequestData:
+    req_ids: list
+    resumed_req_ids: set
+    new_block_ids: list
+    num_computed_tokens: list
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list
+    scheduled_cached_reqs: CachedRequestData
+    num_scheduled_tokens: dict
+    finished_req_ids: set
+    preempted_req_ids: set
+
+
+class MiniVllm:
+    """A scheduler with a fixed block pool, a token budget per step, chunked prefill and
+    preemption of the newest running request when blocks run out; and a worker whose "forward"
+    writes model_kv for every scheduled token into the paged cache."""
+
+    def __init__(self, scheduler, worker, num_blocks=14, budget=12):
+        self.scheduler, self.worker = scheduler, worker
+        self.cache = {f"model.layers.{l}.self_attn.attn":
+                      np.zeros((2, num_blocks, BLOCK, KV_HEADS, DIM), np.float16)
+                      for l in range(LAYERS)}
+        worker.register_kv_caches(self.cache)
+        self.free = list(range(num_blocks))
+        self.budget = budget
+        self.waiting, self.running, self.preempted, self.done = [], [], [], []
+        self.seen = set()
+        self.loaded_checks = 0
+        self.preemptions = 0
+        self.finished_now = set()
+
+    def add(self, r):
+        self.waiting.append(r)
+
+    def _need(self, r, tokens):
+        return -(-tokens // BLOCK) - len(r.blocks)
+
+    def _allocate(self, r, tokens):
+        need = self._need(r, tokens)
+        if need > len(self.free):
+            return None
+        new = [self.free.pop(0) for _ in range(max(0, need))]
+        r.blocks += new
+        return new
+
+    def step(self):
+        new_reqs, cached_ids, cached_new, cached_computed, resumed = [], [], [], [], set()
+        scheduled, preempted_now = {}, set()
+        budget = self.budget
+        # Running requests first: a decode token each (or the rest of a chunked prefill).
+        index = 0
+        while index < len(self.running):
+            r = self.running[index]
+            index += 1
+            tokens = min(budget, r.num_tokens - r.num_computed_tokens) if \
+                r.num_computed_tokens < len(r.prompt_token_ids) else 1
+            if tokens <= 0:
+                continue
+            new = self._allocate(r, r.num_computed_tokens + tokens)
+            # Out of blocks: preempt the newest request not yet scheduled this step.
+            while new is None and len(self.running) > index:
+                victim = self.running.pop()
+                self.free += victim.blocks
+                victim.blocks, victim.num_computed_tokens = [], 0
+                self.preempted.append(victim)
+                preempted_now.add(victim.request_id)
+                self.preemptions += 1
+                new = self._allocate(r, r.num_computed_tokens + tokens)
+            if new is None:
+                continue
+            cached_ids.append(r.request_id)
+            cached_new.append((new,))
+            cached_computed.append(r.num_computed_tokens)
+            scheduled[r.request_id] = tokens
+            budget -= tokens
+        # Then resumed requests (their KV may come back from the sidecar), then new ones.
+        for queue, is_new in ((self.preempted, False), (self.waiting, True)):
+            while queue and budget > 0:
+                r = queue[0]
+                matched, _ = self.scheduler.get_num_new_matched_tokens(r, 0)
+                total = r.num_tokens if not is_new else len(r.prompt_token_ids)
+                tokens = min(budget, total - matched)
+                if self._allocate(r, matched + tokens) is None:
+                    break
+                queue.pop(0)
+                self.scheduler.update_state_after_alloc(r, Blocks(r.blocks), matched)
+                r.num_computed_tokens = matched
+                if is_new:
+                    new_reqs.append(NewRequestData(r.request_id, list(r.prompt_token_ids),
+                                                   (list(r.blocks),), 0))
+                else:
+                    cached_ids.append(r.request_id)
+                    cached_new.append((list(r.blocks),))
+                    cached_computed.append(matched)
+                    resumed.add(r.request_id)
+                self.running.append(r)
+                scheduled[r.request_id] = tokens
+                budget -= tokens
+        out = SchedulerOutput(new_reqs, CachedRequestData(cached_ids, resumed, cached_new,
+                                                          cached_computed),
+                              scheduled, set(self.finished_now), preempted_now)
+        self.finished_now = set()
+        meta = self.scheduler.build_connector_meta(out)
+        self.run_worker(meta, out)
+        # Advance: computed tokens, sampled tokens, finishes.
+        for r in list(self.running):
+            n = scheduled.get(r.request_id, 0)
+            if n == 0:
+                continue
+            r.num_computed_tokens += n
+            if r.num_computed_tokens >= r.num_tokens:
+                r.output.append((sum(r.prompt_token_ids) + len(r.output) * 7) % 50)
+            if len(r.output) >= r.max_new:
+                self.running.remove(r)
+                self.scheduler.request_finished(r, r.blocks)
+                self.free += r.blocks
+                r.blocks = []
+                self.done.append(r)
+                self.finished_now.add(r.request_id)
+
+    def run_worker(self, meta, out):
+        w = self.worker
+        w.bind_connector_metadata(meta)
+        w.handle_preemptions(meta)
+        w.start_load_kv(None)
+        # Check every loaded row against the model (codebook rows within its thresholds).
+        for t in meta.loads:
+            r = next(x for x in self.running if "vllm-" + x.request_id == t.sequence_id)
+            for layer, name in enumerate(self.cache):
+                kv = self.cache[name]
+                for i in range(t.first_token, t.first_token + t.num_tokens):
+                    b, o = r.blocks[i // BLOCK], i % BLOCK
+                    want_k, want_v = model_kv(layer, r.token(i), i)
+                    for got, want, theta in ((kv[0][b, o], want_k, 0.98),
+                                             (kv[1][b, o], want_v, 0.95)):
+                        g, w_ = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
+                        cos = g @ w_ / (np.linalg.norm(g) * np.linalg.norm(w_))
+                        assert cos > theta - 2e-3, (r.request_id, layer, i, cos)
+                        self.loaded_checks += 1
+        # "Forward": KV of the scheduled tokens into vLLM's blocks.
+        for rid, n in out.num_scheduled_tokens.items():
+            r = next(x for x in self.running if x.request_id == rid)
+            for i in range(r.num_computed_tokens, r.num_computed_tokens + n):
+                b, o = r.blocks[i // BLOCK], i % BLOCK
+                for layer, name in enumerate(self.cache):
+                    k, v = model_kv(layer, r.token(i), i)
+                    self.cache[name][0][b, o] = k
+                    self.cache[name][1][b, o] = v
+        for name, kv in self.cache.items():
+            w.save_kv_layer(name, kv, None)
+        w.wait_for_save()
+        w.clear_connector_metadata()
+        w.get_finished(out.finished_req_ids)
+
+
+def make(daemon, policy="codebook", **extra):
+    config = dict(socket=daemon.socket, policy=policy, num_layers=LAYERS, num_q_heads=Q_HEADS,
+                  num_kv_heads=KV_HEADS, head_dim=DIM, block_size=BLOCK, dtype="fp16",
+                  model_name=f"mini-{policy}", num_blocks=256, **extra)
+    scheduler = connector_module.CacheManagerConnector(
+        role=connector_module.KVConnectorRole.SCHEDULER, config=config)
+    worker = connector_module.CacheManagerConnector(
+        role=connector_module.KVConnectorRole.WORKER, config=config)
+    return scheduler, worker
+
+
+def run(daemon, policy, **extra):
+    scheduler, worker = make(daemon, policy, **extra)
+    vllm = MiniVllm(scheduler, worker)
+    rng = np.random.default_rng(5)
+    for i in range(10):
+        vllm.add(Request(f"r{i}", [int(x) for x in rng.integers(3, 50, rng.integers(10, 22))],
+                         max_new=int(rng.integers(4, 10))))
+    for _ in range(400):
+        if len(vllm.done) == 10:
+            break
+        vllm.step()
+    vllm.step()  # delivers the last finished_req_ids to the worker
+    return scheduler, worker, vllm
+
+
+def test_adapter_module_loads_without_vllm():
+    assert "vllm" not in sys.modules
+    importlib.reload(connector_module)
+    assert connector_module._Base is object
+
+
+def test_lifecycle_with_preemption_and_reload(daemon):
+    scheduler, worker, vllm = run(daemon, "codebook")
+    assert len(vllm.done) == 10
+    assert all(len(r.output) == r.max_new for r in vllm.done)
+    assert vllm.preemptions > 0  # the block pool was small on purpose
+    assert worker.stats["compressions"] == 10  # every prompt, once, after its prefill
+    assert worker.stats["parks"] > 0
+    assert worker.stats["loaded_tokens"] > 0  # resumed requests came back from the sidecar
+    assert vllm.loaded_checks > 0
+    assert worker.stats["bytes_after"] < worker.stats["bytes_before"]
+    # Finished requests are gone from the sidecar; the pool's books balance.
+    assert worker.session.list_sequences() == []
+    pool = cachemgr.stats(daemon.socket).pools[0]
+    assert all(l.used_blocks == 0 and l.free_blocks == l.capacity_blocks for l in pool.layers)
+    worker.shutdown()
+    assert cachemgr.stats(daemon.socket).clients == []
+
+
+def test_evicting_policy_saves_but_never_reloads(daemon):
+    scheduler, worker, vllm = run(daemon, "streamingllm", reserve_ratio=0.5, window=4)
+    assert len(vllm.done) == 10
+    assert vllm.preemptions > 0
+    assert worker.stats["compressions"] == 10
+    assert worker.stats["loaded_tokens"] == 0  # rows < tokens: vLLM recomputes instead
+    assert worker.session.list_sequences() == []
+    worker.shutdown()
+
+
+def test_config_errors(daemon):
+    with pytest.raises(ValueError, match="socket"):
+        connector_module.CacheManagerConnector(role=connector_module.KVConnectorRole.WORKER,
+                                               config=dict(num_layers=1))
+    _, worker = make(daemon)
+    with pytest.raises(ValueError, match="layer"):
+        worker.register_kv_caches({"lm_head": np.zeros((2, 1, BLOCK, KV_HEADS, DIM))})
+    worker.shutdown()
