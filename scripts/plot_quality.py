@@ -97,7 +97,11 @@ def plot_observations(out, title, path):
         ax.set_xticks(layers[::step])
     ax1.set_xlabel("layer")
     ax1.set_ylabel("share of token pairs (per KV head)")
-    ax1.set_yscale("symlog", linthresh=1e-3)
+    floor = 1e-5  # shares of zero are drawn at the floor
+    for line in ax1.get_lines():
+        line.set_ydata([max(y, floor) for y in line.get_ydata()])
+    ax1.set_yscale("log")
+    ax1.set_ylim(floor, 1.5)
     ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
     ax2.plot(layers, [l["mass90_share"] for l in obs["layers"]], marker="o",

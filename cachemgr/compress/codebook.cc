@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "cachemgr/compress/codebook_graph.h"
 
 namespace cachemgr::compress {
 namespace {
@@ -223,6 +224,56 @@ inline Float8 Splat(float x) {
   return v;
 }
 
+// Algorithm 1 on one similarity graph over all of `vectors` (validated by the caller).
+absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t dim, float theta) {
+  const size_t n = vectors.size() / dim;
+  Codebook codebook;
+  codebook.dim = dim;
+  if (n == 0) return codebook;
+
+  std::vector<float> unit(n * dim);
+  codebook.magnitudes.resize(n);
+  std::vector<uint8_t> nonzero(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!Normalize(&vectors[i * dim], dim, &unit[i * dim], &codebook.magnitudes[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("codebook input vector ", i, " has a non-finite element"));
+    }
+    nonzero[i] = codebook.magnitudes[i] > 0.0f;
+  }
+
+  // Eq. 9 in one blocked pass over the upper triangle, never materialising S.
+  const size_t words = (n + 63) / 64;
+  std::vector<uint64_t> adjacency;
+  try {
+    adjacency.assign(n * words, 0);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", n * words * 8,
+                                                     "-byte adjacency bitset for ", n, " vectors"));
+  }
+  SimilarityAdjacency(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
+  const std::vector<uint32_t> picks = GreedyCoverRounds(n, adjacency.data(), &codebook.refs);
+  codebook.entries.resize(picks.size() * dim);
+  for (size_t c = 0; c < picks.size(); ++c) {
+    std::copy_n(&unit[size_t{picks[c]} * dim], dim, &codebook.entries[c * dim]);
+  }
+  return codebook;
+}
+
+absl::Status ValidateBuild(absl::Span<const float> vectors, uint32_t dim, float theta) {
+  if (!ValidTheta(theta)) {
+    return absl::InvalidArgumentError(absl::StrCat("theta must be in (0, 1], got ", theta));
+  }
+  if (dim == 0) return absl::InvalidArgumentError("codebook dim must be > 0");
+  if (vectors.size() % dim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("codebook input has ", vectors.size(),
+                                                   " floats, not a multiple of dim ", dim));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 // Eq. 9 in one blocked pass over the upper triangle, never materialising S: sets the symmetric
 // adjacency bitset ([n, words] 64-bit words) of unit vectors [n, dim], self-loops included.
 //
@@ -232,9 +283,9 @@ inline Float8 Splat(float x) {
 // holds exactly those partial sums for the eight pairs side by side, added in the same order
 // and combined in the same tree. The dot products are therefore bit-identical to Dot()'s, with
 // no per-pair horizontal reduction.
-CACHEMGR_CODEBOOK_HOT void FillAdjacency(const float* unit, const uint8_t* nonzero, size_t n,
-                                         uint32_t dim, float theta, size_t words,
-                                         uint64_t* adjacency) {
+CACHEMGR_CODEBOOK_HOT void SimilarityAdjacency(const float* unit, const uint8_t* nonzero, size_t n,
+                                               uint32_t dim, float theta, uint64_t* adjacency) {
+  const size_t words = (n + 63) / 64;
   auto set_edge = [&](size_t i, size_t j) {
     adjacency[i * words + j / 64] |= uint64_t{1} << (j % 64);
     adjacency[j * words + i / 64] |= uint64_t{1} << (i % 64);
@@ -282,57 +333,11 @@ CACHEMGR_CODEBOOK_HOT void FillAdjacency(const float* unit, const uint8_t* nonze
   }
 }
 
-// Algorithm 1 on one similarity graph over all of `vectors` (validated by the caller).
-absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t dim, float theta) {
-  const size_t n = vectors.size() / dim;
-  Codebook codebook;
-  codebook.dim = dim;
-  if (n == 0) return codebook;
-
-  std::vector<float> unit(n * dim);
-  codebook.magnitudes.resize(n);
-  std::vector<uint8_t> nonzero(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (!Normalize(&vectors[i * dim], dim, &unit[i * dim], &codebook.magnitudes[i])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("codebook input vector ", i, " has a non-finite element"));
-    }
-    nonzero[i] = codebook.magnitudes[i] > 0.0f;
-  }
-
-  // Eq. 9 in one blocked pass over the upper triangle, never materialising S.
-  const size_t words = (n + 63) / 64;
-  std::vector<uint64_t> adjacency;
-  try {
-    adjacency.assign(n * words, 0);
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", n * words * 8,
-                                                     "-byte adjacency bitset for ", n, " vectors"));
-  }
-  FillAdjacency(unit.data(), nonzero.data(), n, dim, theta, words, adjacency.data());
-
-  GreedyCover cover(n, words, adjacency.data());
-  const std::vector<uint32_t> picks = cover.Run(&codebook.refs);
-  codebook.entries.resize(picks.size() * dim);
-  for (size_t c = 0; c < picks.size(); ++c) {
-    std::copy_n(&unit[size_t{picks[c]} * dim], dim, &codebook.entries[c * dim]);
-  }
-  return codebook;
+std::vector<uint32_t> GreedyCoverRounds(size_t n, const uint64_t* adjacency,
+                                        std::vector<uint32_t>* refs) {
+  GreedyCover cover(n, (n + 63) / 64, adjacency);
+  return cover.Run(refs);
 }
-
-absl::Status ValidateBuild(absl::Span<const float> vectors, uint32_t dim, float theta) {
-  if (!ValidTheta(theta)) {
-    return absl::InvalidArgumentError(absl::StrCat("theta must be in (0, 1], got ", theta));
-  }
-  if (dim == 0) return absl::InvalidArgumentError("codebook dim must be > 0");
-  if (vectors.size() % dim != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("codebook input has ", vectors.size(),
-                                                   " floats, not a multiple of dim ", dim));
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 bool NormalizeVector(const float* x, uint32_t dim, float* unit, float* magnitude) {
   return Normalize(x, dim, unit, magnitude);

@@ -34,18 +34,35 @@ void TopKAscending(const float* row, uint32_t context, uint32_t k, std::vector<f
   }
 }
 
-// The first k tokens of `row`'s ranking (descending score, ties to the lower index).
-void RankedTopK(const float* row, uint32_t context, uint32_t k, std::vector<uint32_t>* ranked) {
+}  // namespace
+
+void RankTopK(absl::Span<const float> row, uint32_t k, std::vector<uint32_t>* ranked) {
+  const uint32_t context = static_cast<uint32_t>(row.size());
   ranked->resize(context);
   for (uint32_t a = 0; a < context; ++a) (*ranked)[a] = a;
-  auto by_rank = [row](uint32_t x, uint32_t y) {
+  auto by_rank = [&row](uint32_t x, uint32_t y) {
     return row[x] > row[y] || (row[x] == row[y] && x < y);
   };
   std::partial_sort(ranked->begin(), ranked->begin() + k, ranked->end(), by_rank);
   ranked->resize(k);
 }
 
-}  // namespace
+void MergeRankings(absl::Span<const uint32_t> rankings, uint32_t group, uint32_t context,
+                   uint32_t k, uint32_t* out) {
+  std::vector<uint8_t> taken(context, 0);
+  uint32_t n = 0;
+  // Each ranking holds k distinct tokens, so the union reaches k before the ranks run out.
+  for (uint32_t rank = 0; n < k; ++rank) {
+    for (uint32_t g = 0; g < group && n < k; ++g) {
+      const uint32_t token = rankings[static_cast<size_t>(g) * k + rank];
+      if (!taken[token]) {
+        taken[token] = 1;
+        out[n++] = token;
+      }
+    }
+  }
+  std::sort(out, out + k);
+}
 
 void SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads, uint32_t num_kv_heads,
                 const WindowSplit& split, uint32_t k, std::vector<uint32_t>* kept) {
@@ -54,30 +71,20 @@ void SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads, uint32
   const uint32_t group = num_score_heads / num_kv_heads;
   kept->resize(static_cast<size_t>(num_kv_heads) * per_head);
   std::vector<float> scratch;
-  std::vector<std::vector<uint32_t>> ranked(group);
-  std::vector<uint8_t> taken;
+  std::vector<uint32_t> ranked;
+  std::vector<uint32_t> rankings;
   for (uint32_t h = 0; h < num_kv_heads; ++h) {
     uint32_t* out = kept->data() + static_cast<size_t>(h) * per_head;
     if (group == 1 || k == context) {
       TopKAscending(scores.data() + static_cast<size_t>(h) * context, context, k, scratch, out);
     } else if (k > 0) {
+      rankings.resize(static_cast<size_t>(group) * k);
       for (uint32_t g = 0; g < group; ++g) {
-        RankedTopK(scores.data() + (static_cast<size_t>(h) * group + g) * context, context, k,
-                   &ranked[g]);
+        RankTopK(scores.subspan((static_cast<size_t>(h) * group + g) * context, context), k,
+                 &ranked);
+        std::copy(ranked.begin(), ranked.end(), rankings.begin() + static_cast<size_t>(g) * k);
       }
-      taken.assign(context, 0);
-      uint32_t n = 0;
-      // Each ranking holds k distinct tokens, so the union reaches k before the ranks run out.
-      for (uint32_t rank = 0; n < k; ++rank) {
-        for (uint32_t g = 0; g < group && n < k; ++g) {
-          const uint32_t token = ranked[g][rank];
-          if (!taken[token]) {
-            taken[token] = 1;
-            out[n++] = token;
-          }
-        }
-      }
-      std::sort(out, out + k);
+      MergeRankings(rankings, group, context, k, out);
     }
     for (uint32_t a = context; a < split.num_tokens; ++a) out[k + (a - context)] = a;
   }

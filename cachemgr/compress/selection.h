@@ -29,6 +29,17 @@ namespace cachemgr::compress {
 void SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads, uint32_t num_kv_heads,
                 const WindowSplit& split, uint32_t k, std::vector<uint32_t>* kept);
 
+// The two steps of the kRepeat case, exposed for the CUDA path (kernels/cuda/rank_topk.h ranks
+// on the device, bit-identical to RankTopK) and its parity tests.
+// The first k tokens of one score row's ranking: descending score, ties to the lower index.
+// REQUIRES: k <= row.size().
+void RankTopK(absl::Span<const float> row, uint32_t k, std::vector<uint32_t>* ranked);
+// Round-robin union of a group's rankings ([group, k]: rank 0 of each in order, then rank 1,
+// ..., skipping tokens taken) until k distinct tokens, written to out[0, k) ascending.
+// REQUIRES: every ranking holds k distinct tokens below `context`.
+void MergeRankings(absl::Span<const uint32_t> rankings, uint32_t group, uint32_t context,
+                   uint32_t k, uint32_t* out);
+
 // StreamingLLM: context tokens [0, min(sinks, k)) and the k - min(sinks, k) context tokens just
 // before the window, then the window; identical for every head.
 void SelectSinksRecent(uint32_t num_heads, const WindowSplit& split, uint32_t k, uint32_t sinks,

@@ -1,11 +1,11 @@
 // Token rows of one paged layer as float32, and in-place compaction: the CPU twins of the
-// gather, scatter and compaction kernels (kernels/cuda/token_rows.cuh has the device versions).
+// gather, scatter and compaction kernels (kernels/cuda/token_rows.h has the device versions).
 //
 // Addressing: a slot is block * block_size + offset (vLLM's slot mapping); a token index t of a
 // block table lives at slot block_table[t / block_size] * block_size + t % block_size.
-// Element conversions are those of dtype_convert.h (exact to float32, round to nearest even
-// back). Every function validates all of its arguments before touching memory, so on error
-// nothing was read into the outputs or written to the layer.
+// Element conversions are those of cachemgr/kernels/elem_convert.h (exact to float32, round to
+// nearest even back). Every function validates all of its arguments before touching memory, so on
+// error nothing was read into the outputs or written to the layer.
 #pragma once
 
 #include <cstddef>

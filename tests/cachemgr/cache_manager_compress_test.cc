@@ -6,7 +6,7 @@
 #include <random>
 
 #include "cachemgr/cache_manager.h"
-#include "kernels/cpu/dtype_convert.h"
+#include "cachemgr/kernels/elem_convert.h"
 #include "tests/cachemgr/compress_fixture.h"
 
 namespace cachemgr {

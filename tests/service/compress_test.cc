@@ -10,7 +10,7 @@
 
 #include "cachemgr/client/client.h"
 #include "cachemgr/compress/rope.h"
-#include "kernels/cpu/dtype_convert.h"
+#include "cachemgr/kernels/elem_convert.h"
 #include "tests/service/service_test_util.h"
 #include "tests/support/daemon_process.h"
 

@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cpu/dtype_convert.h"
+#include "cachemgr/kernels/elem_convert.h"
 
 namespace cachemgr::engine {
 namespace {

@@ -4,7 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/util/status_macros.h"
-#include "kernels/cpu/dtype_convert.h"
+#include "cachemgr/kernels/elem_convert.h"
 
 namespace cachemgr::engine {
 

@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/cpu/dtype_convert.h"
+#include "cachemgr/kernels/elem_convert.h"
 
 namespace cachemgr::kernels {
 namespace {

@@ -19,49 +19,18 @@
 #include "kernels/cpu/write_kv.h"
 #include "kernels/cuda/block_copy.h"
 #include "kernels/cuda/write_kv.h"
+#include "tests/kernels/cuda/cuda_test_util.h"
 
 namespace cachemgr::kernels {
 namespace {
 
 constexpr std::byte kPoison{0xAB};
 
-bool HaveCudaDevice() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    cudaGetLastError();  // Clear the error so it does not leak into later calls.
-    std::printf("no CUDA device: GPU parity not checked\n");
-    return false;
-  }
-  return true;
-}
-
-// Owns `bytes` of device memory.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) { REQUIRE(cudaMalloc(&ptr_, bytes) == cudaSuccess); }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  std::byte* get() const { return static_cast<std::byte*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-};
-
-void ToDevice(std::byte* dst, const void* src, size_t bytes) {
-  REQUIRE(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice) == cudaSuccess);
-}
-
-std::vector<std::byte> FromDevice(const std::byte* src, size_t bytes) {
-  std::vector<std::byte> out(bytes);
-  REQUIRE(cudaMemcpy(out.data(), src, bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
-  return out;
-}
-
-void FillRandom(std::vector<std::byte>& v, std::mt19937& rng) {
-  for (auto& b : v) b = static_cast<std::byte>(rng() & 0xFF);
-}
+using testing::DeviceBuffer;
+using testing::FillRandom;
+using testing::FromDevice;
+using testing::HaveCudaDevice;
+using testing::ToDevice;
 
 struct Case {
   KvOrder order;
