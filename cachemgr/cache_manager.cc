@@ -162,7 +162,9 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   d.block_bytes = pool->model.BlockBytes();
   d.regions = pool->memory->regions();
   d.layers = pool->memory->layers();
-  result.input_buffer_region_index = static_cast<uint32_t>(d.regions.size());
+  // The input buffer's descriptor follows the pool's own (memfd / VMM: one per region; legacy
+  // CUDA IPC: none).
+  result.input_buffer_region_index = static_cast<uint32_t>(pool->memory->ShareFds().size());
   result.input_buffer_bytes = input_bytes;
 
   Log(LogLevel::kInfo, "client attached",

@@ -102,6 +102,29 @@ const std::vector<Option>& Options() {
          c.tcp_token_file = std::string(v);
          return std::string();
        }},
+      {"backend", "host|cuda", "where pools live (default host; cuda needs a CACHEMGR_CUDA build)",
+       [](DaemonConfig& c, absl::string_view v) {
+         if (v != "host" && v != "cuda")
+           return absl::StrCat("must be host or cuda (got \"", v, "\")");
+         c.backend = std::string(v);
+         return std::string();
+       }},
+      {"cuda_device", "UUID|N",
+       "with --backend=cuda: the GPU, by UUID (GPU-...) or ordinal (default 0)",
+       [](DaemonConfig& c, absl::string_view v) {
+         if (v.empty()) return std::string("must not be empty");
+         c.cuda_device = std::string(v);
+         return std::string();
+       }},
+      {"cuda_share", "vmm_fd|ipc_handle",
+       "with --backend=cuda: how clients map the pools (default vmm_fd)",
+       [](DaemonConfig& c, absl::string_view v) {
+         if (v != "vmm_fd" && v != "ipc_handle") {
+           return absl::StrCat("must be vmm_fd or ipc_handle (got \"", v, "\")");
+         }
+         c.cuda_share = std::string(v);
+         return std::string();
+       }},
       {"metrics_address", "HOST:PORT",
        "serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free); off by default",
        [](DaemonConfig& c, absl::string_view v) {

@@ -30,6 +30,13 @@ struct DaemonConfig {
   // Prometheus scrape endpoint "host:port" (GET /metrics); empty: no endpoint.
   std::string metrics_address;
 
+  // Where pools live: "host" (memfd shared memory) or "cuda" (one GPU's memory, CUDA IPC;
+  // builds with CACHEMGR_CUDA only). For cuda: the device by UUID or ordinal, and the IPC path
+  // ("vmm_fd" or "ipc_handle", see cachemgr/backend/cuda_backend.h).
+  std::string backend = "host";
+  std::string cuda_device = "0";
+  std::string cuda_share = "vmm_fd";
+
   CacheManagerOptions manager;
   LogLevel log_level = LogLevel::kInfo;
   bool enable_reflection = true;

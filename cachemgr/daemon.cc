@@ -11,6 +11,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/backend/host_backend.h"
+#if defined(CACHEMGR_HAVE_CUDA_BACKEND)
+#include "cachemgr/backend/cuda_backend.h"
+#endif
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -72,6 +75,21 @@ class WithoutReflection : public grpc::ServerBuilderOption {
   }
 };
 
+absl::StatusOr<std::unique_ptr<DeviceBackend>> MakeBackend(const DaemonConfig& config) {
+  if (config.backend == "host") return std::make_unique<HostBackend>();
+#if defined(CACHEMGR_HAVE_CUDA_BACKEND)
+  CudaBackendOptions options;
+  options.device = config.cuda_device;
+  options.share_method =
+      config.cuda_share == "ipc_handle" ? ShareMethod::kCudaIpcHandle : ShareMethod::kCudaVmmFd;
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create(options));
+  return std::unique_ptr<DeviceBackend>(std::move(cuda));
+#else
+  return absl::FailedPreconditionError(
+      "--backend=cuda: this cachemgrd was built without CUDA (configure with -DCACHEMGR_CUDA=ON)");
+#endif
+}
+
 }  // namespace
 
 Daemon::Daemon(const DaemonConfig& config) : config_(config) {}
@@ -80,7 +98,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   std::unique_ptr<Daemon> d(new Daemon(config));
   RETURN_IF_ERROR(PrepareSocketPath(config.socket_path, "--socket"));
 
-  d->backend_ = std::make_unique<HostBackend>();
+  ASSIGN_OR_RETURN(d->backend_, MakeBackend(config));
   d->manager_ =
       std::make_unique<CacheManager>(config.manager, d->backend_.get(), &d->clock_, &d->events_);
 
@@ -154,7 +172,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
                        ? std::string("off")
                        : absl::StrCat(config.metrics_address, " port ", metrics_port)},
        {"metrics_port", static_cast<uint64_t>(metrics_port)},
-       {"backend", d->backend_->device_name()},
+       {"backend", config.backend},
+       {"device", d->backend_->device_name()},
+       {"share_method", d->backend_->share_method() == ShareMethod::kMemfd ? "memfd"
+                        : d->backend_->share_method() == ShareMethod::kCudaVmmFd
+                            ? "cuda_vmm_fd"
+                            : "cuda_ipc_handle"},
        {"memory_budget", config.manager.memory_budget_bytes},
        {"heartbeat_interval_ms", absl::ToInt64Milliseconds(config.manager.heartbeat_interval)},
        {"lease_timeout_ms", absl::ToInt64Milliseconds(config.manager.lease_timeout)},

@@ -25,6 +25,8 @@ enum class ShareMethod : uint8_t { kMemfd, kCudaIpcHandle, kCudaVmmFd };
 
 struct RegionInfo {
   uint64_t bytes = 0;
+  // ShareMethod::kCudaIpcHandle: the cudaIpcMemHandle_t of the region's base (64 bytes).
+  std::string cuda_ipc_handle;
 };
 
 struct LayerPlacement {
@@ -43,8 +45,9 @@ class PoolMemory {
   virtual const std::vector<RegionInfo>& regions() const = 0;
   virtual const std::vector<LayerPlacement>& layers() const = 0;
 
-  // Descriptors to pass to a client for ShareMethod::kMemfd / kCudaVmmFd, in regions() order;
-  // borrowed (owned by this object).
+  // Descriptors to pass to a client for ShareMethod::kMemfd / kCudaVmmFd, in regions() order
+  // (none for kCudaIpcHandle, whose handles travel in RegionInfo); borrowed (owned by this
+  // object).
   virtual std::vector<int> ShareFds() const = 0;
 
   // Copies whole blocks (both planes) within one layer: the copy-on-write step.

@@ -17,7 +17,9 @@ class HostPoolMemory final : public PoolMemory {
   HostPoolMemory(kernels::KvLayerLayout layout, kernels::KvElemType type, MemfdRegion region,
                  std::vector<LayerPlacement> layers)
       : layout_(layout), type_(type), region_(std::move(region)), layers_(std::move(layers)) {
-    regions_.push_back(RegionInfo{region_.size()});
+    RegionInfo info;
+    info.bytes = region_.size();
+    regions_.push_back(std::move(info));
   }
 
   const kernels::KvLayerLayout& layout() const override { return layout_; }

@@ -119,6 +119,9 @@ void AttachResultToProto(const AttachResult& r, const std::string& share_socket_
     v1::MemoryRegion* m = d->add_regions();
     m->set_index(i);
     m->set_bytes(r.pool.regions[i].bytes);
+    if (!r.pool.regions[i].cuda_ipc_handle.empty()) {
+      m->set_cuda_ipc_handle(r.pool.regions[i].cuda_ipc_handle);
+    }
   }
   for (uint32_t l = 0; l < r.pool.layers.size(); ++l) {
     v1::LayerPool* lp = d->add_layers();
@@ -130,6 +133,7 @@ void AttachResultToProto(const AttachResult& r, const std::string& share_socket_
   d->set_share_socket_path(share_socket_path);
   d->set_input_buffer_region_index(r.input_buffer_region_index);
   d->set_input_buffer_bytes(r.input_buffer_bytes);
+  d->set_device(r.pool.device);
 }
 
 void AllocateResultToProto(const std::string& sequence_id, const AllocateResult& r,

@@ -22,6 +22,7 @@
 #include "cachemgr/util/unique_fd.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 #include "cachemgr/v1/cachemgr.pb.h"
+#include "client/src/mapped_region.h"
 
 namespace cachemgr::client {
 namespace {
@@ -355,7 +356,7 @@ struct Session::Impl {
   uint32_t num_blocks = 0;
   uint32_t heartbeat_interval_ms = 0;
   uint32_t lease_timeout_ms = 0;
-  std::vector<MemfdRegion> regions;
+  std::vector<std::unique_ptr<MappedRegion>> regions;
   KvPoolView pool;
   MemfdRegion input_buffer;
 
@@ -498,10 +499,18 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Attach(const std::string& sock
   s.pool_id = pool.pool_id();
   s.num_blocks = pool.num_blocks();
   ASSIGN_OR_RETURN(s.model, FromProto(pool.model(), options.model));
-  if (pool.share_method() != pb::SHARE_METHOD_MEMFD) {
+  const pb::ShareMethod method = pool.share_method();
+  if (method != pb::SHARE_METHOD_MEMFD && method != pb::SHARE_METHOD_CUDA_VMM_FD &&
+      method != pb::SHARE_METHOD_CUDA_IPC_HANDLE) {
     return absl::UnimplementedError(absl::StrCat("pool ", pool.pool_id(), " is shared by method ",
-                                                 pb::ShareMethod_Name(pool.share_method()),
-                                                 ": CUDA IPC mapping needs the CUDA client build"));
+                                                 pb::ShareMethod_Name(method),
+                                                 ", which this client does not know"));
+  }
+  if (method != pb::SHARE_METHOD_MEMFD && !CudaMappingAvailable()) {
+    return absl::UnimplementedError(
+        absl::StrCat("pool ", pool.pool_id(), " lives on GPU ", pool.device(), " (",
+                     pb::ShareMethod_Name(method),
+                     "): opening CUDA pools needs a client built with -DCACHEMGR_CUDA=ON"));
   }
   const kernels::KvLayerLayout layout = LayoutFor(s.model, pool.num_blocks());
   ASSIGN_OR_RETURN(std::vector<const pb::LayerPool*> layers,
@@ -509,11 +518,15 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Attach(const std::string& sock
 
   ASSIGN_OR_RETURN(std::vector<UniqueFd> fds,
                    FetchSharedFds(pool.share_socket_path(), s.session_token));
-  if (fds.size() != static_cast<size_t>(pool.regions_size()) + 1 ||
-      pool.input_buffer_region_index() != static_cast<uint32_t>(pool.regions_size())) {
+  // memfd and VMM pools pass one descriptor per region, legacy CUDA IPC none (its handles are
+  // in the descriptor); the input buffer's memfd comes last.
+  const size_t region_fds =
+      method == pb::SHARE_METHOD_CUDA_IPC_HANDLE ? 0 : static_cast<size_t>(pool.regions_size());
+  if (fds.size() != region_fds + 1 || pool.input_buffer_region_index() != region_fds) {
     return absl::DataLossError(absl::StrCat("share channel ", pool.share_socket_path(), " passed ",
-                                            fds.size(), " descriptors for ", pool.regions_size(),
-                                            " regions and the input buffer (announced at index ",
+                                            fds.size(), " descriptors for ", region_fds,
+                                            " region descriptors and the input buffer (announced "
+                                            "at index ",
                                             pool.input_buffer_region_index(), ")"));
   }
   {
@@ -526,13 +539,17 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Attach(const std::string& sock
     s.input_buffer = *std::move(input);
     fds.pop_back();
   }
-  s.regions.reserve(fds.size());
-  for (size_t i = 0; i < fds.size(); ++i) {
-    const uint64_t bytes = pool.regions(static_cast<int>(i)).bytes();
+  s.regions.reserve(pool.regions_size());
+  for (int i = 0; i < pool.regions_size(); ++i) {
+    const uint64_t bytes = pool.regions(i).bytes();
     if (bytes > std::numeric_limits<size_t>::max()) {
       return absl::DataLossError(absl::StrCat("region ", i, " of ", bytes, " bytes"));
     }
-    absl::StatusOr<MemfdRegion> region = MemfdRegion::Map(std::move(fds[i]), bytes);
+    absl::StatusOr<std::unique_ptr<MappedRegion>> region =
+        method == pb::SHARE_METHOD_MEMFD ? MapHostRegion(std::move(fds[i]), bytes)
+        : method == pb::SHARE_METHOD_CUDA_VMM_FD
+            ? OpenCudaVmmRegion(pool.device(), std::move(fds[i]), bytes)
+            : OpenCudaIpcRegion(pool.device(), pool.regions(i).cuda_ipc_handle());
     if (!region.ok()) {
       return absl::Status(region.status().code(),
                           absl::StrCat("mapping region ", i, " of pool ", pool.pool_id(), ": ",
@@ -543,9 +560,9 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Attach(const std::string& sock
   std::vector<std::byte*> bases;
   bases.reserve(layers.size());
   for (const pb::LayerPool* lp : layers) {
-    bases.push_back(s.regions[lp->region_index()].data() + lp->offset());
+    bases.push_back(s.regions[lp->region_index()]->data() + lp->offset());
   }
-  s.pool = KvPoolView(layout, std::move(bases));
+  s.pool = KvPoolView(layout, std::move(bases), method != pb::SHARE_METHOD_MEMFD, pool.device());
 
   if (options.auto_heartbeat) s.StartHeartbeat();
   return session;

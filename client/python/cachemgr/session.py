@@ -67,22 +67,41 @@ class Session:
         self.heartbeat_interval = (response.heartbeat_interval_ms or 1000) / 1000.0
         self.lease_timeout = response.lease_timeout_ms / 1000.0
         self.backend = pb.Backend.Name(pool.backend)
-        if pool.share_method != pb.SHARE_METHOD_MEMFD:
-            raise CacheManagerError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"the pool is shared by {pb.ShareMethod.Name(pool.share_method)}; this client "
-                "maps host (memfd) pools only")
         fds = fetch_shared_fds(pool.share_socket_path, self._token)
         regions = len(pool.regions)
-        if len(fds) != regions + 1 or pool.input_buffer_region_index != regions:
+        # memfd and VMM pools pass one descriptor per region, legacy CUDA IPC none; the input
+        # buffer's memfd comes last.
+        region_fds = 0 if pool.share_method == pb.SHARE_METHOD_CUDA_IPC_HANDLE else regions
+        if len(fds) != region_fds + 1 or pool.input_buffer_region_index != region_fds:
             for fd in fds:
                 os.close(fd)
             raise CacheManagerError(grpc.StatusCode.DATA_LOSS,
-                                    f"share channel passed {len(fds)} descriptors for {regions} "
-                                    "regions and the input buffer")
-        self.pool = HostPool(self.model, pool.num_blocks, fds[:regions],
-                             [r.bytes for r in pool.regions],
-                             [(l.region_index, l.offset, l.bytes) for l in pool.layers])
+                                    f"share channel passed {len(fds)} descriptors for "
+                                    f"{region_fds} region descriptors and the input buffer")
+        places = [(l.region_index, l.offset, l.bytes) for l in pool.layers]
+        if pool.share_method == pb.SHARE_METHOD_MEMFD:
+            self.pool = HostPool(self.model, pool.num_blocks, fds[:regions],
+                                 [r.bytes for r in pool.regions], places)
+        elif pool.share_method in (pb.SHARE_METHOD_CUDA_VMM_FD, pb.SHARE_METHOD_CUDA_IPC_HANDLE):
+            from .device_pool import CudaError, DevicePool
+            vmm = pool.share_method == pb.SHARE_METHOD_CUDA_VMM_FD
+            try:
+                self.pool = DevicePool(
+                    self.model, pool.num_blocks, pool.device, "vmm_fd" if vmm else "ipc_handle",
+                    [(fds[i] if vmm else None, r.bytes, r.cuda_ipc_handle)
+                     for i, r in enumerate(pool.regions)], places)
+            except CudaError as e:
+                os.close(fds[region_fds])
+                raise CacheManagerError(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"opening the CUDA pool {pool.pool_id}: {e}") from e
+        else:
+            for fd in fds:
+                os.close(fd)
+            raise CacheManagerError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"the pool is shared by {pb.ShareMethod.Name(pool.share_method)}, which this "
+                "client does not know")
+        regions = region_fds
         import mmap
         try:
             self._input_map = mmap.mmap(fds[regions], pool.input_buffer_bytes, mmap.MAP_SHARED,
@@ -109,12 +128,18 @@ class Session:
         `bearer_token`), creating the model's pool with `num_blocks` blocks per layer if it is
         the first client (0: the daemon decides), and maps the pool."""
         caller = _Caller(target, bearer_token)
+        response = None
         try:
             response = caller("Attach", pb.AttachRequest(
                 client_name=client_name, model=convert.model_to_proto(model),
                 num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes))
             return cls(caller, response, model, heartbeat)
         except BaseException:
+            if response is not None:  # attached but could not map: give the session back
+                try:
+                    caller("Detach", pb.DetachRequest(session_token=response.session_token))
+                except Exception:  # noqa: BLE001 - the lease expires anyway
+                    pass
             caller.close()
             raise
 

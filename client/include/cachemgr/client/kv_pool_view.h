@@ -1,6 +1,8 @@
 // KvPoolView: typed, per-layer access to a pool mapped into this process, in the negotiated
 // layout (FlashAttention or FlashInfer order; see cachemgr/kernels/kv_layout.h).
 //
+// On a host pool the pointers are host addresses; on a CUDA pool (on_device()) they are device
+// addresses on device(), for the engine's kernels (cudaMemcpy, reshape_and_cache, attention).
 // Pointers stay valid while the owning Session lives. Accessors do no bounds checks beyond
 // debug asserts (they sit on an engine's hot path); `Contains()` validates coordinates.
 #pragma once
@@ -8,6 +10,7 @@
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -19,10 +22,17 @@ class KvPoolView {
  public:
   KvPoolView() = default;
   // `layer_bases[l]` is where layer l's tensor starts; every layer shares `layout`.
-  KvPoolView(kernels::KvLayerLayout layout, std::vector<std::byte*> layer_bases)
-      : layout_(layout), layer_bases_(std::move(layer_bases)) {}
+  KvPoolView(kernels::KvLayerLayout layout, std::vector<std::byte*> layer_bases,
+             bool on_device = false, std::string device = "host")
+      : layout_(layout),
+        layer_bases_(std::move(layer_bases)),
+        on_device_(on_device),
+        device_(std::move(device)) {}
 
   const kernels::KvLayerLayout& layout() const { return layout_; }
+  bool on_device() const { return on_device_; }
+  // "host", or the GPU's UUID.
+  const std::string& device() const { return device_; }
   uint32_t num_layers() const { return static_cast<uint32_t>(layer_bases_.size()); }
   std::byte* layer_base(uint32_t layer) const {
     assert(layer < layer_bases_.size());
@@ -66,6 +76,8 @@ class KvPoolView {
 
   kernels::KvLayerLayout layout_;
   std::vector<std::byte*> layer_bases_;
+  bool on_device_ = false;
+  std::string device_ = "host";
 };
 
 }  // namespace cachemgr::client

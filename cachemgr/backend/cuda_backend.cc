@@ -1,0 +1,442 @@
+#include "cachemgr/backend/cuda_backend.h"
+
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "cachemgr/backend/cuda_driver.h"
+#include "cachemgr/kernels/kv_digest.h"
+#include "cachemgr/util/unique_fd.h"
+#include "kernels/cpu/block_copy.h"
+#include "kernels/cpu/token_rows.h"
+#include "kernels/cuda/block_copy.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/token_rows.h"
+
+namespace cachemgr {
+namespace {
+
+constexpr uint64_t kLayerAlignment = 2 << 20;
+
+#define CUDA_RUNTIME_OR_RETURN(expr) CACHEMGR_CUDA_RETURN_IF_ERROR(expr)
+// `drv` is the CudaDriver* in scope.
+#define CUDA_DRIVER_OR_RETURN(expr)                                       \
+  do {                                                                    \
+    if (absl::Status s_ = drv->Check((expr), #expr); !s_.ok()) return s_; \
+  } while (false)
+
+uint64_t RoundUp(uint64_t x, uint64_t to) { return (x + to - 1) / to * to; }
+
+// Device memory of one pool: the allocation, its mapping, what clients need to open it.
+class CudaRegion {
+ public:
+  virtual ~CudaRegion() = default;
+  virtual std::byte* base() const = 0;
+  virtual uint64_t bytes() const = 0;
+  virtual int share_fd() const { return -1; }
+  virtual std::string ipc_handle() const { return {}; }
+};
+
+class VmmRegion final : public CudaRegion {
+ public:
+  static absl::StatusOr<std::unique_ptr<VmmRegion>> Create(const CudaDriver* drv, int ordinal,
+                                                           uint64_t want) {
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal;
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    size_t granularity = 0;
+    CUDA_DRIVER_OR_RETURN(drv->MemGetAllocationGranularity(&granularity, &prop,
+                                                           CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
+    auto region = std::unique_ptr<VmmRegion>(new VmmRegion(drv));
+    region->bytes_ = RoundUp(want, granularity);
+    if (CUresult r = drv->MemCreate(&region->handle_, region->bytes_, &prop, 0);
+        r != CUDA_SUCCESS) {
+      if (r == CUDA_ERROR_OUT_OF_MEMORY) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("cuMemCreate of ", region->bytes_, " bytes: out of device memory"));
+      }
+      return drv->Check(r, "cuMemCreate");
+    }
+    region->created_ = true;
+    CUDA_DRIVER_OR_RETURN(drv->MemAddressReserve(&region->ptr_, region->bytes_, granularity, 0, 0));
+    region->reserved_ = true;
+    CUDA_DRIVER_OR_RETURN(drv->MemMap(region->ptr_, region->bytes_, 0, region->handle_, 0));
+    region->mapped_ = true;
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = ordinal;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    CUDA_DRIVER_OR_RETURN(drv->MemSetAccess(region->ptr_, region->bytes_, &access, 1));
+    int fd = -1;
+    CUDA_DRIVER_OR_RETURN(drv->MemExportToShareableHandle(
+        &fd, region->handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+    region->fd_ = UniqueFd(fd);
+    return region;
+  }
+
+  ~VmmRegion() override {
+    if (mapped_) drv_->MemUnmap(ptr_, bytes_);
+    if (reserved_) drv_->MemAddressFree(ptr_, bytes_);
+    if (created_) drv_->MemRelease(handle_);
+  }
+
+  std::byte* base() const override { return reinterpret_cast<std::byte*>(ptr_); }
+  uint64_t bytes() const override { return bytes_; }
+  int share_fd() const override { return fd_.get(); }
+
+ private:
+  explicit VmmRegion(const CudaDriver* drv) : drv_(drv) {}
+  const CudaDriver* drv_;
+  CUmemGenericAllocationHandle handle_{};
+  CUdeviceptr ptr_ = 0;
+  uint64_t bytes_ = 0;
+  bool created_ = false, reserved_ = false, mapped_ = false;
+  UniqueFd fd_;
+};
+
+class IpcRegion final : public CudaRegion {
+ public:
+  static absl::StatusOr<std::unique_ptr<IpcRegion>> Create(uint64_t bytes) {
+    auto region = std::unique_ptr<IpcRegion>(new IpcRegion);
+    if (cudaError_t e = cudaMalloc(&region->ptr_, bytes); e != cudaSuccess) {
+      cudaGetLastError();
+      if (e == cudaErrorMemoryAllocation) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("cudaMalloc of ", bytes, " bytes: out of device memory"));
+      }
+      return kernels::CudaErrorToStatus(e, "cudaMalloc", __FILE__, __LINE__);
+    }
+    region->bytes_ = bytes;
+    cudaIpcMemHandle_t handle;
+    CUDA_RUNTIME_OR_RETURN(cudaIpcGetMemHandle(&handle, region->ptr_));
+    region->handle_.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
+    return region;
+  }
+  ~IpcRegion() override {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+
+  std::byte* base() const override { return static_cast<std::byte*>(ptr_); }
+  uint64_t bytes() const override { return bytes_; }
+  std::string ipc_handle() const override { return handle_; }
+
+ private:
+  IpcRegion() = default;
+  void* ptr_ = nullptr;
+  uint64_t bytes_ = 0;
+  std::string handle_;
+};
+
+// A growable device buffer, reused across calls (callers hold the pool's mutex).
+class Scratch {
+ public:
+  ~Scratch() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  absl::StatusOr<std::byte*> Get(size_t bytes) {
+    if (bytes <= bytes_) return ptr_;
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+    void* p = nullptr;
+    CUDA_RUNTIME_OR_RETURN(cudaMalloc(&p, bytes));
+    ptr_ = static_cast<std::byte*>(p);
+    bytes_ = bytes;
+    return ptr_;
+  }
+
+ private:
+  std::byte* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class CudaPoolMemory final : public PoolMemory {
+ public:
+  CudaPoolMemory(int ordinal, kernels::KvLayerLayout layout, kernels::KvElemType type,
+                 std::unique_ptr<CudaRegion> region, std::vector<LayerPlacement> layers,
+                 cudaStream_t stream)
+      : ordinal_(ordinal),
+        layout_(layout),
+        type_(type),
+        region_(std::move(region)),
+        layers_(std::move(layers)),
+        stream_(stream) {
+    RegionInfo info;
+    info.bytes = region_->bytes();
+    info.cuda_ipc_handle = region_->ipc_handle();
+    regions_.push_back(std::move(info));
+  }
+  ~CudaPoolMemory() override {
+    cudaSetDevice(ordinal_);
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+
+  const kernels::KvLayerLayout& layout() const override { return layout_; }
+  const std::vector<RegionInfo>& regions() const override { return regions_; }
+  const std::vector<LayerPlacement>& layers() const override { return layers_; }
+  std::vector<int> ShareFds() const override {
+    return region_->share_fd() >= 0 ? std::vector<int>{region_->share_fd()} : std::vector<int>{};
+  }
+
+  absl::Status CopyBlocks(uint32_t layer, absl::Span<const kernels::BlockCopyPair> pairs) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateBlockCopyPairs(layout_, pairs); !s.ok()) return s;
+    if (pairs.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    const size_t bytes = pairs.size() * sizeof(kernels::BlockCopyPair);
+    absl::StatusOr<std::byte*> dev = scratch_.Get(bytes);
+    if (!dev.ok()) return dev.status();
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(*dev, pairs.data(), bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::CopyBlocksCuda(
+            layout_, LayerBase(layer), reinterpret_cast<const kernels::BlockCopyPair*>(*dev),
+            static_cast<uint32_t>(pairs.size()), stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status GatherTokens(uint32_t layer, absl::Span<const int64_t> slots, float* keys,
+                            float* values) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    if (slots.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
+    const size_t slot_bytes = slots.size() * sizeof(int64_t);
+    const size_t rows_bytes = slots.size() * row * sizeof(float);
+    absl::StatusOr<std::byte*> dev = scratch_.Get(slot_bytes + 2 * rows_bytes + 256);
+    if (!dev.ok()) return dev.status();
+    auto* dev_slots = reinterpret_cast<int64_t*>(*dev);
+    auto* dev_keys = reinterpret_cast<float*>(*dev + RoundUp(slot_bytes, 256));
+    float* dev_values = dev_keys + slots.size() * row;
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_slots, slots.data(), slot_bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::GatherTokensF32Cuda(layout_, type_, LayerBase(layer), dev_slots,
+                                                      static_cast<uint32_t>(slots.size()), dev_keys,
+                                                      dev_values, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(keys, dev_keys, rows_bytes, cudaMemcpyDeviceToHost, stream_));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(values, dev_values, rows_bytes, cudaMemcpyDeviceToHost, stream_));
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots, const float* keys,
+                             const float* values) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    if (slots.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
+    const size_t slot_bytes = slots.size() * sizeof(int64_t);
+    const size_t rows_bytes = slots.size() * row * sizeof(float);
+    absl::StatusOr<std::byte*> dev = scratch_.Get(slot_bytes + 2 * rows_bytes + 256);
+    if (!dev.ok()) return dev.status();
+    auto* dev_slots = reinterpret_cast<int64_t*>(*dev);
+    auto* dev_keys = reinterpret_cast<float*>(*dev + RoundUp(slot_bytes, 256));
+    float* dev_values = dev_keys + slots.size() * row;
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_slots, slots.data(), slot_bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_keys, keys, rows_bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_values, values, rows_bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::ScatterTokensF32Cuda(layout_, type_, LayerBase(layer), dev_slots,
+                                                       static_cast<uint32_t>(slots.size()),
+                                                       dev_keys, dev_values, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
+                            uint32_t num_tokens, absl::Span<const uint32_t> kept,
+                            uint32_t rows) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateCompaction(layout_, block_table, num_tokens, kept, rows);
+        !s.ok()) {
+      return s;
+    }
+    if (rows == 0) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    const size_t table_bytes = block_table.size() * sizeof(uint32_t);
+    const size_t kept_bytes = kept.size() * sizeof(uint32_t);
+    const size_t work = kernels::CompactHeadsScratchBytes(layout_, rows);
+    absl::StatusOr<std::byte*> dev =
+        scratch_.Get(RoundUp(table_bytes, 256) + RoundUp(kept_bytes, 256) + work);
+    if (!dev.ok()) return dev.status();
+    auto* dev_table = reinterpret_cast<uint32_t*>(*dev);
+    auto* dev_kept = reinterpret_cast<uint32_t*>(*dev + RoundUp(table_bytes, 256));
+    std::byte* dev_work = *dev + RoundUp(table_bytes, 256) + RoundUp(kept_bytes, 256);
+    CUDA_RUNTIME_OR_RETURN(cudaMemcpyAsync(dev_table, block_table.data(), table_bytes,
+                                           cudaMemcpyHostToDevice, stream_));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_kept, kept.data(), kept_bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::CompactHeadsCuda(layout_, LayerBase(layer), dev_table, dev_kept,
+                                                   rows, dev_work, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  // Copies the blocks the tokens use into a compact host image (block i of the table at index
+  // i) and digests that.
+  absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
+                                       uint32_t num_tokens) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    const uint64_t blocks = (uint64_t{num_tokens} + layout_.block_size - 1) / layout_.block_size;
+    if (block_table.size() < blocks) {
+      return absl::InvalidArgumentError("block table shorter than the token count");
+    }
+    for (uint32_t b : block_table) {
+      if (b >= layout_.num_blocks) return absl::InvalidArgumentError("block id out of range");
+    }
+    if (blocks == 0) return kernels::kFnv1a64Offset;
+    kernels::KvLayerLayout image_layout = layout_;
+    image_layout.num_blocks = static_cast<uint32_t>(blocks);
+    std::vector<std::byte> image(image_layout.layer_bytes());
+    absl::MutexLock lock(&mu_);
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    for (uint32_t i = 0; i < blocks; ++i) {
+      for (kernels::KvPlane plane : {kernels::KvPlane::kKey, kernels::KvPlane::kValue}) {
+        CUDA_RUNTIME_OR_RETURN(
+            cudaMemcpyAsync(image.data() + image_layout.block_offset(plane, i),
+                            LayerBase(layer) + layout_.block_offset(plane, block_table[i]),
+                            layout_.plane_block_bytes(), cudaMemcpyDeviceToHost, stream_));
+      }
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    std::vector<uint32_t> identity(blocks);
+    for (uint32_t i = 0; i < blocks; ++i) identity[i] = i;
+    return kernels::DigestLayerTokens(image_layout, image.data(), identity.data(), num_tokens);
+  }
+
+ private:
+  std::byte* LayerBase(uint32_t layer) const { return region_->base() + layers_[layer].offset; }
+
+  const int ordinal_;
+  const kernels::KvLayerLayout layout_;
+  const kernels::KvElemType type_;
+  std::unique_ptr<CudaRegion> region_;
+  std::vector<RegionInfo> regions_;
+  std::vector<LayerPlacement> layers_;
+  cudaStream_t stream_;
+  // Compress runs layers on several threads: device calls and the scratch are serialised.
+  mutable absl::Mutex mu_;
+  mutable Scratch scratch_ ABSL_GUARDED_BY(mu_);
+};
+
+absl::StatusOr<int> FindDevice(const std::string& want, std::string* uuid) {
+  int count = 0;
+  if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError(
+        absl::StrCat("--backend=cuda: no CUDA device (", cudaGetErrorString(e), ")"));
+  }
+  std::vector<std::string> seen;
+  for (int d = 0; d < count; ++d) {
+    cudaDeviceProp prop;
+    CUDA_RUNTIME_OR_RETURN(cudaGetDeviceProperties(&prop, d));
+    const std::string id = FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes));
+    seen.push_back(absl::StrCat(d, "=", id));
+    if (want == id || want == absl::StrCat(d)) {
+      *uuid = id;
+      return d;
+    }
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "--cuda_device=", want, " matches no device (have ", absl::StrJoin(seen, ", "), ")"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
+    const CudaBackendOptions& options) {
+  std::string uuid;
+  absl::StatusOr<int> ordinal = FindDevice(options.device, &uuid);
+  if (!ordinal.ok()) return ordinal.status();
+  CUDA_RUNTIME_OR_RETURN(cudaSetDevice(*ordinal));
+  absl::StatusOr<const CudaDriver*> driver = LoadCudaDriver();
+  if (!driver.ok()) return driver.status();
+  const CudaDriver* drv = *driver;
+  CUdevice dev;
+  CUDA_DRIVER_OR_RETURN(drv->DeviceGet(&dev, *ordinal));
+  if (options.share_method == ShareMethod::kCudaVmmFd) {
+    int vmm = 0, posix_fd = 0;
+    CUDA_DRIVER_OR_RETURN(drv->DeviceGetAttribute(
+        &vmm, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev));
+    CUDA_DRIVER_OR_RETURN(drv->DeviceGetAttribute(
+        &posix_fd, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev));
+    if (!vmm || !posix_fd) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--cuda_share=vmm_fd: device ", uuid, " does not support ",
+                       !vmm ? "the virtual memory management API" : "POSIX file descriptor handles",
+                       "; try --cuda_share=ipc_handle"));
+    }
+  } else if (options.share_method == ShareMethod::kCudaIpcHandle) {
+    // Legacy IPC has no capability attribute: export a probe allocation's handle.
+    absl::StatusOr<std::unique_ptr<IpcRegion>> probe = IpcRegion::Create(1 << 20);
+    if (!probe.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--cuda_share=ipc_handle: device ", uuid, " cannot export a CUDA IPC handle: ",
+          probe.status().message(), "; try --cuda_share=vmm_fd"));
+    }
+  } else {
+    return absl::InvalidArgumentError("the CUDA backend shares by vmm_fd or ipc_handle");
+  }
+  return std::unique_ptr<CudaBackend>(new CudaBackend(drv, *ordinal, uuid, options.share_method));
+}
+
+absl::StatusOr<std::unique_ptr<PoolMemory>> CudaBackend::CreatePool(
+    const std::string& pool_id, const kernels::KvLayerLayout& layout, kernels::KvElemType type,
+    uint32_t num_layers) {
+  (void)pool_id;
+  CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+  const uint64_t layer_bytes = layout.layer_bytes();
+  const uint64_t stride = RoundUp(layer_bytes, kLayerAlignment);
+  std::vector<LayerPlacement> layers(num_layers);
+  for (uint32_t l = 0; l < num_layers; ++l) layers[l] = {0, l * stride, layer_bytes};
+  const uint64_t total = stride * num_layers;
+  std::unique_ptr<CudaRegion> region;
+  if (share_method_ == ShareMethod::kCudaVmmFd) {
+    absl::StatusOr<std::unique_ptr<VmmRegion>> r = VmmRegion::Create(driver_, ordinal_, total);
+    if (!r.ok()) return r.status();
+    region = *std::move(r);
+  } else {
+    absl::StatusOr<std::unique_ptr<IpcRegion>> r = IpcRegion::Create(total);
+    if (!r.ok()) return r.status();
+    region = *std::move(r);
+  }
+  CUDA_RUNTIME_OR_RETURN(cudaMemset(region->base(), 0, region->bytes()));
+  cudaStream_t stream = nullptr;
+  CUDA_RUNTIME_OR_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  return std::make_unique<CudaPoolMemory>(ordinal_, layout, type, std::move(region),
+                                          std::move(layers), stream);
+}
+
+}  // namespace cachemgr

@@ -1,0 +1,150 @@
+// The CUDA half of mapped_region.h (CACHEMGR_CUDA builds): pools the daemon's CudaBackend
+// exports, opened once per Session.
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "cachemgr/backend/cuda_driver.h"
+#include "client/src/mapped_region.h"
+
+namespace cachemgr::client {
+namespace {
+
+absl::Status Runtime(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  cudaGetLastError();
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+
+// The ordinal of the device with this UUID.
+absl::StatusOr<int> DeviceOrdinal(const std::string& uuid) {
+  int count = 0;
+  if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError(
+        absl::StrCat("the pool lives on ", uuid, " but this process sees no CUDA device"));
+  }
+  for (int d = 0; d < count; ++d) {
+    cudaDeviceProp prop;
+    if (absl::Status s = Runtime(cudaGetDeviceProperties(&prop, d), "cudaGetDeviceProperties");
+        !s.ok()) {
+      return s;
+    }
+    if (FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes)) == uuid) return d;
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("the pool lives on ", uuid,
+                   ", which this process does not see (check CUDA_VISIBLE_DEVICES and the node)"));
+}
+
+class VmmRegion final : public MappedRegion {
+ public:
+  VmmRegion(const CudaDriver* drv) : drv_(drv) {}
+  ~VmmRegion() override {
+    if (mapped_) drv_->MemUnmap(ptr_, bytes_);
+    if (reserved_) drv_->MemAddressFree(ptr_, bytes_);
+    if (imported_) drv_->MemRelease(handle_);
+  }
+  std::byte* data() const override { return reinterpret_cast<std::byte*>(ptr_); }
+  bool on_device() const override { return true; }
+
+  absl::Status Open(int ordinal, int fd, uint64_t bytes) {
+    bytes_ = bytes;
+    if (absl::Status s = drv_->Check(
+            drv_->MemImportFromShareableHandle(&handle_, reinterpret_cast<void*>(uintptr_t(fd)),
+                                               CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+            "cuMemImportFromShareableHandle");
+        !s.ok()) {
+      return s;
+    }
+    imported_ = true;
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal;
+    size_t granularity = 0;
+    if (absl::Status s = drv_->Check(drv_->MemGetAllocationGranularity(
+                                         &granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+                                     "cuMemGetAllocationGranularity");
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = drv_->Check(drv_->MemAddressReserve(&ptr_, bytes_, granularity, 0, 0),
+                                     "cuMemAddressReserve");
+        !s.ok()) {
+      return s;
+    }
+    reserved_ = true;
+    if (absl::Status s = drv_->Check(drv_->MemMap(ptr_, bytes_, 0, handle_, 0), "cuMemMap");
+        !s.ok()) {
+      return s;
+    }
+    mapped_ = true;
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = ordinal;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    return drv_->Check(drv_->MemSetAccess(ptr_, bytes_, &access, 1), "cuMemSetAccess");
+  }
+
+ private:
+  const CudaDriver* drv_;
+  CUmemGenericAllocationHandle handle_{};
+  CUdeviceptr ptr_ = 0;
+  uint64_t bytes_ = 0;
+  bool imported_ = false, reserved_ = false, mapped_ = false;
+};
+
+class IpcRegion final : public MappedRegion {
+ public:
+  ~IpcRegion() override {
+    if (ptr_ != nullptr) cudaIpcCloseMemHandle(ptr_);
+  }
+  std::byte* data() const override { return static_cast<std::byte*>(ptr_); }
+  bool on_device() const override { return true; }
+
+  absl::Status Open(const std::string& bytes) {
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, bytes.data(), sizeof(handle));
+    return Runtime(cudaIpcOpenMemHandle(&ptr_, handle, cudaIpcMemLazyEnablePeerAccess),
+                   "cudaIpcOpenMemHandle");
+  }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+}  // namespace
+
+bool CudaMappingAvailable() { return true; }
+
+absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaVmmRegion(const std::string& device_uuid,
+                                                                UniqueFd fd, uint64_t bytes) {
+  absl::StatusOr<int> ordinal = DeviceOrdinal(device_uuid);
+  if (!ordinal.ok()) return ordinal.status();
+  absl::StatusOr<const CudaDriver*> drv = LoadCudaDriver();
+  if (!drv.ok()) return drv.status();
+  if (absl::Status s = Runtime(cudaSetDevice(*ordinal), "cudaSetDevice"); !s.ok()) return s;
+  auto region = std::make_unique<VmmRegion>(*drv);
+  if (absl::Status s = region->Open(*ordinal, fd.get(), bytes); !s.ok()) return s;
+  return region;  // the imported handle keeps the allocation; the fd closes here
+}
+
+absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaIpcRegion(const std::string& device_uuid,
+                                                                const std::string& handle) {
+  if (handle.size() != sizeof(cudaIpcMemHandle_t)) {
+    return absl::DataLossError(absl::StrCat("daemon sent a ", handle.size(),
+                                            "-byte CUDA IPC handle (want ",
+                                            sizeof(cudaIpcMemHandle_t), ")"));
+  }
+  absl::StatusOr<int> ordinal = DeviceOrdinal(device_uuid);
+  if (!ordinal.ok()) return ordinal.status();
+  if (absl::Status s = Runtime(cudaSetDevice(*ordinal), "cudaSetDevice"); !s.ok()) return s;
+  auto region = std::make_unique<IpcRegion>();
+  if (absl::Status s = region->Open(handle); !s.ok()) return s;
+  return region;
+}
+
+}  // namespace cachemgr::client

@@ -1,0 +1,37 @@
+// A pool region mapped into the client: host shared memory (memfd + mmap) or, in CACHEMGR_CUDA
+// builds, GPU memory opened through CUDA IPC (cuda_region.h). Unmapped on destruction.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "cachemgr/util/unique_fd.h"
+
+namespace cachemgr::client {
+
+class MappedRegion {
+ public:
+  virtual ~MappedRegion() = default;
+  // Host address (memfd) or device address (CUDA) of the region's first byte.
+  virtual std::byte* data() const = 0;
+  virtual bool on_device() const = 0;
+};
+
+// mmap of a memfd region of `bytes`.
+absl::StatusOr<std::unique_ptr<MappedRegion>> MapHostRegion(UniqueFd fd, uint64_t bytes);
+
+// Whether this build can open CUDA pools.
+bool CudaMappingAvailable();
+
+// The GPU named by `device_uuid` ("GPU-..."): imports a VMM allocation's POSIX fd of `bytes`
+// and maps it read-write (cuMemImportFromShareableHandle, cuMemMap, cuMemSetAccess) ...
+absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaVmmRegion(const std::string& device_uuid,
+                                                                UniqueFd fd, uint64_t bytes);
+// ... or opens a legacy cudaIpcMemHandle_t (64 bytes) once.
+absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaIpcRegion(const std::string& device_uuid,
+                                                                const std::string& handle);
+
+}  // namespace cachemgr::client
