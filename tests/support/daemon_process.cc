@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -142,7 +143,11 @@ std::string Tail(const std::string& text) {
 }  // namespace
 
 std::string KvClientPath() { return KV_CLIENT_TOOL_PATH; }
-std::string DaemonPath() { return CACHEMGRD_PATH; }
+// $CACHEMGRD overrides the build path (scripts/gpu-check.sh runs the binaries elsewhere).
+std::string DaemonPath() {
+  const char* env = std::getenv("CACHEMGRD");
+  return env != nullptr && *env != 0 ? env : CACHEMGRD_PATH;
+}
 
 // ---- DaemonProcess ---------------------------------------------------------------------------
 
