@@ -215,27 +215,19 @@ class CudaPoolMemory final : public PoolMemory {
     if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
     if (slots.empty()) return absl::OkStatus();
     absl::MutexLock lock(&mu_);
-    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
-    const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
-    const size_t slot_bytes = slots.size() * sizeof(int64_t);
-    const size_t rows_bytes = slots.size() * row * sizeof(float);
-    absl::StatusOr<std::byte*> dev = scratch_.Get(slot_bytes + 2 * rows_bytes + 256);
+    absl::StatusOr<RowBuffers> dev = StageSlots(slots);
     if (!dev.ok()) return dev.status();
-    auto* dev_slots = reinterpret_cast<int64_t*>(*dev);
-    auto* dev_keys = reinterpret_cast<float*>(*dev + RoundUp(slot_bytes, 256));
-    float* dev_values = dev_keys + slots.size() * row;
-    CUDA_RUNTIME_OR_RETURN(
-        cudaMemcpyAsync(dev_slots, slots.data(), slot_bytes, cudaMemcpyHostToDevice, stream_));
-    if (absl::Status s = kernels::GatherTokensF32Cuda(layout_, type_, LayerBase(layer), dev_slots,
-                                                      static_cast<uint32_t>(slots.size()), dev_keys,
-                                                      dev_values, stream_);
+    const size_t rows_bytes = dev->rows_bytes;
+    if (absl::Status s = kernels::GatherTokensF32Cuda(layout_, type_, LayerBase(layer), dev->slots,
+                                                      static_cast<uint32_t>(slots.size()),
+                                                      dev->keys, dev->values, stream_);
         !s.ok()) {
       return s;
     }
     CUDA_RUNTIME_OR_RETURN(
-        cudaMemcpyAsync(keys, dev_keys, rows_bytes, cudaMemcpyDeviceToHost, stream_));
+        cudaMemcpyAsync(keys, dev->keys, rows_bytes, cudaMemcpyDeviceToHost, stream_));
     CUDA_RUNTIME_OR_RETURN(
-        cudaMemcpyAsync(values, dev_values, rows_bytes, cudaMemcpyDeviceToHost, stream_));
+        cudaMemcpyAsync(values, dev->values, rows_bytes, cudaMemcpyDeviceToHost, stream_));
     CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
   }
@@ -246,24 +238,16 @@ class CudaPoolMemory final : public PoolMemory {
     if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
     if (slots.empty()) return absl::OkStatus();
     absl::MutexLock lock(&mu_);
-    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
-    const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
-    const size_t slot_bytes = slots.size() * sizeof(int64_t);
-    const size_t rows_bytes = slots.size() * row * sizeof(float);
-    absl::StatusOr<std::byte*> dev = scratch_.Get(slot_bytes + 2 * rows_bytes + 256);
+    absl::StatusOr<RowBuffers> dev = StageSlots(slots);
     if (!dev.ok()) return dev.status();
-    auto* dev_slots = reinterpret_cast<int64_t*>(*dev);
-    auto* dev_keys = reinterpret_cast<float*>(*dev + RoundUp(slot_bytes, 256));
-    float* dev_values = dev_keys + slots.size() * row;
+    const size_t rows_bytes = dev->rows_bytes;
     CUDA_RUNTIME_OR_RETURN(
-        cudaMemcpyAsync(dev_slots, slots.data(), slot_bytes, cudaMemcpyHostToDevice, stream_));
+        cudaMemcpyAsync(dev->keys, keys, rows_bytes, cudaMemcpyHostToDevice, stream_));
     CUDA_RUNTIME_OR_RETURN(
-        cudaMemcpyAsync(dev_keys, keys, rows_bytes, cudaMemcpyHostToDevice, stream_));
-    CUDA_RUNTIME_OR_RETURN(
-        cudaMemcpyAsync(dev_values, values, rows_bytes, cudaMemcpyHostToDevice, stream_));
-    if (absl::Status s = kernels::ScatterTokensF32Cuda(layout_, type_, LayerBase(layer), dev_slots,
+        cudaMemcpyAsync(dev->values, values, rows_bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::ScatterTokensF32Cuda(layout_, type_, LayerBase(layer), dev->slots,
                                                        static_cast<uint32_t>(slots.size()),
-                                                       dev_keys, dev_values, stream_);
+                                                       dev->keys, dev->values, stream_);
         !s.ok()) {
       return s;
     }
@@ -338,6 +322,31 @@ class CudaPoolMemory final : public PoolMemory {
 
  private:
   std::byte* LayerBase(uint32_t layer) const { return region_->base() + layers_[layer].offset; }
+
+  // Device scratch for a gather or scatter of `slots`: the slots (copied in, on the stream) and
+  // float32 key and value rows.
+  struct RowBuffers {
+    int64_t* slots;
+    float* keys;
+    float* values;
+    size_t rows_bytes;  // of keys (and of values)
+  };
+  absl::StatusOr<RowBuffers> StageSlots(absl::Span<const int64_t> slots) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
+    const size_t slot_bytes = slots.size() * sizeof(int64_t);
+    RowBuffers b;
+    b.rows_bytes = slots.size() * row * sizeof(float);
+    absl::StatusOr<std::byte*> dev = scratch_.Get(RoundUp(slot_bytes, 256) + 2 * b.rows_bytes);
+    if (!dev.ok()) return dev.status();
+    b.slots = reinterpret_cast<int64_t*>(*dev);
+    b.keys = reinterpret_cast<float*>(*dev + RoundUp(slot_bytes, 256));
+    b.values = b.keys + slots.size() * row;
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(b.slots, slots.data(), slot_bytes, cudaMemcpyHostToDevice, stream_));
+    return b;
+  }
 
   const int ordinal_;
   const kernels::KvLayerLayout layout_;
