@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "cachemgr/util/status_macros.h"
 #include "tools/engine/generate.h"
@@ -67,8 +68,9 @@ void Compare(const TrialResult& reference, const std::string& answer, TrialResul
   }
   r->greedy_agreement = n == 0 ? 1.0 : static_cast<double>(same) / n;
   if (!answer.empty()) {
-    const absl::string_view text = absl::StripLeadingAsciiWhitespace(r->greedy_text);
-    r->exact_match = text.substr(0, answer.size()) == answer;
+    // RULER's string_match: the answer appears in the generated text (case-insensitive).
+    r->exact_match =
+        absl::StrContains(absl::AsciiStrToLower(r->greedy_text), absl::AsciiStrToLower(answer));
   }
 }
 

@@ -40,7 +40,8 @@ struct TrialResult {
   std::vector<uint32_t> greedy_tokens;
   double greedy_agreement = 1;    // share of the greedy positions equal to FullKV's
   uint32_t first_divergence = 0;  // greedy tokens before the first difference from FullKV
-  bool exact_match = false;       // retrieval samples: greedy text starts with the answer
+  bool exact_match = false;       // retrieval samples: the greedy text contains the answer
+                                  // (RULER's string_match, case-insensitive)
   std::string greedy_text;
   double honest_ratio = 1;   // Compress: bytes held / full bytes (vector granularity)
   double eq15_ratio = 1;     // the paper's eq. 15

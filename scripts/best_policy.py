@@ -1,0 +1,113 @@
+#!/usr/bin/python3
+"""Which policy is best at each honest byte ratio, from cachemgr-eval summaries.
+
+  scripts/best_policy.py [--grid=0.15,0.2,0.3,0.4,0.5] summary.json [summary.json ...]
+
+Pools the summaries (one model; all byte-ratio targets, or all reserve-ratio targets) per policy
+and target, weighting by trials. Byte-target runs are compared at their targets. Reserve-target
+runs hold different bytes per policy (a codebook shrinks what is kept), so each policy's metric
+is interpolated linearly in honest bytes at the grid points between two of its measured
+targets at most 0.2 apart (no extrapolation, no bridging of a wide gap such as reserve 0.5 to
+1.0) and policies are compared there. Prints a markdown table: per byte ratio the
+best policy by mean ΔNLL (lower is better), by greedy agreement with FullKV (higher), and by
+exact match when the data has it, each with the runner-up. * marks a policy that failed on
+some samples (ranked over the samples it reached).
+"""
+
+import json
+import sys
+from collections import defaultdict
+
+METRICS = ("delta_nll", "greedy_agreement", "exact_match", "honest_ratio")
+
+
+def pooled(paths):
+    acc = defaultdict(lambda: defaultdict(float))
+    kinds = set()
+    for path in paths:
+        summary = json.load(open(path))
+        kinds.add(summary["target_kind"])
+        for r in summary["results"]:
+            if r["policy"] in ("fullkv", "fullkv-reference") or r["trials"] == 0:
+                continue
+            a = acc[(r["policy"], r["target"])]
+            w = r["trials"]
+            a["w"] += w
+            a["failed"] += r["failed"]
+            for key in METRICS:
+                a[key] += w * r[key]
+    if len(kinds) != 1:
+        sys.exit(f"mixed target kinds {sorted(kinds)}")
+    points = defaultdict(list)  # policy -> [(target, metrics)]
+    for (policy, target), a in acc.items():
+        m = {k: a[k] / a["w"] for k in METRICS}
+        m["failed"] = a["failed"]
+        points[policy].append((target, m))
+    return kinds.pop(), points
+
+
+def at_grid(points, grid):
+    """{byte ratio: {policy: metrics}} by linear interpolation in honest bytes."""
+    out = defaultdict(dict)
+    for policy, pts in points.items():
+        pts = sorted(pts, key=lambda p: p[0])  # by target: bytes rise with the reserve ratio
+        for g in grid:
+            for (t0, lo), (t1, hi) in zip(pts, pts[1:]):
+                x0, x1 = lo["honest_ratio"], hi["honest_ratio"]
+                if t1 - t0 <= 0.2 + 1e-9 and x0 <= g <= x1 and x1 > x0:
+                    t = (g - x0) / (x1 - x0)
+                    m = {k: lo[k] + t * (hi[k] - lo[k]) for k in METRICS}
+                    m["failed"] = lo["failed"] + hi["failed"]
+                    out[g][policy] = m
+                    break
+    return out
+
+
+def main(argv):
+    grid = [0.15, 0.2, 0.3, 0.4, 0.5]
+    paths = []
+    for arg in argv:
+        if arg.startswith("--grid="):
+            grid = [float(x) for x in arg[7:].split(",")]
+        else:
+            paths.append(arg)
+    kind, points = pooled(paths)
+    if kind == "byte_ratio":
+        table = defaultdict(dict)
+        for policy, pts in points.items():
+            for target, m in pts:
+                table[target][policy] = m
+    else:
+        table = at_grid(points, grid)
+    has_em = any(m["exact_match"] > 0 for rows in table.values() for m in rows.values())
+
+    def best(rows, key, reverse):
+        ranked = sorted(rows.items(), key=lambda kv: kv[1][key], reverse=reverse)
+
+        def cell(i):
+            if i >= len(ranked):
+                return "-"
+            p, v = ranked[i]
+            mark = "*" if v["failed"] else ""
+            return f"{p}{mark} {v[key]:+.4f}" if key == "delta_nll" else f"{p}{mark} {v[key]:.3f}"
+        return cell(0), cell(1)
+
+    header = "| bytes | best ΔNLL | runner-up | best greedy agreement | runner-up |"
+    sep = "|---:|---|---|---|---|"
+    if has_em:
+        header += " best exact match | runner-up |"
+        sep += "---|---|"
+    print(header)
+    print(sep)
+    for target in sorted(table):
+        rows = table[target]
+        cells = [*best(rows, "delta_nll", False), *best(rows, "greedy_agreement", True)]
+        if has_em:
+            cells += best(rows, "exact_match", True)
+        print(f"| {target:.2f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
