@@ -2,6 +2,7 @@
 """Which policy is best at each honest byte ratio, from cachemgr-eval summaries.
 
   scripts/best_policy.py [--grid=0.15,0.2,0.3,0.4,0.5] summary.json [summary.json ...]
+  scripts/best_policy.py --ranks [--grid=...] summary.json [summary.json ...]
 
 Pools the summaries (one model; all byte-ratio targets, or all reserve-ratio targets) per policy
 and target, weighting by trials. Byte-target runs are compared at their targets. Reserve-target
@@ -12,6 +13,11 @@ targets at most 0.2 apart (no extrapolation, no bridging of a wide gap such as r
 best policy by mean ΔNLL (lower is better), by greedy agreement with FullKV (higher), and by
 exact match when the data has it, each with the runner-up. * marks a policy that failed on
 some samples (ranked over the samples it reached).
+
+--ranks treats every summary separately (different models or datasets) and prints each
+policy's mean rank (1 = best) over all (summary, byte ratio) cells where it was measured, by
+ΔNLL and by greedy agreement, with the number of cells and how often it was best: the
+measurement behind the daemon's default policy (docs/QUALITY.md).
 """
 
 import json
@@ -63,22 +69,58 @@ def at_grid(points, grid):
     return out
 
 
-def main(argv):
-    grid = [0.15, 0.2, 0.3, 0.4, 0.5]
-    paths = []
-    for arg in argv:
-        if arg.startswith("--grid="):
-            grid = [float(x) for x in arg[7:].split(",")]
-        else:
-            paths.append(arg)
+def table_of(paths, grid):
     kind, points = pooled(paths)
     if kind == "byte_ratio":
         table = defaultdict(dict)
         for policy, pts in points.items():
             for target, m in pts:
-                table[target][policy] = m
-    else:
-        table = at_grid(points, grid)
+                if target < 1.0:
+                    table[target][policy] = m
+        return table
+    return at_grid(points, grid)
+
+
+def ranks(paths, grid):
+    stats = defaultdict(lambda: defaultdict(float))
+    for path in paths:
+        for target, rows in table_of([path], grid).items():
+            if len(rows) < 2:
+                continue
+            for key, reverse in (("delta_nll", False), ("greedy_agreement", True)):
+                ranked = sorted(rows, key=lambda p: rows[p][key], reverse=reverse)
+                for i, policy in enumerate(ranked):
+                    stats[policy][key + "_rank"] += i + 1
+                    stats[policy][key + "_best"] += i == 0
+                    stats[policy][key + "_cells"] += 1
+    print("| policy | mean rank ΔNLL | best ΔNLL | mean rank agreement | best agreement | cells |")
+    print("|---|---:|---:|---:|---:|---:|")
+    order = sorted(stats, key=lambda p: (stats[p]["delta_nll_rank"] / stats[p]["delta_nll_cells"]
+                                         + stats[p]["greedy_agreement_rank"]
+                                         / stats[p]["greedy_agreement_cells"]))
+    for p in order:
+        s = stats[p]
+        print(f"| {p} | {s['delta_nll_rank'] / s['delta_nll_cells']:.2f} | "
+              f"{int(s['delta_nll_best'])} | "
+              f"{s['greedy_agreement_rank'] / s['greedy_agreement_cells']:.2f} | "
+              f"{int(s['greedy_agreement_best'])} | {int(s['delta_nll_cells'])} |")
+
+
+def main(argv):
+    grid = [0.15, 0.2, 0.3, 0.4, 0.5]
+    paths = []
+    rank_mode = False
+    for arg in argv:
+        if arg.startswith("--grid="):
+            grid = [float(x) for x in arg[7:].split(",")]
+        elif arg == "--ranks":
+            rank_mode = True
+        else:
+            paths.append(arg)
+    if rank_mode:
+        ranks(paths, grid)
+        return
+    table = table_of(paths, grid)
     has_em = any(m["exact_match"] > 0 for rows in table.values() for m in rows.values())
 
     def best(rows, key, reverse):
