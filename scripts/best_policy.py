@@ -2,7 +2,7 @@
 """Which policy is best at each honest byte ratio, from cachemgr-eval summaries.
 
   scripts/best_policy.py [--grid=0.15,0.2,0.3,0.4,0.5] summary.json [summary.json ...]
-  scripts/best_policy.py --ranks [--grid=...] summary.json [summary.json ...]
+  scripts/best_policy.py --ranks [--grid=...] summary.json[,summary.json] [...]
 
 Pools the summaries (one model; all byte-ratio targets, or all reserve-ratio targets) per policy
 and target, weighting by trials. Byte-target runs are compared at their targets. Reserve-target
@@ -12,9 +12,12 @@ targets at most 0.2 apart (no extrapolation, no bridging of a wide gap such as r
 1.0) and policies are compared there. Prints a markdown table: per byte ratio the
 best policy by mean ΔNLL (lower is better), by greedy agreement with FullKV (higher), and by
 exact match when the data has it, each with the runner-up. * marks a policy that failed on
-some samples (ranked over the samples it reached).
+some samples (ranked over the samples it reached). Codebook-only has no ratio: it joins the
+comparison at the bytes it held (reserve runs: a cell at those bytes, the others interpolated
+there; byte runs: the nearest target's cell when within 0.02).
 
---ranks treats every summary separately (different models or datasets) and prints each
+--ranks treats every argument separately (different models or datasets; A.json,B.json pools
+two runs of one dataset into one argument) and prints each
 policy's mean rank (1 = best) over all (summary, byte ratio) cells where it was measured, by
 ΔNLL and by greedy agreement, with the number of cells and how often it was best: the
 measurement behind the daemon's default policy (docs/QUALITY.md).
@@ -69,22 +72,44 @@ def at_grid(points, grid):
     return out
 
 
+def ratio_free(points):
+    """{policy: metrics} of policies measured only without a ratio (target 1) that still held
+    fewer bytes than FullKV (codebook-only: its bytes follow from the data, not a target)."""
+    out = {}
+    for policy, pts in points.items():
+        if len(pts) == 1 and pts[0][0] >= 1.0 and pts[0][1]["honest_ratio"] < 0.99:
+            out[policy] = pts[0][1]
+    return out
+
+
 def table_of(paths, grid):
+    """{byte ratio: {policy: metrics}}. A ratio-free policy joins the cell at its own bytes:
+    reserve-ratio runs get that cell added (the others interpolated there); byte-ratio runs
+    put it in the cell of the nearest target when within 0.02 of it."""
     kind, points = pooled(paths)
+    free = ratio_free(points)
     if kind == "byte_ratio":
         table = defaultdict(dict)
         for policy, pts in points.items():
             for target, m in pts:
                 if target < 1.0:
                     table[target][policy] = m
+        for policy, m in free.items():
+            near = min(table, key=lambda t: abs(t - m["honest_ratio"]), default=None)
+            if near is not None and abs(near - m["honest_ratio"]) <= 0.02:
+                table[near][policy] = m
         return table
-    return at_grid(points, grid)
+    table = at_grid(points, sorted(set(grid) | {round(m["honest_ratio"], 3)
+                                                for m in free.values()}))
+    for policy, m in free.items():
+        table[round(m["honest_ratio"], 3)][policy] = m
+    return table
 
 
 def ranks(paths, grid):
     stats = defaultdict(lambda: defaultdict(float))
-    for path in paths:
-        for target, rows in table_of([path], grid).items():
+    for group in paths:
+        for target, rows in table_of(group.split(","), grid).items():
             if len(rows) < 2:
                 continue
             for key, reverse in (("delta_nll", False), ("greedy_agreement", True)):
