@@ -147,7 +147,8 @@ struct CompressParams {
   uint32_t num_queries = 0;  // kWindowQueries
 };
 
-// The preset named `preset` ("" means "spindlekv"); INVALID_ARGUMENT naming "policy.preset".
+// The preset named `preset` ("" means compress::kDefaultPreset); INVALID_ARGUMENT naming
+// "policy.preset".
 absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset);
 
 struct CompressedLayerResult {

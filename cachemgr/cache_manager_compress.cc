@@ -22,7 +22,7 @@ using cache_manager_internal::CheckNotBusy;
 using cache_manager_internal::SlotOf;
 
 absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset) {
-  const std::string name = preset.empty() ? "spindlekv" : preset;
+  const std::string name = preset.empty() ? std::string(compress::kDefaultPreset) : preset;
   absl::StatusOr<compress::PolicyConfig> policy = compress::PresetPolicy(name);
   if (!policy.ok()) {
     return absl::InvalidArgumentError(

@@ -19,7 +19,8 @@ there; byte runs: the nearest target's cell when within 0.02).
 --ranks treats every argument separately (different models or datasets; A.json,B.json pools
 two runs of one dataset into one argument) and prints each
 policy's mean rank (1 = best) over all (summary, byte ratio) cells where it was measured, by
-ΔNLL and by greedy agreement, with the number of cells and how often it was best: the
+ΔNLL and by greedy agreement, with the number of cells and how often it was best, and its ΔNLL
+regret (its ΔNLL minus the cell's best, in nats) as a mean and a maximum over its cells: the
 measurement behind the daemon's default policy (docs/QUALITY.md).
 """
 
@@ -112,14 +113,20 @@ def ranks(paths, grid):
         for target, rows in table_of(group.split(","), grid).items():
             if len(rows) < 2:
                 continue
+            best_nll = min(m["delta_nll"] for m in rows.values())
+            for policy, m in rows.items():
+                regret = m["delta_nll"] - best_nll
+                stats[policy]["regret_sum"] += regret
+                stats[policy]["regret_max"] = max(stats[policy]["regret_max"], regret)
             for key, reverse in (("delta_nll", False), ("greedy_agreement", True)):
                 ranked = sorted(rows, key=lambda p: rows[p][key], reverse=reverse)
                 for i, policy in enumerate(ranked):
                     stats[policy][key + "_rank"] += i + 1
                     stats[policy][key + "_best"] += i == 0
                     stats[policy][key + "_cells"] += 1
-    print("| policy | mean rank ΔNLL | best ΔNLL | mean rank agreement | best agreement | cells |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| policy | mean rank ΔNLL | best ΔNLL | mean rank agreement | best agreement | cells "
+          "| mean ΔNLL regret | max ΔNLL regret |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     order = sorted(stats, key=lambda p: (stats[p]["delta_nll_rank"] / stats[p]["delta_nll_cells"]
                                          + stats[p]["greedy_agreement_rank"]
                                          / stats[p]["greedy_agreement_cells"]))
@@ -128,7 +135,8 @@ def ranks(paths, grid):
         print(f"| {p} | {s['delta_nll_rank'] / s['delta_nll_cells']:.2f} | "
               f"{int(s['delta_nll_best'])} | "
               f"{s['greedy_agreement_rank'] / s['greedy_agreement_cells']:.2f} | "
-              f"{int(s['greedy_agreement_best'])} | {int(s['delta_nll_cells'])} |")
+              f"{int(s['greedy_agreement_best'])} | {int(s['delta_nll_cells'])} | "
+              f"{s['regret_sum'] / s['delta_nll_cells']:.3f} | {s['regret_max']:.3f} |")
 
 
 def main(argv):

@@ -216,7 +216,7 @@ TEST_CASE("failed Compress calls change nothing", "[cpu]") {
   auto unknown = ResolvePreset("no-such-policy");
   CHECK(unknown.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(std::string(unknown.status().message()), Catch::Contains("policy.preset"));
-  CHECK(ResolvePreset("")->name == "spindlekv");
+  CHECK(ResolvePreset("")->name == "snapkv");  // the measured default (docs/QUALITY.md)
 
   // Another client's sequence.
   auto other = f.manager.Attach({"other", Model(), 0});

@@ -301,8 +301,15 @@ def test_compress_errors(tmp_path):
                 "--reserve_ratio=0.2", "--byte_ratio=0.2", expect=2)
     assert "--byte_ratio" in p.stderr
     p = run_ctl("compress", f"--keys={tmp_path / 'k.npy'}", f"--values={tmp_path / 'v.npy'}",
-                f"--queries={tmp_path / 'q.npy'}", f"--out={tmp_path / 'o'}", expect=2)
-    assert "--rope" in p.stderr
+                f"--queries={tmp_path / 'q.npy'}", f"--out={tmp_path / 'o'}",
+                "--policy=spindlekv", expect=2)
+    assert "--rope" in p.stderr  # a codebook policy un-rotates K, so it must know the RoPE
+    assert not (tmp_path / "o").exists()
+    # Without --policy: the daemon's default (snapkv, docs/QUALITY.md), which needs no RoPE.
+    p = run_ctl("compress", f"--keys={tmp_path / 'k.npy'}", f"--values={tmp_path / 'v.npy'}",
+                f"--queries={tmp_path / 'q.npy'}", f"--out={tmp_path / 'o'}")
+    assert p.stdout.startswith("snapkv:")
+    assert json.load(open(tmp_path / "o" / "stats.json"))["policy"]["name"] == "snapkv"
     p = run_ctl(*base, f"--values={tmp_path / 'v.npy'}", "--policy=snapkv", "--num_q_heads=4",
                 expect=1)
     assert "queries" in p.stderr or "scores" in p.stderr

@@ -140,7 +140,7 @@ absl::StatusOr<CompressOptions> ParseCompressOptions(const std::vector<std::stri
     ASSIGN_OR_RETURN(options.positions_path, flags.Required("positions"));
   }
 
-  const std::string policy_name = flags.Get("policy").value_or("spindlekv");
+  const std::string policy_name = flags.Get("policy").value_or(compress::kDefaultPreset);
   absl::StatusOr<compress::PolicyConfig> preset = compress::PresetPolicy(policy_name);
   if (!preset.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("flag --policy: ", preset.status().message()));

@@ -60,7 +60,8 @@ cachemgrctl compress --keys=K.npy --values=V.npy (--queries=Q.npy | --scores=S.n
     Queries or scores are required unless the policy needs none (fullkv, streamingllm,
     codebook).
   Policy:
-    --policy=NAME       preset (default spindlekv), one of:
+    --policy=NAME       preset (default )",
+      compress::kDefaultPreset, R"(), one of:
                         )",
       absl::StrJoin(compress::PresetNames(), ", "), R"(
     overrides of the preset's stages:

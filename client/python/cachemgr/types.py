@@ -182,9 +182,9 @@ class Stats:
 class Policy:
     """A compression preset and overrides (None keeps the preset's value); see
     docs/COMPRESSION.md. Presets: fullkv, streamingllm, h2o, snapkv, pyramidkv, pyramidinfer,
-    zigzagkv, codebook, spindlekv."""
+    zigzagkv, codebook, spindlekv; "" is the daemon's default (snapkv, docs/QUALITY.md)."""
 
-    preset: str = "spindlekv"
+    preset: str = ""
     schedule: Optional[str] = None  # "full", "uniform", "pyramid", "zigzag"
     beta: Optional[float] = None
     zigzag_tau: Optional[float] = None

@@ -111,7 +111,7 @@ enum class CodebookScope { kPreset, kLayer, kKvHead };
 
 // A preset plus overrides; kPreset / nullopt keep the preset's value.
 struct CompressionPolicy {
-  std::string preset;  // empty: "spindlekv"
+  std::string preset;  // empty: the daemon's default ("snapkv")
   BudgetSchedule schedule = BudgetSchedule::kPreset;
   std::optional<double> beta, zigzag_tau, zigzag_min_fraction;
   Scoring scoring = Scoring::kPreset;
