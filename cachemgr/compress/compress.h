@@ -90,9 +90,9 @@ struct PolicyConfig {
 };
 
 // The preset a Compress call without one gets: chosen by measurement on the real models
-// (docs/QUALITY.md, "The default policy"): SnapKV has the best mean rank over every model,
-// dataset and byte ratio measured, although no policy is at least as good as every baseline
-// everywhere.
+// (docs/QUALITY.md, "The default policy"): of the presets that can meet any ratio, SnapKV is
+// the only one ranked in the top two on both NLL change and greedy agreement over every model,
+// dataset and byte ratio measured; no policy is at least as good as every baseline everywhere.
 inline constexpr char kDefaultPreset[] = "snapkv";
 
 // Named presets: "fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "pyramidinfer",
