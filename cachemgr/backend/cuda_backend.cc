@@ -67,15 +67,10 @@ class VmmRegion final : public CudaRegion {
       return drv->Check(r, "cuMemCreate");
     }
     region->created_ = true;
-    CUDA_DRIVER_OR_RETURN(drv->MemAddressReserve(&region->ptr_, region->bytes_, granularity, 0, 0));
-    region->reserved_ = true;
-    CUDA_DRIVER_OR_RETURN(drv->MemMap(region->ptr_, region->bytes_, 0, region->handle_, 0));
-    region->mapped_ = true;
-    CUmemAccessDesc access{};
-    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    access.location.id = ordinal;
-    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-    CUDA_DRIVER_OR_RETURN(drv->MemSetAccess(region->ptr_, region->bytes_, &access, 1));
+    absl::StatusOr<std::unique_ptr<VmmMapping>> mapping =
+        VmmMapping::Map(drv, region->handle_, region->bytes_, granularity, ordinal);
+    if (!mapping.ok()) return mapping.status();
+    region->mapping_ = *std::move(mapping);
     int fd = -1;
     CUDA_DRIVER_OR_RETURN(drv->MemExportToShareableHandle(
         &fd, region->handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
@@ -84,12 +79,11 @@ class VmmRegion final : public CudaRegion {
   }
 
   ~VmmRegion() override {
-    if (mapped_) drv_->MemUnmap(ptr_, bytes_);
-    if (reserved_) drv_->MemAddressFree(ptr_, bytes_);
+    mapping_.reset();  // unmapped before the allocation is released
     if (created_) drv_->MemRelease(handle_);
   }
 
-  std::byte* base() const override { return reinterpret_cast<std::byte*>(ptr_); }
+  std::byte* base() const override { return mapping_->data(); }
   uint64_t bytes() const override { return bytes_; }
   int share_fd() const override { return fd_.get(); }
 
@@ -97,9 +91,9 @@ class VmmRegion final : public CudaRegion {
   explicit VmmRegion(const CudaDriver* drv) : drv_(drv) {}
   const CudaDriver* drv_;
   CUmemGenericAllocationHandle handle_{};
-  CUdeviceptr ptr_ = 0;
   uint64_t bytes_ = 0;
-  bool created_ = false, reserved_ = false, mapped_ = false;
+  bool created_ = false;
+  std::unique_ptr<VmmMapping> mapping_;
   UniqueFd fd_;
 };
 
@@ -179,6 +173,16 @@ class CudaPoolMemory final : public PoolMemory {
     cudaSetDevice(ordinal_);
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
+  }
+
+  // Zeroes the whole region on the pool's stream and waits. The stream is non-blocking (it does
+  // not synchronise with the legacy default stream), and clients may write as soon as Allocate
+  // returns, so the clear must be complete, not merely queued, before the pool is handed out.
+  absl::Status Clear() {
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    CUDA_RUNTIME_OR_RETURN(cudaMemsetAsync(region_->base(), 0, region_->bytes(), stream_));
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
   }
 
   const kernels::KvLayerLayout& layout() const override { return layout_; }
@@ -361,17 +365,14 @@ class CudaPoolMemory final : public PoolMemory {
 };
 
 absl::StatusOr<int> FindDevice(const std::string& want, std::string* uuid) {
-  int count = 0;
-  if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0) {
-    cudaGetLastError();
+  absl::StatusOr<std::vector<std::string>> uuids = CudaDeviceUuids();
+  if (!uuids.ok()) {
     return absl::FailedPreconditionError(
-        absl::StrCat("--backend=cuda: no CUDA device (", cudaGetErrorString(e), ")"));
+        absl::StrCat("--backend=cuda: ", uuids.status().message()));
   }
   std::vector<std::string> seen;
-  for (int d = 0; d < count; ++d) {
-    cudaDeviceProp prop;
-    CUDA_RUNTIME_OR_RETURN(cudaGetDeviceProperties(&prop, d));
-    const std::string id = FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes));
+  for (int d = 0; d < static_cast<int>(uuids->size()); ++d) {
+    const std::string& id = (*uuids)[d];
     seen.push_back(absl::StrCat(d, "=", id));
     if (want == id || want == absl::StrCat(d)) {
       *uuid = id;
@@ -441,11 +442,13 @@ absl::StatusOr<std::unique_ptr<PoolMemory>> CudaBackend::CreatePool(
     if (!r.ok()) return r.status();
     region = *std::move(r);
   }
-  CUDA_RUNTIME_OR_RETURN(cudaMemset(region->base(), 0, region->bytes()));
   cudaStream_t stream = nullptr;
   CUDA_RUNTIME_OR_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  return std::make_unique<CudaPoolMemory>(ordinal_, layout, type, std::move(region),
-                                          std::move(layers), stream);
+  // The pool owns the stream from here (it destroys it), so a failed clear frees both.
+  auto pool = std::make_unique<CudaPoolMemory>(ordinal_, layout, type, std::move(region),
+                                               std::move(layers), stream);
+  if (absl::Status s = pool->Clear(); !s.ok()) return s;
+  return pool;
 }
 
 }  // namespace cachemgr

@@ -48,6 +48,13 @@ absl::StatusOr<CudaDriver> Load() {
   return d;
 }
 
+// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" from a cudaUUID_t's bytes.
+std::string FormatGpuUuid(const unsigned char b[16]) {
+  return absl::StrFormat("GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
+                         b[12], b[13], b[14], b[15]);
+}
+
 }  // namespace
 
 absl::Status CudaDriver::Check(CUresult result, const char* what) const {
@@ -61,16 +68,61 @@ absl::Status CudaDriver::Check(CUresult result, const char* what) const {
                                           text != nullptr ? text : "", ")"));
 }
 
-std::string FormatGpuUuid(const unsigned char b[16]) {
-  return absl::StrFormat("GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
-                         b[12], b[13], b[14], b[15]);
-}
-
 absl::StatusOr<const CudaDriver*> LoadCudaDriver() {
   static const absl::StatusOr<CudaDriver>* loaded = new absl::StatusOr<CudaDriver>(Load());
   if (!loaded->ok()) return loaded->status();
   return &**loaded;
+}
+
+absl::StatusOr<std::vector<std::string>> CudaDeviceUuids() {
+  int count = 0;
+  if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "no CUDA device (", e != cudaSuccess ? cudaGetErrorString(e) : "none visible", ")"));
+  }
+  std::vector<std::string> uuids;
+  for (int d = 0; d < count; ++d) {
+    cudaDeviceProp prop;
+    if (cudaError_t e = cudaGetDeviceProperties(&prop, d); e != cudaSuccess) {
+      cudaGetLastError();
+      return absl::InternalError(
+          absl::StrCat("cudaGetDeviceProperties(", d, "): ", cudaGetErrorString(e)));
+    }
+    uuids.push_back(FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes)));
+  }
+  return uuids;
+}
+
+absl::StatusOr<std::unique_ptr<VmmMapping>> VmmMapping::Map(const CudaDriver* drv,
+                                                            CUmemGenericAllocationHandle handle,
+                                                            uint64_t bytes, size_t alignment,
+                                                            int ordinal) {
+  auto m = std::unique_ptr<VmmMapping>(new VmmMapping(drv, bytes));
+  if (absl::Status s = drv->Check(drv->MemAddressReserve(&m->ptr_, bytes, alignment, 0, 0),
+                                  "cuMemAddressReserve");
+      !s.ok()) {
+    m->ptr_ = 0;
+    return s;
+  }
+  if (absl::Status s = drv->Check(drv->MemMap(m->ptr_, bytes, 0, handle, 0), "cuMemMap"); !s.ok()) {
+    return s;
+  }
+  m->mapped_ = true;
+  CUmemAccessDesc access{};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = ordinal;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  if (absl::Status s = drv->Check(drv->MemSetAccess(m->ptr_, bytes, &access, 1), "cuMemSetAccess");
+      !s.ok()) {
+    return s;
+  }
+  return m;
+}
+
+VmmMapping::~VmmMapping() {
+  if (mapped_) drv_->MemUnmap(ptr_, bytes_);
+  if (ptr_ != 0) drv_->MemAddressFree(ptr_, bytes_);
 }
 
 }  // namespace cachemgr

@@ -6,7 +6,11 @@
 
 #include <cuda.h>
 
+#include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -33,11 +37,36 @@ struct CudaDriver {
   absl::Status Check(CUresult result, const char* what) const;
 };
 
-// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (as nvidia-smi -L prints) from a cudaUUID_t's bytes.
-std::string FormatGpuUuid(const unsigned char bytes[16]);
-
 // Resolves every function once (thread-safe) and calls cuInit. FAILED_PRECONDITION when the
 // driver is missing or too old, naming the function.
 absl::StatusOr<const CudaDriver*> LoadCudaDriver();
+
+// The UUID of every device this process sees, by ordinal, as nvidia-smi -L prints them
+// ("GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"). FAILED_PRECONDITION "no CUDA device (why)" when
+// it sees none.
+absl::StatusOr<std::vector<std::string>> CudaDeviceUuids();
+
+// A VMM allocation `handle` of `bytes` mapped read-write for device `ordinal` at an address
+// aligned to `alignment` (cuMemAddressReserve, cuMemMap, cuMemSetAccess). The destructor unmaps
+// it and frees the address range; releasing `handle` stays with the caller, after this is gone.
+class VmmMapping {
+ public:
+  static absl::StatusOr<std::unique_ptr<VmmMapping>> Map(const CudaDriver* drv,
+                                                         CUmemGenericAllocationHandle handle,
+                                                         uint64_t bytes, size_t alignment,
+                                                         int ordinal);
+  ~VmmMapping();
+  VmmMapping(const VmmMapping&) = delete;
+  VmmMapping& operator=(const VmmMapping&) = delete;
+
+  std::byte* data() const { return reinterpret_cast<std::byte*>(ptr_); }
+
+ private:
+  VmmMapping(const CudaDriver* drv, uint64_t bytes) : drv_(drv), bytes_(bytes) {}
+  const CudaDriver* drv_;
+  uint64_t bytes_;
+  CUdeviceptr ptr_ = 0;
+  bool mapped_ = false;
+};
 
 }  // namespace cachemgr

@@ -20,19 +20,13 @@ absl::Status Runtime(cudaError_t err, const char* what) {
 
 // The ordinal of the device with this UUID.
 absl::StatusOr<int> DeviceOrdinal(const std::string& uuid) {
-  int count = 0;
-  if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0) {
-    cudaGetLastError();
-    return absl::FailedPreconditionError(
-        absl::StrCat("the pool lives on ", uuid, " but this process sees no CUDA device"));
+  absl::StatusOr<std::vector<std::string>> uuids = CudaDeviceUuids();
+  if (!uuids.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the pool lives on ", uuid, " but this process sees ", uuids.status().message()));
   }
-  for (int d = 0; d < count; ++d) {
-    cudaDeviceProp prop;
-    if (absl::Status s = Runtime(cudaGetDeviceProperties(&prop, d), "cudaGetDeviceProperties");
-        !s.ok()) {
-      return s;
-    }
-    if (FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes)) == uuid) return d;
+  for (int d = 0; d < static_cast<int>(uuids->size()); ++d) {
+    if ((*uuids)[d] == uuid) return d;
   }
   return absl::FailedPreconditionError(
       absl::StrCat("the pool lives on ", uuid,
@@ -41,17 +35,15 @@ absl::StatusOr<int> DeviceOrdinal(const std::string& uuid) {
 
 class VmmRegion final : public MappedRegion {
  public:
-  VmmRegion(const CudaDriver* drv) : drv_(drv) {}
+  explicit VmmRegion(const CudaDriver* drv) : drv_(drv) {}
   ~VmmRegion() override {
-    if (mapped_) drv_->MemUnmap(ptr_, bytes_);
-    if (reserved_) drv_->MemAddressFree(ptr_, bytes_);
+    mapping_.reset();  // unmapped before the imported handle is released
     if (imported_) drv_->MemRelease(handle_);
   }
-  std::byte* data() const override { return reinterpret_cast<std::byte*>(ptr_); }
+  std::byte* data() const override { return mapping_->data(); }
   bool on_device() const override { return true; }
 
   absl::Status Open(int ordinal, int fd, uint64_t bytes) {
-    bytes_ = bytes;
     if (absl::Status s = drv_->Check(
             drv_->MemImportFromShareableHandle(&handle_, reinterpret_cast<void*>(uintptr_t(fd)),
                                                CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
@@ -71,30 +63,18 @@ class VmmRegion final : public MappedRegion {
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = drv_->Check(drv_->MemAddressReserve(&ptr_, bytes_, granularity, 0, 0),
-                                     "cuMemAddressReserve");
-        !s.ok()) {
-      return s;
-    }
-    reserved_ = true;
-    if (absl::Status s = drv_->Check(drv_->MemMap(ptr_, bytes_, 0, handle_, 0), "cuMemMap");
-        !s.ok()) {
-      return s;
-    }
-    mapped_ = true;
-    CUmemAccessDesc access{};
-    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    access.location.id = ordinal;
-    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-    return drv_->Check(drv_->MemSetAccess(ptr_, bytes_, &access, 1), "cuMemSetAccess");
+    absl::StatusOr<std::unique_ptr<VmmMapping>> mapping =
+        VmmMapping::Map(drv_, handle_, bytes, granularity, ordinal);
+    if (!mapping.ok()) return mapping.status();
+    mapping_ = *std::move(mapping);
+    return absl::OkStatus();
   }
 
  private:
   const CudaDriver* drv_;
   CUmemGenericAllocationHandle handle_{};
-  CUdeviceptr ptr_ = 0;
-  uint64_t bytes_ = 0;
-  bool imported_ = false, reserved_ = false, mapped_ = false;
+  bool imported_ = false;
+  std::unique_ptr<VmmMapping> mapping_;
 };
 
 class IpcRegion final : public MappedRegion {

@@ -1,5 +1,5 @@
 // A pool region mapped into the client: host shared memory (memfd + mmap) or, in CACHEMGR_CUDA
-// builds, GPU memory opened through CUDA IPC (cuda_region.h). Unmapped on destruction.
+// builds, GPU memory opened through CUDA IPC (cuda_region.cc). Unmapped on destruction.
 #pragma once
 
 #include <cstddef>
