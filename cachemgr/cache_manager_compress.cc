@@ -6,12 +6,15 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/cache_manager_state.h"
+#include "cachemgr/compress/validation.h"
 #include "cachemgr/util/log.h"
+#include "cachemgr/util/parallel_for.h"
 #include "cachemgr/util/status_macros.h"
 #include "kernels/cpu/token_rows.h"
 
@@ -71,6 +74,16 @@ std::vector<int64_t> RowSlots(const std::vector<uint32_t>& blocks, uint32_t begi
   return slots;
 }
 
+// A layer's rows at `slots` as float32 [slots.size(), num_kv_heads, head_dim].
+absl::Status GatherLayerRows(const PoolMemory& memory, uint32_t layer,
+                             const std::vector<int64_t>& slots, std::vector<float>* keys,
+                             std::vector<float>* values) {
+  const kernels::KvLayerLayout& layout = memory.layout();
+  keys->resize(slots.size() * layout.num_kv_heads * layout.head_dim);
+  values->resize(keys->size());
+  return memory.GatherTokens(layer, slots, keys->data(), values->data());
+}
+
 // `layers` resolved against the model: empty means all; INVALID_ARGUMENT for one out of range or
 // listed twice.
 absl::StatusOr<std::vector<uint32_t>> ResolveLayers(const std::vector<uint32_t>& layers,
@@ -127,7 +140,11 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
   uint32_t n = 0;
   size_t per_layer_inputs = 0;
   std::vector<float> inputs;  // a private copy: the client may write the buffer concurrently
-  std::vector<std::vector<float>> keys, values;
+  // What the work outside the lock reads: the pool's memory (kept alive should the pool be
+  // released meanwhile), every layer's row slots, and which layers share a block with a fork.
+  std::shared_ptr<PoolMemory> memory;
+  std::vector<std::vector<int64_t>> slots;
+  std::vector<bool> shared;
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(session_token, sequence_id));
@@ -181,43 +198,69 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
     }
     const float* buffer = reinterpret_cast<const float*>(client->input_buffer.data());
     inputs.assign(buffer, buffer + num_layers * per_layer_inputs);
-    // The KV as float32 [n, num_kv_heads, head_dim] per layer.
-    const size_t layer_floats = size_t{n} * model.num_kv_heads * dim;
-    keys.resize(num_layers);
-    values.resize(num_layers);
+    slots.resize(num_layers);
+    shared.assign(num_layers, false);
     for (uint32_t l = 0; l < num_layers; ++l) {
       const auto& t = seq->layers[l];
       if (t.num_tokens != n || t.parked) {
         return absl::InternalError(
             absl::StrCat("layer ", l, " holds ", t.num_tokens, " rows but layer 0 holds ", n));
       }
-      keys[l].resize(layer_floats);
-      values[l].resize(layer_floats);
-      RETURN_IF_ERROR(pool.memory->GatherTokens(l, RowSlots(t.blocks, 0, n, model.block_size),
-                                                keys[l].data(), values[l].data()));
+      slots[l] = RowSlots(t.blocks, 0, n, model.block_size);
+      for (uint32_t b : t.blocks) shared[l] = shared[l] || pool.allocators[l].refcount(b) > 1;
     }
+    memory = pool.memory;
     shape = ShapeOf(model);
     seq->busy = "Compress";
     serial = seq->serial;
   }
 
-  // Outside the lock: the policy on the private copies, then the codebook layers' coded form.
+  // Outside the lock (the sequence is busy, so its rows cannot change; a Free meanwhile only
+  // makes the result moot): per layer, the window scores computed next to the pool (on the GPU
+  // for a CUDA pool, so the keys never leave it), and host rows where they are read: by the
+  // codebook build, and by a layer that shares a block with a fork (its kept rows go to fresh
+  // blocks). Then the policy, then the codebook layers' coded form.
+  const uint32_t threads = options_.compress_threads == 0
+                               ? std::max(1u, std::thread::hardware_concurrency())
+                               : options_.compress_threads;
+  const bool scores_from_pool =
+      params.input == CompressInput::kWindowQueries && compress::PolicyNeedsScores(params.policy);
+  std::vector<std::vector<float>> sums(shape.num_layers), keys(shape.num_layers),
+      values(shape.num_layers);
+  absl::Status read = ParallelFor(shape.num_layers, threads, [&](uint32_t l) -> absl::Status {
+    if (scores_from_pool) {
+      sums[l].resize(size_t{shape.num_q_heads} * n);
+      if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
+                                                       inputs.data() + l * per_layer_inputs,
+                                                       params.num_queries, sums[l].data());
+          !s.ok()) {
+        return absl::InternalError(absl::StrCat("scoring layer ", l, " failed: ", s.message()));
+      }
+    }
+    if (params.policy.codebook || shared[l]) {
+      if (absl::Status s = GatherLayerRows(*memory, l, slots[l], &keys[l], &values[l]); !s.ok()) {
+        return absl::InternalError(absl::StrCat("reading layer ", l, " failed: ", s.message()));
+      }
+    }
+    return absl::OkStatus();
+  });
   compress::SequenceInput input;
   input.num_tokens = n;
   input.layers.resize(shape.num_layers);
   for (uint32_t l = 0; l < shape.num_layers; ++l) {
     compress::LayerInput& li = input.layers[l];
-    li.keys = keys[l].data();
-    li.values = values[l].data();
-    if (params.input == CompressInput::kWindowQueries) {
-      li.queries = inputs.data() + l * per_layer_inputs;
-      li.num_queries = params.num_queries;
+    li.keys = keys[l].empty() ? nullptr : keys[l].data();
+    li.values = values[l].empty() ? nullptr : values[l].data();
+    if (scores_from_pool) {
+      li.scores = sums[l].data();
     } else if (params.input == CompressInput::kScores) {
       li.scores = inputs.data() + l * per_layer_inputs;
     }
   }
-  absl::StatusOr<compress::SequenceResult> computed = compress::CompressSequence(
-      shape, params.policy, input, params.target, options_.compress_threads);
+  const compress::ComputeOptions compute{threads, memory->similarity_graph()};
+  absl::StatusOr<compress::SequenceResult> computed =
+      read.ok() ? compress::CompressSequence(shape, params.policy, input, params.target, compute)
+                : absl::StatusOr<compress::SequenceResult>(read);
   std::vector<std::shared_ptr<const compress::CodedLayer>> coded(shape.num_layers);
   absl::Status coding = absl::OkStatus();
   if (computed.ok()) {
@@ -280,6 +323,11 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
     if (!fresh[l]) continue;
     const compress::LayerResult& lr = sr.layers[l];
     const uint32_t rows = lr.kept_per_head;
+    // Fork refuses a busy sequence, so a layer unshared when read stays so; should that change,
+    // its rows are read here.
+    if (keys[l].empty()) {
+      RETURN_IF_ERROR(GatherLayerRows(*pool.memory, l, slots[l], &keys[l], &values[l]));
+    }
     std::vector<float> rows_k(size_t{rows} * row_floats), rows_v(rows_k.size());
     for (uint32_t h = 0; h < model.num_kv_heads; ++h) {
       for (uint32_t r = 0; r < rows; ++r) {

@@ -20,7 +20,9 @@ struct CacheManager::Pool {
   ModelSpec model;
   uint32_t num_blocks = 0;
   uint64_t bytes = 0;
-  std::unique_ptr<PoolMemory> memory;
+  // Shared so that Compress's work outside the lock keeps it alive if the pool is released
+  // meanwhile.
+  std::shared_ptr<PoolMemory> memory;
   std::vector<BlockAllocator> allocators;  // one per layer
   uint32_t clients = 0;
 };

@@ -8,7 +8,8 @@
 #                                       dynamic loader included, into DIR (default gpu-bundle/)
 #   scripts/gpu-check.sh run [DIR]      on the GPU machine: runs the kernel parity tests, the
 #                                       two-process CUDA IPC test against the real cachemgrd,
-#                                       and the kernel benchmarks; logs and bench.json go to
+#                                       the kernel benchmarks and the end-to-end Compress
+#                                       benchmark; logs, bench.json and compress_e2e.json go to
 #                                       $OUT (or DIR/out). Exit status 1 if a test failed.
 #
 # The binaries run through the bundled loader with the bundled libraries (nothing from the GPU
@@ -27,10 +28,12 @@ bundle() {
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCACHEMGR_CUDA=ON \
     -DCACHEMGR_BUILD_TESTS=ON -DCACHEMGR_BUILD_BENCH=ON \
     -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" >/dev/null
-  cmake --build "$build" -j"$(nproc)" --target cachemgrd cachemgr_bench_gpu "${tests[@]}"
+  cmake --build "$build" -j"$(nproc)" --target cachemgrd cachemgr_bench_gpu \
+    cachemgr_bench_gpu_compress "${tests[@]}"
   rm -rf "$dir"
   mkdir -p "$dir/bin" "$dir/lib"
-  cp "$build/cachemgr/cachemgrd" "$build/bench/cachemgr_bench_gpu" "$dir/bin/"
+  cp "$build/cachemgr/cachemgrd" "$build/bench/cachemgr_bench_gpu" \
+    "$build/bench/cachemgr_bench_gpu_compress" "$dir/bin/"
   for t in "${tests[@]}"; do cp "$build/tests/$t" "$dir/bin/"; done
   strip --strip-unneeded "$dir"/bin/*
   # Every library the binaries load (libcuda is not linked: the runtime finds the driver).
@@ -68,6 +71,10 @@ run() {
   echo "== cachemgr_bench_gpu"
   "$loader" --library-path "$here/lib" "$here/bin/cachemgr_bench_gpu" --json="$out/bench.json" \
     | tee "$out/bench.md"
+  echo "== cachemgr_bench_gpu_compress"
+  CACHEMGRD="$wrapper" "$loader" --library-path "$here/lib" \
+    "$here/bin/cachemgr_bench_gpu_compress" --json="$out/compress_e2e.json" \
+    | tee "$out/compress_e2e.md" || failed=1
   return $failed
 }
 

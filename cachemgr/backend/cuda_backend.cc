@@ -12,11 +12,14 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "cachemgr/backend/cuda_driver.h"
+#include "cachemgr/compress/codebook_graph.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/util/unique_fd.h"
 #include "kernels/cpu/block_copy.h"
 #include "kernels/cpu/token_rows.h"
+#include "kernels/cuda/attention_scores.h"
 #include "kernels/cuda/block_copy.h"
+#include "kernels/cuda/codebook_graph.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/token_rows.h"
 
@@ -292,6 +295,57 @@ class CudaPoolMemory final : public PoolMemory {
     return absl::OkStatus();
   }
 
+  // Gathers the keys into device rows, runs the attention kernels on them and copies only the
+  // sums out (queries in, [num_q_heads, n] floats out).
+  absl::Status AttentionColumnSums(uint32_t layer, absl::Span<const int64_t> slots,
+                                   uint32_t num_q_heads, const float* queries, uint32_t num_queries,
+                                   float* sums) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s =
+            ValidateScoringArgs(layout_, slots.size(), num_q_heads, queries, num_queries, sums);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    kernels::AttentionShape shape;
+    shape.num_tokens = static_cast<uint32_t>(slots.size());
+    shape.num_q_heads = num_q_heads;
+    shape.num_kv_heads = layout_.num_kv_heads;
+    shape.head_dim = layout_.head_dim;
+    shape.num_queries = num_queries;
+    const size_t query_bytes = size_t{num_queries} * num_q_heads * layout_.head_dim * sizeof(float);
+    const size_t sums_bytes = size_t{num_q_heads} * slots.size() * sizeof(float);
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<RowBuffers> rows = StageSlots(slots);
+    if (!rows.ok()) return rows.status();
+    absl::StatusOr<std::byte*> dev =
+        compute_scratch_.Get(RoundUp(query_bytes, 256) + RoundUp(sums_bytes, 256) +
+                             kernels::AttentionScratchBytes(shape));
+    if (!dev.ok()) return dev.status();
+    auto* dev_queries = reinterpret_cast<float*>(*dev);
+    auto* dev_sums = reinterpret_cast<float*>(*dev + RoundUp(query_bytes, 256));
+    std::byte* dev_work = *dev + RoundUp(query_bytes, 256) + RoundUp(sums_bytes, 256);
+    if (absl::Status s =
+            kernels::GatherTokensF32Cuda(layout_, type_, LayerBase(layer), rows->slots,
+                                         shape.num_tokens, rows->keys, rows->values, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_queries, queries, query_bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::AttentionColumnSumsCuda(shape, rows->keys, dev_queries, dev_sums,
+                                                          dev_work, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(sums, dev_sums, sums_bytes, cudaMemcpyDeviceToHost, stream_));
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  const compress::SimilarityGraphBuilder* similarity_graph() const override { return &graph_; }
+
   // Copies the blocks the tokens use into a compact host image (block i of the table at index
   // i) and digests that.
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
@@ -352,6 +406,54 @@ class CudaPoolMemory final : public PoolMemory {
     return b;
   }
 
+  // Eq. 9 on the device (SimilarityAdjacencyCuda, bit-identical to the CPU pass): unit vectors
+  // in, the bitset out; the greedy rounds stay on the host.
+  class DeviceSimilarityGraph final : public compress::SimilarityGraphBuilder {
+   public:
+    explicit DeviceSimilarityGraph(const CudaPoolMemory* pool) : pool_(pool) {}
+    absl::Status Build(const float* unit, const uint8_t* nonzero, size_t n, uint32_t dim,
+                       float theta, uint64_t* adjacency) const override {
+      return pool_->BuildSimilarityGraph(unit, nonzero, n, dim, theta, adjacency);
+    }
+
+   private:
+    const CudaPoolMemory* pool_;
+  };
+
+  absl::Status BuildSimilarityGraph(const float* unit, const uint8_t* nonzero, size_t n,
+                                    uint32_t dim, float theta, uint64_t* adjacency) const {
+    if (n == 0) return absl::OkStatus();
+    if (n > (size_t{1} << 20)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("similarity graph of ", n, " vectors exceeds the device pass's 2^20"));
+    }
+    const size_t unit_bytes = n * dim * sizeof(float);
+    const size_t words = (n + 63) / 64;
+    const size_t adjacency_bytes = n * words * sizeof(uint64_t);
+    absl::MutexLock lock(&mu_);
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    absl::StatusOr<std::byte*> dev =
+        compute_scratch_.Get(RoundUp(unit_bytes, 256) + RoundUp(n, 256) + adjacency_bytes);
+    if (!dev.ok()) return dev.status();
+    auto* dev_unit = reinterpret_cast<float*>(*dev);
+    auto* dev_nonzero = reinterpret_cast<uint8_t*>(*dev + RoundUp(unit_bytes, 256));
+    auto* dev_adjacency =
+        reinterpret_cast<uint64_t*>(*dev + RoundUp(unit_bytes, 256) + RoundUp(n, 256));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_unit, unit, unit_bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_nonzero, nonzero, n, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::SimilarityAdjacencyCuda(
+            dev_unit, dev_nonzero, static_cast<uint32_t>(n), dim, theta, dev_adjacency, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaMemcpyAsync(adjacency, dev_adjacency, adjacency_bytes,
+                                           cudaMemcpyDeviceToHost, stream_));
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
   const int ordinal_;
   const kernels::KvLayerLayout layout_;
   const kernels::KvElemType type_;
@@ -362,6 +464,9 @@ class CudaPoolMemory final : public PoolMemory {
   // Compress runs layers on several threads: device calls and the scratch are serialised.
   mutable absl::Mutex mu_;
   mutable Scratch scratch_ ABSL_GUARDED_BY(mu_);
+  // The compute calls' second buffer (scratch_ holds their staged rows).
+  mutable Scratch compute_scratch_ ABSL_GUARDED_BY(mu_);
+  const DeviceSimilarityGraph graph_{this};
 };
 
 absl::StatusOr<int> FindDevice(const std::string& want, std::string* uuid) {

@@ -14,11 +14,16 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
 #include "cachemgr/kernels/block_copy_types.h"
 #include "cachemgr/kernels/kv_layout.h"
 
 namespace cachemgr {
+
+namespace compress {
+class SimilarityGraphBuilder;  // cachemgr/compress/codebook_graph.h
+}  // namespace compress
 
 enum class BackendKind : uint8_t { kHost, kCuda };
 enum class ShareMethod : uint8_t { kMemfd, kCudaIpcHandle, kCudaVmmFd };
@@ -36,7 +41,7 @@ struct LayerPlacement {
 };
 
 // Memory of one pool. Released (unmapped / freed) on destruction. Thread-compatible: the
-// CacheManager serializes calls.
+// CacheManager serializes calls, except the two compute calls below, which are thread-safe.
 class PoolMemory {
  public:
   virtual ~PoolMemory() = default;
@@ -66,11 +71,49 @@ class PoolMemory {
                                     uint32_t num_tokens, absl::Span<const uint32_t> kept,
                                     uint32_t rows) = 0;
 
+  // Step 1 of the token scoring (compress::AttentionColumnSums, paper eq. 1-2) next to the pool:
+  // the keys are the layer's rows at `slots` (one sequence in token order: slots.size() is its
+  // num_tokens), `queries` host float32 [num_queries, num_q_heads, head_dim] post-RoPE, written
+  // to host `sums` [num_q_heads, slots.size()]. The host backend gathers the keys and runs the
+  // CPU twin; the CUDA backend runs kernels/cuda/attention_scores.h, so the keys never leave
+  // the device (the two agree to ~1e-5 relative). INVALID_ARGUMENT for a bad layer, slot or
+  // count (num_queries in [1, slots.size()], num_q_heads a multiple of num_kv_heads).
+  // Thread-safe (Compress scores layers on several threads outside the manager's lock).
+  virtual absl::Status AttentionColumnSums(uint32_t layer, absl::Span<const int64_t> slots,
+                                           uint32_t num_q_heads, const float* queries,
+                                           uint32_t num_queries, float* sums) const = 0;
+
+  // Where this pool's codebooks build their similarity graphs (compress/codebook_graph.h):
+  // null for the host (the CPU pass), the device for the CUDA backend. Thread-safe; lives as
+  // long as this object.
+  virtual const compress::SimilarityGraphBuilder* similarity_graph() const { return nullptr; }
+
   // FNV-1a digest of the first `num_tokens` tokens of `block_table` (see kv_digest.h).
   virtual absl::StatusOr<uint64_t> DigestLayer(uint32_t layer,
                                                absl::Span<const uint32_t> block_table,
                                                uint32_t num_tokens) const = 0;
 };
+
+// The argument checks of PoolMemory::AttentionColumnSums that do not depend on the backend
+// (slots are checked by the gather). INVALID_ARGUMENT naming the argument.
+inline absl::Status ValidateScoringArgs(const kernels::KvLayerLayout& layout, size_t num_slots,
+                                        uint32_t num_q_heads, const float* queries,
+                                        uint32_t num_queries, const float* sums) {
+  if (num_slots == 0) return absl::InvalidArgumentError("slots must not be empty");
+  if (num_queries == 0 || num_queries > num_slots) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_queries must be in [1, ", num_slots, "] (got ", num_queries, ")"));
+  }
+  if (num_q_heads == 0 || num_q_heads % layout.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("num_q_heads ", num_q_heads,
+                                                   " is not a multiple of the pool's ",
+                                                   layout.num_kv_heads, " KV heads"));
+  }
+  if (queries == nullptr || sums == nullptr) {
+    return absl::InvalidArgumentError("queries and sums must not be null");
+  }
+  return absl::OkStatus();
+}
 
 class DeviceBackend {
  public:

@@ -2,7 +2,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
+#include "cachemgr/compress/scoring.h"
 #include "cachemgr/host/memfd_region.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/util/status_macros.h"
@@ -49,6 +53,29 @@ class HostPoolMemory final : public PoolMemory {
                             uint32_t rows) override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
     return kernels::CompactHeadsCpu(layout_, LayerBase(layer), block_table, num_tokens, kept, rows);
+  }
+
+  absl::Status AttentionColumnSums(uint32_t layer, absl::Span<const int64_t> slots,
+                                   uint32_t num_q_heads, const float* queries, uint32_t num_queries,
+                                   float* sums) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    RETURN_IF_ERROR(
+        ValidateScoringArgs(layout_, slots.size(), num_q_heads, queries, num_queries, sums));
+    const size_t n = slots.size();
+    std::vector<float> keys(n * layout_.num_kv_heads * layout_.head_dim);
+    std::vector<float> values(keys.size());
+    RETURN_IF_ERROR(kernels::GatherTokensF32Cpu(layout_, type_, LayerBase(layer), slots,
+                                                keys.data(), values.data()));
+    compress::ModelShape shape;
+    shape.num_layers = 1;
+    shape.num_q_heads = num_q_heads;
+    shape.num_kv_heads = layout_.num_kv_heads;
+    shape.head_dim = layout_.head_dim;
+    std::vector<float> out;
+    compress::AttentionColumnSums(shape, static_cast<uint32_t>(n), keys.data(), queries,
+                                  num_queries, &out);
+    std::copy(out.begin(), out.end(), sums);
+    return absl::OkStatus();
   }
 
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,

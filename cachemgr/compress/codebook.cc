@@ -225,7 +225,8 @@ inline Float8 Splat(float x) {
 }
 
 // Algorithm 1 on one similarity graph over all of `vectors` (validated by the caller).
-absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t dim, float theta) {
+absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t dim, float theta,
+                                    const SimilarityGraphBuilder* graph) {
   const size_t n = vectors.size() / dim;
   Codebook codebook;
   codebook.dim = dim;
@@ -251,7 +252,13 @@ absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t di
     return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", n * words * 8,
                                                      "-byte adjacency bitset for ", n, " vectors"));
   }
-  SimilarityAdjacency(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
+  if (graph == nullptr) {
+    SimilarityAdjacency(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
+  } else if (absl::Status s =
+                 graph->Build(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
+             !s.ok()) {
+    return s;
+  }
   const std::vector<uint32_t> picks = GreedyCoverRounds(n, adjacency.data(), &codebook.refs);
   codebook.entries.resize(picks.size() * dim);
   for (size_t c = 0; c < picks.size(); ++c) {
@@ -366,13 +373,14 @@ CACHEMGR_CODEBOOK_HOT int64_t MatchEntry(absl::Span<const float> entries, uint32
 }
 
 absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta,
-                                       uint32_t max_graph_vectors) {
+                                       uint32_t max_graph_vectors,
+                                       const SimilarityGraphBuilder* graph) {
   if (absl::Status s = ValidateBuild(vectors, dim, theta); !s.ok()) return s;
   if (max_graph_vectors == 0) {
     return absl::InvalidArgumentError("codebook max_graph_vectors must be > 0");
   }
   const size_t n = vectors.size() / dim;
-  if (n <= max_graph_vectors) return BuildGraph(vectors, dim, theta);
+  if (n <= max_graph_vectors) return BuildGraph(vectors, dim, theta, graph);
 
   // Chunks: match against the entries so far, then Algorithm 1 on what matched nothing.
   Codebook codebook;
@@ -407,7 +415,7 @@ absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t
         unmatched_index.push_back(i);
       }
     }
-    absl::StatusOr<Codebook> part = BuildGraph(unmatched, dim, theta);
+    absl::StatusOr<Codebook> part = BuildGraph(unmatched, dim, theta, graph);
     if (!part.ok()) return part.status();
     const uint32_t base = codebook.size();
     codebook.entries.insert(codebook.entries.end(), part->entries.begin(), part->entries.end());

@@ -20,6 +20,8 @@
 
 namespace cachemgr::compress {
 
+class SimilarityGraphBuilder;  // codebook_graph.h
+
 struct Codebook {
   uint32_t dim = 0;
   std::vector<float> entries;     // [size(), dim], unit vectors
@@ -38,8 +40,11 @@ inline constexpr uint32_t kMaxGraphVectors = 16384;
 // max_graph_vectors, the first by Algorithm 1, each later one as decode-time appends are coded
 // (§3.4): a vector joins the most similar entry so far when cos > theta (MatchEntry), and
 // Algorithm 1 codes the chunk's unmatched vectors on their own, appending their entries.
+// `graph` builds each similarity graph (null: SimilarityAdjacency on this thread); its errors
+// pass through.
 absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta,
-                                       uint32_t max_graph_vectors = kMaxGraphVectors);
+                                       uint32_t max_graph_vectors = kMaxGraphVectors,
+                                       const SimilarityGraphBuilder* graph = nullptr);
 
 // Reconstruction (eq. 14): out[i] = entries[refs[i]] * magnitudes[i]; `out` is [n, dim].
 void ReconstructCodebook(const Codebook& codebook, absl::Span<float> out);

@@ -8,7 +8,21 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace cachemgr::compress {
+
+// Where BuildCodebook's similarity pass runs: the seam through which a backend takes the
+// n^2 * d work (the CUDA backend runs kernels/cuda/codebook_graph.h, bit-identical to
+// SimilarityAdjacency, so the codebooks do not change). Build() has SimilarityAdjacency's
+// contract: `adjacency` [n, ceil(n / 64)] words, zero-filled by the caller, all host memory.
+// Implementations are thread-safe: CompressSequence builds layers on several threads.
+class SimilarityGraphBuilder {
+ public:
+  virtual ~SimilarityGraphBuilder() = default;
+  virtual absl::Status Build(const float* unit, const uint8_t* nonzero, size_t n, uint32_t dim,
+                             float theta, uint64_t* adjacency) const = 0;
+};
 
 // Eq. 9 for unit vectors [n, dim] (eq. 8's output; nonzero[i] = magnitude > 0): sets the
 // symmetric adjacency bitset [n, words = ceil(n / 64)] (row i, bit j of word j / 64; the caller

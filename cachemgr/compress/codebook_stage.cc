@@ -10,7 +10,8 @@ namespace {
 
 // Builds one codebook per part of `vectors` ([parts * per_part, dim]) and concatenates them.
 absl::Status BuildParts(const std::vector<float>& vectors, uint32_t dim, uint32_t parts,
-                        float theta, Codebook* merged, std::vector<uint32_t>* offsets) {
+                        float theta, const SimilarityGraphBuilder* graph, Codebook* merged,
+                        std::vector<uint32_t>* offsets) {
   const size_t total = vectors.size() / dim;
   const size_t per_part = total / parts;
   merged->dim = dim;
@@ -22,7 +23,7 @@ absl::Status BuildParts(const std::vector<float>& vectors, uint32_t dim, uint32_
   offsets->assign(1, 0);
   for (uint32_t p = 0; p < parts; ++p) {
     absl::Span<const float> part(vectors.data() + p * per_part * dim, per_part * dim);
-    absl::StatusOr<Codebook> built = BuildCodebook(part, dim, theta);
+    absl::StatusOr<Codebook> built = BuildCodebook(part, dim, theta, kMaxGraphVectors, graph);
     if (!built.ok()) return built.status();
     const uint32_t base = merged->size();
     merged->entries.insert(merged->entries.end(), built->entries.begin(), built->entries.end());
@@ -38,7 +39,8 @@ absl::Status BuildParts(const std::vector<float>& vectors, uint32_t dim, uint32_
 
 absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& policy,
                                  const LayerInput& layer, const RopeParams& rope,
-                                 const RopeAngles& angles, LayerResult* result) {
+                                 const RopeAngles& angles, const SimilarityGraphBuilder* graph,
+                                 LayerResult* result) {
   result->key_codebook.reset();
   result->value_codebook.reset();
   result->key_entry_offsets.clear();
@@ -67,13 +69,14 @@ absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& po
   Codebook value_codebook;
   std::vector<uint32_t> key_offsets;
   std::vector<uint32_t> value_offsets;
-  if (absl::Status s = BuildParts(keys, dim, parts, policy.theta_k, &key_codebook, &key_offsets);
+  if (absl::Status s =
+          BuildParts(keys, dim, parts, policy.theta_k, graph, &key_codebook, &key_offsets);
       !s.ok()) {
     return s;
   }
   keys = {};  // release before the V build
   if (absl::Status s =
-          BuildParts(values, dim, parts, policy.theta_v, &value_codebook, &value_offsets);
+          BuildParts(values, dim, parts, policy.theta_v, graph, &value_codebook, &value_offsets);
       !s.ok()) {
     return s;
   }

@@ -18,10 +18,11 @@ namespace cachemgr::compress {
 // `result` (kept, kept_per_head). Scope kLayer builds one codebook per layer over all KV heads;
 // kKvHead one per KV head, concatenated. With policy.codebook_only_if_smaller the codebooks are
 // dropped again when their honest bytes are not below the plain bytes of the same selection.
-// `angles` holds the RoPE angles of every token of the sequence, indexed by token.
-// Errors from BuildCodebook pass through.
+// `angles` holds the RoPE angles of every token of the sequence, indexed by token; `graph`
+// builds the similarity graphs (null: on the host). Errors from BuildCodebook pass through.
 absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& policy,
                                  const LayerInput& layer, const RopeParams& rope,
-                                 const RopeAngles& angles, LayerResult* result);
+                                 const RopeAngles& angles, const SimilarityGraphBuilder* graph,
+                                 LayerResult* result);
 
 }  // namespace cachemgr::compress

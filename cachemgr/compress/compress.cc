@@ -3,9 +3,7 @@
 #include "cachemgr/compress/compress.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <functional>
 #include <limits>
 #include <optional>
 #include <thread>
@@ -20,6 +18,7 @@
 #include "cachemgr/compress/scoring.h"
 #include "cachemgr/compress/selection.h"
 #include "cachemgr/compress/validation.h"
+#include "cachemgr/util/parallel_for.h"
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr::compress {
@@ -33,25 +32,6 @@ std::vector<uint32_t> PositionsOf(const SequenceInput& input) {
   std::vector<uint32_t> positions(input.num_tokens);
   for (uint32_t t = 0; t < input.num_tokens; ++t) positions[t] = t;
   return positions;
-}
-
-// Runs fn(l) for l in [0, n) on up to `threads` threads (the caller's included); returns the
-// error of the lowest failing layer, if any.
-absl::Status ForEachLayer(uint32_t n, uint32_t threads,
-                          const std::function<absl::Status(uint32_t)>& fn) {
-  std::vector<absl::Status> status(n);
-  std::atomic<uint32_t> next{0};
-  auto work = [&] {
-    for (uint32_t l = next++; l < n; l = next++) status[l] = fn(l);
-  };
-  std::vector<std::thread> helpers;
-  for (uint32_t t = 1; t < std::min(threads, n); ++t) helpers.emplace_back(work);
-  work();
-  for (std::thread& t : helpers) t.join();
-  for (absl::Status& s : status) {
-    if (!s.ok()) return s;
-  }
-  return absl::OkStatus();
 }
 
 // Sums the layers of `result` into its stats.
@@ -76,11 +56,13 @@ void FillStats(const ModelShape& shape, uint32_t num_tokens, double reserve_rati
 class SequenceCompressor {
  public:
   SequenceCompressor(const ModelShape& shape, const PolicyConfig& policy,
-                     const SequenceInput& input, uint32_t threads)
+                     const SequenceInput& input, uint32_t threads,
+                     const SimilarityGraphBuilder* similarity_graph)
       : shape_(shape),
         policy_(policy),
         input_(input),
         threads_(threads),
+        similarity_graph_(similarity_graph),
         split_(SplitWindow(input.num_tokens, policy.window)),
         rope_(RopeParamsFromShape(shape)),
         memo_(shape.num_layers) {}
@@ -93,7 +75,7 @@ class SequenceCompressor {
     const bool want_lmba = policy_.schedule == BudgetSchedule::kZigZag;
     scores_.resize(shape_.num_layers);
     lmba_.resize(shape_.num_layers);
-    return ForEachLayer(shape_.num_layers, threads_, [&](uint32_t l) -> absl::Status {
+    return ParallelFor(shape_.num_layers, threads_, [&](uint32_t l) -> absl::Status {
       ASSIGN_OR_RETURN(scores_[l],
                        ScoreLayer(shape_, policy_, input_.layers[l], l, split_, want_lmba));
       lmba_[l] = scores_[l].lmba;
@@ -105,7 +87,7 @@ class SequenceCompressor {
     const double context_ratio = ContextRatio(reserve_ratio, split_);
     const std::vector<double> ratios =
         LayerContextRatios(policy_, shape_.num_layers, context_ratio, split_.context, lmba_);
-    RETURN_IF_ERROR(ForEachLayer(shape_.num_layers, threads_, [&](uint32_t l) -> absl::Status {
+    RETURN_IF_ERROR(ParallelFor(shape_.num_layers, threads_, [&](uint32_t l) -> absl::Status {
       const uint32_t k = policy_.schedule == BudgetSchedule::kFull
                              ? split_.context
                              : KeptContextCount(ratios[l], split_.context);
@@ -139,8 +121,8 @@ class SequenceCompressor {
       SelectTopK(scores_[l].scores, scores_[l].num_heads, heads, split_, k, &layer.kept);
     }
     if (policy_.codebook) {
-      RETURN_IF_ERROR(
-          BuildLayerCodebooks(shape_, policy_, input_.layers[l], rope_, angles_, &layer));
+      RETURN_IF_ERROR(BuildLayerCodebooks(shape_, policy_, input_.layers[l], rope_, angles_,
+                                          similarity_graph_, &layer));
     }
     layer.bytes_held = LayerBytes(shape_, layer);
     layer.eq15_ratio = LayerEq15Ratio(shape_, layer, input_.num_tokens);
@@ -151,6 +133,7 @@ class SequenceCompressor {
   const PolicyConfig& policy_;
   const SequenceInput& input_;
   const uint32_t threads_;
+  const SimilarityGraphBuilder* const similarity_graph_;
   const WindowSplit split_;
   const RopeParams rope_;
   RopeAngles angles_;
@@ -318,14 +301,15 @@ absl::Status ValidateLayerResult(const ModelShape& shape, const SequenceInput& i
 absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const PolicyConfig& policy,
                                                 const SequenceInput& input,
                                                 const CompressTarget& target,
-                                                uint32_t max_threads) {
+                                                const ComputeOptions& compute) {
   RETURN_IF_ERROR(ValidateShape(shape));
   RETURN_IF_ERROR(ValidatePolicy(policy));
   RETURN_IF_ERROR(ValidateTarget(target));
   RETURN_IF_ERROR(ValidateInput(shape, policy, input));
-  const uint32_t threads =
-      max_threads == 0 ? std::max(1u, std::thread::hardware_concurrency()) : max_threads;
-  SequenceCompressor compressor(shape, policy, input, threads);
+  const uint32_t threads = compute.max_threads == 0
+                               ? std::max(1u, std::thread::hardware_concurrency())
+                               : compute.max_threads;
+  SequenceCompressor compressor(shape, policy, input, threads, compute.similarity_graph);
   RETURN_IF_ERROR(compressor.Prepare());
   if (target.kind == TargetKind::kReserveRatio) return compressor.Evaluate(target.value);
   return SearchByteRatio(shape, input.num_tokens, compressor, target.value, policy);

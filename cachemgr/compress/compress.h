@@ -17,6 +17,8 @@
 
 namespace cachemgr::compress {
 
+class SimilarityGraphBuilder;  // codebook_graph.h
+
 enum class RopeStyle : uint8_t { kNone, kInterleaved, kHalfSplit };
 
 struct ModelShape {
@@ -104,7 +106,9 @@ absl::Status ValidatePolicy(const PolicyConfig& policy);
 
 // ---- Inputs -------------------------------------------------------------------------------
 
-// One layer of one sequence in original token order.
+// One layer of one sequence in original token order. Keys are read only to score tokens from
+// `queries` and to build codebooks, values only for codebooks: a policy without a codebook given
+// `scores` needs neither (ValidateInput says which are required).
 struct LayerInput {
   const float* keys = nullptr;    // [num_tokens, num_kv_heads, head_dim], post-RoPE (as stored)
   const float* values = nullptr;  // [num_tokens, num_kv_heads, head_dim]
@@ -176,6 +180,15 @@ struct SequenceResult {
   CompressionStats stats;
 };
 
+// Where CompressSequence does its work.
+struct ComputeOptions {
+  // Layers are scored, selected and coded on up to this many threads (the caller's included;
+  // 0: one per hardware thread). The result does not depend on the count.
+  uint32_t max_threads = 1;
+  // Builds the codebooks' similarity graphs (codebook_graph.h); null: on the host.
+  const SimilarityGraphBuilder* similarity_graph = nullptr;
+};
+
 // Runs the policy. INVALID_ARGUMENT (naming the field) for a bad shape, policy or target, or
 // missing queries/scores when the scoring needs them. Errors of BuildCodebook pass through
 // (e.g. RESOURCE_EXHAUSTED when a codebook's bitset cannot be allocated). Thread-safe: no
@@ -197,12 +210,18 @@ struct SequenceResult {
 // gives the nearest ratios). The honest ratio is non-decreasing in r except for codebook
 // sizes, which the search treats as noise.
 //
-// Layers are scored, selected and coded independently, on up to `max_threads` threads (the
-// caller's included; 0: one per hardware thread). The result does not depend on the count.
+// Layers are scored, selected and coded independently (see ComputeOptions).
 absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const PolicyConfig& policy,
                                                 const SequenceInput& input,
                                                 const CompressTarget& target,
-                                                uint32_t max_threads = 1);
+                                                const ComputeOptions& compute);
+inline absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape,
+                                                       const PolicyConfig& policy,
+                                                       const SequenceInput& input,
+                                                       const CompressTarget& target,
+                                                       uint32_t max_threads = 1) {
+  return CompressSequence(shape, policy, input, target, ComputeOptions{max_threads, nullptr});
+}
 
 // Rebuilds a layer's kept K and V as dense arrays [num_kv_heads, kept_per_head, head_dim]
 // (K post-RoPE at each kept token's original position), from the codebooks or the input.

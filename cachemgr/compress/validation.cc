@@ -55,10 +55,12 @@ absl::Status ValidateInput(const ModelShape& shape, const PolicyConfig& policy,
   const bool needs_scores = PolicyNeedsScores(policy);
   for (size_t l = 0; l < input.layers.size(); ++l) {
     const LayerInput& layer = input.layers[l];
-    if (layer.keys == nullptr) {
+    // Keys score tokens from queries (precomputed scores replace them) and build codebooks.
+    const bool keys_read = policy.codebook || (needs_scores && layer.queries != nullptr);
+    if (keys_read && layer.keys == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat("input.layers[", l, "].keys is null"));
     }
-    if (layer.values == nullptr) {
+    if (policy.codebook && layer.values == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat("input.layers[", l, "].values is null"));
     }
     if (layer.queries != nullptr &&

@@ -15,9 +15,10 @@ absl::Status ValidateShape(const ModelShape& shape);
 // kind known, value in (0, 1].
 absl::Status ValidateTarget(const CompressTarget& target);
 
-// One LayerInput per layer with keys and values; num_tokens > 0; positions empty or
-// num_tokens long; when the policy scores tokens (schedule not kFull and scoring not
-// kSinksRecent) every layer has queries (num_queries in [1, num_tokens]) or scores.
+// One LayerInput per layer; num_tokens > 0; positions empty or num_tokens long; when the policy
+// scores tokens (schedule not kFull and scoring not kSinksRecent) every layer has queries
+// (num_queries in [1, num_tokens]) or scores. Keys are required where they are read (a codebook
+// policy, or scoring from queries), values for a codebook policy.
 // REQUIRES: shape and policy valid.
 absl::Status ValidateInput(const ModelShape& shape, const PolicyConfig& policy,
                            const SequenceInput& input);

@@ -2,18 +2,24 @@
 // process attaches as an engine would, maps the pool through each IPC path (VMM fd, legacy
 // handle), writes K/V with the slot-mapping kernel, and checks that the daemon reads exactly
 // those bytes (digest), compacts them in place on Compress (the rows this process reads back are
-// the kept tokens'), and rebuilds a codebook layer into fresh blocks on Fetch. Without a CUDA
+// the kept tokens'), scores tokens on the device from window queries (SnapKV keeps what the CPU
+// twin keeps), and builds a codebook layer (similarity graph on the device) that Fetch rebuilds
+// into fresh blocks. Without a CUDA
 // device the daemon refuses --backend=cuda and the case says so and checks nothing.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "cachemgr/client/client.h"
+#include "cachemgr/compress/compress.h"
 #include "cachemgr/kernels/elem_convert.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "kernels/cuda/write_kv.h"
@@ -163,6 +169,67 @@ TEST_CASE("an engine process maps the daemon's GPU pool and sees it compacted in
         }
       }
 
+      // Window scores on the device: SnapKV from window queries keeps what the CPU twin keeps
+      // on the same rows. The device softmax agrees to ~1e-5 relative, so at most a near-tie at
+      // the budget's edge may swap a token or two per head.
+      absl::StatusOr<client::Allocation> snap_alloc = (*session)->Allocate("snap", kTokens);
+      REQUIRE(snap_alloc.ok());
+      write_all(*snap_alloc);
+      constexpr uint32_t kQueries = 8;
+      const size_t per_layer = size_t{kQueries} * kQHeads * kDim;
+      std::vector<float> queries(kLayers * per_layer);
+      for (size_t i = 0; i < queries.size(); ++i) {
+        queries[i] = std::sin(0.7f * i) + 0.3f * std::cos(1.9f * i + 0.2f);
+      }
+      std::span<float> buffer = (*session)->input_buffer();
+      REQUIRE(buffer.size() >= queries.size());
+      std::copy(queries.begin(), queries.end(), buffer.begin());
+      client::CompressOptions snap;
+      snap.policy.preset = "snapkv";
+      snap.policy.window = kQueries;
+      snap.target = 0.4;
+      snap.input = client::CompressInputSource::kWindowQueries;
+      snap.num_queries = kQueries;
+      absl::StatusOr<client::CompressResult> snapped = (*session)->Compress("snap", snap);
+      REQUIRE(snapped.ok());
+      compress::ModelShape shape;
+      shape.num_layers = kLayers;
+      shape.num_q_heads = kQHeads;
+      shape.num_kv_heads = kKvHeads;
+      shape.head_dim = kDim;
+      shape.rope_style = compress::RopeStyle::kNone;
+      std::vector<std::vector<float>> keys_f32(kLayers), values_f32(kLayers);
+      compress::SequenceInput input;
+      input.num_tokens = kTokens;
+      input.layers.resize(kLayers);
+      for (uint32_t l = 0; l < kLayers; ++l) {
+        for (uint16_t x : keys[l]) keys_f32[l].push_back(kernels::F16ToF32(x));
+        for (uint16_t x : values[l]) values_f32[l].push_back(kernels::F16ToF32(x));
+        input.layers[l].keys = keys_f32[l].data();
+        input.layers[l].values = values_f32[l].data();
+        input.layers[l].queries = queries.data() + l * per_layer;
+        input.layers[l].num_queries = kQueries;
+      }
+      absl::StatusOr<compress::PolicyConfig> policy = compress::PresetPolicy("snapkv");
+      REQUIRE(policy.ok());
+      policy->window = kQueries;
+      absl::StatusOr<compress::SequenceResult> want = compress::CompressSequence(
+          shape, *policy, input, {compress::TargetKind::kReserveRatio, 0.4});
+      REQUIRE(want.ok());
+      for (const client::CompressedLayer& l : snapped->layers) {
+        const compress::LayerResult& w = want->layers[l.layer];
+        REQUIRE(l.kept_per_head == w.kept_per_head);
+        for (uint32_t h = 0; h < kKvHeads; ++h) {
+          const auto got = l.kept_positions.begin() + size_t{h} * l.kept_per_head;
+          const auto ref = w.kept.begin() + size_t{h} * w.kept_per_head;
+          std::vector<uint32_t> common;
+          std::set_intersection(got, got + l.kept_per_head, ref, ref + w.kept_per_head,
+                                std::back_inserter(common));
+          CAPTURE(l.layer, h);
+          CHECK(common.size() + 2 >= l.kept_per_head);
+        }
+      }
+
       // A codebook layer parks in the daemon's arena (every block released) and comes back
       // through Fetch: rebuilt from the codebook on the device into fresh blocks.
       absl::StatusOr<client::Allocation> cb_alloc = (*session)->Allocate("cb", kTokens);
@@ -197,6 +264,7 @@ TEST_CASE("an engine process maps the daemon's GPU pool and sees it compacted in
       }
 
       REQUIRE((*session)->Free("seq").ok());
+      REQUIRE((*session)->Free("snap").ok());
       REQUIRE((*session)->Free("cb").ok());
       REQUIRE((*session)->Detach().ok());
       absl::StatusOr<int> code = (*daemon)->Terminate();

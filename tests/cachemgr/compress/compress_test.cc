@@ -1,6 +1,7 @@
 #include "cachemgr/compress/compress.h"
 
 #include <algorithm>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <random>
@@ -9,6 +10,7 @@
 
 #include "cachemgr/compress/accounting.h"
 #include "cachemgr/compress/budget.h"
+#include "cachemgr/compress/codebook_graph.h"
 #include "cachemgr/compress/rope.h"
 #include "cachemgr/compress/scoring.h"
 #include "tests/cachemgr/compress/test_sequence.h"
@@ -105,8 +107,16 @@ TEST_CASE("precomputed scores select like the queries they came from", "[cpu]") 
   }
   auto from_scores = CompressSequence(s.shape, policy, precomputed, Reserve(0.3));
   REQUIRE(from_scores.ok());
+  // Without a codebook, scores are all a policy reads: K and V may be absent (the daemon sends
+  // none when the pool computed the scores).
+  for (LayerInput& layer : precomputed.layers) layer.keys = layer.values = nullptr;
+  auto scores_only = CompressSequence(s.shape, policy, precomputed, Bytes(0.3));
+  REQUIRE(scores_only.ok());
+  auto scores_with_kv = CompressSequence(s.shape, policy, s.input, Bytes(0.3));
+  REQUIRE(scores_with_kv.ok());
   for (uint32_t l = 0; l < s.shape.num_layers; ++l) {
     CHECK(from_scores->layers[l].kept == from_queries->layers[l].kept);
+    CHECK(scores_only->layers[l].kept == scores_with_kv->layers[l].kept);
   }
 }
 
@@ -364,6 +374,14 @@ TEST_CASE("validation names the field", "[cpu]") {
   input = s.input;
   input.layers[0].values = nullptr;
   CHECK(error(s.shape, policy, input, Reserve(0.5)).rfind("input.layers[0].values", 0) == 0);
+  // Keys are read by the codebook and by scoring from queries; values by the codebook only.
+  CHECK(CompressSequence(s.shape, Preset("snapkv"), input, Reserve(0.5)).ok());
+  input = s.input;
+  input.layers[1].keys = nullptr;
+  CHECK(error(s.shape, policy, input, Reserve(0.5)).rfind("input.layers[1].keys", 0) == 0);
+  CHECK(error(s.shape, Preset("snapkv"), input, Reserve(0.5)).rfind("input.layers[1].keys", 0) ==
+        0);
+  CHECK(CompressSequence(s.shape, Preset("streamingllm"), input, Reserve(0.5)).ok());
 }
 
 TEST_CASE("a sequence no longer than the window is kept whole", "[cpu]") {
@@ -414,6 +432,69 @@ TEST_CASE("layers on several threads give the same result as on one", "[cpu]") {
       }
     }
   }
+}
+
+}  // namespace
+}  // namespace cachemgr::compress
+
+namespace cachemgr::compress {
+namespace {
+
+// Delegates to the host pass and counts the graphs; fails every build when told to.
+class RecordingGraph final : public SimilarityGraphBuilder {
+ public:
+  explicit RecordingGraph(bool fail = false) : fail_(fail) {}
+  absl::Status Build(const float* unit, const uint8_t* nonzero, size_t n, uint32_t dim, float theta,
+                     uint64_t* adjacency) const override {
+    ++calls_;
+    vectors_ += n;
+    if (fail_) return absl::ResourceExhaustedError("device out of memory");
+    SimilarityAdjacency(unit, nonzero, n, dim, theta, adjacency);
+    return absl::OkStatus();
+  }
+  int calls() const { return calls_.load(); }
+  uint64_t vectors() const { return vectors_.load(); }
+
+ private:
+  const bool fail_;
+  mutable std::atomic<int> calls_{0};
+  mutable std::atomic<uint64_t> vectors_{0};
+};
+
+TEST_CASE("a similarity graph builder takes every codebook graph and changes nothing", "[cpu]") {
+  const Sequence s = MakeSequence(Shape(4, 4, 2, 16), 150, 8, 29, /*clusters=*/4, 0.01f);
+  PolicyConfig policy = Preset("spindlekv");
+  policy.codebook_only_if_smaller = false;
+  auto host = CompressSequence(s.shape, policy, s.input, Reserve(0.5), 2);
+  REQUIRE(host.ok());
+  RecordingGraph graph;
+  auto hooked = CompressSequence(s.shape, policy, s.input, Reserve(0.5), ComputeOptions{2, &graph});
+  REQUIRE(hooked.ok());
+  // One graph per layer for K and one for V (scope kLayer), over every kept vector.
+  CHECK(graph.calls() == 2 * static_cast<int>(s.shape.num_layers));
+  uint64_t kept_vectors = 0;
+  for (const LayerResult& layer : host->layers) kept_vectors += layer.kept.size();
+  CHECK(graph.vectors() == 2 * kept_vectors);
+  for (size_t l = 0; l < host->layers.size(); ++l) {
+    REQUIRE(hooked->layers[l].key_codebook.has_value());
+    CHECK(hooked->layers[l].key_codebook->refs == host->layers[l].key_codebook->refs);
+    CHECK(hooked->layers[l].key_codebook->entries == host->layers[l].key_codebook->entries);
+    CHECK(hooked->layers[l].value_codebook->refs == host->layers[l].value_codebook->refs);
+  }
+
+  // A policy without a codebook never asks for a graph.
+  RecordingGraph unused;
+  REQUIRE(
+      CompressSequence(s.shape, Preset("snapkv"), s.input, Reserve(0.5), ComputeOptions{1, &unused})
+          .ok());
+  CHECK(unused.calls() == 0);
+
+  // The builder's error passes through, code and message.
+  RecordingGraph failing(/*fail=*/true);
+  auto failed =
+      CompressSequence(s.shape, policy, s.input, Reserve(0.5), ComputeOptions{1, &failing});
+  CHECK(failed.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(Message(failed.status()) == "device out of memory");
 }
 
 }  // namespace
