@@ -443,10 +443,11 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
     }
   }
 
-  // Outside the lock: reconstruct from the immutable coded layers.
-  std::vector<std::vector<float>> rec_k(which.size()), rec_v(which.size());
+  // Outside the lock: flatten the immutable coded layers; the pool reconstructs them (on the
+  // device for a CUDA pool, so only the codebooks cross PCIe).
+  std::vector<compress::CodedRows> flat(which.size());
   for (size_t i = 0; i < which.size(); ++i) {
-    if (parked[i] != nullptr) parked[i]->Reconstruct(&rec_k[i], &rec_v[i]);
+    if (parked[i] != nullptr) flat[i] = parked[i]->Flatten();
   }
 
   absl::MutexLock lock(&mu_);
@@ -474,8 +475,8 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
     r.layer = l;
     if (t.parked) {
       std::vector<uint32_t> blocks = pool.allocators[l].Allocate(CeilDiv(t.num_tokens, bs)).value();
-      if (absl::Status s = pool.memory->ScatterTokens(l, RowSlots(blocks, 0, t.num_tokens, bs),
-                                                      rec_k[i].data(), rec_v[i].data());
+      if (absl::Status s =
+              pool.memory->ScatterCodedRows(l, RowSlots(blocks, 0, t.num_tokens, bs), flat[i]);
           !s.ok()) {
         for (uint32_t b : blocks) pool.allocators[l].Release(b);
         Log(LogLevel::kError, "reconstruction write failed", {{"error", s.ToString()}});

@@ -21,6 +21,7 @@
 #include "kernels/cuda/block_copy.h"
 #include "kernels/cuda/codebook_graph.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/rope_rows.h"
 #include "kernels/cuda/token_rows.h"
 
 namespace cachemgr {
@@ -345,6 +346,93 @@ class CudaPoolMemory final : public PoolMemory {
   }
 
   const compress::SimilarityGraphBuilder* similarity_graph() const override { return &graph_; }
+
+  // Uploads the flat codebook, then on the pool's stream: eq. 14 for K and V into device rows,
+  // RoPE on the coded K vectors, the scatter into the pool.
+  absl::Status ScatterCodedRows(uint32_t layer, absl::Span<const int64_t> slots,
+                                const compress::CodedRows& coded) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = ValidateCodedRowsArgs(layout_, slots.size(), coded); !s.ok()) return s;
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    if (slots.empty()) return absl::OkStatus();
+    const uint32_t vectors = coded.rows * coded.num_kv_heads;
+    const uint32_t dim = coded.head_dim;
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<RowBuffers> rows = StageSlots(slots);
+    if (!rows.ok()) return rows.status();
+    // The uploads, in one scratch buffer at 256-byte aligned offsets.
+    struct Upload {
+      const void* host;
+      size_t bytes;
+      size_t offset = 0;
+    };
+    Upload uploads[] = {
+        {coded.key_entries.data(), coded.key_entries.size() * sizeof(float)},
+        {coded.value_entries.data(), coded.value_entries.size() * sizeof(float)},
+        {coded.key_refs.data(), coded.key_refs.size() * sizeof(uint32_t)},
+        {coded.value_refs.data(), coded.value_refs.size() * sizeof(uint32_t)},
+        {coded.key_magnitudes.data(), coded.key_magnitudes.size() * sizeof(float)},
+        {coded.value_magnitudes.data(), coded.value_magnitudes.size() * sizeof(float)},
+        {coded.key_angle_rows.data(), coded.key_angle_rows.size() * sizeof(uint32_t)},
+        {coded.angles.cos.data(), coded.angles.cos.size() * sizeof(float)},
+        {coded.angles.sin.data(), coded.angles.sin.size() * sizeof(float)},
+    };
+    size_t total = 0;
+    for (Upload& u : uploads) {
+      u.offset = total;
+      total += RoundUp(std::max<size_t>(u.bytes, 1), 256);
+    }
+    absl::StatusOr<std::byte*> dev = compute_scratch_.Get(total);
+    if (!dev.ok()) return dev.status();
+    for (const Upload& u : uploads) {
+      if (u.bytes == 0) continue;
+      CUDA_RUNTIME_OR_RETURN(
+          cudaMemcpyAsync(*dev + u.offset, u.host, u.bytes, cudaMemcpyHostToDevice, stream_));
+    }
+    auto at = [&](int i) { return *dev + uploads[i].offset; };
+    const auto* key_entries = reinterpret_cast<const float*>(at(0));
+    const auto* value_entries = reinterpret_cast<const float*>(at(1));
+    const auto* key_refs = reinterpret_cast<const uint32_t*>(at(2));
+    const auto* value_refs = reinterpret_cast<const uint32_t*>(at(3));
+    const auto* key_magnitudes = reinterpret_cast<const float*>(at(4));
+    const auto* value_magnitudes = reinterpret_cast<const float*>(at(5));
+    const auto* angle_rows = reinterpret_cast<const uint32_t*>(at(6));
+    const auto* cos = reinterpret_cast<const float*>(at(7));
+    const auto* sin = reinterpret_cast<const float*>(at(8));
+    if (absl::Status s = kernels::ReconstructCodebookCuda(
+            key_entries, static_cast<uint32_t>(coded.key_entries.size() / dim), key_refs,
+            key_magnitudes, vectors, dim, rows->keys, stream_);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = kernels::ReconstructCodebookCuda(
+            value_entries, static_cast<uint32_t>(coded.value_entries.size() / dim), value_refs,
+            value_magnitudes, vectors, dim, rows->values, stream_);
+        !s.ok()) {
+      return s;
+    }
+    const uint32_t pairs = coded.angles.num_pairs;
+    if (coded.rope.style != compress::RopeStyle::kNone && pairs > 0) {
+      const kernels::RopePairing pairing = coded.rope.style == compress::RopeStyle::kInterleaved
+                                               ? kernels::RopePairing::kInterleaved
+                                               : kernels::RopePairing::kHalfSplit;
+      if (absl::Status s = kernels::RotateRowsCuda(
+              pairing, dim, pairs, cos, sin, static_cast<uint32_t>(coded.angles.cos.size() / pairs),
+              angle_rows, vectors,
+              /*heads=*/1, rows->keys, /*inverse=*/false, stream_);
+          !s.ok()) {
+        return s;
+      }
+    }
+    if (absl::Status s =
+            kernels::ScatterTokensF32Cuda(layout_, type_, LayerBase(layer), rows->slots, coded.rows,
+                                          rows->keys, rows->values, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
 
   // Copies the blocks the tokens use into a compact host image (block i of the table at index
   // i) and digests that.

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
+#include "cachemgr/compress/coded_layer.h"
 #include "cachemgr/kernels/block_copy_types.h"
 #include "cachemgr/kernels/kv_layout.h"
 
@@ -88,6 +89,15 @@ class PoolMemory {
   // long as this object.
   virtual const compress::SimilarityGraphBuilder* similarity_graph() const { return nullptr; }
 
+  // Fetch's write of a codebook layer: reconstructs `coded` (compress::ReconstructCodedRows:
+  // eq. 14, RoPE re-applied to K) into the rows at `slots`, row r of `coded` at slots[r]. The
+  // host backend runs the CPU twin and scatters; the CUDA backend uploads the flat codebook
+  // (entries, 8 bytes per vector, the angle tables, not the rows) and reconstructs, rotates
+  // and scatters on the device, bit for bit the same. INVALID_ARGUMENT for a bad layer or slot
+  // or a `coded` that does not fit the pool (ValidateCodedRowsArgs).
+  virtual absl::Status ScatterCodedRows(uint32_t layer, absl::Span<const int64_t> slots,
+                                        const compress::CodedRows& coded) = 0;
+
   // FNV-1a digest of the first `num_tokens` tokens of `block_table` (see kv_digest.h).
   virtual absl::StatusOr<uint64_t> DigestLayer(uint32_t layer,
                                                absl::Span<const uint32_t> block_table,
@@ -111,6 +121,47 @@ inline absl::Status ValidateScoringArgs(const kernels::KvLayerLayout& layout, si
   }
   if (queries == nullptr || sums == nullptr) {
     return absl::InvalidArgumentError("queries and sums must not be null");
+  }
+  return absl::OkStatus();
+}
+
+// The checks of PoolMemory::ScatterCodedRows shared by the backends: `coded` matches the
+// pool's heads and head_dim and holds one row per slot, its arrays have consistent sizes, and
+// every ref and angle row is in range (kNoRotation allowed).
+inline absl::Status ValidateCodedRowsArgs(const kernels::KvLayerLayout& layout, size_t num_slots,
+                                          const compress::CodedRows& coded) {
+  if (coded.num_kv_heads != layout.num_kv_heads || coded.head_dim != layout.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("coded rows have ", coded.num_kv_heads,
+                                                   " heads of ", coded.head_dim, " dims, the pool ",
+                                                   layout.num_kv_heads, " of ", layout.head_dim));
+  }
+  if (coded.rows != num_slots) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("coded rows hold ", coded.rows, " rows for ", num_slots, " slots"));
+  }
+  const size_t vectors = size_t{coded.rows} * coded.num_kv_heads;
+  const size_t table =
+      coded.angles.num_pairs == 0 ? 0 : coded.angles.cos.size() / coded.angles.num_pairs;
+  if (coded.key_refs.size() != vectors || coded.value_refs.size() != vectors ||
+      coded.key_magnitudes.size() != vectors || coded.value_magnitudes.size() != vectors ||
+      coded.key_angle_rows.size() != vectors ||
+      coded.angles.sin.size() != coded.angles.cos.size() ||
+      coded.key_entries.size() % coded.head_dim != 0 ||
+      coded.value_entries.size() % coded.head_dim != 0) {
+    return absl::InvalidArgumentError("coded rows: array sizes do not match rows x heads");
+  }
+  for (auto [refs, entries] : {std::pair{&coded.key_refs, coded.key_entries.size()},
+                               std::pair{&coded.value_refs, coded.value_entries.size()}}) {
+    for (uint32_t ref : *refs) {
+      if (ref >= entries / coded.head_dim) {
+        return absl::InvalidArgumentError(absl::StrCat("coded rows: ref ", ref, " out of range"));
+      }
+    }
+  }
+  for (uint32_t a : coded.key_angle_rows) {
+    if (a != compress::CodedRows::kNoRotation && a >= table && coded.angles.num_pairs > 0) {
+      return absl::InvalidArgumentError(absl::StrCat("coded rows: angle row ", a, " out of range"));
+    }
   }
   return absl::OkStatus();
 }

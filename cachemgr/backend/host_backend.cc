@@ -78,6 +78,17 @@ class HostPoolMemory final : public PoolMemory {
     return absl::OkStatus();
   }
 
+  absl::Status ScatterCodedRows(uint32_t layer, absl::Span<const int64_t> slots,
+                                const compress::CodedRows& coded) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    RETURN_IF_ERROR(ValidateCodedRowsArgs(layout_, slots.size(), coded));
+    RETURN_IF_ERROR(kernels::ValidateTokenSlots(layout_, type_, slots));
+    std::vector<float> keys, values;
+    compress::ReconstructCodedRows(coded, &keys, &values);
+    return kernels::ScatterTokensF32Cpu(layout_, type_, LayerBase(layer), slots, keys.data(),
+                                        values.data());
+  }
+
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
                                        uint32_t num_tokens) const override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");

@@ -236,45 +236,82 @@ absl::StatusOr<AppendStats> CodedLayer::Append(absl::Span<const float> keys,
   return stats;
 }
 
+void ReconstructCodedRows(const CodedRows& coded, std::vector<float>* keys,
+                          std::vector<float>* values) {
+  const size_t vectors = size_t{coded.rows} * coded.num_kv_heads;
+  const uint32_t dim = coded.head_dim;
+  for (auto [entries, refs, magnitudes, out] :
+       {std::tuple{&coded.key_entries, &coded.key_refs, &coded.key_magnitudes, keys},
+        std::tuple{&coded.value_entries, &coded.value_refs, &coded.value_magnitudes, values}}) {
+    out->resize(vectors * dim);
+    for (size_t v = 0; v < vectors; ++v) {
+      const float* entry = entries->data() + size_t{(*refs)[v]} * dim;
+      const float m = (*magnitudes)[v];
+      float* dst = out->data() + v * dim;
+      for (uint32_t k = 0; k < dim; ++k) dst[k] = entry[k] * m;
+    }
+  }
+  RotateRows(coded.rope, coded.angles, coded.key_angle_rows, /*heads=*/1, absl::MakeSpan(*keys),
+             /*inverse=*/false);
+}
+
 void CodedLayer::Reconstruct(std::vector<float>* keys, std::vector<float>* values) const {
+  ReconstructCodedRows(Flatten(), keys, values);
+}
+
+CodedRows CodedLayer::Flatten() const {
+  CodedRows out;
   const uint32_t heads = num_kv_heads();
-  const uint32_t rows = this->rows();
+  out.rows = rows();
+  out.num_kv_heads = heads;
+  out.head_dim = shape_.head_dim;
+  out.rope = rope_;
+  const size_t vectors = size_t{out.rows} * heads;
   const uint32_t dim = shape_.head_dim;
-  keys->resize(size_t{rows} * heads * dim);
-  values->resize(size_t{rows} * heads * dim);
-  // Coded K rows come out pre-RoPE: gathered, rotated at their positions, scattered back.
-  std::vector<float> coded_keys;
-  std::vector<uint32_t> coded_positions;
-  std::vector<size_t> coded_at;
-  for (uint32_t h = 0; h < heads; ++h) {
-    const uint32_t p = PartOf(h);
-    for (uint32_t r = 0; r < rows; ++r) {
-      const size_t at = (size_t{r} * heads + h) * dim;
-      for (auto [plane, out] : {std::pair{&key_, keys}, std::pair{&value_, values}}) {
-        const Plane::Part& part = plane->parts[p];
+  for (auto [plane, entries, refs, magnitudes] :
+       {std::tuple{&key_, &out.key_entries, &out.key_refs, &out.key_magnitudes},
+        std::tuple{&value_, &out.value_entries, &out.value_refs, &out.value_magnitudes}}) {
+    // Per part: where its entries and its queue start in the concatenation.
+    std::vector<uint32_t> entry_base, queue_base;
+    for (const Plane::Part& part : plane->parts) {
+      entry_base.push_back(static_cast<uint32_t>(entries->size() / dim));
+      entries->insert(entries->end(), part.entries.begin(), part.entries.end());
+      queue_base.push_back(static_cast<uint32_t>(entries->size() / dim));
+      entries->insert(entries->end(), part.queue.begin(), part.queue.end());
+    }
+    refs->resize(vectors);
+    magnitudes->resize(vectors);
+    for (uint32_t r = 0; r < out.rows; ++r) {
+      for (uint32_t h = 0; h < heads; ++h) {
+        const size_t v = size_t{r} * heads + h;
+        const uint32_t p = PartOf(h);
         const uint32_t code = plane->code[h][r];
-        if (code & Plane::kQueuedBit) {
-          const float* raw = &part.queue[size_t{code & ~Plane::kQueuedBit} * dim];
-          std::copy_n(raw, dim, out->data() + at);
-          continue;
-        }
-        const float* entry = &part.entries[size_t{code} * dim];
-        const float m = plane->magnitude[h][r];
-        float* dst = out->data() + at;
-        for (uint32_t k = 0; k < dim; ++k) dst[k] = entry[k] * m;
-        if (plane == &key_) {
-          coded_keys.insert(coded_keys.end(), dst, dst + dim);
-          coded_positions.push_back(positions_[h][r]);
-          coded_at.push_back(at);
-        }
+        const bool queued = (code & Plane::kQueuedBit) != 0;
+        (*refs)[v] = queued ? queue_base[p] + (code & ~Plane::kQueuedBit) : entry_base[p] + code;
+        (*magnitudes)[v] = queued ? 1.0f : plane->magnitude[h][r];
       }
     }
   }
-  // The shape was validated when the layer was built, so this cannot fail.
-  (void)ApplyRope(rope_, coded_positions, 1, absl::MakeSpan(coded_keys));
-  for (size_t i = 0; i < coded_at.size(); ++i) {
-    std::copy_n(&coded_keys[i * dim], dim, keys->data() + coded_at[i]);
+  // Angle rows: one per distinct position of a coded K vector.
+  std::vector<uint32_t> positions;
+  for (uint32_t h = 0; h < heads; ++h) {
+    for (uint32_t r = 0; r < out.rows; ++r) {
+      if (!(key_.code[h][r] & Plane::kQueuedBit)) positions.push_back(positions_[h][r]);
+    }
   }
+  std::sort(positions.begin(), positions.end());
+  positions.erase(std::unique(positions.begin(), positions.end()), positions.end());
+  out.key_angle_rows.assign(vectors, CodedRows::kNoRotation);
+  for (uint32_t r = 0; r < out.rows; ++r) {
+    for (uint32_t h = 0; h < heads; ++h) {
+      if (key_.code[h][r] & Plane::kQueuedBit) continue;
+      out.key_angle_rows[size_t{r} * heads + h] = static_cast<uint32_t>(
+          std::lower_bound(positions.begin(), positions.end(), positions_[h][r]) -
+          positions.begin());
+    }
+  }
+  out.angles = ComputeRopeAngles(rope_, positions);
+  return out;
 }
 
 }  // namespace cachemgr::compress

@@ -37,6 +37,32 @@ struct AppendStats {
   uint32_t new_entries = 0;  // entries those batches added
 };
 
+// A coded layer flattened for reconstruction, on either side of PCIe (CodedLayer::Flatten):
+// vectors in the pool's order, v = row * num_kv_heads + head. Per plane the entries of every
+// part and then the queued vectors (verbatim) are concatenated, and each vector has an index
+// into them and a magnitude (1 for a queued vector, so entry * 1 is the vector bit for bit).
+// Coded K vectors, pre-RoPE, are then rotated at row key_angle_rows[v] of `angles`; queued K
+// vectors are already post-RoPE and have kNoRotation. This is what a device reconstruction
+// uploads: entries, 8 bytes per vector and the angle tables, instead of every row.
+struct CodedRows {
+  static constexpr uint32_t kNoRotation = 0xffffffffu;
+  uint32_t rows = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  std::vector<float> key_entries, value_entries;        // [entries, head_dim]
+  std::vector<uint32_t> key_refs, value_refs;           // [rows * num_kv_heads]
+  std::vector<float> key_magnitudes, value_magnitudes;  // [rows * num_kv_heads]
+  RopeParams rope;
+  RopeAngles angles;                     // of the distinct positions of the coded K vectors
+  std::vector<uint32_t> key_angle_rows;  // [rows * num_kv_heads]
+};
+
+// The CPU reconstruction of `coded` (eq. 14, then RoPE on the coded K vectors): keys and values
+// [rows, num_kv_heads, head_dim], resized. The CUDA backend's twin runs ReconstructCodebookCuda
+// and RotateRowsCuda on the same arrays, with the same float arithmetic.
+void ReconstructCodedRows(const CodedRows& coded, std::vector<float>* keys,
+                          std::vector<float>* values);
+
 class CodedLayer {
  public:
   // The layer `result` (which must hold codebooks, as CompressSequence leaves a codebook layer)
@@ -66,8 +92,12 @@ class CodedLayer {
                                      absl::Span<const uint32_t> positions);
 
   // Every row as it would be attended to: keys (post-RoPE at each row's position) and values,
-  // each [rows, num_kv_heads, head_dim] (the pool's token-major order), resized.
+  // each [rows, num_kv_heads, head_dim] (the pool's token-major order), resized. The same as
+  // ReconstructCodedRows(Flatten()).
   void Reconstruct(std::vector<float>* keys, std::vector<float>* values) const;
+
+  // The layer as CodedRows.
+  CodedRows Flatten() const;
 
  private:
   // One of K and V.

@@ -99,7 +99,9 @@ void RotateRows(const RopeParams& params, const RopeAngles& angles,
   const uint32_t pairs = angles.num_pairs;
   const float sign = inverse ? -1.0f : 1.0f;
   const size_t row_stride = static_cast<size_t>(heads) * params.head_dim;
+  const size_t table_rows = angles.cos.size() / pairs;
   for (size_t r = 0; r < angle_row.size(); ++r) {
+    if (angle_row[r] >= table_rows) continue;  // left as is
     const float* cos = angles.cos.data() + static_cast<size_t>(angle_row[r]) * pairs;
     const float* sin = angles.sin.data() + static_cast<size_t>(angle_row[r]) * pairs;
     float* row = x.data() + r * row_stride;

@@ -51,9 +51,11 @@ struct RopeAngles {
 RopeAngles ComputeRopeAngles(const RopeParams& params, absl::Span<const uint32_t> positions);
 
 // Rotates `rows` rows of `heads` vectors of head_dim floats each (x is [rows, heads, head_dim]);
-// row r uses the angles of angle_row[r] (an index into `angles`). inverse = true removes RoPE.
-// REQUIRES: x.size() == angle_row.size() * heads * head_dim, every angle_row[r] < the number
-// of positions `angles` was computed for, angles computed with the same params.
+// row r uses the angles of angle_row[r] (an index into `angles`); a row whose angle_row is not
+// below the number of positions `angles` was computed for is left as is (as RotateRowsCuda
+// does). inverse = true removes RoPE.
+// REQUIRES: x.size() == angle_row.size() * heads * head_dim, angles computed with the same
+// params.
 void RotateRows(const RopeParams& params, const RopeAngles& angles,
                 absl::Span<const uint32_t> angle_row, uint32_t heads, absl::Span<float> x,
                 bool inverse);

@@ -2,12 +2,15 @@
 // pool's rows (bit for bit), with precise errors that leave the output untouched.
 #include "cachemgr/backend/host_backend.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "cachemgr/compress/coded_layer.h"
+#include "cachemgr/compress/rope.h"
 #include "cachemgr/compress/scoring.h"
 
 namespace cachemgr {
@@ -97,6 +100,67 @@ TEST_CASE("host pool window score errors name the argument and write nothing", "
   CHECK(memory.AttentionColumnSums(0, slots, kQHeads, nullptr, 1, sums.data()).code() ==
         absl::StatusCode::kInvalidArgument);
   for (float x : sums) CHECK(x == -7.0f);
+}
+
+TEST_CASE("host pool writes a coded layer as its CPU reconstruction; bad input writes nothing",
+          "[cpu]") {
+  HostBackend backend;
+  auto pool = backend.CreatePool("p", Layout(), kernels::KvElemType::kF16, 1);
+  REQUIRE(pool.ok());
+  PoolMemory& memory = **pool;
+  // Three rows of two heads: two entries per plane, one queued K vector (row 2, head 1).
+  compress::CodedRows coded;
+  coded.rows = 3;
+  coded.num_kv_heads = kKvHeads;
+  coded.head_dim = kDim;
+  coded.key_entries = Random(3 * kDim, 5);
+  coded.value_entries = Random(2 * kDim, 6);
+  coded.key_refs = {0, 1, 1, 0, 0, 2};
+  coded.value_refs = {1, 1, 0, 0, 1, 0};
+  coded.key_magnitudes = {0.5f, 2.0f, 1.5f, 3.0f, 0.25f, 1.0f};
+  coded.value_magnitudes = {1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f};
+  coded.rope.style = compress::RopeStyle::kHalfSplit;
+  coded.rope.head_dim = kDim;
+  coded.angles = compress::ComputeRopeAngles(coded.rope, std::vector<uint32_t>{3, 9});
+  coded.key_angle_rows = {0, 1, 1, 0, 1, compress::CodedRows::kNoRotation};
+  const std::vector<int64_t> slots = {13, 2, 40};
+  REQUIRE(memory.ScatterCodedRows(0, slots, coded).ok());
+
+  std::vector<float> want_k, want_v;
+  compress::ReconstructCodedRows(coded, &want_k, &want_v);
+  // The queued vector is verbatim, the others rotated.
+  CHECK(std::equal(want_k.end() - kDim, want_k.end(), coded.key_entries.end() - kDim));
+  CHECK(want_k[0] != coded.key_entries[0] * 0.5f);
+  const std::vector<int64_t> other = {20, 21, 22};
+  REQUIRE(memory.ScatterTokens(0, other, want_k.data(), want_v.data()).ok());
+  std::vector<float> got_k(want_k.size()), got_v(want_k.size()), ref_k(want_k.size()),
+      ref_v(want_k.size());
+  REQUIRE(memory.GatherTokens(0, slots, got_k.data(), got_v.data()).ok());
+  REQUIRE(memory.GatherTokens(0, other, ref_k.data(), ref_v.data()).ok());
+  CHECK(got_k == ref_k);
+  CHECK(got_v == ref_v);
+
+  // Refusals leave the pool as it was.
+  const std::vector<uint32_t> table = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+  const uint64_t before = *memory.DigestLayer(0, table, kBlocks * kBlockSize);
+  auto refused = [&](const compress::CodedRows& bad, const std::vector<int64_t>& s) {
+    const absl::Status status = memory.ScatterCodedRows(0, s, bad);
+    CHECK(status.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(*memory.DigestLayer(0, table, kBlocks * kBlockSize) == before);
+    return std::string(status.message());
+  };
+  CHECK(refused(coded, {1, 2}) == "coded rows hold 3 rows for 2 slots");
+  compress::CodedRows bad = coded;
+  bad.key_refs[4] = 3;
+  CHECK(refused(bad, {1, 2, 3}) == "coded rows: ref 3 out of range");
+  bad = coded;
+  bad.key_angle_rows[0] = 2;
+  CHECK(refused(bad, {1, 2, 3}) == "coded rows: angle row 2 out of range");
+  bad = coded;
+  bad.value_magnitudes.pop_back();
+  CHECK(refused(bad, {1, 2, 3}) == "coded rows: array sizes do not match rows x heads");
+  CHECK(refused(coded, {1, 2, -1}).find("slot") != std::string::npos);
+  CHECK(memory.ScatterCodedRows(1, slots, coded).code() == absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -127,6 +127,29 @@ TEST_CASE("appended rows join similar entries, queue otherwise, and code in batc
   const uint64_t per_coded = 2 + 2, per_queued = d * 2;
   CHECK(coded->bytes() == bytes0 + 4 * per_coded + 4 * per_queued);
 
+  // The flat form a device uploads: entries then queued vectors per part; a queued vector is
+  // referenced with magnitude 1 and its K is not rotated (it is stored post-RoPE).
+  const CodedRows flat = coded->Flatten();
+  const size_t vectors = size_t{coded->rows()} * heads;
+  REQUIRE(flat.rows == coded->rows());
+  REQUIRE(flat.key_refs.size() == vectors);
+  REQUIRE(flat.key_angle_rows.size() == vectors);
+  CHECK(flat.key_entries.size() / d == coded->key_entries() + 2);  // B's K, one per head
+  CHECK(flat.value_entries.size() / d == coded->value_entries() + 2);
+  for (uint32_t h = 0; h < heads; ++h) {
+    const size_t b = size_t{rows0 + 1} * heads + h;  // row B of head h
+    CHECK(flat.key_magnitudes[b] == 1.0f);
+    CHECK(flat.value_magnitudes[b] == 1.0f);
+    CHECK(flat.key_angle_rows[b] == CodedRows::kNoRotation);
+    const size_t a = size_t{rows0} * heads + h;  // row A: coded, rotated at position 64
+    REQUIRE(flat.key_angle_rows[a] != CodedRows::kNoRotation);
+    const RopeAngles at64 = ComputeRopeAngles(rope, std::vector<uint32_t>{64});
+    for (uint32_t i = 0; i < flat.angles.num_pairs; ++i) {
+      CHECK(flat.angles.cos[size_t{flat.key_angle_rows[a]} * flat.angles.num_pairs + i] ==
+            at64.cos[i]);
+    }
+  }
+
   std::vector<float> k, v;
   coded->Reconstruct(&k, &v);
   for (uint32_t h = 0; h < heads; ++h) {
