@@ -145,6 +145,8 @@ struct CompressParams {
   compress::CompressTarget target;
   CompressInput input = CompressInput::kNone;
   uint32_t num_queries = 0;  // kWindowQueries
+  // A CUDA interprocess event the client recorded after its KV writes (64 bytes), or empty.
+  std::string cuda_ipc_event_handle;
 };
 
 // The preset named `preset` ("" means compress::kDefaultPreset); INVALID_ARGUMENT naming
@@ -294,9 +296,11 @@ class CacheManager {
   // (a prefix-cached prompt, say) is instead written to ceil(rows / block_size) fresh blocks,
   // and the fork keeps the old ones. Codebook layers move to a per-sequence arena
   // (compress::CodedLayer) and release every block until Fetch.
-  // An empty token is an operator call on any client's sequence, with no inputs.
+  // An empty token is an operator call on any client's sequence, with no inputs. With
+  // params.cuda_ipc_event_handle the rows are read only after the client's event completed.
   //   FAILED_PRECONDITION  already compressed
   //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input (operator calls: not NONE)
+  //                        / cuda_ipc_event_handle (cannot be opened; operator calls: not empty)
   //   OUT_OF_RANGE         target.byte_ratio outside what the policy can reach here
   //   RESOURCE_EXHAUSTED   a shared layer needs more fresh blocks than are free
   absl::StatusOr<CompressResult> Compress(const std::string& session_token,
@@ -318,9 +322,10 @@ class CacheManager {
   // Layers already parked are reported unchanged.
   //   FAILED_PRECONDITION  never compressed, or a listed layer is not a codebook layer
   //   INVALID_ARGUMENT     a layer out of range or listed twice
-  absl::StatusOr<std::vector<ParkedLayerResult>> Park(const std::string& session_token,
-                                                      const std::string& sequence_id,
-                                                      const std::vector<uint32_t>& layers);
+  //   INVALID_ARGUMENT     cuda_ipc_event_handle cannot be opened (as for Compress)
+  absl::StatusOr<std::vector<ParkedLayerResult>> Park(
+      const std::string& session_token, const std::string& sequence_id,
+      const std::vector<uint32_t>& layers, const std::string& cuda_ipc_event_handle = {});
 
   // Descriptors of the caller's pool regions, then of the caller's input buffer, duplicated
   // for the caller (who owns them).
@@ -352,6 +357,11 @@ class CacheManager {
   // The caller's sequence, or with an empty token (an operator call) anyone's.
   absl::StatusOr<Sequence*> FindSequenceForCallerLocked(const std::string& session_token,
                                                         const std::string& sequence_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The client's write event for `handle` (null for an empty one), opened on first use of a
+  // handle; INVALID_ARGUMENT naming cuda_ipc_event_handle when the backend cannot open it.
+  absl::StatusOr<std::shared_ptr<const ClientEvent>> WriteEventLocked(Client& client,
+                                                                      const std::string& handle)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   uint64_t ReleaseSequenceLocked(Sequence& seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   DetachResult RemoveClientLocked(const std::string& token, EventType why)

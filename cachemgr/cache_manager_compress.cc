@@ -34,6 +34,17 @@ absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset) 
   return policy;
 }
 
+absl::StatusOr<std::shared_ptr<const ClientEvent>> CacheManager::WriteEventLocked(
+    Client& client, const std::string& handle) {
+  if (handle.empty()) return nullptr;
+  if (client.write_event == nullptr || client.write_event_handle != handle) {
+    ASSIGN_OR_RETURN(std::unique_ptr<ClientEvent> opened, backend_->OpenClientEvent(handle));
+    client.write_event = std::move(opened);
+    client.write_event_handle = handle;
+  }
+  return client.write_event;
+}
+
 namespace {
 
 compress::ModelShape ShapeOf(const ModelSpec& m) {
@@ -143,6 +154,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
   // What the work outside the lock reads: the pool's memory (kept alive should the pool be
   // released meanwhile), every layer's row slots, and which layers share a block with a fork.
   std::shared_ptr<PoolMemory> memory;
+  std::shared_ptr<const ClientEvent> write_event;  // the client's, when it passed one
   std::vector<std::vector<int64_t>> slots;
   std::vector<bool> shared;
   {
@@ -153,6 +165,11 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
       return absl::InvalidArgumentError(
           "input must be NONE for an operator Compress (no session_token): the window queries "
           "or scores of a sequence are its owner's");
+    }
+    if (session_token.empty() && !params.cuda_ipc_event_handle.empty()) {
+      return absl::InvalidArgumentError(
+          "cuda_ipc_event_handle must be empty for an operator Compress (no session_token): the "
+          "write event is the owner's");
     }
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     if (seq->compression != nullptr) {
@@ -209,6 +226,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
       slots[l] = RowSlots(t.blocks, 0, n, model.block_size);
       for (uint32_t b : t.blocks) shared[l] = shared[l] || pool.allocators[l].refcount(b) > 1;
     }
+    ASSIGN_OR_RETURN(write_event, WriteEventLocked(*client, params.cuda_ipc_event_handle));
     memory = pool.memory;
     shape = ShapeOf(model);
     seq->busy = "Compress";
@@ -216,10 +234,10 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
   }
 
   // Outside the lock (the sequence is busy, so its rows cannot change; a Free meanwhile only
-  // makes the result moot): per layer, the window scores computed next to the pool (on the GPU
-  // for a CUDA pool, so the keys never leave it), and host rows where they are read: by the
-  // codebook build, and by a layer that shares a block with a fork (its kept rows go to fresh
-  // blocks). Then the policy, then the codebook layers' coded form.
+  // makes the result moot), after the client's write event if it passed one: per layer, the window
+  // scores computed next to the pool (on the GPU for a CUDA pool, so the keys never leave it), and
+  // host rows where they are read: by the codebook build, and by a layer that shares a block with a
+  // fork (its kept rows go to fresh blocks). Then the policy, then the codebook layers' coded form.
   const uint32_t threads = options_.compress_threads == 0
                                ? std::max(1u, std::thread::hardware_concurrency())
                                : options_.compress_threads;
@@ -227,23 +245,31 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
       params.input == CompressInput::kWindowQueries && compress::PolicyNeedsScores(params.policy);
   std::vector<std::vector<float>> sums(shape.num_layers), keys(shape.num_layers),
       values(shape.num_layers);
-  absl::Status read = ParallelFor(shape.num_layers, threads, [&](uint32_t l) -> absl::Status {
-    if (scores_from_pool) {
-      sums[l].resize(size_t{shape.num_q_heads} * n);
-      if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
-                                                       inputs.data() + l * per_layer_inputs,
-                                                       params.num_queries, sums[l].data());
-          !s.ok()) {
-        return absl::InternalError(absl::StrCat("scoring layer ", l, " failed: ", s.message()));
-      }
+  absl::Status read = absl::OkStatus();
+  if (write_event != nullptr) {
+    if (absl::Status s = write_event->Wait(); !s.ok()) {
+      read = absl::InternalError(
+          absl::StrCat("waiting for the client's write event failed: ", s.message()));
     }
-    if (params.policy.codebook || shared[l]) {
-      if (absl::Status s = GatherLayerRows(*memory, l, slots[l], &keys[l], &values[l]); !s.ok()) {
-        return absl::InternalError(absl::StrCat("reading layer ", l, " failed: ", s.message()));
+  }
+  if (read.ok())
+    read = ParallelFor(shape.num_layers, threads, [&](uint32_t l) -> absl::Status {
+      if (scores_from_pool) {
+        sums[l].resize(size_t{shape.num_q_heads} * n);
+        if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
+                                                         inputs.data() + l * per_layer_inputs,
+                                                         params.num_queries, sums[l].data());
+            !s.ok()) {
+          return absl::InternalError(absl::StrCat("scoring layer ", l, " failed: ", s.message()));
+        }
       }
-    }
-    return absl::OkStatus();
-  });
+      if (params.policy.codebook || shared[l]) {
+        if (absl::Status s = GatherLayerRows(*memory, l, slots[l], &keys[l], &values[l]); !s.ok()) {
+          return absl::InternalError(absl::StrCat("reading layer ", l, " failed: ", s.message()));
+        }
+      }
+      return absl::OkStatus();
+    });
   compress::SequenceInput input;
   input.num_tokens = n;
   input.layers.resize(shape.num_layers);
@@ -496,11 +522,12 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
 
 absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
     const std::string& session_token, const std::string& sequence_id,
-    const std::vector<uint32_t>& layers) {
+    const std::vector<uint32_t>& layers, const std::string& cuda_ipc_event_handle) {
   struct Work {
     uint32_t layer = 0;
     std::shared_ptr<const compress::CodedLayer> coded;
     bool resident = false;
+    std::vector<int64_t> slots;       // of the appended rows
     std::vector<float> keys, values;  // appended rows [count, num_kv_heads, head_dim]
     std::vector<uint32_t> positions;  // of the appended rows
     std::shared_ptr<compress::CodedLayer> updated;
@@ -508,6 +535,8 @@ absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
   };
   std::vector<Work> work;
   uint64_t serial = 0;
+  std::shared_ptr<PoolMemory> memory;
+  std::shared_ptr<const ClientEvent> write_event;
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
@@ -526,7 +555,6 @@ absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
     } else {
       ASSIGN_OR_RETURN(which, ResolveLayers(layers, model.num_layers));
     }
-    const size_t row_floats = size_t{model.num_kv_heads} * model.head_dim;
     for (size_t i = 0; i < which.size(); ++i) {
       const uint32_t l = which[i];
       const Compression::Layer& cl = seq->compression->layers[l];
@@ -542,25 +570,34 @@ absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
       w.resident = !t.parked;
       if (w.resident) {
         const uint32_t begin = cl.coded->rows();
-        const uint32_t count = t.num_tokens - begin;
-        w.keys.resize(count * row_floats);
-        w.values.resize(count * row_floats);
-        RETURN_IF_ERROR(client->pool->memory->GatherTokens(
-            l, RowSlots(t.blocks, begin, t.num_tokens, model.block_size), w.keys.data(),
-            w.values.data()));
+        w.slots = RowSlots(t.blocks, begin, t.num_tokens, model.block_size);
         const std::vector<uint32_t> all = RowPositionsLocked(*seq, l);  // head 0 first
         w.positions.assign(all.begin() + begin, all.begin() + t.num_tokens);
       }
       work.push_back(std::move(w));
     }
+    ASSIGN_OR_RETURN(write_event, WriteEventLocked(*client, cuda_ipc_event_handle));
+    memory = client->pool->memory;
     seq->busy = "Park";
     serial = seq->serial;
   }
 
-  // Outside the lock: code the appended rows into copies of the coded layers.
+  // Outside the lock, after the client's write event if it passed one: read the appended rows
+  // and code them into copies of the coded layers.
   absl::Status coding = absl::OkStatus();
+  if (write_event != nullptr) {
+    if (absl::Status s = write_event->Wait(); !s.ok()) {
+      coding = absl::InternalError(
+          absl::StrCat("waiting for the client's write event failed: ", s.message()));
+    }
+  }
   for (Work& w : work) {
     if (!w.resident || !coding.ok()) continue;
+    if (absl::Status s = GatherLayerRows(*memory, w.layer, w.slots, &w.keys, &w.values); !s.ok()) {
+      coding =
+          absl::InternalError(absl::StrCat("reading layer ", w.layer, " failed: ", s.message()));
+      continue;
+    }
     w.updated = std::make_shared<compress::CodedLayer>(*w.coded);
     absl::StatusOr<compress::AppendStats> stats = w.updated->Append(w.keys, w.values, w.positions);
     if (stats.ok()) {

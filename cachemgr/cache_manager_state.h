@@ -35,6 +35,10 @@ struct CacheManager::Client {
   absl::Time lease_deadline;
   std::vector<std::string> sequences;  // ids, insertion order
   MemfdRegion input_buffer;            // Compress inputs, written by the client
+  // The client's CUDA write event (Compress / Park cuda_ipc_event_handle), opened once per
+  // handle; shared so a call waiting on it outside the lock keeps it open.
+  std::string write_event_handle;
+  std::shared_ptr<const ClientEvent> write_event;
 };
 
 // What Compress left of a sequence, per layer: the rows it kept and, for codebook layers, their

@@ -557,6 +557,45 @@ class CudaPoolMemory final : public PoolMemory {
   const DeviceSimilarityGraph graph_{this};
 };
 
+// A client's interprocess event, opened once (cudaIpcOpenEventHandle) and closed on destruction.
+class CudaClientEvent final : public ClientEvent {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaClientEvent>> Open(int ordinal,
+                                                               const std::string& handle) {
+    cudaIpcEventHandle_t h;
+    if (handle.size() != sizeof(h)) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda_ipc_event_handle must be ", sizeof(h),
+                                                     " bytes (got ", handle.size(), ")"));
+    }
+    std::memcpy(&h, handle.data(), sizeof(h));
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal));
+    cudaEvent_t event = nullptr;
+    if (cudaError_t e = cudaIpcOpenEventHandle(&event, h); e != cudaSuccess) {
+      cudaGetLastError();
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cuda_ipc_event_handle cannot be opened on this daemon's device: ", cudaGetErrorName(e),
+          " (", cudaGetErrorString(e),
+          "); create it with cudaEventInterprocess | cudaEventDisableTiming"));
+    }
+    return std::unique_ptr<CudaClientEvent>(new CudaClientEvent(ordinal, event));
+  }
+  ~CudaClientEvent() override {
+    cudaSetDevice(ordinal_);
+    cudaEventDestroy(event_);
+  }
+
+  absl::Status Wait() const override {
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    CUDA_RUNTIME_OR_RETURN(cudaEventSynchronize(event_));
+    return absl::OkStatus();
+  }
+
+ private:
+  CudaClientEvent(int ordinal, cudaEvent_t event) : ordinal_(ordinal), event_(event) {}
+  const int ordinal_;
+  const cudaEvent_t event_;
+};
+
 absl::StatusOr<int> FindDevice(const std::string& want, std::string* uuid) {
   absl::StatusOr<std::vector<std::string>> uuids = CudaDeviceUuids();
   if (!uuids.ok()) {
@@ -613,6 +652,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
     return absl::InvalidArgumentError("the CUDA backend shares by vmm_fd or ipc_handle");
   }
   return std::unique_ptr<CudaBackend>(new CudaBackend(drv, *ordinal, uuid, options.share_method));
+}
+
+absl::StatusOr<std::unique_ptr<ClientEvent>> CudaBackend::OpenClientEvent(
+    const std::string& handle) const {
+  absl::StatusOr<std::unique_ptr<CudaClientEvent>> event = CudaClientEvent::Open(ordinal_, handle);
+  if (!event.ok()) return event.status();
+  return std::unique_ptr<ClientEvent>(*std::move(event));
 }
 
 absl::StatusOr<std::unique_ptr<PoolMemory>> CudaBackend::CreatePool(

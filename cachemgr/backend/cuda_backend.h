@@ -14,8 +14,9 @@
 // by UUID ("GPU-8d2c...", as nvidia-smi -L prints) or ordinal; device_name() is its UUID.
 // Kernels run on the pool's own stream and every PoolMemory call returns after they finished,
 // so an RPC's reply orders the daemon's work before the client's next access. The other
-// direction is the client's contract: its writes must be complete (stream or event
-// synchronised) before it calls Compress / Park, which read the pool.
+// direction: the client either completes its writes (synchronises its stream) before Compress
+// / Park, which read the pool, or records a CUDA interprocess event after them and passes its
+// handle with the call (OpenClientEvent); the daemon then waits for the event first.
 #pragma once
 
 #include <memory>
@@ -44,6 +45,10 @@ class CudaBackend final : public DeviceBackend {
   ShareMethod share_method() const override { return share_method_; }
   std::string device_name() const override { return uuid_; }
   int ordinal() const { return ordinal_; }
+
+  // cudaIpcOpenEventHandle on this device.
+  absl::StatusOr<std::unique_ptr<ClientEvent>> OpenClientEvent(
+      const std::string& handle) const override;
 
   absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(const std::string& pool_id,
                                                          const kernels::KvLayerLayout& layout,

@@ -166,9 +166,32 @@ inline absl::Status ValidateCodedRowsArgs(const kernels::KvLayerLayout& layout, 
   return absl::OkStatus();
 }
 
+// A client's CUDA interprocess event, opened in the daemon (DeviceBackend::OpenClientEvent).
+// The client records it on the stream that wrote its KV just before Compress or Park; the
+// daemon waits for it before reading the pool, so the client need not synchronise. Destroyed
+// (closed) with the object.
+class ClientEvent {
+ public:
+  virtual ~ClientEvent() = default;
+  // Returns once the work captured by the client's latest record of the event has completed
+  // (at once if it was never recorded). Thread-safe.
+  virtual absl::Status Wait() const = 0;
+};
+
 class DeviceBackend {
  public:
   virtual ~DeviceBackend() = default;
+
+  // Opens a client's event from its 64-byte cudaIpcEventHandle_t (on this backend's device).
+  // INVALID_ARGUMENT naming "cuda_ipc_event_handle" when it cannot be opened; the host backend
+  // has no device events and always refuses.
+  virtual absl::StatusOr<std::unique_ptr<ClientEvent>> OpenClientEvent(
+      const std::string& handle) const {
+    (void)handle;
+    return absl::InvalidArgumentError(
+        "cuda_ipc_event_handle is for CUDA pools; this daemon's pools are in host memory, where "
+        "a client's writes are complete when its stores return");
+  }
 
   virtual BackendKind kind() const = 0;
   virtual ShareMethod share_method() const = 0;

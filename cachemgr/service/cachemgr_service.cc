@@ -364,7 +364,8 @@ grpc::ServerUnaryReactor* CacheManagerService::Park(grpc::CallbackServerContext*
   return UnaryOnWorker(ctx, "Park", [this, request, response]() -> absl::Status {
     std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
     ASSIGN_OR_RETURN(std::vector<ParkedLayerResult> r,
-                     manager_->Park(request->session_token(), request->sequence_id(), layers));
+                     manager_->Park(request->session_token(), request->sequence_id(), layers,
+                                    request->cuda_ipc_event_handle()));
     ParkResultToProto(r, response);
     if (metrics_ != nullptr) metrics_->ObservePark(r);
     return absl::OkStatus();

@@ -252,6 +252,7 @@ absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest
   const v1::CompressionPolicy& p = r.policy();
   CompressParams out;
   ASSIGN_OR_RETURN(out.policy, ResolvePreset(p.preset()));
+  out.cuda_ipc_event_handle = r.cuda_ipc_event_handle();
   compress::PolicyConfig& c = out.policy;
   auto bad_enum = [](const char* field, int value) {
     return absl::InvalidArgumentError(absl::StrCat(field, " holds an unknown value ", value));

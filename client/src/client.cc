@@ -359,6 +359,13 @@ struct Session::Impl {
   std::vector<std::unique_ptr<MappedRegion>> regions;
   KvPoolView pool;
   MemfdRegion input_buffer;
+  // Created by the first RecordKvWrites; its handle goes with every later Compress and Park.
+  absl::Mutex write_event_mu;
+  std::unique_ptr<WriteEvent> write_event ABSL_GUARDED_BY(write_event_mu);
+  std::string WriteEventHandle() {
+    absl::MutexLock lock(&write_event_mu);
+    return write_event == nullptr ? std::string() : write_event->handle();
+  }
 
   absl::Mutex detach_mu;  // serializes Detach()
   // Null once Detach() ran (successfully or not): later calls fail locally, and the channel
@@ -654,12 +661,28 @@ absl::StatusOr<std::vector<SequenceSummary>> Session::ListSequences() {
   return FromProto(response);
 }
 
+absl::Status Session::RecordKvWrites(void* stream) {
+  if (!impl_->pool.on_device()) {
+    return absl::FailedPreconditionError(
+        "RecordKvWrites is for CUDA pools; this pool is in host memory, where writes are "
+        "complete when the stores return");
+  }
+  absl::MutexLock lock(&impl_->write_event_mu);
+  if (impl_->write_event == nullptr) {
+    absl::StatusOr<std::unique_ptr<WriteEvent>> event = CreateWriteEvent(impl_->pool.device());
+    if (!event.ok()) return event.status();
+    impl_->write_event = *std::move(event);
+  }
+  return impl_->write_event->Record(stream);
+}
+
 absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
                                                  const CompressOptions& options) {
   ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::CompressRequest request;
   request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
+  request.set_cuda_ipc_event_handle(impl_->WriteEventHandle());
   const CompressionPolicy& in = options.policy;
   pb::CompressionPolicy* p = request.mutable_policy();
   p->set_preset(in.preset);
@@ -757,6 +780,7 @@ absl::StatusOr<std::vector<ParkedLayer>> Session::Park(std::string_view sequence
   pb::ParkRequest request;
   request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
+  request.set_cuda_ipc_event_handle(impl_->WriteEventHandle());
   request.mutable_layers()->Add(layers.begin(), layers.end());
   pb::ParkResponse response;
   grpc::ClientContext context;

@@ -96,9 +96,53 @@ class IpcRegion final : public MappedRegion {
   void* ptr_ = nullptr;
 };
 
+class CudaWriteEvent final : public WriteEvent {
+ public:
+  explicit CudaWriteEvent(int ordinal) : ordinal_(ordinal) {}
+  ~CudaWriteEvent() override {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+  }
+
+  absl::Status Create() {
+    if (absl::Status s = Runtime(cudaSetDevice(ordinal_), "cudaSetDevice"); !s.ok()) return s;
+    if (absl::Status s = Runtime(
+            cudaEventCreateWithFlags(&event_, cudaEventInterprocess | cudaEventDisableTiming),
+            "cudaEventCreateWithFlags");
+        !s.ok()) {
+      return s;
+    }
+    cudaIpcEventHandle_t h;
+    if (absl::Status s = Runtime(cudaIpcGetEventHandle(&h, event_), "cudaIpcGetEventHandle");
+        !s.ok()) {
+      return s;
+    }
+    handle_.assign(reinterpret_cast<const char*>(&h), sizeof(h));
+    return absl::OkStatus();
+  }
+
+  absl::Status Record(void* stream) override {
+    if (absl::Status s = Runtime(cudaSetDevice(ordinal_), "cudaSetDevice"); !s.ok()) return s;
+    return Runtime(cudaEventRecord(event_, static_cast<cudaStream_t>(stream)), "cudaEventRecord");
+  }
+  const std::string& handle() const override { return handle_; }
+
+ private:
+  const int ordinal_;
+  cudaEvent_t event_ = nullptr;
+  std::string handle_;
+};
+
 }  // namespace
 
 bool CudaMappingAvailable() { return true; }
+
+absl::StatusOr<std::unique_ptr<WriteEvent>> CreateWriteEvent(const std::string& device_uuid) {
+  absl::StatusOr<int> ordinal = DeviceOrdinal(device_uuid);
+  if (!ordinal.ok()) return ordinal.status();
+  auto event = std::make_unique<CudaWriteEvent>(*ordinal);
+  if (absl::Status s = event->Create(); !s.ok()) return s;
+  return event;
+}
 
 absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaVmmRegion(const std::string& device_uuid,
                                                                 UniqueFd fd, uint64_t bytes) {

@@ -38,6 +38,12 @@ absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaIpcRegion(const std::strin
                                                                 const std::string&) {
   return OpenCudaVmmRegion(device_uuid, UniqueFd(), 0);
 }
+
+absl::StatusOr<std::unique_ptr<WriteEvent>> CreateWriteEvent(const std::string& device_uuid) {
+  return absl::UnimplementedError(
+      absl::StrCat("the pool lives on ", device_uuid,
+                   ": CUDA write events need a client built with -DCACHEMGR_CUDA=ON"));
+}
 #endif
 
 }  // namespace cachemgr::client

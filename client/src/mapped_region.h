@@ -34,4 +34,20 @@ absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaVmmRegion(const std::strin
 absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaIpcRegion(const std::string& device_uuid,
                                                                 const std::string& handle);
 
+// A CUDA interprocess event (cudaEventInterprocess | cudaEventDisableTiming) on the pool's
+// device: recorded after the client's KV writes, its handle lets the daemon wait for them
+// instead of the client synchronising (Session::RecordKvWrites).
+class WriteEvent {
+ public:
+  virtual ~WriteEvent() = default;
+  // cudaEventRecord on `stream` (a cudaStream_t; null: the legacy default stream).
+  virtual absl::Status Record(void* stream) = 0;
+  // The 64-byte cudaIpcEventHandle_t.
+  virtual const std::string& handle() const = 0;
+};
+
+// Creates the event on the device named by `device_uuid`; FAILED_PRECONDITION in a build
+// without CUDA or when this process does not see that device.
+absl::StatusOr<std::unique_ptr<WriteEvent>> CreateWriteEvent(const std::string& device_uuid);
+
 }  // namespace cachemgr::client

@@ -158,6 +158,16 @@ TEST_CASE("a codebook layer parks until Fetch; Allocate asks for Fetch first", "
   }
   REQUIRE(f.manager.Allocate(f.a.session_token, "s", 3).ok());
   REQUIRE(f.manager.CheckInvariants().ok());
+  // A CUDA write event on a host pool is refused and parks nothing.
+  const uint64_t used = f.UsedBlocks();
+  auto evented = f.manager.Park(f.a.session_token, "s", {}, std::string(64, '\x01'));
+  CHECK(evented.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(evented.status().message()), Catch::Contains("cuda_ipc_event_handle"));
+  CHECK(f.UsedBlocks() == used);
+  CHECK(f.manager.GetSequence(f.a.session_token, "s", false)->busy.empty());
+  REQUIRE(f.manager.Park(f.a.session_token, "s", {}).ok());
+  CHECK(f.UsedBlocks() < used);
+  REQUIRE(f.manager.CheckInvariants().ok());
   REQUIRE(f.manager.Free(f.a.session_token, "s").ok());
   CHECK(f.UsedBlocks() == 0);
 }
@@ -208,6 +218,9 @@ TEST_CASE("failed Compress calls change nothing", "[cpu]") {
   expect(p, absl::StatusCode::kInvalidArgument, "num_queries");
   p.num_queries = UINT32_MAX;  // more than the sequence has tokens (and than size math holds)
   expect(p, absl::StatusCode::kInvalidArgument, "num_queries");
+  p = Params("snapkv");
+  p.cuda_ipc_event_handle = std::string(64, '\x01');  // a host pool has no device events
+  expect(p, absl::StatusCode::kInvalidArgument, "cuda_ipc_event_handle is for CUDA pools");
   p = Params("snapkv");
   p.input = CompressInput::kNone;  // snapkv needs scores
   CHECK_FALSE(f.manager.Compress(f.a.session_token, "s", p).ok());
@@ -392,6 +405,12 @@ TEST_CASE("operator calls: Free and Compress of any client's sequence by an empt
   CHECK_THAT(std::string(refused.status().message()), Catch::Contains("input must be NONE"));
   CompressParams none = Params("streamingllm");
   none.input = CompressInput::kNone;
+  none.cuda_ipc_event_handle = std::string(64, 'e');
+  auto evented = f.manager.Compress("", "s", none);
+  CHECK(evented.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(evented.status().message()),
+             Catch::Contains("cuda_ipc_event_handle must be empty for an operator Compress"));
+  none.cuda_ipc_event_handle.clear();
   auto r = f.manager.Compress("", "s", none);
   REQUIRE(r.ok());
   CHECK(r->blocks_released > 0);

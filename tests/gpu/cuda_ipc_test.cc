@@ -2,7 +2,8 @@
 // process attaches as an engine would, maps the pool through each IPC path (VMM fd, legacy
 // handle), writes K/V with the slot-mapping kernel, and checks that the daemon reads exactly
 // those bytes (digest), compacts them in place on Compress (the rows this process reads back are
-// the kept tokens'), scores tokens on the device from window queries (SnapKV keeps what the CPU
+// the kept tokens'), scores tokens on the device from window queries written on an
+// unsynchronised stream and ordered by the session's CUDA write event (SnapKV keeps what the CPU
 // twin keeps), and builds a codebook layer (similarity graph on the device) that Fetch rebuilds
 // into fresh blocks. Without a CUDA
 // device the daemon refuses --backend=cuda and the case says so and checks nothing.
@@ -172,9 +173,25 @@ TEST_CASE("an engine process maps the daemon's GPU pool and sees it compacted in
       // Window scores on the device: SnapKV from window queries keeps what the CPU twin keeps
       // on the same rows. The device softmax agrees to ~1e-5 relative, so at most a near-tie at
       // the budget's edge may swap a token or two per head.
+      // This sequence is written on a stream the test never synchronises before Compress: the
+      // session's CUDA write event, recorded after the writes, orders them before the daemon's
+      // reads.
       absl::StatusOr<client::Allocation> snap_alloc = (*session)->Allocate("snap", kTokens);
       REQUIRE(snap_alloc.ok());
-      write_all(*snap_alloc);
+      cudaStream_t stream = nullptr;
+      REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
+      std::vector<void*> staged;
+      for (uint32_t l = 0; l < kLayers; ++l) {
+        uint16_t* k = ToDevice(keys[l]);
+        uint16_t* v = ToDevice(values[l]);
+        int64_t* slots = ToDevice(snap_alloc->layers[l].slot_mapping);
+        REQUIRE(kernels::WriteKvBySlotCuda(pool.layout(), pool.layer_base(l),
+                                           reinterpret_cast<std::byte*>(k),
+                                           reinterpret_cast<std::byte*>(v), slots, kTokens, stream)
+                    .ok());
+        staged.insert(staged.end(), {k, v, slots});
+      }
+      REQUIRE((*session)->RecordKvWrites(stream).ok());
       constexpr uint32_t kQueries = 8;
       const size_t per_layer = size_t{kQueries} * kQHeads * kDim;
       std::vector<float> queries(kLayers * per_layer);
@@ -192,6 +209,9 @@ TEST_CASE("an engine process maps the daemon's GPU pool and sees it compacted in
       snap.num_queries = kQueries;
       absl::StatusOr<client::CompressResult> snapped = (*session)->Compress("snap", snap);
       REQUIRE(snapped.ok());
+      REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+      for (void* p : staged) cudaFree(p);
+      cudaStreamDestroy(stream);
       compress::ModelShape shape;
       shape.num_layers = kLayers;
       shape.num_q_heads = kQHeads;

@@ -136,6 +136,10 @@ def test_errors_carry_status_and_field(daemon):
         assert "policy.preset" in e.value.message
         with pytest.raises(ValueError):
             s.compress("x", reserve_ratio=0.5, byte_ratio=0.5)
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            s.record_kv_writes()
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "host memory" in e.value.message
     with pytest.raises(ValueError):
         cachemgr.Session.attach(daemon.socket, "bad", cachemgr.ModelSpec(
             "m", 1, 1, 1, 8, dtype="int4"))

@@ -54,6 +54,18 @@ class FakeDriver:
         self.calls.append(("close_ipc", ptr))
         del self.mapped[ptr]
 
+    def create_ipc_event(self, ordinal):
+        self.calls.append(("create_event", ordinal))
+        self.events = getattr(self, "events", set()) | {0xE7}
+        return 0xE7, bytes(range(100, 164))
+
+    def record_event(self, event, stream):
+        self.calls.append(("record_event", event, stream))
+
+    def destroy_event(self, event):
+        self.calls.append(("destroy_event", event))
+        self.events.remove(event)
+
 
 def model(layout="flash_attn", dtype="bf16"):
     return ModelSpec(name="m", num_layers=3, num_q_heads=8, num_kv_heads=2, head_dim=64,
@@ -114,6 +126,24 @@ def test_ipc_pool_opens_the_handles():
     assert ("open_ipc", 3, handle) in driver.calls
     pool.close()
     assert driver.mapped == {}
+
+
+def test_write_event_is_created_once_recorded_per_call_and_destroyed_on_close():
+    m = model()
+    driver = FakeDriver()
+    lb = layer_bytes(m, 4)
+    pool = DevicePool(m, 4, driver.uuid, "ipc_handle", [(None, 3 * lb, bytes(64))],
+                      [(0, l * lb, lb) for l in range(3)], driver=driver, wrap=lambda a: a)
+    assert pool.write_event_handle == b""  # nothing to wait for until the first record
+    pool.record_kv_writes(0x5A)
+    pool.record_kv_writes()
+    events = [c for c in driver.calls if c[0] in ("create_event", "record_event")]
+    assert events == [("create_event", 3), ("record_event", 0xE7, 0x5A),
+                      ("record_event", 0xE7, 0)]
+    assert pool.write_event_handle == bytes(range(100, 164))
+    pool.close()
+    assert ("destroy_event", 0xE7) in driver.calls and driver.events == set()
+    assert pool.write_event_handle == b""
 
 
 def test_failures_release_everything_and_say_why():

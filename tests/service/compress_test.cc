@@ -451,6 +451,23 @@ TEST_CASE("Compress errors name the request field and change nothing", "[service
     CHECK(st.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
     CHECK_THAT(st.error_message(), Catch::Contains("target"));
   }
+  // A CUDA write event: the operator has none, and a host pool needs none.
+  raw.set_reserve_ratio(0.3);
+  raw.set_cuda_ipc_event_handle(std::string(64, '\x02'));
+  {
+    grpc::ClientContext ctx;
+    v1::CompressResponse resp;
+    const grpc::Status st = stub->Compress(&ctx, raw, &resp);
+    CHECK(st.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK_THAT(st.error_message(), Catch::Contains("cuda_ipc_event_handle must be empty"));
+  }
+  const absl::Status record = s.RecordKvWrites(nullptr);
+  CHECK(record.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(record.message()), Catch::Contains("host memory"));
+  auto now = s.GetSequence("seq", true);
+  REQUIRE(now.ok());
+  CHECK_FALSE(now->compressed);
+  CHECK(UsedBlocks(*stub) == used);
   REQUIRE(s.Detach().ok());
 }
 

@@ -64,7 +64,7 @@ int RunHealth(const std::vector<std::string>& args) {
   std::map<std::string, std::string> statuses;
   bool serving = true;
   bool health_off = false;
-  for (const std::string service : {std::string(), std::string(kServiceName)}) {
+  for (const std::string& service : {std::string(), std::string(kServiceName)}) {
     grpc::health::v1::HealthCheckRequest request;
     request.set_service(service);
     grpc::health::v1::HealthCheckResponse response;

@@ -3,8 +3,8 @@
 // prefilled sequence (tools/eval/evaluator.h). Prints a markdown table; writes trials.csv,
 // summary.json, summary.md (and observations.json with --observations) to --out.
 //
-//   cachemgr-eval --socket=S --model=stories260K.bin --tokenizer=tok512.bin \
-//       --dataset=tinystories --samples=20 --policies=all --out=results/stories
+//   cachemgr-eval --socket=S --model=stories260K.bin --tokenizer=tok512.bin
+//       --dataset=tinystories --samples=20 --policies=all --out=results/stories   (one line)
 //
 // Exit 0 on success, 1 on failure, 2 on bad flags.
 #include <unistd.h>

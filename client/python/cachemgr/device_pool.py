@@ -12,8 +12,10 @@ library that accepts __cuda_array_interface__ can wrap it). Shapes are those of 
   flashinfer:  [num_blocks, 2, block_size, num_kv_heads, head_dim]
 bf16 layers are torch.bfloat16 tensors under torch (raw uint16 otherwise).
 
-Ordering: the daemon finishes its kernels before an RPC returns; the engine must synchronise its
-own writes (torch.cuda.synchronize() or its stream) before calling compress() or park()."""
+Ordering: the daemon finishes its kernels before an RPC returns. The engine's own writes must be
+complete before compress() or park() read the pool: either synchronise (torch.cuda.synchronize()
+or the stream), or call record_kv_writes(stream) after enqueueing them, which records a CUDA
+interprocess event the daemon waits for (its handle goes with every later compress and park)."""
 
 import ctypes
 import ctypes.util
@@ -28,6 +30,8 @@ CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1
 CU_MEM_ALLOC_GRANULARITY_MINIMUM = 0
 CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+CU_EVENT_DISABLE_TIMING = 0x2
+CU_EVENT_INTERPROCESS = 0x4
 
 _TYPESTR = {"fp16": "<f2", "bf16": "<u2", "fp32": "<f4"}
 _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -134,12 +138,7 @@ class CudaDriver:
     def open_ipc(self, ordinal: int, handle: bytes) -> int:
         if len(handle) != 64:
             raise CudaError(f"the daemon sent a {len(handle)}-byte CUDA IPC handle (want 64)")
-        ctx = ctypes.c_void_p()
-        dev = ctypes.c_int()
-        self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
-        self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev),
-                    "cuDevicePrimaryCtxRetain")
-        self._check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self._make_current(ordinal)
         ptr = ctypes.c_ulonglong()
         self._check(self._lib.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), _IpcHandle(handle),
                                                     CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
@@ -148,6 +147,33 @@ class CudaDriver:
 
     def close_ipc(self, ptr: int) -> None:
         self._lib.cuIpcCloseMemHandle(ctypes.c_ulonglong(ptr))
+
+    def create_ipc_event(self, ordinal: int):
+        """An interprocess event (timing disabled) on the device: (event, 64-byte handle)."""
+        self._make_current(ordinal)
+        event = ctypes.c_void_p()
+        self._check(self._lib.cuEventCreate(ctypes.byref(event),
+                                            CU_EVENT_DISABLE_TIMING | CU_EVENT_INTERPROCESS),
+                    "cuEventCreate")
+        handle = _IpcHandle()
+        self._check(self._lib.cuIpcGetEventHandle(ctypes.byref(handle), event),
+                    "cuIpcGetEventHandle")
+        return event.value, bytes(handle.reserved)
+
+    def record_event(self, event: int, stream: int) -> None:
+        self._check(self._lib.cuEventRecord(ctypes.c_void_p(event), ctypes.c_void_p(stream)),
+                    "cuEventRecord")
+
+    def destroy_event(self, event: int) -> None:
+        self._lib.cuEventDestroy_v2(ctypes.c_void_p(event))
+
+    def _make_current(self, ordinal: int) -> None:
+        ctx = ctypes.c_void_p()
+        dev = ctypes.c_int()
+        self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+        self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev),
+                    "cuDevicePrimaryCtxRetain")
+        self._check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
 class _DeviceArray:
@@ -195,6 +221,8 @@ class DevicePool:
         self._driver = driver or CudaDriver()
         self._share = share_method
         self._bases: List[int] = []
+        self._event: Optional[int] = None
+        self.write_event_handle = b""  # set by the first record_kv_writes
         try:
             self.ordinal = self._driver.device_ordinal(device)
             for fd, size, handle in regions:
@@ -237,7 +265,21 @@ class DevicePool:
         t = self._layers[layer]
         return t[1] if self.model.layout == "flash_attn" else t[:, 1]
 
+    def record_kv_writes(self, stream: int = 0) -> None:
+        """Records this pool's interprocess write event on `stream` (a CUstream / cudaStream_t
+        as an int, e.g. torch.cuda.current_stream().cuda_stream; 0: the legacy default stream)
+        after the KV writes enqueued there. The event is created at the first call; its handle
+        (write_event_handle) then goes with every compress and park, and the daemon waits for
+        the latest record before it reads the pool."""
+        if self._event is None:
+            self._event, self.write_event_handle = self._driver.create_ipc_event(self.ordinal)
+        self._driver.record_event(self._event, stream)
+
     def close(self) -> None:
+        if self._event is not None:
+            self._driver.destroy_event(self._event)
+            self._event = None
+            self.write_event_handle = b""
         self._layers = []
         for base in self._bases:
             if self._share == "vmm_fd":

@@ -35,6 +35,8 @@ class HostPool:
     """The pool of one model, mapped into this process. Views stay valid while the pool (and
     the Session that owns it) lives."""
 
+    on_device = False  # host memory (DevicePool: True)
+
     def __init__(self, model: ModelSpec, num_blocks: int, region_fds: Sequence[int],
                  region_bytes: Sequence[int], layer_places: Sequence[tuple]):
         self.model = model

@@ -226,7 +226,8 @@ class Session:
         if queries is not None and scores is not None:
             raise ValueError("give queries or scores, not both")
         request = pb.CompressRequest(session_token=self._token, sequence_id=sequence_id,
-                                     policy=convert.policy_to_proto(policy))
+                                     policy=convert.policy_to_proto(policy),
+                                     cuda_ipc_event_handle=self._write_event_handle())
         if reserve_ratio is not None:
             request.reserve_ratio = reserve_ratio
         else:
@@ -265,9 +266,26 @@ class Session:
         """Returns fetched codebook layers (default all) to the daemon's arena, coding the rows
         appended since Fetch; their blocks are released."""
         response = self._call("Park", pb.ParkRequest(
-            session_token=self._token, sequence_id=sequence_id, layers=list(layers)),
-            timeout=HEAVY_CALL_TIMEOUT)
+            session_token=self._token, sequence_id=sequence_id, layers=list(layers),
+            cuda_ipc_event_handle=self._write_event_handle()), timeout=HEAVY_CALL_TIMEOUT)
         return convert.parked_from_proto(response)
+
+    def record_kv_writes(self, stream: int = 0) -> None:
+        """CUDA pools: records the session's interprocess write event on `stream` (an int
+        CUstream, e.g. torch.cuda.current_stream().cuda_stream; 0: the legacy default stream)
+        after the KV writes enqueued there, so that later compress() and park() calls need no
+        synchronisation first: the daemon waits for the event before it reads the pool.
+        FAILED_PRECONDITION for a pool in host memory (writes there are complete when the
+        stores return)."""
+        if not self.pool.on_device:
+            raise CacheManagerError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "record_kv_writes is for CUDA pools; this pool is in host memory, where writes "
+                "are complete when the stores return")
+        self.pool.record_kv_writes(stream)
+
+    def _write_event_handle(self) -> bytes:
+        return getattr(self.pool, "write_event_handle", b"")
 
 
 def stats(target: str, bearer_token: Optional[str] = None) -> Stats:

@@ -266,6 +266,13 @@ class Session {
                                            bool include_kv_digest = false);
   // This client's sequences.
   absl::StatusOr<std::vector<SequenceSummary>> ListSequences();
+  // CUDA pools: records this session's interprocess write event on `stream` (a cudaStream_t;
+  // null: the legacy default stream), after the KV writes enqueued there. Every later Compress
+  // and Park passes the event, and the daemon waits for its latest record before it reads the
+  // pool, so the engine need not synchronise the stream first. The event is created on the
+  // pool's device at the first call. FAILED_PRECONDITION for a pool in host memory (whose
+  // writes are complete when the stores return); UNIMPLEMENTED in a client built without CUDA.
+  absl::Status RecordKvWrites(void* stream);
   // Compresses a sequence in place; inputs are read from input_buffer().
   absl::StatusOr<CompressResult> Compress(std::string_view sequence_id,
                                           const CompressOptions& options);
