@@ -6,6 +6,8 @@
 //                         (theta 0.95) of n tokens.
 //   BM_CompressLayer/n/d  the "spindlekv" preset on one layer (4 query heads, 1 KV head,
 //                         32 observation-window queries, reserve ratio 0.3) via CompressSequence.
+//   BM_HostStagesFromScores/n/policy/target/threads  what a CUDA pool's Compress does on the
+//                         host after the device scored the tokens (see the function).
 //   BM_Memcpy/bytes       plain memcpy baseline.
 //
 // memcpy_ratio = (time of one call) / (time of one memcpy of n * d * 2 (K and V) * 2 bytes, the
@@ -290,6 +292,71 @@ void BM_CompressLayer(benchmark::State& state) {
   state.counters["honest_ratio"] = last.stats.honest_ratio;
 }
 
+// The host stages a CUDA pool's Compress runs after the device computed the window scores
+// (docs/GPU.md): normalisation, pooling, GQA, budgets, selection and, for a byte target, the
+// search, on a Llama-3-8B-shaped sequence (32 layers, 32 q / 8 KV heads, head_dim 128) from
+// precomputed scores alone (no K/V, as the daemon passes them). Args: n, policy (0 snapkv,
+// 1 pyramidkv), target (0 reserve ratio 0.3, 1 byte ratio 0.3), threads. The memcpy baseline
+// copies the score rows (32 layers x 32 heads x n float32) the stages read.
+void BM_HostStagesFromScores(benchmark::State& state) {
+  namespace cc = cachemgr::compress;
+  const auto n = static_cast<uint32_t>(state.range(0));
+  const char* preset = state.range(1) == 0 ? "snapkv" : "pyramidkv";
+  const auto threads = static_cast<uint32_t>(state.range(3));
+  cc::ModelShape shape;
+  shape.num_layers = 32;
+  shape.num_q_heads = 32;
+  shape.num_kv_heads = 8;
+  shape.head_dim = 128;
+  shape.elem_bytes = 2;
+  shape.rope_style = cc::RopeStyle::kHalfSplit;
+  shape.rope_theta = 500000.0;
+  auto policy = cc::PresetPolicy(preset);
+  if (!policy.ok()) {
+    state.SkipWithError("no preset");
+    return;
+  }
+  // Window-sum-like scores: positive, heavy-tailed, a different draw per layer and head.
+  std::mt19937_64 rng(77 + n);
+  std::exponential_distribution<float> tail(1.0f);
+  const size_t per_layer = size_t{shape.num_q_heads} * n;
+  std::vector<float> scores(size_t{shape.num_layers} * per_layer);
+  for (float& x : scores) x = tail(rng) * tail(rng);
+  cc::SequenceInput input;
+  input.num_tokens = n;
+  input.layers.resize(shape.num_layers);
+  for (uint32_t l = 0; l < shape.num_layers; ++l) input.layers[l].scores = &scores[l * per_layer];
+  cc::CompressTarget target;
+  target.kind = state.range(2) == 0 ? cc::TargetKind::kReserveRatio : cc::TargetKind::kByteRatio;
+  target.value = 0.3;
+
+  MemcpyBaseline memcpy_baseline(scores.size() * sizeof(float));
+  double total = 0, cpu_total = 0;
+  uint64_t calls = 0;
+  double honest = 0;
+  for (auto _ : state) {
+    const double c0 = ThreadCpuSeconds();
+    const auto t0 = Clock::now();
+    auto result = cc::CompressSequence(shape, *policy, input, target, threads);
+    const auto t1 = Clock::now();
+    cpu_total += ThreadCpuSeconds() - c0;
+    if (!result.ok()) {
+      state.SkipWithError(std::string(result.status().message()).c_str());
+      return;
+    }
+    benchmark::DoNotOptimize(result->layers.data());
+    total += Seconds(t0, t1);
+    ++calls;
+    honest = result->stats.honest_ratio;
+    state.PauseTiming();
+    memcpy_baseline.Sample(1);
+    state.ResumeTiming();
+  }
+  memcpy_baseline.Sample(3);
+  SetRatioCounters(state, total, cpu_total, calls, memcpy_baseline);
+  state.counters["honest_ratio"] = honest;
+}
+
 void BM_Memcpy(benchmark::State& state) {
   const auto bytes = static_cast<size_t>(state.range(0));
   std::vector<char> src(bytes, 1), dst(bytes, 0);
@@ -323,6 +390,13 @@ BENCHMARK(BM_Codebook)
 BENCHMARK(BM_CompressLayer)->Apply(CodebookArgs)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_CompressLayer)
     ->Apply(CodebookArgsLarge)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(3);
+BENCHMARK(BM_HostStagesFromScores)
+    ->ArgNames({"n", "policy", "target", "threads"})
+    ->ArgsProduct({{4096, 16384, 32768}, {0, 1}, {0, 1}, {1}})
+    ->Args({32768, 0, 1, 2})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(3);

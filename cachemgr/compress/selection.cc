@@ -1,7 +1,11 @@
 #include "cachemgr/compress/selection.h"
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
 #include <functional>
+#include <limits>
 
 namespace cachemgr::compress {
 namespace {
@@ -34,17 +38,28 @@ void TopKAscending(const float* row, uint32_t context, uint32_t k, std::vector<f
   }
 }
 
+// A score and its token as one integer whose ascending order is the ranking's: descending score
+// (-0.0 as +0.0, NaN as -infinity, like RankTopKCuda), then ascending token. Sorting these
+// plain 64-bit keys keeps the comparisons branch-free and the data contiguous.
+uint64_t RankKey(float score, uint32_t token) {
+  if (std::isnan(score)) score = -std::numeric_limits<float>::infinity();
+  if (score == 0.0f) score = 0.0f;
+  const uint32_t bits = std::bit_cast<uint32_t>(score);
+  const uint32_t ascending = (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+  return (uint64_t{~ascending} << 32) | token;
+}
+
 }  // namespace
 
 void RankTopK(absl::Span<const float> row, uint32_t k, std::vector<uint32_t>* ranked) {
   const uint32_t context = static_cast<uint32_t>(row.size());
-  ranked->resize(context);
-  for (uint32_t a = 0; a < context; ++a) (*ranked)[a] = a;
-  auto by_rank = [&row](uint32_t x, uint32_t y) {
-    return row[x] > row[y] || (row[x] == row[y] && x < y);
-  };
-  std::partial_sort(ranked->begin(), ranked->begin() + k, ranked->end(), by_rank);
+  std::vector<uint64_t> keys(context);
+  for (uint32_t a = 0; a < context; ++a) keys[a] = RankKey(row[a], a);
+  // The k smallest keys first (linear), then only those sorted.
+  if (k < context) std::nth_element(keys.begin(), keys.begin() + k, keys.end());
+  std::sort(keys.begin(), keys.begin() + k);
   ranked->resize(k);
+  for (uint32_t i = 0; i < k; ++i) (*ranked)[i] = static_cast<uint32_t>(keys[i]);
 }
 
 void MergeRankings(absl::Span<const uint32_t> rankings, uint32_t group, uint32_t context,

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cmath>
+#include <iterator>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -155,6 +157,44 @@ TEST_CASE("repeat round-robin matches a literal reference", "[cpu]") {
       INFO("trial " << trial << " head " << h);
       CHECK(Row(kept, k + split.window, h) == want);
     }
+  }
+}
+
+TEST_CASE("RankTopK is the stable descending order: ties, signed zeros, infinities, NaN", "[cpu]") {
+  std::mt19937 rng(12);
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::nanf(""),
+                            -std::numeric_limits<float>::denorm_min(),
+                            1e-30f,
+                            -3.5f,
+                            7.0f};
+  for (int trial = 0; trial < 200; ++trial) {
+    const uint32_t context = 1 + rng() % 500;
+    std::vector<float> row(context);
+    for (float& x : row) {
+      const uint32_t pick = rng() % 4;
+      x = pick == 0   ? specials[rng() % std::size(specials)]
+          : pick == 1 ? static_cast<float>(static_cast<int>(rng() % 21) - 10)  // many ties
+                      : std::ldexp(static_cast<float>(rng() % 100000) - 50000.0f, -7);
+    }
+    const uint32_t k = rng() % (context + 1);
+    std::vector<uint32_t> got;
+    RankTopK(row, k, &got);
+    // Reference: NaN scores as -infinity, then a stable sort by descending score (-0 == +0).
+    std::vector<float> clean = row;
+    for (float& x : clean) {
+      if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();
+    }
+    std::vector<uint32_t> want(context);
+    std::iota(want.begin(), want.end(), 0);
+    std::stable_sort(want.begin(), want.end(),
+                     [&](uint32_t a, uint32_t b) { return clean[a] > clean[b]; });
+    want.resize(k);
+    INFO("trial " << trial << " context " << context << " k " << k);
+    CHECK(got == want);
   }
 }
 
