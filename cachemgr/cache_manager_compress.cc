@@ -444,6 +444,7 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
   std::vector<uint32_t> which;
   std::vector<std::shared_ptr<const compress::CodedLayer>> parked;  // per entry of `which`
   uint64_t serial = 0;
+  bool on_device = false;
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
@@ -459,6 +460,7 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
     if (any) {
       seq->busy = "Fetch";
       serial = seq->serial;
+      on_device = client->pool->memory->computes_on_device();
     } else {
       std::vector<FetchedLayerResult> out;
       for (uint32_t l : which) {
@@ -469,11 +471,18 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
     }
   }
 
-  // Outside the lock: flatten the immutable coded layers; the pool reconstructs them (on the
-  // device for a CUDA pool, so only the codebooks cross PCIe).
+  // Outside the lock, from the immutable coded layers: a device pool gets their flat form and
+  // reconstructs next to its memory (only the codebooks cross PCIe); for a host pool the rows
+  // are rebuilt here, so the math stays out of the lock.
   std::vector<compress::CodedRows> flat(which.size());
+  std::vector<std::vector<float>> rec_k(which.size()), rec_v(which.size());
   for (size_t i = 0; i < which.size(); ++i) {
-    if (parked[i] != nullptr) flat[i] = parked[i]->Flatten();
+    if (parked[i] == nullptr) continue;
+    if (on_device) {
+      flat[i] = parked[i]->Flatten();
+    } else {
+      parked[i]->Reconstruct(&rec_k[i], &rec_v[i]);
+    }
   }
 
   absl::MutexLock lock(&mu_);
@@ -501,8 +510,10 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
     r.layer = l;
     if (t.parked) {
       std::vector<uint32_t> blocks = pool.allocators[l].Allocate(CeilDiv(t.num_tokens, bs)).value();
+      const std::vector<int64_t> slots = RowSlots(blocks, 0, t.num_tokens, bs);
       if (absl::Status s =
-              pool.memory->ScatterCodedRows(l, RowSlots(blocks, 0, t.num_tokens, bs), flat[i]);
+              on_device ? pool.memory->ScatterCodedRows(l, slots, flat[i])
+                        : pool.memory->ScatterTokens(l, slots, rec_k[i].data(), rec_v[i].data());
           !s.ok()) {
         for (uint32_t b : blocks) pool.allocators[l].Release(b);
         Log(LogLevel::kError, "reconstruction write failed", {{"error", s.ToString()}});

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "cachemgr/client/client.h"
@@ -117,6 +118,10 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<cachemgr::testing::DaemonProcess>> daemon =
       cachemgr::testing::DaemonProcess::Start(
           {"--backend=cuda", "--memory_budget=64G", "--default_pool_bytes=64G"});
+  if (!daemon.ok() && absl::StrContains(daemon.status().message(), "no CUDA device")) {
+    std::printf("no CUDA device: nothing measured\n");
+    return 0;
+  }
   if (!daemon.ok()) Die(std::string(daemon.status().message()));
 
   cachemgr::client::AttachOptions options;

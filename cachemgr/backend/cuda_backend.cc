@@ -346,6 +346,7 @@ class CudaPoolMemory final : public PoolMemory {
   }
 
   const compress::SimilarityGraphBuilder* similarity_graph() const override { return &graph_; }
+  bool computes_on_device() const override { return true; }
 
   // Uploads the flat codebook, then on the pool's stream: eq. 14 for K and V into device rows,
   // RoPE on the coded K vectors, the scatter into the pool.

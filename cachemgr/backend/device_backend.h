@@ -89,6 +89,12 @@ class PoolMemory {
   // long as this object.
   virtual const compress::SimilarityGraphBuilder* similarity_graph() const { return nullptr; }
 
+  // True when this memory is a device's (CUDA): Fetch then hands codebook layers over in flat
+  // form (ScatterCodedRows) so that only the codebook crosses PCIe. False (host): Fetch
+  // reconstructs on the host outside the manager's lock and writes rows with ScatterTokens,
+  // keeping the math out of the lock.
+  virtual bool computes_on_device() const { return false; }
+
   // Fetch's write of a codebook layer: reconstructs `coded` (compress::ReconstructCodedRows:
   // eq. 14, RoPE re-applied to K) into the rows at `slots`, row r of `coded` at slots[r]. The
   // host backend runs the CPU twin and scatters; the CUDA backend uploads the flat codebook
