@@ -252,24 +252,24 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
           absl::StrCat("waiting for the client's write event failed: ", s.message()));
     }
   }
-  if (read.ok())
-    read = ParallelFor(shape.num_layers, threads, [&](uint32_t l) -> absl::Status {
-      if (scores_from_pool) {
-        sums[l].resize(size_t{shape.num_q_heads} * n);
-        if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
-                                                         inputs.data() + l * per_layer_inputs,
-                                                         params.num_queries, sums[l].data());
-            !s.ok()) {
-          return absl::InternalError(absl::StrCat("scoring layer ", l, " failed: ", s.message()));
-        }
+  auto read_layer = [&](uint32_t l) -> absl::Status {
+    if (scores_from_pool) {
+      sums[l].resize(size_t{shape.num_q_heads} * n);
+      if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
+                                                       inputs.data() + l * per_layer_inputs,
+                                                       params.num_queries, sums[l].data());
+          !s.ok()) {
+        return absl::InternalError(absl::StrCat("scoring layer ", l, " failed: ", s.message()));
       }
-      if (params.policy.codebook || shared[l]) {
-        if (absl::Status s = GatherLayerRows(*memory, l, slots[l], &keys[l], &values[l]); !s.ok()) {
-          return absl::InternalError(absl::StrCat("reading layer ", l, " failed: ", s.message()));
-        }
+    }
+    if (params.policy.codebook || shared[l]) {
+      if (absl::Status s = GatherLayerRows(*memory, l, slots[l], &keys[l], &values[l]); !s.ok()) {
+        return absl::InternalError(absl::StrCat("reading layer ", l, " failed: ", s.message()));
       }
-      return absl::OkStatus();
-    });
+    }
+    return absl::OkStatus();
+  };
+  if (read.ok()) read = ParallelFor(shape.num_layers, threads, read_layer);
   compress::SequenceInput input;
   input.num_tokens = n;
   input.layers.resize(shape.num_layers);
