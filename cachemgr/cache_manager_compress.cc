@@ -283,7 +283,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
       li.scores = inputs.data() + l * per_layer_inputs;
     }
   }
-  const compress::ComputeOptions compute{threads, memory->similarity_graph()};
+  const compress::ComputeOptions compute{threads, memory->similarity_graph(), memory->ranker()};
   absl::StatusOr<compress::SequenceResult> computed =
       read.ok() ? compress::CompressSequence(shape, params.policy, input, params.target, compute)
                 : absl::StatusOr<compress::SequenceResult>(read);

@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "cachemgr/backend/cuda_driver.h"
 #include "cachemgr/compress/codebook_graph.h"
+#include "cachemgr/compress/selection.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/util/unique_fd.h"
 #include "kernels/cpu/block_copy.h"
@@ -21,6 +22,7 @@
 #include "kernels/cuda/block_copy.h"
 #include "kernels/cuda/codebook_graph.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/rank_topk.h"
 #include "kernels/cuda/rope_rows.h"
 #include "kernels/cuda/token_rows.h"
 
@@ -346,6 +348,7 @@ class CudaPoolMemory final : public PoolMemory {
   }
 
   const compress::SimilarityGraphBuilder* similarity_graph() const override { return &graph_; }
+  const compress::TopKRanker* ranker() const override { return &ranker_; }
   bool computes_on_device() const override { return true; }
 
   // Uploads the flat codebook, then on the pool's stream: eq. 14 for K and V into device rows,
@@ -509,6 +512,51 @@ class CudaPoolMemory final : public PoolMemory {
     const CudaPoolMemory* pool_;
   };
 
+  // RankTopKCuda (a stable segmented radix sort, bit-identical to RankTopK): score rows in,
+  // the first k tokens of each row's ranking out.
+  class DeviceRanker final : public compress::TopKRanker {
+   public:
+    explicit DeviceRanker(const CudaPoolMemory* pool) : pool_(pool) {}
+    absl::Status Rank(absl::Span<const float> scores, uint32_t num_rows, uint32_t context,
+                      uint32_t k, uint32_t* ranked) const override {
+      return pool_->RankRows(scores, num_rows, context, k, ranked);
+    }
+
+   private:
+    const CudaPoolMemory* pool_;
+  };
+
+  absl::Status RankRows(absl::Span<const float> scores, uint32_t num_rows, uint32_t context,
+                        uint32_t k, uint32_t* ranked) const {
+    if (scores.size() != size_t{num_rows} * context) {
+      return absl::InvalidArgumentError(absl::StrCat("ranking ", num_rows, " rows of ", context,
+                                                     " scores from ", scores.size(), " floats"));
+    }
+    if (num_rows == 0 || k == 0) return absl::OkStatus();
+    const size_t scores_bytes = scores.size() * sizeof(float);
+    const size_t ranked_bytes = size_t{num_rows} * k * sizeof(uint32_t);
+    const size_t work = kernels::RankTopKScratchBytes(num_rows, context);
+    absl::MutexLock lock(&mu_);
+    CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
+    absl::StatusOr<std::byte*> dev =
+        compute_scratch_.Get(RoundUp(scores_bytes, 256) + RoundUp(ranked_bytes, 256) + work);
+    if (!dev.ok()) return dev.status();
+    auto* dev_scores = reinterpret_cast<float*>(*dev);
+    auto* dev_ranked = reinterpret_cast<uint32_t*>(*dev + RoundUp(scores_bytes, 256));
+    std::byte* dev_work = *dev + RoundUp(scores_bytes, 256) + RoundUp(ranked_bytes, 256);
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_scores, scores.data(), scores_bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s = kernels::RankTopKCuda(dev_scores, num_rows, context, k, dev_ranked,
+                                               dev_work, work, stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(ranked, dev_ranked, ranked_bytes, cudaMemcpyDeviceToHost, stream_));
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
   absl::Status BuildSimilarityGraph(const float* unit, const uint8_t* nonzero, size_t n,
                                     uint32_t dim, float theta, uint64_t* adjacency) const {
     if (n == 0) return absl::OkStatus();
@@ -556,6 +604,7 @@ class CudaPoolMemory final : public PoolMemory {
   // The compute calls' second buffer (scratch_ holds their staged rows).
   mutable Scratch compute_scratch_ ABSL_GUARDED_BY(mu_);
   const DeviceSimilarityGraph graph_{this};
+  const DeviceRanker ranker_{this};
 };
 
 // A client's interprocess event, opened once (cudaIpcOpenEventHandle) and closed on destruction.

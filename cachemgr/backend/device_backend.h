@@ -24,6 +24,7 @@ namespace cachemgr {
 
 namespace compress {
 class SimilarityGraphBuilder;  // cachemgr/compress/codebook_graph.h
+class TopKRanker;              // cachemgr/compress/selection.h
 }  // namespace compress
 
 enum class BackendKind : uint8_t { kHost, kCuda };
@@ -88,6 +89,9 @@ class PoolMemory {
   // null for the host (the CPU pass), the device for the CUDA backend. Thread-safe; lives as
   // long as this object.
   virtual const compress::SimilarityGraphBuilder* similarity_graph() const { return nullptr; }
+  // Where this pool's selections rank query heads (compress/selection.h): null for the host,
+  // the device for the CUDA backend. Thread-safe; lives as long as this object.
+  virtual const compress::TopKRanker* ranker() const { return nullptr; }
 
   // True when this memory is a device's (CUDA): Fetch then hands codebook layers over in flat
   // form (ScatterCodedRows) so that only the codebook crosses PCIe. False (host): Fetch

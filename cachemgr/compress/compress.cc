@@ -57,12 +57,13 @@ class SequenceCompressor {
  public:
   SequenceCompressor(const ModelShape& shape, const PolicyConfig& policy,
                      const SequenceInput& input, uint32_t threads,
-                     const SimilarityGraphBuilder* similarity_graph)
+                     const SimilarityGraphBuilder* similarity_graph, const TopKRanker* ranker)
       : shape_(shape),
         policy_(policy),
         input_(input),
         threads_(threads),
         similarity_graph_(similarity_graph),
+        ranker_(ranker),
         split_(SplitWindow(input.num_tokens, policy.window)),
         rope_(RopeParamsFromShape(shape)),
         memo_(shape.num_layers) {}
@@ -118,7 +119,8 @@ class SequenceCompressor {
     } else if (policy_.scoring == Scoring::kSinksRecent) {
       SelectSinksRecent(heads, split_, k, policy_.sinks, &layer.kept);
     } else {
-      SelectTopK(scores_[l].scores, scores_[l].num_heads, heads, split_, k, &layer.kept);
+      RETURN_IF_ERROR(SelectTopK(scores_[l].scores, scores_[l].num_heads, heads, split_, k,
+                                 &layer.kept, ranker_));
     }
     if (policy_.codebook) {
       RETURN_IF_ERROR(BuildLayerCodebooks(shape_, policy_, input_.layers[l], rope_, angles_,
@@ -134,6 +136,7 @@ class SequenceCompressor {
   const SequenceInput& input_;
   const uint32_t threads_;
   const SimilarityGraphBuilder* const similarity_graph_;
+  const TopKRanker* const ranker_;
   const WindowSplit split_;
   const RopeParams rope_;
   RopeAngles angles_;
@@ -309,7 +312,8 @@ absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const P
   const uint32_t threads = compute.max_threads == 0
                                ? std::max(1u, std::thread::hardware_concurrency())
                                : compute.max_threads;
-  SequenceCompressor compressor(shape, policy, input, threads, compute.similarity_graph);
+  SequenceCompressor compressor(shape, policy, input, threads, compute.similarity_graph,
+                                compute.ranker);
   RETURN_IF_ERROR(compressor.Prepare());
   if (target.kind == TargetKind::kReserveRatio) return compressor.Evaluate(target.value);
   return SearchByteRatio(shape, input.num_tokens, compressor, target.value, policy);

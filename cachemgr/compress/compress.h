@@ -18,6 +18,7 @@
 namespace cachemgr::compress {
 
 class SimilarityGraphBuilder;  // codebook_graph.h
+class TopKRanker;              // selection.h
 
 enum class RopeStyle : uint8_t { kNone, kInterleaved, kHalfSplit };
 
@@ -187,6 +188,8 @@ struct ComputeOptions {
   uint32_t max_threads = 1;
   // Builds the codebooks' similarity graphs (codebook_graph.h); null: on the host.
   const SimilarityGraphBuilder* similarity_graph = nullptr;
+  // Ranks the query heads' scores under GqaMode::kRepeat (selection.h); null: on the host.
+  const TopKRanker* ranker = nullptr;
 };
 
 // Runs the policy. INVALID_ARGUMENT (naming the field) for a bad shape, policy or target, or
@@ -220,7 +223,7 @@ inline absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape,
                                                        const SequenceInput& input,
                                                        const CompressTarget& target,
                                                        uint32_t max_threads = 1) {
-  return CompressSequence(shape, policy, input, target, ComputeOptions{max_threads, nullptr});
+  return CompressSequence(shape, policy, input, target, ComputeOptions{max_threads});
 }
 
 // Rebuilds a layer's kept K and V as dense arrays [num_kv_heads, kept_per_head, head_dim]

@@ -79,30 +79,44 @@ void MergeRankings(absl::Span<const uint32_t> rankings, uint32_t group, uint32_t
   std::sort(out, out + k);
 }
 
-void SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads, uint32_t num_kv_heads,
-                const WindowSplit& split, uint32_t k, std::vector<uint32_t>* kept) {
+absl::Status SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads,
+                        uint32_t num_kv_heads, const WindowSplit& split, uint32_t k,
+                        std::vector<uint32_t>* kept, const TopKRanker* ranker) {
   const uint32_t context = split.context;
   const uint32_t per_head = k + split.window;
   const uint32_t group = num_score_heads / num_kv_heads;
   kept->resize(static_cast<size_t>(num_kv_heads) * per_head);
-  std::vector<float> scratch;
-  std::vector<uint32_t> ranked;
+  const bool merge = group > 1 && k > 0 && k < context;
+  // kRepeat: every query head's ranking, [num_score_heads, k], all rows at once.
   std::vector<uint32_t> rankings;
+  if (merge) {
+    rankings.resize(static_cast<size_t>(num_score_heads) * k);
+    if (ranker != nullptr) {
+      if (absl::Status s = ranker->Rank(scores, num_score_heads, context, k, rankings.data());
+          !s.ok()) {
+        return s;
+      }
+    } else {
+      std::vector<uint32_t> ranked;
+      for (uint32_t row = 0; row < num_score_heads; ++row) {
+        RankTopK(scores.subspan(static_cast<size_t>(row) * context, context), k, &ranked);
+        std::copy(ranked.begin(), ranked.end(), rankings.begin() + static_cast<size_t>(row) * k);
+      }
+    }
+  }
+  std::vector<float> scratch;
   for (uint32_t h = 0; h < num_kv_heads; ++h) {
     uint32_t* out = kept->data() + static_cast<size_t>(h) * per_head;
-    if (group == 1 || k == context) {
+    if (merge) {
+      MergeRankings(absl::MakeConstSpan(rankings).subspan(static_cast<size_t>(h) * group * k,
+                                                          static_cast<size_t>(group) * k),
+                    group, context, k, out);
+    } else if (group == 1 || k == context) {
       TopKAscending(scores.data() + static_cast<size_t>(h) * context, context, k, scratch, out);
-    } else if (k > 0) {
-      rankings.resize(static_cast<size_t>(group) * k);
-      for (uint32_t g = 0; g < group; ++g) {
-        RankTopK(scores.subspan((static_cast<size_t>(h) * group + g) * context, context), k,
-                 &ranked);
-        std::copy(ranked.begin(), ranked.end(), rankings.begin() + static_cast<size_t>(g) * k);
-      }
-      MergeRankings(rankings, group, context, k, out);
     }
     for (uint32_t a = context; a < split.num_tokens; ++a) out[k + (a - context)] = a;
   }
+  return absl::OkStatus();
 }
 
 void SelectSinksRecent(uint32_t num_heads, const WindowSplit& split, uint32_t k, uint32_t sinks,

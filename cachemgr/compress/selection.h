@@ -8,11 +8,24 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "cachemgr/compress/budget.h"
 #include "cachemgr/compress/compress.h"
 
 namespace cachemgr::compress {
+
+// Where the per-query-head rankings of SelectTopK's kRepeat case run: the seam through which the
+// CUDA backend ranks on the device (kernels/cuda/rank_topk.h, bit-identical to RankTopK).
+// Rank() writes, for each of num_rows rows of `scores` [num_rows, context], the first k tokens
+// of RankTopK's ranking to ranked [num_rows, k]. Host memory. Thread-safe: CompressSequence
+// selects layers on several threads.
+class TopKRanker {
+ public:
+  virtual ~TopKRanker() = default;
+  virtual absl::Status Rank(absl::Span<const float> scores, uint32_t num_rows, uint32_t context,
+                            uint32_t k, uint32_t* ranked) const = 0;
+};
 
 // Per KV head, k context tokens chosen from `scores` [num_score_heads, l_c], then the window.
 //   num_score_heads == num_kv_heads (group mean, or no GQA): the k highest scores of the head;
@@ -24,10 +37,13 @@ namespace cachemgr::compress {
 //     -- skipping tokens already taken, until it holds k distinct tokens. Each query head thus
 //     keeps its own best tokens, and the layer still stores exactly k rows per KV head (the
 //     bytes of the budget, unlike storing every query head's copy). O(l_c log k) per query head.
+// `ranker` ranks the query heads' rows of the kRepeat case (null: RankTopK here); its errors
+// pass through.
 // REQUIRES: k <= split.context, num_score_heads % num_kv_heads == 0,
 // scores.size() == num_score_heads * l_c.
-void SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads, uint32_t num_kv_heads,
-                const WindowSplit& split, uint32_t k, std::vector<uint32_t>* kept);
+absl::Status SelectTopK(absl::Span<const float> scores, uint32_t num_score_heads,
+                        uint32_t num_kv_heads, const WindowSplit& split, uint32_t k,
+                        std::vector<uint32_t>* kept, const TopKRanker* ranker = nullptr);
 
 // The two steps of the kRepeat case, exposed for the CUDA path (kernels/cuda/rank_topk.h ranks
 // on the device, bit-identical to RankTopK) and its parity tests.

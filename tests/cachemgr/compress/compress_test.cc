@@ -13,6 +13,7 @@
 #include "cachemgr/compress/codebook_graph.h"
 #include "cachemgr/compress/rope.h"
 #include "cachemgr/compress/scoring.h"
+#include "cachemgr/compress/selection.h"
 #include "tests/cachemgr/compress/test_sequence.h"
 
 namespace cachemgr::compress {
@@ -480,6 +481,29 @@ TEST_CASE("a similarity graph builder takes every codebook graph and changes not
     CHECK(hooked->layers[l].key_codebook->refs == host->layers[l].key_codebook->refs);
     CHECK(hooked->layers[l].key_codebook->entries == host->layers[l].key_codebook->entries);
     CHECK(hooked->layers[l].value_codebook->refs == host->layers[l].value_codebook->refs);
+  }
+
+  // A ranker sees one call per layer and selection of a GQA-repeat policy, same result.
+  class CountingRanker final : public TopKRanker {
+   public:
+    absl::Status Rank(absl::Span<const float> scores, uint32_t num_rows, uint32_t context,
+                      uint32_t k, uint32_t* ranked) const override {
+      ++calls;
+      std::vector<uint32_t> row;
+      for (uint32_t r = 0; r < num_rows; ++r) {
+        RankTopK(scores.subspan(size_t{r} * context, context), k, &row);
+        std::copy(row.begin(), row.end(), ranked + size_t{r} * k);
+      }
+      return absl::OkStatus();
+    }
+    mutable std::atomic<int> calls{0};
+  } ranker;
+  auto ranked =
+      CompressSequence(s.shape, policy, s.input, Reserve(0.5), ComputeOptions{2, nullptr, &ranker});
+  REQUIRE(ranked.ok());
+  CHECK(ranker.calls.load() == static_cast<int>(s.shape.num_layers));
+  for (size_t l = 0; l < host->layers.size(); ++l) {
+    CHECK(ranked->layers[l].kept == host->layers[l].kept);
   }
 
   // A policy without a codebook never asks for a graph.

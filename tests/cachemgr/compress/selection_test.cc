@@ -1,6 +1,7 @@
 #include "cachemgr/compress/selection.h"
 
 #include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <iterator>
@@ -21,15 +22,15 @@ TEST_CASE("top-k: ties go to the lower index, window always kept, ascending", "[
   const std::vector<float> scores = {1, 3, 3, 2, 3};  // context of 5, window of 2
   const WindowSplit split = SplitWindow(7, 2);
   std::vector<uint32_t> kept;
-  SelectTopK(scores, 1, 1, split, 2, &kept);
+  REQUIRE(SelectTopK(scores, 1, 1, split, 2, &kept).ok());
   CHECK(kept == std::vector<uint32_t>{1, 2, 5, 6});
-  SelectTopK(scores, 1, 1, split, 3, &kept);
+  REQUIRE(SelectTopK(scores, 1, 1, split, 3, &kept).ok());
   CHECK(kept == std::vector<uint32_t>{1, 2, 4, 5, 6});
-  SelectTopK(scores, 1, 1, split, 4, &kept);
+  REQUIRE(SelectTopK(scores, 1, 1, split, 4, &kept).ok());
   CHECK(kept == std::vector<uint32_t>{1, 2, 3, 4, 5, 6});
-  SelectTopK(scores, 1, 1, split, 0, &kept);
+  REQUIRE(SelectTopK(scores, 1, 1, split, 0, &kept).ok());
   CHECK(kept == std::vector<uint32_t>{5, 6});
-  SelectTopK(scores, 1, 1, split, 5, &kept);
+  REQUIRE(SelectTopK(scores, 1, 1, split, 5, &kept).ok());
   CHECK(kept == std::vector<uint32_t>{0, 1, 2, 3, 4, 5, 6});
 }
 
@@ -40,7 +41,7 @@ TEST_CASE("top-k per head, equal counts; -inf loses to any finite score", "[cpu]
       9,    8, -inf, 7,  // head 1
   };
   std::vector<uint32_t> kept;
-  SelectTopK(scores, 2, 2, SplitWindow(5, 1), 3, &kept);
+  REQUIRE(SelectTopK(scores, 2, 2, SplitWindow(5, 1), 3, &kept).ok());
   REQUIRE(kept.size() == 2 * 4);
   CHECK(Row(kept, 4, 0) == std::vector<uint32_t>{1, 2, 3, 4});
   CHECK(Row(kept, 4, 1) == std::vector<uint32_t>{0, 1, 3, 4});
@@ -57,7 +58,7 @@ TEST_CASE("top-k matches a sort-based reference", "[cpu]") {
     const uint32_t k = rng() % (context + 1);
     const WindowSplit split = SplitWindow(context + window, window);
     std::vector<uint32_t> kept;
-    SelectTopK(scores, heads, heads, split, k, &kept);
+    REQUIRE(SelectTopK(scores, heads, heads, split, k, &kept).ok());
     REQUIRE(kept.size() == static_cast<size_t>(heads) * (k + split.window));
     for (uint32_t h = 0; h < heads; ++h) {
       std::vector<uint32_t> order(context);
@@ -110,15 +111,15 @@ TEST_CASE("repeat: a KV head takes its query heads' rankings round-robin", "[cpu
   std::vector<uint32_t> kept;
   // kv 0, k = 3: rank 0 -> 0 (q0), 0 (q1, taken); rank 1 -> 1 (q0), 3 (q1).
   // kv 1, k = 3: rank 0 -> 4, 5; rank 1 -> 5, 4 (taken); rank 2 -> 0 (q2's first tie).
-  SelectTopK(scores, 4, 2, split, 3, &kept);
+  REQUIRE(SelectTopK(scores, 4, 2, split, 3, &kept).ok());
   CHECK(Row(kept, 4, 0) == std::vector<uint32_t>{0, 1, 3, 6});
   CHECK(Row(kept, 4, 1) == std::vector<uint32_t>{0, 4, 5, 6});
   // k = 1 takes q0's (resp. q2's) best; k = 0 the window only; k = context everything.
-  SelectTopK(scores, 4, 2, split, 1, &kept);
+  REQUIRE(SelectTopK(scores, 4, 2, split, 1, &kept).ok());
   CHECK(kept == std::vector<uint32_t>{0, 6, 4, 6});
-  SelectTopK(scores, 4, 2, split, 0, &kept);
+  REQUIRE(SelectTopK(scores, 4, 2, split, 0, &kept).ok());
   CHECK(kept == std::vector<uint32_t>{6, 6});
-  SelectTopK(scores, 4, 2, split, 6, &kept);
+  REQUIRE(SelectTopK(scores, 4, 2, split, 6, &kept).ok());
   CHECK(Row(kept, 7, 1) == std::vector<uint32_t>{0, 1, 2, 3, 4, 5, 6});
 }
 
@@ -134,7 +135,7 @@ TEST_CASE("repeat round-robin matches a literal reference", "[cpu]") {
     const uint32_t k = rng() % (context + 1);
     const WindowSplit split = SplitWindow(context + window, window);
     std::vector<uint32_t> kept;
-    SelectTopK(scores, kv_heads * group, kv_heads, split, k, &kept);
+    REQUIRE(SelectTopK(scores, kv_heads * group, kv_heads, split, k, &kept).ok());
     REQUIRE(kept.size() == static_cast<size_t>(kv_heads) * (k + split.window));
     for (uint32_t h = 0; h < kv_heads; ++h) {
       std::vector<std::vector<uint32_t>> ranking(group);
@@ -158,6 +159,59 @@ TEST_CASE("repeat round-robin matches a literal reference", "[cpu]") {
       CHECK(Row(kept, k + split.window, h) == want);
     }
   }
+}
+
+// Delegates to RankTopK row by row and records the calls; fails when told to.
+class RecordingRanker final : public TopKRanker {
+ public:
+  explicit RecordingRanker(bool fail = false) : fail_(fail) {}
+  absl::Status Rank(absl::Span<const float> scores, uint32_t num_rows, uint32_t context, uint32_t k,
+                    uint32_t* ranked) const override {
+    calls.push_back({num_rows, context, k});
+    if (fail_) return absl::InternalError("device lost");
+    std::vector<uint32_t> row;
+    for (uint32_t r = 0; r < num_rows; ++r) {
+      RankTopK(scores.subspan(size_t{r} * context, context), k, &row);
+      std::copy(row.begin(), row.end(), ranked + size_t{r} * k);
+    }
+    return absl::OkStatus();
+  }
+  mutable std::vector<std::array<uint32_t, 3>> calls;
+
+ private:
+  const bool fail_;
+};
+
+TEST_CASE("a ranker takes every query head of a layer in one call and changes nothing", "[cpu]") {
+  std::mt19937 rng(13);
+  for (int trial = 0; trial < 30; ++trial) {
+    const uint32_t context = 2 + rng() % 200;
+    const uint32_t kv_heads = 1 + rng() % 3;
+    const uint32_t group = 2 + rng() % 3;
+    std::vector<float> scores(size_t{kv_heads} * group * context);
+    for (float& s : scores) s = static_cast<float>(rng() % 40);
+    const uint32_t k = 1 + rng() % (context - 1);  // 0 < k < context: the ranked case
+    const WindowSplit split = SplitWindow(context + 3, 3);
+    std::vector<uint32_t> host, hooked;
+    REQUIRE(SelectTopK(scores, kv_heads * group, kv_heads, split, k, &host).ok());
+    RecordingRanker ranker;
+    REQUIRE(SelectTopK(scores, kv_heads * group, kv_heads, split, k, &hooked, &ranker).ok());
+    CHECK(hooked == host);
+    REQUIRE(ranker.calls.size() == 1);
+    CHECK(ranker.calls[0] == std::array<uint32_t, 3>{kv_heads * group, context, k});
+  }
+  // Nothing to rank: no call (no GQA group, a whole context, or k = 0).
+  RecordingRanker unused;
+  std::vector<float> scores(4 * 10, 1.0f);
+  std::vector<uint32_t> kept;
+  REQUIRE(SelectTopK(scores, 4, 4, SplitWindow(12, 2), 5, &kept, &unused).ok());
+  REQUIRE(SelectTopK(scores, 4, 2, SplitWindow(12, 2), 10, &kept, &unused).ok());
+  REQUIRE(SelectTopK(scores, 4, 2, SplitWindow(12, 2), 0, &kept, &unused).ok());
+  CHECK(unused.calls.empty());
+  RecordingRanker failing(/*fail=*/true);
+  const absl::Status status = SelectTopK(scores, 4, 2, SplitWindow(12, 2), 5, &kept, &failing);
+  CHECK(status.code() == absl::StatusCode::kInternal);
+  CHECK(status.message() == "device lost");
 }
 
 TEST_CASE("RankTopK is the stable descending order: ties, signed zeros, infinities, NaN", "[cpu]") {
