@@ -30,6 +30,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <functional>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -166,6 +168,38 @@ void SetRatioCounters(benchmark::State& state, double wall_total, double cpu_tot
   state.counters["kv_fp16_bytes"] = static_cast<double>(mc.bytes);
 }
 
+// Times `compress` (one CompressSequence call) in the benchmark loop, sampling the memcpy
+// baseline after every call and 5 times after the loop, and sets the ratio counters. Returns the
+// last result, or nullopt after reporting a failed call.
+std::optional<cachemgr::compress::SequenceResult> TimeCompress(
+    benchmark::State& state, MemcpyBaseline& memcpy_baseline,
+    const std::function<absl::StatusOr<cachemgr::compress::SequenceResult>()>& compress) {
+  double total = 0, cpu_total = 0;
+  uint64_t calls = 0;
+  std::optional<cachemgr::compress::SequenceResult> last;
+  for (auto _ : state) {
+    const double c0 = ThreadCpuSeconds();
+    const auto t0 = Clock::now();
+    auto result = compress();
+    const auto t1 = Clock::now();
+    cpu_total += ThreadCpuSeconds() - c0;
+    if (!result.ok()) {
+      state.SkipWithError(std::string(result.status().message()).c_str());
+      return std::nullopt;
+    }
+    benchmark::DoNotOptimize(result->layers.data());
+    total += Seconds(t0, t1);
+    ++calls;
+    state.PauseTiming();
+    last = *std::move(result);
+    memcpy_baseline.Sample(1);
+    state.ResumeTiming();
+  }
+  memcpy_baseline.Sample(5);
+  SetRatioCounters(state, total, cpu_total, calls, memcpy_baseline);
+  return last;
+}
+
 void BM_Codebook(benchmark::State& state) {
   const auto n = static_cast<uint32_t>(state.range(0));
   const auto d = static_cast<uint32_t>(state.range(1));
@@ -259,37 +293,16 @@ void BM_CompressLayer(benchmark::State& state) {
   target.kind = cc::TargetKind::kReserveRatio;
   target.value = 0.3;
 
-  const size_t kv_bytes = KvFp16Bytes(n, d);
-  MemcpyBaseline memcpy_baseline(kv_bytes);
-  double total = 0, cpu_total = 0;
-  uint64_t calls = 0;
-  cc::SequenceResult last;
-  for (auto _ : state) {
-    const double c0 = ThreadCpuSeconds();
-    const auto t0 = Clock::now();
-    auto result = cc::CompressSequence(shape, *policy, input, target);
-    const auto t1 = Clock::now();
-    cpu_total += ThreadCpuSeconds() - c0;
-    if (!result.ok()) {
-      state.SkipWithError(std::string(result.status().message()).c_str());
-      return;
-    }
-    benchmark::DoNotOptimize(result->layers.data());
-    total += Seconds(t0, t1);
-    ++calls;
-    state.PauseTiming();
-    last = *std::move(result);
-    memcpy_baseline.Sample(1);
-    state.ResumeTiming();
-  }
-  memcpy_baseline.Sample(5);
-  SetRatioCounters(state, total, cpu_total, calls, memcpy_baseline);
-  const cc::LayerResult& lr = last.layers.at(0);
+  MemcpyBaseline memcpy_baseline(KvFp16Bytes(n, d));
+  const std::optional<cc::SequenceResult> last = TimeCompress(
+      state, memcpy_baseline, [&] { return cc::CompressSequence(shape, *policy, input, target); });
+  if (!last.has_value()) return;
+  const cc::LayerResult& lr = last->layers.at(0);
   state.counters["kept_per_head"] = lr.kept_per_head;
   state.counters["codebook_layer"] = lr.key_codebook.has_value() ? 1 : 0;
   state.counters["codebook_entries"] = (lr.key_codebook ? lr.key_codebook->size() : 0) +
                                        (lr.value_codebook ? lr.value_codebook->size() : 0);
-  state.counters["honest_ratio"] = last.stats.honest_ratio;
+  state.counters["honest_ratio"] = last->stats.honest_ratio;
 }
 
 // The host stages a CUDA pool's Compress runs after the device computed the window scores
@@ -331,30 +344,10 @@ void BM_HostStagesFromScores(benchmark::State& state) {
   target.value = 0.3;
 
   MemcpyBaseline memcpy_baseline(scores.size() * sizeof(float));
-  double total = 0, cpu_total = 0;
-  uint64_t calls = 0;
-  double honest = 0;
-  for (auto _ : state) {
-    const double c0 = ThreadCpuSeconds();
-    const auto t0 = Clock::now();
-    auto result = cc::CompressSequence(shape, *policy, input, target, threads);
-    const auto t1 = Clock::now();
-    cpu_total += ThreadCpuSeconds() - c0;
-    if (!result.ok()) {
-      state.SkipWithError(std::string(result.status().message()).c_str());
-      return;
-    }
-    benchmark::DoNotOptimize(result->layers.data());
-    total += Seconds(t0, t1);
-    ++calls;
-    honest = result->stats.honest_ratio;
-    state.PauseTiming();
-    memcpy_baseline.Sample(1);
-    state.ResumeTiming();
-  }
-  memcpy_baseline.Sample(3);
-  SetRatioCounters(state, total, cpu_total, calls, memcpy_baseline);
-  state.counters["honest_ratio"] = honest;
+  const std::optional<cc::SequenceResult> last = TimeCompress(state, memcpy_baseline, [&] {
+    return cc::CompressSequence(shape, *policy, input, target, threads);
+  });
+  if (last.has_value()) state.counters["honest_ratio"] = last->stats.honest_ratio;
 }
 
 void BM_Memcpy(benchmark::State& state) {

@@ -241,8 +241,15 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
   const uint32_t threads = options_.compress_threads == 0
                                ? std::max(1u, std::thread::hardware_concurrency())
                                : options_.compress_threads;
-  const bool scores_from_pool =
+  const bool scores_needed =
       params.input == CompressInput::kWindowQueries && compress::PolicyNeedsScores(params.policy);
+  const bool on_device = memory->computes_on_device();
+  // Host rows are read for a codebook (every layer) and for a layer shared with a fork. Window
+  // scores come from the pool where that saves a transfer: always on a device; on the host
+  // only for a layer whose rows are not read anyway (else CompressSequence scores the rows it
+  // has, bit for bit the same sums).
+  auto rows_read = [&](uint32_t l) { return params.policy.codebook || shared[l]; };
+  auto scores_from_pool = [&](uint32_t l) { return scores_needed && (on_device || !rows_read(l)); };
   std::vector<std::vector<float>> sums(shape.num_layers), keys(shape.num_layers),
       values(shape.num_layers);
   absl::Status read = absl::OkStatus();
@@ -253,7 +260,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
     }
   }
   auto read_layer = [&](uint32_t l) -> absl::Status {
-    if (scores_from_pool) {
+    if (scores_from_pool(l)) {
       sums[l].resize(size_t{shape.num_q_heads} * n);
       if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
                                                        inputs.data() + l * per_layer_inputs,
@@ -262,7 +269,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
         return absl::InternalError(absl::StrCat("scoring layer ", l, " failed: ", s.message()));
       }
     }
-    if (params.policy.codebook || shared[l]) {
+    if (rows_read(l)) {
       if (absl::Status s = GatherLayerRows(*memory, l, slots[l], &keys[l], &values[l]); !s.ok()) {
         return absl::InternalError(absl::StrCat("reading layer ", l, " failed: ", s.message()));
       }
@@ -277,8 +284,11 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
     compress::LayerInput& li = input.layers[l];
     li.keys = keys[l].empty() ? nullptr : keys[l].data();
     li.values = values[l].empty() ? nullptr : values[l].data();
-    if (scores_from_pool) {
+    if (scores_from_pool(l)) {
       li.scores = sums[l].data();
+    } else if (scores_needed) {
+      li.queries = inputs.data() + l * per_layer_inputs;
+      li.num_queries = params.num_queries;
     } else if (params.input == CompressInput::kScores) {
       li.scores = inputs.data() + l * per_layer_inputs;
     }
