@@ -177,16 +177,15 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   return result;
 }
 
-absl::StatusOr<CacheManager::Client*> CacheManager::FindClientLocked(
-    const std::string& session_token) {
-  auto it = clients_.find(session_token);
-  if (session_token.empty() || it == clients_.end()) {
+absl::StatusOr<CacheManager::Client*> CacheManager::FindClientLocked(const Caller& caller) {
+  auto it = clients_.find(caller.session_token);
+  if (!caller.has_session() || it == clients_.end()) {
     return absl::NotFoundError("session_token does not name an attached client");
   }
   Client* client = it->second.get();
   const absl::Time now = clock_->Now();
   if (now >= client->lease_deadline) {
-    RemoveClientLocked(session_token, EventType::kClientExpired);
+    RemoveClientLocked(caller.session_token, EventType::kClientExpired);
     return absl::NotFoundError(
         "session_token names a client whose lease expired; its blocks were released");
   }
@@ -210,9 +209,9 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
 }
 
 absl::StatusOr<CacheManager::Sequence*> CacheManager::FindSequenceForCallerLocked(
-    const std::string& session_token, const std::string& sequence_id) {
-  if (!session_token.empty()) {
-    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    const Caller& caller, const std::string& sequence_id) {
+  if (!!caller.has_session()) {
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     return FindOwnedSequenceLocked(*client, sequence_id, "sequence_id");
   }
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
@@ -223,16 +222,16 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindSequenceForCallerLocke
   return it->second.get();
 }
 
-absl::StatusOr<absl::Duration> CacheManager::Heartbeat(const std::string& session_token) {
+absl::StatusOr<absl::Duration> CacheManager::Heartbeat(const Caller& caller) {
   absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+  ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
   return client->lease_deadline - clock_->Now();
 }
 
-absl::StatusOr<DetachResult> CacheManager::Detach(const std::string& session_token) {
+absl::StatusOr<DetachResult> CacheManager::Detach(const Caller& caller) {
   absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(FindClientLocked(session_token).status());
-  return RemoveClientLocked(session_token, EventType::kClientDetached);
+  RETURN_IF_ERROR(FindClientLocked(caller).status());
+  return RemoveClientLocked(caller.session_token, EventType::kClientDetached);
 }
 
 uint64_t CacheManager::ReleaseSequenceLocked(Sequence& seq) {
@@ -279,11 +278,11 @@ DetachResult CacheManager::RemoveClientLocked(const std::string& token, EventTyp
   return result;
 }
 
-absl::StatusOr<AllocateResult> CacheManager::Allocate(const std::string& session_token,
+absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
                                                       const std::string& sequence_id,
                                                       uint32_t num_new_tokens) {
   absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+  ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
   if (num_new_tokens == 0 || num_new_tokens > options_.max_tokens_per_allocate) {
     return absl::InvalidArgumentError(absl::StrCat("num_new_tokens must be in [1, ",
@@ -392,25 +391,24 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const std::string& session
   return result;
 }
 
-absl::StatusOr<uint64_t> CacheManager::Free(const std::string& session_token,
-                                            const std::string& sequence_id) {
+absl::StatusOr<uint64_t> CacheManager::Free(const Caller& caller, const std::string& sequence_id) {
   absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(session_token, sequence_id));
+  ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(caller, sequence_id));
   Client* owner = seq->owner;
   const uint64_t released = ReleaseSequenceLocked(*seq);
   std::erase(owner->sequences, sequence_id);
   sequences_.erase(sequence_id);
   PublishLocked(
       EventType::kSequenceFreed, owner->client_id, sequence_id, owner->pool->pool_id,
-      absl::StrCat("blocks_released=", released, session_token.empty() ? " by=operator" : ""));
+      absl::StrCat("blocks_released=", released, !caller.has_session() ? " by=operator" : ""));
   return released;
 }
 
-absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const std::string& session_token,
+absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const Caller& caller,
                                                     const std::string& parent_sequence_id,
                                                     const std::string& child_sequence_id) {
   absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+  ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
   ASSIGN_OR_RETURN(Sequence * parent,
                    FindOwnedSequenceLocked(*client, parent_sequence_id, "parent_sequence_id"));
   RETURN_IF_ERROR(CheckNotBusy(parent_sequence_id, parent->busy));
@@ -475,12 +473,12 @@ CacheManager::Sequence* CacheManager::FindSerialLocked(const std::string& sequen
   return it->second.get();
 }
 
-absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const std::string& session_token,
+absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const Caller& caller,
                                                            const std::string& sequence_id,
                                                            bool include_kv_digest) {
   absl::MutexLock lock(&mu_);
   const Sequence* seq = nullptr;
-  if (session_token.empty()) {
+  if (!caller.has_session()) {
     RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
     auto it = sequences_.find(sequence_id);
     if (it == sequences_.end()) {
@@ -488,7 +486,7 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const std::string& se
     }
     seq = it->second.get();
   } else {
-    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     ASSIGN_OR_RETURN(seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
   }
   SequenceSnapshot snapshot = SnapshotLocked(*seq);
@@ -503,12 +501,11 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const std::string& se
   return snapshot;
 }
 
-absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(
-    const std::string& session_token) {
+absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(const Caller& caller) {
   absl::MutexLock lock(&mu_);
   const Client* only = nullptr;
-  if (!session_token.empty()) {
-    ASSIGN_OR_RETURN(only, FindClientLocked(session_token));
+  if (!!caller.has_session()) {
+    ASSIGN_OR_RETURN(only, FindClientLocked(caller));
   }
   std::vector<SequenceSummary> out;
   for (const auto& [id, seq] : sequences_) {
@@ -564,9 +561,9 @@ StatsSnapshot CacheManager::Stats() const {
   return s;
 }
 
-absl::StatusOr<std::vector<UniqueFd>> CacheManager::ShareFds(const std::string& session_token) {
+absl::StatusOr<std::vector<UniqueFd>> CacheManager::ShareFds(const Caller& caller) {
   absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+  ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
   std::vector<UniqueFd> fds;
   for (int fd : client->pool->memory->ShareFds()) {
     // Duplicates so the descriptors stay valid even if the pool is released before sending.

@@ -31,6 +31,7 @@
 #include "absl/time/time.h"
 #include "cachemgr/backend/device_backend.h"
 #include "cachemgr/block_allocator.h"
+#include "cachemgr/caller.h"
 #include "cachemgr/compress/coded_layer.h"
 #include "cachemgr/compress/compress.h"
 #include "cachemgr/event_hub.h"
@@ -256,36 +257,34 @@ class CacheManager {
   absl::StatusOr<AttachResult> Attach(const AttachParams& params);
 
   // Renews the lease; returns the time left on it.
-  absl::StatusOr<absl::Duration> Heartbeat(const std::string& session_token);
+  absl::StatusOr<absl::Duration> Heartbeat(const Caller& caller);
 
   // Frees every sequence of the client and forgets it; releases its pool when no client is left.
-  absl::StatusOr<DetachResult> Detach(const std::string& session_token);
+  absl::StatusOr<DetachResult> Detach(const Caller& caller);
 
   // Appends `num_new_tokens` to `sequence_id` in every layer, creating the sequence on first
   // use. A shared, partially filled tail block is first replaced by a private copy (copy on
   // write). All layers or none: RESOURCE_EXHAUSTED names the layer, the blocks it needs and the
   // blocks it has free.
-  absl::StatusOr<AllocateResult> Allocate(const std::string& session_token,
-                                          const std::string& sequence_id, uint32_t num_new_tokens);
+  absl::StatusOr<AllocateResult> Allocate(const Caller& caller, const std::string& sequence_id,
+                                          uint32_t num_new_tokens);
 
   // Drops the sequence; returns blocks whose last reference went away. An empty token is an
   // operator call: any client's sequence (the transport already trusted the caller).
-  absl::StatusOr<uint64_t> Free(const std::string& session_token, const std::string& sequence_id);
+  absl::StatusOr<uint64_t> Free(const Caller& caller, const std::string& sequence_id);
 
   // New sequence `child` sharing every block of `parent` (refcounts +1).
-  absl::StatusOr<SequenceSnapshot> Fork(const std::string& session_token,
-                                        const std::string& parent_sequence_id,
+  absl::StatusOr<SequenceSnapshot> Fork(const Caller& caller, const std::string& parent_sequence_id,
                                         const std::string& child_sequence_id);
 
   // With a token, only the caller's sequences (PERMISSION_DENIED otherwise); with an empty token,
   // read-only inspection of any sequence. A token renews the lease, as every call with one does.
   // `include_kv_digest` reads the KV bytes.
-  absl::StatusOr<SequenceSnapshot> GetSequence(const std::string& session_token,
-                                               const std::string& sequence_id,
+  absl::StatusOr<SequenceSnapshot> GetSequence(const Caller& caller, const std::string& sequence_id,
                                                bool include_kv_digest);
 
   // The caller's sequences, or every client's with an empty token. Sorted by id.
-  absl::StatusOr<std::vector<SequenceSummary>> ListSequences(const std::string& session_token);
+  absl::StatusOr<std::vector<SequenceSummary>> ListSequences(const Caller& caller);
 
   StatsSnapshot Stats() const;
 
@@ -303,15 +302,14 @@ class CacheManager {
   //                        / cuda_ipc_event_handle (cannot be opened; operator calls: not empty)
   //   OUT_OF_RANGE         target.byte_ratio outside what the policy can reach here
   //   RESOURCE_EXHAUSTED   a shared layer needs more fresh blocks than are free
-  absl::StatusOr<CompressResult> Compress(const std::string& session_token,
-                                          const std::string& sequence_id,
+  absl::StatusOr<CompressResult> Compress(const Caller& caller, const std::string& sequence_id,
                                           const CompressParams& params);
 
   // Makes `layers` (empty: all) resident: codebook layers are reconstructed into newly
   // allocated blocks (all or nothing: RESOURCE_EXHAUSTED changes nothing); others are
   // returned as they are. A second Fetch allocates nothing.
   //   INVALID_ARGUMENT  a layer out of range or listed twice
-  absl::StatusOr<std::vector<FetchedLayerResult>> Fetch(const std::string& session_token,
+  absl::StatusOr<std::vector<FetchedLayerResult>> Fetch(const Caller& caller,
                                                         const std::string& sequence_id,
                                                         const std::vector<uint32_t>& layers);
 
@@ -324,12 +322,12 @@ class CacheManager {
   //   INVALID_ARGUMENT     a layer out of range or listed twice
   //   INVALID_ARGUMENT     cuda_ipc_event_handle cannot be opened (as for Compress)
   absl::StatusOr<std::vector<ParkedLayerResult>> Park(
-      const std::string& session_token, const std::string& sequence_id,
-      const std::vector<uint32_t>& layers, const std::string& cuda_ipc_event_handle = {});
+      const Caller& caller, const std::string& sequence_id, const std::vector<uint32_t>& layers,
+      const std::string& cuda_ipc_event_handle = {});
 
   // Descriptors of the caller's pool regions, then of the caller's input buffer, duplicated
   // for the caller (who owns them).
-  absl::StatusOr<std::vector<UniqueFd>> ShareFds(const std::string& session_token);
+  absl::StatusOr<std::vector<UniqueFd>> ShareFds(const Caller& caller);
 
   // Expires every client whose lease ran out (freeing what it held); returns their client ids.
   std::vector<std::string> ExpireLeases();
@@ -348,14 +346,13 @@ class CacheManager {
   struct Compression;
 
   // Looks up a live client (an expired one is reaped here and reported NOT_FOUND).
-  absl::StatusOr<Client*> FindClientLocked(const std::string& session_token)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Client*> FindClientLocked(const Caller& caller) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Sequence*> FindOwnedSequenceLocked(const Client& client,
                                                     const std::string& sequence_id,
                                                     const char* field) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The caller's sequence, or with an empty token (an operator call) anyone's.
-  absl::StatusOr<Sequence*> FindSequenceForCallerLocked(const std::string& session_token,
+  absl::StatusOr<Sequence*> FindSequenceForCallerLocked(const Caller& caller,
                                                         const std::string& sequence_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The client's write event for `handle` (null for an empty one), opened on first use of a

@@ -140,7 +140,7 @@ std::vector<uint32_t> CacheManager::RowPositionsLocked(const Sequence& seq, uint
   return out;
 }
 
-absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session_token,
+absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
                                                       const std::string& sequence_id,
                                                       const CompressParams& params) {
   const char* target_field = params.target.kind == compress::TargetKind::kReserveRatio
@@ -159,14 +159,14 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
   std::vector<bool> shared;
   {
     absl::MutexLock lock(&mu_);
-    ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(session_token, sequence_id));
+    ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(caller, sequence_id));
     Client* client = seq->owner;
-    if (session_token.empty() && params.input != CompressInput::kNone) {
+    if (!caller.has_session() && params.input != CompressInput::kNone) {
       return absl::InvalidArgumentError(
           "input must be NONE for an operator Compress (no session_token): the window queries "
           "or scores of a sequence are its owner's");
     }
-    if (session_token.empty() && !params.cuda_ipc_event_handle.empty()) {
+    if (!caller.has_session() && !params.cuda_ipc_event_handle.empty()) {
       return absl::InvalidArgumentError(
           "cuda_ipc_event_handle must be empty for an operator Compress (no session_token): the "
           "write event is the owner's");
@@ -449,15 +449,14 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const std::string& session
 }
 
 absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
-    const std::string& session_token, const std::string& sequence_id,
-    const std::vector<uint32_t>& layers) {
+    const Caller& caller, const std::string& sequence_id, const std::vector<uint32_t>& layers) {
   std::vector<uint32_t> which;
   std::vector<std::shared_ptr<const compress::CodedLayer>> parked;  // per entry of `which`
   uint64_t serial = 0;
   bool on_device = false;
   {
     absl::MutexLock lock(&mu_);
-    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     ASSIGN_OR_RETURN(which, ResolveLayers(layers, client->pool->model.num_layers));
@@ -542,8 +541,8 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
 }
 
 absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
-    const std::string& session_token, const std::string& sequence_id,
-    const std::vector<uint32_t>& layers, const std::string& cuda_ipc_event_handle) {
+    const Caller& caller, const std::string& sequence_id, const std::vector<uint32_t>& layers,
+    const std::string& cuda_ipc_event_handle) {
   struct Work {
     uint32_t layer = 0;
     std::shared_ptr<const compress::CodedLayer> coded;
@@ -560,7 +559,7 @@ absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
   std::shared_ptr<const ClientEvent> write_event;
   {
     absl::MutexLock lock(&mu_);
-    ASSIGN_OR_RETURN(Client * client, FindClientLocked(session_token));
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     if (seq->compression == nullptr) {

@@ -191,14 +191,23 @@ bool CacheManagerService::WaitIdle(absl::Duration timeout) {
   return calls_mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
 }
 
+Caller CacheManagerService::MakeCaller(grpc::CallbackServerContext* /*ctx*/,
+                                       const std::string& session_token, absl::Time arrival) const {
+  Caller caller(session_token);
+  caller.arrival = arrival;
+  return caller;
+}
+
 template <typename Body>
 grpc::ServerUnaryReactor* CacheManagerService::Unary(grpc::CallbackServerContext* ctx,
-                                                     const char* method, Body&& body) {
+                                                     const char* method,
+                                                     const std::string& session_token,
+                                                     Body&& body) {
   const absl::Time start = absl::Now();
   auto* reactor = new UnaryCall(this);
   absl::Status status =
       draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
-  if (status.ok()) status = body();
+  if (status.ok()) status = body(MakeCaller(ctx, session_token, start));
   Finished(method, status, start);
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -210,9 +219,9 @@ void CacheManagerService::Finished(const char* method, const absl::Status& statu
   metrics_->ObserveRpc(method, absl::StatusCodeToString(status.code()), absl::Now() - start);
 }
 
-grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(grpc::CallbackServerContext* ctx,
-                                                             const char* method,
-                                                             std::function<absl::Status()> body) {
+grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(
+    grpc::CallbackServerContext* ctx, const char* method, const std::string& session_token,
+    std::function<absl::Status(const Caller&)> body) {
   const absl::Time start = absl::Now();
   auto* reactor = new UnaryCall(this);
   absl::Status status =
@@ -222,8 +231,9 @@ grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(grpc::CallbackServe
     reactor->Finish(ToGrpcStatus(status));
     return reactor;
   }
-  workers_.Submit([this, reactor, method, start, body = std::move(body)] {
-    const absl::Status result = body();
+  workers_.Submit([this, reactor, method, start, caller = MakeCaller(ctx, session_token, start),
+                   body = std::move(body)] {
+    const absl::Status result = body(caller);
     Finished(method, result, start);
     reactor->Finish(ToGrpcStatus(result));
   });
@@ -233,7 +243,7 @@ grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(grpc::CallbackServe
 grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContext* ctx,
                                                       const v1::AttachRequest* request,
                                                       v1::AttachResponse* response) {
-  return Unary(ctx, "Attach", [&]() -> absl::Status {
+  return Unary(ctx, "Attach", std::string(), [&](const Caller& /*caller*/) -> absl::Status {
     if (!request->has_model()) return absl::InvalidArgumentError("model is required");
     AttachParams params;
     params.client_name = request->client_name();
@@ -249,18 +259,19 @@ grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerContext* ctx,
                                                          const v1::HeartbeatRequest* request,
                                                          v1::HeartbeatResponse* response) {
-  return Unary(ctx, "Heartbeat", [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(absl::Duration left, manager_->Heartbeat(request->session_token()));
-    response->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(left)));
-    return absl::OkStatus();
-  });
+  return Unary(
+      ctx, "Heartbeat", request->session_token(), [&](const Caller& caller) -> absl::Status {
+        ASSIGN_OR_RETURN(absl::Duration left, manager_->Heartbeat(caller));
+        response->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(left)));
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Detach(grpc::CallbackServerContext* ctx,
                                                       const v1::DetachRequest* request,
                                                       v1::DetachResponse* response) {
-  return Unary(ctx, "Detach", [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(DetachResult r, manager_->Detach(request->session_token()));
+  return Unary(ctx, "Detach", request->session_token(), [&](const Caller& caller) -> absl::Status {
+    ASSIGN_OR_RETURN(DetachResult r, manager_->Detach(caller));
     response->set_sequences_freed(r.sequences_freed);
     response->set_blocks_released(r.blocks_released);
     return absl::OkStatus();
@@ -270,21 +281,20 @@ grpc::ServerUnaryReactor* CacheManagerService::Detach(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* CacheManagerService::Allocate(grpc::CallbackServerContext* ctx,
                                                         const v1::AllocateRequest* request,
                                                         v1::AllocateResponse* response) {
-  return Unary(ctx, "Allocate", [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(AllocateResult r,
-                     manager_->Allocate(request->session_token(), request->sequence_id(),
-                                        request->num_new_tokens()));
-    AllocateResultToProto(request->sequence_id(), r, response);
-    return absl::OkStatus();
-  });
+  return Unary(
+      ctx, "Allocate", request->session_token(), [&](const Caller& caller) -> absl::Status {
+        ASSIGN_OR_RETURN(AllocateResult r, manager_->Allocate(caller, request->sequence_id(),
+                                                              request->num_new_tokens()));
+        AllocateResultToProto(request->sequence_id(), r, response);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Free(grpc::CallbackServerContext* ctx,
                                                     const v1::FreeRequest* request,
                                                     v1::FreeResponse* response) {
-  return Unary(ctx, "Free", [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(uint64_t released,
-                     manager_->Free(request->session_token(), request->sequence_id()));
+  return Unary(ctx, "Free", request->session_token(), [&](const Caller& caller) -> absl::Status {
+    ASSIGN_OR_RETURN(uint64_t released, manager_->Free(caller, request->sequence_id()));
     response->set_blocks_released(released);
     return absl::OkStatus();
   });
@@ -293,10 +303,9 @@ grpc::ServerUnaryReactor* CacheManagerService::Free(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* CacheManagerService::Fork(grpc::CallbackServerContext* ctx,
                                                     const v1::ForkRequest* request,
                                                     v1::ForkResponse* response) {
-  return Unary(ctx, "Fork", [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(SequenceSnapshot child,
-                     manager_->Fork(request->session_token(), request->parent_sequence_id(),
-                                    request->child_sequence_id()));
+  return Unary(ctx, "Fork", request->session_token(), [&](const Caller& caller) -> absl::Status {
+    ASSIGN_OR_RETURN(SequenceSnapshot child, manager_->Fork(caller, request->parent_sequence_id(),
+                                                            request->child_sequence_id()));
     SequenceToProto(child, response->mutable_child());
     return absl::OkStatus();
   });
@@ -305,77 +314,83 @@ grpc::ServerUnaryReactor* CacheManagerService::Fork(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* CacheManagerService::GetSequence(grpc::CallbackServerContext* ctx,
                                                            const v1::GetSequenceRequest* request,
                                                            v1::GetSequenceResponse* response) {
-  return Unary(ctx, "GetSequence", [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(SequenceSnapshot seq,
-                     manager_->GetSequence(request->session_token(), request->sequence_id(),
-                                           request->include_kv_digest()));
-    SequenceToProto(seq, response->mutable_sequence());
-    return absl::OkStatus();
-  });
+  return Unary(
+      ctx, "GetSequence", request->session_token(), [&](const Caller& caller) -> absl::Status {
+        ASSIGN_OR_RETURN(SequenceSnapshot seq, manager_->GetSequence(caller, request->sequence_id(),
+                                                                     request->include_kv_digest()));
+        SequenceToProto(seq, response->mutable_sequence());
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::ListSequences(
     grpc::CallbackServerContext* ctx, const v1::ListSequencesRequest* request,
     v1::ListSequencesResponse* response) {
-  return Unary(ctx, "ListSequences", [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(std::vector<SequenceSummary> list,
-                     manager_->ListSequences(request->session_token()));
-    for (const SequenceSummary& s : list) {
-      v1::SequenceSummary* out = response->add_sequences();
-      out->set_sequence_id(s.sequence_id);
-      out->set_owner_client_id(s.owner_client_id);
-      out->set_owner_client_name(s.owner_client_name);
-      out->set_num_positions(s.num_positions);
-      out->set_num_blocks(s.num_blocks);
-    }
-    return absl::OkStatus();
-  });
+  return Unary(
+      ctx, "ListSequences", request->session_token(), [&](const Caller& caller) -> absl::Status {
+        ASSIGN_OR_RETURN(std::vector<SequenceSummary> list, manager_->ListSequences(caller));
+        for (const SequenceSummary& s : list) {
+          v1::SequenceSummary* out = response->add_sequences();
+          out->set_sequence_id(s.sequence_id);
+          out->set_owner_client_id(s.owner_client_id);
+          out->set_owner_client_name(s.owner_client_name);
+          out->set_num_positions(s.num_positions);
+          out->set_num_blocks(s.num_blocks);
+        }
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Compress(grpc::CallbackServerContext* ctx,
                                                         const v1::CompressRequest* request,
                                                         v1::CompressResponse* response) {
-  return UnaryOnWorker(ctx, "Compress", [this, request, response]() -> absl::Status {
-    ASSIGN_OR_RETURN(CompressParams params, CompressParamsFromProto(*request));
-    ASSIGN_OR_RETURN(CompressResult r,
-                     manager_->Compress(request->session_token(), request->sequence_id(), params));
-    CompressResultToProto(r, response);
-    if (metrics_ != nullptr) metrics_->ObserveCompress(params.policy.name, r);
-    return absl::OkStatus();
-  });
+  return UnaryOnWorker(ctx, "Compress", request->session_token(),
+                       [this, request, response](const Caller& caller) -> absl::Status {
+                         ASSIGN_OR_RETURN(CompressParams params, CompressParamsFromProto(*request));
+                         ASSIGN_OR_RETURN(
+                             CompressResult r,
+                             manager_->Compress(caller, request->sequence_id(), params));
+                         CompressResultToProto(r, response);
+                         if (metrics_ != nullptr) metrics_->ObserveCompress(params.policy.name, r);
+                         return absl::OkStatus();
+                       });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Fetch(grpc::CallbackServerContext* ctx,
                                                      const v1::FetchRequest* request,
                                                      v1::FetchResponse* response) {
-  return UnaryOnWorker(ctx, "Fetch", [this, request, response]() -> absl::Status {
-    std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
-    ASSIGN_OR_RETURN(std::vector<FetchedLayerResult> r,
-                     manager_->Fetch(request->session_token(), request->sequence_id(), layers));
-    FetchResultToProto(r, response);
-    if (metrics_ != nullptr) metrics_->ObserveFetch(r);
-    return absl::OkStatus();
-  });
+  return UnaryOnWorker(ctx, "Fetch", request->session_token(),
+                       [this, request, response](const Caller& caller) -> absl::Status {
+                         std::vector<uint32_t> layers(request->layers().begin(),
+                                                      request->layers().end());
+                         ASSIGN_OR_RETURN(std::vector<FetchedLayerResult> r,
+                                          manager_->Fetch(caller, request->sequence_id(), layers));
+                         FetchResultToProto(r, response);
+                         if (metrics_ != nullptr) metrics_->ObserveFetch(r);
+                         return absl::OkStatus();
+                       });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Park(grpc::CallbackServerContext* ctx,
                                                     const v1::ParkRequest* request,
                                                     v1::ParkResponse* response) {
-  return UnaryOnWorker(ctx, "Park", [this, request, response]() -> absl::Status {
-    std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
-    ASSIGN_OR_RETURN(std::vector<ParkedLayerResult> r,
-                     manager_->Park(request->session_token(), request->sequence_id(), layers,
-                                    request->cuda_ipc_event_handle()));
-    ParkResultToProto(r, response);
-    if (metrics_ != nullptr) metrics_->ObservePark(r);
-    return absl::OkStatus();
-  });
+  return UnaryOnWorker(ctx, "Park", request->session_token(),
+                       [this, request, response](const Caller& caller) -> absl::Status {
+                         std::vector<uint32_t> layers(request->layers().begin(),
+                                                      request->layers().end());
+                         ASSIGN_OR_RETURN(std::vector<ParkedLayerResult> r,
+                                          manager_->Park(caller, request->sequence_id(), layers,
+                                                         request->cuda_ipc_event_handle()));
+                         ParkResultToProto(r, response);
+                         if (metrics_ != nullptr) metrics_->ObservePark(r);
+                         return absl::OkStatus();
+                       });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext* ctx,
                                                      const v1::StatsRequest* /*request*/,
                                                      v1::StatsResponse* response) {
-  return Unary(ctx, "Stats", [&]() -> absl::Status {
+  return Unary(ctx, "Stats", std::string(), [&](const Caller& /*caller*/) -> absl::Status {
     StatsToProto(manager_->Stats(), response);
     response->set_uptime_ms(
         static_cast<uint64_t>(absl::ToInt64Milliseconds(absl::Now() - started_)));

@@ -79,13 +79,18 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   absl::Status Authorize(grpc::CallbackServerContext* ctx) const;
   // Runs `body` after authorization and finishes the call with its status.
   // `method` names the RPC for the metrics.
+  // `body` gets the Caller: `session_token` (from the request), the peer and the arrival time.
   template <typename Body>
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
-                                  Body&& body);
+                                  const std::string& session_token, Body&& body);
   // The same, with `body` run on the worker pool (it must only capture what outlives the call:
   // the request and response messages do).
   grpc::ServerUnaryReactor* UnaryOnWorker(grpc::CallbackServerContext* ctx, const char* method,
-                                          std::function<absl::Status()> body);
+                                          const std::string& session_token,
+                                          std::function<absl::Status(const Caller&)> body);
+  // The Caller of a call that arrived at `arrival` with `session_token`.
+  Caller MakeCaller(grpc::CallbackServerContext* ctx, const std::string& session_token,
+                    absl::Time arrival) const;
   // Records a finished call in the metrics.
   void Finished(const char* method, const absl::Status& status, absl::Time start);
 
