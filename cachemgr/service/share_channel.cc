@@ -69,15 +69,6 @@ bool ParseStatusCode(absl::string_view name, absl::StatusCode* code) {
   return false;
 }
 
-// Never blocks: the connection is non-blocking, and the peer's receive queue holds at most
-// this one message from us.
-void SendReply(int conn, std::string_view payload, absl::Span<const int> fds) {
-  absl::Status sent = SendFdMessage(conn, payload, fds);
-  if (!sent.ok()) {
-    Log(LogLevel::kWarning, "share channel: reply not delivered", {{"error", sent.ToString()}});
-  }
-}
-
 // The poll() timeout that wakes at `deadline` (rounded up to a millisecond so the loop does not
 // spin on a sub-millisecond remainder); -1 for no deadline.
 int PollTimeoutMs(absl::Time now, absl::Time deadline) {
@@ -174,6 +165,13 @@ void ShareChannelServer::Stop() {
       static_cast<uint64_t>(st.st_ino) == socket_ino_) {
     ::unlink(path_.c_str());
   }
+}
+
+void ShareChannelServer::SendReply(int conn, std::string_view payload, absl::Span<const int> fds) {
+  // Never blocks: the connection is non-blocking, and the peer's receive queue holds at most
+  // this one message from us.
+  absl::Status sent = SendFdMessage(conn, payload, fds);
+  if (!sent.ok()) undelivered_.Record(absl::Now(), {"error", sent.ToString()});
 }
 
 bool ShareChannelServer::WaitForStop(absl::Duration timeout) {

@@ -16,12 +16,14 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "cachemgr/util/fd_passing.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/unique_fd.h"
@@ -59,9 +61,9 @@ struct ShareChannelLimits {
 //     connections already open are served meanwhile, and pending ones stay queued in the
 //     listen backlog.
 // Replies are sent without blocking (a reply the peer's socket cannot take is dropped with a
-// warning). The resolver runs on the serving thread, one call at a time, and its descriptors
-// are sent before the next call; it must be thread-safe with respect to the rest of the daemon
-// and must not call Stop().
+// throttled warning). The resolver runs on the serving thread, one call at a time, and its
+// descriptors are sent before the next call; it must be thread-safe with respect to the rest of the
+// daemon and must not call Stop().
 class ShareChannelServer {
  public:
   // Returns the descriptors (borrowed: the caller keeps them open until the reply is sent, i.e.
@@ -101,6 +103,9 @@ class ShareChannelServer {
   // (answered or gone), false when nothing has arrived yet.
   bool TryServe(int conn);
   void HandleRequest(int conn, FdMessage request);
+  // Sends without blocking; a failure is logged (throttled: a peer that hangs up early is
+  // routine for a hostile one).
+  void SendReply(int conn, std::string_view payload, absl::Span<const int> fds);
   // Closes the oldest waiting connection with `reply` (an error).
   void DropOldest(const absl::Status& reply);
   // Waits up to `timeout` for Stop(); true when stopping.
@@ -115,7 +120,7 @@ class ShareChannelServer {
   std::atomic<bool> stopped_{false};
   uint64_t socket_dev_ = 0, socket_ino_ = 0;  // identity of the socket file we bound.
 
-  // Only the serving thread touches these. Oldest first, so deadlines ascend.
+  // Only the serving thread touches these. waiting_: oldest first, so deadlines ascend.
   std::deque<Waiting> waiting_;
   absl::Time accept_paused_until_ = absl::InfinitePast();
   ThrottledLog evictions_{LogLevel::kWarning,
@@ -123,6 +128,7 @@ class ShareChannelServer {
                           "connection"};
   ThrottledLog accept_failures_{LogLevel::kWarning,
                                 "share channel: accept failed; pausing accepts"};
+  ThrottledLog undelivered_{LogLevel::kWarning, "share channel: reply not delivered"};
 };
 
 // Client side: asks the daemon at `path` for the regions of `session_token`. Maps the daemon's
