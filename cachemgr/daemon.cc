@@ -125,8 +125,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   int metrics_port = 0;
   if (!config.metrics_address.empty()) {
     ASSIGN_OR_RETURN(d->metrics_server_,
-                     MetricsHttpServer::Start(config.metrics_address,
-                                              [m = d->metrics_.get()] { return m->Render(); }));
+                     MetricsEndpoint::Start(config.metrics_address, d->metrics_->collectables()));
     metrics_port = d->metrics_server_->port();
   }
 

@@ -12,8 +12,8 @@
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/config.h"
 #include "cachemgr/event_hub.h"
-#include "cachemgr/metrics/http_server.h"
 #include "cachemgr/metrics/metrics.h"
+#include "cachemgr/metrics/metrics_endpoint.h"
 #include "cachemgr/service/cachemgr_service.h"
 #include "cachemgr/service/share_channel.h"
 #include "cachemgr/util/clock.h"
@@ -57,7 +57,7 @@ class Daemon {
   // Descriptors of the share channel's current reply (only its thread touches them).
   std::vector<UniqueFd> shared_fds_in_flight_;
   std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<MetricsHttpServer> metrics_server_;
+  std::unique_ptr<MetricsEndpoint> metrics_server_;
   std::thread reaper_;
   absl::Notification shutdown_requested_;
   bool shut_down_ = false;

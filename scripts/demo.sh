@@ -27,7 +27,8 @@ cleanup() {
   rm -rf "$run_dir"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.1; done
+# The "cachemgrd serving" line (with the metrics port) comes once everything listens.
+for _ in $(seq 100); do grep -q '"metrics_port"' "$run_dir/daemon.log" && break; sleep 0.1; done
 metrics_port=$(grep -o '"metrics_port":[0-9]*' "$run_dir/daemon.log" | cut -d: -f2)
 ctl() { "$BUILD_DIR/tools/cachemgrctl" "$@" --socket="$socket"; }
 engine() { "$BUILD_DIR/tools/engine/cachemgr-engine" --socket="$socket" "$@"; }

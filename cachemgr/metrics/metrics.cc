@@ -1,46 +1,34 @@
 #include "cachemgr/metrics/metrics.h"
 
-#include <algorithm>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
+#include "prometheus/client_metric.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/metric_type.h"
+#include "prometheus/text_serializer.h"
 
 namespace cachemgr {
 namespace {
 
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
 // Seconds: 50 us .. 60 s (Compress of long sequences takes seconds).
-const std::vector<double>& LatencyBounds() {
-  static const auto* b =
-      new std::vector<double>{5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
-                              0.1,  0.25, 0.5,    1,    2.5,  5,      10,   30,   60};
+const prometheus::Histogram::BucketBoundaries& LatencyBounds() {
+  static const auto* b = new prometheus::Histogram::BucketBoundaries{
+      5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+      0.1,  0.25, 0.5,    1,    2.5,  5,      10,   30,   60};
   return *b;
 }
 
-const std::vector<double>& RatioBounds() {
-  static const auto* b =
-      new std::vector<double>{0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0};
+const prometheus::Histogram::BucketBoundaries& RatioBounds() {
+  static const auto* b = new prometheus::Histogram::BucketBoundaries{0.05, 0.1, 0.15, 0.2, 0.3, 0.4,
+                                                                     0.5,  0.6, 0.75, 0.9, 1.0};
   return *b;
 }
-
-std::string Escape(const std::string& v) {
-  return absl::StrReplaceAll(v, {{"\\", "\\\\"}, {"\"", "\\\""}, {"\n", "\\n"}});
-}
-
-std::string Labels(std::initializer_list<std::pair<const char*, std::string>> labels) {
-  std::string out;
-  for (const auto& [k, v] : labels) {
-    absl::StrAppend(&out, out.empty() ? "{" : ",", k, "=\"", Escape(v), "\"");
-  }
-  return out.empty() ? out : out + "}";
-}
-
-void Header(std::string* out, const char* name, const char* type, const char* help) {
-  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
-}
-
-std::string Number(double v) { return absl::StrFormat("%.17g", v); }
 
 const char* EventName(EventType type) {
   switch (type) {
@@ -68,15 +56,151 @@ const char* EventName(EventType type) {
   return "unknown";
 }
 
+MetricFamily Gauges(const char* name, const char* help) {
+  return MetricFamily{name, help, MetricType::Gauge, {}};
+}
+
+void AddGauge(MetricFamily& family, std::vector<ClientMetric::Label> labels, double value) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  m.gauge.value = value;
+  family.metric.push_back(std::move(m));
+}
+
 }  // namespace
 
+// The gauges read from the CacheManager at scrape time.
+class Metrics::StateGauges : public prometheus::Collectable {
+ public:
+  StateGauges(const CacheManager* manager, std::string version)
+      : manager_(manager), version_(std::move(version)), started_(absl::Now()) {}
+
+  std::vector<MetricFamily> Collect() const override {
+    const StatsSnapshot stats = manager_->Stats();
+    std::vector<MetricFamily> out;
+    out.push_back(Gauges("cachemgr_build_info", "Always 1; the version label says which build."));
+    AddGauge(out.back(), {{"version", version_}}, 1);
+    out.push_back(Gauges("cachemgr_uptime_seconds", "Seconds since the daemon started."));
+    AddGauge(out.back(), {}, absl::ToDoubleSeconds(absl::Now() - started_));
+    out.push_back(Gauges("cachemgr_clients", "Attached clients (live leases)."));
+    AddGauge(out.back(), {}, static_cast<double>(stats.clients.size()));
+    out.push_back(Gauges("cachemgr_sequences", "Sequences held, over all clients."));
+    AddGauge(out.back(), {}, stats.num_sequences);
+    out.push_back(Gauges("cachemgr_memory_used_bytes",
+                         "Bytes of pool memory allocated (counted against --memory_budget)."));
+    AddGauge(out.back(), {}, static_cast<double>(stats.memory_used_bytes));
+
+    out.push_back(Gauges("cachemgr_pool_bytes", "Bytes of one pool's memory (all layers)."));
+    for (const PoolSnapshot& p : stats.pools) {
+      AddGauge(out.back(), {{"pool", p.pool_id}, {"model", p.model_name}, {"device", p.device}},
+               static_cast<double>(p.bytes));
+    }
+    out.push_back(Gauges("cachemgr_pool_clients", "Clients attached to one pool."));
+    for (const PoolSnapshot& p : stats.pools) {
+      AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}}, p.clients);
+    }
+    struct LayerGauge {
+      const char* name;
+      const char* help;
+      uint32_t LayerOccupancy::*field;
+    };
+    for (const LayerGauge& g :
+         {LayerGauge{"cachemgr_pool_capacity_blocks", "Blocks of one layer's pool.",
+                     &LayerOccupancy::capacity_blocks},
+          LayerGauge{"cachemgr_pool_used_blocks", "Blocks of one layer referenced by sequences.",
+                     &LayerOccupancy::used_blocks},
+          LayerGauge{"cachemgr_pool_free_blocks", "Free blocks of one layer.",
+                     &LayerOccupancy::free_blocks},
+          LayerGauge{"cachemgr_pool_shared_blocks",
+                     "Blocks of one layer referenced by more than one sequence (forks).",
+                     &LayerOccupancy::shared_blocks}}) {
+      out.push_back(Gauges(g.name, g.help));
+      for (const PoolSnapshot& p : stats.pools) {
+        for (size_t l = 0; l < p.layers.size(); ++l) {
+          AddGauge(out.back(),
+                   {{"pool", p.pool_id}, {"device", p.device}, {"layer", absl::StrCat(l)}},
+                   p.layers[l].*g.field);
+        }
+      }
+    }
+    out.push_back(
+        Gauges("cachemgr_pool_arena_bytes",
+               "Bytes of codebook layers held in the daemon's arena for one pool's sequences."));
+    for (const PoolSnapshot& p : stats.pools) {
+      AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}},
+               static_cast<double>(p.arena_bytes));
+    }
+    out.push_back(Gauges("cachemgr_pool_compressed_sequences",
+                         "Sequences of one pool that Compress has compressed."));
+    for (const PoolSnapshot& p : stats.pools) {
+      AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}}, p.compressed_sequences);
+    }
+    return out;
+  }
+
+ private:
+  const CacheManager* const manager_;
+  const std::string version_;
+  const absl::Time started_;
+};
+
 Metrics::Metrics(const CacheManager* manager, EventHub* events, std::string version)
-    : manager_(manager), events_(events), version_(std::move(version)), started_(absl::Now()) {
+    : state_(std::make_shared<StateGauges>(manager, std::move(version))),
+      registry_(std::make_shared<prometheus::Registry>()),
+      rpc_total_(prometheus::BuildCounter()
+                     .Name("cachemgr_rpc_requests_total")
+                     .Help("Finished RPCs by method and gRPC status code.")
+                     .Register(*registry_)),
+      rpc_latency_(prometheus::BuildHistogram()
+                       .Name("cachemgr_rpc_latency_seconds")
+                       .Help("RPC latency in the daemon (from the call's start to its status), by "
+                             "method and code.")
+                       .Register(*registry_)),
+      compress_total_(prometheus::BuildCounter()
+                          .Name("cachemgr_compress_total")
+                          .Help("Successful Compress calls by policy.")
+                          .Register(*registry_)),
+      compress_bytes_before_(
+          prometheus::BuildCounter()
+              .Name("cachemgr_compress_bytes_before_total")
+              .Help("Bytes (whole blocks) the compressed sequences held before Compress, by "
+                    "policy.")
+              .Register(*registry_)),
+      compress_bytes_saved_(
+          prometheus::BuildCounter()
+              .Name("cachemgr_compress_bytes_saved_total")
+              .Help("Bytes Compress freed: before minus after (whole blocks + arena), by policy.")
+              .Register(*registry_)),
+      compress_ratio_(
+          prometheus::BuildHistogram()
+              .Name("cachemgr_compress_honest_ratio")
+              .Help("Honest byte ratio (bytes held / full KV bytes) Compress achieved, by policy.")
+              .Register(*registry_)),
+      fetch_blocks_(prometheus::BuildCounter()
+                        .Name("cachemgr_fetch_reconstructed_blocks_total")
+                        .Help("Blocks Fetch allocated to reconstruct codebook layers.")
+                        .Register(*registry_)
+                        .Add({})),
+      park_rows_(prometheus::BuildCounter()
+                     .Name("cachemgr_park_coded_rows_total")
+                     .Help("Rows appended after Fetch that Park coded into codebooks (per layer).")
+                     .Register(*registry_)
+                     .Add({})),
+      park_blocks_(prometheus::BuildCounter()
+                       .Name("cachemgr_park_released_blocks_total")
+                       .Help("Blocks Park released.")
+                       .Register(*registry_)
+                       .Add({})),
+      events_total_(prometheus::BuildCounter()
+                        .Name("cachemgr_events_total")
+                        .Help("State changes published (what Watch streams), by type; "
+                              "client_expired counts lost leases.")
+                        .Register(*registry_)),
+      events_(events) {
   if (events_ != nullptr) {
     subscription_ = events_->Subscribe([this](const Event* e) {
       if (e == nullptr) return;
-      absl::MutexLock lock(&mu_);
-      ++events_total_[EventName(e->type)];
+      events_total_.Add({{"type", EventName(e->type)}}).Increment();
     });
     subscribed_ = true;
   }
@@ -86,167 +210,43 @@ Metrics::~Metrics() {
   if (subscribed_) events_->Unsubscribe(subscription_);
 }
 
-void Metrics::Observe(Histogram& h, const std::vector<double>& bounds, double value) {
-  if (h.counts.empty()) h.counts.assign(bounds.size() + 1, 0);
-  const size_t bucket = std::lower_bound(bounds.begin(), bounds.end(), value) - bounds.begin();
-  ++h.counts[bucket];
-  h.sum += value;
-  ++h.count;
-}
-
 void Metrics::ObserveRpc(const std::string& method, const std::string& code,
                          absl::Duration latency) {
-  absl::MutexLock lock(&mu_);
-  ++rpc_total_[{method, code}];
-  Observe(rpc_latency_[{method, code}], LatencyBounds(), absl::ToDoubleSeconds(latency));
+  const prometheus::Labels labels = {{"method", method}, {"code", code}};
+  rpc_total_.Add(labels).Increment();
+  rpc_latency_.Add(labels, LatencyBounds()).Observe(absl::ToDoubleSeconds(latency));
 }
 
 void Metrics::ObserveCompress(const std::string& policy, const CompressResult& r) {
-  absl::MutexLock lock(&mu_);
-  ++compress_total_[policy];
-  compress_bytes_before_[policy] += r.bytes_before;
-  compress_bytes_after_[policy] += r.bytes_after;
-  Observe(compress_ratio_[policy], RatioBounds(), r.honest_ratio);
+  const prometheus::Labels labels = {{"policy", policy}};
+  compress_total_.Add(labels).Increment();
+  compress_bytes_before_.Add(labels).Increment(static_cast<double>(r.bytes_before));
+  // A counter never goes down: a call that holds more than before (codebooks larger than the
+  // blocks they replace) adds nothing.
+  compress_bytes_saved_.Add(labels).Increment(
+      r.bytes_before > r.bytes_after ? static_cast<double>(r.bytes_before - r.bytes_after) : 0);
+  compress_ratio_.Add(labels, RatioBounds()).Observe(r.honest_ratio);
 }
 
 void Metrics::ObserveFetch(const std::vector<FetchedLayerResult>& layers) {
-  absl::MutexLock lock(&mu_);
-  for (const auto& l : layers) fetch_blocks_ += l.new_blocks;
+  for (const auto& l : layers) fetch_blocks_.Increment(l.new_blocks);
 }
 
 void Metrics::ObservePark(const std::vector<ParkedLayerResult>& layers) {
-  absl::MutexLock lock(&mu_);
   for (const auto& l : layers) {
-    park_rows_ += l.rows_appended;
-    park_blocks_ += l.blocks_released;
+    park_rows_.Increment(l.rows_appended);
+    park_blocks_.Increment(l.blocks_released);
   }
 }
 
+std::vector<std::weak_ptr<prometheus::Collectable>> Metrics::collectables() const {
+  return {state_, registry_};
+}
+
 std::string Metrics::Render() const {
-  const StatsSnapshot stats = manager_->Stats();
-  std::string out;
-  Header(&out, "cachemgr_build_info", "gauge", "Always 1; the version label says which build.");
-  absl::StrAppend(&out, "cachemgr_build_info", Labels({{"version", version_}}), " 1\n");
-  Header(&out, "cachemgr_uptime_seconds", "gauge", "Seconds since the daemon started.");
-  absl::StrAppend(&out, "cachemgr_uptime_seconds ",
-                  Number(absl::ToDoubleSeconds(absl::Now() - started_)), "\n");
-  Header(&out, "cachemgr_clients", "gauge", "Attached clients (live leases).");
-  absl::StrAppend(&out, "cachemgr_clients ", stats.clients.size(), "\n");
-  Header(&out, "cachemgr_sequences", "gauge", "Sequences held, over all clients.");
-  absl::StrAppend(&out, "cachemgr_sequences ", stats.num_sequences, "\n");
-  Header(&out, "cachemgr_memory_used_bytes", "gauge",
-         "Bytes of pool memory allocated (counted against --memory_budget).");
-  absl::StrAppend(&out, "cachemgr_memory_used_bytes ", stats.memory_used_bytes, "\n");
-
-  Header(&out, "cachemgr_pool_bytes", "gauge", "Bytes of one pool's memory (all layers).");
-  for (const PoolSnapshot& p : stats.pools) {
-    absl::StrAppend(&out, "cachemgr_pool_bytes",
-                    Labels({{"pool", p.pool_id}, {"model", p.model_name}, {"device", p.device}}),
-                    " ", p.bytes, "\n");
-  }
-  Header(&out, "cachemgr_pool_clients", "gauge", "Clients attached to one pool.");
-  for (const PoolSnapshot& p : stats.pools) {
-    absl::StrAppend(&out, "cachemgr_pool_clients",
-                    Labels({{"pool", p.pool_id}, {"device", p.device}}), " ", p.clients, "\n");
-  }
-  for (const auto& [name, help, field] :
-       {std::tuple{"cachemgr_pool_capacity_blocks", "Blocks of one layer's pool.",
-                   &LayerOccupancy::capacity_blocks},
-        std::tuple{"cachemgr_pool_used_blocks", "Blocks of one layer referenced by sequences.",
-                   &LayerOccupancy::used_blocks},
-        std::tuple{"cachemgr_pool_free_blocks", "Free blocks of one layer.",
-                   &LayerOccupancy::free_blocks},
-        std::tuple{"cachemgr_pool_shared_blocks",
-                   "Blocks of one layer referenced by more than one sequence (forks).",
-                   &LayerOccupancy::shared_blocks}}) {
-    Header(&out, name, "gauge", help);
-    for (const PoolSnapshot& p : stats.pools) {
-      for (size_t l = 0; l < p.layers.size(); ++l) {
-        absl::StrAppend(
-            &out, name,
-            Labels({{"pool", p.pool_id}, {"device", p.device}, {"layer", absl::StrCat(l)}}), " ",
-            p.layers[l].*field, "\n");
-      }
-    }
-  }
-  Header(&out, "cachemgr_pool_arena_bytes", "gauge",
-         "Bytes of codebook layers held in the daemon's arena for one pool's sequences.");
-  for (const PoolSnapshot& p : stats.pools) {
-    absl::StrAppend(&out, "cachemgr_pool_arena_bytes",
-                    Labels({{"pool", p.pool_id}, {"device", p.device}}), " ", p.arena_bytes, "\n");
-  }
-  Header(&out, "cachemgr_pool_compressed_sequences", "gauge",
-         "Sequences of one pool that Compress has compressed.");
-  for (const PoolSnapshot& p : stats.pools) {
-    absl::StrAppend(&out, "cachemgr_pool_compressed_sequences",
-                    Labels({{"pool", p.pool_id}, {"device", p.device}}), " ",
-                    p.compressed_sequences, "\n");
-  }
-
-  absl::MutexLock lock(&mu_);
-  Header(&out, "cachemgr_rpc_requests_total", "counter",
-         "Finished RPCs by method and gRPC status code.");
-  for (const auto& [key, n] : rpc_total_) {
-    absl::StrAppend(&out, "cachemgr_rpc_requests_total",
-                    Labels({{"method", key.first}, {"code", key.second}}), " ", n, "\n");
-  }
-  auto histogram = [&out](const char* name, const std::string& labels_prefix, const Histogram& h,
-                          const std::vector<double>& bounds) {
-    uint64_t cumulative = 0;
-    for (size_t b = 0; b <= bounds.size(); ++b) {
-      cumulative += h.counts.empty() ? 0 : h.counts[b];
-      absl::StrAppend(&out, name, "_bucket{", labels_prefix, labels_prefix.empty() ? "" : ",",
-                      "le=\"", b < bounds.size() ? Number(bounds[b]) : "+Inf", "\"} ", cumulative,
-                      "\n");
-    }
-    absl::StrAppend(&out, name, "_sum{", labels_prefix, "} ", Number(h.sum), "\n", name, "_count{",
-                    labels_prefix, "} ", h.count, "\n");
-  };
-  Header(&out, "cachemgr_rpc_latency_seconds", "histogram",
-         "RPC latency in the daemon (from the call's start to its status), by method and code.");
-  for (const auto& [key, h] : rpc_latency_) {
-    histogram("cachemgr_rpc_latency_seconds",
-              absl::StrCat("method=\"", key.first, "\",code=\"", key.second, "\""), h,
-              LatencyBounds());
-  }
-  Header(&out, "cachemgr_compress_total", "counter", "Successful Compress calls by policy.");
-  for (const auto& [policy, n] : compress_total_) {
-    absl::StrAppend(&out, "cachemgr_compress_total", Labels({{"policy", policy}}), " ", n, "\n");
-  }
-  Header(&out, "cachemgr_compress_bytes_before_total", "counter",
-         "Bytes (whole blocks) the compressed sequences held before Compress, by policy.");
-  for (const auto& [policy, n] : compress_bytes_before_) {
-    absl::StrAppend(&out, "cachemgr_compress_bytes_before_total", Labels({{"policy", policy}}), " ",
-                    n, "\n");
-  }
-  Header(&out, "cachemgr_compress_bytes_saved_total", "counter",
-         "Bytes Compress freed: before minus after (whole blocks + arena), by policy.");
-  for (const auto& [policy, before] : compress_bytes_before_) {
-    const uint64_t after = compress_bytes_after_.at(policy);
-    absl::StrAppend(&out, "cachemgr_compress_bytes_saved_total", Labels({{"policy", policy}}), " ",
-                    before > after ? before - after : 0, "\n");
-  }
-  Header(&out, "cachemgr_compress_honest_ratio", "histogram",
-         "Honest byte ratio (bytes held / full KV bytes) Compress achieved, by policy.");
-  for (const auto& [policy, h] : compress_ratio_) {
-    histogram("cachemgr_compress_honest_ratio", absl::StrCat("policy=\"", Escape(policy), "\""), h,
-              RatioBounds());
-  }
-  Header(&out, "cachemgr_fetch_reconstructed_blocks_total", "counter",
-         "Blocks Fetch allocated to reconstruct codebook layers.");
-  absl::StrAppend(&out, "cachemgr_fetch_reconstructed_blocks_total ", fetch_blocks_, "\n");
-  Header(&out, "cachemgr_park_coded_rows_total", "counter",
-         "Rows appended after Fetch that Park coded into codebooks (per layer).");
-  absl::StrAppend(&out, "cachemgr_park_coded_rows_total ", park_rows_, "\n");
-  Header(&out, "cachemgr_park_released_blocks_total", "counter", "Blocks Park released.");
-  absl::StrAppend(&out, "cachemgr_park_released_blocks_total ", park_blocks_, "\n");
-  Header(&out, "cachemgr_events_total", "counter",
-         "State changes published (what Watch streams), by type; client_expired counts lost "
-         "leases.");
-  for (const auto& [type, n] : events_total_) {
-    absl::StrAppend(&out, "cachemgr_events_total", Labels({{"type", type}}), " ", n, "\n");
-  }
-  return out;
+  std::vector<MetricFamily> families = state_->Collect();
+  for (MetricFamily& f : registry_->Collect()) families.push_back(std::move(f));
+  return prometheus::TextSerializer().Serialize(families);
 }
 
 }  // namespace cachemgr

@@ -1,20 +1,23 @@
-// Metrics: the daemon's Prometheus metrics (docs/OPERATIONS.md lists every one). Counters and
-// histograms are recorded as calls happen; pool, client and sequence gauges are read from the
-// CacheManager when scraped, so they are never stale.
+// Metrics: the daemon's Prometheus metrics (docs/OPERATIONS.md lists every one), held in
+// prometheus-cpp collectables that MetricsEndpoint serves. Counters and histograms are recorded
+// as calls happen; pool, client and sequence gauges are read from the CacheManager when
+// scraped, so they are never stale.
 //
 // Thread-safe.
 #pragma once
 
-#include <cstdint>
-#include <map>
+#include <memory>
 #include <string>
-#include <tuple>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/event_hub.h"
+#include "prometheus/collectable.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 
 namespace cachemgr {
 
@@ -33,35 +36,33 @@ class Metrics {
   void ObserveFetch(const std::vector<FetchedLayerResult>& layers);
   void ObservePark(const std::vector<ParkedLayerResult>& layers);
 
-  // The Prometheus text exposition (format 0.0.4).
+  // What a scrape collects: the gauges read at scrape time, then the recorded counters and
+  // histograms. Owned by this object (an exposer holding them must stop first).
+  std::vector<std::weak_ptr<prometheus::Collectable>> collectables() const;
+
+  // The Prometheus text exposition of collectables() (what a scrape returns, without the
+  // exposer's own metrics).
   std::string Render() const;
 
  private:
-  struct Histogram {
-    std::vector<uint64_t> counts;  // per bucket (cumulative when rendered), + Inf last
-    double sum = 0;
-    uint64_t count = 0;
-  };
-  static void Observe(Histogram& h, const std::vector<double>& bounds, double value);
+  class StateGauges;
 
-  const CacheManager* const manager_;
+  const std::shared_ptr<StateGauges> state_;
+  const std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>& rpc_total_;
+  prometheus::Family<prometheus::Histogram>& rpc_latency_;
+  prometheus::Family<prometheus::Counter>& compress_total_;
+  prometheus::Family<prometheus::Counter>& compress_bytes_before_;
+  prometheus::Family<prometheus::Counter>& compress_bytes_saved_;
+  prometheus::Family<prometheus::Histogram>& compress_ratio_;
+  prometheus::Counter& fetch_blocks_;
+  prometheus::Counter& park_rows_;
+  prometheus::Counter& park_blocks_;
+  prometheus::Family<prometheus::Counter>& events_total_;
+
   EventHub* const events_;
-  const std::string version_;
-  const absl::Time started_;
   uint64_t subscription_ = 0;
   bool subscribed_ = false;
-
-  mutable absl::Mutex mu_;
-  std::map<std::pair<std::string, std::string>, uint64_t> rpc_total_ ABSL_GUARDED_BY(mu_);
-  std::map<std::pair<std::string, std::string>, Histogram> rpc_latency_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, uint64_t> compress_total_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, uint64_t> compress_bytes_before_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, uint64_t> compress_bytes_after_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, Histogram> compress_ratio_ ABSL_GUARDED_BY(mu_);
-  uint64_t fetch_blocks_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t park_rows_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t park_blocks_ ABSL_GUARDED_BY(mu_) = 0;
-  std::map<std::string, uint64_t> events_total_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace cachemgr

@@ -7,10 +7,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <string_view>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -66,21 +69,53 @@ bool ParseStatusCode(absl::string_view name, absl::StatusCode* code) {
   return false;
 }
 
-void SendReply(int conn, std::string_view payload, absl::Span<const int> fds) {
-  absl::Status sent = SendFdMessage(conn, payload, fds);
-  if (!sent.ok()) {
-    Log(LogLevel::kWarning, "share channel: reply not delivered", {{"error", sent.ToString()}});
+// The poll() timeout that wakes at `deadline` (rounded up to a millisecond so the loop does not
+// spin on a sub-millisecond remainder); -1 for no deadline.
+int PollTimeoutMs(absl::Time now, absl::Time deadline) {
+  if (deadline == absl::InfiniteFuture()) return -1;
+  if (deadline <= now) return 0;
+  return static_cast<int>(std::min<int64_t>(
+      absl::ToInt64Milliseconds(absl::Ceil(deadline - now, absl::Milliseconds(1))),
+      std::numeric_limits<int>::max()));
+}
+
+// Who may ask. The socket's 0600 mode already keeps other users out; checking the peer's uid
+// also covers a socket whose mode was loosened or a descriptor to it that leaked into another
+// user's process. OK, or the error to send back.
+absl::Status AuthorizePeer(int conn) {
+  ucred cred = {};
+  socklen_t cred_len = sizeof(cred);
+  if (::getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0) {
+    const int err = errno;
+    return absl::InternalError(absl::StrCat("SO_PEERCRED failed: ", ErrnoText(err)));
   }
+  const uid_t own_uid = ::geteuid();
+  if (cred.uid != own_uid) {
+    Log(LogLevel::kWarning, "share channel: rejected peer with foreign uid",
+        {{"peer_uid", static_cast<uint64_t>(cred.uid)},
+         {"peer_pid", static_cast<int64_t>(cred.pid)}});
+    return absl::PermissionDeniedError(
+        absl::StrCat("peer uid ", cred.uid, " differs from the daemon's uid ", own_uid));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
 
-ShareChannelServer::ShareChannelServer(std::string path, UniqueFd listener, Resolver resolver)
-    : path_(std::move(path)), listener_(std::move(listener)), resolver_(std::move(resolver)) {}
+ShareChannelServer::ShareChannelServer(std::string path, UniqueFd listener, Resolver resolver,
+                                       ShareChannelLimits limits)
+    : path_(std::move(path)),
+      listener_(std::move(listener)),
+      resolver_(std::move(resolver)),
+      limits_(limits) {}
 
 absl::StatusOr<std::unique_ptr<ShareChannelServer>> ShareChannelServer::Start(
-    const std::string& path, Resolver resolver) {
+    const std::string& path, Resolver resolver, ShareChannelLimits limits) {
   if (!resolver) return absl::InvalidArgumentError("share channel needs a resolver");
+  if (limits.request_timeout <= absl::ZeroDuration() || limits.max_connections == 0) {
+    return absl::InvalidArgumentError(
+        "share channel limits: request_timeout and max_connections must be positive");
+  }
   auto listener = ListenSeqpacket(path);
   if (!listener.ok()) return listener.status();
   // Non-blocking so a client that vanishes between poll() and accept4() cannot block the loop.
@@ -101,7 +136,7 @@ absl::StatusOr<std::unique_ptr<ShareChannelServer>> ShareChannelServer::Start(
     return absl::InternalError(absl::StrCat("pipe2: ", ErrnoText(err)));
   }
   std::unique_ptr<ShareChannelServer> server(
-      new ShareChannelServer(path, std::move(*listener), std::move(resolver)));
+      new ShareChannelServer(path, std::move(*listener), std::move(resolver), limits));
   server->wake_read_.reset(pipe_fds[0]);
   server->wake_write_.reset(pipe_fds[1]);
   server->socket_dev_ = st.st_dev;
@@ -132,6 +167,13 @@ void ShareChannelServer::Stop() {
   }
 }
 
+void ShareChannelServer::SendReply(int conn, std::string_view payload, absl::Span<const int> fds) {
+  // Never blocks: the connection is non-blocking, and the peer's receive queue holds at most
+  // this one message from us.
+  absl::Status sent = SendFdMessage(conn, payload, fds);
+  if (!sent.ok()) undelivered_.Record(absl::Now(), {"error", sent.ToString()});
+}
+
 bool ShareChannelServer::WaitForStop(absl::Duration timeout) {
   pollfd pfd{wake_read_.get(), POLLIN, 0};
   const int rc = ::poll(&pfd, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
@@ -139,9 +181,31 @@ bool ShareChannelServer::WaitForStop(absl::Duration timeout) {
 }
 
 void ShareChannelServer::Serve() {
+  // However the loop ends, no connection is left waiting for an answer that will not come.
+  absl::Cleanup close_all = [this] { waiting_.clear(); };
+  std::vector<pollfd> pfds;
   while (!stopped_.load()) {
-    pollfd pfds[2] = {{listener_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
-    const int rc = ::poll(pfds, 2, -1);
+    absl::Time now = absl::Now();
+    // Connections past their deadline are told why and closed (oldest first, so the expired
+    // ones are at the front).
+    while (!waiting_.empty() && waiting_.front().deadline <= now) {
+      SendReply(waiting_.front().conn.get(),
+                ErrorReply(absl::DeadlineExceededError(absl::StrCat(
+                    "no request within ", absl::FormatDuration(limits_.request_timeout)))),
+                {});
+      waiting_.pop_front();
+    }
+
+    const bool accepting = now >= accept_paused_until_;
+    pfds.clear();
+    pfds.push_back({wake_read_.get(), POLLIN, 0});
+    // A paused listener is left out (fd -1 is ignored by poll) so it cannot spin the loop.
+    pfds.push_back({accepting ? listener_.get() : -1, POLLIN, 0});
+    for (const Waiting& w : waiting_) pfds.push_back({w.conn.get(), POLLIN, 0});
+    absl::Time wake_at = waiting_.empty() ? absl::InfiniteFuture() : waiting_.front().deadline;
+    if (!accepting) wake_at = std::min(wake_at, accept_paused_until_);
+
+    const int rc = ::poll(pfds.data(), pfds.size(), PollTimeoutMs(now, wake_at));
     if (rc < 0) {
       if (errno == EINTR) continue;
       const int err = errno;
@@ -149,83 +213,110 @@ void ShareChannelServer::Serve() {
       if (WaitForStop(absl::Milliseconds(100))) return;
       continue;
     }
-    if (pfds[1].revents != 0) return;
-    if (pfds[0].revents & (POLLERR | POLLNVAL)) {
+    if (pfds[0].revents != 0) return;
+
+    // Requests first: they may free slots the new connections need. pfds[2 + i] is
+    // waiting_[i]; the answered ones are removed after the pass.
+    std::vector<bool> done(waiting_.size(), false);
+    bool any_done = false;
+    for (size_t i = 0; i < waiting_.size(); ++i) {
+      if (pfds[2 + i].revents == 0) continue;
+      done[i] = TryServe(waiting_[i].conn.get());
+      any_done |= done[i];
+    }
+    if (any_done) {
+      std::deque<Waiting> still;
+      for (size_t i = 0; i < waiting_.size(); ++i) {
+        if (!done[i]) still.push_back(std::move(waiting_[i]));
+      }
+      waiting_.swap(still);
+    }
+
+    if (pfds[1].revents & (POLLERR | POLLNVAL)) {
       Log(LogLevel::kError, "share channel: listener failed; no longer serving", {{"path", path_}});
       return;
     }
-    if (!(pfds[0].revents & POLLIN)) continue;
-
-    UniqueFd conn(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!conn.valid()) {
-      const int err = errno;
-      if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ECONNABORTED) continue;
-      Log(LogLevel::kWarning, "share channel: accept failed", {{"error", ErrnoText(err)}});
-      // E.g. EMFILE: the pending connection stays queued, so back off instead of spinning.
-      if (WaitForStop(absl::Milliseconds(50))) return;
-      continue;
+    if (pfds[1].revents & POLLIN) {
+      if (!AcceptPending(absl::Now())) return;
     }
-    HandleConnection(std::move(conn));
   }
 }
 
-void ShareChannelServer::HandleConnection(UniqueFd conn) {
-  const int fd = conn.get();
-  // Bounds both the wait for the request and the reply send, so one client cannot stall the
-  // thread that serves everyone.
-  if (absl::Status s = SetTimeouts(fd, kShareRequestTimeout); !s.ok()) {
-    Log(LogLevel::kWarning, "share channel: dropping connection", {{"error", s.ToString()}});
-    return;
-  }
-
-  absl::StatusOr<FdMessage> request = ReceiveFdMessage(fd);
-  if (!request.ok()) {
-    if (absl::IsDeadlineExceeded(request.status())) {
-      SendReply(fd,
-                ErrorReply(absl::DeadlineExceededError(absl::StrCat(
-                    "no request within ", absl::FormatDuration(kShareRequestTimeout)))),
-                {});
-    } else if (absl::IsDataLoss(request.status())) {
-      SendReply(fd, ErrorReply(absl::InvalidArgumentError("request too large")), {});
+bool ShareChannelServer::AcceptPending(absl::Time now) {
+  // Bounded so a connect flood cannot keep the loop from the connections it already holds.
+  for (size_t accepted = 0; accepted < limits_.max_connections; ++accepted) {
+    UniqueFd conn(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+    if (!conn.valid()) {
+      const int err = errno;
+      if (err == EAGAIN || err == EWOULDBLOCK) return true;
+      if (err == EINTR || err == ECONNABORTED) continue;
+      if (err == EBADF || err == EINVAL || err == ENOTSOCK) {
+        Log(LogLevel::kError, "share channel: listener failed; no longer serving",
+            {{"path", path_}, {"error", ErrnoText(err)}});
+        return false;
+      }
+      // E.g. EMFILE: the pending connection stays queued and the listener stays readable, so
+      // stop watching it for a while instead of spinning; the open connections are served on.
+      accept_failures_.Record(now, {"error", ErrnoText(err)});
+      accept_paused_until_ = now + kShareAcceptBackoff;
+      return true;
     }
-    Log(LogLevel::kDebug, "share channel: no request received",
-        {{"error", request.status().ToString()}});
-    return;
+    // A client normally sends its request right after connecting: answer it now, without
+    // taking a slot a flood of idle peers could contend for.
+    if (TryServe(conn.get())) continue;
+    if (waiting_.size() >= limits_.max_connections) {
+      DropOldest(absl::ResourceExhaustedError(
+          absl::StrCat("share channel is at its limit of ", limits_.max_connections,
+                       " waiting connections; this one waited longest")));
+      evictions_.Record(now, {"max_connections", static_cast<uint64_t>(limits_.max_connections)});
+    }
+    waiting_.push_back({std::move(conn), now + limits_.request_timeout});
   }
-  // The 0600 mode already keeps other users out; the uid check also covers a socket whose mode
-  // was loosened or a descriptor to it that leaked into another user's process. It comes after
-  // reading the request on purpose: closing with unread data makes the peer's recvmsg fail with
-  // ECONNRESET before it sees the queued reply.
-  ucred cred = {};
-  socklen_t cred_len = sizeof(cred);
-  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0) {
-    const int err = errno;
-    Log(LogLevel::kWarning, "share channel: SO_PEERCRED failed", {{"error", ErrnoText(err)}});
-    return;
+  return true;
+}
+
+void ShareChannelServer::DropOldest(const absl::Status& reply) {
+  if (waiting_.empty()) return;
+  SendReply(waiting_.front().conn.get(), ErrorReply(reply), {});
+  waiting_.pop_front();
+}
+
+bool ShareChannelServer::TryServe(int conn) {
+  absl::StatusOr<FdMessage> request = ReceiveFdMessage(conn);
+  if (request.ok()) {
+    HandleRequest(conn, *std::move(request));
+    return true;
   }
-  const uid_t own_uid = ::geteuid();
-  if (cred.uid != own_uid) {
-    Log(LogLevel::kWarning, "share channel: rejected peer with foreign uid",
-        {{"peer_uid", static_cast<uint64_t>(cred.uid)},
-         {"peer_pid", static_cast<int64_t>(cred.pid)}});
-    SendReply(fd,
-              ErrorReply(absl::PermissionDeniedError(
-                  absl::StrCat("peer uid ", cred.uid, " differs from the daemon's uid ", own_uid))),
-              {});
+  // On a non-blocking socket DEADLINE_EXCEEDED means nothing has arrived yet.
+  if (absl::IsDeadlineExceeded(request.status())) return false;
+  if (absl::IsDataLoss(request.status())) {
+    SendReply(conn, ErrorReply(absl::InvalidArgumentError("request too large")), {});
+  }
+  Log(LogLevel::kDebug, "share channel: no request received",
+      {{"error", request.status().ToString()}});
+  return true;
+}
+
+void ShareChannelServer::HandleRequest(int conn, FdMessage request) {
+  // Who is asking comes after reading the request on purpose: closing with unread data makes
+  // the peer's recvmsg fail with ECONNRESET before it sees the queued reply.
+  if (absl::Status allowed = AuthorizePeer(conn); !allowed.ok()) {
+    SendReply(conn, ErrorReply(allowed), {});
     return;
   }
 
-  if (!request->fds.empty()) {
+  // What is asked.
+  if (!request.fds.empty()) {
     // The descriptors are closed when `request` goes out of scope.
-    SendReply(fd,
+    SendReply(conn,
               ErrorReply(absl::InvalidArgumentError("a SHARE request must not carry descriptors")),
               {});
     return;
   }
-  absl::string_view payload = request->payload;
+  absl::string_view payload = request.payload;
   if (payload.substr(0, kSharePrefix.size()) != kSharePrefix ||
       !IsValidToken(payload.substr(kSharePrefix.size()))) {
-    SendReply(fd,
+    SendReply(conn,
               ErrorReply(absl::InvalidArgumentError(
                   "malformed request; expected \"SHARE <session_token>\"")),
               {});
@@ -233,22 +324,23 @@ void ShareChannelServer::HandleConnection(UniqueFd conn) {
   }
   const std::string token(payload.substr(kSharePrefix.size()));
 
+  // The answer.
   absl::StatusOr<std::vector<int>> fds = resolver_(token);
   if (!fds.ok()) {
-    SendReply(fd, ErrorReply(fds.status()), {});
+    SendReply(conn, ErrorReply(fds.status()), {});
     return;
   }
   if (fds->size() > kMaxFdsPerMessage) {
     Log(LogLevel::kError, "share channel: resolver returned too many descriptors",
         {{"count", static_cast<uint64_t>(fds->size())}});
     SendReply(
-        fd,
+        conn,
         ErrorReply(absl::InternalError(absl::StrCat(
             "daemon has ", fds->size(), " regions; at most ", kMaxFdsPerMessage, " can be sent"))),
         {});
     return;
   }
-  SendReply(fd, absl::StrCat(kOkPrefix, fds->size()), *fds);
+  SendReply(conn, absl::StrCat(kOkPrefix, fds->size()), *fds);
 }
 
 absl::StatusOr<std::vector<UniqueFd>> FetchSharedFds(const std::string& path,

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cctype>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/time/clock.h"
@@ -146,6 +147,28 @@ bool ParseLogLevel(std::string_view text, LogLevel* level) {
   } else {
     return false;
   }
+  return true;
+}
+
+ThrottledLog::ThrottledLog(LogLevel level, std::string msg, absl::Duration interval)
+    : level_(level), msg_(std::move(msg)), interval_(interval) {}
+
+bool ThrottledLog::Due(absl::Time now) {
+  ++unlogged_;
+  if (now - last_line_ < interval_) return false;
+  last_line_ = now;
+  return true;
+}
+
+bool ThrottledLog::Record(absl::Time now) {
+  if (!Due(now)) return false;
+  Log(level_, msg_, {{"occurrences", std::exchange(unlogged_, 0)}});
+  return true;
+}
+
+bool ThrottledLog::Record(absl::Time now, const LogField& detail) {
+  if (!Due(now)) return false;
+  Log(level_, msg_, {{"occurrences", std::exchange(unlogged_, 0)}, detail});
   return true;
 }
 

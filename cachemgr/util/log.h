@@ -8,6 +8,8 @@
 #include <string>
 #include <string_view>
 
+#include "absl/time/time.h"
+
 namespace cachemgr {
 
 enum class LogLevel { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3 };
@@ -42,5 +44,28 @@ std::string FormatLogLine(LogLevel level, std::string_view msg,
 // Parses "debug" / "info" / "warning" (or "warn") / "error", case-insensitively. Returns false
 // (leaving *level untouched) for anything else.
 bool ParseLogLevel(std::string_view text, LogLevel* level);
+
+// A recurring message logged at most once per `interval`, so a flood (a hostile peer, an
+// exhausted resource) cannot flood the log: Record() counts an occurrence and writes a line
+// only when the previous line is at least `interval` old (the first occurrence always writes).
+// The line carries "occurrences" (how many Record() calls it stands for: this one and those
+// suppressed since the previous line) and the `detail` field of this call. Not thread-safe.
+class ThrottledLog {
+ public:
+  ThrottledLog(LogLevel level, std::string msg, absl::Duration interval = absl::Seconds(1));
+
+  // True when this call wrote a line.
+  bool Record(absl::Time now);
+  bool Record(absl::Time now, const LogField& detail);
+
+ private:
+  const LogLevel level_;
+  const std::string msg_;
+  const absl::Duration interval_;
+  bool Due(absl::Time now);
+
+  absl::Time last_line_ = absl::InfinitePast();
+  uint64_t unlogged_ = 0;  // occurrences since the last line
+};
 
 }  // namespace cachemgr

@@ -13,7 +13,7 @@
 #include "tools/cachemgrctl/commands.h"
 #include "tools/cachemgrctl/compress_options.h"
 #include "tools/cachemgrctl/files.h"
-#include "tools/cachemgrctl/json_writer.h"
+#include "tools/cachemgrctl/json_output.h"
 
 namespace cachemgr::ctl {
 namespace {
@@ -125,90 +125,80 @@ absl::Status Load(const CompressOptions& options, LoadedSequence* seq) {
   return absl::OkStatus();
 }
 
-void WritePolicy(const compress::PolicyConfig& p, JsonWriter& json) {
-  json.BeginObject();
-  json.Key("name").String(p.name);
-  json.Key("schedule").String(ScheduleName(p.schedule));
-  json.Key("beta").Double(p.beta);
-  json.Key("zigzag_tau").Double(p.zigzag_tau);
-  json.Key("zigzag_min_fraction").Double(p.zigzag_min_fraction);
-  json.Key("scoring").String(ScoringName(p.scoring));
-  json.Key("window").Uint(p.window);
-  json.Key("normalization").String(NormalizationName(p.normalization));
-  json.Key("pooling").String(PoolingName(p.pooling));
-  json.Key("pool_kernel").Uint(p.pool_kernel);
-  json.Key("sinks").Uint(p.sinks);
-  json.Key("gqa").String(GqaName(p.gqa));
-  json.Key("codebook").Bool(p.codebook);
-  json.Key("theta_k").Float(p.theta_k);
-  json.Key("theta_v").Float(p.theta_v);
-  json.Key("codebook_scope").String(CodebookScopeName(p.codebook_scope));
-  json.Key("codebook_only_if_smaller").Bool(p.codebook_only_if_smaller);
-  json.EndObject();
+Json PolicyJson(const compress::PolicyConfig& p) {
+  return Json{{"name", p.name},
+              {"schedule", ScheduleName(p.schedule)},
+              {"beta", JsonDouble(p.beta)},
+              {"zigzag_tau", JsonDouble(p.zigzag_tau)},
+              {"zigzag_min_fraction", JsonDouble(p.zigzag_min_fraction)},
+              {"scoring", ScoringName(p.scoring)},
+              {"window", p.window},
+              {"normalization", NormalizationName(p.normalization)},
+              {"pooling", PoolingName(p.pooling)},
+              {"pool_kernel", p.pool_kernel},
+              {"sinks", p.sinks},
+              {"gqa", GqaName(p.gqa)},
+              {"codebook", p.codebook},
+              {"theta_k", JsonFloat(p.theta_k)},
+              {"theta_v", JsonFloat(p.theta_v)},
+              {"codebook_scope", CodebookScopeName(p.codebook_scope)},
+              {"codebook_only_if_smaller", p.codebook_only_if_smaller}};
 }
 
 std::string StatsJson(const CompressOptions& options, const LoadedSequence& seq,
                       const compress::SequenceResult& result) {
   const compress::ModelShape& shape = seq.shape;
-  JsonWriter json;
-  json.BeginObject();
-  json.Key("policy");
-  WritePolicy(options.policy, json);
-  json.Key("target").BeginObject();
-  json.Key("kind").String(
-      options.target.kind == compress::TargetKind::kByteRatio ? "byte_ratio" : "reserve_ratio");
-  json.Key("value").Double(options.target.value);
-  json.EndObject();
-  json.Key("shape").BeginObject();
-  json.Key("num_layers").Uint(shape.num_layers);
-  json.Key("num_tokens").Uint(seq.input.num_tokens);
-  json.Key("num_q_heads").Uint(shape.num_q_heads);
-  json.Key("num_kv_heads").Uint(shape.num_kv_heads);
-  json.Key("head_dim").Uint(shape.head_dim);
-  json.Key("elem_bytes").Uint(shape.elem_bytes);
-  json.Key("rope").String(RopeName(shape.rope_style));
-  json.Key("rope_theta").Double(shape.rope_theta);
-  json.Key("rope_scaling").Double(shape.rope_scaling);
-  json.Key("rotary_dim").Uint(shape.rotary_dim);
-  json.EndObject();
-  json.Key("inputs").BeginObject();
-  json.Key("keys").String(options.keys_path);
-  json.Key("values").String(options.values_path);
+  Json inputs = {{"keys", options.keys_path}, {"values", options.values_path}};
   if (!options.queries_path.empty()) {
-    json.Key("queries").String(options.queries_path);
-    json.Key("num_queries").Uint(seq.input.layers[0].num_queries);
+    inputs["queries"] = options.queries_path;
+    inputs["num_queries"] = seq.input.layers[0].num_queries;
   }
-  if (!options.scores_path.empty()) json.Key("scores").String(options.scores_path);
-  if (!options.positions_path.empty()) json.Key("positions").String(options.positions_path);
-  json.EndObject();
+  if (!options.scores_path.empty()) inputs["scores"] = options.scores_path;
+  if (!options.positions_path.empty()) inputs["positions"] = options.positions_path;
 
-  const compress::CompressionStats& stats = result.stats;
-  json.Key("full_bytes").Uint(stats.full_bytes);
-  json.Key("held_bytes").Uint(stats.held_bytes);
-  json.Key("honest_ratio").Double(stats.honest_ratio);
-  json.Key("eq15_ratio").Double(stats.eq15_ratio);
-  json.Key("reserve_ratio").Double(stats.reserve_ratio);
-  json.Key("layers").BeginArray();
+  Json layers = Json::array();
   for (size_t l = 0; l < result.layers.size(); ++l) {
     const compress::LayerResult& layer = result.layers[l];
-    json.BeginObject();
-    json.Key("layer").Uint(l);
-    json.Key("context_ratio").Double(layer.context_ratio);
-    json.Key("kept_per_head").Uint(layer.kept_per_head);
     const bool codebook = layer.key_codebook.has_value();
-    json.Key("codebook").Bool(codebook);
-    json.Key("codebook_size_k").Uint(codebook ? layer.key_codebook->size() : 0);
-    json.Key("codebook_size_v").Uint(codebook ? layer.value_codebook->size() : 0);
-    json.Key("codebook_parts")
-        .Uint(codebook && !layer.key_entry_offsets.empty() ? layer.key_entry_offsets.size() - 1
-                                                           : 0);
-    json.Key("bytes_held").Uint(layer.bytes_held);
-    json.Key("eq15_ratio").Double(layer.eq15_ratio);
-    json.EndObject();
+    layers.push_back(
+        {{"layer", l},
+         {"context_ratio", JsonDouble(layer.context_ratio)},
+         {"kept_per_head", layer.kept_per_head},
+         {"codebook", codebook},
+         {"codebook_size_k", codebook ? layer.key_codebook->size() : 0},
+         {"codebook_size_v", codebook ? layer.value_codebook->size() : 0},
+         {"codebook_parts",
+          codebook && !layer.key_entry_offsets.empty() ? layer.key_entry_offsets.size() - 1 : 0},
+         {"bytes_held", layer.bytes_held},
+         {"eq15_ratio", JsonDouble(layer.eq15_ratio)}});
   }
-  json.EndArray();
-  json.EndObject();
-  return json.str();
+
+  const compress::CompressionStats& stats = result.stats;
+  const Json json = {
+      {"policy", PolicyJson(options.policy)},
+      {"target",
+       {{"kind",
+         options.target.kind == compress::TargetKind::kByteRatio ? "byte_ratio" : "reserve_ratio"},
+        {"value", JsonDouble(options.target.value)}}},
+      {"shape",
+       {{"num_layers", shape.num_layers},
+        {"num_tokens", seq.input.num_tokens},
+        {"num_q_heads", shape.num_q_heads},
+        {"num_kv_heads", shape.num_kv_heads},
+        {"head_dim", shape.head_dim},
+        {"elem_bytes", shape.elem_bytes},
+        {"rope", RopeName(shape.rope_style)},
+        {"rope_theta", JsonDouble(shape.rope_theta)},
+        {"rope_scaling", JsonDouble(shape.rope_scaling)},
+        {"rotary_dim", shape.rotary_dim}}},
+      {"inputs", std::move(inputs)},
+      {"full_bytes", stats.full_bytes},
+      {"held_bytes", stats.held_bytes},
+      {"honest_ratio", JsonDouble(stats.honest_ratio)},
+      {"eq15_ratio", JsonDouble(stats.eq15_ratio)},
+      {"reserve_ratio", JsonDouble(stats.reserve_ratio)},
+      {"layers", std::move(layers)}};
+  return DumpJson(json);
 }
 
 absl::Status WriteCodebook(const std::string& prefix, const compress::Codebook& codebook,

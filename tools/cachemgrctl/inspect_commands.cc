@@ -13,7 +13,7 @@
 #include "absl/time/time.h"
 #include "tools/cachemgrctl/commands.h"
 #include "tools/cachemgrctl/daemon_client.h"
-#include "tools/cachemgrctl/json_writer.h"
+#include "tools/cachemgrctl/json_output.h"
 #include "tools/cachemgrctl/table.h"
 
 namespace cachemgr::ctl {
@@ -86,14 +86,14 @@ int RunHealth(const std::vector<std::string>& args) {
   const std::string overall =
       health_off ? "SERVING (health service off)" : (serving ? "SERVING" : "NOT_SERVING");
   if (parsed->options.json) {
-    JsonWriter json;
-    json.BeginObject().Key("status").String(health_off || serving ? "SERVING" : "NOT_SERVING");
-    json.Key("health_service").Bool(!health_off).Key("services").BeginObject();
-    for (const auto& [service, status] : statuses) json.Key(service).String(status);
-    json.EndObject().Key("version").String(stats.version());
-    json.Key("uptime_ms").Uint(stats.uptime_ms()).Key("target").String(parsed->options.target);
-    json.EndObject();
-    Print(json.str());
+    Json services = Json::object();
+    for (const auto& [service, status] : statuses) services[service] = status;
+    Print(DumpJson({{"status", health_off || serving ? "SERVING" : "NOT_SERVING"},
+                    {"health_service", !health_off},
+                    {"services", std::move(services)},
+                    {"version", stats.version()},
+                    {"uptime_ms", stats.uptime_ms()},
+                    {"target", parsed->options.target}}));
   } else {
     std::printf("%s  cachemgrd %s at %s, up %s\n", overall.c_str(), stats.version().c_str(),
                 parsed->options.target.c_str(), Uptime(stats.uptime_ms()).c_str());

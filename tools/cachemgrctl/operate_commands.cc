@@ -7,7 +7,7 @@
 #include "absl/strings/str_format.h"
 #include "tools/cachemgrctl/commands.h"
 #include "tools/cachemgrctl/daemon_client.h"
-#include "tools/cachemgrctl/json_writer.h"
+#include "tools/cachemgrctl/json_output.h"
 #include "tools/cachemgrctl/table.h"
 
 namespace cachemgr::ctl {
@@ -30,10 +30,9 @@ int RunFree(const std::vector<std::string>& args) {
     return ReportError(kCommand, StatusText(status), kExitFailure);
   }
   if (parsed->options.json) {
-    JsonWriter json;
-    json.BeginObject().Key("sequence_id").String(*sequence);
-    json.Key("blocks_released").Uint(response.blocks_released()).EndObject();
-    std::fputs(json.str().c_str(), stdout);
+    const std::string json =
+        DumpJson({{"sequence_id", *sequence}, {"blocks_released", response.blocks_released()}});
+    std::fputs(json.c_str(), stdout);
   } else {
     std::printf("freed %s: %llu blocks released\n", sequence->c_str(),
                 static_cast<unsigned long long>(response.blocks_released()));

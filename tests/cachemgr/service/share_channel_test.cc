@@ -1,8 +1,11 @@
 #include "cachemgr/service/share_channel.h"
 
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -26,7 +29,7 @@ constexpr char kBadTokenMessage[] = "session_token does not name an attached cli
 
 // A server over two memfd regions that hands them out for token "good".
 struct Fixture {
-  Fixture() {
+  explicit Fixture(ShareChannelLimits limits = {}) {
     auto r0 = MemfdRegion::Create("share-test-0", kRegionBytes);
     auto r1 = MemfdRegion::Create("share-test-1", kRegionBytes);
     REQUIRE(r0.ok());
@@ -35,14 +38,16 @@ struct Fixture {
     regions[1] = std::move(*r1);
     path = dir.file("share.sock");
     auto started = ShareChannelServer::Start(
-        path, [this](const std::string& token) -> absl::StatusOr<std::vector<int>> {
+        path,
+        [this](const std::string& token) -> absl::StatusOr<std::vector<int>> {
           {
             std::lock_guard<std::mutex> lock(mu);
             tokens_seen.push_back(token);
           }
           if (token != "good") return absl::NotFoundError(kBadTokenMessage);
           return std::vector<int>{regions[0].fd(), regions[1].fd()};
-        });
+        },
+        limits);
     REQUIRE(started.ok());
     server = std::move(*started);
   }
@@ -75,6 +80,37 @@ std::string RawRequest(const std::string& path, const std::string& payload) {
 
 bool StartsWith(const std::string& s, const std::string& prefix) {
   return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+// Connections that never send a request; each fails its receives after 20 s instead of hanging.
+std::vector<UniqueFd> ConnectIdle(const std::string& path, size_t n) {
+  std::vector<UniqueFd> idle;
+  const timeval tv = {20, 0};
+  for (size_t i = 0; i < n; ++i) {
+    auto conn = ConnectSeqpacket(path);
+    REQUIRE(conn.ok());
+    REQUIRE(::setsockopt(conn->get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0);
+    idle.push_back(std::move(*conn));
+  }
+  return idle;
+}
+
+// The payload of the daemon's one message on `conn`, after which it must hang up.
+std::string ReplyThenEof(int conn) {
+  auto reply = ReceiveFdMessage(conn);
+  REQUIRE(reply.ok());
+  CHECK(reply->fds.empty());
+  CHECK(ReceiveFdMessage(conn).status().code() == absl::StatusCode::kUnavailable);
+  return reply->payload;
+}
+
+std::chrono::steady_clock::duration TimeFetch(const std::string& path) {
+  const auto start = std::chrono::steady_clock::now();
+  auto fds = FetchSharedFds(path, "good");
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  REQUIRE(fds.ok());
+  CHECK(fds->size() == 2);
+  return elapsed;
 }
 
 TEST_CASE("a good token yields descriptors of the daemon's regions", "[cpu]") {
@@ -152,6 +188,155 @@ TEST_CASE("a silent client does not stall the server beyond the request timeout"
   REQUIRE(reply.ok());
   CHECK(StartsWith(reply->payload, "ERR DEADLINE_EXCEEDED "));
   CHECK(ReceiveFdMessage(silent->get()).status().code() == absl::StatusCode::kUnavailable);
+}
+
+TEST_CASE("idle connections do not delay another client's request", "[cpu]") {
+  Fixture f;
+  // The old one-at-a-time server gave each idle connection its full 1 s timeout before the
+  // next, so this fetch waited 40 s (and FetchSharedFds gave up after 30).
+  std::vector<UniqueFd> idle = ConnectIdle(f.path, 40);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the server accept them
+  CHECK(TimeFetch(f.path) < std::chrono::seconds(3));           // generous: a round trip is ~100 us
+
+  // Every idle connection is still told, at its own deadline, why it is closed.
+  for (UniqueFd& conn : idle) {
+    CHECK(StartsWith(ReplyThenEof(conn.get()), "ERR DEADLINE_EXCEEDED "));
+  }
+  CHECK(f.Tokens() == std::vector<std::string>{"good"});
+}
+
+TEST_CASE("requests on many open connections are answered whatever their order", "[cpu]") {
+  Fixture f;
+  std::vector<UniqueFd> conns = ConnectIdle(f.path, 16);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // all accepted and waiting
+  // The newest asks first: nothing makes it wait for the older ones.
+  for (size_t i = conns.size(); i-- > 0;) {
+    REQUIRE(SendFdMessage(conns[i].get(), i % 2 == 0 ? "SHARE good" : "SHARE bad", {}).ok());
+  }
+  for (size_t i = 0; i < conns.size(); ++i) {
+    CAPTURE(i);
+    auto reply = ReceiveFdMessage(conns[i].get());
+    REQUIRE(reply.ok());
+    if (i % 2 == 0) {
+      CHECK(reply->payload == "OK 2");
+      CHECK(reply->fds.size() == 2);
+    } else {
+      CHECK(reply->payload == std::string("ERR NOT_FOUND ") + kBadTokenMessage);
+    }
+  }
+  CHECK(f.Tokens().size() == conns.size());
+}
+
+TEST_CASE("waiting connections are capped: the oldest makes room, with a reply", "[cpu]") {
+  // A long request timeout, so only the cap (not a deadline) can close the idle ones.
+  Fixture f({.request_timeout = absl::Seconds(60), .max_connections = 4});
+  std::vector<UniqueFd> idle = ConnectIdle(f.path, 6);
+
+  // The two oldest were closed to admit the two newest, and told why.
+  for (size_t i = 0; i < 2; ++i) {
+    CAPTURE(i);
+    CHECK(StartsWith(ReplyThenEof(idle[i].get()), "ERR RESOURCE_EXHAUSTED "));
+  }
+  // A client that sends as it connects is answered at once even with every slot taken.
+  CHECK(TimeFetch(f.path) < std::chrono::seconds(3));
+  // The four newest are still open and waiting (nothing queued for them yet)...
+  for (size_t i = 2; i < idle.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(::fcntl(idle[i].get(), F_SETFL, O_NONBLOCK) == 0);
+    CHECK(ReceiveFdMessage(idle[i].get()).status().code() ==
+          absl::StatusCode::kDeadlineExceeded);  // EAGAIN: open, nothing sent
+  }
+  // ...and still served when they finally ask.
+  REQUIRE(SendFdMessage(idle[5].get(), "SHARE good", {}).ok());
+  pollfd pfd{idle[5].get(), POLLIN, 0};
+  REQUIRE(::poll(&pfd, 1, 20000) == 1);
+  auto reply = ReceiveFdMessage(idle[5].get());
+  REQUIRE(reply.ok());
+  CHECK(reply->payload == "OK 2");
+  // Stop closes the rest.
+  f.server->Stop();
+  for (size_t i = 2; i < 5; ++i) {
+    REQUIRE(::fcntl(idle[i].get(), F_SETFL, 0) == 0);
+    CHECK(ReceiveFdMessage(idle[i].get()).status().code() == absl::StatusCode::kUnavailable);
+  }
+}
+
+TEST_CASE("the server rejects limits it cannot honour", "[cpu]") {
+  testing::TempDir dir;
+  auto resolver = [](const std::string&) -> absl::StatusOr<std::vector<int>> {
+    return std::vector<int>{};
+  };
+  CHECK(ShareChannelServer::Start(dir.file("a.sock"), resolver, {.max_connections = 0})
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ShareChannelServer::Start(dir.file("b.sock"), resolver,
+                                  {.request_timeout = absl::ZeroDuration()})
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+}
+
+// Lowers RLIMIT_NOFILE to what is open now and fills every free slot, so the process (and the
+// server in it) is out of descriptors until the destructor, which restores both.
+class DescriptorExhaustion {
+ public:
+  DescriptorExhaustion() {
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved_) == 0);
+    int highest = 0;
+    for (int fd = 0; fd < 65536; ++fd) {
+      if (::fcntl(fd, F_GETFD) != -1) highest = fd;
+    }
+    rlimit lowered = saved_;
+    lowered.rlim_cur = static_cast<rlim_t>(highest) + 1;
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &lowered) == 0);
+    for (;;) {
+      const int fd = ::dup(STDIN_FILENO);
+      if (fd < 0) break;
+      fillers_.emplace_back(fd);
+    }
+    CHECK(errno == EMFILE);
+  }
+  ~DescriptorExhaustion() {
+    fillers_.clear();
+    ::setrlimit(RLIMIT_NOFILE, &saved_);
+  }
+
+ private:
+  rlimit saved_{};
+  std::vector<UniqueFd> fillers_;
+};
+
+TEST_CASE("out of descriptors, open connections are served and accepting recovers", "[cpu]") {
+  Fixture f;
+  auto early = ConnectSeqpacket(f.path);  // accepted while descriptors are plentiful
+  REQUIRE(early.ok());
+  // Created now; connected once no descriptor is left for the server to accept it with.
+  UniqueFd late(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  REQUIRE(late.valid());
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, f.path.c_str(), f.path.size() + 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the server accept `early`
+  const timeval tv = {20, 0};
+  REQUIRE(::setsockopt(early->get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0);
+  REQUIRE(::setsockopt(late.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0);
+  {
+    DescriptorExhaustion exhausted;
+    REQUIRE(::connect(late.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0);
+    REQUIRE(SendFdMessage(late.get(), "SHARE good", {}).ok());
+    // The server's accept() now fails with EMFILE; the connection it already holds is still
+    // answered (a reply without descriptors: there is no room to receive any).
+    REQUIRE(SendFdMessage(early->get(), "SHARE nope", {}).ok());
+    auto reply = ReceiveFdMessage(early->get());
+    REQUIRE(reply.ok());
+    CHECK(reply->payload == std::string("ERR NOT_FOUND ") + kBadTokenMessage);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // a few failed accepts
+  }
+  // Descriptors are back: the queued connection is accepted and answered on the server's own.
+  auto reply = ReceiveFdMessage(late.get());
+  REQUIRE(reply.ok());
+  CHECK(reply->payload == "OK 2");
+  CHECK(reply->fds.size() == 2);
+  CHECK(f.Tokens() == std::vector<std::string>{"nope", "good"});
 }
 
 TEST_CASE("FetchSharedFds maps every error code and checks the descriptor count", "[cpu]") {

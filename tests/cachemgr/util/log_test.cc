@@ -7,6 +7,7 @@
 #include <limits>
 #include <regex>
 #include <string>
+#include <vector>
 
 namespace cachemgr {
 namespace {
@@ -129,6 +130,27 @@ TEST_CASE("Log writes whole lines to stderr and honours the min level", "[cpu]")
   REQUIRE(!second.empty());
   CHECK(second.back() == '\n');
   CHECK(AfterPrefix(second.substr(0, second.size() - 1)) == R"("shown error"})");
+}
+
+TEST_CASE("ThrottledLog writes at most one line per interval, counting the rest", "[cpu]") {
+  ThrottledLog throttled(LogLevel::kWarning, "peer flood", absl::Seconds(1));
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  std::vector<bool> wrote;
+  const std::string out = CaptureStderr([&] {
+    wrote.push_back(throttled.Record(t0, {"peer", "a"}));                           // first: writes
+    wrote.push_back(throttled.Record(t0 + absl::Milliseconds(10), {"peer", "b"}));  // suppressed
+    wrote.push_back(throttled.Record(t0 + absl::Milliseconds(999), {"peer", "c"}));  // suppressed
+    wrote.push_back(throttled.Record(t0 + absl::Seconds(1), {"peer", "d"}));  // due: 3 since last
+    wrote.push_back(throttled.Record(t0 + absl::Seconds(5)));                 // due: just itself
+  });
+  CHECK(wrote == std::vector<bool>{true, false, false, true, true});
+  std::vector<std::string> lines;
+  for (size_t start = 0, nl; (nl = out.find('\n', start)) != std::string::npos; start = nl + 1) {
+    lines.push_back(AfterPrefix(out.substr(start, nl - start)));
+  }
+  CHECK(lines == std::vector<std::string>{R"("peer flood","occurrences":1,"peer":"a"})",
+                                          R"("peer flood","occurrences":3,"peer":"d"})",
+                                          R"("peer flood","occurrences":1})"});
 }
 
 }  // namespace
