@@ -629,8 +629,13 @@ struct Session::Impl {
 
   // ---- Lease ----
 
+  // True: the session is usable and no revocation has begun (so reads made before the call
+  // came from the pool). False: the mapping is revoked (an in-progress revocation is waited for).
   bool LeaseOk() {
-    if (lost.load(std::memory_order_acquire)) return false;
+    if (lost.load(std::memory_order_acquire)) {
+      absl::MutexLock lock(&state_mu);  // MarkLost revokes under it
+      return false;
+    }
     Generation* g = current.load(std::memory_order_acquire);
     if (g->LeaseLeft(BootNanos())) return true;
     MarkLost(g, ExpiredStatus(*g));
@@ -681,8 +686,9 @@ struct Session::Impl {
       if (g != current.load(std::memory_order_relaxed) || lost.load(std::memory_order_relaxed)) {
         return;
       }
-      // Before anyone can observe the loss: whoever sees lease_ok() false knows the stores are
-      // cut off.
+      // Lost before the revocation begins, so lease_ok() true means none has begun; lease_ok()
+      // false waits for this lock, so it also means the stores are cut off.
+      lost.store(true, std::memory_order_release);
       if (absl::Status revoked = g->Revoke(); !revoked.ok()) {
         why = absl::Status(why.code(),
                            absl::StrCat(why.message(), "; REVOKING THE MAPPING FAILED (",
@@ -692,7 +698,6 @@ struct Session::Impl {
       }
       lost_status = why;
       lost_released = false;
-      lost.store(true, std::memory_order_release);
     }
     {
       absl::MutexLock lock(&calls_mu);

@@ -317,10 +317,12 @@ class Session:
     @property
     def lease_ok(self) -> bool:
         """Cheap: whether the session is usable and its local lease deadline has not passed.
-        Check it before each batch of writes into the pool. When it turns False because the
-        deadline just passed, the mapping is revoked before it returns."""
+        Check it before each batch of writes into the pool, and after reads whose results
+        matter: True also means no revocation had begun, so what was read before came from the
+        pool. False means the mapping is revoked (a revocation in progress is waited for)."""
         if self._lost is not None:
-            return False
+            with self._lock:  # _mark_lost revokes under it
+                return False
         g = self._current
         if g.lease_left(lease.boot_ns()):
             return True
@@ -434,6 +436,9 @@ class Session:
         with self._lock:
             if g is not self._current or self._lost is not None:
                 return
+            # Lost before the revocation begins, so lease_ok True means none has begun;
+            # lease_ok False waits for this lock, so it also means the stores are cut off.
+            self._lost = error
             try:
                 g.revoke()
                 self._revoked_at = time.time()

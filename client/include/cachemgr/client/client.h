@@ -290,8 +290,9 @@ class Session {
 
   // ---- Lease and generations (see the file comment) ----
   // Cheap (an atomic load and a clock read): whether the session is usable and its local lease
-  // deadline has not passed. Check it before each batch of writes into pool(). When it returns
-  // false because the deadline just passed, the mapping has been revoked before it returns.
+  // deadline has not passed. Check it before each batch of writes into pool(), and after reads
+  // whose results matter: true also means no revocation had begun, so what was read before came
+  // from the pool. False means the mapping is revoked (a revocation in progress is waited for).
   bool lease_ok() const;
   // OK while usable; otherwise the status every call returns (why and when the session was
   // lost).
