@@ -8,14 +8,20 @@ checked its lease before it stalled), then prints {"event": "after_stall", "leas
 
 import json
 import sys
+import threading
 
 import numpy as np
 
 import cachemgr
 
+_say = threading.Lock()
+
 
 def say(**fields):
-    print(json.dumps(fields), flush=True)
+    """One whole line per record, even when the heartbeat thread reports an event meanwhile."""
+    with _say:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
 
 
 def on_event(e):
