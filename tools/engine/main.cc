@@ -13,8 +13,8 @@
 #include <sstream>
 #include <string>
 
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "tools/engine/generate.h"
 #include "tools/engine/model_files.h"
 
@@ -48,43 +48,27 @@ int main(int argc, char** argv) {
       continue;
     }
     const size_t eq = arg.find('=');
-    if (arg.rfind("--", 0) != 0 || eq == std::string::npos)
-      return Usage(("bad flag " + arg).c_str());
+    if (arg.rfind("--", 0) != 0 || eq == std::string::npos) return Usage(("bad flag " + arg).c_str());
     const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
     bool ok = true;
-    if (key == "socket")
-      socket = value;
-    else if (key == "model")
-      model = value;
-    else if (key == "tokenizer")
-      tokenizer = value;
-    else if (key == "prompt")
-      prompt = value;
-    else if (key == "policy")
-      policy = value;
-    else if (key == "dtype")
-      dtype = value;
-    else if (key == "rope")
-      rope = value;
-    else if (key == "text_file")
-      text_file = value;
-    else if (key == "steps")
-      ok = absl::SimpleAtoi(value, &steps);
-    else if (key == "threads")
-      ok = absl::SimpleAtoi(value, &threads) && threads > 0;
-    else if (key == "window")
-      ok = absl::SimpleAtoi(value, &window) && window > 0;
-    else if (key == "reserve_ratio")
-      ok = absl::SimpleAtod(value, &reserve);
-    else if (key == "byte_ratio")
-      ok = absl::SimpleAtod(value, &bytes);
-    else
-      return Usage(("unknown flag --" + key).c_str());
+    if (key == "socket") socket = value;
+    else if (key == "model") model = value;
+    else if (key == "tokenizer") tokenizer = value;
+    else if (key == "prompt") prompt = value;
+    else if (key == "policy") policy = value;
+    else if (key == "dtype") dtype = value;
+    else if (key == "rope") rope = value;
+    else if (key == "text_file") text_file = value;
+    else if (key == "steps") ok = absl::SimpleAtoi(value, &steps);
+    else if (key == "threads") ok = absl::SimpleAtoi(value, &threads) && threads > 0;
+    else if (key == "window") ok = absl::SimpleAtoi(value, &window) && window > 0;
+    else if (key == "reserve_ratio") ok = absl::SimpleAtod(value, &reserve);
+    else if (key == "byte_ratio") ok = absl::SimpleAtod(value, &bytes);
+    else return Usage(("unknown flag --" + key).c_str());
     if (!ok) return Usage(("bad value for --" + key).c_str());
   }
   if (tokenize) {
-    if (model.empty() || text_file.empty())
-      return Usage("--tokenize needs --model and --text_file");
+    if (model.empty() || text_file.empty()) return Usage("--tokenize needs --model and --text_file");
     auto loaded = cachemgr::engine::LoadModel(model, tokenizer);
     std::ifstream in(text_file, std::ios::binary);
     if (!loaded.ok() || !in) {
@@ -102,17 +86,12 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (socket.empty() || model.empty()) return Usage("--socket and --model are required");
-  if (rope != "interleaved" && rope != "half_split")
-    return Usage("--rope: interleaved or half_split");
+  if (rope != "interleaved" && rope != "half_split") return Usage("--rope: interleaved or half_split");
   cachemgr::client::DType pool_dtype;
-  if (dtype == "fp32")
-    pool_dtype = cachemgr::client::DType::kFp32;
-  else if (dtype == "fp16")
-    pool_dtype = cachemgr::client::DType::kFp16;
-  else if (dtype == "bf16")
-    pool_dtype = cachemgr::client::DType::kBf16;
-  else
-    return Usage("--dtype: fp32, fp16 or bf16");
+  if (dtype == "fp32") pool_dtype = cachemgr::client::DType::kFp32;
+  else if (dtype == "fp16") pool_dtype = cachemgr::client::DType::kFp16;
+  else if (dtype == "bf16") pool_dtype = cachemgr::client::DType::kBf16;
+  else return Usage("--dtype: fp32, fp16 or bf16");
   if (!policy.empty() && (reserve > 0) == (bytes > 0)) {
     return Usage("--policy needs exactly one of --reserve_ratio and --byte_ratio");
   }
@@ -146,7 +125,7 @@ int main(int argc, char** argv) {
     co.target_kind = reserve > 0 ? cachemgr::client::CompressTargetKind::kReserveRatio
                                  : cachemgr::client::CompressTargetKind::kByteRatio;
     co.target = reserve > 0 ? reserve : bytes;
-    co.input = policy == "h2o" ? cachemgr::client::CompressInputSource::kScores
+    co.input = policy == "h2o"        ? cachemgr::client::CompressInputSource::kScores
                : policy == "fullkv" || policy == "streamingllm" || policy == "codebook"
                    ? cachemgr::client::CompressInputSource::kNone
                    : cachemgr::client::CompressInputSource::kWindowQueries;
