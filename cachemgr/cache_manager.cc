@@ -16,9 +16,10 @@ namespace cachemgr {
 
 namespace {
 
-// 128 random bits as hex, from the kernel's CSPRNG: session tokens are bearer secrets.
-std::string RandomToken() {
-  unsigned char bytes[16];
+// `N` random bytes as hex, from the kernel's CSPRNG: session tokens are bearer secrets.
+template <size_t N>
+std::string RandomHex() {
+  unsigned char bytes[N];
   size_t got = 0;
   while (got < sizeof(bytes)) {
     const ssize_t n = getrandom(bytes + got, sizeof(bytes) - got, 0);
@@ -26,6 +27,21 @@ std::string RandomToken() {
   }
   return absl::BytesToHexString(
       absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
+}
+
+// Session tokens are "<boot id>.<secret>"; the boot id is 16 lowercase hex digits.
+constexpr char kBootIdSeparator = '.';
+constexpr size_t kBootIdLength = 16;
+
+// The boot id a token claims, if it has the token format (empty otherwise). Only a well-formed
+// id is returned, so error messages never echo arbitrary caller bytes.
+absl::string_view TokenBootId(absl::string_view token) {
+  if (token.size() <= kBootIdLength || token[kBootIdLength] != kBootIdSeparator) return {};
+  const absl::string_view id = token.substr(0, kBootIdLength);
+  for (const char c : id) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return {};
+  }
+  return id;
 }
 
 absl::Status CheckSequenceId(const std::string& id, const char* field) {
@@ -43,7 +59,11 @@ using cache_manager_internal::CheckNotBusy;
 
 CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend, const Clock* clock,
                            EventHub* events)
-    : options_(options), backend_(backend), clock_(clock), events_(events) {}
+    : options_(options),
+      boot_id_(RandomHex<kBootIdLength / 2>()),
+      backend_(backend),
+      clock_(clock),
+      events_(events) {}
 
 CacheManager::~CacheManager() { Shutdown(); }
 
@@ -141,7 +161,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   auto client = std::make_unique<Client>();
   client->client_id = absl::StrCat("c", next_client_serial_++);
   client->client_name = params.client_name;
-  client->session_token = RandomToken();
+  client->session_token = boot_id_ + kBootIdSeparator + RandomHex<16>();
   client->pool = pool;
   client->lease_deadline = clock_->Now() + options_.lease_timeout;
   client->input_buffer = std::move(input_buffer);
@@ -150,6 +170,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   AttachResult result;
   result.client_id = client->client_id;
   result.session_token = client->session_token;
+  result.boot_id = boot_id_;
   result.heartbeat_interval = options_.heartbeat_interval;
   result.lease_timeout = options_.lease_timeout;
   PoolDescription& d = result.pool;
@@ -180,6 +201,12 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
 absl::StatusOr<CacheManager::Client*> CacheManager::FindClientLocked(const Caller& caller) {
   auto it = clients_.find(caller.session_token);
   if (!caller.has_session() || it == clients_.end()) {
+    if (const absl::string_view boot = TokenBootId(caller.session_token);
+        !boot.empty() && boot != boot_id_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "session_token is from an earlier cachemgrd (boot ", boot, "; this is boot ", boot_id_,
+          "): that session, its sequences and its blocks are gone; re-attach"));
+    }
     return absl::NotFoundError("session_token does not name an attached client");
   }
   Client* client = it->second.get();

@@ -8,7 +8,9 @@
 //   NOT_FOUND          session_token names no attached client; unknown sequence
 //   ALREADY_EXISTS     Fork's child id is taken
 //   PERMISSION_DENIED  the sequence belongs to another client
-//   FAILED_PRECONDITION  a pool with the same model name but another description exists
+//   FAILED_PRECONDITION  a pool with the same model name but another description exists; or
+//                      session_token was issued by an earlier start of the daemon (another boot
+//                      id): its session is gone and the client must attach again
 //   RESOURCE_EXHAUSTED a layer has too few free blocks, or the memory budget is spent
 //   ABORTED            the sequence is busy in a Compress / Fetch / Park, or was freed by
 //                      another call while one of those worked on it
@@ -84,7 +86,9 @@ struct PoolDescription {
 
 struct AttachResult {
   std::string client_id;
+  // "<boot id>.<128 random bits as hex>": carries the boot id of the manager that issued it.
   std::string session_token;
+  std::string boot_id;  // CacheManager::boot_id()
   PoolDescription pool;
   absl::Duration heartbeat_interval;
   absl::Duration lease_timeout;
@@ -251,6 +255,10 @@ class CacheManager {
   CacheManager& operator=(const CacheManager&) = delete;
 
   const CacheManagerOptions& options() const { return options_; }
+  // 64 random bits as 16 hex digits, drawn when the manager is created (once per daemon start).
+  // Every session token starts with it, so a token from an earlier start is told apart from a
+  // forged or mistyped one.
+  const std::string& boot_id() const { return boot_id_; }
 
   // Registers a client. The first client of a model name creates its pool; later clients must
   // describe the same model (FAILED_PRECONDITION otherwise) and share the pool.
@@ -375,6 +383,7 @@ class CacheManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CacheManagerOptions options_;
+  const std::string boot_id_;
   DeviceBackend* const backend_;
   const Clock* const clock_;
   EventHub* const events_;

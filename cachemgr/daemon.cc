@@ -163,6 +163,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
 
   Log(LogLevel::kInfo, "cachemgrd serving",
       {{"version", kVersion},
+       {"boot_id", d->manager_->boot_id()},
        {"socket", config.socket_path},
        {"share_socket", config.share_socket_path},
        {"tcp", config.tcp_address.empty() ? std::string("off")

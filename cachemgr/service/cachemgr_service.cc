@@ -263,6 +263,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerCon
       ctx, "Heartbeat", request->session_token(), [&](const Caller& caller) -> absl::Status {
         ASSIGN_OR_RETURN(absl::Duration left, manager_->Heartbeat(caller));
         response->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(left)));
+        response->set_boot_id(manager_->boot_id());
         return absl::OkStatus();
       });
 }

@@ -95,6 +95,7 @@ void AttachResultToProto(const AttachResult& r, const std::string& share_socket_
                          v1::AttachResponse* p) {
   p->set_client_id(r.client_id);
   p->set_session_token(r.session_token);
+  p->set_boot_id(r.boot_id);
   p->set_heartbeat_interval_ms(
       static_cast<uint32_t>(absl::ToInt64Milliseconds(r.heartbeat_interval)));
   p->set_lease_timeout_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(r.lease_timeout)));

@@ -3,25 +3,29 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <limits>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "cachemgr/host/memfd_region.h"
 #include "cachemgr/service/share_channel.h"
 #include "cachemgr/util/status_macros.h"
 #include "cachemgr/util/unique_fd.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 #include "cachemgr/v1/cachemgr.pb.h"
+#include "client/src/lease_clock.h"
 #include "client/src/mapped_region.h"
 
 namespace cachemgr::client {
@@ -59,10 +63,6 @@ void SetDeadline(grpc::ClientContext& context) {
 
 // Compress, Fetch and Park do CPU work proportional to the sequence (codebooks are quadratic).
 constexpr auto kHeavyCallDeadline = std::chrono::minutes(10);
-
-void SetHeavyDeadline(grpc::ClientContext& context) {
-  context.set_deadline(std::chrono::system_clock::now() + kHeavyCallDeadline);
-}
 
 // ---- Enum conversion -------------------------------------------------------------------------
 
@@ -345,12 +345,16 @@ uint32_t DTypeBytes(DType dtype) {
 
 // ---- Session ---------------------------------------------------------------------------------
 
-struct Session::Impl {
-  using Stub = pb::CacheManager::Stub;
+namespace {
 
-  // Fixed after Attach.
+// One attached session of the daemon: its identity, lease and mapping of the pool. A Session
+// holds one current generation; Reattach() replaces a lost one with a new one. Generations are
+// never destroyed before the Session, so references handed out earlier stay valid.
+struct Generation {
+  uint64_t number = 0;
   std::string client_id;
   std::string session_token;
+  std::string boot_id;
   std::string pool_id;
   ModelSpec model;
   uint32_t num_blocks = 0;
@@ -358,14 +362,44 @@ struct Session::Impl {
   uint32_t lease_timeout_ms = 0;
   std::vector<std::unique_ptr<MappedRegion>> regions;
   KvPoolView pool;
-  MemfdRegion input_buffer;
-  // Created by the first RecordKvWrites; its handle goes with every later Compress and Park.
-  absl::Mutex write_event_mu;
-  std::unique_ptr<WriteEvent> write_event ABSL_GUARDED_BY(write_event_mu);
-  std::string WriteEventHandle() {
-    absl::MutexLock lock(&write_event_mu);
-    return write_event == nullptr ? std::string() : write_event->handle();
+  std::unique_ptr<MappedRegion> input_buffer;
+  size_t input_buffer_bytes = 0;
+  // The local lease deadline (BootNanos); only moves forward.
+  std::atomic<int64_t> lease_deadline_ns{0};
+
+  void Renew(int64_t sent_ns, uint32_t granted_ms) {
+    const int64_t deadline = LocalLeaseDeadline(sent_ns, granted_ms, lease_timeout_ms);
+    int64_t seen = lease_deadline_ns.load(std::memory_order_relaxed);
+    while (seen < deadline &&
+           !lease_deadline_ns.compare_exchange_weak(seen, deadline, std::memory_order_release)) {
+    }
   }
+  bool LeaseLeft(int64_t now_ns) const {
+    return now_ns < lease_deadline_ns.load(std::memory_order_acquire);
+  }
+  // Cuts every region (and the input buffer) off the daemon's memory; the first error.
+  absl::Status Revoke() {
+    absl::Status first;
+    for (const std::unique_ptr<MappedRegion>& r : regions) first.Update(r->Revoke());
+    if (input_buffer != nullptr) first.Update(input_buffer->Revoke());
+    return first;
+  }
+  absl::Duration heartbeat_interval() const {
+    return absl::Milliseconds(heartbeat_interval_ms > 0 ? heartbeat_interval_ms
+                                                        : kDefaultHeartbeatIntervalMs);
+  }
+};
+
+}  // namespace
+
+struct Session::Impl {
+  using Stub = pb::CacheManager::Stub;
+
+  Impl(std::string socket, AttachOptions opts)
+      : socket_path(std::move(socket)), options(std::move(opts)) {}
+
+  const std::string socket_path;
+  const AttachOptions options;
 
   absl::Mutex detach_mu;  // serializes Detach()
   // Null once Detach() ran (successfully or not): later calls fail locally, and the channel
@@ -374,62 +408,464 @@ struct Session::Impl {
   absl::Mutex stub_mu;
   std::shared_ptr<Stub> stub ABSL_GUARDED_BY(stub_mu);
 
+  // ---- Generations and loss ----
+  absl::Mutex reattach_mu;  // serializes Reattach()
+  mutable absl::Mutex state_mu;
+  // Every generation adopted so far (the last is current), kept for the references they gave.
+  std::vector<std::shared_ptr<Generation>> generations ABSL_GUARDED_BY(state_mu);
+  std::atomic<Generation*> current{nullptr};
+  std::atomic<bool> lost{false};
+  absl::Status lost_status ABSL_GUARDED_BY(state_mu);
+  std::optional<absl::Time> revoked_at ABSL_GUARDED_BY(state_mu);
+  // Whether the lost generation's token was given back to the daemon (Detach, best effort).
+  bool lost_released ABSL_GUARDED_BY(state_mu) = true;
+  // Attached in the background after a loss, waiting for Reattach().
+  std::shared_ptr<Generation> pending ABSL_GUARDED_BY(state_mu);
+  // The last UNAVAILABLE of a heartbeat since the last success (the daemon is not there), and
+  // when those failures began (BootNanos).
+  absl::Status unreachable ABSL_GUARDED_BY(state_mu);
+  int64_t unreachable_since_ns ABSL_GUARDED_BY(state_mu) = 0;
+
+  // Created by the first RecordKvWrites; its handle goes with every later Compress and Park.
+  absl::Mutex write_event_mu;
+  std::unique_ptr<WriteEvent> write_event ABSL_GUARDED_BY(write_event_mu);
+  std::string WriteEventHandle() {
+    absl::MutexLock lock(&write_event_mu);
+    return write_event == nullptr ? std::string() : write_event->handle();
+  }
+
+  // Calls in flight, cancelled when the session is lost (their replies would refer to a
+  // revoked mapping, and a hung daemon must not hold the engine past its lease).
+  absl::Mutex calls_mu;
+  std::vector<grpc::ClientContext*> calls ABSL_GUARDED_BY(calls_mu);
+
   // Heartbeat thread state.
   absl::Mutex hb_mu;
   bool hb_stop ABSL_GUARDED_BY(hb_mu) = false;
+  bool hb_nudge ABSL_GUARDED_BY(hb_mu) = false;
   grpc::ClientContext* hb_context ABSL_GUARDED_BY(hb_mu) = nullptr;  // in-flight heartbeat
   std::thread hb_thread;
+
+  Generation& gen() const { return *current.load(std::memory_order_acquire); }
 
   // The stub for one call, or FAILED_PRECONDITION after Detach().
   absl::StatusOr<std::shared_ptr<Stub>> GetStub() {
     absl::MutexLock lock(&stub_mu);
     if (stub == nullptr) {
       return absl::FailedPreconditionError(
-          absl::StrCat("session of client ", client_id, " is detached"));
+          absl::StrCat("session of client ", gen().client_id, " is detached"));
     }
     return stub;
   }
 
-  // One Heartbeat RPC. When called from the heartbeat thread, `cancellable` registers the
-  // context so StopHeartbeat() can cancel an in-flight call.
-  absl::StatusOr<uint32_t> DoHeartbeat(bool cancellable) {
+  // ---- Attaching a generation ----
+
+  // Attach RPC, share channel, mappings. The number is set when the generation is adopted.
+  // `watchdog`: the heartbeat thread's attach, which StopHeartbeat() can cancel.
+  absl::StatusOr<std::shared_ptr<Generation>> AttachGeneration(Stub& call_stub,
+                                                               bool watchdog = false) {
+    pb::AttachRequest request;
+    request.set_client_name(options.client_name);
+    ToProto(options.model, request.mutable_model());
+    request.set_num_blocks(options.num_blocks);
+    request.set_input_buffer_bytes(options.input_buffer_bytes);
+    pb::AttachResponse response;
+    // The daemon starts the lease when it handles the call, after this.
+    const int64_t sent = BootNanos();
+    {
+      grpc::ClientContext context;
+      SetDeadline(context);
+      if (watchdog) {
+        absl::MutexLock lock(&hb_mu);
+        if (hb_stop) return absl::CancelledError("heartbeat stopped");
+        hb_context = &context;
+      }
+      const grpc::Status status = call_stub.Attach(&context, request, &response);
+      if (watchdog) {
+        absl::MutexLock lock(&hb_mu);
+        hb_context = nullptr;
+      }
+      RETURN_IF_ERROR(FromGrpc(status));
+    }
+    absl::StatusOr<std::shared_ptr<Generation>> g = MapGeneration(response);
+    if (!g.ok()) {
+      GiveBack(call_stub, response.session_token());  // attached but unusable
+      return g.status();
+    }
+    (*g)->Renew(sent, (*g)->lease_timeout_ms);
+    if (!(*g)->LeaseLeft(BootNanos())) {
+      // Attaching took most of a lease (a slow daemon): renew before anyone relies on it.
+      grpc::ClientContext context;
+      SetDeadline(context);
+      pb::HeartbeatRequest beat;
+      beat.set_session_token((*g)->session_token);
+      pb::HeartbeatResponse left;
+      const int64_t beat_sent = BootNanos();
+      const grpc::Status status = call_stub.Heartbeat(&context, beat, &left);
+      if (status.ok()) {
+        (*g)->Renew(beat_sent, std::min((*g)->lease_timeout_ms, left.lease_remaining_ms()));
+      }
+      if (!(*g)->LeaseLeft(BootNanos())) {
+        GiveBack(call_stub, response.session_token());
+        return absl::DeadlineExceededError(
+            absl::StrCat("attaching took longer than the ", (*g)->lease_timeout_ms, " ms lease (",
+                         status.ok() ? "renewed too late" : status.error_message(), ")"));
+      }
+    }
+    return g;
+  }
+
+  absl::StatusOr<std::shared_ptr<Generation>> MapGeneration(const pb::AttachResponse& response) {
+    auto g = std::make_shared<Generation>();
+    g->client_id = response.client_id();
+    g->session_token = response.session_token();
+    g->boot_id = response.boot_id();
+    g->heartbeat_interval_ms = response.heartbeat_interval_ms();
+    g->lease_timeout_ms = response.lease_timeout_ms();
+    const pb::PoolDescriptor& pool = response.pool();
+    g->pool_id = pool.pool_id();
+    g->num_blocks = pool.num_blocks();
+    ASSIGN_OR_RETURN(g->model, FromProto(pool.model(), options.model));
+    const pb::ShareMethod method = pool.share_method();
+    if (method != pb::SHARE_METHOD_MEMFD && method != pb::SHARE_METHOD_CUDA_VMM_FD &&
+        method != pb::SHARE_METHOD_CUDA_IPC_HANDLE) {
+      return absl::UnimplementedError(absl::StrCat("pool ", pool.pool_id(), " is shared by method ",
+                                                   pb::ShareMethod_Name(method),
+                                                   ", which this client does not know"));
+    }
+    if (method != pb::SHARE_METHOD_MEMFD && !CudaMappingAvailable()) {
+      return absl::UnimplementedError(
+          absl::StrCat("pool ", pool.pool_id(), " lives on GPU ", pool.device(), " (",
+                       pb::ShareMethod_Name(method),
+                       "): opening CUDA pools needs a client built with -DCACHEMGR_CUDA=ON"));
+    }
+    const kernels::KvLayerLayout layout = LayoutFor(g->model, pool.num_blocks());
+    ASSIGN_OR_RETURN(std::vector<const pb::LayerPool*> layers,
+                     ValidatePool(pool, layout, g->model.num_layers));
+
+    ASSIGN_OR_RETURN(std::vector<UniqueFd> fds,
+                     FetchSharedFds(pool.share_socket_path(), g->session_token));
+    // memfd and VMM pools pass one descriptor per region, legacy CUDA IPC none (its handles are
+    // in the descriptor); the input buffer's memfd comes last.
+    const size_t region_fds =
+        method == pb::SHARE_METHOD_CUDA_IPC_HANDLE ? 0 : static_cast<size_t>(pool.regions_size());
+    if (fds.size() != region_fds + 1 || pool.input_buffer_region_index() != region_fds) {
+      return absl::DataLossError(absl::StrCat(
+          "share channel ", pool.share_socket_path(), " passed ", fds.size(), " descriptors for ",
+          region_fds, " region descriptors and the input buffer (announced at index ",
+          pool.input_buffer_region_index(), ")"));
+    }
+    if (pool.input_buffer_bytes() > std::numeric_limits<size_t>::max()) {
+      return absl::DataLossError(
+          absl::StrCat("input buffer of ", pool.input_buffer_bytes(), " bytes"));
+    }
+    {
+      absl::StatusOr<std::unique_ptr<MappedRegion>> input =
+          MapHostRegion(std::move(fds.back()), pool.input_buffer_bytes());
+      if (!input.ok()) {
+        return absl::Status(input.status().code(),
+                            absl::StrCat("mapping the input buffer: ", input.status().message()));
+      }
+      g->input_buffer = *std::move(input);
+      g->input_buffer_bytes = static_cast<size_t>(pool.input_buffer_bytes());
+      fds.pop_back();
+    }
+    g->regions.reserve(pool.regions_size());
+    for (int i = 0; i < pool.regions_size(); ++i) {
+      const uint64_t bytes = pool.regions(i).bytes();
+      if (bytes > std::numeric_limits<size_t>::max()) {
+        return absl::DataLossError(absl::StrCat("region ", i, " of ", bytes, " bytes"));
+      }
+      absl::StatusOr<std::unique_ptr<MappedRegion>> region =
+          method == pb::SHARE_METHOD_MEMFD ? MapHostRegion(std::move(fds[i]), bytes)
+          : method == pb::SHARE_METHOD_CUDA_VMM_FD
+              ? OpenCudaVmmRegion(pool.device(), std::move(fds[i]), bytes)
+              : OpenCudaIpcRegion(pool.device(), pool.regions(i).cuda_ipc_handle());
+      if (!region.ok()) {
+        return absl::Status(region.status().code(),
+                            absl::StrCat("mapping region ", i, " of pool ", pool.pool_id(), ": ",
+                                         region.status().message()));
+      }
+      g->regions.push_back(*std::move(region));
+    }
+    std::vector<std::byte*> bases;
+    bases.reserve(layers.size());
+    for (const pb::LayerPool* lp : layers) {
+      bases.push_back(g->regions[lp->region_index()]->data() + lp->offset());
+    }
+    g->pool = KvPoolView(layout, std::move(bases), method != pb::SHARE_METHOD_MEMFD, pool.device());
+    return g;
+  }
+
+  // Best-effort Detach of a token this client no longer uses (a short deadline: the daemon's
+  // lease reaps it anyway).
+  static void GiveBack(Stub& call_stub, const std::string& token) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    pb::DetachRequest request;
+    request.set_session_token(token);
+    pb::DetachResponse response;
+    (void)call_stub.Detach(&context, request, &response);
+  }
+
+  // Makes `g` the current generation (number = previous + 1) and clears the loss. Returns the
+  // token of the generation it replaces if that one still has to be given back.
+  std::optional<std::string> Adopt(std::shared_ptr<Generation> g) {
+    std::optional<std::string> give_back;
+    absl::MutexLock lock(&state_mu);
+    Generation* previous = current.load(std::memory_order_relaxed);
+    g->number = previous == nullptr ? 1 : previous->number + 1;
+    if (previous != nullptr && !lost_released) give_back = previous->session_token;
+    generations.push_back(g);
+    current.store(g.get(), std::memory_order_release);
+    lost_status = absl::OkStatus();
+    revoked_at.reset();
+    lost_released = true;
+    unreachable = absl::OkStatus();
+    unreachable_since_ns = 0;
+    lost.store(false, std::memory_order_release);
+    return give_back;
+  }
+
+  // ---- Lease ----
+
+  // True: the session is usable and no revocation has begun (so reads made before the call
+  // came from the pool). False: the mapping is revoked (an in-progress revocation is waited for).
+  bool LeaseOk() {
+    if (lost.load(std::memory_order_acquire)) {
+      absl::MutexLock lock(&state_mu);  // MarkLost revokes under it
+      return false;
+    }
+    Generation* g = current.load(std::memory_order_acquire);
+    if (g->LeaseLeft(BootNanos())) return true;
+    MarkLost(g, ExpiredStatus(*g));
+    return false;
+  }
+
+  absl::Status LostStatus() const {
+    absl::MutexLock lock(&state_mu);
+    return lost_status;
+  }
+
+  // OK if `g` is the current, usable generation; otherwise the status calls return.
+  absl::Status CheckUsable(Generation* g) {
+    if (g == current.load(std::memory_order_acquire)) {
+      if (LeaseOk()) return absl::OkStatus();
+      if (absl::Status why = LostStatus(); !why.ok()) return why;
+    }
+    // Reattach() ran meanwhile.
+    return absl::AbortedError(
+        absl::StrCat("generation ", g->number, " of client ", g->client_id,
+                     " was lost while this call was made (the session is now generation ",
+                     gen().number, "): the call's sequences are gone"));
+  }
+
+  absl::Status ExpiredStatus(const Generation& g) {
+    const std::string when = FormatBootTime(g.lease_deadline_ns.load(std::memory_order_acquire));
+    absl::MutexLock lock(&state_mu);
+    if (!unreachable.ok()) {
+      return absl::UnavailableError(absl::StrCat(
+          "cachemgrd unreachable since ", FormatBootTime(unreachable_since_ns), " (",
+          unreachable.message(), "); the lease of client ", g.client_id, " (generation ", g.number,
+          ") expired at ", when,
+          ", so its sequences and blocks are gone; the pool mapping was revoked; Reattach() "
+          "starts a new session once the daemon is back"));
+    }
+    return absl::AbortedError(absl::StrCat(
+        "lease expired at ", when, " (client ", g.client_id, ", generation ", g.number,
+        ", not renewed for ", g.lease_timeout_ms,
+        " ms); the daemon reclaimed this client's blocks: its sequences are gone and the pool "
+        "mapping was revoked; Reattach() starts a new session"));
+  }
+
+  // Revokes `g`'s mapping and marks the session lost with `why`, unless `g` is no longer current
+  // or already lost. Reports kLost afterwards.
+  void MarkLost(Generation* g, absl::Status why) {
+    {
+      absl::MutexLock lock(&state_mu);
+      if (g != current.load(std::memory_order_relaxed) || lost.load(std::memory_order_relaxed)) {
+        return;
+      }
+      // Lost before the revocation begins, so lease_ok() true means none has begun; lease_ok()
+      // false waits for this lock, so it also means the stores are cut off.
+      lost.store(true, std::memory_order_release);
+      if (absl::Status revoked = g->Revoke(); !revoked.ok()) {
+        why = absl::Status(why.code(),
+                           absl::StrCat(why.message(), "; REVOKING THE MAPPING FAILED (",
+                                        revoked.message(), "): stop writing into the pool"));
+      } else {
+        revoked_at = absl::Now();
+      }
+      lost_status = why;
+      lost_released = false;
+    }
+    {
+      absl::MutexLock lock(&calls_mu);
+      for (grpc::ClientContext* call : calls) call->TryCancel();
+    }
+    Nudge();
+    if (options.on_event) options.on_event(SessionEvent{SessionEvent::Kind::kLost, g->number, why});
+  }
+
+  // ---- Heartbeats ----
+
+  // One Heartbeat RPC for `g`. `watchdog`: registers the context so StopHeartbeat() can cancel
+  // it. NOT_FOUND and FAILED_PRECONDITION (a token from an earlier boot) are definitive: the
+  // session is gone, and `g` is marked lost if it is current.
+  absl::StatusOr<uint32_t> HeartbeatGeneration(Generation* g, bool watchdog) {
     ASSIGN_OR_RETURN(std::shared_ptr<Stub> call_stub, GetStub());
     grpc::ClientContext context;
-    SetDeadline(context);
-    if (cancellable) {
+    // No later than the local deadline (plus a beat), so the thread is never stuck in a call
+    // while the lease runs out.
+    const int64_t left_ns = g->lease_deadline_ns.load() - BootNanos();
+    const auto wait = std::clamp<std::chrono::nanoseconds>(
+        std::chrono::nanoseconds(left_ns) + std::chrono::milliseconds(100),
+        std::chrono::milliseconds(100), kCallDeadline);
+    context.set_deadline(std::chrono::system_clock::now() + wait);
+    if (watchdog) {
       absl::MutexLock lock(&hb_mu);
       if (hb_stop) return absl::CancelledError("heartbeat stopped");
       hb_context = &context;
     }
     pb::HeartbeatRequest request;
-    request.set_session_token(session_token);
+    request.set_session_token(g->session_token);
     pb::HeartbeatResponse response;
+    const int64_t sent = BootNanos();
     const grpc::Status status = call_stub->Heartbeat(&context, request, &response);
-    if (cancellable) {
+    if (watchdog) {
       absl::MutexLock lock(&hb_mu);
       hb_context = nullptr;
     }
-    RETURN_IF_ERROR(FromGrpc(status));
-    return response.lease_remaining_ms();
+    if (status.ok()) {
+      g->Renew(sent, std::min(g->lease_timeout_ms, response.lease_remaining_ms()));
+      absl::MutexLock lock(&state_mu);
+      unreachable = absl::OkStatus();
+      return response.lease_remaining_ms();
+    }
+    const absl::Status failed = FromGrpc(status);
+    switch (failed.code()) {
+      case absl::StatusCode::kNotFound:
+        MarkLost(g, absl::AbortedError(absl::StrCat(
+                        "the daemon no longer knows client ", g->client_id, " (generation ",
+                        g->number, "): ", failed.message(),
+                        "; its sequences and blocks are gone and the pool mapping was revoked; "
+                        "Reattach() starts a new session")));
+        break;
+      case absl::StatusCode::kFailedPrecondition:
+        MarkLost(g, absl::AbortedError(absl::StrCat(
+                        "cachemgrd restarted: ", failed.message(),
+                        "; the pool mapping was revoked; Reattach() starts a new session")));
+        break;
+      case absl::StatusCode::kUnavailable: {
+        absl::MutexLock lock(&state_mu);
+        if (unreachable.ok()) unreachable_since_ns = sent;
+        unreachable = failed;
+        break;
+      }
+      default:
+        break;
+    }
+    return failed;
+  }
+
+  // Wakes the heartbeat thread: a call failed in a way that may mean the session is gone, or
+  // the session was lost and the thread should start re-attaching.
+  void Nudge() {
+    absl::MutexLock lock(&hb_mu);
+    hb_nudge = true;
+  }
+
+  // Whether a call that failed with `code` may mean the session is gone.
+  static bool MayMeanLost(absl::StatusCode code) {
+    return code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kNotFound ||
+           code == absl::StatusCode::kFailedPrecondition;
+  }
+
+  // Gives the lost generation's token back once (the daemon may still hold it when the loss
+  // was local, e.g. a stalled process).
+  void ReleaseLost() {
+    std::string token;
+    {
+      absl::MutexLock lock(&state_mu);
+      if (!lost.load(std::memory_order_relaxed) || lost_released) return;
+      lost_released = true;
+      token = current.load(std::memory_order_relaxed)->session_token;
+    }
+    absl::StatusOr<std::shared_ptr<Stub>> call_stub = GetStub();
+    if (call_stub.ok()) GiveBack(**call_stub, token);
+  }
+
+  // While lost, with auto_reattach: attaches a new session once the daemon answers, and keeps
+  // it alive until Reattach() adopts it.
+  void TendPending() {
+    std::shared_ptr<Generation> p;
+    {
+      absl::MutexLock lock(&state_mu);
+      p = pending;
+    }
+    if (p != nullptr) {
+      absl::StatusOr<uint32_t> beat = HeartbeatGeneration(p.get(), /*watchdog=*/true);
+      if (!p->LeaseLeft(BootNanos()) ||
+          (!beat.ok() && (beat.status().code() == absl::StatusCode::kNotFound ||
+                          beat.status().code() == absl::StatusCode::kFailedPrecondition))) {
+        absl::MutexLock lock(&state_mu);
+        if (pending == p) pending = nullptr;  // try again next round
+      }
+      return;
+    }
+    absl::StatusOr<std::shared_ptr<Stub>> call_stub = GetStub();
+    if (!call_stub.ok()) return;
+    absl::StatusOr<std::shared_ptr<Generation>> g = AttachGeneration(**call_stub, true);
+    if (!g.ok()) return;
+    uint64_t number = 0;
+    {
+      absl::MutexLock lock(&state_mu);
+      if (lost.load(std::memory_order_relaxed) && pending == nullptr) {
+        pending = *g;
+        number = current.load(std::memory_order_relaxed)->number + 1;
+      }
+    }
+    if (number == 0) {  // adopted meanwhile by a Reattach() that attached on its own
+      GiveBack(**call_stub, (*g)->session_token);
+      return;
+    }
+    if (options.on_event) {
+      options.on_event(SessionEvent{SessionEvent::Kind::kReady, number, absl::OkStatus()});
+    }
   }
 
   void HeartbeatLoop() {
-    const absl::Duration interval = absl::Milliseconds(
-        heartbeat_interval_ms > 0 ? heartbeat_interval_ms : kDefaultHeartbeatIntervalMs);
+    int64_t last_beat = BootNanos();
     while (true) {
+      Generation* g = current.load(std::memory_order_acquire);
+      const int64_t interval = absl::ToInt64Nanoseconds(g->heartbeat_interval());
+      int64_t wake = last_beat + interval;
+      if (!lost.load(std::memory_order_acquire)) {
+        wake = std::min(wake, g->lease_deadline_ns.load(std::memory_order_acquire));
+      }
+      bool nudged = false;
       {
         absl::MutexLock lock(&hb_mu);
-        if (hb_mu.AwaitWithTimeout(absl::Condition(&hb_stop), interval)) return;
+        auto woken = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(hb_mu) { return hb_stop || hb_nudge; };
+        const int64_t wait = wake - BootNanos();
+        if (wait > 0) hb_mu.AwaitWithTimeout(absl::Condition(&woken), absl::Nanoseconds(wait));
+        if (hb_stop) return;
+        nudged = std::exchange(hb_nudge, false);
       }
-      absl::StatusOr<uint32_t> result = DoHeartbeat(/*cancellable=*/true);
-      if (!result.ok()) {
-        const absl::StatusCode code = result.status().code();
-        // Transient failures are retried at the next tick; anything else means the session is
-        // gone (expired lease, detached, unknown token), so stop bothering the daemon.
-        if (code != absl::StatusCode::kUnavailable && code != absl::StatusCode::kDeadlineExceeded &&
-            code != absl::StatusCode::kResourceExhausted) {
-          return;
+      const int64_t now = BootNanos();
+      if (!lost.load(std::memory_order_acquire)) {
+        if (!LeaseOk()) continue;  // just lost (and revoked): re-attach from the next round
+        // A nudge beats at most four times per interval, however fast calls fail.
+        if (now >= last_beat + interval || (nudged && now >= last_beat + interval / 4)) {
+          (void)HeartbeatGeneration(g, /*watchdog=*/true);
+          last_beat = BootNanos();
         }
+        continue;
+      }
+      ReleaseLost();
+      if (now >= last_beat + interval / 4) {
+        if (options.auto_reattach) TendPending();
+        last_beat = BootNanos();
       }
     }
   }
@@ -447,6 +883,64 @@ struct Session::Impl {
     if (hb_thread.joinable()) hb_thread.join();
   }
 
+  // ---- Calls ----
+
+  // One call of the current generation: `rpc(stub, context, token)` performs it. Fails with the
+  // loss status, without calling, once the session is lost; renews the local lease when the
+  // daemon answered; reports a loss that happened while the call was in flight instead of its
+  // reply (which would refer to a revoked mapping).
+  template <typename Rpc>
+  absl::Status Call(std::chrono::nanoseconds timeout, Rpc&& rpc) {
+    ASSIGN_OR_RETURN(std::shared_ptr<Stub> call_stub, GetStub());
+    Generation* g = current.load(std::memory_order_acquire);
+    RETURN_IF_ERROR(CheckUsable(g));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + timeout);
+    {
+      absl::MutexLock lock(&calls_mu);
+      calls.push_back(&context);
+    }
+    absl::Cleanup unregister = [&] {
+      absl::MutexLock lock(&calls_mu);
+      calls.erase(std::find(calls.begin(), calls.end(), &context));
+    };
+    // Registered before this check, so a loss from now on cancels the call.
+    RETURN_IF_ERROR(CheckUsable(g));
+    const int64_t sent = BootNanos();
+    const grpc::Status status = rpc(*call_stub, &context, g->session_token);
+    if (!status.ok()) {
+      if (lost.load(std::memory_order_acquire)) return CheckUsable(g);
+      absl::Status failed = FromGrpc(status);
+      if (MayMeanLost(failed.code())) Nudge();
+      return failed;
+    }
+    g->Renew(sent, g->lease_timeout_ms);
+    return CheckUsable(g);
+  }
+
+  absl::StatusOr<uint64_t> Reattach() {
+    absl::MutexLock serialize(&reattach_mu);
+    ASSIGN_OR_RETURN(std::shared_ptr<Stub> call_stub, GetStub());
+    if (LeaseOk()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("generation ", gen().number, " of client ", gen().client_id,
+                       " is alive: Reattach() replaces a lost session only"));
+    }
+    std::shared_ptr<Generation> next;
+    {
+      absl::MutexLock lock(&state_mu);
+      next = std::move(pending);
+      pending = nullptr;
+    }
+    if (next != nullptr && !next->LeaseLeft(BootNanos())) next = nullptr;
+    if (next == nullptr) {
+      ASSIGN_OR_RETURN(next, AttachGeneration(*call_stub));
+    }
+    if (std::optional<std::string> old = Adopt(next); old.has_value()) GiveBack(*call_stub, *old);
+    Nudge();  // the heartbeat thread follows the new generation's schedule
+    return next->number;
+  }
+
   absl::Status Detach() {
     absl::MutexLock lock(&detach_mu);
     std::shared_ptr<Stub> last_stub;
@@ -457,10 +951,28 @@ struct Session::Impl {
     }
     if (last_stub == nullptr) return absl::OkStatus();
     StopHeartbeat();
+    std::shared_ptr<Generation> waiting;
+    bool was_lost = false;
+    bool released = true;
+    {
+      absl::MutexLock state_lock(&state_mu);
+      waiting = std::move(pending);
+      pending = nullptr;
+      was_lost = lost.load(std::memory_order_relaxed);
+      released = lost_released;
+      lost_released = true;
+    }
+    if (waiting != nullptr) GiveBack(*last_stub, waiting->session_token);
+    if (was_lost) {
+      // Nothing of this session is left at the daemon but, maybe, the token of a loss the
+      // daemon has not noticed yet.
+      if (!released) GiveBack(*last_stub, gen().session_token);
+      return absl::OkStatus();
+    }
     grpc::ClientContext context;
     SetDeadline(context);
     pb::DetachRequest request;
-    request.set_session_token(session_token);
+    request.set_session_token(gen().session_token);
     pb::DetachResponse response;
     return FromGrpc(last_stub->Detach(&context, request, &response));
   }
@@ -476,128 +988,55 @@ Session::~Session() {
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Attach(const std::string& socket_path,
                                                          const AttachOptions& options) {
-  auto impl = std::make_unique<Impl>();
+  auto impl = std::make_unique<Impl>(socket_path, options);
   std::shared_ptr<Impl::Stub> stub = pb::CacheManager::NewStub(MakeChannel(socket_path));
-
-  pb::AttachRequest request;
-  request.set_client_name(options.client_name);
-  ToProto(options.model, request.mutable_model());
-  request.set_num_blocks(options.num_blocks);
-  request.set_input_buffer_bytes(options.input_buffer_bytes);
-  pb::AttachResponse response;
-  {
-    grpc::ClientContext context;
-    SetDeadline(context);
-    RETURN_IF_ERROR(FromGrpc(stub->Attach(&context, request, &response)));
-  }
-  impl->client_id = response.client_id();
-  impl->session_token = response.session_token();
-  impl->heartbeat_interval_ms = response.heartbeat_interval_ms();
-  impl->lease_timeout_ms = response.lease_timeout_ms();
+  ASSIGN_OR_RETURN(std::shared_ptr<Generation> first, impl->AttachGeneration(*stub));
   {
     absl::MutexLock lock(&impl->stub_mu);
     impl->stub = std::move(stub);
   }
-  // From here on the daemon holds a session: wrap it so that any failure below detaches.
+  (void)impl->Adopt(std::move(first));
   std::unique_ptr<Session> session(new Session(std::move(impl)));
-  Impl& s = *session->impl_;
-
-  const pb::PoolDescriptor& pool = response.pool();
-  s.pool_id = pool.pool_id();
-  s.num_blocks = pool.num_blocks();
-  ASSIGN_OR_RETURN(s.model, FromProto(pool.model(), options.model));
-  const pb::ShareMethod method = pool.share_method();
-  if (method != pb::SHARE_METHOD_MEMFD && method != pb::SHARE_METHOD_CUDA_VMM_FD &&
-      method != pb::SHARE_METHOD_CUDA_IPC_HANDLE) {
-    return absl::UnimplementedError(absl::StrCat("pool ", pool.pool_id(), " is shared by method ",
-                                                 pb::ShareMethod_Name(method),
-                                                 ", which this client does not know"));
-  }
-  if (method != pb::SHARE_METHOD_MEMFD && !CudaMappingAvailable()) {
-    return absl::UnimplementedError(
-        absl::StrCat("pool ", pool.pool_id(), " lives on GPU ", pool.device(), " (",
-                     pb::ShareMethod_Name(method),
-                     "): opening CUDA pools needs a client built with -DCACHEMGR_CUDA=ON"));
-  }
-  const kernels::KvLayerLayout layout = LayoutFor(s.model, pool.num_blocks());
-  ASSIGN_OR_RETURN(std::vector<const pb::LayerPool*> layers,
-                   ValidatePool(pool, layout, s.model.num_layers));
-
-  ASSIGN_OR_RETURN(std::vector<UniqueFd> fds,
-                   FetchSharedFds(pool.share_socket_path(), s.session_token));
-  // memfd and VMM pools pass one descriptor per region, legacy CUDA IPC none (its handles are
-  // in the descriptor); the input buffer's memfd comes last.
-  const size_t region_fds =
-      method == pb::SHARE_METHOD_CUDA_IPC_HANDLE ? 0 : static_cast<size_t>(pool.regions_size());
-  if (fds.size() != region_fds + 1 || pool.input_buffer_region_index() != region_fds) {
-    return absl::DataLossError(absl::StrCat("share channel ", pool.share_socket_path(), " passed ",
-                                            fds.size(), " descriptors for ", region_fds,
-                                            " region descriptors and the input buffer (announced "
-                                            "at index ",
-                                            pool.input_buffer_region_index(), ")"));
-  }
-  {
-    absl::StatusOr<MemfdRegion> input =
-        MemfdRegion::Map(std::move(fds.back()), pool.input_buffer_bytes());
-    if (!input.ok()) {
-      return absl::Status(input.status().code(),
-                          absl::StrCat("mapping the input buffer: ", input.status().message()));
-    }
-    s.input_buffer = *std::move(input);
-    fds.pop_back();
-  }
-  s.regions.reserve(pool.regions_size());
-  for (int i = 0; i < pool.regions_size(); ++i) {
-    const uint64_t bytes = pool.regions(i).bytes();
-    if (bytes > std::numeric_limits<size_t>::max()) {
-      return absl::DataLossError(absl::StrCat("region ", i, " of ", bytes, " bytes"));
-    }
-    absl::StatusOr<std::unique_ptr<MappedRegion>> region =
-        method == pb::SHARE_METHOD_MEMFD ? MapHostRegion(std::move(fds[i]), bytes)
-        : method == pb::SHARE_METHOD_CUDA_VMM_FD
-            ? OpenCudaVmmRegion(pool.device(), std::move(fds[i]), bytes)
-            : OpenCudaIpcRegion(pool.device(), pool.regions(i).cuda_ipc_handle());
-    if (!region.ok()) {
-      return absl::Status(region.status().code(),
-                          absl::StrCat("mapping region ", i, " of pool ", pool.pool_id(), ": ",
-                                       region.status().message()));
-    }
-    s.regions.push_back(*std::move(region));
-  }
-  std::vector<std::byte*> bases;
-  bases.reserve(layers.size());
-  for (const pb::LayerPool* lp : layers) {
-    bases.push_back(s.regions[lp->region_index()]->data() + lp->offset());
-  }
-  s.pool = KvPoolView(layout, std::move(bases), method != pb::SHARE_METHOD_MEMFD, pool.device());
-
-  if (options.auto_heartbeat) s.StartHeartbeat();
+  if (options.auto_heartbeat) session->impl_->StartHeartbeat();
   return session;
 }
 
-const std::string& Session::client_id() const { return impl_->client_id; }
-const ModelSpec& Session::model() const { return impl_->model; }
-const std::string& Session::pool_id() const { return impl_->pool_id; }
-uint32_t Session::num_blocks() const { return impl_->num_blocks; }
-uint32_t Session::heartbeat_interval_ms() const { return impl_->heartbeat_interval_ms; }
-uint32_t Session::lease_timeout_ms() const { return impl_->lease_timeout_ms; }
-const KvPoolView& Session::pool() const { return impl_->pool; }
+bool Session::lease_ok() const { return impl_->LeaseOk(); }
+absl::Status Session::status() const {
+  if (impl_->LeaseOk()) return absl::OkStatus();
+  return impl_->LostStatus();
+}
+uint64_t Session::generation() const { return impl_->gen().number; }
+std::optional<absl::Time> Session::mapping_revoked_at() const {
+  absl::MutexLock lock(&impl_->state_mu);
+  return impl_->revoked_at;
+}
+absl::StatusOr<uint64_t> Session::Reattach() { return impl_->Reattach(); }
+const std::string& Session::boot_id() const { return impl_->gen().boot_id; }
+
+const std::string& Session::client_id() const { return impl_->gen().client_id; }
+const ModelSpec& Session::model() const { return impl_->gen().model; }
+const std::string& Session::pool_id() const { return impl_->gen().pool_id; }
+uint32_t Session::num_blocks() const { return impl_->gen().num_blocks; }
+uint32_t Session::heartbeat_interval_ms() const { return impl_->gen().heartbeat_interval_ms; }
+uint32_t Session::lease_timeout_ms() const { return impl_->gen().lease_timeout_ms; }
+const KvPoolView& Session::pool() const { return impl_->gen().pool; }
 std::span<float> Session::input_buffer() const {
-  return {reinterpret_cast<float*>(impl_->input_buffer.data()),
-          impl_->input_buffer.size() / sizeof(float)};
+  const Generation& g = impl_->gen();
+  return {reinterpret_cast<float*>(g.input_buffer->data()), g.input_buffer_bytes / sizeof(float)};
 }
 
 absl::StatusOr<Allocation> Session::Allocate(std::string_view sequence_id,
                                              uint32_t num_new_tokens) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::AllocateRequest request;
-  request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
   request.set_num_new_tokens(num_new_tokens);
   pb::AllocateResponse response;
-  grpc::ClientContext context;
-  SetDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->Allocate(&context, request, &response)));
+  RETURN_IF_ERROR(impl_->Call(
+      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+        request.set_session_token(token);
+        return stub.Allocate(context, request, &response);
+      }));
   Allocation out;
   out.sequence_id = response.sequence_id();
   out.created = response.created();
@@ -611,65 +1050,66 @@ absl::StatusOr<Allocation> Session::Allocate(std::string_view sequence_id,
 }
 
 absl::StatusOr<uint64_t> Session::Free(std::string_view sequence_id) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::FreeRequest request;
-  request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
   pb::FreeResponse response;
-  grpc::ClientContext context;
-  SetDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->Free(&context, request, &response)));
+  RETURN_IF_ERROR(impl_->Call(
+      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+        request.set_session_token(token);
+        return stub.Free(context, request, &response);
+      }));
   return response.blocks_released();
 }
 
 absl::StatusOr<SequenceInfo> Session::Fork(std::string_view parent_sequence_id,
                                            std::string_view child_sequence_id) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::ForkRequest request;
-  request.set_session_token(impl_->session_token);
   request.set_parent_sequence_id(std::string(parent_sequence_id));
   request.set_child_sequence_id(std::string(child_sequence_id));
   pb::ForkResponse response;
-  grpc::ClientContext context;
-  SetDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->Fork(&context, request, &response)));
+  RETURN_IF_ERROR(impl_->Call(
+      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+        request.set_session_token(token);
+        return stub.Fork(context, request, &response);
+      }));
   return FromProto(response.child());
 }
 
 absl::StatusOr<SequenceInfo> Session::GetSequence(std::string_view sequence_id,
                                                   bool include_kv_digest) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::GetSequenceRequest request;
-  request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
   request.set_include_kv_digest(include_kv_digest);
   pb::GetSequenceResponse response;
-  grpc::ClientContext context;
-  SetDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->GetSequence(&context, request, &response)));
+  RETURN_IF_ERROR(impl_->Call(
+      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+        request.set_session_token(token);
+        return stub.GetSequence(context, request, &response);
+      }));
   return FromProto(response.sequence());
 }
 
 absl::StatusOr<std::vector<SequenceSummary>> Session::ListSequences() {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::ListSequencesRequest request;
-  request.set_session_token(impl_->session_token);
   pb::ListSequencesResponse response;
-  grpc::ClientContext context;
-  SetDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->ListSequences(&context, request, &response)));
+  RETURN_IF_ERROR(impl_->Call(
+      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+        request.set_session_token(token);
+        return stub.ListSequences(context, request, &response);
+      }));
   return FromProto(response);
 }
 
 absl::Status Session::RecordKvWrites(void* stream) {
-  if (!impl_->pool.on_device()) {
+  if (!impl_->gen().pool.on_device()) {
     return absl::FailedPreconditionError(
         "RecordKvWrites is for CUDA pools; this pool is in host memory, where writes are "
         "complete when the stores return");
   }
   absl::MutexLock lock(&impl_->write_event_mu);
   if (impl_->write_event == nullptr) {
-    absl::StatusOr<std::unique_ptr<WriteEvent>> event = CreateWriteEvent(impl_->pool.device());
+    absl::StatusOr<std::unique_ptr<WriteEvent>> event =
+        CreateWriteEvent(impl_->gen().pool.device());
     if (!event.ok()) return event.status();
     impl_->write_event = *std::move(event);
   }
@@ -678,9 +1118,7 @@ absl::Status Session::RecordKvWrites(void* stream) {
 
 absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
                                                  const CompressOptions& options) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::CompressRequest request;
-  request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
   request.set_cuda_ipc_event_handle(impl_->WriteEventHandle());
   const CompressionPolicy& in = options.policy;
@@ -722,9 +1160,12 @@ absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
   }
   request.set_num_queries(options.num_queries);
   pb::CompressResponse response;
-  grpc::ClientContext context;
-  SetHeavyDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->Compress(&context, request, &response)));
+  RETURN_IF_ERROR(
+      impl_->Call(kHeavyCallDeadline,
+                  [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+                    request.set_session_token(token);
+                    return stub.Compress(context, request, &response);
+                  }));
   CompressResult out;
   for (const pb::CompressedLayer& l : response.layers()) {
     CompressedLayer c;
@@ -752,15 +1193,16 @@ absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
 
 absl::StatusOr<std::vector<FetchedLayer>> Session::Fetch(std::string_view sequence_id,
                                                          const std::vector<uint32_t>& layers) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::FetchRequest request;
-  request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
   request.mutable_layers()->Add(layers.begin(), layers.end());
   pb::FetchResponse response;
-  grpc::ClientContext context;
-  SetHeavyDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->Fetch(&context, request, &response)));
+  RETURN_IF_ERROR(
+      impl_->Call(kHeavyCallDeadline,
+                  [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+                    request.set_session_token(token);
+                    return stub.Fetch(context, request, &response);
+                  }));
   std::vector<FetchedLayer> out;
   for (const pb::FetchedLayer& l : response.layers()) {
     FetchedLayer f;
@@ -776,16 +1218,17 @@ absl::StatusOr<std::vector<FetchedLayer>> Session::Fetch(std::string_view sequen
 
 absl::StatusOr<std::vector<ParkedLayer>> Session::Park(std::string_view sequence_id,
                                                        const std::vector<uint32_t>& layers) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Impl::Stub> stub, impl_->GetStub());
   pb::ParkRequest request;
-  request.set_session_token(impl_->session_token);
   request.set_sequence_id(std::string(sequence_id));
   request.set_cuda_ipc_event_handle(impl_->WriteEventHandle());
   request.mutable_layers()->Add(layers.begin(), layers.end());
   pb::ParkResponse response;
-  grpc::ClientContext context;
-  SetHeavyDeadline(context);
-  RETURN_IF_ERROR(FromGrpc(stub->Park(&context, request, &response)));
+  RETURN_IF_ERROR(
+      impl_->Call(kHeavyCallDeadline,
+                  [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+                    request.set_session_token(token);
+                    return stub.Park(context, request, &response);
+                  }));
   std::vector<ParkedLayer> out;
   for (const pb::ParkedLayer& l : response.layers()) {
     ParkedLayer p;
@@ -806,7 +1249,13 @@ absl::StatusOr<std::vector<ParkedLayer>> Session::Park(std::string_view sequence
   return out;
 }
 
-absl::StatusOr<uint32_t> Session::Heartbeat() { return impl_->DoHeartbeat(/*cancellable=*/false); }
+absl::StatusOr<uint32_t> Session::Heartbeat() {
+  Generation* g = impl_->current.load(std::memory_order_acquire);
+  RETURN_IF_ERROR(impl_->CheckUsable(g));
+  absl::StatusOr<uint32_t> left = impl_->HeartbeatGeneration(g, /*watchdog=*/false);
+  if (!left.ok() && impl_->lost.load(std::memory_order_acquire)) return impl_->LostStatus();
+  return left;
+}
 
 absl::Status Session::Detach() { return impl_->Detach(); }
 

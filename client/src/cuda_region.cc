@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/backend/cuda_driver.h"
+#include "cachemgr/util/status_macros.h"
 #include "client/src/mapped_region.h"
 
 namespace cachemgr::client {
@@ -37,13 +38,17 @@ class VmmRegion final : public MappedRegion {
  public:
   explicit VmmRegion(const CudaDriver* drv) : drv_(drv) {}
   ~VmmRegion() override {
+    UnmapScratch();
     mapping_.reset();  // unmapped before the imported handle is released
     if (imported_) drv_->MemRelease(handle_);
+    if (scratch_created_) drv_->MemRelease(scratch_);
   }
   std::byte* data() const override { return mapping_->data(); }
   bool on_device() const override { return true; }
 
   absl::Status Open(int ordinal, int fd, uint64_t bytes) {
+    ordinal_ = ordinal;
+    bytes_ = bytes;
     if (absl::Status s = drv_->Check(
             drv_->MemImportFromShareableHandle(&handle_, reinterpret_cast<void*>(uintptr_t(fd)),
                                                CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
@@ -52,48 +57,124 @@ class VmmRegion final : public MappedRegion {
       return s;
     }
     imported_ = true;
-    CUmemAllocationProp prop{};
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = ordinal;
-    size_t granularity = 0;
+    CUmemAllocationProp prop = DeviceProp();
     if (absl::Status s = drv_->Check(drv_->MemGetAllocationGranularity(
-                                         &granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+                                         &granularity_, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
                                      "cuMemGetAllocationGranularity");
         !s.ok()) {
       return s;
     }
     absl::StatusOr<std::unique_ptr<VmmMapping>> mapping =
-        VmmMapping::Map(drv_, handle_, bytes, granularity, ordinal);
+        VmmMapping::Map(drv_, handle_, bytes, granularity_, ordinal);
     if (!mapping.ok()) return mapping.status();
     mapping_ = *std::move(mapping);
     return absl::OkStatus();
   }
 
+  absl::Status Revoke() override {
+    if (revoked_) return absl::OkStatus();
+    const CUdeviceptr base = reinterpret_cast<CUdeviceptr>(mapping_->data());
+    // The reservation stays (VmmMapping frees it at destruction), so the range is never given
+    // to another allocation while stale pointers into it may exist.
+    if (absl::Status s = drv_->Check(drv_->MemUnmap(base, bytes_), "cuMemUnmap"); !s.ok()) {
+      return s;
+    }
+    revoked_ = true;
+    drv_->MemRelease(handle_);  // this process no longer keeps the pool's memory alive
+    imported_ = false;
+    // Back the range with one private granule mapped everywhere, so stale device stores land
+    // in scratch instead of faulting (which would poison the engine's CUDA context). Best
+    // effort: an unmapped range is safe too.
+    (void)MapScratch(base);
+    return absl::OkStatus();
+  }
+
  private:
+  CUmemAllocationProp DeviceProp() const {
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal_;
+    return prop;
+  }
+
+  absl::Status MapScratch(CUdeviceptr base) {
+    if (granularity_ == 0 || bytes_ % granularity_ != 0) {
+      return absl::FailedPreconditionError("region size is not a multiple of the granularity");
+    }
+    CUmemAllocationProp prop = DeviceProp();
+    if (absl::Status s =
+            drv_->Check(drv_->MemCreate(&scratch_, granularity_, &prop, 0), "cuMemCreate");
+        !s.ok()) {
+      return s;
+    }
+    scratch_created_ = true;
+    for (uint64_t off = 0; off < bytes_; off += granularity_) {
+      if (absl::Status s =
+              drv_->Check(drv_->MemMap(base + off, granularity_, 0, scratch_, 0), "cuMemMap");
+          !s.ok()) {
+        return s;
+      }
+      scratch_mapped_ = off + granularity_;
+    }
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = ordinal_;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    return drv_->Check(drv_->MemSetAccess(base, bytes_, &access, 1), "cuMemSetAccess");
+  }
+
+  void UnmapScratch() {
+    if (mapping_ == nullptr) return;
+    const CUdeviceptr base = reinterpret_cast<CUdeviceptr>(mapping_->data());
+    for (uint64_t off = 0; off < scratch_mapped_; off += granularity_) {
+      drv_->MemUnmap(base + off, granularity_);
+    }
+    scratch_mapped_ = 0;
+  }
+
   const CudaDriver* drv_;
+  int ordinal_ = 0;
+  uint64_t bytes_ = 0;
+  size_t granularity_ = 0;
   CUmemGenericAllocationHandle handle_{};
   bool imported_ = false;
   std::unique_ptr<VmmMapping> mapping_;
+  bool revoked_ = false;
+  CUmemGenericAllocationHandle scratch_{};
+  bool scratch_created_ = false;
+  uint64_t scratch_mapped_ = 0;  // bytes of the range backed by scratch
 };
 
 class IpcRegion final : public MappedRegion {
  public:
-  ~IpcRegion() override {
-    if (ptr_ != nullptr) cudaIpcCloseMemHandle(ptr_);
-  }
+  explicit IpcRegion(int ordinal) : ordinal_(ordinal) {}
+  ~IpcRegion() override { (void)Revoke(); }
   std::byte* data() const override { return static_cast<std::byte*>(ptr_); }
   bool on_device() const override { return true; }
 
   absl::Status Open(const std::string& bytes) {
     cudaIpcMemHandle_t handle;
     std::memcpy(&handle, bytes.data(), sizeof(handle));
-    return Runtime(cudaIpcOpenMemHandle(&ptr_, handle, cudaIpcMemLazyEnablePeerAccess),
-                   "cudaIpcOpenMemHandle");
+    RETURN_IF_ERROR(Runtime(cudaIpcOpenMemHandle(&ptr_, handle, cudaIpcMemLazyEnablePeerAccess),
+                            "cudaIpcOpenMemHandle"));
+    open_ = true;
+    return absl::OkStatus();
+  }
+
+  // data() keeps returning the old address: views built from it stay well-defined values.
+  absl::Status Revoke() override {
+    if (!open_) return absl::OkStatus();
+    RETURN_IF_ERROR(Runtime(cudaSetDevice(ordinal_), "cudaSetDevice"));
+    RETURN_IF_ERROR(Runtime(cudaIpcCloseMemHandle(ptr_), "cudaIpcCloseMemHandle"));
+    open_ = false;
+    return absl::OkStatus();
   }
 
  private:
+  const int ordinal_;
   void* ptr_ = nullptr;
+  bool open_ = false;
 };
 
 class CudaWriteEvent final : public WriteEvent {
@@ -166,7 +247,7 @@ absl::StatusOr<std::unique_ptr<MappedRegion>> OpenCudaIpcRegion(const std::strin
   absl::StatusOr<int> ordinal = DeviceOrdinal(device_uuid);
   if (!ordinal.ok()) return ordinal.status();
   if (absl::Status s = Runtime(cudaSetDevice(*ordinal), "cudaSetDevice"); !s.ok()) return s;
-  auto region = std::make_unique<IpcRegion>();
+  auto region = std::make_unique<IpcRegion>(*ordinal);
   if (absl::Status s = region->Open(handle); !s.ok()) return s;
   return region;
 }

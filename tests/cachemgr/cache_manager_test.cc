@@ -54,13 +54,49 @@ struct Fixture {
   CacheManager manager;
 };
 
+TEST_CASE("a token from an earlier boot is refused as such, not as an unknown token", "[cpu]") {
+  Fixture earlier;
+  const AttachResult old = earlier.Attach("a");
+  Fixture f;  // a later start of the daemon: another boot id
+  REQUIRE(f.manager.boot_id() != earlier.manager.boot_id());
+  const AttachResult a = f.Attach("a");
+  REQUIRE(f.manager.Allocate(a.session_token, "s", 3).ok());
+  const uint64_t used = f.UsedBlocks();
+
+  auto heartbeat = f.manager.Heartbeat(old.session_token);
+  REQUIRE(heartbeat.status().code() == absl::StatusCode::kFailedPrecondition);
+  const std::string message(heartbeat.status().message());
+  CHECK_THAT(message, Catch::Contains("session_token is from an earlier cachemgrd (boot " +
+                                      earlier.manager.boot_id()));
+  CHECK_THAT(message, Catch::Contains("re-attach"));
+  CHECK_THAT(message, !Catch::Contains(old.session_token.substr(17)));  // never the secret
+  CHECK(f.manager.Allocate(old.session_token, "s", 1).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+  // This boot's id with an unknown secret, and tokens without the format, stay NOT_FOUND; so
+  // does a prefix that is not a boot id (never echoed back).
+  CHECK(f.manager.Heartbeat(f.manager.boot_id() + ".00").status().code() ==
+        absl::StatusCode::kNotFound);
+  CHECK(f.manager.Heartbeat("nope").status().code() == absl::StatusCode::kNotFound);
+  auto odd = f.manager.Heartbeat("0123456789ABCDEF.x");
+  CHECK(odd.status().code() == absl::StatusCode::kNotFound);
+  CHECK_THAT(std::string(odd.status().message()), !Catch::Contains("0123456789ABCDEF"));
+  // Nothing changed.
+  CHECK(f.UsedBlocks() == used);
+  CHECK(f.manager.Heartbeat(a.session_token).ok());
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
 TEST_CASE("attach creates one pool per model and shares it", "[cpu]") {
   Fixture f;
   AttachResult a = f.Attach("a");
   AttachResult b = f.Attach("b");
   CHECK(a.pool.pool_id == b.pool.pool_id);
   CHECK(a.client_id != b.client_id);
-  CHECK(a.session_token.size() == 32);
+  // "<boot id>.<128 random bits>": the manager's boot id, then the secret.
+  CHECK(f.manager.boot_id().size() == 16);
+  CHECK(a.boot_id == f.manager.boot_id());
+  CHECK(a.session_token.size() == 16 + 1 + 32);
+  CHECK(a.session_token.rfind(f.manager.boot_id() + ".", 0) == 0);
   CHECK(a.session_token != b.session_token);
   CHECK(a.pool.num_blocks == 16);
   CHECK(a.pool.block_bytes == 2 * 4 * 2 * 8 * 4);

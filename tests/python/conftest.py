@@ -11,7 +11,7 @@ import time
 import pytest
 
 
-def _wait_for_socket(path, process, timeout=10.0):
+def _wait_for_socket(path, process, timeout=20.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -36,13 +36,26 @@ class Daemon:
         self.socket = os.path.join(self.dir.name, "cachemgr.sock")
         self.log_path = os.path.join(self.dir.name, "daemon.log")
         self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen([binary, f"--socket={self.socket}", *args],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.argv = [binary, f"--socket={self.socket}", *args]
+        self._spawn()
+
+    def _spawn(self):
+        self.process = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             _wait_for_socket(self.socket, self.process)
         except Exception:
             self.stop()
             raise
+
+    def kill(self):
+        """SIGKILL: no shutdown, the sockets stay behind as a crash leaves them."""
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self):
+        """Starts the daemon again on the same socket and log after kill()."""
+        assert self.process.poll() is not None, "the daemon still runs"
+        self._spawn()
 
     def log_text(self):
         return pathlib.Path(self.log_path).read_text()

@@ -162,7 +162,10 @@ def test_heartbeats_keep_the_lease_and_detach_frees(daemon_factory):
     assert alive.detach() == 1
     assert alive.detach() is None
     assert cachemgr.stats(d.socket).num_sequences == 0
+    # The silent client knows its lease ran out without asking the daemon.
+    assert not silent.lease_ok
     with pytest.raises(cachemgr.CacheManagerError) as e:
         silent.allocate("b", 1)
-    assert e.value.code == grpc.StatusCode.NOT_FOUND
-    silent.detach()
+    assert e.value.code == grpc.StatusCode.ABORTED
+    assert "lease expired at" in e.value.message
+    assert silent.detach() is None

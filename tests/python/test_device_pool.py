@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from cachemgr.device_pool import (CudaError, DevicePool, _AccessDesc, _AllocationProp,
-                                  _IpcHandle)
+from cachemgr.device_pool import (CudaDriver, CudaError, DevicePool, _AccessDesc,
+                                  _AllocationProp, _IpcHandle)
 from cachemgr.types import ModelSpec
 
 CUDA_INCLUDE = pathlib.Path("/usr/local/cuda/include")
@@ -42,6 +42,9 @@ class FakeDriver:
     def unmap_vmm(self, ptr):
         self.calls.append(("unmap_vmm", ptr))
         del self.mapped[ptr]
+
+    def revoke_vmm(self, ordinal, ptr):
+        self.calls.append(("revoke_vmm", ordinal, ptr))
 
     def open_ipc(self, ordinal, handle):
         self.calls.append(("open_ipc", ordinal, handle))
@@ -144,6 +147,84 @@ def test_write_event_is_created_once_recorded_per_call_and_destroyed_on_close():
     pool.close()
     assert ("destroy_event", 0xE7) in driver.calls and driver.events == set()
     assert pool.write_event_handle == b""
+
+
+def test_revoke_cuts_the_views_off_the_pool_once():
+    m = model()
+    lb = layer_bytes(m, 4)
+    driver = FakeDriver()
+    fd = memfd(3 * lb)
+    pool = DevicePool(m, 4, driver.uuid, "vmm_fd", [(fd, 3 * lb, b"")],
+                      [(0, l * lb, lb) for l in range(3)], driver=driver, wrap=lambda a: a)
+    (base,) = driver.mapped
+    pool.revoke()
+    pool.revoke()
+    assert pool.revoked and driver.calls.count(("revoke_vmm", 3, base)) == 1
+    pool.close()  # the reserved range and its scratch go at close
+    assert ("unmap_vmm", base) in driver.calls and driver.mapped == {}
+
+    driver = FakeDriver()
+    pool = DevicePool(m, 4, driver.uuid, "ipc_handle", [(None, 3 * lb, bytes(64))],
+                      [(0, l * lb, lb) for l in range(3)], driver=driver, wrap=lambda a: a)
+    (base,) = driver.mapped
+    pool.revoke()
+    assert ("close_ipc", base) in driver.calls and driver.mapped == {}
+    pool.close()  # not closed twice
+    assert driver.calls.count(("close_ipc", base)) == 1
+
+
+class FakeLibcuda:
+    """libcuda at the ctypes level: records calls, fills out-parameters, returns CUDA_SUCCESS."""
+
+    GRANULARITY = 2 << 20
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name,) + tuple(_plain(a) for a in args))
+            if name == "cuMemGetAllocationGranularity":
+                args[0]._obj.value = self.GRANULARITY
+            elif name in ("cuMemImportFromShareableHandle", "cuMemCreate"):
+                args[0]._obj.value = 0x5C if name == "cuMemCreate" else 0x1A
+            elif name == "cuMemAddressReserve":
+                args[0]._obj.value = 0x7000_0000_0000
+            return 0
+        return call
+
+
+def _plain(arg):
+    value = getattr(arg, "value", None)
+    return value if isinstance(value, int) else None
+
+
+def test_revoking_a_vmm_mapping_backs_it_with_scratch_granules():
+    lib = FakeLibcuda()
+    driver = CudaDriver(lib)
+    size = 3 * FakeLibcuda.GRANULARITY
+    fd = memfd(16)
+    ptr = driver.map_vmm(0, fd, size)
+    os.close(fd)
+    lib.calls.clear()
+    driver.revoke_vmm(0, ptr)
+    names = [c[0] for c in lib.calls]
+    # The pool allocation is unmapped and released first; then one scratch granule is mapped
+    # over each granule of the still reserved range, read-write.
+    assert names[:2] == ["cuMemUnmap", "cuMemRelease"]
+    assert lib.calls[0][1:] == (ptr, size) and lib.calls[1][1] == 0x1A
+    assert names.count("cuMemCreate") == 1
+    maps = [c for c in lib.calls if c[0] == "cuMemMap"]
+    assert [m[1] for m in maps] == [ptr + i * FakeLibcuda.GRANULARITY for i in range(3)]
+    assert all(m[2] == FakeLibcuda.GRANULARITY for m in maps)
+    assert names[-1] == "cuMemSetAccess" and "cuMemAddressFree" not in names
+    driver.revoke_vmm(0, ptr)  # once only
+    assert names == [c[0] for c in lib.calls]
+    lib.calls.clear()
+    driver.unmap_vmm(ptr)
+    names = [c[0] for c in lib.calls]
+    assert names == ["cuMemUnmap"] * 3 + ["cuMemRelease", "cuMemAddressFree"]
+    assert lib.calls[3][1] == 0x5C  # the scratch allocation; the pool's was released before
 
 
 def test_failures_release_everything_and_say_why():

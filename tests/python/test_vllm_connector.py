@@ -10,6 +10,8 @@ KV row loaded back from the sidecar can be checked against what the model would 
 import dataclasses
 import importlib
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -97,6 +99,7 @@ class MiniVllm:
         self.waiting, self.running, self.preempted, self.done = [], [], [], []
         self.seen = set()
         self.loaded_checks = 0
+        self.failed_loads = 0
         self.preemptions = 0
         self.finished_now = set()
 
@@ -194,8 +197,19 @@ class MiniVllm:
         w.bind_connector_metadata(meta)
         w.handle_preemptions(meta)
         w.start_load_kv(None)
+        # Loads the sidecar could not serve: vLLM recomputes their tokens (here, in this step's
+        # forward) and the scheduler hears of the blocks.
+        errors = w.get_block_ids_with_load_errors()
+        recompute = {}
+        for t in meta.loads:
+            if errors.intersection(t.block_ids):
+                recompute[t.sequence_id] = (t.first_token, t.first_token + t.num_tokens)
+        self.failed_loads += len(recompute)
+        self.scheduler.update_connector_output(types.SimpleNamespace(invalid_block_ids=errors))
         # Check every loaded row against the model (codebook rows within its thresholds).
         for t in meta.loads:
+            if t.sequence_id in recompute:
+                continue
             r = next(x for x in self.running if "vllm-" + x.request_id == t.sequence_id)
             for layer, name in enumerate(self.cache):
                 kv = self.cache[name]
@@ -208,10 +222,11 @@ class MiniVllm:
                         cos = g @ w_ / (np.linalg.norm(g) * np.linalg.norm(w_))
                         assert cos > theta - 2e-3, (r.request_id, layer, i, cos)
                         self.loaded_checks += 1
-        # "Forward": KV of the scheduled tokens into vLLM's blocks.
+        # "Forward": KV of the scheduled (and recomputed) tokens into vLLM's blocks.
         for rid, n in out.num_scheduled_tokens.items():
             r = next(x for x in self.running if x.request_id == rid)
-            for i in range(r.num_computed_tokens, r.num_computed_tokens + n):
+            first, _ = recompute.get("vllm-" + rid, (r.num_computed_tokens, 0))
+            for i in range(first, r.num_computed_tokens + n):
                 b, o = r.blocks[i // BLOCK], i % BLOCK
                 for layer, name in enumerate(self.cache):
                     k, v = model_kv(layer, r.token(i), i)
@@ -281,6 +296,91 @@ def test_evicting_policy_saves_but_never_reloads(daemon):
     assert worker.stats["compressions"] == 10
     assert worker.stats["loaded_tokens"] == 0  # rows < tokens: vLLM recomputes instead
     assert worker.session.list_sequences() == []
+    worker.shutdown()
+
+
+def test_sidecar_outage_is_a_cache_miss_and_recovers(daemon_factory):
+    d = daemon_factory("--heartbeat_interval_ms=100", "--lease_timeout_ms=2000")
+    scheduler, worker = make(d, "codebook", reconnect_interval=0.05)
+    vllm = MiniVllm(scheduler, worker)
+    rng = np.random.default_rng(11)
+
+    def add(first, count):
+        for i in range(first, first + count):
+            vllm.add(Request(f"r{i}", [int(x) for x in rng.integers(3, 50, rng.integers(10, 22))],
+                             max_new=int(rng.integers(4, 10))))
+
+    add(0, 10)
+    for _ in range(12):
+        vllm.step()
+    saved, compressions = worker.stats["saved_tokens"], worker.stats["compressions"]
+    assert saved > 0
+
+    d.kill()
+    time.sleep(0.1)  # past reconnect_interval: the scheduler's probe sees the socket refuse
+    # A request whose prompt the sidecar held is a miss now.
+    held = [r for r in vllm.running + vllm.preempted if scheduler._loadable.get(r.request_id)]
+    for r in held:
+        assert scheduler.get_num_new_matched_tokens(r, 0) == (0, False)
+    # vLLM keeps serving: nothing raises, nothing is saved or compressed, loads are misses.
+    add(10, 4)
+    for _ in range(25):
+        vllm.step()
+    assert worker.stats["saved_tokens"] == saved
+    assert worker.stats["compressions"] == compressions
+    assert worker.stats["sidecar_errors"] + worker.stats["skipped_saves"] > 0
+
+    d.restart()
+    add(14, 8)
+    # vLLM steps on while the worker notices the restart and re-attaches (within seconds).
+    deadline = time.monotonic() + 60
+    while worker.stats["reattaches"] == 0 and time.monotonic() < deadline:
+        vllm.step()
+        time.sleep(0.01)
+    assert worker.stats["reattaches"] == 1
+    add(22, 6)
+    for _ in range(600):
+        if len(vllm.done) == 28:
+            break
+        vllm.step()
+    vllm.step()  # delivers the last finished_req_ids to the worker
+    assert len(vllm.done) == 28
+    assert all(len(r.output) == r.max_new for r in vllm.done)
+    # It re-attached by itself and works again: saves, compressions, and loads checked against
+    # the model (inside MiniVllm); copies of the lost session were recomputed instead.
+    assert worker.session.generation == 2 and worker.stats["reattaches"] == 1
+    assert worker.stats["saved_tokens"] > saved
+    assert worker.stats["compressions"] > compressions
+    assert worker.session.list_sequences() == []
+    pool = cachemgr.stats(d.socket).pools[0]
+    assert all(l.used_blocks == 0 and l.free_blocks == l.capacity_blocks for l in pool.layers)
+    worker.shutdown()
+    assert cachemgr.stats(d.socket).clients == []
+
+
+def test_worker_starts_while_the_daemon_is_down(daemon_factory):
+    d = daemon_factory()
+    d.kill()
+    scheduler, worker = make(d, "codebook", reconnect_interval=0.05)
+    assert worker.session is None  # no exception: vLLM starts, the sidecar comes later
+    vllm = MiniVllm(scheduler, worker)
+    vllm.add(Request("a", list(range(3, 15)), max_new=4))
+    for _ in range(5):
+        vllm.step()
+    assert worker.stats["saved_tokens"] == 0 and worker.stats["skipped_saves"] > 0
+    d.restart()
+    # The next request that needs the sidecar attaches it.
+    for i in range(50):
+        vllm.add(Request(f"b{i}", list(range(5, 20)), max_new=2))
+        for _ in range(10):
+            vllm.step()
+        if worker.session is not None:
+            break
+        time.sleep(0.05)
+    for _ in range(40):
+        vllm.step()
+    assert len(vllm.done) == 2 + i
+    assert worker.session is not None and worker.stats["saved_tokens"] > 0
     worker.shutdown()
 
 

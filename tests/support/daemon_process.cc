@@ -151,8 +151,8 @@ std::string DaemonPath() {
 
 // ---- DaemonProcess ---------------------------------------------------------------------------
 
-DaemonProcess::DaemonProcess(TempDir dir, std::string socket_path, pid_t pid)
-    : dir_(std::move(dir)), socket_path_(std::move(socket_path)), pid_(pid) {}
+DaemonProcess::DaemonProcess(TempDir dir, std::string socket_path, std::vector<std::string> args)
+    : dir_(std::move(dir)), socket_path_(std::move(socket_path)), args_(std::move(args)) {}
 
 DaemonProcess::~DaemonProcess() { KillAndReap(pid_, &reaped_, &exit_code_); }
 
@@ -160,38 +160,51 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(
     std::vector<std::string> extra_args) {
   ASSIGN_OR_RETURN(TempDir dir, TempDir::Create());
   std::string socket_path = dir.file("cachemgr.sock");
-  const std::string log_path = dir.file("daemon.log");
-  UniqueFd log(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
-  if (!log.valid()) return ErrnoError(absl::StrCat("open ", log_path));
-
   std::vector<std::string> args;
   args.push_back("--socket=" + socket_path);
   for (std::string& arg : extra_args) args.push_back(std::move(arg));
-  ASSIGN_OR_RETURN(pid_t pid, SpawnProcess(DaemonPath(), args, log.get(), log.get()));
-  log.reset();
   std::unique_ptr<DaemonProcess> daemon(
-      new DaemonProcess(std::move(dir), std::move(socket_path), pid));
+      new DaemonProcess(std::move(dir), std::move(socket_path), std::move(args)));
+  RETURN_IF_ERROR(daemon->Spawn());
+  return daemon;
+}
+
+absl::Status DaemonProcess::Restart() {
+  if (running()) {
+    return absl::FailedPreconditionError(absl::StrCat("cachemgrd ", pid_, " still runs"));
+  }
+  return Spawn();
+}
+
+absl::Status DaemonProcess::Spawn() {
+  const std::string log_path = dir_.file("daemon.log");
+  UniqueFd log(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+  if (!log.valid()) return ErrnoError(absl::StrCat("open ", log_path));
+  ASSIGN_OR_RETURN(pid_, SpawnProcess(DaemonPath(), args_, log.get(), log.get()));
+  reaped_ = false;
+  exit_code_ = -1;
+  log.reset();
 
   const absl::Time deadline = absl::Now() + kStartTimeout;
   absl::Status last = absl::UnavailableError("socket not created yet");
   while (absl::Now() < deadline) {
-    if (!daemon->running()) {
-      return absl::InternalError(absl::StrCat(DaemonPath(), " exited with code ",
-                                              daemon->exit_code_, " before serving; log:\n",
-                                              Tail(daemon->log_contents())));
+    if (!running()) {
+      return absl::InternalError(absl::StrCat(DaemonPath(), " exited with code ", exit_code_,
+                                              " before serving; log:\n", Tail(log_contents())));
     }
     struct stat st;
-    if (::stat(daemon->socket_path_.c_str(), &st) == 0) {
-      absl::StatusOr<client::Stats> stats = client::GetStats(daemon->socket_path_);
-      if (stats.ok()) return daemon;
+    if (::stat(socket_path_.c_str(), &st) == 0) {
+      absl::StatusOr<client::Stats> stats = client::GetStats(socket_path_);
+      if (stats.ok()) return absl::OkStatus();
       last = stats.status();
     }
     absl::SleepFor(kPollInterval);
   }
-  return absl::DeadlineExceededError(
-      absl::StrCat(DaemonPath(), " did not serve on ", daemon->socket_path_, " within ",
-                   absl::FormatDuration(kStartTimeout), " (last: ", last.ToString(), "); log:\n",
-                   Tail(daemon->log_contents())));
+  KillAndReap(pid_, &reaped_, &exit_code_);
+  return absl::DeadlineExceededError(absl::StrCat(DaemonPath(), " did not serve on ", socket_path_,
+                                                  " within ", absl::FormatDuration(kStartTimeout),
+                                                  " (last: ", last.ToString(), "); log:\n",
+                                                  Tail(log_contents())));
 }
 
 std::string DaemonProcess::log_contents() const { return ReadFile(log_path()); }

@@ -60,13 +60,20 @@ class DaemonProcess {
   // If the process already exited, returns its status without signalling.
   absl::StatusOr<int> Terminate(int signal = SIGTERM, absl::Duration timeout = absl::Seconds(10));
 
+  // Starts cachemgrd again, with the same arguments on the same socket and log, after it exited
+  // (Terminate); waits as Start does. FAILED_PRECONDITION while it still runs.
+  absl::Status Restart();
+
  private:
-  DaemonProcess(TempDir dir, std::string socket_path, pid_t pid);
+  DaemonProcess(TempDir dir, std::string socket_path, std::vector<std::string> args);
+  // Spawns the process and waits up to 10 s until it serves.
+  absl::Status Spawn();
 
   TempDir dir_;
   std::string socket_path_;
+  std::vector<std::string> args_;
   pid_t pid_ = -1;
-  bool reaped_ = false;
+  bool reaped_ = true;  // nothing to reap before the first Spawn()
   int exit_code_ = -1;
 };
 

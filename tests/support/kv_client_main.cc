@@ -9,9 +9,29 @@
 // and exits 0, or with --hold keeps the session (no heartbeats) and sleeps until killed.
 // Any error prints {"error":"CODE: message"} and exits 2.
 //
+// --mode=stall: the same first line (plus "block_ids", layer 0's table), then waits for SIGUSR1
+// with heartbeats running. Session events print as {"event":"lost"|"ready","generation":G,
+// "status":"CODE: message"} when they happen. At SIGUSR1 it writes other bytes (seed + 1000)
+// through the pointers of its allocation without checking the lease (a writer that stalled
+// mid-batch), then prints {"event":"after_stall","lease_ok":B,"revoked":B,"call":"CODE: message"}
+// (the status of a GetSequence made then) and exits 0.
+//
+// --mode=loop: a workload that survives daemon restarts. Allocates, writes and checks sequences
+// (local digest == daemon digest), keeps --live of them and frees the oldest, and prints
+// {"event":"progress","generation":G,"ops":N} every 10 operations, {"event":"outage",...} once
+// when calls start failing, {"event":"reattached","generation":G} when it re-attached
+// (Session::Reattach; the lost sequences are forgotten, as an engine recomputes them). Stops
+// after --seconds, or once it reached generation --until_generation and did --ops_after
+// operations there; then checks its live sequences again and prints {"event":"done",
+// "generation":G,"ops":N,"outages":O,"digest_mismatches":M,"live_sequences":L,"live_blocks":B,
+// "used_blocks":U} (B: blocks its live sequences hold per Get Sequence, U: the pool's used
+// blocks per Stats), detaches and exits 0 (2 on a digest mismatch or an unexpected error).
+//
 // Flags (--name=value): --socket (required), --name, --sequence, --tokens, --seed, --layers,
 // --q_heads, --kv_heads, --head_dim, --dtype fp32|fp16|bf16, --block_size, --layout fa|fi,
-// --num_blocks, --model, --hold, --no_heartbeat.
+// --num_blocks, --model, --hold, --no_heartbeat, --mode once|stall|loop, --seconds, --live,
+// --until_generation, --ops_after.
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,8 +40,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -30,6 +52,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "cachemgr/client/client.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/kernels/kv_layout.h"
@@ -55,6 +79,11 @@ struct Flags {
   std::string model = "stories260K";
   bool hold = false;
   bool no_heartbeat = false;
+  std::string mode = "once";
+  uint32_t seconds = 60;
+  uint32_t live = 4;
+  uint32_t until_generation = 0;  // 0: run for --seconds
+  uint32_t ops_after = 20;
 };
 
 absl::Status ParseU32(const std::string& flag, const std::string& value, uint32_t* out) {
@@ -134,6 +163,20 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       RETURN_IF_ERROR(ParseBool(flag, value, &f.hold));
     } else if (flag == "no_heartbeat") {
       RETURN_IF_ERROR(ParseBool(flag, value, &f.no_heartbeat));
+    } else if (flag == "mode") {
+      if (value != "once" && value != "stall" && value != "loop") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--mode=", value, ": expected once, stall or loop"));
+      }
+      f.mode = value;
+    } else if (flag == "seconds") {
+      RETURN_IF_ERROR(ParseU32(flag, value, &f.seconds));
+    } else if (flag == "live") {
+      RETURN_IF_ERROR(ParseU32(flag, value, &f.live));
+    } else if (flag == "until_generation") {
+      RETURN_IF_ERROR(ParseU32(flag, value, &f.until_generation));
+    } else if (flag == "ops_after") {
+      RETURN_IF_ERROR(ParseU32(flag, value, &f.ops_after));
     } else {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag --", flag));
     }
@@ -198,7 +241,19 @@ void FillRow(std::byte* row, size_t bytes, uint64_t seed, uint32_t layer, uint64
   }
 }
 
-absl::Status Run(const Flags& flags) {
+// One line to stdout, whole, even when the heartbeat thread prints an event meanwhile.
+void PrintLine(const std::string& line) {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  std::fputs((line + "\n").c_str(), stdout);
+  std::fflush(stdout);
+}
+
+std::string StatusText(const absl::Status& status) {
+  return absl::StrCat(absl::StatusCodeToString(status.code()), ": ", status.message());
+}
+
+client::AttachOptions MakeAttachOptions(const Flags& flags) {
   client::AttachOptions options;
   options.client_name = flags.name;
   options.model.name = flags.model;
@@ -211,12 +266,23 @@ absl::Status Run(const Flags& flags) {
   options.model.layout = flags.layout;
   options.num_blocks = flags.num_blocks;
   options.auto_heartbeat = !flags.hold && !flags.no_heartbeat;
-  ASSIGN_OR_RETURN(std::unique_ptr<client::Session> session,
-                   client::Session::Attach(flags.socket, options));
-  const client::KvPoolView& pool = session->pool();
-  const kernels::KvLayerLayout& layout = pool.layout();
+  options.on_event = [](const client::SessionEvent& e) {
+    PrintLine(absl::StrCat("{\"event\":\"",
+                           e.kind == client::SessionEvent::Kind::kLost ? "lost" : "ready",
+                           "\",\"generation\":", e.generation, ",\"status\":\"",
+                           JsonEscape(StatusText(e.status)), "\"}"));
+  };
+  return options;
+}
 
-  ASSIGN_OR_RETURN(client::Allocation alloc, session->Allocate(flags.sequence, flags.tokens));
+// Allocates `tokens` rows of `sequence` and writes FillRow bytes of `seed` into each; returns the
+// rows' addresses (K and V of every row of every layer) when `rows` is given.
+absl::StatusOr<client::Allocation> AllocateAndWrite(client::Session& session,
+                                                    const std::string& sequence, uint32_t tokens,
+                                                    uint64_t seed, std::vector<std::byte*>* rows) {
+  ASSIGN_OR_RETURN(client::Allocation alloc, session.Allocate(sequence, tokens));
+  const client::KvPoolView& pool = session.pool();
+  const kernels::KvLayerLayout& layout = pool.layout();
   for (const client::LayerAllocation& layer : alloc.layers) {
     if (layer.layer >= pool.num_layers()) {
       return absl::InternalError(
@@ -230,19 +296,35 @@ absl::Status Run(const Flags& flags) {
             absl::StrCat("layer ", layer.layer, " slot ", slot, " is outside the pool"));
       }
       const uint64_t position = alloc.first_position + i;
-      FillRow(pool.key_at_slot<std::byte>(layer.layer, slot), layout.token_bytes(), flags.seed,
-              layer.layer, position, kernels::KvPlane::kKey);
-      FillRow(pool.value_at_slot<std::byte>(layer.layer, slot), layout.token_bytes(), flags.seed,
-              layer.layer, position, kernels::KvPlane::kValue);
+      std::byte* key = pool.key_at_slot<std::byte>(layer.layer, slot);
+      std::byte* value = pool.value_at_slot<std::byte>(layer.layer, slot);
+      FillRow(key, layout.token_bytes(), seed, layer.layer, position, kernels::KvPlane::kKey);
+      FillRow(value, layout.token_bytes(), seed, layer.layer, position, kernels::KvPlane::kValue);
+      if (rows != nullptr) {
+        rows->push_back(key);
+        rows->push_back(value);
+      }
     }
   }
+  return alloc;
+}
 
+struct Digests {
+  std::vector<std::string> local, daemon;
+  uint64_t blocks = 0;  // held by the sequence, summed over layers
+  std::vector<uint32_t> layer0_blocks;
+};
+
+// The sequence's per-layer digests as this process reads the pool and as the daemon does.
+absl::StatusOr<Digests> ReadDigests(client::Session& session, const std::string& sequence) {
+  const client::KvPoolView& pool = session.pool();
+  const kernels::KvLayerLayout& layout = pool.layout();
   ASSIGN_OR_RETURN(client::SequenceInfo info,
-                   session->GetSequence(flags.sequence, /*include_kv_digest=*/true));
+                   session.GetSequence(sequence, /*include_kv_digest=*/true));
   std::vector<client::LayerBlockTable> tables = info.layers;
   std::sort(tables.begin(), tables.end(),
             [](const auto& a, const auto& b) { return a.layer < b.layer; });
-  std::vector<std::string> local, daemon;
+  Digests out;
   for (const client::LayerBlockTable& table : tables) {
     const size_t needed = (size_t{table.num_tokens} + layout.block_size - 1) / layout.block_size;
     if (table.layer >= pool.num_layers() || table.block_ids.size() < needed) {
@@ -255,42 +337,182 @@ absl::Status Run(const Flags& flags) {
             absl::StrCat("layer ", table.layer, " block ", block, " is outside the pool"));
       }
     }
-    local.push_back(Hex16(kernels::DigestLayerTokens(layout, pool.layer_base(table.layer),
-                                                     table.block_ids.data(), table.num_tokens)));
-    daemon.push_back(Hex16(table.kv_digest));
+    out.local.push_back(Hex16(kernels::DigestLayerTokens(
+        layout, pool.layer_base(table.layer), table.block_ids.data(), table.num_tokens)));
+    out.daemon.push_back(Hex16(table.kv_digest));
+    out.blocks += table.block_ids.size();
+    if (table.layer == 0) out.layer0_blocks = table.block_ids;
   }
+  return out;
+}
 
-  ASSIGN_OR_RETURN(client::Stats stats, client::GetStats(flags.socket));
-  const client::PoolStats* mine = nullptr;
+// Used blocks of the session's pool summed over layers (from Stats).
+absl::StatusOr<uint64_t> PoolUsedBlocks(const std::string& socket, client::Session& session) {
+  ASSIGN_OR_RETURN(client::Stats stats, client::GetStats(socket));
   for (const client::PoolStats& p : stats.pools) {
-    if (p.pool_id == session->pool_id()) mine = &p;
+    if (p.pool_id != session.pool_id()) continue;
+    uint64_t used = 0;
+    for (const client::LayerOccupancy& l : p.layers) used += l.used_blocks;
+    return used;
   }
-  if (mine == nullptr) {
-    return absl::NotFoundError(absl::StrCat("Stats lists no pool ", session->pool_id()));
-  }
-  uint64_t used_blocks = 0;
-  for (const client::LayerOccupancy& l : mine->layers) used_blocks += l.used_blocks;
+  return absl::NotFoundError(absl::StrCat("Stats lists no pool ", session.pool_id()));
+}
+
+absl::Status RunOnce(const Flags& flags, std::vector<std::byte*>* rows,
+                     std::unique_ptr<client::Session>* out_session) {
+  ASSIGN_OR_RETURN(std::unique_ptr<client::Session> session,
+                   client::Session::Attach(flags.socket, MakeAttachOptions(flags)));
+  RETURN_IF_ERROR(
+      AllocateAndWrite(*session, flags.sequence, flags.tokens, flags.seed, rows).status());
+  ASSIGN_OR_RETURN(Digests digests, ReadDigests(*session, flags.sequence));
+  ASSIGN_OR_RETURN(uint64_t used_blocks, PoolUsedBlocks(flags.socket, *session));
 
   auto quoted = [](std::string* out, const std::string& s) { absl::StrAppend(out, "\"", s, "\""); };
-  const std::string line = absl::StrCat(
+  PrintLine(absl::StrCat(
       "{\"client_id\":\"", JsonEscape(session->client_id()), "\",\"sequence_id\":\"",
       JsonEscape(flags.sequence), "\",\"tokens\":", flags.tokens, ",\"local_digests\":[",
-      absl::StrJoin(local, ",", quoted), "],\"daemon_digests\":[",
-      absl::StrJoin(daemon, ",", quoted), "],\"used_blocks\":", used_blocks, "}\n");
-  std::fputs(line.c_str(), stdout);
-  std::fflush(stdout);
+      absl::StrJoin(digests.local, ",", quoted), "],\"daemon_digests\":[",
+      absl::StrJoin(digests.daemon, ",", quoted), "],\"used_blocks\":", used_blocks,
+      ",\"block_ids\":[", absl::StrJoin(digests.layer0_blocks, ","), "]}"));
 
   if (flags.hold) {
     // Keep the session (and its lease, which lapses without heartbeats) until killed.
     while (true) ::pause();
   }
+  if (out_session != nullptr) {
+    *out_session = std::move(session);
+    return absl::OkStatus();
+  }
   return session->Detach();
+}
+
+absl::Status RunStall(const Flags& flags) {
+  std::vector<std::byte*> rows;
+  std::unique_ptr<client::Session> session;
+  RETURN_IF_ERROR(RunOnce(flags, &rows, &session));
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  int sig = 0;
+  while (sigwait(&usr1, &sig) != 0 || sig != SIGUSR1) {
+  }
+  // A writer that checked the lease before it stalled and stores now: through its old pointers.
+  const size_t bytes = session->pool().layout().token_bytes();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    FillRow(rows[i], bytes, flags.seed + 1000, 0, i, kernels::KvPlane::kKey);
+  }
+  const bool lease_ok = session->lease_ok();
+  const bool revoked = session->mapping_revoked_at().has_value();
+  const absl::Status call = session->GetSequence(flags.sequence).status();
+  PrintLine(absl::StrCat("{\"event\":\"after_stall\",\"lease_ok\":", lease_ok ? "true" : "false",
+                         ",\"revoked\":", revoked ? "true" : "false",
+                         ",\"generation\":", session->generation(), ",\"call\":\"",
+                         JsonEscape(StatusText(call)), "\"}"));
+  return absl::OkStatus();
+}
+
+// Codes a call gets while the daemon is down or has just restarted (before the heartbeat thread
+// declared the session lost): the loop waits and retries.
+bool IsOutage(absl::StatusCode code) {
+  return code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kAborted ||
+         code == absl::StatusCode::kNotFound || code == absl::StatusCode::kFailedPrecondition ||
+         code == absl::StatusCode::kDeadlineExceeded;
+}
+
+absl::Status RunLoop(const Flags& flags) {
+  ASSIGN_OR_RETURN(std::unique_ptr<client::Session> session,
+                   client::Session::Attach(flags.socket, MakeAttachOptions(flags)));
+  const absl::Time end = absl::Now() + absl::Seconds(flags.seconds);
+  std::deque<std::string> live;
+  uint64_t ops = 0, ops_in_generation = 0, outages = 0, mismatches = 0, serial = 0;
+  bool in_outage = false;
+  auto outage = [&](const absl::Status& why) {
+    if (in_outage) return;
+    in_outage = true;
+    ++outages;
+    PrintLine(absl::StrCat("{\"event\":\"outage\",\"generation\":", session->generation(),
+                           ",\"status\":\"", JsonEscape(StatusText(why)), "\"}"));
+  };
+  while (absl::Now() < end) {
+    if (flags.until_generation > 0 && session->generation() >= flags.until_generation &&
+        ops_in_generation >= flags.ops_after) {
+      break;
+    }
+    if (!session->lease_ok()) {
+      outage(session->status());
+      absl::StatusOr<uint64_t> generation = session->Reattach();
+      if (!generation.ok()) {
+        absl::SleepFor(absl::Milliseconds(20));
+        continue;
+      }
+      live.clear();  // gone with the old session: an engine would recompute them
+      in_outage = false;
+      ops_in_generation = 0;
+      PrintLine(absl::StrCat("{\"event\":\"reattached\",\"generation\":", *generation, "}"));
+      continue;
+    }
+    const uint64_t n = serial++;
+    const std::string sequence = absl::StrCat("w", session->generation(), "-", n);
+    absl::Status status = AllocateAndWrite(*session, sequence, 1 + n % 40, n, nullptr).status();
+    if (status.ok()) {
+      absl::StatusOr<Digests> digests = ReadDigests(*session, sequence);
+      status = digests.status();
+      if (status.ok() && digests->local != digests->daemon) ++mismatches;
+    }
+    if (status.ok()) {
+      live.push_back(sequence);
+      while (live.size() > flags.live && status.ok()) {
+        status = session->Free(live.front()).status();
+        if (status.ok()) live.pop_front();
+      }
+    }
+    if (!status.ok()) {
+      if (!IsOutage(status.code())) return status;
+      outage(status);
+      absl::SleepFor(absl::Milliseconds(20));
+      continue;
+    }
+    in_outage = false;
+    ++ops;
+    if (++ops_in_generation % 10 == 0) {
+      PrintLine(absl::StrCat("{\"event\":\"progress\",\"generation\":", session->generation(),
+                             ",\"ops\":", ops, "}"));
+    }
+  }
+  uint64_t live_blocks = 0;
+  for (const std::string& sequence : live) {
+    ASSIGN_OR_RETURN(Digests digests, ReadDigests(*session, sequence));
+    if (digests.local != digests.daemon) ++mismatches;
+    live_blocks += digests.blocks;
+  }
+  ASSIGN_OR_RETURN(uint64_t used_blocks, PoolUsedBlocks(flags.socket, *session));
+  PrintLine(absl::StrCat("{\"event\":\"done\",\"generation\":", session->generation(),
+                         ",\"ops\":", ops, ",\"outages\":", outages,
+                         ",\"digest_mismatches\":", mismatches, ",\"live_sequences\":", live.size(),
+                         ",\"live_blocks\":", live_blocks, ",\"used_blocks\":", used_blocks, "}"));
+  RETURN_IF_ERROR(session->Detach());
+  if (mismatches > 0) {
+    return absl::DataLossError(absl::StrCat(mismatches, " digest mismatches"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Run(const Flags& flags) {
+  if (flags.mode == "stall") return RunStall(flags);
+  if (flags.mode == "loop") return RunLoop(flags);
+  return RunOnce(flags, nullptr, nullptr);
 }
 
 }  // namespace
 }  // namespace cachemgr
 
 int main(int argc, char** argv) {
+  // --mode=stall waits for SIGUSR1 with sigwait: blocked before any thread starts, so every
+  // thread inherits the mask and the signal is left for sigwait.
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &usr1, nullptr);
   absl::Status status;
   absl::StatusOr<cachemgr::Flags> flags = cachemgr::ParseFlags(argc, argv);
   status = flags.ok() ? cachemgr::Run(*flags) : flags.status();

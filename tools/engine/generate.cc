@@ -29,8 +29,8 @@ absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,
     }
     if (input->size() > buffer.size()) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "Compress inputs of ", input->size() * 4, " bytes do not fit the ",
-          buffer.size() * 4, "-byte input buffer (attach with a larger input_buffer_bytes)"));
+          "Compress inputs of ", input->size() * 4, " bytes do not fit the ", buffer.size() * 4,
+          "-byte input buffer (attach with a larger input_buffer_bytes)"));
     }
     std::memcpy(buffer.data(), input->data(), input->size() * 4);
   }
@@ -38,6 +38,39 @@ absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,
   RETURN_IF_ERROR(cache.Fetch(seq).status());
   return result;
 }
+
+namespace {
+
+// Prefills `prompt` into `seq` (compressing it if asked), then feeds `replay` one token at a
+// time, as decoding did; returns the logits after the last token.
+absl::StatusOr<std::vector<float>> BuildSequence(LlamaEngine& engine, SidecarCache& cache,
+                                                 const std::string& seq,
+                                                 const std::vector<uint32_t>& prompt,
+                                                 const std::vector<uint32_t>& replay,
+                                                 const GenerateOptions& options,
+                                                 GenerateResult* out) {
+  ForwardOptions prefill_options;
+  if (options.compress.has_value()) {
+    if (options.compress->input == client::CompressInputSource::kWindowQueries) {
+      prefill_options.window_queries = std::min<uint32_t>(
+          static_cast<uint32_t>(prompt.size()), options.compress->policy.window.value_or(32));
+    }
+    prefill_options.attention_sums =
+        options.compress->input == client::CompressInputSource::kScores;
+  }
+  ASSIGN_OR_RETURN(ForwardResult prefill, engine.Forward(seq, prompt, prefill_options));
+  if (options.compress.has_value()) {
+    ASSIGN_OR_RETURN(out->compressed, CompressPrefilled(cache, seq, prefill, *options.compress));
+  }
+  std::vector<float> logits = std::move(prefill.logits);
+  for (const uint32_t token : replay) {
+    ASSIGN_OR_RETURN(ForwardResult r, engine.Forward(seq, {&token, 1}));
+    logits = std::move(r.logits);
+  }
+  return logits;
+}
+
+}  // namespace
 
 absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache& cache,
                                               const Tokenizer& tokenizer, const std::string& seq,
@@ -48,23 +81,23 @@ absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache&
     return absl::AlreadyExistsError(absl::StrCat("sequence \"", seq, "\" already exists"));
   }
   GenerateResult out;
-  ForwardOptions prefill_options;
-  if (options.compress.has_value()) {
-    if (options.compress->input == client::CompressInputSource::kWindowQueries) {
-      prefill_options.window_queries =
-          std::min<uint32_t>(static_cast<uint32_t>(prompt.size()),
-                             options.compress->policy.window.value_or(32));
+  // Runs `step`; after a sidecar failure, recovers and rebuilds the sequence from the prompt and
+  // the tokens generated so far instead.
+  auto with_recovery =
+      [&](absl::StatusOr<std::vector<float>> logits) -> absl::StatusOr<std::vector<float>> {
+    while (!logits.ok() && options.sidecar_recovery_timeout > absl::ZeroDuration() &&
+           out.sidecar_recoveries < options.max_sidecar_recoveries) {
+      RETURN_IF_ERROR(cache.Recover(logits.status(), options.sidecar_recovery_timeout));
+      ++out.sidecar_recoveries;
+      logits = BuildSequence(engine, cache, seq, prompt, out.tokens, options, &out);
     }
-    prefill_options.attention_sums =
-        options.compress->input == client::CompressInputSource::kScores;
-  }
-  ASSIGN_OR_RETURN(ForwardResult prefill, engine.Forward(seq, prompt, prefill_options));
-  if (options.compress.has_value()) {
-    ASSIGN_OR_RETURN(out.compressed, CompressPrefilled(cache, seq, prefill, *options.compress));
-  }
+    return logits;
+  };
+  ASSIGN_OR_RETURN(std::vector<float> logits,
+                   with_recovery(BuildSequence(engine, cache, seq, prompt, {}, options, &out)));
   const uint32_t vocab = engine.config().vocab_size;
   uint32_t previous = prompt.back();
-  uint32_t next = Argmax(prefill.logits.data(), vocab);
+  uint32_t next = Argmax(logits.data(), vocab);
   for (uint32_t step = 0; step < options.steps; ++step) {
     if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), next) !=
         options.stop_tokens.end()) {
@@ -73,10 +106,14 @@ absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache&
     out.tokens.push_back(next);
     out.text += tokenizer.Decode(previous, next);
     previous = next;
+    if (options.on_step) options.on_step(step);
     if (step + 1 == options.steps) break;
     const uint32_t token = next;
-    ASSIGN_OR_RETURN(ForwardResult r, engine.Forward(seq, {&token, 1}));
-    next = Argmax(r.logits.data(), vocab);
+    absl::StatusOr<ForwardResult> r = engine.Forward(seq, {&token, 1});
+    ASSIGN_OR_RETURN(logits,
+                     with_recovery(r.ok() ? absl::StatusOr<std::vector<float>>(std::move(r->logits))
+                                          : r.status()));
+    next = Argmax(logits.data(), vocab);
   }
   return out;
 }

@@ -3,11 +3,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "cachemgr/client/client.h"
 #include "tools/engine/llama.h"
 #include "tools/engine/tokenizer.h"
@@ -21,12 +23,21 @@ struct GenerateOptions {
   // Compress the prompt before decoding (window queries of the prompt's last tokens, or the
   // prompt's attention sums for H2O); nullopt: FullKV.
   std::optional<client::CompressOptions> compress;
+  // When the sidecar fails mid-generation (the daemon restarted, the session was lost), wait up
+  // to this long for it (SidecarCache::Recover), then prefill the prompt again, compress it
+  // again, and replay the tokens generated so far: the output is what an undisturbed run gives.
+  // Zero: fail instead.
+  absl::Duration sidecar_recovery_timeout = absl::Seconds(60);
+  uint32_t max_sidecar_recoveries = 3;
+  // Called after each generated token is chosen, before it is fed back (for progress and tests).
+  std::function<void(uint32_t step)> on_step;
 };
 
 struct GenerateResult {
   std::vector<uint32_t> tokens;  // generated, prompt excluded
   std::string text;              // their decoded bytes
   std::optional<client::CompressResult> compressed;
+  uint32_t sidecar_recoveries = 0;  // times the KV was recomputed after a sidecar failure
 };
 
 // The prompt must not be empty (start it with BOS to generate from scratch). `seq` must not

@@ -60,9 +60,10 @@ absl::StatusOr<ForwardResult> LlamaEngine::Forward(const std::string& seq,
       const size_t count = begin + len - first;
       const size_t part_rows = part.window_queries.size() / (size_t{L} * H * hd);
       for (uint32_t l = 0; l < L; ++l) {
-        std::memcpy(&result.window_queries[((size_t{l} * options.window_queries) +
-                                            (first - queries_from)) * H * hd],
-                    &part.window_queries[(size_t{l} * part_rows) * H * hd], count * H * hd * 4);
+        std::memcpy(
+            &result.window_queries[((size_t{l} * options.window_queries) + (first - queries_from)) *
+                                   H * hd],
+            &part.window_queries[(size_t{l} * part_rows) * H * hd], count * H * hd * 4);
       }
     }
     if (options.attention_sums) {
@@ -80,6 +81,9 @@ absl::StatusOr<ForwardResult> LlamaEngine::Forward(const std::string& seq,
       result.logits = std::move(part.logits);
     }
   }
+  // The pool was read through the session's mapping: if the session was lost meanwhile, some
+  // reads may have come from the revoked (private) memory, and the result means nothing.
+  RETURN_IF_ERROR(cache_->session().status());
   return result;
 }
 
@@ -106,7 +110,8 @@ absl::Status LlamaEngine::ForwardChunk(const std::string& seq, absl::Span<const 
 
   for (uint32_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
-    for (size_t t = 0; t < T; ++t) RmsNorm(&x[t * dim], w.attn_norm.data(), dim, c.rms_eps, &xb[t * dim]);
+    for (size_t t = 0; t < T; ++t)
+      RmsNorm(&x[t * dim], w.attn_norm.data(), dim, c.rms_eps, &xb[t * dim]);
     MatMul(*pool_, xb.data(), T, dim, w.wq.data(), q_width, q.data());
     MatMul(*pool_, xb.data(), T, dim, w.wk.data(), kv_width, k.data());
     MatMul(*pool_, xb.data(), T, dim, w.wv.data(), kv_width, v.data());
@@ -147,7 +152,8 @@ absl::Status LlamaEngine::ForwardChunk(const std::string& seq, absl::Span<const 
     });
     MatMul(*pool_, att.data(), T, q_width, w.wo.data(), dim, proj.data());
     for (size_t i = 0; i < T * dim; ++i) x[i] += proj[i];
-    for (size_t t = 0; t < T; ++t) RmsNorm(&x[t * dim], w.ffn_norm.data(), dim, c.rms_eps, &xb[t * dim]);
+    for (size_t t = 0; t < T; ++t)
+      RmsNorm(&x[t * dim], w.ffn_norm.data(), dim, c.rms_eps, &xb[t * dim]);
     MatMul(*pool_, xb.data(), T, dim, w.w_gate.data(), hidden, gate.data());
     MatMul(*pool_, xb.data(), T, dim, w.w_up.data(), hidden, up.data());
     SwiGlu(gate.data(), up.data(), T * hidden);

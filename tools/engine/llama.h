@@ -43,7 +43,9 @@ class LlamaEngine {
 
   const LlamaConfig& config() const { return config_; }
 
-  // Runs `tokens` through the model, appended to `seq` at its next positions.
+  // Runs `tokens` through the model, appended to `seq` at its next positions. Fails with the
+  // session's status if the sidecar session was lost before it finished (its reads of the pool
+  // may then have come from the revoked mapping).
   absl::StatusOr<ForwardResult> Forward(const std::string& seq, absl::Span<const uint32_t> tokens,
                                         const ForwardOptions& options = {});
 

@@ -142,6 +142,10 @@ int main(int argc, char** argv) {
                  static_cast<unsigned long long>(out->compressed->bytes_before),
                  static_cast<unsigned long long>(out->compressed->bytes_after));
   }
+  if (out->sidecar_recoveries > 0) {
+    std::fprintf(stderr, "cachemgrd failed %u time(s) during generation; the KV was recomputed\n",
+                 out->sidecar_recoveries);
+  }
   std::printf("%s%s\n", prompt.c_str(), out->text.c_str());
   (void)(*cache)->Free("generate");
   return 0;

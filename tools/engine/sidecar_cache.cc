@@ -3,8 +3,9 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "cachemgr/util/status_macros.h"
+#include "absl/time/clock.h"
 #include "cachemgr/kernels/elem_convert.h"
+#include "cachemgr/util/status_macros.h"
 
 namespace cachemgr::engine {
 
@@ -15,7 +16,7 @@ SidecarCache::SidecarCache(std::unique_ptr<client::Session> session, const Llama
       dtype_(session_->model().dtype) {}
 
 absl::StatusOr<std::unique_ptr<SidecarCache>> SidecarCache::Attach(const SidecarOptions& options,
-                                                                 const LlamaConfig& config) {
+                                                                   const LlamaConfig& config) {
   client::AttachOptions attach;
   attach.client_name = options.client_name;
   attach.model.name = options.model_name;
@@ -148,6 +149,39 @@ absl::StatusOr<std::vector<client::ParkedLayer>> SidecarCache::Park(const std::s
   ASSIGN_OR_RETURN(std::vector<client::ParkedLayer> r, session_->Park(seq));
   RETURN_IF_ERROR(Refresh(seq));
   return r;
+}
+
+absl::Status SidecarCache::Recover(const absl::Status& why, absl::Duration timeout) {
+  client::Session& s = *session_;
+  const absl::StatusCode code = why.code();
+  const bool transport = code == absl::StatusCode::kUnavailable ||
+                         code == absl::StatusCode::kDeadlineExceeded ||
+                         code == absl::StatusCode::kCancelled || code == absl::StatusCode::kAborted;
+  // Another code is the sidecar's fault only if the session is gone (a heartbeat tells: a token
+  // of an earlier boot, say, marks the session lost).
+  if (!transport && s.lease_ok() && s.Heartbeat().ok()) return why;
+  const uint64_t generation = s.generation();
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    if (!s.lease_ok()) {
+      if (s.Reattach().ok()) break;
+    } else if (s.Heartbeat().ok()) {
+      break;  // the daemon answers in the same session
+    }
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("cachemgrd was not back within ", absl::FormatDuration(timeout), " after ",
+                       why.ToString(), "; the session: ", s.status().ToString()));
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  // What the session holds of our sequences may be half done: start clean.
+  if (s.generation() == generation) {
+    for (const auto& [seq, unused] : sequences_) (void)s.Free(seq);
+  }
+  sequences_.clear();
+  layout_ = s.pool().layout();
+  return absl::OkStatus();
 }
 
 }  // namespace cachemgr::engine

@@ -18,6 +18,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "cachemgr/client/client.h"
 #include "tools/engine/checkpoint.h"
@@ -31,8 +32,8 @@ struct SidecarOptions {
   client::DType dtype = client::DType::kFp32;
   client::CacheLayout layout = client::CacheLayout::kFlashAttn;
   uint32_t block_size = 16;
-  uint32_t num_blocks = 0;           // per layer; 0 lets the daemon decide
-  uint64_t input_buffer_bytes = 0;   // Compress inputs; 0: the daemon's default
+  uint32_t num_blocks = 0;          // per layer; 0 lets the daemon decide
+  uint64_t input_buffer_bytes = 0;  // Compress inputs; 0: the daemon's default
 };
 
 struct AppendedRows {
@@ -44,7 +45,7 @@ struct AppendedRows {
 class SidecarCache {
  public:
   static absl::StatusOr<std::unique_ptr<SidecarCache>> Attach(const SidecarOptions& options,
-                                                             const LlamaConfig& config);
+                                                              const LlamaConfig& config);
 
   client::Session& session() { return *session_; }
   const LlamaConfig& config() const { return config_; }
@@ -73,6 +74,13 @@ class SidecarCache {
 
   // Bytes of blocks the sequence references now (whole blocks, K and V, every layer).
   uint64_t ResidentBytes(const std::string& seq) const;
+
+  // After a call failed with `why`: if the sidecar is at fault (the daemon unreachable or
+  // restarted, the session lost), waits up to `timeout` until the session is usable again, the
+  // same one if it survived, else a new one (client::Session::Reattach), and forgets every
+  // sequence: the caller recomputes their KV (prefills again). Returns `why` itself when the
+  // sidecar is fine (the call's own error), DEADLINE_EXCEEDED when it is not back in time.
+  absl::Status Recover(const absl::Status& why, absl::Duration timeout);
 
  private:
   struct Layer {

@@ -126,14 +126,60 @@ class CudaDriver:
         self._check(self._lib.cuMemSetAccess(ptr, ctypes.c_size_t(size), ctypes.byref(access),
                                              ctypes.c_size_t(1)), "cuMemSetAccess")
         self._vmm = getattr(self, "_vmm", {})
-        self._vmm[ptr.value] = (handle.value, size)
+        self._vmm[ptr.value] = (handle.value, size, None)  # (pool handle, bytes, scratch)
         return ptr.value
 
     def unmap_vmm(self, ptr: int) -> None:
-        handle, size = self._vmm.pop(ptr)
-        self._lib.cuMemUnmap(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size))
+        handle, size, scratch = self._vmm.pop(ptr)
+        if scratch is not None:  # revoked: the range holds granules of the scratch allocation
+            scratch_handle, granularity, mapped = scratch
+            for off in range(0, mapped, granularity):
+                self._lib.cuMemUnmap(ctypes.c_ulonglong(ptr + off), ctypes.c_size_t(granularity))
+            self._lib.cuMemRelease(ctypes.c_ulonglong(scratch_handle))
+        else:
+            self._lib.cuMemUnmap(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size))
         self._lib.cuMemAddressFree(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size))
+        if handle is not None:
+            self._lib.cuMemRelease(ctypes.c_ulonglong(handle))
+
+    def revoke_vmm(self, ordinal: int, ptr: int) -> None:
+        """Unmaps the pool allocation from [ptr, ptr + size) and releases it, keeping the range
+        reserved; then backs the range with one private granule mapped over every granule, so
+        stale device stores land in scratch instead of faulting. If the scratch mapping fails
+        the range stays unmapped (stale accesses fault), which is safe too."""
+        handle, size, scratch = self._vmm[ptr]
+        if handle is None:
+            return
+        self._check(self._lib.cuMemUnmap(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size)),
+                    "cuMemUnmap")
         self._lib.cuMemRelease(ctypes.c_ulonglong(handle))
+        self._vmm[ptr] = (None, size, None)
+        prop = _AllocationProp()
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location = _Location(CU_MEM_LOCATION_TYPE_DEVICE, ordinal)
+        granularity = ctypes.c_size_t()
+        scratch_handle = ctypes.c_ulonglong()
+        if (self._lib.cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop),
+                                                    CU_MEM_ALLOC_GRANULARITY_MINIMUM) != 0
+                or granularity.value == 0 or size % granularity.value != 0
+                or self._lib.cuMemCreate(ctypes.byref(scratch_handle),
+                                         ctypes.c_size_t(granularity.value), ctypes.byref(prop),
+                                         ctypes.c_ulonglong(0)) != 0):
+            return
+        g = granularity.value
+        mapped = 0
+        for off in range(0, size, g):
+            if self._lib.cuMemMap(ctypes.c_ulonglong(ptr + off), ctypes.c_size_t(g),
+                                  ctypes.c_size_t(0), scratch_handle,
+                                  ctypes.c_ulonglong(0)) != 0:
+                break
+            mapped = off + g
+        self._vmm[ptr] = (None, size, (scratch_handle.value, g, mapped))
+        if mapped == size:
+            access = _AccessDesc(_Location(CU_MEM_LOCATION_TYPE_DEVICE, ordinal),
+                                 CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+            self._lib.cuMemSetAccess(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size),
+                                     ctypes.byref(access), ctypes.c_size_t(1))
 
     def open_ipc(self, ordinal: int, handle: bytes) -> int:
         if len(handle) != 64:
@@ -221,6 +267,7 @@ class DevicePool:
         self._driver = driver or CudaDriver()
         self._share = share_method
         self._bases: List[int] = []
+        self.revoked = False
         self._event: Optional[int] = None
         self.write_event_handle = b""  # set by the first record_kv_writes
         try:
@@ -275,6 +322,21 @@ class DevicePool:
             self._event, self.write_event_handle = self._driver.create_ipc_event(self.ordinal)
         self._driver.record_event(self._event, stream)
 
+    def revoke(self) -> None:
+        """Cuts the device arrays off the pool (the session lost its lease): VMM mappings are
+        unmapped and released, the range kept reserved and backed by a private scratch granule
+        (stale stores land there); legacy IPC mappings are closed (stale device pointers then
+        fault, or reach a later allocation of this process that reuses the range, never the
+        pool). Idempotent."""
+        if self.revoked:
+            return
+        for base in self._bases:
+            if self._share == "vmm_fd":
+                self._driver.revoke_vmm(self.ordinal, base)
+            else:
+                self._driver.close_ipc(base)
+        self.revoked = True
+
     def close(self) -> None:
         if self._event is not None:
             self._driver.destroy_event(self._event)
@@ -284,6 +346,6 @@ class DevicePool:
         for base in self._bases:
             if self._share == "vmm_fd":
                 self._driver.unmap_vmm(base)
-            else:
+            elif not self.revoked:
                 self._driver.close_ipc(base)
         self._bases = []

@@ -12,6 +12,7 @@ from typing import List, Sequence
 
 import numpy as np
 
+from . import lease
 from .types import ModelSpec
 
 _NUMPY_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
@@ -33,7 +34,7 @@ def float32_to_bf16(values: np.ndarray) -> np.ndarray:
 
 class HostPool:
     """The pool of one model, mapped into this process. Views stay valid while the pool (and
-    the Session that owns it) lives."""
+    the Session that owns it) lives; after revoke() they reach private memory, not the pool."""
 
     on_device = False  # host memory (DevicePool: True)
 
@@ -42,11 +43,15 @@ class HostPool:
         self.model = model
         self.num_blocks = num_blocks
         self._maps: List[mmap.mmap] = []
-        for fd, size in zip(region_fds, region_bytes):
-            try:
+        self._ranges: List[tuple] = []  # (address, bytes) of each mapping
+        self.revoked = False
+        try:
+            for fd, size in zip(region_fds, region_bytes):
                 self._maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED,
                                             mmap.PROT_READ | mmap.PROT_WRITE))
-            finally:
+                self._ranges.append((lease.buffer_address(self._maps[-1]), size))
+        finally:
+            for fd in region_fds:
                 os.close(fd)
         self.dtype = _NUMPY_DTYPES[model.dtype]
         shape = ((2, num_blocks) if model.layout == "flash_attn" else (num_blocks, 2)) + (
@@ -92,6 +97,17 @@ class HostPool:
         blocks, offsets = table[rows // self.model.block_size], rows % self.model.block_size
         return self.key_cache(layer)[blocks, offsets].copy(), \
             self.value_cache(layer)[blocks, offsets].copy()
+
+    def revoke(self) -> None:
+        """Cuts the views off the pool in place (mmap MAP_FIXED of private anonymous memory over
+        each mapping): existing arrays stay valid, but what they read and write is private to
+        this process. Called when the session lost its lease. Idempotent; OSError if a mapping
+        could be neither replaced nor made inaccessible."""
+        if self.revoked or not self._maps:
+            return
+        for address, size in self._ranges:
+            lease.revoke_host_mapping(address, size)
+        self.revoked = True
 
     def close(self) -> None:
         self._layers = []

@@ -2,22 +2,43 @@
 
     with cachemgr.Session.attach("/run/cachemgr/cachemgr.sock", "worker-0", model) as s:
         alloc = s.allocate("req-1", 48)
-        s.pool.write(0, alloc.layers[0].slot_mapping, k, v)
+        if s.lease_ok:                                   # before each batch of writes
+            s.pool.write(0, alloc.layers[0].slot_mapping, k, v)
         s.compress("req-1", cachemgr.Policy("spindlekv"), byte_ratio=0.3, queries=window_q)
 
 A background thread heartbeats at the interval the daemon asks for (the lease ends, and every
 block the client held returns to the pool, when heartbeats stop). Every failed call raises
 CacheManagerError carrying the daemon's status code and message. Thread-safe: calls may come
-from several threads."""
+from several threads.
 
+Lease loss and daemon restarts. The client keeps a local lease deadline, renewed by every call
+that reached the daemon (send time + lease timeout - a margin, on CLOCK_BOOTTIME: never later
+than the daemon's own deadline). When it passes without renewal, or the daemon says it no longer
+knows the session (its lease expired, or the token is from an earlier daemon start), the session
+is *lost*: the pool mapping is revoked first (the numpy views now reach private memory, never
+the pool), then every call raises `session.status` (ABORTED "lease expired at ...; the daemon
+reclaimed this client's blocks", or UNAVAILABLE when the daemon was unreachable), `lease_ok` is
+False, and `on_event` hears SessionEvent("lost", ...). The heartbeat thread does not swallow
+errors: a definitive answer (NOT_FOUND, an earlier boot) ends the session at once, and a
+transport failure is named in the error the session raises if its lease runs out.
+While the daemon is down calls fail promptly with UNAVAILABLE. A lost session's sequences are
+gone. With auto_reattach the heartbeat thread attaches a new session as soon as the daemon
+answers (SessionEvent("ready", ...)); `reattach()` adopts it (generation + 1) and the engine
+recomputes what it had. Calls keep raising until reattach(), so nothing started before the loss
+runs against the new session by accident."""
+
+import dataclasses
+import logging
+import mmap
 import os
 import threading
-from typing import Iterable, List, Optional, Sequence
+import time
+from typing import Callable, Iterable, List, Optional
 
 import grpc
 import numpy as np
 
-from . import convert
+from . import convert, lease
 from .errors import CacheManagerError, from_rpc_error
 from .pool import HostPool
 from .share_channel import fetch_shared_fds
@@ -29,12 +50,21 @@ from .v1 import cachemgr_pb2_grpc as pb_grpc
 CALL_TIMEOUT = 10.0
 HEAVY_CALL_TIMEOUT = 600.0  # Compress, Fetch, Park: CPU work proportional to the sequence
 
+_log = logging.getLogger("cachemgr")
+_C = grpc.StatusCode
+
 
 def channel(target: str) -> grpc.Channel:
-    """A channel to a Unix socket path (or "unix:..."), or "host:port" for TCP."""
+    """A channel to a Unix socket path (or "unix:..."), or "host:port" for TCP. Its own
+    connection (not shared with other channels to the target) with a short reconnect backoff
+    (at most 1 s, gRPC's default grows to 2 minutes), so a restarted daemon is reached again
+    at once."""
     if target.startswith("/"):
         target = "unix:" + target
-    return grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    return grpc.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000)])
 
 
 class _Caller:
@@ -49,25 +79,52 @@ class _Caller:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
+    def future(self, method: str, request, timeout: float):
+        return getattr(self.stub, method).future(request, timeout=timeout,
+                                                 metadata=self.metadata)
+
     def close(self):
         self.channel.close()
 
 
-class Session:
-    """See the module docstring. Create with Session.attach()."""
+@dataclasses.dataclass
+class SessionEvent:
+    """What the heartbeat thread (or the call that noticed first) reports.
 
-    def __init__(self, caller: _Caller, response, model: ModelSpec, heartbeat: bool):
-        self._call = caller
-        self._token = response.session_token
+    kind: "lost" (generation `generation` is lost, its mapping already revoked; `error` is what
+    calls now raise) or "ready" (a new session is attached in the background; reattach() adopts
+    it as generation `generation`)."""
+    kind: str
+    generation: int
+    error: Optional[CacheManagerError] = None
+
+
+class _Generation:
+    """One attached session of the daemon: identity, lease and mapping of the pool."""
+
+    def __init__(self, response, requested: ModelSpec, sent_ns: int):
+        self.number = 0  # set when adopted
+        self.token = response.session_token
         self.client_id = response.client_id
+        self.boot_id = response.boot_id
         pool = response.pool
         self.pool_id = pool.pool_id
         self.model = convert.model_from_proto(pool.model)
         self.num_blocks = pool.num_blocks
         self.heartbeat_interval = (response.heartbeat_interval_ms or 1000) / 1000.0
+        self.lease_timeout_ms = response.lease_timeout_ms
         self.lease_timeout = response.lease_timeout_ms / 1000.0
         self.backend = pb.Backend.Name(pool.backend)
-        fds = fetch_shared_fds(pool.share_socket_path, self._token)
+        self.deadline_ns = 0
+        self.renew(sent_ns, self.lease_timeout_ms)
+        self.pool = None
+        self._input_map = None
+        self._input_range = None
+        self.input_buffer = None
+        self._map(pool)
+
+    def _map(self, pool) -> None:
+        fds = fetch_shared_fds(pool.share_socket_path, self.token)
         regions = len(pool.regions)
         # memfd and VMM pools pass one descriptor per region, legacy CUDA IPC none; the input
         # buffer's memfd comes last.
@@ -75,43 +132,95 @@ class Session:
         if len(fds) != region_fds + 1 or pool.input_buffer_region_index != region_fds:
             for fd in fds:
                 os.close(fd)
-            raise CacheManagerError(grpc.StatusCode.DATA_LOSS,
+            raise CacheManagerError(_C.DATA_LOSS,
                                     f"share channel passed {len(fds)} descriptors for "
                                     f"{region_fds} region descriptors and the input buffer")
         places = [(l.region_index, l.offset, l.bytes) for l in pool.layers]
-        if pool.share_method == pb.SHARE_METHOD_MEMFD:
-            self.pool = HostPool(self.model, pool.num_blocks, fds[:regions],
-                                 [r.bytes for r in pool.regions], places)
-        elif pool.share_method in (pb.SHARE_METHOD_CUDA_VMM_FD, pb.SHARE_METHOD_CUDA_IPC_HANDLE):
-            from .device_pool import CudaError, DevicePool
-            vmm = pool.share_method == pb.SHARE_METHOD_CUDA_VMM_FD
-            try:
-                self.pool = DevicePool(
-                    self.model, pool.num_blocks, pool.device, "vmm_fd" if vmm else "ipc_handle",
-                    [(fds[i] if vmm else None, r.bytes, r.cuda_ipc_handle)
-                     for i, r in enumerate(pool.regions)], places)
-            except CudaError as e:
-                os.close(fds[region_fds])
-                raise CacheManagerError(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"opening the CUDA pool {pool.pool_id}: {e}") from e
-        else:
-            for fd in fds:
-                os.close(fd)
-            raise CacheManagerError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"the pool is shared by {pb.ShareMethod.Name(pool.share_method)}, which this "
-                "client does not know")
-        regions = region_fds
-        import mmap
         try:
-            self._input_map = mmap.mmap(fds[regions], pool.input_buffer_bytes, mmap.MAP_SHARED,
-                                        mmap.PROT_READ | mmap.PROT_WRITE)
+            if pool.share_method == pb.SHARE_METHOD_MEMFD:
+                self.pool = HostPool(self.model, pool.num_blocks, fds[:regions],
+                                     [r.bytes for r in pool.regions], places)
+            elif pool.share_method in (pb.SHARE_METHOD_CUDA_VMM_FD,
+                                       pb.SHARE_METHOD_CUDA_IPC_HANDLE):
+                from .device_pool import CudaError, DevicePool
+                vmm = pool.share_method == pb.SHARE_METHOD_CUDA_VMM_FD
+                try:
+                    self.pool = DevicePool(
+                        self.model, pool.num_blocks, pool.device,
+                        "vmm_fd" if vmm else "ipc_handle",
+                        [(fds[i] if vmm else None, r.bytes, r.cuda_ipc_handle)
+                         for i, r in enumerate(pool.regions)], places)
+                except CudaError as e:
+                    raise CacheManagerError(_C.FAILED_PRECONDITION,
+                                            f"opening the CUDA pool {pool.pool_id}: {e}") from e
+            else:
+                for fd in fds[:region_fds]:
+                    os.close(fd)
+                raise CacheManagerError(
+                    _C.UNIMPLEMENTED,
+                    f"the pool is shared by {pb.ShareMethod.Name(pool.share_method)}, which "
+                    "this client does not know")
+            self._input_map = mmap.mmap(fds[region_fds], pool.input_buffer_bytes,
+                                        mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._input_range = (lease.buffer_address(self._input_map), pool.input_buffer_bytes)
+        except BaseException:
+            if self.pool is not None:
+                self.pool.close()
+            raise
         finally:
-            os.close(fds[regions])
+            os.close(fds[region_fds])
         self.input_buffer = np.frombuffer(self._input_map, dtype=np.float32)
-        self._stop = threading.Event()
+
+    def renew(self, sent_ns: int, granted_ms: int) -> None:
+        self.deadline_ns = max(self.deadline_ns,
+                               lease.local_deadline(sent_ns, granted_ms, self.lease_timeout_ms))
+
+    def lease_left(self, now_ns: int) -> bool:
+        return now_ns < self.deadline_ns
+
+    def revoke(self) -> None:
+        self.pool.revoke()
+        if self._input_range is not None:
+            lease.revoke_host_mapping(*self._input_range)
+            self._input_range = None
+
+    def close(self) -> None:
+        self.input_buffer = None
+        if self._input_map is not None:
+            try:
+                self._input_map.close()
+            except BufferError:
+                pass  # a view still exported by the caller keeps the mapping alive
+        self.pool.close()
+
+
+class Session:
+    """See the module docstring. Create with Session.attach()."""
+
+    def __init__(self, caller: _Caller, request, model: ModelSpec, heartbeat: bool,
+                 auto_reattach: bool = True,
+                 on_event: Optional[Callable[[SessionEvent], None]] = None):
+        self._call = caller
+        self._attach_request = request
+        self._requested_model = model
+        self._auto_reattach = auto_reattach
+        self._on_event = on_event
+        self._lock = threading.RLock()  # session state below
+        self._reattach_lock = threading.Lock()
+        self._generations: List[_Generation] = []
+        self._current: Optional[_Generation] = None
+        self._lost: Optional[CacheManagerError] = None
+        self._lost_released = True
+        self._revoked_at: Optional[float] = None
+        self._pending: Optional[_Generation] = None
+        self._unreachable: Optional[CacheManagerError] = None
+        self._unreachable_since = 0
         self._closed = False
-        self._lock = threading.Lock()
+        self._stop = False
+        self._wake = threading.Event()
+        self._hb_future = None
+        self._in_flight = set()  # futures of session calls, cancelled when the session is lost
+        self._adopt(self._attach_generation())
         self._heartbeat_thread = None
         if heartbeat:
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
@@ -123,23 +232,21 @@ class Session:
     @classmethod
     def attach(cls, target: str, client_name: str, model: ModelSpec, num_blocks: int = 0,
                input_buffer_bytes: int = 0, heartbeat: bool = True,
-               bearer_token: Optional[str] = None) -> "Session":
+               bearer_token: Optional[str] = None, auto_reattach: bool = True,
+               on_event: Optional[Callable[[SessionEvent], None]] = None) -> "Session":
         """Attaches to the daemon at `target` (a Unix socket path, or host:port with
         `bearer_token`), creating the model's pool with `num_blocks` blocks per layer if it is
-        the first client (0: the daemon decides), and maps the pool."""
+        the first client (0: the daemon decides), and maps the pool. `heartbeat`: run the
+        heartbeat thread (which also revokes the mapping when the lease runs out and, with
+        `auto_reattach`, attaches a new session after a loss). `on_event(SessionEvent)` is called
+        on that thread, or on the thread whose call noticed a loss first; it must return quickly
+        and not call reattach() or detach()."""
         caller = _Caller(target, bearer_token)
-        response = None
+        request = pb.AttachRequest(client_name=client_name, model=convert.model_to_proto(model),
+                                   num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes)
         try:
-            response = caller("Attach", pb.AttachRequest(
-                client_name=client_name, model=convert.model_to_proto(model),
-                num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes))
-            return cls(caller, response, model, heartbeat)
+            return cls(caller, request, model, heartbeat, auto_reattach, on_event)
         except BaseException:
-            if response is not None:  # attached but could not map: give the session back
-                try:
-                    caller("Detach", pb.DetachRequest(session_token=response.session_token))
-                except Exception:  # noqa: BLE001 - the lease expires anyway
-                    pass
             caller.close()
             raise
 
@@ -151,64 +258,410 @@ class Session:
 
     def detach(self) -> Optional[int]:
         """Ends the session (the daemon frees every sequence of it); returns the number of
-        sequences freed, or None if already detached. Idempotent."""
+        sequences freed, or None if already detached or lost (nothing left to end).
+        Idempotent."""
         with self._lock:
             if self._closed:
                 return None
             self._closed = True
-        self._stop.set()
+            self._stop = True
+        self._wake.set()
+        future = self._hb_future
+        if future is not None:
+            future.cancel()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join()
-        try:
-            response = self._call("Detach", pb.DetachRequest(session_token=self._token))
-            freed = response.sequences_freed
-        except CacheManagerError:
-            freed = None
-        self.input_buffer = None
-        try:
-            self._input_map.close()
-        except BufferError:
-            pass
-        self.pool.close()
+        with self._lock:
+            pending, self._pending = self._pending, None
+            lost, released = self._lost, self._lost_released
+            self._lost_released = True
+        if pending is not None:
+            self._give_back(pending.token)
+            pending.close()
+        freed = None
+        if lost is None:
+            try:
+                response = self._call("Detach",
+                                      pb.DetachRequest(session_token=self._current.token))
+                freed = response.sequences_freed
+            except CacheManagerError:
+                freed = None
+        elif not released:
+            self._give_back(self._current.token)
+        for g in self._generations:
+            g.close()
         self._call.close()
         return freed
 
+    # ---- the current generation -------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """1 after attach, + 1 at each reattach()."""
+        return self._current.number
+
+    client_id = property(lambda self: self._current.client_id)
+    boot_id = property(lambda self: self._current.boot_id, doc="the daemon's boot id")
+    pool_id = property(lambda self: self._current.pool_id)
+    model = property(lambda self: self._current.model)
+    num_blocks = property(lambda self: self._current.num_blocks)
+    heartbeat_interval = property(lambda self: self._current.heartbeat_interval)
+    lease_timeout = property(lambda self: self._current.lease_timeout)
+    backend = property(lambda self: self._current.backend)
+    pool = property(lambda self: self._current.pool,
+                    doc="the pool mapping (HostPool or DevicePool) of the current generation")
+    input_buffer = property(lambda self: self._current.input_buffer)
+
+    # ---- lease ------------------------------------------------------------------------------
+
+    @property
+    def lease_ok(self) -> bool:
+        """Cheap: whether the session is usable and its local lease deadline has not passed.
+        Check it before each batch of writes into the pool, and after reads whose results
+        matter: True also means no revocation had begun, so what was read before came from the
+        pool. False means the mapping is revoked (a revocation in progress is waited for)."""
+        if self._lost is not None:
+            with self._lock:  # _mark_lost revokes under it
+                return False
+        g = self._current
+        if g.lease_left(lease.boot_ns()):
+            return True
+        self._mark_lost(g, self._expired_error(g))
+        return False
+
+    @property
+    def status(self) -> Optional[CacheManagerError]:
+        """None while usable; otherwise the error every call raises."""
+        return None if self.lease_ok else self._lost
+
+    @property
+    def mapping_revoked_at(self) -> Optional[float]:
+        """time.time() when the current generation's mapping was revoked; None while it is
+        not."""
+        return self._revoked_at
+
+    def reattach(self) -> int:
+        """After a loss: adopts the session the heartbeat thread attached in the background,
+        or attaches one now (raises UNAVAILABLE while the daemon is still down). Returns the new
+        generation. The lost generation's sequences are gone: the engine recomputes them.
+        FAILED_PRECONDITION if the session is not lost, or after detach(). No thread may still
+        work with the old generation's allocations (their slots mean nothing in the new
+        pool)."""
+        with self._reattach_lock:
+            if self._closed:
+                raise CacheManagerError(_C.FAILED_PRECONDITION,
+                                        f"session of client {self.client_id} is detached")
+            if self.lease_ok:
+                raise CacheManagerError(
+                    _C.FAILED_PRECONDITION,
+                    f"generation {self.generation} of client {self.client_id} is alive: "
+                    "reattach() replaces a lost session only")
+            with self._lock:
+                nxt, self._pending = self._pending, None
+            if nxt is not None and not nxt.lease_left(lease.boot_ns()):
+                nxt.close()
+                nxt = None
+            if nxt is None:
+                nxt = self._attach_generation()
+            self._adopt(nxt)
+            self._wake.set()  # the heartbeat thread follows the new generation
+            return nxt.number
+
+    def _attach_generation(self) -> _Generation:
+        sent = lease.boot_ns()
+        response = self._call("Attach", self._attach_request)
+        try:
+            g = _Generation(response, self._requested_model, sent)
+        except BaseException:
+            self._give_back(response.session_token)  # attached but could not map
+            raise
+        if not g.lease_left(lease.boot_ns()):  # attaching took most of a lease: renew now
+            try:
+                beat_sent = lease.boot_ns()
+                left = self._call("Heartbeat", pb.HeartbeatRequest(session_token=g.token))
+                g.renew(beat_sent, min(g.lease_timeout_ms, left.lease_remaining_ms))
+            except CacheManagerError:
+                pass
+            if not g.lease_left(lease.boot_ns()):
+                self._give_back(g.token)
+                g.close()
+                raise CacheManagerError(_C.DEADLINE_EXCEEDED,
+                                        f"attaching took longer than the "
+                                        f"{g.lease_timeout_ms} ms lease")
+        return g
+
+    def _adopt(self, g: _Generation) -> None:
+        with self._lock:
+            previous = self._current
+            g.number = 1 if previous is None else previous.number + 1
+            give_back = previous.token if previous is not None and not self._lost_released \
+                else None
+            self._generations.append(g)
+            self._current = g
+            self._revoked_at = None
+            self._lost_released = True
+            self._unreachable = None
+            self._lost = None
+        if give_back is not None:
+            self._give_back(give_back)
+
+    def _give_back(self, token: str) -> None:
+        """Best-effort Detach of a token this client no longer uses."""
+        try:
+            self._call("Detach", pb.DetachRequest(session_token=token), timeout=1.0)
+        except CacheManagerError:
+            pass  # the daemon's lease reaps it
+
+    def _expired_error(self, g: _Generation) -> CacheManagerError:
+        when = lease.format_boot_time(g.deadline_ns)
+        with self._lock:
+            unreachable, since = self._unreachable, self._unreachable_since
+        if unreachable is not None:
+            return CacheManagerError(
+                _C.UNAVAILABLE,
+                f"cachemgrd unreachable since {lease.format_boot_time(since)} "
+                f"({unreachable.message}); the lease of client {g.client_id} (generation "
+                f"{g.number}) expired at {when}, so its sequences and blocks are gone; the pool "
+                "mapping was revoked; reattach() starts a new session once the daemon is back")
+        return CacheManagerError(
+            _C.ABORTED,
+            f"lease expired at {when} (client {g.client_id}, generation {g.number}, not renewed "
+            f"for {g.lease_timeout_ms} ms); the daemon reclaimed this client's blocks: its "
+            "sequences are gone and the pool mapping was revoked; reattach() starts a new "
+            "session")
+
+    def _mark_lost(self, g: _Generation, error: CacheManagerError) -> None:
+        """Revokes `g`'s mapping, then marks the session lost, unless `g` is not current or
+        already lost; reports the loss."""
+        with self._lock:
+            if g is not self._current or self._lost is not None:
+                return
+            # Lost before the revocation begins, so lease_ok True means none has begun;
+            # lease_ok False waits for this lock, so it also means the stores are cut off.
+            self._lost = error
+            try:
+                g.revoke()
+                self._revoked_at = time.time()
+            except OSError as e:
+                error = CacheManagerError(error.code, f"{error.message}; REVOKING THE MAPPING "
+                                                      f"FAILED ({e}): stop writing into the pool")
+            self._lost = error
+            self._lost_released = False
+            in_flight = list(self._in_flight)
+        for future in in_flight:  # their replies would refer to the revoked mapping
+            future.cancel()
+        self._wake.set()
+        self._emit(SessionEvent("lost", g.number, error))
+
+    def _emit(self, event: SessionEvent) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:  # noqa: BLE001 - a broken callback must not break the session
+            _log.exception("cachemgr on_event callback failed")
+
+    def _check_usable(self, g: _Generation) -> None:
+        if g is self._current:
+            if self.lease_ok:
+                return
+            lost = self._lost
+            if lost is not None:
+                raise lost
+        # reattach() ran meanwhile.
+        raise CacheManagerError(
+            _C.ABORTED, f"generation {g.number} of client {g.client_id} was lost while this "
+                        f"call was made (the session is now generation {self.generation}): the "
+                        "call's sequences are gone")
+
+    # ---- calls ------------------------------------------------------------------------------
+
+    def _session_call(self, method: str, make_request, timeout: float = CALL_TIMEOUT):
+        """One call of the current generation; `make_request(token)` builds the request. Raises
+        the loss without calling once the session is lost; renews the local lease when the
+        daemon answered; raises a loss that happened while the call was in flight instead of
+        returning its reply (which would refer to a revoked mapping)."""
+        if self._closed:
+            raise CacheManagerError(_C.FAILED_PRECONDITION,
+                                    f"session of client {self.client_id} is detached")
+        g = self._current
+        self._check_usable(g)
+        sent = lease.boot_ns()
+        future = self._call.future(method, make_request(g.token), timeout)
+        with self._lock:
+            self._in_flight.add(future)
+        try:
+            if self._lost is not None:
+                future.cancel()
+            response = future.result()
+        except grpc.FutureCancelledError:
+            self._check_usable(g)  # cancelled because the session was lost: raises that
+            raise CacheManagerError(_C.CANCELLED, f"{method} was cancelled") from None
+        except grpc.RpcError as e:
+            error = from_rpc_error(e)
+            if error.code == _C.CANCELLED:
+                self._check_usable(g)
+            if error.code in (_C.UNAVAILABLE, _C.NOT_FOUND, _C.FAILED_PRECONDITION):
+                self._wake.set()  # the heartbeat thread checks the session now
+            raise error from None
+        finally:
+            with self._lock:
+                self._in_flight.discard(future)
+        g.renew(sent, g.lease_timeout_ms)
+        self._check_usable(g)
+        return response
+
     def heartbeat(self) -> float:
         """Renews the lease; returns the seconds left on it."""
-        return self._call("Heartbeat",
-                          pb.HeartbeatRequest(session_token=self._token)).lease_remaining_ms / 1e3
+        g = self._current
+        self._check_usable(g)
+        left = self._heartbeat_generation(g)
+        self._check_usable(g)
+        return left
+
+    def _heartbeat_generation(self, g: _Generation) -> float:
+        """One Heartbeat for `g`. NOT_FOUND and FAILED_PRECONDITION (a token of an earlier boot)
+        are definitive: the session is gone, and `g` is marked lost if it is current (the error
+        raised is then the loss). Transport failures are recorded for the expiry message."""
+        timeout = min(CALL_TIMEOUT, max(0.1, (g.deadline_ns - lease.boot_ns()) / 1e9 + 0.1))
+        sent = lease.boot_ns()
+        try:
+            future = self._call.future("Heartbeat", pb.HeartbeatRequest(session_token=g.token),
+                                       timeout)
+            self._hb_future = future
+            try:
+                response = future.result()
+            finally:
+                self._hb_future = None
+        except grpc.RpcError as e:
+            error = from_rpc_error(e)
+        except grpc.FutureCancelledError:
+            error = CacheManagerError(_C.CANCELLED, "heartbeat cancelled (detaching)")
+        else:
+            g.renew(sent, min(g.lease_timeout_ms, response.lease_remaining_ms))
+            with self._lock:
+                self._unreachable = None
+            return response.lease_remaining_ms / 1e3
+        if error.code == _C.NOT_FOUND:
+            self._mark_lost(g, CacheManagerError(
+                _C.ABORTED,
+                f"the daemon no longer knows client {g.client_id} (generation {g.number}): "
+                f"{error.message}; its sequences and blocks are gone and the pool mapping was "
+                "revoked; reattach() starts a new session"))
+        elif error.code == _C.FAILED_PRECONDITION:
+            self._mark_lost(g, CacheManagerError(
+                _C.ABORTED, f"cachemgrd restarted: {error.message}; the pool mapping was "
+                            "revoked; reattach() starts a new session"))
+        elif error.code == _C.UNAVAILABLE:
+            with self._lock:
+                if self._unreachable is None:
+                    self._unreachable_since = sent
+                self._unreachable = error
+        if g is self._current and self._lost is not None:
+            raise self._lost
+        raise error
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_interval):
+        last_beat = lease.boot_ns()
+        while True:
+            g = self._current
+            interval = int(g.heartbeat_interval * 1e9)
+            wake = last_beat + interval
+            if self._lost is None:
+                wake = min(wake, g.deadline_ns)
+            nudged = self._wake.wait(max(0.0, (wake - lease.boot_ns()) / 1e9))
+            if self._stop:
+                return
+            self._wake.clear()
+            now = lease.boot_ns()
             try:
-                self.heartbeat()
+                if self._lost is None:
+                    if not self.lease_ok:
+                        continue  # just lost (and revoked): re-attach from the next round
+                    # A nudge beats at most four times per interval, however fast calls fail.
+                    if now >= last_beat + interval or (nudged and
+                                                       now >= last_beat + interval // 4):
+                        last_beat = lease.boot_ns()
+                        self._heartbeat_generation(g)
+                    continue
+                self._release_lost()
+                if now >= last_beat + interval // 4:
+                    last_beat = lease.boot_ns()
+                    if self._auto_reattach:
+                        self._tend_pending()
             except CacheManagerError:
-                pass  # the next beat retries; an expired lease surfaces on the next call
+                pass  # recorded: the loss, or the transport failure named when the lease ends
+            except Exception:  # noqa: BLE001 - the thread must outlive surprises
+                _log.exception("cachemgr heartbeat thread")
+                time.sleep(g.heartbeat_interval)
+
+    def _release_lost(self) -> None:
+        """Gives the lost generation's token back once (the daemon may still hold it when the
+        loss was local, e.g. a stalled process)."""
+        with self._lock:
+            if self._lost is None or self._lost_released:
+                return
+            self._lost_released = True
+            token = self._current.token
+        self._give_back(token)
+
+    def _tend_pending(self) -> None:
+        """While lost: attaches a new session once the daemon answers, and keeps it alive until
+        reattach() adopts it."""
+        with self._lock:
+            pending = self._pending
+        if pending is not None:
+            try:
+                self._heartbeat_generation(pending)
+                alive = pending.lease_left(lease.boot_ns())
+            except CacheManagerError as e:
+                alive = e.code not in (_C.NOT_FOUND, _C.FAILED_PRECONDITION) and \
+                    pending.lease_left(lease.boot_ns())
+            if not alive:
+                with self._lock:
+                    if self._pending is pending:
+                        self._pending = None
+                pending.close()
+            return
+        g = self._attach_generation()
+        with self._lock:
+            if self._lost is not None and self._pending is None and not self._closed:
+                self._pending = g
+                number = self._current.number + 1
+            else:
+                number = 0
+        if number == 0:  # adopted meanwhile by a reattach() that attached on its own
+            self._give_back(g.token)
+            g.close()
+            return
+        self._emit(SessionEvent("ready", number))
 
     # ---- sequences --------------------------------------------------------------------------
 
     def allocate(self, sequence_id: str, num_new_tokens: int) -> Allocation:
-        return convert.allocation_from_proto(self._call("Allocate", pb.AllocateRequest(
-            session_token=self._token, sequence_id=sequence_id, num_new_tokens=num_new_tokens)))
+        return convert.allocation_from_proto(self._session_call("Allocate", lambda t: (
+            pb.AllocateRequest(session_token=t, sequence_id=sequence_id,
+                               num_new_tokens=num_new_tokens))))
 
     def free(self, sequence_id: str) -> int:
         """Returns the blocks whose last reference went away."""
-        return self._call("Free", pb.FreeRequest(session_token=self._token,
-                                                 sequence_id=sequence_id)).blocks_released
+        return self._session_call("Free", lambda t: pb.FreeRequest(
+            session_token=t, sequence_id=sequence_id)).blocks_released
 
     def fork(self, parent_sequence_id: str, child_sequence_id: str) -> SequenceInfo:
-        return convert.sequence_from_proto(self._call("Fork", pb.ForkRequest(
-            session_token=self._token, parent_sequence_id=parent_sequence_id,
+        return convert.sequence_from_proto(self._session_call("Fork", lambda t: pb.ForkRequest(
+            session_token=t, parent_sequence_id=parent_sequence_id,
             child_sequence_id=child_sequence_id)).child)
 
     def get_sequence(self, sequence_id: str, include_kv_digest: bool = False) -> SequenceInfo:
-        return convert.sequence_from_proto(self._call("GetSequence", pb.GetSequenceRequest(
-            session_token=self._token, sequence_id=sequence_id,
-            include_kv_digest=include_kv_digest)).sequence)
+        return convert.sequence_from_proto(self._session_call(
+            "GetSequence", lambda t: pb.GetSequenceRequest(
+                session_token=t, sequence_id=sequence_id,
+                include_kv_digest=include_kv_digest)).sequence)
 
     def list_sequences(self) -> List[SequenceSummary]:
-        return convert.summaries_from_proto(self._call("ListSequences", pb.ListSequencesRequest(
-            session_token=self._token)))
+        return convert.summaries_from_proto(self._session_call(
+            "ListSequences", lambda t: pb.ListSequencesRequest(session_token=t)))
 
     # ---- compression ------------------------------------------------------------------------
 
@@ -225,7 +678,7 @@ class Session:
             raise ValueError("give exactly one of reserve_ratio and byte_ratio")
         if queries is not None and scores is not None:
             raise ValueError("give queries or scores, not both")
-        request = pb.CompressRequest(session_token=self._token, sequence_id=sequence_id,
+        request = pb.CompressRequest(sequence_id=sequence_id,
                                      policy=convert.policy_to_proto(policy),
                                      cuda_ipc_event_handle=self._write_event_handle())
         if reserve_ratio is not None:
@@ -233,41 +686,49 @@ class Session:
         else:
             request.byte_ratio = byte_ratio
         request.input = pb.INPUT_SOURCE_NONE
+        buffer = self.input_buffer
         for array, source in ((queries, pb.INPUT_SOURCE_WINDOW_QUERIES),
                               (scores, pb.INPUT_SOURCE_SCORES)):
             if array is None:
                 continue
             flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-            if flat.size > self.input_buffer.size:
+            if flat.size > buffer.size:
                 raise CacheManagerError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                    _C.INVALID_ARGUMENT,
                     f"{'queries' if source == pb.INPUT_SOURCE_WINDOW_QUERIES else 'scores'} of "
-                    f"{flat.size * 4} bytes exceed the {self.input_buffer.size * 4}-byte input "
+                    f"{flat.size * 4} bytes exceed the {buffer.size * 4}-byte input "
                     "buffer (attach with a larger input_buffer_bytes)")
-            self.input_buffer[:flat.size] = flat
+            buffer[:flat.size] = flat
             request.input = source
             if source == pb.INPUT_SOURCE_WINDOW_QUERIES:
                 if array.ndim != 4:
                     raise ValueError("queries must be [num_layers, num_queries, num_q_heads, "
                                      "head_dim]")
                 request.num_queries = array.shape[1]
+
+        def with_token(token):
+            request.session_token = token
+            return request
         return convert.compress_result_from_proto(
-            self._call("Compress", request, timeout=HEAVY_CALL_TIMEOUT), self.model)
+            self._session_call("Compress", with_token, timeout=HEAVY_CALL_TIMEOUT), self.model)
 
     def fetch(self, sequence_id: str, layers: Iterable[int] = ()) -> List[FetchedLayer]:
         """Makes layers (default all) resident: codebook layers are reconstructed into new
         blocks."""
-        response = self._call("Fetch", pb.FetchRequest(
-            session_token=self._token, sequence_id=sequence_id, layers=list(layers)),
+        layers = list(layers)
+        response = self._session_call("Fetch", lambda t: pb.FetchRequest(
+            session_token=t, sequence_id=sequence_id, layers=layers),
             timeout=HEAVY_CALL_TIMEOUT)
         return convert.fetched_from_proto(response, self.model)
 
     def park(self, sequence_id: str, layers: Iterable[int] = ()) -> List[ParkedLayer]:
         """Returns fetched codebook layers (default all) to the daemon's arena, coding the rows
         appended since Fetch; their blocks are released."""
-        response = self._call("Park", pb.ParkRequest(
-            session_token=self._token, sequence_id=sequence_id, layers=list(layers),
-            cuda_ipc_event_handle=self._write_event_handle()), timeout=HEAVY_CALL_TIMEOUT)
+        layers = list(layers)
+        handle = self._write_event_handle()
+        response = self._session_call("Park", lambda t: pb.ParkRequest(
+            session_token=t, sequence_id=sequence_id, layers=layers,
+            cuda_ipc_event_handle=handle), timeout=HEAVY_CALL_TIMEOUT)
         return convert.parked_from_proto(response)
 
     def record_kv_writes(self, stream: int = 0) -> None:
@@ -279,7 +740,7 @@ class Session:
         stores return)."""
         if not self.pool.on_device:
             raise CacheManagerError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                _C.FAILED_PRECONDITION,
                 "record_kv_writes is for CUDA pools; this pool is in host memory, where writes "
                 "are complete when the stores return")
         self.pool.record_kv_writes(stream)

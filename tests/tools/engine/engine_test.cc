@@ -1,8 +1,6 @@
 // The engine on the real stories260K through a real cachemgrd: the golden greedy output with
 // FullKV, the same logits from both loaders and both RoPE styles, and compressed caches that the
 // model still decodes from.
-#include "tools/engine/llama.h"
-
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <fstream>
@@ -14,6 +12,7 @@
 #include "tests/support/daemon_process.h"
 #include "tests/tools/engine/model_paths.h"
 #include "tools/engine/generate.h"
+#include "tools/engine/llama.h"
 #include "tools/engine/model_files.h"
 #include "tools/engine/ops.h"
 
@@ -125,7 +124,8 @@ TEST_CASE("both loaders and both RoPE styles give the same logits", "[service]")
   one.chunk = 1024;
   auto whole = bin.engine->Forward("t", prompt, one);
   REQUIRE(whole.ok());
-  for (size_t i = 0; i < a->logits.size(); ++i) CHECK(whole->logits[i] == Approx(a->logits[i]).margin(1e-4));
+  for (size_t i = 0; i < a->logits.size(); ++i)
+    CHECK(whole->logits[i] == Approx(a->logits[i]).margin(1e-4));
 }
 
 TEST_CASE("a compressed cache: kept tokens decode on, fullkv at ratio 1 changes nothing",
@@ -186,6 +186,64 @@ TEST_CASE("a compressed cache: kept tokens decode on, fullkv at ratio 1 changes 
     CHECK(s.cache->positions(id) == prompt.size() + next.size());
     REQUIRE(s.cache->Free(id).ok());
   }
+}
+
+TEST_CASE("a daemon restart mid-generation: the engine re-attaches, recomputes, same output",
+          "[service]") {
+  Setup s(testing::StoriesBin(), testing::Tok512());
+  const Reference ref = ReadReference();
+  const std::vector<uint32_t> prompt = Prompt(*s.loaded.tokenizer);
+  client::CompressOptions snapkv;
+  snapkv.policy.preset = "snapkv";
+  snapkv.policy.window = 8;
+  snapkv.target = 0.5;
+  snapkv.input = client::CompressInputSource::kWindowQueries;
+  for (const bool compressed : {false, true}) {
+    INFO((compressed ? "snapkv" : "fullkv"));
+    GenerateOptions go;
+    go.steps = 80;
+    go.stop_tokens = {1};
+    if (compressed) go.compress = snapkv;
+    const std::vector<uint32_t> start = compressed ? prompt : std::vector<uint32_t>{1};
+    // Undisturbed, for comparison.
+    auto calm = GenerateGreedy(*s.engine, *s.cache, *s.loaded.tokenizer, "calm", start, go);
+    REQUIRE(calm.ok());
+    CHECK(calm->sidecar_recoveries == 0);
+    REQUIRE(s.cache->Free("calm").ok());
+    // SIGKILL and restart the daemon after the 20th token.
+    const uint64_t generation = s.cache->session().generation();
+    go.on_step = [&](uint32_t step) {
+      if (step != 20) return;
+      REQUIRE(s.daemon->Terminate(SIGKILL).ok());
+      REQUIRE(s.daemon->Restart().ok());
+    };
+    auto out = GenerateGreedy(*s.engine, *s.cache, *s.loaded.tokenizer, "stormy", start, go);
+    REQUIRE(out.ok());
+    CHECK(out->sidecar_recoveries == 1);
+    CHECK(s.cache->session().generation() == generation + 1);
+    CHECK(out->tokens == calm->tokens);
+    CHECK(out->text == calm->text);
+    if (!compressed) {
+      CHECK(std::vector<uint32_t>(out->tokens.begin(), out->tokens.begin() + 60) == ref.first_ids);
+    } else {
+      REQUIRE(out->compressed.has_value());
+      CHECK(out->compressed->honest_ratio == calm->compressed->honest_ratio);
+    }
+    // The new daemon holds the recomputed sequence: every row of the prompt and the tokens.
+    auto info = s.cache->session().GetSequence("stormy");
+    REQUIRE(info.ok());
+    CHECK(info->num_positions == start.size() + out->tokens.size() - 1);
+    REQUIRE(s.cache->Free("stormy").ok());
+  }
+  // Without recovery the failure is reported, not hidden.
+  GenerateOptions strict;
+  strict.steps = 40;
+  strict.sidecar_recovery_timeout = absl::ZeroDuration();
+  strict.on_step = [&](uint32_t step) {
+    if (step == 10) REQUIRE(s.daemon->Terminate(SIGKILL).ok());
+  };
+  auto failed = GenerateGreedy(*s.engine, *s.cache, *s.loaded.tokenizer, "strict", {1}, strict);
+  CHECK_FALSE(failed.ok());
 }
 
 }  // namespace

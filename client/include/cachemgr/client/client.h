@@ -4,12 +4,31 @@
 //   ASSIGN_OR_RETURN(auto session, cachemgr::client::Session::Attach("/run/cachemgr/cachemgr.sock",
 //                                                                    options));
 //   ASSIGN_OR_RETURN(auto alloc, session->Allocate("req-1", 48));
+//   if (!session->lease_ok()) return session->status();  // before each batch of writes
 //   float* k = session->pool().key<float>(/*layer=*/0, alloc.layers[0].new_block_ids[0], 0, 0);
 //
-// Thread safety: a Session may be used from several threads at once.
+// Lease loss and daemon restarts. The client keeps a local lease deadline, renewed by every call
+// that reached the daemon (send time + lease timeout - a margin, on CLOCK_BOOTTIME: never later
+// than the daemon's own deadline). When it passes without renewal, or the daemon says it no
+// longer knows the session (lease expired, or a token from an earlier daemon start), the session
+// is *lost*: the pool mapping is revoked first (its addresses now reach private memory, never
+// the pool: see MappedRegion::Revoke), then every call fails with status() (ABORTED "lease
+// expired at ...; the daemon reclaimed this client's blocks", or UNAVAILABLE when the daemon was
+// unreachable), lease_ok() is false, and on_event hears kLost. While the daemon is down, calls
+// fail promptly with UNAVAILABLE (gRPC's own), and the lease runs out as usual.
+// A lost session's sequences are gone. With auto_reattach the heartbeat thread attaches a new
+// session as soon as the daemon answers (new token, the pool mapped again; on_event hears
+// kReady); the engine adopts it with Reattach(), which bumps generation(), and then recomputes
+// what it had (prefill again). Calls keep failing until Reattach(), so a request that started
+// before the loss can never run against the new session by accident.
+//
+// Thread safety: a Session may be used from several threads at once. pool(), input_buffer() and
+// the identity accessors change only at Reattach(); references they returned earlier stay valid
+// (reaching the revoked memory of their generation) for the Session's lifetime.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -19,6 +38,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "cachemgr/client/kv_pool_view.h"
 
 namespace cachemgr::client {
@@ -49,15 +69,38 @@ struct ModelSpec {
   RopeConfig rope;
 };
 
+// What the heartbeat thread (or a call that noticed first) reports about the session.
+struct SessionEvent {
+  enum class Kind {
+    // Generation `generation` is lost; its mapping was revoked before this was sent. `status`
+    // is what calls now return.
+    kLost,
+    // A new session is attached and mapped in the background (auto_reattach); Reattach() adopts
+    // it as generation `generation`.
+    kReady,
+  };
+  Kind kind = Kind::kLost;
+  uint64_t generation = 0;
+  absl::Status status;
+};
+
 struct AttachOptions {
   std::string client_name;
   ModelSpec model;
   // Blocks per layer if this attach creates the pool; 0 lets the daemon decide.
   uint32_t num_blocks = 0;
-  // Send heartbeats from a background thread at the interval the daemon asks for.
+  // Send heartbeats from a background thread at the interval the daemon asks for. The same
+  // thread revokes the mapping when the local lease deadline passes and, with auto_reattach,
+  // attaches a new session once a lost one's daemon answers again. Without it, the lease is
+  // checked (and the mapping revoked) only by calls and lease_ok().
   bool auto_heartbeat = true;
+  bool auto_reattach = true;
   // Bytes of this client's Compress input buffer; 0: 64 float32 window queries of all layers.
   uint64_t input_buffer_bytes = 0;
+  // Called once per event, on the heartbeat thread or on the thread whose call noticed the loss
+  // first. Must return quickly and must not call Reattach() or Detach() (it may call lease_ok()
+  // and status()).
+  std::function<void(const SessionEvent&)> on_event;
 };
 
 struct BlockCopy {
@@ -245,6 +288,28 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
+  // ---- Lease and generations (see the file comment) ----
+  // Cheap (an atomic load and a clock read): whether the session is usable and its local lease
+  // deadline has not passed. Check it before each batch of writes into pool(), and after reads
+  // whose results matter: true also means no revocation had begun, so what was read before came
+  // from the pool. False means the mapping is revoked (a revocation in progress is waited for).
+  bool lease_ok() const;
+  // OK while usable; otherwise the status every call returns (why and when the session was
+  // lost).
+  absl::Status status() const;
+  // 1 after Attach, +1 at each Reattach().
+  uint64_t generation() const;
+  // When the current generation's mapping was revoked; nullopt while it is not.
+  std::optional<absl::Time> mapping_revoked_at() const;
+  // After a loss: adopts the session the heartbeat thread attached in the background, or
+  // attaches one now (UNAVAILABLE while the daemon is still down). Returns the new generation.
+  // The lost generation's sequences are gone: the engine recomputes them. FAILED_PRECONDITION if
+  // the session is not lost, or after Detach(). The caller must make sure no thread still works
+  // with the old generation's allocations (their slots mean nothing in the new pool).
+  absl::StatusOr<uint64_t> Reattach();
+  // The daemon's boot id (AttachResponse.boot_id) for the current generation.
+  const std::string& boot_id() const;
+
   const std::string& client_id() const;
   // The negotiated model description (defaults filled in by the daemon).
   const ModelSpec& model() const;
@@ -285,7 +350,8 @@ class Session {
                                                 const std::vector<uint32_t>& layers = {});
   // Renews the lease; returns the milliseconds left.
   absl::StatusOr<uint32_t> Heartbeat();
-  // Ends the session; the daemon frees every sequence it owned. Later calls fail.
+  // Ends the session; the daemon frees every sequence it owned. Later calls fail. A lost
+  // session has nothing left to end: OK.
   absl::Status Detach();
 
   struct Impl;

@@ -24,7 +24,18 @@ What it does with a request (sequence "vllm-<request id>" in the daemon):
   finished   request_finished forgets it; the worker's get_finished(finished_req_ids) frees the
              sidecar sequence.
 Loads are synchronous (start_load_kv returns when the KV is in place; get_finished reports
-nothing). A stock vLLM attention needs one KV row per token position, so only sequences whose
+nothing).
+
+The sidecar never takes vLLM down. Every sidecar failure becomes a cache miss or a recompute,
+never an exception out of the connector: while cachemgrd is unreachable (or the worker's session
+is lost) get_num_new_matched_tokens reports nothing (the scheduler probes the socket, at most
+once per `reconnect_interval` seconds), saves and compressions are skipped, and a load that
+cannot be served puts its blocks in get_block_ids_with_load_errors() (vLLM recomputes them; the
+scheduler hears of them in update_connector_output and stops offering that request). A request
+whose sidecar copy belonged to a lost session, or missed a save, is never loaded or extended
+again. The worker re-attaches on its own when the daemon is back (Session.reattach) and saves
+new requests from then on; `stats` counts sidecar_errors, skipped_saves, load_errors and
+reattaches. A stock vLLM attention needs one KV row per token position, so only sequences whose
 layers kept every token can be loaded back: token-preserving policies (codebook, fullkv) give
 loadable sequences; with an evicting policy (e.g. spindlekv) the sidecar copy still saves memory
 and is reported, but get_num_new_matched_tokens returns 0 for it and vLLM recomputes.
@@ -44,14 +55,20 @@ is tested, tests/python/test_vllm_connector.py) without vLLM. Attributes it read
 """
 
 import dataclasses
+import logging
 import re
+import socket
+import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+import grpc
 import numpy as np
 
 from ..errors import CacheManagerError
 from ..session import Session
 from ..types import ModelSpec, Policy
+
+_log = logging.getLogger("cachemgr.vllm")
 
 try:  # only for subclassing when vLLM is present; the adapter works without it
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
@@ -59,6 +76,11 @@ try:  # only for subclassing when vLLM is present; the adapter works without it
 except Exception:  # noqa: BLE001 - vLLM absent (or another version): plain classes
     _Base = object
     _MetaBase = object
+
+
+# Failures that mean "the sidecar is not there right now", not "this is misconfigured".
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class KVConnectorRole:
@@ -99,9 +121,10 @@ def _role_value(role) -> int:
 class CacheManagerConnector(_Base):
     """See the module docstring. `config` holds the kv_connector_extra_config keys:
     socket (required), policy ("codebook"), reserve_ratio (1.0) or byte_ratio, window (32),
-    client_name, and for the worker the model's shape: num_layers, num_q_heads, num_kv_heads,
-    head_dim, dtype ("fp16"), block_size (16), rope_style ("half_split", vLLM's), rope_theta
-    (10000). Outside vLLM, pass `config` directly."""
+    client_name, reconnect_interval (1.0 s: how often a lost sidecar is probed or re-attached),
+    and for the worker the model's shape: num_layers, num_q_heads, num_kv_heads, head_dim,
+    dtype ("fp16"), block_size (16), rope_style ("half_split", vLLM's), rope_theta (10000).
+    Outside vLLM, pass `config` directly."""
 
     def __init__(self, vllm_config=None, role=KVConnectorRole.WORKER, kv_cache_config=None,
                  config: Optional[Dict[str, Any]] = None):
@@ -133,6 +156,7 @@ class CacheManagerConnector(_Base):
         if self.reserve_ratio is None and self.byte_ratio is None:
             self.reserve_ratio = 1.0
         self.block_size = int(config.get("block_size", 16))
+        self.reconnect_interval = float(config.get("reconnect_interval", 1.0))
         self._metadata: Optional[CacheManagerConnectorMetadata] = None
         # Scheduler side.
         self._block_ids: Dict[str, List[int]] = {}       # req id -> vLLM blocks (group 0)
@@ -142,13 +166,25 @@ class CacheManagerConnector(_Base):
         self._computed: Dict[str, int] = {}              # tokens with KV in vLLM's blocks
         self._compressed: Set[str] = set()               # prompt saved whole and compressed
         self._pending: CacheManagerConnectorMetadata = CacheManagerConnectorMetadata()
+        self._probe_at = 0.0     # when the sidecar was last probed (time.monotonic)
+        self._probe_up = True
         # Worker side.
         self.session: Optional[Session] = None
         self._kv_caches: Dict[int, Any] = {}
+        self._generation_of: Dict[str, int] = {}  # sequence -> session generation that saved it
+        self._broken: Set[str] = set()            # sequences whose sidecar copy is incomplete
+        self._load_errors: Set[int] = set()       # vLLM block ids whose load failed
+        self._retry_at = 0.0                      # next attach / reattach try (time.monotonic)
         self.stats = dict(saved_tokens=0, loaded_tokens=0, compressions=0, parks=0,
-                          bytes_before=0, bytes_after=0)
+                          bytes_before=0, bytes_after=0, sidecar_errors=0, skipped_saves=0,
+                          load_errors=0, reattaches=0)
+        self._last_error: Optional[CacheManagerError] = None
+        self._logged_at = -1e9
+        self._unlogged = 0
         if _role_value(role) == KVConnectorRole.WORKER:
-            self._attach()
+            if self._usable_session() is None and self._last_error is not None and \
+                    self._last_error.code not in _TRANSIENT:
+                raise self._last_error  # a configuration error, not an outage: say so at start
 
     @property
     def role(self):
@@ -156,18 +192,68 @@ class CacheManagerConnector(_Base):
 
     # ---- worker side -------------------------------------------------------------------------
 
-    def _attach(self) -> None:
+    def _model(self) -> ModelSpec:
         c = self.config
         from ..types import RopeConfig
-        model = ModelSpec(
+        return ModelSpec(
             name=str(c.get("model_name", "vllm-model")).replace("/", "_"),
             num_layers=int(c["num_layers"]), num_q_heads=int(c["num_q_heads"]),
             num_kv_heads=int(c["num_kv_heads"]), head_dim=int(c["head_dim"]),
             dtype=c.get("dtype", "fp16"), block_size=self.block_size, layout="flash_attn",
             rope=RopeConfig(style=c.get("rope_style", "half_split"),
                             theta=float(c.get("rope_theta", 10000.0))))
-        self.session = Session.attach(c["socket"], c.get("client_name", "vllm-worker"), model,
-                                      num_blocks=int(c.get("num_blocks", 0)))
+
+    def _usable_session(self) -> Optional[Session]:
+        """The worker's session if it can be used now; else tries (at most once per
+        reconnect_interval) to attach or to re-attach after a loss, and returns None while the
+        sidecar is unavailable."""
+        s = self.session
+        if s is not None and s.lease_ok:
+            return s
+        now = time.monotonic()
+        if now < self._retry_at:
+            return None
+        self._retry_at = now + self.reconnect_interval
+        try:
+            if s is None:
+                model = self._model()  # configuration errors surface here, as ValueError
+                self.session = Session.attach(self.config["socket"],
+                                              self.config.get("client_name", "vllm-worker"),
+                                              model, num_blocks=int(self.config.get(
+                                                  "num_blocks", 0)))
+            else:
+                s.reattach()
+                self.stats["reattaches"] += 1
+                # Everything the lost session held is gone.
+                self._broken.update(self._generation_of)
+                self._generation_of.clear()
+            return self.session
+        except CacheManagerError as e:
+            self._sidecar_failed("attaching", e)
+            return None
+
+    def _sidecar_failed(self, what: str, error: CacheManagerError) -> None:
+        """Counts the failure; logs it, at most once per 10 s (an outage fails every call)."""
+        self._last_error = error
+        self.stats["sidecar_errors"] += 1
+        now = time.monotonic()
+        if now - self._logged_at < 10.0:
+            self._unlogged += 1
+            return
+        _log.warning("cachemgr sidecar unavailable while %s (vLLM recomputes instead): %s%s",
+                     what, error, f" ({self._unlogged} more failures since the last report)"
+                     if self._unlogged else "")
+        self._logged_at, self._unlogged = now, 0
+
+    def _held_here(self, sequence_id: str) -> bool:
+        """Whether the current session holds (part of) a copy of `sequence_id`."""
+        return (self.session is not None and
+                self._generation_of.get(sequence_id) == self.session.generation)
+
+    def _fresh(self, sequence_id: str) -> bool:
+        """Whether the sidecar copy of `sequence_id` is whole and lives in the current
+        session."""
+        return sequence_id not in self._broken and self._held_here(sequence_id)
 
     def register_kv_caches(self, kv_caches: Dict[str, Any]) -> None:
         """Records vLLM's per-layer paged KV tensors ([2, num_blocks, block_size, kv_heads,
@@ -177,9 +263,9 @@ class CacheManagerConnector(_Base):
             if match is None:
                 raise ValueError(f"cannot tell the layer index of KV cache {name!r}")
             self._kv_caches[int(match.group(1))] = tensor
-        if self.session is not None and len(self._kv_caches) != self.session.model.num_layers:
+        if len(self._kv_caches) != int(self.config["num_layers"]):
             raise ValueError(f"{len(self._kv_caches)} KV caches registered for a model of "
-                             f"{self.session.model.num_layers} layers")
+                             f"{self.config['num_layers']} layers")
 
     def bind_connector_metadata(self, metadata: CacheManagerConnectorMetadata) -> None:
         self._metadata = metadata
@@ -203,26 +289,49 @@ class CacheManagerConnector(_Base):
             return self._numpy(kv[0][b, o]), self._numpy(kv[1][b, o])
         return kv[0][blocks, offsets], kv[1][blocks, offsets]
 
-    def _save(self, t: _Transfer, layers=None) -> None:
-        """Appends the transfer's tokens to the sidecar sequence in every layer."""
-        alloc = self.session.allocate(t.sequence_id, t.num_tokens)
-        for layer in (range(self.session.model.num_layers) if layers is None else layers):
-            k, v = self._vllm_rows(layer, t)
-            self.session.pool.write(layer, alloc.layers[layer].slot_mapping,
-                                    k.astype(self.session.pool.dtype, copy=False),
-                                    v.astype(self.session.pool.dtype, copy=False))
+    def _save(self, t: _Transfer) -> None:
+        """Appends the transfer's tokens to the sidecar sequence in every layer; skipped (and
+        the sequence marked broken) when the sidecar is unavailable or the copy is not whole."""
+        s = self._usable_session()
+        if t.first_token == 0 and s is not None:
+            if self._held_here(t.sequence_id):  # a broken copy: start over
+                self._free(t.sequence_id)
+            self._broken.discard(t.sequence_id)
+            self._generation_of[t.sequence_id] = s.generation
+        if s is None or not self._fresh(t.sequence_id):
+            self._broken.add(t.sequence_id)
+            self.stats["skipped_saves"] += 1
+            return
+        try:
+            alloc = s.allocate(t.sequence_id, t.num_tokens)
+            for layer in range(s.model.num_layers):
+                if not s.lease_ok:
+                    raise s.status
+                k, v = self._vllm_rows(layer, t)
+                s.pool.write(layer, alloc.layers[layer].slot_mapping,
+                             k.astype(s.pool.dtype, copy=False),
+                             v.astype(s.pool.dtype, copy=False))
+        except CacheManagerError as e:
+            self._broken.add(t.sequence_id)
+            self.stats["skipped_saves"] += 1
+            self._sidecar_failed(f"saving {t.sequence_id}", e)
+            return
         self.stats["saved_tokens"] += t.num_tokens
 
-    def start_load_kv(self, forward_context=None, **kwargs) -> None:
-        """Copies every scheduled load from the sidecar into vLLM's blocks (synchronously)."""
-        meta = self._metadata
-        if meta is None:
-            return
-        for t in meta.loads:
-            fetched = self.session.fetch(t.sequence_id)
+    def _load(self, t: _Transfer) -> None:
+        """Copies one scheduled load from the sidecar into vLLM's blocks, or reports its blocks
+        as load errors."""
+        s = self._usable_session()
+        try:
+            if s is None or not self._fresh(t.sequence_id):
+                raise CacheManagerError(grpc.StatusCode.UNAVAILABLE,
+                                        f"no whole sidecar copy of {t.sequence_id}")
+            fetched = s.fetch(t.sequence_id)
             for f in fetched:
                 rows = min(f.num_tokens, t.first_token + t.num_tokens)
-                k, v = self.session.pool.read(f.layer, f.block_ids, rows)
+                k, v = s.pool.read(f.layer, f.block_ids, rows)
+                if not s.lease_ok:  # read from a revoked mapping: not the sidecar's rows
+                    raise s.status
                 kv = self._kv_caches[f.layer]
                 tokens = np.arange(t.first_token, rows)
                 blocks = np.asarray(t.block_ids, dtype=np.int64)[tokens // self.block_size]
@@ -236,8 +345,39 @@ class CacheManagerConnector(_Base):
                 else:
                     kv[0][blocks, offsets] = k[t.first_token:rows]
                     kv[1][blocks, offsets] = v[t.first_token:rows]
-            self.stats["loaded_tokens"] += t.num_tokens
-            self.session.park(t.sequence_id)  # back to the arena until the next preemption
+        except CacheManagerError as e:
+            self._broken.add(t.sequence_id)
+            first = t.first_token // self.block_size
+            last = -(-(t.first_token + t.num_tokens) // self.block_size)
+            self._load_errors.update(t.block_ids[first:last])
+            self.stats["load_errors"] += 1
+            self._sidecar_failed(f"loading {t.sequence_id}", e)
+            return
+        self.stats["loaded_tokens"] += t.num_tokens
+        self._park(s, t.sequence_id)  # back to the arena until the next preemption
+
+    def _park(self, s: Session, sequence_id: str) -> None:
+        try:
+            s.park(sequence_id)
+        except CacheManagerError as e:
+            self._broken.add(sequence_id)
+            self._sidecar_failed(f"parking {sequence_id}", e)
+            return
+        self.stats["parks"] += 1
+
+    def start_load_kv(self, forward_context=None, **kwargs) -> None:
+        """Copies every scheduled load from the sidecar into vLLM's blocks (synchronously);
+        loads that fail are reported by get_block_ids_with_load_errors()."""
+        meta = self._metadata
+        if meta is None:
+            return
+        for t in meta.loads:
+            self._load(t)
+
+    def get_block_ids_with_load_errors(self) -> Set[int]:
+        """vLLM block ids whose load failed since the last call (vLLM recomputes them)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous
@@ -255,9 +395,17 @@ class CacheManagerConnector(_Base):
         for t in meta.saves:
             self._save(t)
         for sequence_id in meta.compress_after_save:
-            result = self.session.compress(sequence_id, self.policy,
-                                           reserve_ratio=self.reserve_ratio,
-                                           byte_ratio=self.byte_ratio)
+            s = self._usable_session()
+            if s is None or not self._fresh(sequence_id):
+                self._broken.add(sequence_id)
+                continue
+            try:
+                result = s.compress(sequence_id, self.policy, reserve_ratio=self.reserve_ratio,
+                                    byte_ratio=self.byte_ratio)
+            except CacheManagerError as e:
+                self._broken.add(sequence_id)
+                self._sidecar_failed(f"compressing {sequence_id}", e)
+                continue
             self.stats["compressions"] += 1
             self.stats["bytes_before"] += result.bytes_before
             self.stats["bytes_after"] += result.bytes_after
@@ -269,24 +417,44 @@ class CacheManagerConnector(_Base):
         if meta is None:
             return
         for sequence_id in meta.dropped:
-            self.session.free(sequence_id)
+            self._free(sequence_id)
         for t in meta.preempted:
+            s = self._usable_session()
+            if s is None or not self._fresh(t.sequence_id):
+                self._broken.add(t.sequence_id)
+                continue
             if t.num_tokens > 0:
-                self.session.fetch(t.sequence_id)
+                try:
+                    s.fetch(t.sequence_id)
+                except CacheManagerError as e:
+                    self._broken.add(t.sequence_id)
+                    self._sidecar_failed(f"fetching {t.sequence_id}", e)
+                    continue
                 self._save(t)
-            self.session.park(t.sequence_id)
-            self.stats["parks"] += 1
+                if not self._fresh(t.sequence_id):
+                    continue
+            self._park(s, t.sequence_id)
+
+    def _free(self, sequence_id: str) -> None:
+        """Frees the sidecar copy if the current session holds one; forgets the sequence."""
+        held = self._held_here(sequence_id)
+        self._generation_of.pop(sequence_id, None)
+        self._broken.discard(sequence_id)
+        s = self.session
+        if not held or not s.lease_ok:
+            return
+        try:
+            s.free(sequence_id)
+        except CacheManagerError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:  # never saved (finished in its prefill)
+                self._sidecar_failed(f"freeing {sequence_id}", e)
 
     def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]],
                                                                Optional[Set[str]]]:
         """Frees the sidecar sequences of the requests vLLM finished; nothing is asynchronous,
         so no request is reported back."""
         for rid in finished_req_ids:
-            try:
-                self.session.free(_sequence_id(rid))
-            except CacheManagerError as e:
-                if e.code.name != "NOT_FOUND":  # never saved (e.g. finished in its prefill)
-                    raise
+            self._free(_sequence_id(rid))
         return None, None
 
     def shutdown(self) -> None:
@@ -303,6 +471,8 @@ class CacheManagerConnector(_Base):
         held = self._saved.get(rid, 0)
         if not self._loadable.get(rid, False) or held <= num_computed_tokens:
             return 0, False
+        if not self._sidecar_up():
+            return 0, False  # vLLM recomputes
         # vLLM computes at least the last token itself (it needs its logits).
         matched = min(held, request.num_tokens - 1) - num_computed_tokens
         return max(0, matched), False
@@ -370,6 +540,36 @@ class CacheManagerConnector(_Base):
                 # Only a sequence that kept every token can go back into vLLM's blocks.
                 self._loadable[rid] = self.policy.preset in ("codebook", "fullkv") and (
                     self.byte_ratio is None and self.reserve_ratio == 1.0)
+
+    def _sidecar_up(self) -> bool:
+        """Whether cachemgrd's Unix socket accepts connections (a connect, at most once per
+        reconnect_interval; TCP targets count as up). The worker's load errors catch what a
+        probe cannot, such as a restart between probes or a daemon that hangs."""
+        path = str(self.config["socket"])
+        if not path.startswith("/"):
+            return True
+        now = time.monotonic()
+        if now - self._probe_at < self.reconnect_interval:
+            return self._probe_up
+        self._probe_at = now
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.1)
+            try:
+                probe.connect(path)
+                self._probe_up = True
+            except OSError:
+                self._probe_up = False
+        return self._probe_up
+
+    def update_connector_output(self, connector_output) -> None:
+        """Scheduler side: a request whose blocks failed to load (KVConnectorOutput's
+        invalid_block_ids) is not offered from the sidecar again."""
+        invalid = set(getattr(connector_output, "invalid_block_ids", None) or ())
+        if not invalid:
+            return
+        for rid, blocks in self._block_ids.items():
+            if invalid.intersection(blocks):
+                self._loadable[rid] = False
 
     def request_finished(self, request, block_ids) -> Tuple[bool, Optional[dict]]:
         """Forgets the request (the worker frees its sidecar sequence when get_finished hears
