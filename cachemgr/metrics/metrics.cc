@@ -135,7 +135,7 @@ std::string Metrics::Render() const {
   Header(&out, "cachemgr_sequences", "gauge", "Sequences held, over all clients.");
   absl::StrAppend(&out, "cachemgr_sequences ", stats.num_sequences, "\n");
   Header(&out, "cachemgr_memory_used_bytes", "gauge",
-         "Bytes of pool memory allocated (counted against --memory_budget).");
+         "Bytes charged to --memory_budget: pool memory, per-block bookkeeping, input buffers.");
   absl::StrAppend(&out, "cachemgr_memory_used_bytes ", stats.memory_used_bytes, "\n");
 
   Header(&out, "cachemgr_pool_bytes", "gauge", "Bytes of one pool's memory (all layers).");
@@ -158,7 +158,11 @@ std::string Metrics::Render() const {
                    &LayerOccupancy::free_blocks},
         std::tuple{"cachemgr_pool_shared_blocks",
                    "Blocks of one layer referenced by more than one sequence (forks).",
-                   &LayerOccupancy::shared_blocks}}) {
+                   &LayerOccupancy::shared_blocks},
+        std::tuple{"cachemgr_pool_quarantined_blocks",
+                   "Blocks of one layer an expired client released, held back until its "
+                   "quarantine ends.",
+                   &LayerOccupancy::quarantined_blocks}}) {
     Header(&out, name, "gauge", help);
     for (const PoolSnapshot& p : stats.pools) {
       for (size_t l = 0; l < p.layers.size(); ++l) {
