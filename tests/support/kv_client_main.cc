@@ -7,11 +7,15 @@
 //
 // U is the used blocks of this client's pool summed over layers (from Stats). Then detaches
 // and exits 0, or with --hold keeps the session (no heartbeats) and sleeps until killed.
+// With --rewrite_on_signal it keeps the session (heartbeating) and waits for SIGUSR1, then
+// writes the rows again with seed + 1 through its mapping, whatever became of its lease (a
+// stalled engine resuming), prints {"rewrote":N} (N rows per layer) and sleeps until killed.
 // Any error prints {"error":"CODE: message"} and exits 2.
 //
 // Flags (--name=value): --socket (required), --name, --sequence, --tokens, --seed, --layers,
 // --q_heads, --kv_heads, --head_dim, --dtype fp32|fp16|bf16, --block_size, --layout fa|fi,
-// --num_blocks, --model, --hold, --no_heartbeat.
+// --num_blocks, --model, --hold, --no_heartbeat, --rewrite_on_signal.
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -55,6 +59,7 @@ struct Flags {
   std::string model = "stories260K";
   bool hold = false;
   bool no_heartbeat = false;
+  bool rewrite_on_signal = false;
 };
 
 absl::Status ParseU32(const std::string& flag, const std::string& value, uint32_t* out) {
@@ -134,6 +139,8 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       RETURN_IF_ERROR(ParseBool(flag, value, &f.hold));
     } else if (flag == "no_heartbeat") {
       RETURN_IF_ERROR(ParseBool(flag, value, &f.no_heartbeat));
+    } else if (flag == "rewrite_on_signal") {
+      RETURN_IF_ERROR(ParseBool(flag, value, &f.rewrite_on_signal));
     } else {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag --", flag));
     }
@@ -198,7 +205,44 @@ void FillRow(std::byte* row, size_t bytes, uint64_t seed, uint32_t layer, uint64
   }
 }
 
+// Writes the rows of every layer's allocation (positions from alloc.first_position) with
+// `seed`'s pattern; returns the rows written per layer.
+absl::StatusOr<size_t> WriteRows(const client::KvPoolView& pool, const client::Allocation& alloc,
+                                 uint64_t seed) {
+  const kernels::KvLayerLayout& layout = pool.layout();
+  size_t rows = 0;
+  for (const client::LayerAllocation& layer : alloc.layers) {
+    if (layer.layer >= pool.num_layers()) {
+      return absl::InternalError(
+          absl::StrCat("allocation names layer ", layer.layer, " of ", pool.num_layers()));
+    }
+    rows = 0;
+    for (size_t i = 0; i < layer.slot_mapping.size(); ++i) {
+      const int64_t slot = layer.slot_mapping[i];
+      if (slot < 0) continue;
+      if (static_cast<uint64_t>(slot) >= uint64_t{layout.num_blocks} * layout.block_size) {
+        return absl::InternalError(
+            absl::StrCat("layer ", layer.layer, " slot ", slot, " is outside the pool"));
+      }
+      const uint64_t position = alloc.first_position + i;
+      FillRow(pool.key_at_slot<std::byte>(layer.layer, slot), layout.token_bytes(), seed,
+              layer.layer, position, kernels::KvPlane::kKey);
+      FillRow(pool.value_at_slot<std::byte>(layer.layer, slot), layout.token_bytes(), seed,
+              layer.layer, position, kernels::KvPlane::kValue);
+      ++rows;
+    }
+  }
+  return rows;
+}
+
 absl::Status Run(const Flags& flags) {
+  if (flags.rewrite_on_signal) {
+    // Blocked in every thread (the heartbeat thread starts with this mask), taken by sigwait.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  }
   client::AttachOptions options;
   options.client_name = flags.name;
   options.model.name = flags.model;
@@ -217,25 +261,7 @@ absl::Status Run(const Flags& flags) {
   const kernels::KvLayerLayout& layout = pool.layout();
 
   ASSIGN_OR_RETURN(client::Allocation alloc, session->Allocate(flags.sequence, flags.tokens));
-  for (const client::LayerAllocation& layer : alloc.layers) {
-    if (layer.layer >= pool.num_layers()) {
-      return absl::InternalError(
-          absl::StrCat("allocation names layer ", layer.layer, " of ", pool.num_layers()));
-    }
-    for (size_t i = 0; i < layer.slot_mapping.size(); ++i) {
-      const int64_t slot = layer.slot_mapping[i];
-      if (slot < 0) continue;
-      if (static_cast<uint64_t>(slot) >= uint64_t{layout.num_blocks} * layout.block_size) {
-        return absl::InternalError(
-            absl::StrCat("layer ", layer.layer, " slot ", slot, " is outside the pool"));
-      }
-      const uint64_t position = alloc.first_position + i;
-      FillRow(pool.key_at_slot<std::byte>(layer.layer, slot), layout.token_bytes(), flags.seed,
-              layer.layer, position, kernels::KvPlane::kKey);
-      FillRow(pool.value_at_slot<std::byte>(layer.layer, slot), layout.token_bytes(), flags.seed,
-              layer.layer, position, kernels::KvPlane::kValue);
-    }
-  }
+  RETURN_IF_ERROR(WriteRows(pool, alloc, flags.seed).status());
 
   ASSIGN_OR_RETURN(client::SequenceInfo info,
                    session->GetSequence(flags.sequence, /*include_kv_digest=*/true));
@@ -280,7 +306,18 @@ absl::Status Run(const Flags& flags) {
   std::fputs(line.c_str(), stdout);
   std::fflush(stdout);
 
-  if (flags.hold) {
+  if (flags.rewrite_on_signal) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    int signal = 0;
+    sigwait(&set, &signal);
+    // Straight through the mapping, as an engine's attention kernel would write.
+    ASSIGN_OR_RETURN(const size_t rows, WriteRows(pool, alloc, flags.seed + 1));
+    std::fputs(absl::StrCat("{\"rewrote\":", rows, "}\n").c_str(), stdout);
+    std::fflush(stdout);
+  }
+  if (flags.hold || flags.rewrite_on_signal) {
     // Keep the session (and its lease, which lapses without heartbeats) until killed.
     while (true) ::pause();
   }
