@@ -3,6 +3,11 @@
 // busy; outside the lock it does the math on those private copies (never touching the pool or
 // the manager's state); under the lock again it finds the sequence (by serial: it may have been
 // freed meanwhile) and applies the result, or changes nothing.
+//
+// Sizes: what a client chooses (the input a Compress reads from its buffer) is overflow-checked
+// against the buffer. Every other scratch size is a row count (< 2^32) times a validated model's
+// per-row floats (num_kv_heads * head_dim <= 2^22) or a product of an existing pool's counts,
+// whose total bytes PlanPool checked to fit 2^63: none can wrap.
 #include <algorithm>
 #include <cstring>
 #include <memory>
