@@ -41,25 +41,69 @@ bool BlockAllocator::Release(uint32_t block) {
   return false;
 }
 
+bool BlockAllocator::ReleaseToQuarantine(uint32_t block, absl::Time until) {
+  assert(block < capacity() && refcounts_[block] > 0);
+  const uint32_t left = --refcounts_[block];
+  if (left == 1) --num_shared_;
+  if (left != 0) return false;
+  if (quarantine_.empty() || quarantine_.back().until != until) {
+    quarantine_.push_back({until, {}});
+  }
+  quarantine_.back().blocks.push_back(block);
+  ++num_quarantined_;
+  return true;
+}
+
+uint32_t BlockAllocator::EndQuarantine(absl::Time now) {
+  uint32_t freed = 0;
+  while (!quarantine_.empty() && quarantine_.front().until <= now) {
+    const std::vector<uint32_t>& blocks = quarantine_.front().blocks;
+    free_list_.insert(free_list_.end(), blocks.begin(), blocks.end());
+    freed += static_cast<uint32_t>(blocks.size());
+    quarantine_.pop_front();
+  }
+  num_quarantined_ -= freed;
+  return freed;
+}
+
 absl::Status BlockAllocator::CheckInvariants() const {
-  std::vector<bool> on_free_list(capacity(), false);
+  // Per block: on the free list or in the quarantine (at most one of them, once).
+  std::vector<bool> unreferenced(capacity(), false);
+  auto mark = [&](uint32_t b, const char* where) -> absl::Status {
+    if (b >= capacity()) return absl::InternalError(absl::StrCat(where, " holds bad id ", b));
+    if (unreferenced[b]) {
+      return absl::InternalError(absl::StrCat("block ", b, " released twice (", where, ")"));
+    }
+    unreferenced[b] = true;
+    return absl::OkStatus();
+  };
   for (uint32_t b : free_list_) {
-    if (b >= capacity()) return absl::InternalError(absl::StrCat("free list holds bad id ", b));
-    if (on_free_list[b]) return absl::InternalError(absl::StrCat("block ", b, " freed twice"));
-    on_free_list[b] = true;
+    if (absl::Status s = mark(b, "free list"); !s.ok()) return s;
+  }
+  uint32_t quarantined = 0;
+  for (const QuarantineBatch& batch : quarantine_) {
+    for (uint32_t b : batch.blocks) {
+      if (absl::Status s = mark(b, "quarantine"); !s.ok()) return s;
+    }
+    quarantined += static_cast<uint32_t>(batch.blocks.size());
+  }
+  if (quarantined != num_quarantined_) {
+    return absl::InternalError(
+        absl::StrCat("quarantine holds ", quarantined, " blocks but counts ", num_quarantined_));
   }
   uint32_t used = 0, shared = 0;
   for (uint32_t b = 0; b < capacity(); ++b) {
-    if (on_free_list[b] != (refcounts_[b] == 0)) {
+    if (unreferenced[b] != (refcounts_[b] == 0)) {
       return absl::InternalError(absl::StrCat("block ", b, " has refcount ", refcounts_[b],
-                                              " but on_free_list=", on_free_list[b]));
+                                              " but free-or-quarantined=", unreferenced[b]));
     }
     if (refcounts_[b] > 0) ++used;
     if (refcounts_[b] > 1) ++shared;
   }
-  if (used + num_free() != capacity()) {
-    return absl::InternalError(
-        absl::StrCat("free ", num_free(), " + used ", used, " != capacity ", capacity()));
+  if (used + num_free() + num_quarantined_ != capacity()) {
+    return absl::InternalError(absl::StrCat("free ", num_free(), " + used ", used,
+                                            " + quarantined ", num_quarantined_, " != capacity ",
+                                            capacity()));
   }
   if (shared != num_shared_) {
     return absl::InternalError(

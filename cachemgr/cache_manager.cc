@@ -2,14 +2,19 @@
 
 #include <fcntl.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "cachemgr/cache_manager_state.h"
+#include "cachemgr/reply_size.h"
+#include "cachemgr/util/checked_math.h"
 #include "cachemgr/util/log.h"
+#include "cachemgr/util/quote.h"
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr {
@@ -61,6 +66,7 @@ CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend, 
                            EventHub* events)
     : options_(options),
       boot_id_(RandomHex<kBootIdLength / 2>()),
+      quarantine_(std::max(options.quarantine, options.lease_timeout)),
       backend_(backend),
       clock_(clock),
       events_(events) {}
@@ -80,6 +86,62 @@ void CacheManager::PublishLocked(EventType type, const std::string& client_id,
   events_->Publish(std::move(e));
 }
 
+namespace {
+
+uint64_t PageBytes() { return static_cast<uint64_t>(sysconf(_SC_PAGESIZE)); }
+
+// Unlocks a held mutex for its scope and locks it again on the way out (exceptions included).
+class MutexUnlock {
+ public:
+  explicit MutexUnlock(absl::Mutex* mu) ABSL_UNLOCK_FUNCTION(mu) : mu_(mu) { mu_->Unlock(); }
+  ~MutexUnlock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_->Lock(); }
+  MutexUnlock(const MutexUnlock&) = delete;
+  MutexUnlock& operator=(const MutexUnlock&) = delete;
+
+ private:
+  absl::Mutex* const mu_;
+};
+
+// What a pool of `num_blocks` blocks costs the budget.
+struct PoolCharge {
+  uint64_t memory = 0;       // DeviceBackend::PoolBytes
+  uint64_t bookkeeping = 0;  // kBookkeepingBytesPerBlockLayer per block and layer
+  uint64_t total = 0;
+};
+
+// INVALID_ARGUMENT naming num_blocks when a size overflows.
+absl::StatusOr<PoolCharge> PlanCharge(const DeviceBackend& backend, const ModelSpec& model,
+                                      uint32_t num_blocks) {
+  PoolCharge c;
+  RETURN_IF_ERROR(model.LayerBytes(num_blocks).status());
+  ASSIGN_OR_RETURN(c.memory, backend.PoolBytes(model.LayerLayout(num_blocks), model.num_layers));
+  const std::optional<uint64_t> bookkeeping =
+      CheckedProduct({num_blocks, model.num_layers, kBookkeepingBytesPerBlockLayer});
+  const std::optional<uint64_t> total =
+      bookkeeping.has_value() ? CheckedAdd(c.memory, *bookkeeping) : std::nullopt;
+  if (!total.has_value()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_blocks ", num_blocks, " makes a pool larger than 2^64 bytes"));
+  }
+  c.bookkeeping = *bookkeeping;
+  c.total = *total;
+  return c;
+}
+
+}  // namespace
+
+absl::Status CacheManager::ChargeLocked(uint64_t bytes, const std::string& what) {
+  // memory_used_bytes_ <= budget always holds, so `left` cannot wrap.
+  const uint64_t left = options_.memory_budget_bytes - memory_used_bytes_;
+  if (bytes > left) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, " needs ", bytes, " bytes but the memory budget has ", left, " of ",
+                     options_.memory_budget_bytes, " bytes left"));
+  }
+  memory_used_bytes_ += bytes;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   if (!IsValidIdentifier(params.client_name, kMaxNameLength)) {
     return absl::InvalidArgumentError(absl::StrCat("client_name must be 1-", kMaxNameLength,
@@ -91,12 +153,20 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   RETURN_IF_ERROR(ValidateModelSpec(model));
   uint64_t input_bytes = params.input_buffer_bytes;
   if (input_bytes == 0) {
-    input_bytes = uint64_t{model.num_layers} * 64 * model.num_q_heads * model.head_dim * 4;
+    // At most 1024 * 64 * 4096 * 1024 * 4 = 2^40 for a validated model.
+    input_bytes =
+        CheckedProduct({model.num_layers, 64, model.num_q_heads, model.head_dim, 4}).value();
   }
   if (input_bytes > options_.max_input_buffer_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("input_buffer_bytes must be at most ",
-                                                   options_.max_input_buffer_bytes, " (got ",
-                                                   input_bytes, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input_buffer_bytes must be at most ", options_.max_input_buffer_bytes, " (got ",
+        input_bytes, params.input_buffer_bytes == 0 ? ", the default for this model" : "", ")"));
+  }
+  const uint64_t input_charge = CheckedRoundUp(input_bytes, PageBytes()).value();
+  if (params.num_blocks > UINT32_MAX / kMaxBlockSize) {
+    return absl::InvalidArgumentError(absl::StrCat("num_blocks must be at most ",
+                                                   UINT32_MAX / kMaxBlockSize, " (got ",
+                                                   params.num_blocks, ")"));
   }
   // Created before any state changes, so a failure here changes nothing.
   ASSIGN_OR_RETURN(MemfdRegion input_buffer,
@@ -104,68 +174,153 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
                                        static_cast<size_t>(input_bytes)));
 
   absl::MutexLock lock(&mu_);
-  Pool* pool = nullptr;
-  if (auto it = pools_.find(model.name); it != pools_.end()) {
-    pool = it->second.get();
-    if (!(pool->model == model)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("model \"", model.name, "\" is attached as {", pool->model.Describe(),
-                       "} but this request describes {", model.Describe(),
-                       "}: use another model.name or the same description"));
+  while (true) {
+    auto it = pools_.find(model.name);
+    if (it != pools_.end() && it->second->building) {
+      // Another Attach is creating this pool outside the lock: wait (without the lock) until
+      // it committed or gave up, then look again.
+      const std::string building_id = it->second->pool_id;
+      auto done = [this, &model, &building_id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        auto found = pools_.find(model.name);
+        return found == pools_.end() || found->second->pool_id != building_id ||
+               !found->second->building;
+      };
+      mu_.Await(absl::Condition(&done));
+      continue;
     }
-  } else {
-    const uint64_t block_bytes_all_layers = model.BlockBytes() * model.num_layers;
-    const uint64_t budget_left = options_.memory_budget_bytes - memory_used_bytes_;
-    uint64_t num_blocks = params.num_blocks;
-    if (num_blocks == 0) {
-      num_blocks = std::min(options_.default_pool_bytes, budget_left) / block_bytes_all_layers;
-      num_blocks = std::min<uint64_t>(num_blocks, UINT32_MAX / kMaxBlockSize);
-      if (num_blocks == 0) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "memory budget has ", budget_left, " bytes left, less than one block (",
-            block_bytes_all_layers, " bytes over all layers) of model \"", model.name, "\""));
+    if (it != pools_.end()) {
+      Pool& pool = *it->second;
+      if (!(pool.model == model)) {
+        // Name the fields, not the other tenant's values.
+        return absl::FailedPreconditionError(absl::StrCat(
+            "model.name ", QuoteForMessage(model.name),
+            " is attached with another description (differing: ",
+            absl::StrJoin(pool.model.DifferingFields(model), ", "),
+            "): use another model.name or the same description",
+            pool.clients == 0 ? " (the pool has no client; it is held until its quarantined "
+                                "blocks are released)"
+                              : ""));
       }
-    } else if (num_blocks > UINT32_MAX / kMaxBlockSize) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "num_blocks must be at most ", UINT32_MAX / kMaxBlockSize, " (got ", num_blocks, ")"));
-    } else if (num_blocks * block_bytes_all_layers > budget_left) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("num_blocks ", num_blocks, " needs ", num_blocks * block_bytes_all_layers,
-                       " bytes but the memory budget has ", budget_left, " bytes left"));
+      RETURN_IF_ERROR(ChargeLocked(input_charge, "input_buffer_bytes"));
+      return AddClientLocked(pool, params.client_name, std::move(input_buffer), input_bytes,
+                             input_charge);
     }
-    auto created = std::make_unique<Pool>();
-    created->pool_id = absl::StrCat(model.name, "-", next_pool_serial_);
-    created->model = model;
-    created->num_blocks = static_cast<uint32_t>(num_blocks);
-    ASSIGN_OR_RETURN(created->memory,
-                     backend_->CreatePool(created->pool_id, model.LayerLayout(created->num_blocks),
-                                          model.ElemType(), model.num_layers));
-    for (const RegionInfo& r : created->memory->regions()) created->bytes += r.bytes;
-    created->allocators.reserve(model.num_layers);
-    for (uint32_t l = 0; l < model.num_layers; ++l) {
-      created->allocators.emplace_back(created->num_blocks);
+
+    // A new pool: size it, charge it (with the input buffer), create it outside the lock.
+    const uint64_t left = options_.memory_budget_bytes - memory_used_bytes_;
+    uint32_t num_blocks = params.num_blocks;
+    PoolCharge charge;
+    if (num_blocks == 0) {
+      if (input_charge > left) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "input_buffer_bytes needs ", input_charge, " bytes but the memory budget has ", left,
+            " of ", options_.memory_budget_bytes, " bytes left"));
+      }
+      const uint64_t target = std::min(options_.default_pool_bytes, left - input_charge);
+      // Bytes of one block over all layers, bookkeeping included (at most 2^45 + 2^14).
+      const uint64_t per_block =
+          model.BlockBytes() * model.num_layers + kBookkeepingBytesPerBlockLayer * model.num_layers;
+      uint64_t n = std::min<uint64_t>(target / per_block, UINT32_MAX / kMaxBlockSize);
+      while (n > 0) {
+        ASSIGN_OR_RETURN(charge, PlanCharge(*backend_, model, static_cast<uint32_t>(n)));
+        if (charge.total <= target) break;
+        // Page or granularity rounding pushed it over: drop the blocks the excess covers.
+        n -=
+            std::min(n, std::max<uint64_t>(1, (charge.total - target + per_block - 1) / per_block));
+      }
+      if (n == 0) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("memory budget has ", left, " bytes left, less than one block (",
+                         per_block, " bytes over all layers, bookkeeping included) of model.name ",
+                         QuoteForMessage(model.name), " beside the input buffer's ", input_charge));
+      }
+      num_blocks = static_cast<uint32_t>(n);
+    } else {
+      ASSIGN_OR_RETURN(charge, PlanCharge(*backend_, model, num_blocks));
     }
-    ++next_pool_serial_;
-    memory_used_bytes_ += created->bytes;
-    pool = created.get();
-    pools_.emplace(model.name, std::move(created));
+    const std::optional<uint64_t> needed = CheckedAdd(charge.total, input_charge);
+    if (!needed.has_value() || *needed > left) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "num_blocks ", num_blocks, " needs ", charge.total, " bytes (", charge.memory,
+          " of pool memory, ", charge.bookkeeping, " of bookkeeping) and input_buffer_bytes ",
+          input_charge, ", but the memory budget has ", left, " of ", options_.memory_budget_bytes,
+          " bytes left"));
+    }
+    memory_used_bytes_ += *needed;
+
+    auto pending = std::make_unique<Pool>();
+    Pool* pool = pending.get();
+    pool->pool_id = absl::StrCat(model.name, "-", next_pool_serial_++);
+    pool->model = model;
+    pool->num_blocks = num_blocks;
+    pool->bytes = charge.memory;
+    pool->bookkeeping_bytes = charge.bookkeeping;
+    pool->building = true;
+    pools_.emplace(model.name, std::move(pending));
+    ++builds_in_flight_;
+    // Only this call changes a building pool, and Shutdown waits for builds, so `pool` stays
+    // valid across the unlocked section.
+    absl::StatusOr<std::unique_ptr<PoolMemory>> memory;
+    std::vector<BlockAllocator> allocators;
+    {
+      MutexUnlock unlocked(&mu_);
+      memory = backend_->CreatePool(pool->pool_id, model.LayerLayout(num_blocks), model.ElemType(),
+                                    model.num_layers);
+      if (memory.ok()) {
+        allocators.reserve(model.num_layers);
+        for (uint32_t l = 0; l < model.num_layers; ++l) allocators.emplace_back(num_blocks);
+      }
+    }
+    --builds_in_flight_;
+    absl::Status built = memory.status();
+    uint64_t actual = 0;
+    if (built.ok()) {
+      for (const RegionInfo& r : (*memory)->regions()) actual += r.bytes;
+      if (actual != pool->bytes) {
+        // The backend's PoolBytes was off: account what it really allocated.
+        Log(LogLevel::kWarning, "pool size differs from its plan",
+            {{"pool_id", pool->pool_id}, {"planned", pool->bytes}, {"allocated", actual}});
+        if (actual > pool->bytes) {
+          built = ChargeLocked(actual - pool->bytes, "num_blocks");
+        } else {
+          memory_used_bytes_ -= pool->bytes - actual;
+        }
+        if (built.ok()) pool->bytes = actual;
+      }
+    }
+    if (!built.ok()) {
+      memory_used_bytes_ -= pool->bytes + pool->bookkeeping_bytes + input_charge;
+      pools_.erase(model.name);
+      return built;
+    }
+    pool->memory = *std::move(memory);
+    pool->allocators = std::move(allocators);
+    pool->building = false;
     Log(LogLevel::kInfo, "pool created",
         {{"pool_id", pool->pool_id},
          {"model", model.Describe()},
          {"num_blocks", pool->num_blocks},
-         {"bytes", pool->bytes}});
+         {"bytes", pool->bytes},
+         {"bookkeeping_bytes", pool->bookkeeping_bytes}});
     PublishLocked(EventType::kPoolCreated, "", "", pool->pool_id,
                   absl::StrCat("num_blocks=", pool->num_blocks, " bytes=", pool->bytes));
+    return AddClientLocked(*pool, params.client_name, std::move(input_buffer), input_bytes,
+                           input_charge);
   }
+}
 
+AttachResult CacheManager::AddClientLocked(Pool& pool, const std::string& client_name,
+                                           MemfdRegion input_buffer, uint64_t input_bytes,
+                                           uint64_t input_charge) {
   auto client = std::make_unique<Client>();
   client->client_id = absl::StrCat("c", next_client_serial_++);
-  client->client_name = params.client_name;
+  client->client_name = client_name;
   client->session_token = boot_id_ + kBootIdSeparator + RandomHex<16>();
-  client->pool = pool;
+  client->pool = &pool;
   client->lease_deadline = clock_->Now() + options_.lease_timeout;
   client->input_buffer = std::move(input_buffer);
-  ++pool->clients;
+  client->input_charge = input_charge;
+  ++pool.clients;
 
   AttachResult result;
   result.client_id = client->client_id;
@@ -174,25 +329,25 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   result.heartbeat_interval = options_.heartbeat_interval;
   result.lease_timeout = options_.lease_timeout;
   PoolDescription& d = result.pool;
-  d.pool_id = pool->pool_id;
+  d.pool_id = pool.pool_id;
   d.backend = backend_->kind();
   d.share_method = backend_->share_method();
   d.device = backend_->device_name();
-  d.model = pool->model;
-  d.num_blocks = pool->num_blocks;
-  d.block_bytes = pool->model.BlockBytes();
-  d.regions = pool->memory->regions();
-  d.layers = pool->memory->layers();
+  d.model = pool.model;
+  d.num_blocks = pool.num_blocks;
+  d.block_bytes = pool.model.BlockBytes();
+  d.regions = pool.memory->regions();
+  d.layers = pool.memory->layers();
   // The input buffer's descriptor follows the pool's own (memfd / VMM: one per region; legacy
   // CUDA IPC: none).
-  result.input_buffer_region_index = static_cast<uint32_t>(pool->memory->ShareFds().size());
+  result.input_buffer_region_index = static_cast<uint32_t>(pool.memory->ShareFds().size());
   result.input_buffer_bytes = input_bytes;
 
   Log(LogLevel::kInfo, "client attached",
       {{"client_id", client->client_id},
        {"client_name", client->client_name},
-       {"pool_id", pool->pool_id}});
-  PublishLocked(EventType::kClientAttached, client->client_id, "", pool->pool_id,
+       {"pool_id", pool.pool_id}});
+  PublishLocked(EventType::kClientAttached, client->client_id, "", pool.pool_id,
                 absl::StrCat("name=", client->client_name));
   clients_.emplace(client->session_token, std::move(client));
   return result;
@@ -210,14 +365,17 @@ absl::StatusOr<CacheManager::Client*> CacheManager::FindClientLocked(const Calle
     return absl::NotFoundError("session_token does not name an attached client");
   }
   Client* client = it->second.get();
+  // Judged by when the call arrived: one that waited behind others is not blamed for the wait.
   const absl::Time now = clock_->Now();
-  if (now >= client->lease_deadline) {
+  const absl::Time at =
+      caller.arrival == absl::InfinitePast() ? now : std::min(caller.arrival, now);
+  if (at >= client->lease_deadline) {
     RemoveClientLocked(caller.session_token, EventType::kClientExpired);
     return absl::NotFoundError(
         "session_token names a client whose lease expired; its blocks were released");
   }
-  // Any authenticated call shows the client is alive.
-  client->lease_deadline = now + options_.lease_timeout;
+  // Any authenticated call shows the client is alive (a late-processed call never shortens it).
+  client->lease_deadline = std::max(client->lease_deadline, at + options_.lease_timeout);
   return client;
 }
 
@@ -226,11 +384,12 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, field));
   auto it = sequences_.find(sequence_id);
   if (it == sequences_.end()) {
-    return absl::NotFoundError(absl::StrCat(field, " \"", sequence_id, "\" does not exist"));
+    return absl::NotFoundError(
+        absl::StrCat(field, " ", QuoteForMessage(sequence_id), " does not exist"));
   }
   if (it->second->owner != &client) {
     return absl::PermissionDeniedError(
-        absl::StrCat(field, " \"", sequence_id, "\" belongs to another client"));
+        absl::StrCat(field, " ", QuoteForMessage(sequence_id), " belongs to another client"));
   }
   return it->second.get();
 }
@@ -244,7 +403,8 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindSequenceForCallerLocke
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
   auto it = sequences_.find(sequence_id);
   if (it == sequences_.end()) {
-    return absl::NotFoundError(absl::StrCat("sequence_id \"", sequence_id, "\" does not exist"));
+    return absl::NotFoundError(
+        absl::StrCat("sequence_id ", QuoteForMessage(sequence_id), " does not exist"));
   }
   return it->second.get();
 }
@@ -261,11 +421,18 @@ absl::StatusOr<DetachResult> CacheManager::Detach(const Caller& caller) {
   return RemoveClientLocked(caller.session_token, EventType::kClientDetached);
 }
 
-uint64_t CacheManager::ReleaseSequenceLocked(Sequence& seq) {
+uint64_t CacheManager::ReleaseSequenceLocked(Sequence& seq,
+                                             std::optional<absl::Time> quarantine_until) {
   Pool* pool = seq.owner->pool;
   uint64_t released = 0;
   for (uint32_t l = 0; l < seq.layers.size(); ++l) {
-    for (uint32_t b : seq.layers[l].blocks) released += pool->allocators[l].Release(b) ? 1 : 0;
+    BlockAllocator& alloc = pool->allocators[l];
+    for (uint32_t b : seq.layers[l].blocks) {
+      const bool last = quarantine_until.has_value()
+                            ? alloc.ReleaseToQuarantine(b, *quarantine_until)
+                            : alloc.Release(b);
+      released += last ? 1 : 0;
+    }
     seq.layers[l].blocks.clear();
   }
   return released;
@@ -274,16 +441,20 @@ uint64_t CacheManager::ReleaseSequenceLocked(Sequence& seq) {
 DetachResult CacheManager::RemoveClientLocked(const std::string& token, EventType why) {
   auto it = clients_.find(token);
   Client* client = it->second.get();
+  const bool expired = why == EventType::kClientExpired;
+  // An expired client may be stalled with the pool mapped: its blocks wait out the quarantine.
+  const std::optional<absl::Time> quarantine_until =
+      expired ? std::optional<absl::Time>(clock_->Now() + quarantine_) : std::nullopt;
   DetachResult result;
   for (const std::string& id : client->sequences) {
     auto seq_it = sequences_.find(id);
-    result.blocks_released += ReleaseSequenceLocked(*seq_it->second);
+    result.blocks_released += ReleaseSequenceLocked(*seq_it->second, quarantine_until);
     sequences_.erase(seq_it);
     ++result.sequences_freed;
   }
   Pool* pool = client->pool;
   const std::string client_id = client->client_id;
-  const bool expired = why == EventType::kClientExpired;
+  memory_used_bytes_ -= client->input_charge;
   Log(expired ? LogLevel::kWarning : LogLevel::kInfo,
       expired ? "client lease expired" : "client detached",
       {{"client_id", client_id},
@@ -293,16 +464,32 @@ DetachResult CacheManager::RemoveClientLocked(const std::string& token, EventTyp
                 absl::StrCat("sequences_freed=", result.sequences_freed,
                              " blocks_released=", result.blocks_released));
   clients_.erase(it);
-  if (--pool->clients == 0) {
-    // No client means no sequence: the memory can go back.
-    memory_used_bytes_ -= pool->bytes;
-    Log(LogLevel::kInfo, "pool released", {{"pool_id", pool->pool_id}, {"bytes", pool->bytes}});
-    PublishLocked(EventType::kPoolReleased, "", "", pool->pool_id,
-                  absl::StrCat("bytes=", pool->bytes));
-    const std::string model_name = pool->model.name;
-    pools_.erase(model_name);
-  }
+  --pool->clients;
+  MaybeReleasePoolLocked(pool->model.name);
   return result;
+}
+
+void CacheManager::MaybeReleasePoolLocked(const std::string& model_name) {
+  auto it = pools_.find(model_name);
+  if (it == pools_.end()) return;
+  Pool* pool = it->second.get();
+  if (pool->building || pool->clients > 0) return;
+  // No client means no sequence; quarantined blocks still hold the memory.
+  for (const BlockAllocator& a : pool->allocators) {
+    if (a.num_quarantined() > 0) return;
+  }
+  memory_used_bytes_ -= pool->bytes + pool->bookkeeping_bytes;
+  Log(LogLevel::kInfo, "pool released", {{"pool_id", pool->pool_id}, {"bytes", pool->bytes}});
+  PublishLocked(EventType::kPoolReleased, "", "", pool->pool_id,
+                absl::StrCat("bytes=", pool->bytes));
+  pools_.erase(it);
+}
+
+absl::Status CacheManager::CheckReplyBytes(uint64_t bytes, const std::string& what) const {
+  if (bytes <= options_.max_reply_bytes) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      what, " would make a reply of ", bytes, " bytes, more than the daemon's limit of ",
+      options_.max_reply_bytes, " (--max_reply_bytes)"));
 }
 
 absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
@@ -316,25 +503,42 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
                                                    options_.max_tokens_per_allocate, "] (got ",
                                                    num_new_tokens, ")"));
   }
+  Pool& pool = *client->pool;
+  const uint32_t bs = pool.model.block_size;
+  const uint32_t num_layers = pool.model.num_layers;
+  // The reply lists a slot per token per layer: refuse one no client could receive before
+  // anything is allocated.
+  auto reply_bytes = [&](uint64_t tokens) {
+    return reply_size::AllocateReplyBytes(num_layers, tokens, pool.num_blocks, bs);
+  };
+  if (reply_bytes(num_new_tokens) > options_.max_reply_bytes) {
+    uint32_t lo = 0, hi = num_new_tokens;  // reply_bytes(lo) fits (or lo == 0), hi does not
+    while (hi - lo > 1) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      (reply_bytes(mid) <= options_.max_reply_bytes ? lo : hi) = mid;
+    }
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "num_new_tokens ", num_new_tokens, " would make a reply of ", reply_bytes(num_new_tokens),
+        " bytes on this ", num_layers, "-layer pool, more than the daemon's limit of ",
+        options_.max_reply_bytes, " (--max_reply_bytes): this pool accepts at most ", lo,
+        " tokens per Allocate"));
+  }
   Sequence* seq = nullptr;
   if (auto it = sequences_.find(sequence_id); it != sequences_.end()) {
     if (it->second->owner != client) {
       return absl::PermissionDeniedError(
-          absl::StrCat("sequence_id \"", sequence_id, "\" belongs to another client"));
+          absl::StrCat("sequence_id ", QuoteForMessage(sequence_id), " belongs to another client"));
     }
     seq = it->second.get();
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     for (uint32_t l = 0; l < seq->layers.size(); ++l) {
       if (seq->layers[l].parked) {
         return absl::FailedPreconditionError(
-            absl::StrCat("sequence_id \"", sequence_id, "\" has codebook layer ", l,
+            absl::StrCat("sequence_id ", QuoteForMessage(sequence_id), " has codebook layer ", l,
                          " parked in the arena: Fetch it before appending tokens"));
       }
     }
   }
-  Pool& pool = *client->pool;
-  const uint32_t bs = pool.model.block_size;
-  const uint32_t num_layers = pool.model.num_layers;
 
   // Plan every layer before touching anything, so failure changes nothing.
   struct LayerPlan {
@@ -422,7 +626,11 @@ absl::StatusOr<uint64_t> CacheManager::Free(const Caller& caller, const std::str
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(caller, sequence_id));
   Client* owner = seq->owner;
-  const uint64_t released = ReleaseSequenceLocked(*seq);
+  // The owner gives its own sequence up; an operator takes it from a client that may still be
+  // writing to its blocks, so those wait out the quarantine.
+  const std::optional<absl::Time> quarantine_until =
+      caller.has_session() ? std::nullopt : std::optional<absl::Time>(clock_->Now() + quarantine_);
+  const uint64_t released = ReleaseSequenceLocked(*seq, quarantine_until);
   std::erase(owner->sequences, sequence_id);
   sequences_.erase(sequence_id);
   PublishLocked(
@@ -442,7 +650,14 @@ absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const Caller& caller,
   RETURN_IF_ERROR(CheckSequenceId(child_sequence_id, "child_sequence_id"));
   if (sequences_.contains(child_sequence_id)) {
     return absl::AlreadyExistsError(
-        absl::StrCat("child_sequence_id \"", child_sequence_id, "\" already exists"));
+        absl::StrCat("child_sequence_id ", QuoteForMessage(child_sequence_id), " already exists"));
+  }
+  {
+    std::vector<reply_size::LayerCounts> counts;
+    for (const auto& t : parent->layers) counts.push_back({t.blocks.size(), 0});
+    RETURN_IF_ERROR(CheckReplyBytes(
+        reply_size::SequenceReplyBytes(counts, client->pool->num_blocks),
+        absl::StrCat("Fork of parent_sequence_id ", QuoteForMessage(parent_sequence_id))));
   }
   auto child = std::make_unique<Sequence>();
   child->serial = next_sequence_serial_++;
@@ -509,12 +724,20 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const Caller& caller,
     RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
     auto it = sequences_.find(sequence_id);
     if (it == sequences_.end()) {
-      return absl::NotFoundError(absl::StrCat("sequence_id \"", sequence_id, "\" does not exist"));
+      return absl::NotFoundError(
+          absl::StrCat("sequence_id ", QuoteForMessage(sequence_id), " does not exist"));
     }
     seq = it->second.get();
   } else {
     ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     ASSIGN_OR_RETURN(seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
+  }
+  {
+    std::vector<reply_size::LayerCounts> counts;
+    for (const auto& t : seq->layers) counts.push_back({t.blocks.size(), 0});
+    RETURN_IF_ERROR(
+        CheckReplyBytes(reply_size::SequenceReplyBytes(counts, seq->owner->pool->num_blocks),
+                        absl::StrCat("GetSequence of sequence_id ", QuoteForMessage(sequence_id))));
   }
   SequenceSnapshot snapshot = SnapshotLocked(*seq);
   if (include_kv_digest) {
@@ -554,17 +777,21 @@ StatsSnapshot CacheManager::Stats() const {
   absl::MutexLock lock(&mu_);
   StatsSnapshot s;
   s.memory_used_bytes = memory_used_bytes_;
+  s.memory_budget_bytes = options_.memory_budget_bytes;
   s.num_sequences = static_cast<uint32_t>(sequences_.size());
   for (const auto& [name, pool] : pools_) {
+    if (pool->building) continue;
     PoolSnapshot p;
     p.pool_id = pool->pool_id;
     p.model_name = name;
     p.backend = backend_->kind();
     p.device = backend_->device_name();
     p.bytes = pool->bytes;
+    p.bookkeeping_bytes = pool->bookkeeping_bytes;
     p.clients = pool->clients;
     for (const BlockAllocator& a : pool->allocators) {
-      p.layers.push_back({a.capacity(), a.num_used(), a.num_free(), a.num_shared()});
+      p.layers.push_back(
+          {a.capacity(), a.num_used(), a.num_free(), a.num_shared(), a.num_quarantined()});
     }
     for (const auto& [id, seq] : sequences_) {
       if (seq->owner->pool != pool.get() || seq->compression == nullptr) continue;
@@ -579,6 +806,7 @@ StatsSnapshot CacheManager::Stats() const {
             [](const auto& a, const auto& b) { return a.pool_id < b.pool_id; });
   const absl::Time now = clock_->Now();
   for (const auto& [token, client] : clients_) {
+    s.input_buffer_bytes += client->input_charge;
     s.clients.push_back({client->client_id, client->client_name, client->pool->pool_id,
                          static_cast<uint32_t>(client->sequences.size()),
                          std::max(absl::ZeroDuration(), client->lease_deadline - now)});
@@ -615,21 +843,65 @@ std::vector<std::string> CacheManager::ExpireLeases() {
     expired_ids.push_back(clients_.at(token)->client_id);
     RemoveClientLocked(token, EventType::kClientExpired);
   }
+  // Quarantines that ended free their blocks; a pool held only by them goes.
+  std::vector<std::string> drained;
+  for (const auto& [name, pool] : pools_) {
+    uint32_t freed = 0;
+    for (BlockAllocator& a : pool->allocators) freed += a.EndQuarantine(now);
+    if (freed > 0) {
+      Log(LogLevel::kInfo, "quarantine ended", {{"pool_id", pool->pool_id}, {"blocks", freed}});
+      drained.push_back(name);
+    }
+  }
+  for (const std::string& name : drained) MaybeReleasePoolLocked(name);
   return expired_ids;
 }
 
+void CacheManager::BeginShutdown() { shutting_down_.store(true); }
+
 void CacheManager::Shutdown() {
   absl::MutexLock lock(&mu_);
+  auto no_builds = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return builds_in_flight_ == 0; };
+  mu_.Await(absl::Condition(&no_builds));
   std::vector<std::string> tokens;
   for (const auto& [token, client] : clients_) tokens.push_back(token);
   for (const std::string& token : tokens) RemoveClientLocked(token, EventType::kClientDetached);
+  // Pools held only by quarantined blocks: nobody can write to them once the daemon is gone.
+  for (const auto& [name, pool] : pools_) {
+    memory_used_bytes_ -= pool->bytes + pool->bookkeeping_bytes;
+    Log(LogLevel::kInfo, "pool released", {{"pool_id", pool->pool_id}, {"bytes", pool->bytes}});
+    PublishLocked(EventType::kPoolReleased, "", "", pool->pool_id,
+                  absl::StrCat("bytes=", pool->bytes));
+  }
+  pools_.clear();
 }
 
 absl::Status CacheManager::CheckInvariants() const {
   absl::MutexLock lock(&mu_);
   uint64_t bytes = 0;
+  for (const auto& [token, client] : clients_) bytes += client->input_charge;
   for (const auto& [name, pool] : pools_) {
-    bytes += pool->bytes;
+    bytes += pool->bytes + pool->bookkeeping_bytes;
+    const uint64_t bookkeeping =
+        uint64_t{pool->num_blocks} * pool->model.num_layers * kBookkeepingBytesPerBlockLayer;
+    if (pool->bookkeeping_bytes != bookkeeping) {
+      return absl::InternalError(absl::StrCat("pool ", pool->pool_id, " charges ",
+                                              pool->bookkeeping_bytes, " bytes of bookkeeping for ",
+                                              bookkeeping));
+    }
+    if (pool->building) continue;
+    uint64_t region_bytes = 0;
+    for (const RegionInfo& r : pool->memory->regions()) region_bytes += r.bytes;
+    if (region_bytes != pool->bytes) {
+      return absl::InternalError(absl::StrCat("pool ", pool->pool_id, " charges ", pool->bytes,
+                                              " bytes but its regions hold ", region_bytes));
+    }
+    uint64_t quarantined = 0;
+    for (const BlockAllocator& a : pool->allocators) quarantined += a.num_quarantined();
+    if (pool->clients == 0 && quarantined == 0) {
+      return absl::InternalError(absl::StrCat(
+          "pool ", pool->pool_id, " has no client and no quarantined block but was not released"));
+    }
     std::vector<std::vector<uint32_t>> refs(pool->allocators.size(),
                                             std::vector<uint32_t>(pool->num_blocks, 0));
     for (const auto& [id, seq] : sequences_) {
@@ -662,8 +934,13 @@ absl::Status CacheManager::CheckInvariants() const {
     }
   }
   if (bytes != memory_used_bytes_) {
-    return absl::InternalError(
-        absl::StrCat("pools hold ", bytes, " bytes but the budget counts ", memory_used_bytes_));
+    return absl::InternalError(absl::StrCat("pools and input buffers hold ", bytes,
+                                            " bytes but the budget counts ", memory_used_bytes_));
+  }
+  if (memory_used_bytes_ > options_.memory_budget_bytes) {
+    return absl::InternalError(absl::StrCat("the budget counts ", memory_used_bytes_,
+                                            " bytes, more than its ",
+                                            options_.memory_budget_bytes));
   }
   return absl::OkStatus();
 }

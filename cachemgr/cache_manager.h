@@ -3,23 +3,45 @@
 // DeviceBackend) and transport-agnostic (the gRPC service converts to and from these types).
 //
 // Errors: every method validates all of its inputs before changing anything, so a failed call
-// leaves the state exactly as it was. Messages name the offending request field.
-//   INVALID_ARGUMENT   malformed field (empty id, zero tokens, bad model description)
+// leaves the state exactly as it was. Messages name the offending request field and quote at
+// most 64 bytes of any client-supplied string (QuoteForMessage).
+//   INVALID_ARGUMENT   malformed field (empty id, zero tokens, bad model description, a pool
+//                      whose sizes overflow 64 bits)
 //   NOT_FOUND          session_token names no attached client; unknown sequence
 //   ALREADY_EXISTS     Fork's child id is taken
 //   PERMISSION_DENIED  the sequence belongs to another client
 //   FAILED_PRECONDITION  a pool with the same model name but another description exists; or
 //                      session_token was issued by an earlier start of the daemon (another boot
 //                      id): its session is gone and the client must attach again
-//   RESOURCE_EXHAUSTED a layer has too few free blocks, or the memory budget is spent
+//   RESOURCE_EXHAUSTED a layer has too few free blocks, the memory budget is spent, or the reply
+//                      would exceed max_reply_bytes
 //   ABORTED            the sequence is busy in a Compress / Fetch / Park, or was freed by
 //                      another call while one of those worked on it
+//   UNAVAILABLE        Compress / Fetch / Park stopped because the daemon is shutting down
 //
-// Thread-safe: one mutex serializes the bookkeeping (microseconds per call). The heavy part of
-// Compress, Fetch and Park (scoring, codebooks, reconstruction) runs outside it on private
-// copies, with the sequence marked busy.
+// Memory budget: every byte the manager allocates on a client's behalf is charged before it is
+// allocated and released when it is freed, and the charges never exceed memory_budget_bytes:
+// pool memory as the backend allocates it (DeviceBackend::PoolBytes: page or granularity
+// rounding included), the pool's per-block bookkeeping (kBookkeepingBytesPerBlockLayer per
+// block and layer), and each client's Compress input buffer (rounded to pages).
+//
+// Quarantine: the blocks of a client whose lease expired (and those an operator Free takes from
+// a client) are not handed out again until `quarantine` has passed, because the client may be
+// stalled with the pool mapped and write to them when it resumes. They are neither used nor
+// free meanwhile (free + used + quarantined == capacity on every layer), and a pool whose last
+// client expired keeps its memory and budget until its quarantine ends. ExpireLeases ends
+// quarantines. Detach and a client's own Free release at once: the client gave the blocks up.
+//
+// Leases are judged by when a call arrived (Caller::arrival), so a call that waited is not
+// blamed for the wait.
+//
+// Thread-safe: one mutex serializes the bookkeeping (microseconds per call). Pool memory is
+// created outside it (the budget reserved first), and the heavy part of Compress, Fetch and Park
+// (scoring, codebooks, reconstruction) runs outside it on private copies, with the sequence
+// marked busy.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -59,9 +81,20 @@ struct CacheManagerOptions {
   uint64_t max_input_buffer_bytes = uint64_t{1} << 30;
   // Threads one Compress spreads its layers over (0: one per hardware thread).
   uint32_t compress_threads = 0;
+  // How long the blocks of an expired client stay quarantined (see the file comment).
+  // Zero means lease_timeout; shorter values count as lease_timeout.
+  absl::Duration quarantine = absl::ZeroDuration();
+  // Largest reply (encoded bytes) of a call that grows with a sequence: Allocate, GetSequence,
+  // Fork, Compress, Fetch. 4 MiB is what a gRPC client receives by default.
+  uint64_t max_reply_bytes = uint64_t{4} << 20;
 };
 
 inline constexpr size_t kMaxSequenceIdLength = 256;
+// Host memory charged to the budget per block of a pool, per layer: the allocator's
+// (BlockAllocator::kBookkeepingBytesPerBlock) and the block's entry in a sequence's block table.
+// Tables a Fork duplicates are not charged.
+inline constexpr uint64_t kBookkeepingBytesPerBlockLayer =
+    BlockAllocator::kBookkeepingBytesPerBlock + sizeof(uint32_t);
 
 struct AttachParams {
   std::string client_name;
@@ -216,6 +249,8 @@ struct LayerOccupancy {
   uint32_t used_blocks = 0;
   uint32_t free_blocks = 0;
   uint32_t shared_blocks = 0;
+  // Neither used nor free: released by an expired client, waiting out the quarantine.
+  uint32_t quarantined_blocks = 0;
 };
 
 struct PoolSnapshot {
@@ -223,7 +258,8 @@ struct PoolSnapshot {
   std::string model_name;
   BackendKind backend = BackendKind::kHost;
   std::string device;
-  uint64_t bytes = 0;
+  uint64_t bytes = 0;              // pool memory, as allocated
+  uint64_t bookkeeping_bytes = 0;  // per-block host bookkeeping charged beside it
   uint32_t clients = 0;
   std::vector<LayerOccupancy> layers;
   uint64_t arena_bytes = 0;  // codebook layers of the pool's sequences
@@ -242,7 +278,11 @@ struct StatsSnapshot {
   std::vector<PoolSnapshot> pools;
   std::vector<ClientSnapshot> clients;
   uint32_t num_sequences = 0;
+  // Everything charged to the budget: pools (memory + bookkeeping, pools being built
+  // included) and client input buffers. Never above memory_budget_bytes.
   uint64_t memory_used_bytes = 0;
+  uint64_t memory_budget_bytes = 0;
+  uint64_t input_buffer_bytes = 0;  // of all clients, as charged
 };
 
 class CacheManager {
@@ -259,9 +299,17 @@ class CacheManager {
   // Every session token starts with it, so a token from an earlier start is told apart from a
   // forged or mistyped one.
   const std::string& boot_id() const { return boot_id_; }
+  // The manager's clock: what the service stamps Caller::arrival with.
+  absl::Time Now() const { return clock_->Now(); }
+  // How long expired clients' blocks stay quarantined (options.quarantine resolved).
+  absl::Duration quarantine() const { return quarantine_; }
 
   // Registers a client. The first client of a model name creates its pool; later clients must
-  // describe the same model (FAILED_PRECONDITION otherwise) and share the pool.
+  // describe the same model (FAILED_PRECONDITION naming the fields that differ, not their
+  // values) and share the pool. The pool's memory is charged to the budget, then created
+  // outside the lock; an Attach of the same model meanwhile waits for it (without the lock).
+  //   INVALID_ARGUMENT    num_blocks makes a pool whose size overflows; input_buffer_bytes
+  //   RESOURCE_EXHAUSTED  the pool or the input buffer does not fit what the budget has left
   absl::StatusOr<AttachResult> Attach(const AttachParams& params);
 
   // Renews the lease; returns the time left on it.
@@ -340,11 +388,20 @@ class CacheManager {
   // Expires every client whose lease ran out (freeing what it held); returns their client ids.
   std::vector<std::string> ExpireLeases();
 
-  // Detaches every client and releases every pool (daemon shutdown).
+  // Shutdown begins: Compress, Fetch and Park working outside the lock stop before their next
+  // layer and answer UNAVAILABLE, changing nothing. Thread-safe, idempotent; the daemon calls it
+  // before it waits for calls in flight.
+  void BeginShutdown();
+
+  // Detaches every client and releases every pool, quarantined ones included (daemon
+  // shutdown). Waits for pools being built.
   void Shutdown();
 
-  // Checks every allocator and that each block's refcount equals the number of sequence
-  // layer tables referencing it. O(total blocks). For tests.
+  // Checks every allocator (free + used + quarantined == capacity), that each block's refcount
+  // equals the number of sequence layer tables referencing it, and the byte accounting: the
+  // budget's charges equal pool memory + bookkeeping + input buffers and stay within the
+  // budget; a pool with no client is held only by quarantined blocks. O(total blocks). For
+  // tests.
   absl::Status CheckInvariants() const;
 
  private:
@@ -368,7 +425,21 @@ class CacheManager {
   absl::StatusOr<std::shared_ptr<const ClientEvent>> WriteEventLocked(Client& client,
                                                                       const std::string& handle)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  uint64_t ReleaseSequenceLocked(Sequence& seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops the sequence's block references; returns the blocks whose last reference went away.
+  // With `quarantine_until` those wait in quarantine until then instead of becoming free.
+  uint64_t ReleaseSequenceLocked(Sequence& seq, std::optional<absl::Time> quarantine_until)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Charges `bytes` to the budget, or RESOURCE_EXHAUSTED naming `what` with what is left.
+  absl::Status ChargeLocked(uint64_t bytes, const std::string& what)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Registers a client of `pool` (built) with its input buffer (already charged).
+  AttachResult AddClientLocked(Pool& pool, const std::string& client_name, MemfdRegion input_buffer,
+                               uint64_t input_bytes, uint64_t input_charge)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Releases the pool of `model_name` if no client, no build and no quarantined block holds it.
+  void MaybeReleasePoolLocked(const std::string& model_name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // RESOURCE_EXHAUSTED when a reply of `bytes` would exceed max_reply_bytes; `what` says which.
+  absl::Status CheckReplyBytes(uint64_t bytes, const std::string& what) const;
   DetachResult RemoveClientLocked(const std::string& token, EventType why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SequenceSnapshot SnapshotLocked(const Sequence& seq) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -384,9 +455,11 @@ class CacheManager {
 
   const CacheManagerOptions options_;
   const std::string boot_id_;
+  const absl::Duration quarantine_;
   DeviceBackend* const backend_;
   const Clock* const clock_;
   EventHub* const events_;
+  std::atomic<bool> shutting_down_{false};
 
   mutable absl::Mutex mu_;
   // Keyed by model name.
@@ -394,7 +467,10 @@ class CacheManager {
   // Keyed by session token.
   absl::flat_hash_map<std::string, std::unique_ptr<Client>> clients_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::unique_ptr<Sequence>> sequences_ ABSL_GUARDED_BY(mu_);
+  // Charged to the budget (see the file comment); <= options_.memory_budget_bytes.
   uint64_t memory_used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Pools whose memory is being created outside the lock.
+  int builds_in_flight_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_client_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_sequence_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_pool_serial_ ABSL_GUARDED_BY(mu_) = 1;

@@ -3,6 +3,11 @@
 // busy; outside the lock it does the math on those private copies (never touching the pool or
 // the manager's state); under the lock again it finds the sequence (by serial: it may have been
 // freed meanwhile) and applies the result, or changes nothing.
+//
+// Sizes: what a client chooses (the input a Compress reads from its buffer) is overflow-checked
+// against the buffer. Every other scratch size is a row count (< 2^32) times a validated model's
+// per-row floats (num_kv_heads * head_dim <= 2^22) or a product of an existing pool's counts,
+// whose total bytes PlanPool checked to fit 2^63: none can wrap.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -10,9 +15,12 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/cache_manager_state.h"
 #include "cachemgr/compress/validation.h"
+#include "cachemgr/reply_size.h"
+#include "cachemgr/util/checked_math.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/parallel_for.h"
 #include "cachemgr/util/status_macros.h"
@@ -22,14 +30,17 @@ namespace cachemgr {
 
 using cache_manager_internal::CeilDiv;
 using cache_manager_internal::CheckNotBusy;
+using cache_manager_internal::ShutdownCancelled;
 using cache_manager_internal::SlotOf;
 
 absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset) {
   const std::string name = preset.empty() ? std::string(compress::kDefaultPreset) : preset;
   absl::StatusOr<compress::PolicyConfig> policy = compress::PresetPolicy(name);
   if (!policy.ok()) {
+    // The library's message quotes the whole name; this one quotes at most 64 bytes of it.
     return absl::InvalidArgumentError(
-        absl::StrCat("policy.preset \"", name, "\" is unknown: ", policy.status().message()));
+        absl::StrCat("policy.preset ", QuoteForMessage(name),
+                     " is unknown; known: ", absl::StrJoin(compress::PresetNames(), ", ")));
   }
   return policy;
 }
@@ -72,7 +83,8 @@ compress::ModelShape ShapeOf(const ModelSpec& m) {
 }
 
 absl::Status FreedMeanwhile(const std::string& sequence_id, const char* call) {
-  return absl::AbortedError(absl::StrCat("sequence_id \"", sequence_id, "\" was freed while ", call,
+  return absl::AbortedError(absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                                         " was freed while ", call,
                                          " worked on it; nothing was changed"));
 }
 
@@ -174,8 +186,8 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     if (seq->compression != nullptr) {
       return absl::FailedPreconditionError(
-          absl::StrCat("sequence_id \"", sequence_id,
-                       "\" is already compressed; compressing a sequence twice is not supported"));
+          absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                       " is already compressed; compressing a sequence twice is not supported"));
     }
     Pool& pool = *client->pool;
     const ModelSpec& model = pool.model;
@@ -197,8 +209,10 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
         return absl::InvalidArgumentError(absl::StrCat("num_queries ", params.num_queries,
                                                        " exceeds the sequence's ", n, " tokens"));
       }
+      // num_queries <= n < 2^32, hq, dim <= 2^12 and num_layers <= 2^10: below 2^58 * 4.
       per_layer_inputs = size_t{params.num_queries} * hq * dim;
-      const uint64_t need = uint64_t{num_layers} * per_layer_inputs * 4;
+      const uint64_t need =
+          CheckedProduct({num_layers, per_layer_inputs, sizeof(float)}).value_or(UINT64_MAX);
       if (need > buffer_bytes) {
         return absl::InvalidArgumentError(
             absl::StrCat("num_queries ", params.num_queries, " needs ", need,
@@ -206,7 +220,8 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
       }
     } else if (params.input == CompressInput::kScores) {
       per_layer_inputs = size_t{hq} * n;
-      const uint64_t need = uint64_t{num_layers} * per_layer_inputs * 4;
+      const uint64_t need =
+          CheckedProduct({num_layers, per_layer_inputs, sizeof(float)}).value_or(UINT64_MAX);
       if (need > buffer_bytes) {
         return absl::InvalidArgumentError(absl::StrCat("input: scores for ", n, " tokens need ",
                                                        need, " bytes but the input buffer holds ",
@@ -260,6 +275,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     }
   }
   auto read_layer = [&](uint32_t l) -> absl::Status {
+    if (shutting_down_.load()) return ShutdownCancelled("Compress");
     if (scores_from_pool(l)) {
       sums[l].resize(size_t{shape.num_q_heads} * n);
       if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
@@ -293,7 +309,8 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
       li.scores = inputs.data() + l * per_layer_inputs;
     }
   }
-  const compress::ComputeOptions compute{threads, memory->similarity_graph(), memory->ranker()};
+  const compress::ComputeOptions compute{threads, memory->similarity_graph(), memory->ranker(),
+                                         &shutting_down_};
   absl::StatusOr<compress::SequenceResult> computed =
       read.ok() ? compress::CompressSequence(shape, params.policy, input, params.target, compute)
                 : absl::StatusOr<compress::SequenceResult>(read);
@@ -303,6 +320,10 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     for (uint32_t l = 0; l < shape.num_layers && coding.ok(); ++l) {
       const compress::LayerResult& lr = computed->layers[l];
       if (!lr.key_codebook.has_value()) continue;
+      if (shutting_down_.load()) {
+        coding = ShutdownCancelled("Compress");
+        break;
+      }
       absl::StatusOr<compress::CodedLayer> layer =
           compress::CodedLayer::FromResult(shape, params.policy, lr, {});
       if (layer.ok()) {
@@ -317,6 +338,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   Sequence* seq = FindSerialLocked(sequence_id, serial);
   if (seq == nullptr) return FreedMeanwhile(sequence_id, "Compress");
   seq->busy = nullptr;
+  if (shutting_down_.load()) return ShutdownCancelled("Compress");
   if (!computed.ok()) {
     // The library names the target "target.value"; the request calls it by its kind.
     std::string message(computed.status().message());
@@ -331,6 +353,17 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   const ModelSpec& model = pool.model;
   const uint32_t num_layers = model.num_layers, bs = model.block_size;
   const kernels::KvLayerLayout& layout = pool.memory->layout();
+  // The reply lists every kept position: refuse it before the first row moves.
+  {
+    std::vector<reply_size::LayerCounts> counts;
+    for (const compress::LayerResult& lr : sr.layers) {
+      counts.push_back(
+          {lr.key_codebook.has_value() ? 0 : CeilDiv(lr.kept_per_head, bs), lr.kept.size()});
+    }
+    RETURN_IF_ERROR(
+        CheckReplyBytes(reply_size::CompressReplyBytes(counts, pool.num_blocks, seq->num_positions),
+                        absl::StrCat("Compress of sequence_id ", QuoteForMessage(sequence_id))));
+  }
   // A plain layer with a block shared with a fork is written to fresh blocks (the fork keeps
   // the old ones); the others are compacted in place. Plan and validate everything before the
   // first row moves, so a refusal changes nothing.
@@ -460,6 +493,20 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
     ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     ASSIGN_OR_RETURN(which, ResolveLayers(layers, client->pool->model.num_layers));
+    {
+      // The reply lists every layer's blocks and row positions (as they will be after Fetch).
+      const uint32_t bs = client->pool->model.block_size;
+      const uint64_t hkv = client->pool->model.num_kv_heads;
+      std::vector<reply_size::LayerCounts> counts;
+      for (uint32_t l : which) {
+        const auto& t = seq->layers[l];
+        counts.push_back({t.parked ? CeilDiv(t.num_tokens, bs) : t.blocks.size(),
+                          seq->compression != nullptr ? hkv * t.num_tokens : 0});
+      }
+      RETURN_IF_ERROR(CheckReplyBytes(
+          reply_size::FetchReplyBytes(counts, client->pool->num_blocks, seq->num_positions),
+          absl::StrCat("Fetch of sequence_id ", QuoteForMessage(sequence_id))));
+    }
     bool any = false;
     for (uint32_t l : which) {
       const bool is_parked = seq->layers[l].parked;
@@ -487,6 +534,7 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
   std::vector<std::vector<float>> rec_k(which.size()), rec_v(which.size());
   for (size_t i = 0; i < which.size(); ++i) {
     if (parked[i] == nullptr) continue;
+    if (shutting_down_.load()) break;
     if (on_device) {
       flat[i] = parked[i]->Flatten();
     } else {
@@ -498,6 +546,7 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
   Sequence* seq = FindSerialLocked(sequence_id, serial);
   if (seq == nullptr) return FreedMeanwhile(sequence_id, "Fetch");
   seq->busy = nullptr;
+  if (shutting_down_.load()) return ShutdownCancelled("Fetch");
   Pool& pool = *seq->owner->pool;
   const uint32_t bs = pool.model.block_size;
   // Other sequences may have taken blocks meanwhile: plan again, all or nothing.
@@ -563,8 +612,9 @@ absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
     ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
     RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
     if (seq->compression == nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "sequence_id \"", sequence_id, "\" was never compressed: it has no codebook layers"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                       " was never compressed: it has no codebook layers"));
     }
     const ModelSpec& model = client->pool->model;
     std::vector<uint32_t> which;
@@ -613,6 +663,10 @@ absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
   }
   for (Work& w : work) {
     if (!w.resident || !coding.ok()) continue;
+    if (shutting_down_.load()) {
+      coding = ShutdownCancelled("Park");
+      continue;
+    }
     if (absl::Status s = GatherLayerRows(*memory, w.layer, w.slots, &w.keys, &w.values); !s.ok()) {
       coding =
           absl::InternalError(absl::StrCat("reading layer ", w.layer, " failed: ", s.message()));
@@ -632,6 +686,7 @@ absl::StatusOr<std::vector<ParkedLayerResult>> CacheManager::Park(
   Sequence* seq = FindSerialLocked(sequence_id, serial);
   if (seq == nullptr) return FreedMeanwhile(sequence_id, "Park");
   seq->busy = nullptr;
+  if (shutting_down_.load()) return ShutdownCancelled("Park");
   RETURN_IF_ERROR(coding);
   Pool& pool = *seq->owner->pool;
   auto compression = std::make_shared<Compression>(*seq->compression);

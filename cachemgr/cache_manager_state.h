@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/compress/coded_layer.h"
+#include "cachemgr/util/quote.h"
 
 namespace cachemgr {
 
@@ -19,7 +20,12 @@ struct CacheManager::Pool {
   std::string pool_id;
   ModelSpec model;
   uint32_t num_blocks = 0;
+  // Charged to the budget: the memory (DeviceBackend::PoolBytes, then what was allocated) and
+  // the per-block bookkeeping.
   uint64_t bytes = 0;
+  uint64_t bookkeeping_bytes = 0;
+  // Its memory is being created outside the lock: no memory, no allocators, no clients yet.
+  bool building = false;
   // Shared so that Compress's work outside the lock keeps it alive if the pool is released
   // meanwhile.
   std::shared_ptr<PoolMemory> memory;
@@ -35,6 +41,7 @@ struct CacheManager::Client {
   absl::Time lease_deadline;
   std::vector<std::string> sequences;  // ids, insertion order
   MemfdRegion input_buffer;            // Compress inputs, written by the client
+  uint64_t input_charge = 0;           // its bytes charged to the budget (whole pages)
   // The client's CUDA write event (Compress / Park cuda_ipc_event_handle), opened once per
   // handle; shared so a call waiting on it outside the lock keeps it open.
   std::string write_event_handle;
@@ -88,8 +95,14 @@ inline int64_t SlotOf(const std::vector<uint32_t>& blocks, uint32_t row, uint32_
 // ABORTED while another call works on the sequence outside the lock.
 inline absl::Status CheckNotBusy(const std::string& sequence_id, const char* busy) {
   if (busy == nullptr) return absl::OkStatus();
-  return absl::AbortedError(absl::StrCat("sequence_id \"", sequence_id, "\" is busy in ", busy,
-                                         "; retry when it returns"));
+  return absl::AbortedError(absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                                         " is busy in ", busy, "; retry when it returns"));
+}
+
+// What Compress, Fetch and Park answer when the daemon's shutdown stopped them.
+inline absl::Status ShutdownCancelled(const char* call) {
+  return absl::UnavailableError(absl::StrCat("cachemgrd is shutting down: ", call,
+                                             " stopped between layers and changed nothing"));
 }
 
 }  // namespace cache_manager_internal

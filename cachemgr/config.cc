@@ -168,6 +168,26 @@ const std::vector<Option>& Options() {
          c.manager.lease_timeout = absl::Milliseconds(n);
          return e;
        }},
+      {"quarantine_ms", "MS",
+       "blocks of a client whose lease expired stay unusable this long, since it may still "
+       "write to them; >= lease_timeout_ms (default: lease_timeout_ms)",
+       [](DaemonConfig& c, absl::string_view v) {
+         uint64_t n = 0;
+         std::string e = NeedUint(v, 1, 7 * 86400000ull, &n);
+         c.manager.quarantine = absl::Milliseconds(n);
+         return e;
+       }},
+      {"max_reply_bytes", "BYTES",
+       "largest reply of Allocate, GetSequence, Fork, Compress or Fetch; larger requests get "
+       "RESOURCE_EXHAUSTED (default 4M, what gRPC clients receive by default)",
+       [](DaemonConfig& c, absl::string_view v) {
+         if (!ParseBytes(v, &c.manager.max_reply_bytes) ||
+             c.manager.max_reply_bytes < (uint64_t{64} << 10) ||
+             c.manager.max_reply_bytes > (uint64_t{1} << 30)) {
+           return absl::StrCat("must be a byte count in [64K, 1G] like 4M (got \"", v, "\")");
+         }
+         return std::string();
+       }},
       {"max_tokens_per_allocate", "N", "largest num_new_tokens one Allocate accepts (1048576)",
        [](DaemonConfig& c, absl::string_view v) {
          uint64_t n = 0;
@@ -276,6 +296,15 @@ absl::Status Validate(DaemonConfig& c) {
         absl::StrCat("--lease_timeout_ms (", absl::ToInt64Milliseconds(c.manager.lease_timeout),
                      ") must exceed --heartbeat_interval_ms (",
                      absl::ToInt64Milliseconds(c.manager.heartbeat_interval), ")"));
+  }
+  if (c.manager.quarantine == absl::ZeroDuration()) {
+    c.manager.quarantine = c.manager.lease_timeout;
+  } else if (c.manager.quarantine < c.manager.lease_timeout) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--quarantine_ms (", absl::ToInt64Milliseconds(c.manager.quarantine),
+                     ") must be at least --lease_timeout_ms (",
+                     absl::ToInt64Milliseconds(c.manager.lease_timeout),
+                     "): a stalled client's blocks must not be reused sooner"));
   }
   if (c.manager.default_pool_bytes > c.manager.memory_budget_bytes) {
     return absl::InvalidArgumentError("--default_pool_bytes must not exceed --memory_budget");

@@ -222,6 +222,7 @@ void Daemon::Shutdown() {
   // every connection at once (an idle client connection would otherwise hold Shutdown until
   // its deadline).
   service_->BeginDrain();
+  manager_->BeginShutdown();  // Compress / Fetch / Park in flight stop at their next layer
   events_.Close();
   const bool idle = service_->WaitIdle(config_.shutdown_grace);
   if (!idle) Log(LogLevel::kWarning, "grace period over: cancelling calls still in flight");

@@ -4,6 +4,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cachemgr/util/checked_math.h"
+#include "cachemgr/util/quote.h"
 
 namespace cachemgr {
 
@@ -32,7 +34,39 @@ kernels::KvLayerLayout ModelSpec::LayerLayout(uint32_t num_blocks) const {
   return l;
 }
 
-uint64_t ModelSpec::BlockBytes() const { return LayerLayout(0).block_bytes(); }
+namespace {
+
+// 2 (K and V) * block_size * num_kv_heads * head_dim * elem_bytes, if it fits.
+std::optional<uint64_t> CheckedBlockBytes(const ModelSpec& m) {
+  return CheckedProduct({2, m.block_size, m.num_kv_heads, m.head_dim, DTypeBytes(m.dtype)});
+}
+
+const char* RopeStyleName(RopeStyle style) {
+  switch (style) {
+    case RopeStyle::kNone:
+      return "none";
+    case RopeStyle::kInterleaved:
+      return "interleaved";
+    case RopeStyle::kHalfSplit:
+      return "half_split";
+  }
+  return "?";
+}
+
+}  // namespace
+
+// Validation checked the product; the field maxima keep it below 2^36 anyway.
+uint64_t ModelSpec::BlockBytes() const { return CheckedBlockBytes(*this).value_or(UINT64_MAX); }
+
+absl::StatusOr<uint64_t> ModelSpec::LayerBytes(uint32_t num_blocks) const {
+  const std::optional<uint64_t> bytes = CheckedMul<uint64_t>(num_blocks, BlockBytes());
+  if (!bytes.has_value()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_blocks ", num_blocks, " of ", BlockBytes(),
+                     " bytes each make a layer larger than 2^64 bytes"));
+  }
+  return *bytes;
+}
 
 kernels::KvElemType ModelSpec::ElemType() const {
   switch (dtype) {
@@ -47,9 +81,34 @@ kernels::KvElemType ModelSpec::ElemType() const {
 }
 
 std::string ModelSpec::Describe() const {
-  return absl::StrFormat("%s L=%u H=%u/%u D=%u %s bs=%u %s", name, num_layers, num_q_heads,
+  const std::string rope_text = rope.style == RopeStyle::kNone
+                                    ? std::string("none")
+                                    : absl::StrCat(RopeStyleName(rope.style), "/", rope.theta, "/",
+                                                   rope.scaling_factor, "/", rope.rotary_dim);
+  return absl::StrFormat("%s L=%u H=%u/%u D=%u %s bs=%u %s rope=%s", name, num_layers, num_q_heads,
                          num_kv_heads, head_dim, DTypeName(dtype), block_size,
-                         layout == kernels::KvOrder::kFlashAttn ? "flash_attn" : "flashinfer");
+                         layout == kernels::KvOrder::kFlashAttn ? "flash_attn" : "flashinfer",
+                         rope_text);
+}
+
+std::vector<std::string> ModelSpec::DifferingFields(const ModelSpec& other) const {
+  std::vector<std::string> out;
+  auto check = [&out](bool differ, const char* field) {
+    if (differ) out.emplace_back(field);
+  };
+  check(name != other.name, "name");
+  check(num_layers != other.num_layers, "num_layers");
+  check(num_q_heads != other.num_q_heads, "num_q_heads");
+  check(num_kv_heads != other.num_kv_heads, "num_kv_heads");
+  check(head_dim != other.head_dim, "head_dim");
+  check(dtype != other.dtype, "dtype");
+  check(block_size != other.block_size, "block_size");
+  check(layout != other.layout, "layout");
+  check(rope.style != other.rope.style, "rope.style");
+  check(rope.theta != other.rope.theta, "rope.theta");
+  check(rope.scaling_factor != other.rope.scaling_factor, "rope.scaling_factor");
+  check(rope.rotary_dim != other.rope.rotary_dim, "rope.rotary_dim");
+  return out;
 }
 
 bool IsValidIdentifier(const std::string& name, size_t max_len) {
@@ -78,9 +137,10 @@ absl::Status CheckRange(const std::string& prefix, const char* field, uint32_t v
 
 absl::Status ValidateModelSpec(const ModelSpec& spec, const std::string& prefix) {
   if (!IsValidIdentifier(spec.name, kMaxNameLength)) {
-    return Bad(prefix, "name",
-               absl::StrCat("must be 1-", kMaxNameLength,
-                            " printable characters without spaces (got \"", spec.name, "\")"));
+    return Bad(
+        prefix, "name",
+        absl::StrCat("must be 1-", kMaxNameLength, " printable characters without spaces (got ",
+                     QuoteForMessage(spec.name), ")"));
   }
   if (auto s = CheckRange(prefix, "num_layers", spec.num_layers, kMaxLayers); !s.ok()) return s;
   if (auto s = CheckRange(prefix, "num_q_heads", spec.num_q_heads, kMaxHeads); !s.ok()) return s;
@@ -111,6 +171,9 @@ absl::Status ValidateModelSpec(const ModelSpec& spec, const std::string& prefix)
           prefix, "head_dim",
           absl::StrCat("must be even when RoPE rotates the whole head (got ", spec.head_dim, ")"));
     }
+  }
+  if (!CheckedBlockBytes(spec).has_value()) {
+    return Bad(prefix, "block_size", "makes one block larger than 2^64 bytes");
   }
   return absl::OkStatus();
 }

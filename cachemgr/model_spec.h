@@ -3,8 +3,10 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "cachemgr/kernels/kv_layout.h"
 
 namespace cachemgr {
@@ -24,7 +26,8 @@ struct RopeSpec {
   bool operator==(const RopeSpec&) const = default;
 };
 
-// Largest values accepted; they bound memory math and catch garbage.
+// Largest values accepted; they catch garbage. They bound BlockBytes() (2 * 1024 * 4096 * 1024 *
+// 4 = 2^35), not the products with num_blocks and num_layers, which are checked where computed.
 inline constexpr uint32_t kMaxLayers = 1024;
 inline constexpr uint32_t kMaxHeads = 4096;
 inline constexpr uint32_t kMaxHeadDim = 1024;
@@ -46,11 +49,20 @@ struct ModelSpec {
 
   // The per-layer layout of a pool of `num_blocks` blocks.
   kernels::KvLayerLayout LayerLayout(uint32_t num_blocks) const;
-  // Bytes one block occupies in one layer (K and V).
+  // Bytes one block occupies in one layer (K and V). REQUIRES: a spec ValidateModelSpec
+  // accepted (which also checks that this product fits).
   uint64_t BlockBytes() const;
+  // Bytes of one layer's tensor of `num_blocks` blocks: INVALID_ARGUMENT naming num_blocks when
+  // it does not fit 64 bits. REQUIRES: a validated spec.
+  absl::StatusOr<uint64_t> LayerBytes(uint32_t num_blocks) const;
   kernels::KvElemType ElemType() const;
-  // One line for logs: "stories260K L=5 H=8/4 D=8 fp32 bs=16 fa".
+  // One line for logs: "stories260K L=5 H=8/4 D=8 fp32 bs=16 flash_attn rope=interleaved/10000/1/0"
+  // (rope=style/theta/scaling_factor/rotary_dim, or rope=none). REQUIRES: a validated spec (its
+  // name is short and printable).
   std::string Describe() const;
+  // The fields (as named in the request: "num_kv_heads", "rope.theta", ...) whose values differ
+  // from `other`'s, in declaration order; empty when the descriptions are equal.
+  std::vector<std::string> DifferingFields(const ModelSpec& other) const;
 };
 
 // Checks every field; the message names the field as `<prefix>.<field>` (prefix e.g. "model").

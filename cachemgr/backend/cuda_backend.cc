@@ -15,6 +15,8 @@
 #include "cachemgr/compress/codebook_graph.h"
 #include "cachemgr/compress/selection.h"
 #include "cachemgr/kernels/kv_digest.h"
+#include "cachemgr/util/checked_math.h"
+#include "cachemgr/util/status_macros.h"
 #include "cachemgr/util/unique_fd.h"
 #include "kernels/cpu/block_copy.h"
 #include "kernels/cpu/token_rows.h"
@@ -52,18 +54,39 @@ class CudaRegion {
 
 class VmmRegion final : public CudaRegion {
  public:
-  static absl::StatusOr<std::unique_ptr<VmmRegion>> Create(const CudaDriver* drv, int ordinal,
-                                                           uint64_t want) {
+  static CUmemAllocationProp Properties(int ordinal) {
     CUmemAllocationProp prop{};
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = ordinal;
     prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    return prop;
+  }
+
+  // The size cuMemCreate gets for `want` bytes: rounded up to the recommended granularity.
+  static absl::StatusOr<uint64_t> AllocationBytes(const CudaDriver* drv, int ordinal,
+                                                  uint64_t want) {
+    const CUmemAllocationProp prop = Properties(ordinal);
+    size_t granularity = 0;
+    CUDA_DRIVER_OR_RETURN(drv->MemGetAllocationGranularity(&granularity, &prop,
+                                                           CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
+    const std::optional<uint64_t> bytes = CheckedRoundUp(want, std::max<size_t>(granularity, 1));
+    if (!bytes.has_value()) {
+      return absl::InvalidArgumentError(absl::StrCat("num_blocks: a pool of ", want,
+                                                     " bytes cannot be rounded to the device's "
+                                                     "allocation granularity"));
+    }
+    return *bytes;
+  }
+
+  static absl::StatusOr<std::unique_ptr<VmmRegion>> Create(const CudaDriver* drv, int ordinal,
+                                                           uint64_t want) {
+    const CUmemAllocationProp prop = Properties(ordinal);
     size_t granularity = 0;
     CUDA_DRIVER_OR_RETURN(drv->MemGetAllocationGranularity(&granularity, &prop,
                                                            CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
     auto region = std::unique_ptr<VmmRegion>(new VmmRegion(drv));
-    region->bytes_ = RoundUp(want, granularity);
+    ASSIGN_OR_RETURN(region->bytes_, AllocationBytes(drv, ordinal, want));
     if (CUresult r = drv->MemCreate(&region->handle_, region->bytes_, &prop, 0);
         r != CUDA_SUCCESS) {
       if (r == CUDA_ERROR_OUT_OF_MEMORY) {
@@ -711,16 +734,24 @@ absl::StatusOr<std::unique_ptr<ClientEvent>> CudaBackend::OpenClientEvent(
   return std::unique_ptr<ClientEvent>(*std::move(event));
 }
 
+absl::StatusOr<uint64_t> CudaBackend::PoolBytes(const kernels::KvLayerLayout& layout,
+                                                uint32_t num_layers) const {
+  ASSIGN_OR_RETURN(const PoolPlan plan, PlanPool(layout, num_layers, kLayerAlignment));
+  // cudaMalloc takes the 2 MiB-aligned total as it is; cuMemCreate rounds to its granularity.
+  if (share_method_ != ShareMethod::kCudaVmmFd) return plan.total_bytes;
+  return VmmRegion::AllocationBytes(driver_, ordinal_, plan.total_bytes);
+}
+
 absl::StatusOr<std::unique_ptr<PoolMemory>> CudaBackend::CreatePool(
     const std::string& pool_id, const kernels::KvLayerLayout& layout, kernels::KvElemType type,
     uint32_t num_layers) {
   (void)pool_id;
   CUDA_RUNTIME_OR_RETURN(cudaSetDevice(ordinal_));
-  const uint64_t layer_bytes = layout.layer_bytes();
-  const uint64_t stride = RoundUp(layer_bytes, kLayerAlignment);
+  ASSIGN_OR_RETURN(const PoolPlan plan, PlanPool(layout, num_layers, kLayerAlignment));
   std::vector<LayerPlacement> layers(num_layers);
-  for (uint32_t l = 0; l < num_layers; ++l) layers[l] = {0, l * stride, layer_bytes};
-  const uint64_t total = stride * num_layers;
+  // l * stride < total_bytes, which PlanPool checked.
+  for (uint32_t l = 0; l < num_layers; ++l) layers[l] = {0, l * plan.stride, plan.layer_bytes};
+  const uint64_t total = plan.total_bytes;
   std::unique_ptr<CudaRegion> region;
   if (share_method_ == ShareMethod::kCudaVmmFd) {
     absl::StatusOr<std::unique_ptr<VmmRegion>> r = VmmRegion::Create(driver_, ordinal_, total);

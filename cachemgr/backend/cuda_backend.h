@@ -50,6 +50,10 @@ class CudaBackend final : public DeviceBackend {
   absl::StatusOr<std::unique_ptr<ClientEvent>> OpenClientEvent(
       const std::string& handle) const override;
 
+  // The layers at 2 MiB-aligned strides; with vmm_fd rounded up to cuMemCreate's granularity.
+  absl::StatusOr<uint64_t> PoolBytes(const kernels::KvLayerLayout& layout,
+                                     uint32_t num_layers) const override;
+
   absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(const std::string& pool_id,
                                                          const kernels::KvLayerLayout& layout,
                                                          kernels::KvElemType type,

@@ -19,6 +19,7 @@
 #include "cachemgr/compress/coded_layer.h"
 #include "cachemgr/kernels/block_copy_types.h"
 #include "cachemgr/kernels/kv_layout.h"
+#include "cachemgr/util/checked_math.h"
 
 namespace cachemgr {
 
@@ -41,6 +42,38 @@ struct LayerPlacement {
   uint64_t offset = 0;  // bytes from the region start
   uint64_t bytes = 0;   // the layer tensor's bytes
 };
+
+// How a backend lays a pool's layers out in one region: layer l's tensor (layer_bytes) at
+// l * stride, stride being layer_bytes rounded up to the backend's alignment.
+struct PoolPlan {
+  uint64_t layer_bytes = 0;
+  uint64_t stride = 0;
+  uint64_t total_bytes = 0;  // stride * num_layers
+};
+
+// The plan of `num_layers` layers of `layout` at `alignment` (> 0), every product
+// overflow-checked: INVALID_ARGUMENT naming num_blocks when a size does not fit 64 bits (or,
+// for the total, an off_t).
+inline absl::StatusOr<PoolPlan> PlanPool(const kernels::KvLayerLayout& layout, uint32_t num_layers,
+                                         uint64_t alignment) {
+  PoolPlan plan;
+  const std::optional<uint64_t> layer_bytes =
+      CheckedProduct({layout.num_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim,
+                      layout.elem_bytes});
+  const std::optional<uint64_t> stride =
+      layer_bytes.has_value() ? CheckedRoundUp(*layer_bytes, alignment) : std::nullopt;
+  const std::optional<uint64_t> total =
+      stride.has_value() ? CheckedMul<uint64_t>(*stride, num_layers) : std::nullopt;
+  if (!total.has_value() || *total > static_cast<uint64_t>(INT64_MAX)) {
+    return absl::InvalidArgumentError(absl::StrCat("num_blocks ", layout.num_blocks, " over ",
+                                                   num_layers,
+                                                   " layers makes a pool larger than 2^63 bytes"));
+  }
+  plan.layer_bytes = *layer_bytes;
+  plan.stride = *stride;
+  plan.total_bytes = *total;
+  return plan;
+}
 
 // Memory of one pool. Released (unmapped / freed) on destruction. Thread-compatible: the
 // CacheManager serializes calls, except the two compute calls below, which are thread-safe.
@@ -208,8 +241,17 @@ class DeviceBackend {
   // Human-readable device identity ("host", or a GPU UUID).
   virtual std::string device_name() const = 0;
 
-  // Allocates `num_layers` layer tensors of `layout` holding elements of `type` (zero-filled).
-  // RESOURCE_EXHAUSTED when the memory cannot be had.
+  // The bytes CreatePool(layout, num_layers) allocates (its alignment and rounding included),
+  // computed without allocating: the manager charges them to its memory budget before the pool
+  // is built. INVALID_ARGUMENT naming num_blocks when the size overflows (PlanPool).
+  // Thread-safe.
+  virtual absl::StatusOr<uint64_t> PoolBytes(const kernels::KvLayerLayout& layout,
+                                             uint32_t num_layers) const = 0;
+
+  // Allocates `num_layers` layer tensors of `layout` holding elements of `type` (zero-filled),
+  // exactly PoolBytes() of them. INVALID_ARGUMENT as PoolBytes; RESOURCE_EXHAUSTED when the
+  // memory cannot be had. Thread-safe: the manager calls it outside its lock, possibly for two
+  // pools at once.
   virtual absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(
       const std::string& pool_id, const kernels::KvLayerLayout& layout, kernels::KvElemType type,
       uint32_t num_layers) = 0;

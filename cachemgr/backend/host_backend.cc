@@ -113,18 +113,25 @@ class HostPoolMemory final : public PoolMemory {
   std::vector<LayerPlacement> layers_;
 };
 
+uint64_t PageBytes() { return static_cast<uint64_t>(sysconf(_SC_PAGESIZE)); }
+
 }  // namespace
+
+absl::StatusOr<uint64_t> HostBackend::PoolBytes(const kernels::KvLayerLayout& layout,
+                                                uint32_t num_layers) const {
+  ASSIGN_OR_RETURN(const PoolPlan plan, PlanPool(layout, num_layers, PageBytes()));
+  return plan.total_bytes;
+}
 
 absl::StatusOr<std::unique_ptr<PoolMemory>> HostBackend::CreatePool(
     const std::string& pool_id, const kernels::KvLayerLayout& layout, kernels::KvElemType type,
     uint32_t num_layers) {
-  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-  const uint64_t layer_bytes = layout.layer_bytes();
-  const uint64_t stride = (layer_bytes + page - 1) / page * page;
+  ASSIGN_OR_RETURN(const PoolPlan plan, PlanPool(layout, num_layers, PageBytes()));
   std::vector<LayerPlacement> layers(num_layers);
-  for (uint32_t l = 0; l < num_layers; ++l) layers[l] = {0, l * stride, layer_bytes};
+  // l * stride < total_bytes, which PlanPool checked.
+  for (uint32_t l = 0; l < num_layers; ++l) layers[l] = {0, l * plan.stride, plan.layer_bytes};
   ASSIGN_OR_RETURN(MemfdRegion region,
-                   MemfdRegion::Create(absl::StrCat("cachemgr-", pool_id), stride * num_layers));
+                   MemfdRegion::Create(absl::StrCat("cachemgr-", pool_id), plan.total_bytes));
   return std::make_unique<HostPoolMemory>(layout, type, std::move(region), std::move(layers));
 }
 

@@ -14,6 +14,10 @@ class HostBackend final : public DeviceBackend {
   ShareMethod share_method() const override { return ShareMethod::kMemfd; }
   std::string device_name() const override { return "host"; }
 
+  // Every layer's tensor rounded up to whole pages, times the layers.
+  absl::StatusOr<uint64_t> PoolBytes(const kernels::KvLayerLayout& layout,
+                                     uint32_t num_layers) const override;
+
   // One memfd region holding every layer, each layer at a page-aligned offset.
   absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(const std::string& pool_id,
                                                          const kernels::KvLayerLayout& layout,

@@ -57,13 +57,15 @@ class SequenceCompressor {
  public:
   SequenceCompressor(const ModelShape& shape, const PolicyConfig& policy,
                      const SequenceInput& input, uint32_t threads,
-                     const SimilarityGraphBuilder* similarity_graph, const TopKRanker* ranker)
+                     const SimilarityGraphBuilder* similarity_graph, const TopKRanker* ranker,
+                     const std::atomic<bool>* cancel)
       : shape_(shape),
         policy_(policy),
         input_(input),
         threads_(threads),
         similarity_graph_(similarity_graph),
         ranker_(ranker),
+        cancel_(cancel),
         split_(SplitWindow(input.num_tokens, policy.window)),
         rope_(RopeParamsFromShape(shape)),
         memo_(shape.num_layers) {}
@@ -77,6 +79,7 @@ class SequenceCompressor {
     scores_.resize(shape_.num_layers);
     lmba_.resize(shape_.num_layers);
     return ParallelFor(shape_.num_layers, threads_, [&](uint32_t l) -> absl::Status {
+      RETURN_IF_ERROR(CheckCancelled());
       ASSIGN_OR_RETURN(scores_[l],
                        ScoreLayer(shape_, policy_, input_.layers[l], l, split_, want_lmba));
       lmba_[l] = scores_[l].lmba;
@@ -93,6 +96,7 @@ class SequenceCompressor {
                              ? split_.context
                              : KeptContextCount(ratios[l], split_.context);
       if (!memo_[l].has_value() || memo_[l]->kept_per_head != k + split_.window) {
+        RETURN_IF_ERROR(CheckCancelled());
         ASSIGN_OR_RETURN(LayerResult layer, CompressLayer(l, k));
         memo_[l] = std::move(layer);
       }
@@ -110,6 +114,13 @@ class SequenceCompressor {
   }
 
  private:
+  absl::Status CheckCancelled() const {
+    if (cancel_ != nullptr && cancel_->load(std::memory_order_relaxed)) {
+      return absl::CancelledError("compression cancelled between layers");
+    }
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<LayerResult> CompressLayer(uint32_t l, uint32_t k) {
     LayerResult layer;
     layer.kept_per_head = k + split_.window;
@@ -137,6 +148,7 @@ class SequenceCompressor {
   const uint32_t threads_;
   const SimilarityGraphBuilder* const similarity_graph_;
   const TopKRanker* const ranker_;
+  const std::atomic<bool>* const cancel_;
   const WindowSplit split_;
   const RopeParams rope_;
   RopeAngles angles_;
@@ -313,7 +325,7 @@ absl::StatusOr<SequenceResult> CompressSequence(const ModelShape& shape, const P
                                ? std::max(1u, std::thread::hardware_concurrency())
                                : compute.max_threads;
   SequenceCompressor compressor(shape, policy, input, threads, compute.similarity_graph,
-                                compute.ranker);
+                                compute.ranker, compute.cancel);
   RETURN_IF_ERROR(compressor.Prepare());
   if (target.kind == TargetKind::kReserveRatio) return compressor.Evaluate(target.value);
   return SearchByteRatio(shape, input.num_tokens, compressor, target.value, policy);

@@ -7,6 +7,7 @@
 // (shared/seeds/spindlekv-paper.txt) with eq. 5 corrected as MISSION.md §4 says.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -190,12 +191,15 @@ struct ComputeOptions {
   const SimilarityGraphBuilder* similarity_graph = nullptr;
   // Ranks the query heads' scores under GqaMode::kRepeat (selection.h); null: on the host.
   const TopKRanker* ranker = nullptr;
+  // When set and true, the work stops before the next layer's scoring or coding and
+  // CompressSequence returns CANCELLED (the daemon's shutdown). Null: never.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 // Runs the policy. INVALID_ARGUMENT (naming the field) for a bad shape, policy or target, or
-// missing queries/scores when the scoring needs them. Errors of BuildCodebook pass through
-// (e.g. RESOURCE_EXHAUSTED when a codebook's bitset cannot be allocated). Thread-safe: no
-// shared state; the input arrays are only read.
+// missing queries/scores when the scoring needs them; CANCELLED once compute.cancel is set. Errors
+// of BuildCodebook pass through (e.g. RESOURCE_EXHAUSTED when a codebook's bitset cannot be
+// allocated). Thread-safe: no shared state; the input arrays are only read.
 //
 // Per layer: budget (r -> r_c -> r_c(lambda) -> k) -> scores -> selection -> codebook (if on:
 // K un-rotated to pre-RoPE at its token's position; kept only if smaller when

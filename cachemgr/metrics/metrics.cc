@@ -86,8 +86,9 @@ class Metrics::StateGauges : public prometheus::Collectable {
     AddGauge(out.back(), {}, static_cast<double>(stats.clients.size()));
     out.push_back(Gauges("cachemgr_sequences", "Sequences held, over all clients."));
     AddGauge(out.back(), {}, stats.num_sequences);
-    out.push_back(Gauges("cachemgr_memory_used_bytes",
-                         "Bytes of pool memory allocated (counted against --memory_budget)."));
+    out.push_back(Gauges(
+        "cachemgr_memory_used_bytes",
+        "Bytes charged to --memory_budget: pool memory, per-block bookkeeping, input buffers."));
     AddGauge(out.back(), {}, static_cast<double>(stats.memory_used_bytes));
 
     out.push_back(Gauges("cachemgr_pool_bytes", "Bytes of one pool's memory (all layers)."));
@@ -113,7 +114,11 @@ class Metrics::StateGauges : public prometheus::Collectable {
                      &LayerOccupancy::free_blocks},
           LayerGauge{"cachemgr_pool_shared_blocks",
                      "Blocks of one layer referenced by more than one sequence (forks).",
-                     &LayerOccupancy::shared_blocks}}) {
+                     &LayerOccupancy::shared_blocks},
+          LayerGauge{"cachemgr_pool_quarantined_blocks",
+                     "Blocks of one layer an expired client released, held back until its "
+                     "quarantine ends.",
+                     &LayerOccupancy::quarantined_blocks}}) {
       out.push_back(Gauges(g.name, g.help));
       for (const PoolSnapshot& p : stats.pools) {
         for (size_t l = 0; l < p.layers.size(); ++l) {

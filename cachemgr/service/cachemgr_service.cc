@@ -204,10 +204,12 @@ grpc::ServerUnaryReactor* CacheManagerService::Unary(grpc::CallbackServerContext
                                                      const std::string& session_token,
                                                      Body&& body) {
   const absl::Time start = absl::Now();
+  // On the manager's clock, which judges leases by it.
+  const absl::Time arrival = manager_->Now();
   auto* reactor = new UnaryCall(this);
   absl::Status status =
       draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
-  if (status.ok()) status = body(MakeCaller(ctx, session_token, start));
+  if (status.ok()) status = body(MakeCaller(ctx, session_token, arrival));
   Finished(method, status, start);
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -223,6 +225,8 @@ grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(
     grpc::CallbackServerContext* ctx, const char* method, const std::string& session_token,
     std::function<absl::Status(const Caller&)> body) {
   const absl::Time start = absl::Now();
+  // Stamped before the queue: the wait for a worker is not the caller's.
+  const absl::Time arrival = manager_->Now();
   auto* reactor = new UnaryCall(this);
   absl::Status status =
       draining_.load() ? absl::UnavailableError("cachemgrd is shutting down") : Authorize(ctx);
@@ -231,7 +235,7 @@ grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(
     reactor->Finish(ToGrpcStatus(status));
     return reactor;
   }
-  workers_.Submit([this, reactor, method, start, caller = MakeCaller(ctx, session_token, start),
+  workers_.Submit([this, reactor, method, start, caller = MakeCaller(ctx, session_token, arrival),
                    body = std::move(body)] {
     const absl::Status result = body(caller);
     Finished(method, result, start);

@@ -88,7 +88,7 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   grpc::ServerUnaryReactor* UnaryOnWorker(grpc::CallbackServerContext* ctx, const char* method,
                                           const std::string& session_token,
                                           std::function<absl::Status(const Caller&)> body);
-  // The Caller of a call that arrived at `arrival` with `session_token`.
+  // The Caller of a call that arrived at `arrival` (the manager's clock) with `session_token`.
   Caller MakeCaller(grpc::CallbackServerContext* ctx, const std::string& session_token,
                     absl::Time arrival) const;
   // Records a finished call in the metrics.

@@ -184,6 +184,9 @@ void SequenceToProto(const SequenceSnapshot& s, v1::SequenceInfo* p) {
 
 void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
   p->set_num_sequences(s.num_sequences);
+  p->set_memory_used_bytes(s.memory_used_bytes);
+  p->set_memory_budget_bytes(s.memory_budget_bytes);
+  p->set_input_buffer_bytes(s.input_buffer_bytes);
   for (const PoolSnapshot& pool : s.pools) {
     v1::PoolStats* ps = p->add_pools();
     ps->set_pool_id(pool.pool_id);
@@ -194,12 +197,14 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
     ps->set_clients(pool.clients);
     ps->set_arena_bytes(pool.arena_bytes);
     ps->set_compressed_sequences(pool.compressed_sequences);
+    ps->set_bookkeeping_bytes(pool.bookkeeping_bytes);
     for (uint32_t l = 0; l < pool.layers.size(); ++l) {
       v1::LayerOccupancy* o = ps->add_layers();
       o->set_layer(l);
       o->set_capacity_blocks(pool.layers[l].capacity_blocks);
       o->set_used_blocks(pool.layers[l].used_blocks);
       o->set_free_blocks(pool.layers[l].free_blocks);
+      o->set_quarantined_blocks(pool.layers[l].quarantined_blocks);
       o->set_shared_blocks(pool.layers[l].shared_blocks);
     }
   }

@@ -21,6 +21,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "cachemgr/service/share_channel.h"
+#include "cachemgr/util/checked_math.h"
 #include "cachemgr/util/status_macros.h"
 #include "cachemgr/util/unique_fd.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
@@ -245,7 +246,8 @@ Stats FromProto(const pb::StatsResponse& in) {
     pool.layers.reserve(p.layers_size());
     for (const pb::LayerOccupancy& l : p.layers()) {
       pool.layers.push_back(LayerOccupancy{l.layer(), l.capacity_blocks(), l.used_blocks(),
-                                           l.free_blocks(), l.shared_blocks()});
+                                           l.free_blocks(), l.shared_blocks(),
+                                           l.quarantined_blocks()});
     }
     out.pools.push_back(std::move(pool));
   }
@@ -283,9 +285,20 @@ absl::StatusOr<std::vector<const pb::LayerPool*>> ValidatePool(const pb::PoolDes
                                             layout.block_size, ", num_kv_heads ",
                                             layout.num_kv_heads, ", head_dim ", layout.head_dim));
   }
-  if (pool.block_bytes() != layout.block_bytes()) {
+  // Every size below is checked: the descriptor's fields may be anything, and a product that
+  // wrapped would describe a layer larger than the memory behind it.
+  const std::optional<uint64_t> block_bytes = CheckedProduct(
+      {2, layout.block_size, layout.num_kv_heads, layout.head_dim, layout.elem_bytes});
+  const std::optional<uint64_t> layer_bytes =
+      block_bytes.has_value() ? CheckedMul<uint64_t>(*block_bytes, layout.num_blocks)
+                              : std::nullopt;
+  if (!layer_bytes.has_value()) {
+    return absl::DataLossError(absl::StrCat("daemon sent a pool of ", layout.num_blocks,
+                                            " blocks whose layer size overflows 64 bits"));
+  }
+  if (pool.block_bytes() != *block_bytes) {
     return absl::InternalError(absl::StrCat("daemon sent pool.block_bytes ", pool.block_bytes(),
-                                            ", the model implies ", layout.block_bytes()));
+                                            ", the model implies ", *block_bytes));
   }
   if (static_cast<uint32_t>(pool.layers_size()) != num_layers) {
     return absl::InternalError(absl::StrCat("daemon sent ", pool.layers_size(),
@@ -298,7 +311,6 @@ absl::StatusOr<std::vector<const pb::LayerPool*>> ValidatePool(const pb::PoolDes
     }
   }
   std::vector<const pb::LayerPool*> by_layer(num_layers, nullptr);
-  const uint64_t layer_bytes = layout.layer_bytes();
   for (const pb::LayerPool& lp : pool.layers()) {
     if (lp.layer() >= num_layers || by_layer[lp.layer()] != nullptr) {
       return absl::InternalError(absl::StrCat("daemon sent pool.layers entry for layer ",
@@ -310,9 +322,9 @@ absl::StatusOr<std::vector<const pb::LayerPool*>> ValidatePool(const pb::PoolDes
                                               "].region_index ", lp.region_index(), " of ",
                                               pool.regions_size(), " regions"));
     }
-    if (lp.bytes() != layer_bytes) {
+    if (lp.bytes() != *layer_bytes) {
       return absl::InternalError(absl::StrCat("daemon sent pool.layers[", lp.layer(), "].bytes ",
-                                              lp.bytes(), ", the model implies ", layer_bytes));
+                                              lp.bytes(), ", the model implies ", *layer_bytes));
     }
     if (lp.offset() % layout.elem_bytes != 0) {
       return absl::InternalError(absl::StrCat("daemon sent pool.layers[", lp.layer(), "].offset ",

@@ -82,3 +82,53 @@ TEST_CASE("random alloc/addref/release keeps free + used == capacity", "[cpu]") 
 
 }  // namespace
 }  // namespace cachemgr
+
+namespace cachemgr {
+namespace {
+
+const absl::Time kT0 = absl::UnixEpoch() + absl::Hours(1);
+
+TEST_CASE("quarantined blocks are neither used nor free until their time", "[cpu]") {
+  BlockAllocator a(6);
+  auto blocks = *a.Allocate(4);  // 0 1 2 3
+  a.AddRef(blocks[1]);           // shared: its first release is not its last
+  CHECK(a.ReleaseToQuarantine(blocks[0], kT0 + absl::Seconds(10)));
+  CHECK_FALSE(a.ReleaseToQuarantine(blocks[1], kT0 + absl::Seconds(10)));
+  CHECK(a.ReleaseToQuarantine(blocks[1], kT0 + absl::Seconds(10)));
+  CHECK(a.num_quarantined() == 2);
+  CHECK(a.num_used() == 2);
+  CHECK(a.num_free() == 2);
+  REQUIRE(a.CheckInvariants().ok());
+  // Only the two never-used blocks can be had.
+  auto more = a.Allocate(3);
+  REQUIRE(more.status().code() == absl::StatusCode::kResourceExhausted);
+  auto two = *a.Allocate(2);
+  CHECK(std::set<uint32_t>(two.begin(), two.end()) == std::set<uint32_t>{4, 5});
+
+  CHECK(a.EndQuarantine(kT0 + absl::Seconds(9)) == 0);
+  CHECK(a.num_quarantined() == 2);
+  CHECK(a.EndQuarantine(kT0 + absl::Seconds(10)) == 2);
+  CHECK(a.num_quarantined() == 0);
+  CHECK(a.num_free() == 2);
+  auto back = *a.Allocate(2);
+  CHECK(std::set<uint32_t>(back.begin(), back.end()) == std::set<uint32_t>{0, 1});
+  REQUIRE(a.CheckInvariants().ok());
+}
+
+TEST_CASE("quarantine batches end in order", "[cpu]") {
+  BlockAllocator a(4);
+  auto blocks = *a.Allocate(4);
+  a.ReleaseToQuarantine(blocks[0], kT0 + absl::Seconds(1));
+  a.ReleaseToQuarantine(blocks[1], kT0 + absl::Seconds(1));
+  a.ReleaseToQuarantine(blocks[2], kT0 + absl::Seconds(5));
+  CHECK(a.Release(blocks[3]));  // a plain release frees at once
+  CHECK(a.num_free() == 1);
+  CHECK(a.EndQuarantine(kT0 + absl::Seconds(2)) == 2);
+  CHECK(a.num_quarantined() == 1);
+  CHECK(a.EndQuarantine(kT0 + absl::Seconds(5)) == 1);
+  CHECK(a.num_free() == 4);
+  REQUIRE(a.CheckInvariants().ok());
+}
+
+}  // namespace
+}  // namespace cachemgr

@@ -172,6 +172,39 @@ TEST_CASE("a codebook layer parks until Fetch; Allocate asks for Fetch first", "
   CHECK(f.UsedBlocks() == 0);
 }
 
+TEST_CASE("once shutdown begins, Compress, Fetch and Park stop and change nothing", "[cpu]") {
+  Fixture f;
+  f.Fill("parked", 5);
+  f.Fill("plain", 7);
+  CompressParams params = Params("spindlekv", 0.5);
+  params.policy.codebook_only_if_smaller = false;
+  REQUIRE(f.manager.Compress(f.a.session_token, "parked", params).ok());
+  const uint64_t used = f.UsedBlocks();
+  const auto before = f.manager.GetSequence(f.a.session_token, "plain", true);
+  REQUIRE(before.ok());
+
+  f.manager.BeginShutdown();
+  auto compressed = f.manager.Compress(f.a.session_token, "plain", params);
+  REQUIRE(compressed.status().code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(compressed.status().message()),
+             Catch::Contains("shutting down: Compress stopped"));
+  auto fetched = f.manager.Fetch(f.a.session_token, "parked", {});
+  REQUIRE(fetched.status().code() == absl::StatusCode::kUnavailable);
+  auto parked = f.manager.Park(f.a.session_token, "parked", {});
+  REQUIRE(parked.status().code() == absl::StatusCode::kUnavailable);
+
+  CHECK(f.UsedBlocks() == used);
+  const auto after = f.manager.GetSequence(f.a.session_token, "plain", true);
+  REQUIRE(after.ok());
+  CHECK(after->busy.empty());
+  CHECK_FALSE(after->compressed);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    CHECK(after->layers[l].kv_digest == before->layers[l].kv_digest);
+    CHECK(f.manager.GetSequence(f.a.session_token, "parked", false)->layers[l].parked);
+  }
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
 TEST_CASE("failed Compress calls change nothing", "[cpu]") {
   Fixture f;
   f.Fill("s", 3);

@@ -175,7 +175,12 @@ TEST_CASE("the memory budget bounds pools", "[cpu]") {
   CHECK_THAT(std::string(r.status().message()), Catch::Contains("num_blocks 101"));
   auto d = f.manager.Attach({"a", SmallModel("default"), 0});
   REQUIRE(d.ok());
-  CHECK(d->pool.num_blocks == 40);
+  // A default pool's memory (whole pages per layer) and bookkeeping fit default_pool_bytes.
+  const PoolSnapshot pool = f.manager.Stats().pools[0];
+  CHECK(pool.bytes + pool.bookkeeping_bytes <= options.default_pool_bytes);
+  CHECK(d->pool.num_blocks > 30);
+  CHECK(d->pool.num_blocks < 40);
+  CHECK(f.manager.Stats().memory_used_bytes <= options.memory_budget_bytes);
   REQUIRE(f.manager.CheckInvariants().ok());
 }
 
@@ -376,6 +381,11 @@ TEST_CASE("leases: silence expires a client and returns its blocks", "[cpu]") {
   auto late = f.manager.Allocate(b.session_token, "sb", 1);
   REQUIRE(late.status().code() == absl::StatusCode::kNotFound);
   CHECK_THAT(std::string(late.status().message()), Catch::Contains("lease expired"));
+  REQUIRE(f.manager.CheckInvariants().ok());
+  // The pool stays while b's blocks are quarantined, and goes when the reaper ends it.
+  CHECK(f.manager.Stats().pools.size() == 1);
+  f.clock.Advance(f.manager.quarantine());
+  f.manager.ExpireLeases();
   CHECK(f.manager.Stats().pools.empty());
   CHECK(f.manager.Stats().memory_used_bytes == 0);
   REQUIRE(f.manager.CheckInvariants().ok());

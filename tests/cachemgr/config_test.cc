@@ -21,6 +21,16 @@ TEST_CASE("defaults are sane and the share socket follows the socket", "[cpu]") 
   CHECK(p->config.manager.lease_timeout == absl::Seconds(10));
   CHECK(p->config.manager.memory_budget_bytes == (uint64_t{1} << 30));
   CHECK(p->config.enable_reflection);
+  // The quarantine follows the lease timeout unless set; replies are bounded at 4 MiB.
+  CHECK(p->config.manager.quarantine == absl::Seconds(10));
+  CHECK(p->config.manager.max_reply_bytes == (uint64_t{4} << 20));
+  auto q = Parse({"--lease_timeout_ms=3000", "--max_reply_bytes=16M"});
+  REQUIRE(q.ok());
+  CHECK(q->config.manager.quarantine == absl::Seconds(3));
+  CHECK(q->config.manager.max_reply_bytes == (uint64_t{16} << 20));
+  q = Parse({"--lease_timeout_ms=3000", "--quarantine_ms=60000"});
+  REQUIRE(q.ok());
+  CHECK(q->config.manager.quarantine == absl::Seconds(60));
 }
 
 TEST_CASE("flags accept both forms, byte suffixes and boolean negation", "[cpu]") {
@@ -47,6 +57,10 @@ TEST_CASE("bad flags are named", "[cpu]") {
       {{"--reflection=maybe"}, "--reflection must be true or false"},
       {{"--log_level=loud"}, "--log_level must be debug"},
       {{"--socket"}, "--socket needs a value"},
+      {{"--quarantine_ms=5000"}, "--quarantine_ms (5000) must be at least --lease_timeout_ms"},
+      {{"--quarantine_ms=0"}, "--quarantine_ms must be an integer in [1, "},
+      {{"--max_reply_bytes=1K"}, "--max_reply_bytes must be a byte count in [64K, 1G]"},
+      {{"--max_reply_bytes=2G"}, "--max_reply_bytes must be a byte count in [64K, 1G]"},
   };
   for (const auto& [args, message] : cases) {
     INFO(message);

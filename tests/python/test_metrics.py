@@ -97,10 +97,15 @@ def test_values_move_as_the_client_acts(daemon_with_metrics):
             assert value(s1, "cachemgr_pool_used_blocks", **labels) == 12
             assert value(s1, "cachemgr_pool_free_blocks", **labels) == NUM_BLOCKS - 12
             assert value(s1, "cachemgr_pool_shared_blocks", **labels) == 10
+            assert value(s1, "cachemgr_pool_quarantined_blocks", **labels) == 0
         assert value(s1, "cachemgr_pool_clients", pool=pool, device="host") == 1
         bytes_ = value(s1, "cachemgr_pool_bytes", pool=pool, model="metrics-model", device="host")
         assert bytes_ == LAYERS * NUM_BLOCKS * 2 * BLOCK * 2 * 8 * 2
-        assert value(s1, "cachemgr_memory_used_bytes") == bytes_
+        # The budget also charges 16 bytes of bookkeeping per block and layer and the client's
+        # input buffer (whole pages).
+        input_bytes = -(-s.input_buffer.nbytes // 4096) * 4096
+        assert value(s1, "cachemgr_memory_used_bytes") == \
+            bytes_ + LAYERS * NUM_BLOCKS * 16 + input_bytes
         delta = lambda name, **l: value(s1, name, **l) - value(s0, name, **l)  # noqa: E731
         assert delta("cachemgr_rpc_requests_total", method="Allocate", code="OK") == 2
         assert delta("cachemgr_rpc_requests_total", method="Fork", code="OK") == 1

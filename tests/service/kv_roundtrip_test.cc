@@ -89,11 +89,19 @@ TEST_CASE("a client killed with SIGKILL gets its blocks reclaimed by lease expir
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   while (UsedBlocks(*stub) != 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(50));
   CHECK(UsedBlocks(*stub) == 0);
+  CHECK(AccountingBalances(*stub));
+  // The blocks wait out the quarantine (--quarantine_ms, by default the lease timeout: the
+  // client might only be stalled); then they are free and the clientless pool goes.
   auto stats = client::GetStats((*daemon)->socket_path());
+  while (stats.ok() && !stats->pools.empty() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+    stats = client::GetStats((*daemon)->socket_path());
+  }
   REQUIRE(stats.ok());
   CHECK(stats->clients.empty());
   CHECK(stats->pools.empty());
   CHECK_THAT((*daemon)->log_contents(), Catch::Contains("client lease expired"));
+  CHECK_THAT((*daemon)->log_contents(), Catch::Contains("quarantine ended"));
 }
 
 TEST_CASE("a heartbeating client keeps its blocks past the lease timeout", "[service]") {

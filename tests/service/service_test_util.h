@@ -45,15 +45,19 @@ inline uint64_t UsedBlocks(v1::CacheManager::Stub& stub) {
   return used;
 }
 
-// Free + used == capacity on every layer of every pool.
+// Free + used + quarantined == capacity on every layer of every pool, and the memory charged
+// stays within the budget.
 inline bool AccountingBalances(v1::CacheManager::Stub& stub) {
   grpc::ClientContext ctx;
   v1::StatsRequest req;
   v1::StatsResponse resp;
   if (!stub.Stats(&ctx, req, &resp).ok()) return false;
+  if (resp.memory_used_bytes() > resp.memory_budget_bytes()) return false;
   for (const auto& p : resp.pools()) {
     for (const auto& l : p.layers()) {
-      if (l.free_blocks() + l.used_blocks() != l.capacity_blocks()) return false;
+      if (l.free_blocks() + l.used_blocks() + l.quarantined_blocks() != l.capacity_blocks()) {
+        return false;
+      }
     }
   }
   return true;

@@ -111,9 +111,10 @@ int RunStats(const std::vector<std::string>& args) {
   }
   if (parsed->options.json) return Print(ToJson(stats));
 
-  std::string out = absl::StrFormat("cachemgrd %s, up %s: %d pools, %d clients, %u sequences\n",
-                                    stats.version(), Uptime(stats.uptime_ms()), stats.pools_size(),
-                                    stats.clients_size(), stats.num_sequences());
+  std::string out = absl::StrFormat(
+      "cachemgrd %s, up %s: %d pools, %d clients, %u sequences, memory %s of %s\n", stats.version(),
+      Uptime(stats.uptime_ms()), stats.pools_size(), stats.clients_size(), stats.num_sequences(),
+      HumanBytes(stats.memory_used_bytes()), HumanBytes(stats.memory_budget_bytes()));
   // Per device: pools, bytes, blocks used over all layers.
   struct DeviceTotals {
     int pools = 0;
@@ -149,14 +150,15 @@ int RunStats(const std::vector<std::string>& args) {
     absl::StrAppend(&out, "\n", by_device.Render(), "\n", pools.Render());
   }
   for (const v1::PoolStats& p : stats.pools()) {
-    Table layers({"LAYER", "CAPACITY", "USED", "FREE", "SHARED", "USED%"});
+    Table layers({"LAYER", "CAPACITY", "USED", "FREE", "SHARED", "USED%", "QUARANTINED"});
     for (const v1::LayerOccupancy& l : p.layers()) {
       layers.AddRow({absl::StrCat(l.layer()), absl::StrCat(l.capacity_blocks()),
                      absl::StrCat(l.used_blocks()), absl::StrCat(l.free_blocks()),
                      absl::StrCat(l.shared_blocks()),
                      l.capacity_blocks() == 0
                          ? "0.0%"
-                         : Percent(static_cast<double>(l.used_blocks()) / l.capacity_blocks())});
+                         : Percent(static_cast<double>(l.used_blocks()) / l.capacity_blocks()),
+                     absl::StrCat(l.quarantined_blocks())});
     }
     absl::StrAppend(&out, "\npool ", p.pool_id(), " (", p.model_name(), ") on ", p.device(),
                     ", blocks per layer:\n", layers.Render());

@@ -134,7 +134,8 @@ def stats_from_proto(r: pb.StatsResponse) -> Stats:
         pools=[PoolStats(p.pool_id, p.model_name, pb.Backend.Name(p.backend), p.device, p.bytes,
                          p.clients,
                          [LayerOccupancy(l.layer, l.capacity_blocks, l.used_blocks,
-                                         l.free_blocks, l.shared_blocks) for l in p.layers])
+                                         l.free_blocks, l.shared_blocks, l.quarantined_blocks)
+                          for l in p.layers])
                for p in r.pools],
         clients=[ClientInfo(c.client_id, c.client_name, c.pool_id, c.sequences,
                             c.lease_remaining_ms) for c in r.clients],

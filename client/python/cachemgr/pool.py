@@ -10,12 +10,42 @@ import mmap
 import os
 from typing import List, Sequence
 
+import grpc
 import numpy as np
 
 from . import lease
+from .errors import CacheManagerError
 from .types import ModelSpec
 
 _NUMPY_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
+_ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# mmap, numpy and the daemon address memory with signed 64-bit sizes.
+_MAX_BYTES = (1 << 63) - 1
+
+
+def check_layer_places(model: ModelSpec, num_blocks: int, region_bytes: Sequence[int],
+                       layer_places: Sequence[tuple]) -> None:
+    """Checks a pool descriptor before anything is mapped: one place per layer, each (region,
+    offset, bytes) inside its region and exactly the layer size the model implies. Raises
+    CacheManagerError(DATA_LOSS) naming the layer otherwise (a daemon bug or a forged reply; a
+    layer described larger than its memory would let a write land outside the pool)."""
+    def bad(what: str) -> CacheManagerError:
+        return CacheManagerError(grpc.StatusCode.DATA_LOSS, f"daemon sent a pool {what}")
+
+    want = 2 * num_blocks * model.block_size * model.num_kv_heads * model.head_dim * \
+        _ELEM_BYTES[model.dtype]
+    if want == 0 or want > _MAX_BYTES:
+        raise bad(f"of {num_blocks} blocks whose layer size ({want} bytes) is not addressable")
+    if len(layer_places) != model.num_layers:
+        raise bad(f"with {len(layer_places)} layers for a model of {model.num_layers}")
+    for layer, (region, offset, nbytes) in enumerate(layer_places):
+        if not 0 <= region < len(region_bytes):
+            raise bad(f"layer {layer} in region {region} of {len(region_bytes)}")
+        if nbytes != want:
+            raise bad(f"layer {layer} of {nbytes} bytes; the model implies {want}")
+        if offset < 0 or offset + nbytes > region_bytes[region]:
+            raise bad(f"layer {layer} at [{offset}, +{nbytes}) beyond its region of "
+                      f"{region_bytes[region]} bytes")
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 
 from . import convert, lease
 from .errors import CacheManagerError, from_rpc_error
-from .pool import HostPool
+from .pool import HostPool, check_layer_places
 from .share_channel import fetch_shared_fds
 from .types import (Allocation, CompressResult, FetchedLayer, ModelSpec, ParkedLayer, Policy,
                     SequenceInfo, SequenceSummary, Stats)
@@ -136,6 +136,13 @@ class _Generation:
                                     f"share channel passed {len(fds)} descriptors for "
                                     f"{region_fds} region descriptors and the input buffer")
         places = [(l.region_index, l.offset, l.bytes) for l in pool.layers]
+        try:
+            check_layer_places(self.model, pool.num_blocks, [r.bytes for r in pool.regions],
+                               places)
+        except CacheManagerError:
+            for fd in fds:
+                os.close(fd)
+            raise
         try:
             if pool.share_method == pb.SHARE_METHOD_MEMFD:
                 self.pool = HostPool(self.model, pool.num_blocks, fds[:regions],

@@ -147,6 +147,9 @@ class LayerOccupancy:
     used_blocks: int
     free_blocks: int
     shared_blocks: int
+    # Released by an expired client, held back until the daemon's quarantine ends:
+    # free + used + quarantined == capacity.
+    quarantined_blocks: int = 0
 
 
 @dataclass

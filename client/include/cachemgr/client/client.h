@@ -243,6 +243,9 @@ struct LayerOccupancy {
   uint32_t used_blocks = 0;
   uint32_t free_blocks = 0;
   uint32_t shared_blocks = 0;
+  // Released by an expired client and held back until the daemon's quarantine ends:
+  // free + used + quarantined == capacity.
+  uint32_t quarantined_blocks = 0;
 };
 
 struct PoolStats {
