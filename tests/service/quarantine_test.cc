@@ -109,6 +109,15 @@ TEST_CASE("a client stalled past its lease cannot overwrite the next owner's KV"
   CHECK(UsedBlocks(*stub) == 14);  // 7 blocks in each layer
 
   // A's lease runs out (it stalled) and the daemon reclaims what it held.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (Clients(*stub) != 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(50));
+  REQUIRE(Clients(*stub) == 1);
+  const v1::LayerOccupancy reclaimed = Layer0(*stub);
+  CHECK(reclaimed.quarantined_blocks() == 7);
+  CHECK(reclaimed.free_blocks() + reclaimed.used_blocks() + reclaimed.quarantined_blocks() ==
+        reclaimed.capacity_blocks());
+  CHECK(AccountingBalances(*stub));
+
   // B takes every block that is free and writes its KV.
   const uint32_t tokens = reclaimed.free_blocks() * 16;
   REQUIRE(tokens > 0);
