@@ -36,10 +36,44 @@ absl::Status CheckSequenceId(const std::string& id, const char* field) {
   return absl::OkStatus();
 }
 
+// Pools are per owner: one tenant never maps another's KV memory.
+std::string PoolKey(const std::optional<uid_t>& owner, const std::string& model_name) {
+  return absl::StrCat(owner.has_value() ? absl::StrCat("uid ", *owner) : std::string("local"), "/",
+                      model_name);
+}
+
+std::string OwnerText(const std::optional<uid_t>& owner) {
+  return owner.has_value() ? absl::StrCat("uid ", *owner) : std::string("TCP callers");
+}
+
+absl::Status OperatorCredentialRequired() {
+  return absl::PermissionDeniedError(
+      "a call without session_token acts on any client's sequences and needs the operator "
+      "credential: send the contents of the daemon's --operator_token_file (default "
+      "SOCKET.operator, readable by the daemon's user and root) as \"x-cachemgr-operator\" "
+      "metadata, e.g. cachemgrctl --operator_token_file=FILE");
+}
+
 using cache_manager_internal::CeilDiv;
 using cache_manager_internal::CheckNotBusy;
 
 }  // namespace
+
+absl::Status CacheManager::CheckClientCapsLocked(const std::optional<uid_t>& owner) const {
+  if (clients_.size() >= options_.max_clients) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cachemgrd has ", clients_.size(), " clients attached, its limit (",
+                     "--max_clients=", options_.max_clients, "): detach clients or raise it"));
+  }
+  uint32_t of_owner = 0;
+  for (const auto& [token, client] : clients_) of_owner += client->owner == owner ? 1 : 0;
+  if (of_owner >= options_.max_clients_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        OwnerText(owner), " have ", of_owner, " clients attached, the limit per uid (",
+        "--max_clients_per_uid=", options_.max_clients_per_uid, "): detach clients first"));
+  }
+  return absl::OkStatus();
+}
 
 CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend, const Clock* clock,
                            EventHub* events)
@@ -60,7 +94,14 @@ void CacheManager::PublishLocked(EventType type, const std::string& client_id,
   events_->Publish(std::move(e));
 }
 
-absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
+absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
+                                                  const Caller& caller) {
+  const std::optional<uid_t> owner = caller.owner();
+  {
+    // Refused before anything (the input buffer's descriptor) is spent on it.
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(CheckClientCapsLocked(owner));
+  }
   if (!IsValidIdentifier(params.client_name, kMaxNameLength)) {
     return absl::InvalidArgumentError(absl::StrCat("client_name must be 1-", kMaxNameLength,
                                                    " printable characters without spaces"));
@@ -84,8 +125,10 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
                                        static_cast<size_t>(input_bytes)));
 
   absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(CheckClientCapsLocked(owner));
   Pool* pool = nullptr;
-  if (auto it = pools_.find(model.name); it != pools_.end()) {
+  const std::string pool_key = PoolKey(owner, model.name);
+  if (auto it = pools_.find(pool_key); it != pools_.end()) {
     pool = it->second.get();
     if (!(pool->model == model)) {
       return absl::FailedPreconditionError(
@@ -115,6 +158,8 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
     }
     auto created = std::make_unique<Pool>();
     created->pool_id = absl::StrCat(model.name, "-", next_pool_serial_);
+    created->key = pool_key;
+    created->owner = owner;
     created->model = model;
     created->num_blocks = static_cast<uint32_t>(num_blocks);
     ASSIGN_OR_RETURN(created->memory,
@@ -128,7 +173,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
     ++next_pool_serial_;
     memory_used_bytes_ += created->bytes;
     pool = created.get();
-    pools_.emplace(model.name, std::move(created));
+    pools_.emplace(pool_key, std::move(created));
     Log(LogLevel::kInfo, "pool created",
         {{"pool_id", pool->pool_id},
          {"model", model.Describe()},
@@ -142,6 +187,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   client->client_id = absl::StrCat("c", next_client_serial_++);
   client->client_name = params.client_name;
   client->session_token = RandomToken();
+  client->owner = owner;
   client->pool = pool;
   client->lease_deadline = clock_->Now() + options_.lease_timeout;
   client->input_buffer = std::move(input_buffer);
@@ -170,7 +216,8 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
   Log(LogLevel::kInfo, "client attached",
       {{"client_id", client->client_id},
        {"client_name", client->client_name},
-       {"pool_id", pool->pool_id}});
+       {"pool_id", pool->pool_id},
+       {"owner", OwnerText(owner)}});
   PublishLocked(EventType::kClientAttached, client->client_id, "", pool->pool_id,
                 absl::StrCat("name=", client->client_name));
   clients_.emplace(client->session_token, std::move(client));
@@ -183,6 +230,20 @@ absl::StatusOr<CacheManager::Client*> CacheManager::FindClientLocked(const Calle
     return absl::NotFoundError("session_token does not name an attached client");
   }
   Client* client = it->second.get();
+  if (client->owner != caller.owner()) {
+    // A token used by another uid was copied out of its owner's process: refuse it without
+    // touching the session (no lease renewal, no expiry). Not NOT_FOUND: tokens are 128-bit
+    // secrets nobody can guess, so confirming that a stolen one is real tells the thief
+    // nothing useful, and the precise error helps an operator who runs tools under two users.
+    Log(LogLevel::kWarning, "session token presented by another user",
+        {{"client_id", client->client_id},
+         {"owner", OwnerText(client->owner)},
+         {"caller", OwnerText(caller.owner())},
+         {"caller_pid", caller.peer.has_value() ? int64_t{caller.peer->pid} : int64_t{0}}});
+    return absl::PermissionDeniedError(
+        absl::StrCat("session_token belongs to a session attached by ", OwnerText(client->owner),
+                     "; only the user that attached a session may use its token"));
+  }
   const absl::Time now = clock_->Now();
   if (now >= client->lease_deadline) {
     RemoveClientLocked(caller.session_token, EventType::kClientExpired);
@@ -202,6 +263,10 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
     return absl::NotFoundError(absl::StrCat(field, " \"", sequence_id, "\" does not exist"));
   }
   if (it->second->owner != &client) {
+    if (it->second->owner->owner != client.owner) {
+      // Another tenant's sequence is invisible: answered as if it did not exist.
+      return absl::NotFoundError(absl::StrCat(field, " \"", sequence_id, "\" does not exist"));
+    }
     return absl::PermissionDeniedError(
         absl::StrCat(field, " \"", sequence_id, "\" belongs to another client"));
   }
@@ -214,6 +279,7 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindSequenceForCallerLocke
     ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     return FindOwnedSequenceLocked(*client, sequence_id, "sequence_id");
   }
+  if (!caller.operator_credential) return OperatorCredentialRequired();
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
   auto it = sequences_.find(sequence_id);
   if (it == sequences_.end()) {
@@ -272,8 +338,8 @@ DetachResult CacheManager::RemoveClientLocked(const std::string& token, EventTyp
     Log(LogLevel::kInfo, "pool released", {{"pool_id", pool->pool_id}, {"bytes", pool->bytes}});
     PublishLocked(EventType::kPoolReleased, "", "", pool->pool_id,
                   absl::StrCat("bytes=", pool->bytes));
-    const std::string model_name = pool->model.name;
-    pools_.erase(model_name);
+    const std::string key = pool->key;
+    pools_.erase(key);
   }
   return result;
 }
@@ -479,9 +545,11 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const Caller& caller,
   absl::MutexLock lock(&mu_);
   const Sequence* seq = nullptr;
   if (!caller.has_session()) {
+    // Without a session: the operator sees every sequence, anyone else those of their own uid.
     RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
     auto it = sequences_.find(sequence_id);
-    if (it == sequences_.end()) {
+    if (it == sequences_.end() ||
+        (!caller.operator_credential && it->second->owner->owner != caller.owner())) {
       return absl::NotFoundError(absl::StrCat("sequence_id \"", sequence_id, "\" does not exist"));
     }
     seq = it->second.get();
@@ -508,8 +576,12 @@ absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(const C
     ASSIGN_OR_RETURN(only, FindClientLocked(caller));
   }
   std::vector<SequenceSummary> out;
+  // Without a session: the operator lists every sequence, anyone else those of their own uid.
+  const bool all_owners = only == nullptr && caller.operator_credential;
+  const std::optional<uid_t> owner = caller.owner();
   for (const auto& [id, seq] : sequences_) {
     if (only != nullptr && seq->owner != only) continue;
+    if (only == nullptr && !all_owners && seq->owner->owner != owner) continue;
     SequenceSummary s;
     s.sequence_id = id;
     s.owner_client_id = seq->owner->client_id;
@@ -524,14 +596,25 @@ absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(const C
 }
 
 StatsSnapshot CacheManager::Stats() const {
+  Caller all;
+  all.operator_credential = true;
+  return Stats(all);
+}
+
+StatsSnapshot CacheManager::Stats(const Caller& caller) const {
   absl::MutexLock lock(&mu_);
+  const bool all_owners = caller.operator_credential;
+  const std::optional<uid_t> owner = caller.owner();
   StatsSnapshot s;
   s.memory_used_bytes = memory_used_bytes_;
-  s.num_sequences = static_cast<uint32_t>(sequences_.size());
-  for (const auto& [name, pool] : pools_) {
+  for (const auto& [id, seq] : sequences_) {
+    s.num_sequences += all_owners || seq->owner->owner == owner ? 1 : 0;
+  }
+  for (const auto& [key, pool] : pools_) {
+    if (!all_owners && pool->owner != owner) continue;
     PoolSnapshot p;
     p.pool_id = pool->pool_id;
-    p.model_name = name;
+    p.model_name = pool->model.name;
     p.backend = backend_->kind();
     p.device = backend_->device_name();
     p.bytes = pool->bytes;
@@ -552,6 +635,7 @@ StatsSnapshot CacheManager::Stats() const {
             [](const auto& a, const auto& b) { return a.pool_id < b.pool_id; });
   const absl::Time now = clock_->Now();
   for (const auto& [token, client] : clients_) {
+    if (!all_owners && client->owner != owner) continue;
     s.clients.push_back({client->client_id, client->client_name, client->pool->pool_id,
                          static_cast<uint32_t>(client->sequences.size()),
                          std::max(absl::ZeroDuration(), client->lease_deadline - now)});

@@ -5,11 +5,21 @@
 // Errors: every method validates all of its inputs before changing anything, so a failed call
 // leaves the state exactly as it was. Messages name the offending request field.
 //   INVALID_ARGUMENT   malformed field (empty id, zero tokens, bad model description)
-//   NOT_FOUND          session_token names no attached client; unknown sequence
+//   NOT_FOUND          session_token names no attached client; unknown sequence, or a sequence
+//                      of another owner (other tenants' sequences are invisible)
 //   ALREADY_EXISTS     Fork's child id is taken
-//   PERMISSION_DENIED  the sequence belongs to another client
+//   PERMISSION_DENIED  the sequence belongs to another client of the same owner; the session
+//                      token was attached by another owner; an operator call (no session
+//                      token) without Caller::operator_credential
 //   FAILED_PRECONDITION  a pool with the same model name but another description exists
-//   RESOURCE_EXHAUSTED a layer has too few free blocks, or the memory budget is spent
+//   RESOURCE_EXHAUSTED a layer has too few free blocks, the memory budget is spent, or Attach
+//                      is over max_clients / max_clients_per_uid
+//
+// Owners and tenants: every client belongs to the owner that attached it (Caller::owner: the
+// peer's uid; TCP and in-process callers form one owner). A session token works only for its
+// owner, pools are never shared across owners (a model attached by two owners gets two pools),
+// and without the operator credential a call sees only its owner's clients, pools and
+// sequences.
 //   ABORTED            the sequence is busy in a Compress / Fetch / Park, or was freed by
 //                      another call while one of those worked on it
 //
@@ -57,6 +67,9 @@ struct CacheManagerOptions {
   uint64_t max_input_buffer_bytes = uint64_t{1} << 30;
   // Threads one Compress spreads its layers over (0: one per hardware thread).
   uint32_t compress_threads = 0;
+  // Attached clients allowed in total and per owner (uid; TCP callers count as one owner).
+  uint32_t max_clients = 1024;
+  uint32_t max_clients_per_uid = 512;
 };
 
 inline constexpr size_t kMaxSequenceIdLength = 256;
@@ -252,9 +265,11 @@ class CacheManager {
 
   const CacheManagerOptions& options() const { return options_; }
 
-  // Registers a client. The first client of a model name creates its pool; later clients must
-  // describe the same model (FAILED_PRECONDITION otherwise) and share the pool.
-  absl::StatusOr<AttachResult> Attach(const AttachParams& params);
+  // Registers a client owned by `caller.owner()`. The owner's first client of a model name
+  // creates its pool; the owner's later clients must describe the same model
+  // (FAILED_PRECONDITION otherwise) and share the pool. RESOURCE_EXHAUSTED naming
+  // --max_clients / --max_clients_per_uid when attached clients are at a cap.
+  absl::StatusOr<AttachResult> Attach(const AttachParams& params, const Caller& caller = {});
 
   // Renews the lease; returns the time left on it.
   absl::StatusOr<absl::Duration> Heartbeat(const Caller& caller);
@@ -270,7 +285,7 @@ class CacheManager {
                                           uint32_t num_new_tokens);
 
   // Drops the sequence; returns blocks whose last reference went away. An empty token is an
-  // operator call: any client's sequence (the transport already trusted the caller).
+  // operator call on any client's sequence (needs Caller::operator_credential).
   absl::StatusOr<uint64_t> Free(const Caller& caller, const std::string& sequence_id);
 
   // New sequence `child` sharing every block of `parent` (refcounts +1).
@@ -278,15 +293,22 @@ class CacheManager {
                                         const std::string& child_sequence_id);
 
   // With a token, only the caller's sequences (PERMISSION_DENIED otherwise); with an empty token,
-  // read-only inspection of any sequence. A token renews the lease, as every call with one does.
+  // read-only inspection of any sequence for the operator, of the owner's sequences for anyone
+  // else (NOT_FOUND for others'). A token renews the lease, as every call with one does.
   // `include_kv_digest` reads the KV bytes.
   absl::StatusOr<SequenceSnapshot> GetSequence(const Caller& caller, const std::string& sequence_id,
                                                bool include_kv_digest);
 
-  // The caller's sequences, or every client's with an empty token. Sorted by id.
+  // The caller's sequences; with an empty token every client's for the operator, the owner's
+  // clients' for anyone else. Sorted by id.
   absl::StatusOr<std::vector<SequenceSummary>> ListSequences(const Caller& caller);
 
+  // Everything (the daemon's own view: metrics, shutdown).
   StatsSnapshot Stats() const;
+  // What `caller` may see: everything with the operator credential; otherwise the pools and
+  // clients of the caller's owner, the number of the owner's sequences, and the daemon-wide
+  // memory_used_bytes.
+  StatsSnapshot Stats(const Caller& caller) const;
 
   // Compresses the caller's sequence in place (docs/COMPRESSION.md). Inputs are read from the
   // caller's input buffer. Plain layers are compacted in place: row r of KV head h takes that
@@ -295,7 +317,8 @@ class CacheManager {
   // (a prefix-cached prompt, say) is instead written to ceil(rows / block_size) fresh blocks,
   // and the fork keeps the old ones. Codebook layers move to a per-sequence arena
   // (compress::CodedLayer) and release every block until Fetch.
-  // An empty token is an operator call on any client's sequence, with no inputs. With
+  // An empty token is an operator call on any client's sequence, with no inputs (needs
+  // Caller::operator_credential). With
   // params.cuda_ipc_event_handle the rows are read only after the client's event completed.
   //   FAILED_PRECONDITION  already compressed
   //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input (operator calls: not NONE)
@@ -345,13 +368,18 @@ class CacheManager {
   struct Sequence;
   struct Compression;
 
-  // Looks up a live client (an expired one is reaped here and reported NOT_FOUND).
+  // RESOURCE_EXHAUSTED when one more client of `owner` would exceed a client cap.
+  absl::Status CheckClientCapsLocked(const std::optional<uid_t>& owner) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Looks up a live client (an expired one is reaped here and reported NOT_FOUND) of the
+  // caller's owner (PERMISSION_DENIED for another owner's token).
   absl::StatusOr<Client*> FindClientLocked(const Caller& caller) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Sequence*> FindOwnedSequenceLocked(const Client& client,
                                                     const std::string& sequence_id,
                                                     const char* field) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // The caller's sequence, or with an empty token (an operator call) anyone's.
+  // The caller's sequence, or with an empty token (an operator call, which needs the operator
+  // credential) anyone's.
   absl::StatusOr<Sequence*> FindSequenceForCallerLocked(const Caller& caller,
                                                         const std::string& sequence_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -380,7 +408,7 @@ class CacheManager {
   EventHub* const events_;
 
   mutable absl::Mutex mu_;
-  // Keyed by model name.
+  // Keyed by PoolKey(owner, model name).
   absl::flat_hash_map<std::string, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
   // Keyed by session token.
   absl::flat_hash_map<std::string, std::unique_ptr<Client>> clients_ ABSL_GUARDED_BY(mu_);

@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "cachemgr/service/peer_policy.h"
 #include "cachemgr/util/fd_passing.h"
 #include "cachemgr/util/log.h"
 
@@ -75,12 +76,17 @@ void SendReply(int conn, std::string_view payload, absl::Span<const int> fds) {
 
 }  // namespace
 
-ShareChannelServer::ShareChannelServer(std::string path, UniqueFd listener, Resolver resolver)
-    : path_(std::move(path)), listener_(std::move(listener)), resolver_(std::move(resolver)) {}
+ShareChannelServer::ShareChannelServer(std::string path, UniqueFd listener,
+                                       const PeerPolicy* policy, Resolver resolver)
+    : path_(std::move(path)),
+      listener_(std::move(listener)),
+      policy_(policy),
+      resolver_(std::move(resolver)) {}
 
 absl::StatusOr<std::unique_ptr<ShareChannelServer>> ShareChannelServer::Start(
-    const std::string& path, Resolver resolver) {
+    const std::string& path, const PeerPolicy* policy, Resolver resolver) {
   if (!resolver) return absl::InvalidArgumentError("share channel needs a resolver");
+  if (policy == nullptr) return absl::InvalidArgumentError("share channel needs a peer policy");
   auto listener = ListenSeqpacket(path);
   if (!listener.ok()) return listener.status();
   // Non-blocking so a client that vanishes between poll() and accept4() cannot block the loop.
@@ -101,7 +107,7 @@ absl::StatusOr<std::unique_ptr<ShareChannelServer>> ShareChannelServer::Start(
     return absl::InternalError(absl::StrCat("pipe2: ", ErrnoText(err)));
   }
   std::unique_ptr<ShareChannelServer> server(
-      new ShareChannelServer(path, std::move(*listener), std::move(resolver)));
+      new ShareChannelServer(path, std::move(*listener), policy, std::move(resolver)));
   server->wake_read_.reset(pipe_fds[0]);
   server->wake_write_.reset(pipe_fds[1]);
   server->socket_dev_ = st.st_dev;
@@ -192,26 +198,14 @@ void ShareChannelServer::HandleConnection(UniqueFd conn) {
         {{"error", request.status().ToString()}});
     return;
   }
-  // The 0600 mode already keeps other users out; the uid check also covers a socket whose mode
-  // was loosened or a descriptor to it that leaked into another user's process. It comes after
-  // reading the request on purpose: closing with unread data makes the peer's recvmsg fail with
-  // ECONNRESET before it sees the queued reply.
-  ucred cred = {};
-  socklen_t cred_len = sizeof(cred);
-  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0) {
-    const int err = errno;
-    Log(LogLevel::kWarning, "share channel: SO_PEERCRED failed", {{"error", ErrnoText(err)}});
-    return;
-  }
-  const uid_t own_uid = ::geteuid();
-  if (cred.uid != own_uid) {
-    Log(LogLevel::kWarning, "share channel: rejected peer with foreign uid",
-        {{"peer_uid", static_cast<uint64_t>(cred.uid)},
-         {"peer_pid", static_cast<int64_t>(cred.pid)}});
-    SendReply(fd,
-              ErrorReply(absl::PermissionDeniedError(
-                  absl::StrCat("peer uid ", cred.uid, " differs from the daemon's uid ", own_uid))),
-              {});
+  // The socket's mode already keeps other users out; the policy check also covers a socket
+  // whose mode was loosened or a descriptor to it that leaked into another user's process. It
+  // comes after reading the request on purpose: closing with unread data makes the peer's
+  // recvmsg fail with ECONNRESET before it sees the queued reply.
+  absl::StatusOr<PeerCredentials> peer = policy_->Check(fd);
+  if (!peer.ok()) {
+    Log(LogLevel::kWarning, "share channel: rejected peer", {{"error", peer.status().ToString()}});
+    SendReply(fd, ErrorReply(peer.status()), {});
     return;
   }
 
@@ -233,7 +227,7 @@ void ShareChannelServer::HandleConnection(UniqueFd conn) {
   }
   const std::string token(payload.substr(kSharePrefix.size()));
 
-  absl::StatusOr<std::vector<int>> fds = resolver_(token);
+  absl::StatusOr<std::vector<int>> fds = resolver_(token, *peer);
   if (!fds.ok()) {
     SendReply(fd, ErrorReply(fds.status()), {});
     return;

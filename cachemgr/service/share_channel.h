@@ -6,7 +6,9 @@
 //   daemon -> client: payload "OK <n>" with n descriptors (regions in PoolDescriptor order),
 //                     or "ERR <CODE> <message>" with no descriptors (CODE: absl status code name,
 //                     e.g. NOT_FOUND when the token names no attached client).
-// The daemon also checks the peer's uid (SO_PEERCRED) equals its own, on top of the 0600 mode.
+// The daemon also checks the peer's credentials (SO_PEERCRED) against its PeerPolicy, the same
+// one the gRPC socket applies, on top of the socket's mode, and hands them to the resolver so
+// that a session's descriptors go only to the uid that attached it.
 #pragma once
 
 #include <atomic>
@@ -20,9 +22,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "cachemgr/caller.h"
 #include "cachemgr/util/unique_fd.h"
 
 namespace cachemgr {
+
+class PeerPolicy;
 
 // How long the daemon waits for a connected client's request (and for its reply to be taken)
 // before dropping the connection, so a silent client cannot stall the single serving thread.
@@ -35,16 +40,19 @@ inline constexpr absl::Duration kShareFetchTimeout = absl::Seconds(30);
 class ShareChannelServer {
  public:
   // Returns the descriptors (borrowed: the caller keeps them open until the reply is sent) for
-  // a session token, or an error status that is sent back to the client.
-  using Resolver = std::function<absl::StatusOr<std::vector<int>>(const std::string& token)>;
+  // a session token presented by `peer`, or an error status that is sent back to the client.
+  using Resolver = std::function<absl::StatusOr<std::vector<int>>(const std::string& token,
+                                                                  const PeerCredentials& peer)>;
 
   // Listens at `path` (mode 0600; see ListenSeqpacket for stale-file handling and errors) and
-  // serves requests on a background thread until Stop(). A peer whose uid differs from the
-  // daemon's euid gets "ERR PERMISSION_DENIED ..."; a malformed request (not "SHARE <token>",
+  // serves requests on a background thread until Stop(). A peer `policy` does not allow (it
+  // must outlive the server) gets "ERR PERMISSION_DENIED ..."; a malformed request (not "SHARE
+  // <token>",
   // token empty or containing whitespace/control bytes, or carrying descriptors) gets
   // "ERR INVALID_ARGUMENT ..."; a client silent for kShareRequestTimeout gets
   // "ERR DEADLINE_EXCEEDED ..." (if still there) and is disconnected.
   static absl::StatusOr<std::unique_ptr<ShareChannelServer>> Start(const std::string& path,
+                                                                   const PeerPolicy* policy,
                                                                    Resolver resolver);
   ~ShareChannelServer();  // Stops.
 
@@ -54,7 +62,8 @@ class ShareChannelServer {
   const std::string& path() const { return path_; }
 
  private:
-  ShareChannelServer(std::string path, UniqueFd listener, Resolver resolver);
+  ShareChannelServer(std::string path, UniqueFd listener, const PeerPolicy* policy,
+                     Resolver resolver);
   void Serve();
   void HandleConnection(UniqueFd conn);
   // Waits up to `timeout` for Stop(); true when stopping.
@@ -63,6 +72,7 @@ class ShareChannelServer {
   std::string path_;
   UniqueFd listener_;
   UniqueFd wake_read_, wake_write_;  // self-pipe that interrupts poll() on Stop().
+  const PeerPolicy* policy_;
   Resolver resolver_;
   std::thread thread_;
   std::atomic<bool> stopped_{false};
