@@ -57,10 +57,44 @@ absl::Status CheckSequenceId(const std::string& id, const char* field) {
   return absl::OkStatus();
 }
 
+// Pools are per owner: one tenant never maps another's KV memory.
+std::string PoolKey(const std::optional<uid_t>& owner, const std::string& model_name) {
+  return absl::StrCat(owner.has_value() ? absl::StrCat("uid ", *owner) : std::string("local"), "/",
+                      model_name);
+}
+
+std::string OwnerText(const std::optional<uid_t>& owner) {
+  return owner.has_value() ? absl::StrCat("uid ", *owner) : std::string("TCP callers");
+}
+
+absl::Status OperatorCredentialRequired() {
+  return absl::PermissionDeniedError(
+      "a call without session_token acts on any client's sequences and needs the operator "
+      "credential: send the contents of the daemon's --operator_token_file (default "
+      "SOCKET.operator, readable by the daemon's user and root) as \"x-cachemgr-operator\" "
+      "metadata, e.g. cachemgrctl --operator_token_file=FILE");
+}
+
 using cache_manager_internal::CeilDiv;
 using cache_manager_internal::CheckNotBusy;
 
 }  // namespace
+
+absl::Status CacheManager::CheckClientCapsLocked(const std::optional<uid_t>& owner) const {
+  if (clients_.size() >= options_.max_clients) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cachemgrd has ", clients_.size(), " clients attached, its limit (",
+                     "--max_clients=", options_.max_clients, "): detach clients or raise it"));
+  }
+  uint32_t of_owner = 0;
+  for (const auto& [token, client] : clients_) of_owner += client->owner == owner ? 1 : 0;
+  if (of_owner >= options_.max_clients_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        OwnerText(owner), " have ", of_owner, " clients attached, the limit per uid (",
+        "--max_clients_per_uid=", options_.max_clients_per_uid, "): detach clients first"));
+  }
+  return absl::OkStatus();
+}
 
 CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend, const Clock* clock,
                            EventHub* events)
@@ -142,7 +176,14 @@ absl::Status CacheManager::ChargeLocked(uint64_t bytes, const std::string& what)
   return absl::OkStatus();
 }
 
-absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
+absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
+                                                  const Caller& caller) {
+  const std::optional<uid_t> owner = caller.owner();
+  {
+    // Refused before anything (the input buffer's descriptor) is spent on it.
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(CheckClientCapsLocked(owner));
+  }
   if (!IsValidIdentifier(params.client_name, kMaxNameLength)) {
     return absl::InvalidArgumentError(absl::StrCat("client_name must be 1-", kMaxNameLength,
                                                    " printable characters without spaces"));
@@ -174,14 +215,16 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
                                        static_cast<size_t>(input_bytes)));
 
   absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(CheckClientCapsLocked(owner));
+  const std::string pool_key = PoolKey(owner, model.name);
   while (true) {
-    auto it = pools_.find(model.name);
+    auto it = pools_.find(pool_key);
     if (it != pools_.end() && it->second->building) {
       // Another Attach is creating this pool outside the lock: wait (without the lock) until
       // it committed or gave up, then look again.
       const std::string building_id = it->second->pool_id;
-      auto done = [this, &model, &building_id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        auto found = pools_.find(model.name);
+      auto done = [this, &pool_key, &building_id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        auto found = pools_.find(pool_key);
         return found == pools_.end() || found->second->pool_id != building_id ||
                !found->second->building;
       };
@@ -202,7 +245,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
                               : ""));
       }
       RETURN_IF_ERROR(ChargeLocked(input_charge, "input_buffer_bytes"));
-      return AddClientLocked(pool, params.client_name, std::move(input_buffer), input_bytes,
+      return AddClientLocked(pool, owner, params.client_name, std::move(input_buffer), input_bytes,
                              input_charge);
     }
 
@@ -251,12 +294,14 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
     auto pending = std::make_unique<Pool>();
     Pool* pool = pending.get();
     pool->pool_id = absl::StrCat(model.name, "-", next_pool_serial_++);
+    pool->key = pool_key;
+    pool->owner = owner;
     pool->model = model;
     pool->num_blocks = num_blocks;
     pool->bytes = charge.memory;
     pool->bookkeeping_bytes = charge.bookkeeping;
     pool->building = true;
-    pools_.emplace(model.name, std::move(pending));
+    pools_.emplace(pool_key, std::move(pending));
     ++builds_in_flight_;
     // Only this call changes a building pool, and Shutdown waits for builds, so `pool` stays
     // valid across the unlocked section.
@@ -290,7 +335,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
     }
     if (!built.ok()) {
       memory_used_bytes_ -= pool->bytes + pool->bookkeeping_bytes + input_charge;
-      pools_.erase(model.name);
+      pools_.erase(pool_key);
       return built;
     }
     pool->memory = *std::move(memory);
@@ -304,18 +349,19 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params) {
          {"bookkeeping_bytes", pool->bookkeeping_bytes}});
     PublishLocked(EventType::kPoolCreated, "", "", pool->pool_id,
                   absl::StrCat("num_blocks=", pool->num_blocks, " bytes=", pool->bytes));
-    return AddClientLocked(*pool, params.client_name, std::move(input_buffer), input_bytes,
+    return AddClientLocked(*pool, owner, params.client_name, std::move(input_buffer), input_bytes,
                            input_charge);
   }
 }
 
-AttachResult CacheManager::AddClientLocked(Pool& pool, const std::string& client_name,
-                                           MemfdRegion input_buffer, uint64_t input_bytes,
-                                           uint64_t input_charge) {
+AttachResult CacheManager::AddClientLocked(Pool& pool, const std::optional<uid_t>& owner,
+                                           const std::string& client_name, MemfdRegion input_buffer,
+                                           uint64_t input_bytes, uint64_t input_charge) {
   auto client = std::make_unique<Client>();
   client->client_id = absl::StrCat("c", next_client_serial_++);
   client->client_name = client_name;
   client->session_token = boot_id_ + kBootIdSeparator + RandomHex<16>();
+  client->owner = owner;
   client->pool = &pool;
   client->lease_deadline = clock_->Now() + options_.lease_timeout;
   client->input_buffer = std::move(input_buffer);
@@ -346,7 +392,8 @@ AttachResult CacheManager::AddClientLocked(Pool& pool, const std::string& client
   Log(LogLevel::kInfo, "client attached",
       {{"client_id", client->client_id},
        {"client_name", client->client_name},
-       {"pool_id", pool.pool_id}});
+       {"pool_id", pool.pool_id},
+       {"owner", OwnerText(owner)}});
   PublishLocked(EventType::kClientAttached, client->client_id, "", pool.pool_id,
                 absl::StrCat("name=", client->client_name));
   clients_.emplace(client->session_token, std::move(client));
@@ -365,6 +412,20 @@ absl::StatusOr<CacheManager::Client*> CacheManager::FindClientLocked(const Calle
     return absl::NotFoundError("session_token does not name an attached client");
   }
   Client* client = it->second.get();
+  if (client->owner != caller.owner()) {
+    // A token used by another uid was copied out of its owner's process: refuse it without
+    // touching the session (no lease renewal, no expiry). Not NOT_FOUND: tokens are 128-bit
+    // secrets nobody can guess, so confirming that a stolen one is real tells the thief
+    // nothing useful, and the precise error helps an operator who runs tools under two users.
+    Log(LogLevel::kWarning, "session token presented by another user",
+        {{"client_id", client->client_id},
+         {"owner", OwnerText(client->owner)},
+         {"caller", OwnerText(caller.owner())},
+         {"caller_pid", caller.peer.has_value() ? int64_t{caller.peer->pid} : int64_t{0}}});
+    return absl::PermissionDeniedError(
+        absl::StrCat("session_token belongs to a session attached by ", OwnerText(client->owner),
+                     "; only the user that attached a session may use its token"));
+  }
   // Judged by when the call arrived: one that waited behind others is not blamed for the wait.
   const absl::Time now = clock_->Now();
   const absl::Time at =
@@ -388,6 +449,11 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
         absl::StrCat(field, " ", QuoteForMessage(sequence_id), " does not exist"));
   }
   if (it->second->owner != &client) {
+    if (it->second->owner->owner != client.owner) {
+      // Another tenant's sequence is invisible: answered as if it did not exist.
+      return absl::NotFoundError(
+          absl::StrCat(field, " ", QuoteForMessage(sequence_id), " does not exist"));
+    }
     return absl::PermissionDeniedError(
         absl::StrCat(field, " ", QuoteForMessage(sequence_id), " belongs to another client"));
   }
@@ -400,6 +466,7 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindSequenceForCallerLocke
     ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     return FindOwnedSequenceLocked(*client, sequence_id, "sequence_id");
   }
+  if (!caller.operator_credential) return OperatorCredentialRequired();
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
   auto it = sequences_.find(sequence_id);
   if (it == sequences_.end()) {
@@ -465,12 +532,12 @@ DetachResult CacheManager::RemoveClientLocked(const std::string& token, EventTyp
                              " blocks_released=", result.blocks_released));
   clients_.erase(it);
   --pool->clients;
-  MaybeReleasePoolLocked(pool->model.name);
+  MaybeReleasePoolLocked(pool->key);
   return result;
 }
 
-void CacheManager::MaybeReleasePoolLocked(const std::string& model_name) {
-  auto it = pools_.find(model_name);
+void CacheManager::MaybeReleasePoolLocked(const std::string& pool_key) {
+  auto it = pools_.find(pool_key);
   if (it == pools_.end()) return;
   Pool* pool = it->second.get();
   if (pool->building || pool->clients > 0) return;
@@ -721,9 +788,11 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const Caller& caller,
   absl::MutexLock lock(&mu_);
   const Sequence* seq = nullptr;
   if (!caller.has_session()) {
+    // Without a session: the operator sees every sequence, anyone else those of their own uid.
     RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
     auto it = sequences_.find(sequence_id);
-    if (it == sequences_.end()) {
+    if (it == sequences_.end() ||
+        (!caller.operator_credential && it->second->owner->owner != caller.owner())) {
       return absl::NotFoundError(
           absl::StrCat("sequence_id ", QuoteForMessage(sequence_id), " does not exist"));
     }
@@ -758,8 +827,12 @@ absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(const C
     ASSIGN_OR_RETURN(only, FindClientLocked(caller));
   }
   std::vector<SequenceSummary> out;
+  // Without a session: the operator lists every sequence, anyone else those of their own uid.
+  const bool all_owners = only == nullptr && caller.operator_credential;
+  const std::optional<uid_t> owner = caller.owner();
   for (const auto& [id, seq] : sequences_) {
     if (only != nullptr && seq->owner != only) continue;
+    if (only == nullptr && !all_owners && seq->owner->owner != owner) continue;
     SequenceSummary s;
     s.sequence_id = id;
     s.owner_client_id = seq->owner->client_id;
@@ -774,16 +847,27 @@ absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(const C
 }
 
 StatsSnapshot CacheManager::Stats() const {
+  Caller all;
+  all.operator_credential = true;
+  return Stats(all);
+}
+
+StatsSnapshot CacheManager::Stats(const Caller& caller) const {
   absl::MutexLock lock(&mu_);
+  const bool all_owners = caller.operator_credential;
+  const std::optional<uid_t> owner = caller.owner();
   StatsSnapshot s;
   s.memory_used_bytes = memory_used_bytes_;
   s.memory_budget_bytes = options_.memory_budget_bytes;
-  s.num_sequences = static_cast<uint32_t>(sequences_.size());
-  for (const auto& [name, pool] : pools_) {
+  for (const auto& [id, seq] : sequences_) {
+    s.num_sequences += all_owners || seq->owner->owner == owner ? 1 : 0;
+  }
+  for (const auto& [key, pool] : pools_) {
     if (pool->building) continue;
+    if (!all_owners && pool->owner != owner) continue;
     PoolSnapshot p;
     p.pool_id = pool->pool_id;
-    p.model_name = name;
+    p.model_name = pool->model.name;
     p.backend = backend_->kind();
     p.device = backend_->device_name();
     p.bytes = pool->bytes;
@@ -807,6 +891,7 @@ StatsSnapshot CacheManager::Stats() const {
   const absl::Time now = clock_->Now();
   for (const auto& [token, client] : clients_) {
     s.input_buffer_bytes += client->input_charge;
+    if (!all_owners && client->owner != owner) continue;
     s.clients.push_back({client->client_id, client->client_name, client->pool->pool_id,
                          static_cast<uint32_t>(client->sequences.size()),
                          std::max(absl::ZeroDuration(), client->lease_deadline - now)});

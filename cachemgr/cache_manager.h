@@ -7,14 +7,24 @@
 // most 64 bytes of any client-supplied string (QuoteForMessage).
 //   INVALID_ARGUMENT   malformed field (empty id, zero tokens, bad model description, a pool
 //                      whose sizes overflow 64 bits)
-//   NOT_FOUND          session_token names no attached client; unknown sequence
+//   NOT_FOUND          session_token names no attached client; unknown sequence, or a sequence
+//                      of another owner (other tenants' sequences are invisible)
 //   ALREADY_EXISTS     Fork's child id is taken
-//   PERMISSION_DENIED  the sequence belongs to another client
+//   PERMISSION_DENIED  the sequence belongs to another client of the same owner; the session
+//                      token was attached by another owner; an operator call (no session
+//                      token) without Caller::operator_credential
 //   FAILED_PRECONDITION  a pool with the same model name but another description exists; or
 //                      session_token was issued by an earlier start of the daemon (another boot
 //                      id): its session is gone and the client must attach again
-//   RESOURCE_EXHAUSTED a layer has too few free blocks, the memory budget is spent, or the reply
-//                      would exceed max_reply_bytes
+//   RESOURCE_EXHAUSTED a layer has too few free blocks, the memory budget is spent, the reply
+//                      would exceed max_reply_bytes, or Attach is over max_clients /
+//                      max_clients_per_uid
+//
+// Owners and tenants: every client belongs to the owner that attached it (Caller::owner: the
+// peer's uid; TCP and in-process callers form one owner). A session token works only for its
+// owner, pools are never shared across owners (a model attached by two owners gets two pools),
+// and without the operator credential a call sees only its owner's clients, pools and
+// sequences.
 //   ABORTED            the sequence is busy in a Compress / Fetch / Park, or was freed by
 //                      another call while one of those worked on it
 //   UNAVAILABLE        Compress / Fetch / Park stopped because the daemon is shutting down
@@ -87,6 +97,9 @@ struct CacheManagerOptions {
   // Largest reply (encoded bytes) of a call that grows with a sequence: Allocate, GetSequence,
   // Fork, Compress, Fetch. 4 MiB is what a gRPC client receives by default.
   uint64_t max_reply_bytes = uint64_t{4} << 20;
+  // Attached clients allowed in total and per owner (uid; TCP callers count as one owner).
+  uint32_t max_clients = 1024;
+  uint32_t max_clients_per_uid = 512;
 };
 
 inline constexpr size_t kMaxSequenceIdLength = 256;
@@ -304,13 +317,15 @@ class CacheManager {
   // How long expired clients' blocks stay quarantined (options.quarantine resolved).
   absl::Duration quarantine() const { return quarantine_; }
 
-  // Registers a client. The first client of a model name creates its pool; later clients must
-  // describe the same model (FAILED_PRECONDITION naming the fields that differ, not their
-  // values) and share the pool. The pool's memory is charged to the budget, then created
-  // outside the lock; an Attach of the same model meanwhile waits for it (without the lock).
+  // Registers a client owned by `caller.owner()`. The owner's first client of a model name
+  // creates its pool; the owner's later clients must describe the same model
+  // (FAILED_PRECONDITION naming the fields that differ, not their values) and share the pool.
+  // The pool's memory is charged to the budget, then created outside the lock; an Attach of the
+  // same model meanwhile waits for it (without the lock).
   //   INVALID_ARGUMENT    num_blocks makes a pool whose size overflows; input_buffer_bytes
-  //   RESOURCE_EXHAUSTED  the pool or the input buffer does not fit what the budget has left
-  absl::StatusOr<AttachResult> Attach(const AttachParams& params);
+  //   RESOURCE_EXHAUSTED  the pool or the input buffer does not fit what the budget has left;
+  //                       attached clients are at --max_clients / --max_clients_per_uid
+  absl::StatusOr<AttachResult> Attach(const AttachParams& params, const Caller& caller = {});
 
   // Renews the lease; returns the time left on it.
   absl::StatusOr<absl::Duration> Heartbeat(const Caller& caller);
@@ -326,7 +341,7 @@ class CacheManager {
                                           uint32_t num_new_tokens);
 
   // Drops the sequence; returns blocks whose last reference went away. An empty token is an
-  // operator call: any client's sequence (the transport already trusted the caller).
+  // operator call on any client's sequence (needs Caller::operator_credential).
   absl::StatusOr<uint64_t> Free(const Caller& caller, const std::string& sequence_id);
 
   // New sequence `child` sharing every block of `parent` (refcounts +1).
@@ -334,15 +349,22 @@ class CacheManager {
                                         const std::string& child_sequence_id);
 
   // With a token, only the caller's sequences (PERMISSION_DENIED otherwise); with an empty token,
-  // read-only inspection of any sequence. A token renews the lease, as every call with one does.
+  // read-only inspection of any sequence for the operator, of the owner's sequences for anyone
+  // else (NOT_FOUND for others'). A token renews the lease, as every call with one does.
   // `include_kv_digest` reads the KV bytes.
   absl::StatusOr<SequenceSnapshot> GetSequence(const Caller& caller, const std::string& sequence_id,
                                                bool include_kv_digest);
 
-  // The caller's sequences, or every client's with an empty token. Sorted by id.
+  // The caller's sequences; with an empty token every client's for the operator, the owner's
+  // clients' for anyone else. Sorted by id.
   absl::StatusOr<std::vector<SequenceSummary>> ListSequences(const Caller& caller);
 
+  // Everything (the daemon's own view: metrics, shutdown).
   StatsSnapshot Stats() const;
+  // What `caller` may see: everything with the operator credential; otherwise the pools and
+  // clients of the caller's owner, the number of the owner's sequences, and the daemon-wide
+  // memory_used_bytes.
+  StatsSnapshot Stats(const Caller& caller) const;
 
   // Compresses the caller's sequence in place (docs/COMPRESSION.md). Inputs are read from the
   // caller's input buffer. Plain layers are compacted in place: row r of KV head h takes that
@@ -351,7 +373,8 @@ class CacheManager {
   // (a prefix-cached prompt, say) is instead written to ceil(rows / block_size) fresh blocks,
   // and the fork keeps the old ones. Codebook layers move to a per-sequence arena
   // (compress::CodedLayer) and release every block until Fetch.
-  // An empty token is an operator call on any client's sequence, with no inputs. With
+  // An empty token is an operator call on any client's sequence, with no inputs (needs
+  // Caller::operator_credential). With
   // params.cuda_ipc_event_handle the rows are read only after the client's event completed.
   //   FAILED_PRECONDITION  already compressed
   //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input (operator calls: not NONE)
@@ -410,13 +433,18 @@ class CacheManager {
   struct Sequence;
   struct Compression;
 
-  // Looks up a live client (an expired one is reaped here and reported NOT_FOUND).
+  // RESOURCE_EXHAUSTED when one more client of `owner` would exceed a client cap.
+  absl::Status CheckClientCapsLocked(const std::optional<uid_t>& owner) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Looks up a live client (an expired one is reaped here and reported NOT_FOUND) of the
+  // caller's owner (PERMISSION_DENIED for another owner's token).
   absl::StatusOr<Client*> FindClientLocked(const Caller& caller) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Sequence*> FindOwnedSequenceLocked(const Client& client,
                                                     const std::string& sequence_id,
                                                     const char* field) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // The caller's sequence, or with an empty token (an operator call) anyone's.
+  // The caller's sequence, or with an empty token (an operator call, which needs the operator
+  // credential) anyone's.
   absl::StatusOr<Sequence*> FindSequenceForCallerLocked(const Caller& caller,
                                                         const std::string& sequence_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -433,11 +461,12 @@ class CacheManager {
   absl::Status ChargeLocked(uint64_t bytes, const std::string& what)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Registers a client of `pool` (built) with its input buffer (already charged).
-  AttachResult AddClientLocked(Pool& pool, const std::string& client_name, MemfdRegion input_buffer,
+  AttachResult AddClientLocked(Pool& pool, const std::optional<uid_t>& owner,
+                               const std::string& client_name, MemfdRegion input_buffer,
                                uint64_t input_bytes, uint64_t input_charge)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Releases the pool of `model_name` if no client, no build and no quarantined block holds it.
-  void MaybeReleasePoolLocked(const std::string& model_name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Releases the pool keyed `pool_key` if no client, no build and no quarantined block holds it.
+  void MaybeReleasePoolLocked(const std::string& pool_key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // RESOURCE_EXHAUSTED when a reply of `bytes` would exceed max_reply_bytes; `what` says which.
   absl::Status CheckReplyBytes(uint64_t bytes, const std::string& what) const;
   DetachResult RemoveClientLocked(const std::string& token, EventType why)
@@ -462,7 +491,7 @@ class CacheManager {
   std::atomic<bool> shutting_down_{false};
 
   mutable absl::Mutex mu_;
-  // Keyed by model name.
+  // Keyed by PoolKey(owner, model name).
   absl::flat_hash_map<std::string, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
   // Keyed by session token.
   absl::flat_hash_map<std::string, std::unique_ptr<Client>> clients_ ABSL_GUARDED_BY(mu_);

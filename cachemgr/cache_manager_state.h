@@ -18,6 +18,10 @@ namespace cachemgr {
 
 struct CacheManager::Pool {
   std::string pool_id;
+  // Its key in pools_ (PoolKey): pools are never shared across owners, so one tenant can never
+  // map another's KV memory.
+  std::string key;
+  std::optional<uid_t> owner;
   ModelSpec model;
   uint32_t num_blocks = 0;
   // Charged to the budget: the memory (DeviceBackend::PoolBytes, then what was allocated) and
@@ -37,6 +41,8 @@ struct CacheManager::Client {
   std::string client_id;
   std::string client_name;
   std::string session_token;
+  // The uid that attached (Caller::owner); calls presenting the token from another are refused.
+  std::optional<uid_t> owner;
   Pool* pool = nullptr;
   absl::Time lease_deadline;
   std::vector<std::string> sequences;  // ids, insertion order

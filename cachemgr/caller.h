@@ -38,6 +38,11 @@ struct Caller {
   bool operator_credential = false;
 
   bool has_session() const { return !session_token.empty(); }
+  // Who owns what this caller creates: the peer's uid; nullopt for TCP and in-process callers
+  // (which form one owner of their own).
+  std::optional<uid_t> owner() const {
+    return peer.has_value() ? std::optional<uid_t>(peer->uid) : std::nullopt;
+  }
 };
 
 }  // namespace cachemgr

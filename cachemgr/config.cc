@@ -11,6 +11,9 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "cachemgr/service/operator_token.h"
+#include "cachemgr/service/peer_policy.h"
+#include "cachemgr/util/secret_file.h"
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr {
@@ -75,6 +78,23 @@ std::string NeedUint(absl::string_view v, uint64_t min, uint64_t max, uint64_t* 
   return "";
 }
 
+std::string NeedUint32(absl::string_view v, uint64_t min, uint64_t max, uint32_t* out) {
+  uint64_t n = 0;
+  std::string e = NeedUint(v, min, max, &n);
+  if (e.empty()) *out = static_cast<uint32_t>(n);
+  return e;
+}
+
+std::string NeedBool(absl::string_view v, bool* out) {
+  return ParseBool(v, out) ? std::string()
+                           : absl::StrCat("must be true or false (got \"", v, "\")");
+}
+
+std::string SetString(std::string* field, absl::string_view v) {
+  *field = std::string(v);
+  return std::string();
+}
+
 const std::vector<Option>& Options() {
   static const auto* options = new std::vector<Option>{
       {"config", "FILE", "read settings from FILE (key = value lines); flags override it",
@@ -92,16 +112,72 @@ const std::vector<Option>& Options() {
          c.share_socket_path = std::string(v);
          return std::string();
        }},
-      {"tcp_address", "HOST:PORT", "also listen on TCP (needs --tcp_token_file); off by default",
+      {"allowed_uids", "LIST", "more uids or user names (a,b) that may connect; sockets 0666",
        [](DaemonConfig& c, absl::string_view v) {
-         c.tcp_address = std::string(v);
+         c.allowed_uids.clear();
+         for (absl::string_view name : absl::StrSplit(v, ',', absl::SkipWhitespace())) {
+           absl::StatusOr<uid_t> uid =
+               ResolveUser(std::string(absl::StripAsciiWhitespace(name)), "--allowed_uids");
+           if (!uid.ok()) return std::string(uid.status().message());
+           c.allowed_uids.push_back(*uid);
+         }
          return std::string();
        }},
-      {"tcp_token_file", "FILE", "bearer token TCP callers must send (authorization metadata)",
+      {"socket_group", "NAME",
+       "group whose members may connect; sockets 0660 for it (default none)",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.socket_group, v); }},
+      {"operator_token_file", "PATH",
+       "where the operator credential is written (default SOCKET.operator)",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.operator_token_file, v); }},
+      {"operator_group", "NAME",
+       "group that may read the operator credential, file 0640 (default none)",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.operator_group, v); }},
+      {"max_clients", "N", "attached clients allowed in total (default 1024)",
        [](DaemonConfig& c, absl::string_view v) {
-         c.tcp_token_file = std::string(v);
-         return std::string();
+         return NeedUint32(v, 1, 1 << 20, &c.manager.max_clients);
        }},
+      {"max_clients_per_uid", "N", "attached clients one uid may have (default 512)",
+       [](DaemonConfig& c, absl::string_view v) {
+         return NeedUint32(v, 1, 1 << 20, &c.manager.max_clients_per_uid);
+       }},
+      {"max_connections", "N", "open connections to the gRPC socket in total (default 1024)",
+       [](DaemonConfig& c, absl::string_view v) {
+         return NeedUint32(v, 1, 1 << 20, &c.max_connections);
+       }},
+      {"max_connections_per_uid", "N", "open connections to the gRPC socket per uid (default 512)",
+       [](DaemonConfig& c, absl::string_view v) {
+         return NeedUint32(v, 1, 1 << 20, &c.max_connections_per_uid);
+       }},
+      {"tcp_address", "HOST:PORT",
+       "also listen on TCP (TLS, or --tcp_plaintext_loopback); off by default",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.tcp_address, v); }},
+      {"tcp_token_file", "FILE", "bearer token every TCP call must send; mode 0600",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.tcp_token_file, v); }},
+      {"tls_cert_file", "FILE", "TCP: the server's PEM certificate chain (TLS)",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.tls_cert_file, v); }},
+      {"tls_key_file", "FILE", "TCP: the server's PEM private key; mode 0600",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.tls_key_file, v); }},
+      {"tls_client_ca_file", "FILE", "TCP: mutual TLS with client certificates this PEM CA signed",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.tls_client_ca_file, v); }},
+      {"tcp_plaintext_loopback", nullptr,
+       "TCP without TLS, on a loopback --tcp_address only (default false)",
+       [](DaemonConfig& c, absl::string_view v) { return NeedBool(v, &c.tcp_plaintext_loopback); }},
+      {"health_probe_interval_ms", "MS",
+       "how often the daemon checks new clients get served; 0: never (2000)",
+       [](DaemonConfig& c, absl::string_view v) {
+         uint64_t n = 0;
+         std::string e = NeedUint(v, 0, 3600000, &n);
+         c.health_probe_interval = absl::Milliseconds(n);
+         return e;
+       }},
+      {"health_probe_failures", "N",
+       "probe failures in a row before health is NOT_SERVING (default 3)",
+       [](DaemonConfig& c, absl::string_view v) {
+         return NeedUint32(v, 1, 1000, &c.health_probe_failures);
+       }},
+      {"exit_when_unserving", nullptr,
+       "exit 3 when the probe finds the daemon cannot serve (default false)",
+       [](DaemonConfig& c, absl::string_view v) { return NeedBool(v, &c.exit_when_unserving); }},
       {"backend", "host|cuda", "where pools live (default host; cuda needs a CACHEMGR_CUDA build)",
        [](DaemonConfig& c, absl::string_view v) {
          if (v != "host" && v != "cuda")
@@ -203,17 +279,9 @@ const std::vector<Option>& Options() {
          return std::string();
        }},
       {"reflection", nullptr, "serve gRPC server reflection (default true)",
-       [](DaemonConfig& c, absl::string_view v) {
-         return ParseBool(v, &c.enable_reflection)
-                    ? std::string()
-                    : absl::StrCat("must be true or false (got \"", v, "\")");
-       }},
+       [](DaemonConfig& c, absl::string_view v) { return NeedBool(v, &c.enable_reflection); }},
       {"health", nullptr, "serve grpc.health.v1.Health (default true)",
-       [](DaemonConfig& c, absl::string_view v) {
-         return ParseBool(v, &c.enable_health)
-                    ? std::string()
-                    : absl::StrCat("must be true or false (got \"", v, "\")");
-       }},
+       [](DaemonConfig& c, absl::string_view v) { return NeedBool(v, &c.enable_health); }},
       {"worker_threads", "N", "threads running Compress, Fetch and Park (default 2)",
        [](DaemonConfig& c, absl::string_view v) {
          uint64_t n = 0;
@@ -277,6 +345,61 @@ absl::Status ApplyFile(const std::string& path, DaemonConfig& config) {
   return absl::OkStatus();
 }
 
+// "127.0.0.1:P", "127.x.y.z:P", "[::1]:P", "localhost:P".
+bool IsLoopbackAddress(absl::string_view address) {
+  const size_t colon = address.rfind(':');
+  if (colon == absl::string_view::npos) return false;
+  const absl::string_view host = address.substr(0, colon);
+  return absl::StartsWith(host, "127.") || host == "[::1]" || host == "localhost";
+}
+
+absl::Status ValidateTcp(DaemonConfig& c) {
+  const bool tls = !c.tls_cert_file.empty() || !c.tls_key_file.empty();
+  if (c.tcp_address.empty()) {
+    if (tls || !c.tls_client_ca_file.empty() || c.tcp_plaintext_loopback ||
+        !c.tcp_token_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tcp_token_file, --tls_* and --tcp_plaintext_loopback only apply with --tcp_address");
+    }
+    return absl::OkStatus();
+  }
+  if (c.tcp_address.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tcp_address must be HOST:PORT (got \"", c.tcp_address, "\")"));
+  }
+  if (tls && c.tcp_plaintext_loopback) {
+    return absl::InvalidArgumentError("--tcp_plaintext_loopback and --tls_* exclude each other");
+  }
+  if (!tls && !c.tcp_plaintext_loopback) {
+    return absl::InvalidArgumentError(
+        "--tcp_address needs TLS (--tls_cert_file and --tls_key_file), or, on a loopback "
+        "address, an explicit --tcp_plaintext_loopback: TCP is never plaintext by accident");
+  }
+  if (c.tcp_plaintext_loopback && !IsLoopbackAddress(c.tcp_address)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tcp_plaintext_loopback needs a loopback --tcp_address (127.0.0.1, [::1] or "
+                     "localhost), got \"",
+                     c.tcp_address, "\"; use TLS for other addresses"));
+  }
+  if (tls && (c.tls_cert_file.empty() || c.tls_key_file.empty())) {
+    return absl::InvalidArgumentError("--tls_cert_file and --tls_key_file go together");
+  }
+  if (tls) RETURN_IF_ERROR(CheckPrivateFile(c.tls_key_file, "--tls_key_file"));
+  if (c.tcp_token_file.empty()) {
+    if (c.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tcp_address needs --tcp_token_file (or mutual TLS with --tls_client_ca_file): TCP "
+          "callers must authenticate");
+    }
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(c.tcp_token, ReadPrivateFile(c.tcp_token_file, "--tcp_token_file"));
+  if (c.tcp_token.size() < 16) {
+    return absl::InvalidArgumentError("--tcp_token_file must hold a token of >= 16 characters");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Validate(DaemonConfig& c) {
   if (c.socket_path.empty()) return absl::InvalidArgumentError("--socket must not be empty");
   if (c.share_socket_path.empty()) c.share_socket_path = c.socket_path + ".share";
@@ -309,27 +432,16 @@ absl::Status Validate(DaemonConfig& c) {
   if (c.manager.default_pool_bytes > c.manager.memory_budget_bytes) {
     return absl::InvalidArgumentError("--default_pool_bytes must not exceed --memory_budget");
   }
-  if (!c.tcp_address.empty()) {
-    if (c.tcp_address.find(':') == std::string::npos) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--tcp_address must be HOST:PORT (got \"", c.tcp_address, "\")"));
-    }
-    if (c.tcp_token_file.empty()) {
-      return absl::InvalidArgumentError(
-          "--tcp_address needs --tcp_token_file: TCP callers must authenticate");
-    }
-    std::ifstream in(c.tcp_token_file);
-    std::stringstream buf;
-    buf << in.rdbuf();
-    if (!in) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--tcp_token_file: cannot read ", c.tcp_token_file));
-    }
-    c.tcp_token = std::string(absl::StripAsciiWhitespace(buf.str()));
-    if (c.tcp_token.size() < 16) {
-      return absl::InvalidArgumentError("--tcp_token_file must hold a token of >= 16 characters");
-    }
+  if (c.operator_token_file.empty()) {
+    c.operator_token_file = DefaultOperatorTokenPath(c.socket_path);
   }
+  if (!c.socket_group.empty()) {
+    ASSIGN_OR_RETURN(c.socket_gid, ResolveGroup(c.socket_group, "--socket_group"));
+  }
+  if (!c.operator_group.empty()) {
+    ASSIGN_OR_RETURN(c.operator_gid, ResolveGroup(c.operator_group, "--operator_group"));
+  }
+  return ValidateTcp(c);
   return absl::OkStatus();
 }
 

@@ -5,7 +5,10 @@
 // without `--`. Flags: `--key=value` or `--key value`; booleans also as `--key` / `--nokey`.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,15 +20,43 @@
 namespace cachemgr {
 
 struct DaemonConfig {
-  // gRPC Unix socket; created with mode 0600.
+  // gRPC Unix socket; created with mode 0600 (0660 with socket_group).
   std::string socket_path = "/run/cachemgr/cachemgr.sock";
   // Share channel socket (pool descriptors); empty means socket_path + ".share".
   std::string share_socket_path;
-  // Optional TCP listener "host:port" for remote schedulers; requires tcp_token_file.
+
+  // Who may connect to the Unix sockets (cachemgr/service/peer_policy.h): the daemon's uid,
+  // root, these uids, and members of socket_group (whose gid the sockets then carry, mode 0660).
+  std::vector<uid_t> allowed_uids;
+  std::string socket_group;
+  std::optional<gid_t> socket_gid;  // resolved from socket_group during validation
+  // Where the operator credential is written at start (empty means socket_path + ".operator"),
+  // mode 0600, or 0640 owned by operator_group when set.
+  std::string operator_token_file;
+  std::string operator_group;
+  std::optional<gid_t> operator_gid;  // resolved from operator_group during validation
+  // Open gRPC Unix connections allowed in total and per uid (closed at accept beyond).
+  uint32_t max_connections = 1024;
+  uint32_t max_connections_per_uid = 512;
+
+  // Optional TCP listener "host:port" for remote schedulers: TLS (tls_cert_file, tls_key_file;
+  // mutual TLS with tls_client_ca_file), or plaintext on a loopback address with
+  // tcp_plaintext_loopback. Every call authenticates with the bearer token of tcp_token_file
+  // (or, under mutual TLS, with the client certificate).
   std::string tcp_address;
-  // File holding the bearer token TCP callers must send as "authorization: Bearer <token>".
   std::string tcp_token_file;
   std::string tcp_token;  // read from tcp_token_file during validation
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  bool tcp_plaintext_loopback = false;
+
+  // The self-probe (cachemgr/service/health_probe.h): interval (zero: off), consecutive
+  // failures before health turns NOT_SERVING, and whether the daemon then exits (non-zero, so
+  // a supervisor restarts it).
+  absl::Duration health_probe_interval = absl::Seconds(2);
+  uint32_t health_probe_failures = 3;
+  bool exit_when_unserving = false;
 
   // Prometheus scrape endpoint "host:port" (GET /metrics); empty: no endpoint.
   std::string metrics_address;

@@ -1,10 +1,12 @@
 #include "cachemgr/daemon.h"
 
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -14,6 +16,8 @@
 #if defined(CACHEMGR_HAVE_CUDA_BACKEND)
 #include "cachemgr/backend/cuda_backend.h"
 #endif
+#include "cachemgr/service/request_errors.h"
+#include "cachemgr/service/tcp_security.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -22,6 +26,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
+#include "grpcpp/server_posix.h"
 
 namespace cachemgr {
 namespace {
@@ -29,9 +34,59 @@ namespace {
 constexpr char kVersion[] = "0.1.0";
 constexpr char kServiceName[] = "cachemgr.v1.CacheManager";
 
+// Descriptors the daemon needs besides its clients' (about 20 when idle: gRPC's epoll and
+// wakeup pipes, the listeners, metrics, logs, lock files), with headroom for transient ones.
+constexpr uint64_t kReservedDescriptors = 64;
+// Each attached client holds its Compress input buffer's memfd, and may have created a pool
+// (one region descriptor).
+constexpr uint64_t kDescriptorsPerClient = 2;
+
+// Raises the soft descriptor limit to the hard one (an attach flood must meet the client caps,
+// not EMFILE) and checks that max_clients fits under it. Connections are checked softly: a
+// limit that cannot hold max_connections as well only gets a warning, since the accept loop
+// survives EMFILE (it backs off) and the health probe reports a listener that stays stuck.
+absl::Status RaiseDescriptorLimit(const DaemonConfig& config) {
+  rlimit limit = {};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) {
+    return absl::InternalError(absl::StrCat("getrlimit(RLIMIT_NOFILE): ", std::strerror(errno)));
+  }
+  const rlim_t before = limit.rlim_cur;
+  if (limit.rlim_cur < limit.rlim_max) {
+    rlimit raised = limit;
+    raised.rlim_cur = limit.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) limit = raised;
+  }
+  const uint64_t for_clients =
+      kReservedDescriptors + kDescriptorsPerClient * uint64_t{config.manager.max_clients};
+  const uint64_t with_connections = for_clients + config.max_connections;
+  Log(LogLevel::kInfo, "descriptor limit",
+      {{"soft_before", static_cast<uint64_t>(before)},
+       {"soft", static_cast<uint64_t>(limit.rlim_cur)},
+       {"hard", static_cast<uint64_t>(limit.rlim_max)},
+       {"needed", with_connections}});
+  if (limit.rlim_cur == RLIM_INFINITY) return absl::OkStatus();
+  if (limit.rlim_cur < for_clients) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the descriptor limit (RLIMIT_NOFILE ", limit.rlim_cur, ", hard ", limit.rlim_max,
+        ") is below the ", for_clients, " that --max_clients=", config.manager.max_clients,
+        " needs (", kReservedDescriptors, " + ", kDescriptorsPerClient,
+        " per client): raise the limit (systemd: LimitNOFILE=) or lower --max_clients"));
+  }
+  if (limit.rlim_cur < with_connections) {
+    Log(LogLevel::kWarning,
+        "the descriptor limit cannot hold --max_connections as well: connections may run out "
+        "of descriptors (the socket then waits for free ones, and health reports it)",
+        {{"limit", static_cast<uint64_t>(limit.rlim_cur)},
+         {"max_clients", config.manager.max_clients},
+         {"max_connections", config.max_connections},
+         {"needed", with_connections}});
+  }
+  return absl::OkStatus();
+}
+
 // True when something accepts connections on the Unix socket at `path`.
-bool SomeoneListens(const std::string& path) {
-  UniqueFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+bool SomeoneListens(const std::string& path, int type = SOCK_STREAM) {
+  UniqueFd fd(socket(AF_UNIX, type | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return false;
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -39,8 +94,8 @@ bool SomeoneListens(const std::string& path) {
   return connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
 }
 
-// Refuses to start over a live daemon; removes a stale socket a crashed daemon left behind.
-absl::Status PrepareSocketPath(const std::string& path, const char* flag) {
+// INVALID_ARGUMENT naming `flag` when the directory `path` goes in does not exist.
+absl::Status CheckDirectory(const std::string& path, const char* flag) {
   const std::filesystem::path p(path);
   const std::filesystem::path dir = p.has_parent_path() ? p.parent_path() : ".";
   std::error_code ec;
@@ -48,13 +103,19 @@ absl::Status PrepareSocketPath(const std::string& path, const char* flag) {
     return absl::InvalidArgumentError(
         absl::StrCat(flag, ": directory ", dir.string(), " does not exist"));
   }
+  return absl::OkStatus();
+}
+
+// Refuses to start over a live daemon (one of a version without lock files included); removes
+// a stale socket a crashed daemon left behind.
+absl::Status PrepareSocketPath(const std::string& path, const char* flag, int type) {
   struct stat st;
   if (lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
       return absl::FailedPreconditionError(
           absl::StrCat(flag, ": ", path, " exists and is not a socket; not replacing it"));
     }
-    if (SomeoneListens(path)) {
+    if (SomeoneListens(path, type)) {
       return absl::FailedPreconditionError(
           absl::StrCat(flag, ": another process is serving on ", path));
     }
@@ -96,11 +157,22 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {}
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config) {
   std::unique_ptr<Daemon> d(new Daemon(config));
-  RETURN_IF_ERROR(PrepareSocketPath(config.socket_path, "--socket"));
+  RETURN_IF_ERROR(RaiseDescriptorLimit(config));
+  // The locks make a second daemon refuse to start instead of taking over a live daemon's
+  // sockets (the share socket too, which may be configured apart from the gRPC socket).
+  RETURN_IF_ERROR(CheckDirectory(config.socket_path, "--socket"));
+  RETURN_IF_ERROR(CheckDirectory(config.share_socket_path, "--share_socket"));
+  ASSIGN_OR_RETURN(d->socket_lock_,
+                   InstanceLock::Acquire(config.socket_path + ".lock", "--socket"));
+  ASSIGN_OR_RETURN(d->share_socket_lock_,
+                   InstanceLock::Acquire(config.share_socket_path + ".lock", "--share_socket"));
+  RETURN_IF_ERROR(PrepareSocketPath(config.socket_path, "--socket", SOCK_STREAM));
+  RETURN_IF_ERROR(PrepareSocketPath(config.share_socket_path, "--share_socket", SOCK_SEQPACKET));
 
   ASSIGN_OR_RETURN(d->backend_, MakeBackend(config));
   d->manager_ =
       std::make_unique<CacheManager>(config.manager, d->backend_.get(), &d->clock_, &d->events_);
+  d->peer_policy_ = std::make_unique<PeerPolicy>(geteuid(), config.allowed_uids, config.socket_gid);
 
   // The share channel calls the resolver on its single serving thread and sends the returned
   // descriptors before the next call, so holding the last batch here keeps them open exactly
@@ -108,20 +180,45 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   ASSIGN_OR_RETURN(
       d->share_server_,
       ShareChannelServer::Start(
-          config.share_socket_path,
-          [daemon = d.get()](const std::string& token) -> absl::StatusOr<std::vector<int>> {
-            ASSIGN_OR_RETURN(daemon->shared_fds_in_flight_, daemon->manager_->ShareFds(token));
+          config.share_socket_path, d->peer_policy_.get(),
+          [daemon = d.get()](const std::string& token,
+                             const PeerCredentials& peer) -> absl::StatusOr<std::vector<int>> {
+            Caller caller(token);
+            caller.peer = peer;
+            ASSIGN_OR_RETURN(daemon->shared_fds_in_flight_, daemon->manager_->ShareFds(caller));
             std::vector<int> fds;
             for (const UniqueFd& fd : daemon->shared_fds_in_flight_) {
               fds.push_back(fd.get());
             }
             return fds;
           }));
+  // Both sockets: 0600 by default; 0660 for --socket_group's members; with --allowed_uids
+  // 0666, since file modes cannot name single other users: the peer check (PeerPolicy) tells
+  // who gets in, and closes everyone else's connections at once.
+  const mode_t socket_mode = !config.allowed_uids.empty()    ? 0666
+                             : config.socket_gid.has_value() ? 0660
+                                                             : 0600;
+  if ((config.socket_gid.has_value() &&
+       chown(config.share_socket_path.c_str(), -1, *config.socket_gid) != 0) ||
+      chmod(config.share_socket_path.c_str(), socket_mode) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "cannot set the mode or group of ", config.share_socket_path, ": ", std::strerror(errno)));
+  }
+  ASSIGN_OR_RETURN(d->operator_token_,
+                   OperatorToken::Create(config.operator_token_file, config.operator_gid));
+
+  PeerListenerOptions listener_options;
+  listener_options.path = config.socket_path;
+  listener_options.mode = socket_mode;
+  listener_options.group = config.socket_gid;
+  listener_options.max_connections = config.max_connections;
+  listener_options.max_connections_per_uid = config.max_connections_per_uid;
+  d->peer_listener_ = std::make_unique<PeerListener>(listener_options, d->peer_policy_.get());
 
   d->metrics_ = std::make_unique<Metrics>(d->manager_.get(), &d->events_, kVersion);
   d->service_ = std::make_unique<CacheManagerService>(
-      d->manager_.get(), &d->events_, config.share_socket_path, config.tcp_token, kVersion,
-      config.worker_threads, d->metrics_.get());
+      d->manager_.get(), &d->events_, config.share_socket_path, d->peer_listener_.get(),
+      d->operator_token_.get(), kVersion, config.worker_threads, d->metrics_.get());
   int metrics_port = 0;
   if (!config.metrics_address.empty()) {
     ASSIGN_OR_RETURN(d->metrics_server_,
@@ -133,41 +230,65 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   if (config.enable_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   if (!config.enable_reflection) builder.SetOption(std::make_unique<WithoutReflection>());
-  builder.AddListeningPort("unix:" + config.socket_path, grpc::InsecureServerCredentials());
   int tcp_port = 0;
   if (!config.tcp_address.empty()) {
-    // Callers over TCP authenticate with the bearer token (checked per call by the service).
-    builder.AddListeningPort(config.tcp_address, grpc::InsecureServerCredentials(), &tcp_port);
+    TcpSecurityOptions security;
+    security.bearer_token = config.tcp_token;
+    security.cert_file = config.tls_cert_file;
+    security.key_file = config.tls_key_file;
+    security.client_ca_file = config.tls_client_ca_file;
+    security.plaintext_loopback = config.tcp_plaintext_loopback;
+    ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                     MakeTcpServerCredentials(security));
+    builder.AddListeningPort(config.tcp_address, credentials, &tcp_port);
   }
   builder.RegisterService(d->service_.get());
   builder.SetMaxReceiveMessageSize(16 << 20);
-  // The socket is created inside BuildAndStart: a umask makes it 0600 from its first moment.
-  const mode_t old_umask = umask(0177);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(MakeUnparseableRequestInterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   d->server_ = builder.BuildAndStart();
-  umask(old_umask);
   if (d->server_ == nullptr) {
-    return absl::UnavailableError(
-        absl::StrCat("gRPC server failed to listen on unix:", config.socket_path,
-                     config.tcp_address.empty() ? "" : " or ", config.tcp_address));
+    return absl::UnavailableError(absl::StrCat("gRPC server failed to start",
+                                               config.tcp_address.empty() ? "" : " on ",
+                                               config.tcp_address));
   }
   if (!config.tcp_address.empty() && tcp_port == 0) {
     return absl::UnavailableError(
         absl::StrCat("--tcp_address: cannot listen on ", config.tcp_address));
   }
-  chmod(config.socket_path.c_str(), 0600);
   if (config.enable_health) {
     d->server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
     d->server_->GetHealthCheckService()->SetServingStatus(true);
   }
   d->reaper_ = std::thread([daemon = d.get()] { daemon->ReapLeases(); });
+  if (config.health_probe_interval > absl::ZeroDuration()) {
+    HealthProbeOptions probe;
+    probe.socket_path = config.socket_path;
+    probe.interval = config.health_probe_interval;
+    probe.deadline = std::max(config.health_probe_interval, absl::Seconds(1));
+    probe.failures_to_unserve = config.health_probe_failures;
+    d->health_probe_ =
+        HealthProbe::Start(probe, [daemon = d.get()](bool serving, const std::string& why) {
+          daemon->OnServingChanged(serving, why);
+        });
+  }
 
+  std::string tcp = "off";
+  if (!config.tcp_address.empty()) {
+    tcp = absl::StrCat(config.tcp_address, " port ", tcp_port,
+                       config.tcp_plaintext_loopback        ? " plaintext (loopback)"
+                       : !config.tls_client_ca_file.empty() ? " mutual TLS"
+                                                            : " TLS");
+  }
   Log(LogLevel::kInfo, "cachemgrd serving",
       {{"version", kVersion},
        {"boot_id", d->manager_->boot_id()},
        {"socket", config.socket_path},
        {"share_socket", config.share_socket_path},
-       {"tcp", config.tcp_address.empty() ? std::string("off")
-                                          : absl::StrCat(config.tcp_address, " port ", tcp_port)},
+       {"allowed_peers", d->peer_policy_->Describe()},
+       {"operator_token_file", config.operator_token_file},
+       {"tcp", tcp},
        {"metrics", config.metrics_address.empty()
                        ? std::string("off")
                        : absl::StrCat(config.metrics_address, " port ", metrics_port)},
@@ -179,10 +300,35 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
                             ? "cuda_vmm_fd"
                             : "cuda_ipc_handle"},
        {"memory_budget", config.manager.memory_budget_bytes},
+       {"max_clients", config.manager.max_clients},
+       {"max_clients_per_uid", config.manager.max_clients_per_uid},
        {"heartbeat_interval_ms", absl::ToInt64Milliseconds(config.manager.heartbeat_interval)},
        {"lease_timeout_ms", absl::ToInt64Milliseconds(config.manager.lease_timeout)},
        {"config", config.config_file.empty() ? std::string("none") : config.config_file}});
+  // The socket appears last, so whoever waits for it finds the line above in the log. Its
+  // connections go to gRPC only after the peer checks (PeerListener).
+  RETURN_IF_ERROR(d->peer_listener_->Start(
+      [server = d->server_.get()](int fd) { grpc::AddInsecureChannelFromFd(server, fd); }));
   return d;
+}
+
+void Daemon::OnServingChanged(bool serving, const std::string& why) {
+  if (serving) {
+    Log(LogLevel::kInfo, "serving again: the health probe reached the socket");
+  } else {
+    Log(LogLevel::kError, "cannot serve new clients: the health probe failed",
+        {{"consecutive_failures", config_.health_probe_failures},
+         {"error", why},
+         {"exiting", config_.exit_when_unserving ? "true" : "false"}});
+  }
+  if (config_.enable_health) {
+    server_->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
+    server_->GetHealthCheckService()->SetServingStatus(serving);
+  }
+  if (!serving && config_.exit_when_unserving) {
+    stopped_unserving_.store(true);
+    RequestShutdown();
+  }
 }
 
 void Daemon::ReapLeases() {
@@ -198,9 +344,13 @@ void Daemon::RequestShutdown() {
   if (!shutdown_requested_.HasBeenNotified()) shutdown_requested_.Notify();
 }
 
-void Daemon::Wait() {
+absl::Status Daemon::Wait() {
   shutdown_requested_.WaitForNotification();
   Shutdown();
+  if (stopped_unserving_.load()) {
+    return absl::UnavailableError("stopped: the health probe found the daemon cannot serve");
+  }
+  return absl::OkStatus();
 }
 
 void Daemon::Shutdown() {
@@ -215,6 +365,8 @@ void Daemon::Shutdown() {
   }
   Log(LogLevel::kInfo, "shutting down",
       {{"grace_ms", absl::ToInt64Milliseconds(config_.shutdown_grace)}});
+  // Before health turns NOT_SERVING, so the probe cannot turn it back.
+  if (health_probe_ != nullptr) health_probe_->Stop();
   if (config_.enable_health) {
     server_->GetHealthCheckService()->SetServingStatus(false);
   }
@@ -226,6 +378,8 @@ void Daemon::Shutdown() {
   events_.Close();
   const bool idle = service_->WaitIdle(config_.shutdown_grace);
   if (!idle) Log(LogLevel::kWarning, "grace period over: cancelling calls still in flight");
+  // No connection may be handed to a server that is shutting down.
+  peer_listener_->Stop();
   server_->Shutdown(std::chrono::system_clock::now());
   server_->Wait();
   share_server_->Stop();
@@ -233,7 +387,7 @@ void Daemon::Shutdown() {
   if (reaper_.joinable()) reaper_.join();
   const StatsSnapshot before = manager_->Stats();
   manager_->Shutdown();
-  unlink(config_.socket_path.c_str());
+  operator_token_.reset();  // removes the file
   Log(LogLevel::kInfo, "cachemgrd stopped",
       {{"clients_detached", static_cast<uint64_t>(before.clients.size())},
        {"bytes_released", before.memory_used_bytes}});

@@ -1,8 +1,10 @@
-// Daemon: wires a DaemonConfig into a running cachemgrd — backend, CacheManager, lease reaper,
-// share channel, gRPC server (Unix socket, optional TCP), health and reflection, Prometheus
-// metrics endpoint — and tears it down in order.
+// Daemon: wires a DaemonConfig into a running cachemgrd — instance locks, backend,
+// CacheManager, lease reaper, share channel, operator credential, gRPC server (its own Unix
+// socket listener with peer checks, optional TCP with TLS), health with a self-probe,
+// reflection, Prometheus metrics endpoint — and tears it down in order.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <thread>
 
@@ -15,8 +17,13 @@
 #include "cachemgr/metrics/metrics.h"
 #include "cachemgr/metrics/metrics_endpoint.h"
 #include "cachemgr/service/cachemgr_service.h"
+#include "cachemgr/service/health_probe.h"
+#include "cachemgr/service/operator_token.h"
+#include "cachemgr/service/peer_listener.h"
+#include "cachemgr/service/peer_policy.h"
 #include "cachemgr/service/share_channel.h"
 #include "cachemgr/util/clock.h"
+#include "cachemgr/util/instance_lock.h"
 
 namespace grpc {
 class Server;
@@ -26,14 +33,19 @@ namespace cachemgr {
 
 class Daemon {
  public:
-  // Everything is listening when this returns. FAILED_PRECONDITION when another daemon listens
-  // on the socket; INVALID_ARGUMENT when the socket's directory is missing.
+  // Everything is listening when this returns. Raises the descriptor limit (RLIMIT_NOFILE) to
+  // its hard limit first. FAILED_PRECONDITION when another daemon holds the socket's or the
+  // share socket's lock or listens there, or when the descriptor limit cannot hold
+  // --max_clients; INVALID_ARGUMENT when the socket's directory is missing.
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const DaemonConfig& config);
 
-  // Blocks until RequestShutdown(), then shuts down gracefully: health NOT_SERVING, Watch
+  // Blocks until RequestShutdown() (or, with exit_when_unserving, until the health probe found
+  // that the daemon can no longer serve), then shuts down gracefully: health NOT_SERVING, Watch
   // streams ended, no new calls accepted, in-flight calls finished (cancelled after
-  // shutdown_grace), every client detached and all pool memory released, sockets removed.
-  void Wait();
+  // shutdown_grace), every client detached and all pool memory released, sockets, lock and
+  // operator credential files removed. OK after a requested shutdown; UNAVAILABLE after an
+  // unserving one.
+  absl::Status Wait();
 
   // Thread-safe and idempotent. Not async-signal-safe: call from a thread that waited for the
   // signal (main uses sigwait).
@@ -45,21 +57,31 @@ class Daemon {
   explicit Daemon(const DaemonConfig& config);
   void Shutdown();
   void ReapLeases();
+  // The health probe's verdict changed.
+  void OnServingChanged(bool serving, const std::string& why);
 
   const DaemonConfig config_;
   RealClock clock_;
   EventHub events_;
+  std::unique_ptr<InstanceLock> socket_lock_;
+  std::unique_ptr<InstanceLock> share_socket_lock_;
+  std::unique_ptr<PeerPolicy> peer_policy_;
+  std::unique_ptr<OperatorToken> operator_token_;
   std::unique_ptr<DeviceBackend> backend_;
   std::unique_ptr<CacheManager> manager_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<PeerListener> peer_listener_;
   std::unique_ptr<CacheManagerService> service_;
   std::unique_ptr<ShareChannelServer> share_server_;
   // Descriptors of the share channel's current reply (only its thread touches them).
   std::vector<UniqueFd> shared_fds_in_flight_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsEndpoint> metrics_server_;
+  std::unique_ptr<HealthProbe> health_probe_;
   std::thread reaper_;
   absl::Notification shutdown_requested_;
+  // Set (before shutdown is requested) when the probe ended the daemon.
+  std::atomic<bool> stopped_unserving_{false};
   bool shut_down_ = false;
 };
 

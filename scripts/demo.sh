@@ -30,7 +30,10 @@ trap cleanup EXIT
 # The "cachemgrd serving" line (with the metrics port) comes once everything listens.
 for _ in $(seq 100); do grep -q '"metrics_port"' "$run_dir/daemon.log" && break; sleep 0.1; done
 metrics_port=$(grep -o '"metrics_port":[0-9]*' "$run_dir/daemon.log" | cut -d: -f2)
-ctl() { "$BUILD_DIR/tools/cachemgrctl" "$@" --socket="$socket"; }
+# The operator credential the daemon wrote beside its socket: the daemon-wide view.
+ctl() {
+  "$BUILD_DIR/tools/cachemgrctl" "$@" --socket="$socket" --operator_token_file="$socket.operator"
+}
 engine() { "$BUILD_DIR/tools/engine/cachemgr-engine" --socket="$socket" "$@"; }
 ctl health
 echo "metrics: http://127.0.0.1:$metrics_port/metrics"

@@ -20,14 +20,6 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 
 namespace {
 
-// Compares without an early exit so the token cannot be guessed byte by byte from timing.
-bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return diff == 0;
-}
-
 // A unary call's reactor: finishes with the handler's status and tells the service when the
 // call is completely done (status delivered), which is what graceful shutdown waits for.
 class UnaryCall final : public grpc::ServerUnaryReactor {
@@ -146,31 +138,40 @@ class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
 }  // namespace
 
 CacheManagerService::CacheManagerService(CacheManager* manager, EventHub* events,
-                                         std::string share_socket_path, std::string tcp_token,
-                                         std::string version, size_t worker_threads,
-                                         Metrics* metrics)
+                                         std::string share_socket_path,
+                                         const PeerListener* unix_peers,
+                                         const OperatorToken* operator_token, std::string version,
+                                         size_t worker_threads, Metrics* metrics)
     : manager_(manager),
       metrics_(metrics),
       events_(events),
       share_socket_path_(std::move(share_socket_path)),
-      tcp_token_(std::move(tcp_token)),
+      unix_peers_(unix_peers),
+      operator_token_(operator_token),
       version_(std::move(version)),
       started_(absl::Now()),
       workers_(worker_threads) {}
 
 absl::Status CacheManagerService::Authorize(grpc::CallbackServerContext* ctx) const {
-  if (absl::StartsWith(ctx->peer(), "unix:")) return absl::OkStatus();
-  if (tcp_token_.empty()) return absl::UnauthenticatedError("TCP callers are not accepted");
+  const std::string peer = ctx->peer();
+  if (absl::StartsWith(peer, "fd:")) {
+    if (unix_peers_ != nullptr && unix_peers_->Lookup(peer).has_value()) return absl::OkStatus();
+    return absl::UnauthenticatedError("connection was not admitted by cachemgrd's socket");
+  }
+  // The TCP port's AuthMetadataProcessor refused every call without valid credentials before
+  // any handler ran.
+  if (absl::StartsWith(peer, "ipv4:") || absl::StartsWith(peer, "ipv6:")) {
+    return absl::OkStatus();
+  }
+  return absl::UnauthenticatedError(absl::StrCat("unexpected transport \"", peer, "\""));
+}
+
+bool CacheManagerService::HasOperatorCredential(grpc::CallbackServerContext* ctx) const {
+  if (operator_token_ == nullptr) return false;
   const auto& metadata = ctx->client_metadata();
-  auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
-    return absl::UnauthenticatedError("missing \"authorization: Bearer <token>\" metadata");
-  }
-  const absl::string_view value(it->second.data(), it->second.size());
-  if (!absl::StartsWith(value, "Bearer ") || !ConstantTimeEquals(value.substr(7), tcp_token_)) {
-    return absl::UnauthenticatedError("the bearer token in \"authorization\" is not valid");
-  }
-  return absl::OkStatus();
+  auto it = metadata.find(kOperatorMetadataKey);
+  return it != metadata.end() &&
+         operator_token_->Matches(absl::string_view(it->second.data(), it->second.size()));
 }
 
 void CacheManagerService::CallStarted() {
@@ -191,10 +192,13 @@ bool CacheManagerService::WaitIdle(absl::Duration timeout) {
   return calls_mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
 }
 
-Caller CacheManagerService::MakeCaller(grpc::CallbackServerContext* /*ctx*/,
+Caller CacheManagerService::MakeCaller(grpc::CallbackServerContext* ctx,
                                        const std::string& session_token, absl::Time arrival) const {
   Caller caller(session_token);
   caller.arrival = arrival;
+  // Called on the handler's thread while the call exists: see PeerListener on descriptor reuse.
+  if (unix_peers_ != nullptr) caller.peer = unix_peers_->Lookup(ctx->peer());
+  caller.operator_credential = HasOperatorCredential(ctx);
   return caller;
 }
 
@@ -247,14 +251,14 @@ grpc::ServerUnaryReactor* CacheManagerService::UnaryOnWorker(
 grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContext* ctx,
                                                       const v1::AttachRequest* request,
                                                       v1::AttachResponse* response) {
-  return Unary(ctx, "Attach", std::string(), [&](const Caller& /*caller*/) -> absl::Status {
+  return Unary(ctx, "Attach", std::string(), [&](const Caller& caller) -> absl::Status {
     if (!request->has_model()) return absl::InvalidArgumentError("model is required");
     AttachParams params;
     params.client_name = request->client_name();
     ASSIGN_OR_RETURN(params.model, ModelSpecFromProto(request->model()));
     params.num_blocks = request->num_blocks();
     params.input_buffer_bytes = request->input_buffer_bytes();
-    ASSIGN_OR_RETURN(AttachResult result, manager_->Attach(params));
+    ASSIGN_OR_RETURN(AttachResult result, manager_->Attach(params, caller));
     AttachResultToProto(result, share_socket_path_, response);
     return absl::OkStatus();
   });
@@ -395,8 +399,8 @@ grpc::ServerUnaryReactor* CacheManagerService::Park(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext* ctx,
                                                      const v1::StatsRequest* /*request*/,
                                                      v1::StatsResponse* response) {
-  return Unary(ctx, "Stats", std::string(), [&](const Caller& /*caller*/) -> absl::Status {
-    StatsToProto(manager_->Stats(), response);
+  return Unary(ctx, "Stats", std::string(), [&](const Caller& caller) -> absl::Status {
+    StatsToProto(manager_->Stats(caller), response);
     response->set_uptime_ms(
         static_cast<uint64_t>(absl::ToInt64Milliseconds(absl::Now() - started_)));
     response->set_version(version_);
@@ -411,6 +415,13 @@ grpc::ServerWriteReactor<v1::Event>* CacheManagerService::Watch(grpc::CallbackSe
         this, grpc::Status(grpc::StatusCode::UNAVAILABLE, "cachemgrd is shutting down"));
   }
   if (absl::Status s = Authorize(ctx); !s.ok()) return new RefusedWatch(this, ToGrpcStatus(s));
+  if (!HasOperatorCredential(ctx)) {
+    return new RefusedWatch(
+        this, grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                           "Watch streams every client's events and needs the operator "
+                           "credential: send the contents of the daemon's --operator_token_file "
+                           "as \"x-cachemgr-operator\" metadata"));
+  }
   for (int t : request->types()) {
     if (!v1::EventType_IsValid(t) || t == v1::EVENT_TYPE_UNSPECIFIED) {
       return new RefusedWatch(this,

@@ -2,8 +2,13 @@
 //
 // The only place absl::Status becomes grpc::Status. Bookkeeping handlers (microseconds) finish
 // inline; Compress, Fetch and Park, which do seconds of CPU work on long sequences, run on a
-// WorkerPool so they never hold gRPC's callback threads. Calls arriving over TCP must carry
-// "authorization: Bearer <token>" metadata; Unix-socket callers are trusted (socket mode 0600).
+// WorkerPool so they never hold gRPC's callback threads.
+//
+// Who calls: a Unix-socket caller is the peer the PeerListener admitted (its kernel credentials
+// become Caller::peer); a TCP caller passed the TCP listener's TcpAuthProcessor (bearer token or
+// verified client certificate) before any handler ran. A call carrying the operator credential
+// (OperatorToken, metadata "x-cachemgr-operator") gets Caller::operator_credential. Watch is an
+// operator call (events name every client's sequences).
 #pragma once
 
 #include <atomic>
@@ -14,6 +19,8 @@
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/event_hub.h"
 #include "cachemgr/metrics/metrics.h"
+#include "cachemgr/service/operator_token.h"
+#include "cachemgr/service/peer_listener.h"
 #include "cachemgr/service/worker_pool.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 
@@ -23,11 +30,11 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 
 class CacheManagerService final : public v1::CacheManager::CallbackService {
  public:
-  // `manager`, `events` and `metrics` (may be null) must outlive the service. `tcp_token` empty
-  // means TCP is not served. `worker_threads` (>= 1) run the heavy calls.
+  // `manager`, `events`, `unix_peers`, `operator_token` and `metrics` (may be null) must
+  // outlive the service. `worker_threads` (>= 1) run the heavy calls.
   CacheManagerService(CacheManager* manager, EventHub* events, std::string share_socket_path,
-                      std::string tcp_token, std::string version, size_t worker_threads,
-                      Metrics* metrics = nullptr);
+                      const PeerListener* unix_peers, const OperatorToken* operator_token,
+                      std::string version, size_t worker_threads, Metrics* metrics = nullptr);
 
   grpc::ServerUnaryReactor* Attach(grpc::CallbackServerContext* ctx,
                                    const v1::AttachRequest* request,
@@ -75,8 +82,11 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   void CallDone();
 
  private:
-  // OK for Unix-socket peers; for TCP peers checks the bearer token.
+  // OK for a Unix-socket peer the PeerListener admitted and for TCP peers (authenticated by
+  // the TCP credentials' processor); UNAUTHENTICATED for anything else.
   absl::Status Authorize(grpc::CallbackServerContext* ctx) const;
+  // Whether the call carries the operator credential.
+  bool HasOperatorCredential(grpc::CallbackServerContext* ctx) const;
   // Runs `body` after authorization and finishes the call with its status.
   // `method` names the RPC for the metrics.
   // `body` gets the Caller: `session_token` (from the request), the peer and the arrival time.
@@ -98,7 +108,8 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   Metrics* const metrics_;
   EventHub* const events_;
   const std::string share_socket_path_;
-  const std::string tcp_token_;
+  const PeerListener* const unix_peers_;
+  const OperatorToken* const operator_token_;
   const std::string version_;
   const absl::Time started_;
 

@@ -17,6 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "cachemgr/service/peer_policy.h"
 #include "cachemgr/util/fd_passing.h"
 #include "cachemgr/util/log.h"
 
@@ -79,39 +80,22 @@ int PollTimeoutMs(absl::Time now, absl::Time deadline) {
       std::numeric_limits<int>::max()));
 }
 
-// Who may ask. The socket's 0600 mode already keeps other users out; checking the peer's uid
-// also covers a socket whose mode was loosened or a descriptor to it that leaked into another
-// user's process. OK, or the error to send back.
-absl::Status AuthorizePeer(int conn) {
-  ucred cred = {};
-  socklen_t cred_len = sizeof(cred);
-  if (::getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0) {
-    const int err = errno;
-    return absl::InternalError(absl::StrCat("SO_PEERCRED failed: ", ErrnoText(err)));
-  }
-  const uid_t own_uid = ::geteuid();
-  if (cred.uid != own_uid) {
-    Log(LogLevel::kWarning, "share channel: rejected peer with foreign uid",
-        {{"peer_uid", static_cast<uint64_t>(cred.uid)},
-         {"peer_pid", static_cast<int64_t>(cred.pid)}});
-    return absl::PermissionDeniedError(
-        absl::StrCat("peer uid ", cred.uid, " differs from the daemon's uid ", own_uid));
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
-ShareChannelServer::ShareChannelServer(std::string path, UniqueFd listener, Resolver resolver,
+ShareChannelServer::ShareChannelServer(std::string path, UniqueFd listener,
+                                       const PeerPolicy* policy, Resolver resolver,
                                        ShareChannelLimits limits)
     : path_(std::move(path)),
       listener_(std::move(listener)),
+      policy_(policy),
       resolver_(std::move(resolver)),
       limits_(limits) {}
 
 absl::StatusOr<std::unique_ptr<ShareChannelServer>> ShareChannelServer::Start(
-    const std::string& path, Resolver resolver, ShareChannelLimits limits) {
+    const std::string& path, const PeerPolicy* policy, Resolver resolver,
+    ShareChannelLimits limits) {
   if (!resolver) return absl::InvalidArgumentError("share channel needs a resolver");
+  if (policy == nullptr) return absl::InvalidArgumentError("share channel needs a peer policy");
   if (limits.request_timeout <= absl::ZeroDuration() || limits.max_connections == 0) {
     return absl::InvalidArgumentError(
         "share channel limits: request_timeout and max_connections must be positive");
@@ -136,7 +120,7 @@ absl::StatusOr<std::unique_ptr<ShareChannelServer>> ShareChannelServer::Start(
     return absl::InternalError(absl::StrCat("pipe2: ", ErrnoText(err)));
   }
   std::unique_ptr<ShareChannelServer> server(
-      new ShareChannelServer(path, std::move(*listener), std::move(resolver), limits));
+      new ShareChannelServer(path, std::move(*listener), policy, std::move(resolver), limits));
   server->wake_read_.reset(pipe_fds[0]);
   server->wake_write_.reset(pipe_fds[1]);
   server->socket_dev_ = st.st_dev;
@@ -300,8 +284,12 @@ bool ShareChannelServer::TryServe(int conn) {
 void ShareChannelServer::HandleRequest(int conn, FdMessage request) {
   // Who is asking comes after reading the request on purpose: closing with unread data makes
   // the peer's recvmsg fail with ECONNRESET before it sees the queued reply.
-  if (absl::Status allowed = AuthorizePeer(conn); !allowed.ok()) {
-    SendReply(conn, ErrorReply(allowed), {});
+  // The socket's mode already keeps other users out; the policy check also covers a socket
+  // whose mode was loosened or a descriptor to it that leaked into another user's process.
+  absl::StatusOr<PeerCredentials> peer = policy_->Check(conn);
+  if (!peer.ok()) {
+    rejected_peers_.Record(absl::Now(), {"error", peer.status().ToString()});
+    SendReply(conn, ErrorReply(peer.status()), {});
     return;
   }
 
@@ -325,7 +313,7 @@ void ShareChannelServer::HandleRequest(int conn, FdMessage request) {
   const std::string token(payload.substr(kSharePrefix.size()));
 
   // The answer.
-  absl::StatusOr<std::vector<int>> fds = resolver_(token);
+  absl::StatusOr<std::vector<int>> fds = resolver_(token, *peer);
   if (!fds.ok()) {
     SendReply(conn, ErrorReply(fds.status()), {});
     return;

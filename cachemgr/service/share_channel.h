@@ -6,7 +6,9 @@
 //   daemon -> client: payload "OK <n>" with n descriptors (regions in PoolDescriptor order),
 //                     or "ERR <CODE> <message>" with no descriptors (CODE: absl status code name,
 //                     e.g. NOT_FOUND when the token names no attached client).
-// The daemon also checks the peer's uid (SO_PEERCRED) equals its own, on top of the 0600 mode.
+// The daemon also checks the peer's credentials (SO_PEERCRED) against its PeerPolicy, the same
+// one the gRPC socket applies, on top of the socket's mode, and hands them to the resolver so
+// that a session's descriptors go only to the uid that attached it.
 #pragma once
 
 #include <atomic>
@@ -24,11 +26,14 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "cachemgr/caller.h"
 #include "cachemgr/util/fd_passing.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/unique_fd.h"
 
 namespace cachemgr {
+
+class PeerPolicy;
 
 // How long the daemon waits for a connected client's request before dropping the connection.
 inline constexpr absl::Duration kShareRequestTimeout = absl::Seconds(1);
@@ -67,16 +72,19 @@ struct ShareChannelLimits {
 class ShareChannelServer {
  public:
   // Returns the descriptors (borrowed: the caller keeps them open until the reply is sent, i.e.
-  // until the next resolver call or Stop()) for a session token, or an error status that is
-  // sent back to the client.
-  using Resolver = std::function<absl::StatusOr<std::vector<int>>(const std::string& token)>;
+  // until the next resolver call or Stop()) for a session token presented by `peer`, or an
+  // error status that is sent back to the client.
+  using Resolver = std::function<absl::StatusOr<std::vector<int>>(const std::string& token,
+                                                                  const PeerCredentials& peer)>;
 
   // Listens at `path` (mode 0600; see ListenSeqpacket for stale-file handling and errors) and
-  // serves requests on a background thread until Stop(). A peer whose uid differs from the
-  // daemon's euid gets "ERR PERMISSION_DENIED ..."; a malformed request (not "SHARE <token>",
-  // token empty or containing whitespace/control bytes, or carrying descriptors) gets
+  // serves requests on a background thread until Stop(). A peer `policy` does not allow (it
+  // must outlive the server) gets "ERR PERMISSION_DENIED ..."; a malformed request (not
+  // "SHARE <token>", token empty or containing whitespace/control bytes, or carrying
+  // descriptors) gets
   // "ERR INVALID_ARGUMENT ...". INVALID_ARGUMENT for a missing resolver or limits out of range.
   static absl::StatusOr<std::unique_ptr<ShareChannelServer>> Start(const std::string& path,
+                                                                   const PeerPolicy* policy,
                                                                    Resolver resolver,
                                                                    ShareChannelLimits limits = {});
   ~ShareChannelServer();  // Stops.
@@ -94,8 +102,8 @@ class ShareChannelServer {
     absl::Time deadline;
   };
 
-  ShareChannelServer(std::string path, UniqueFd listener, Resolver resolver,
-                     ShareChannelLimits limits);
+  ShareChannelServer(std::string path, UniqueFd listener, const PeerPolicy* policy,
+                     Resolver resolver, ShareChannelLimits limits);
   void Serve();
   // Accepts what the backlog holds (bounded per call); false when the listener failed for good.
   bool AcceptPending(absl::Time now);
@@ -114,6 +122,7 @@ class ShareChannelServer {
   std::string path_;
   UniqueFd listener_;
   UniqueFd wake_read_, wake_write_;  // self-pipe that interrupts poll() on Stop().
+  const PeerPolicy* policy_;
   Resolver resolver_;
   const ShareChannelLimits limits_;
   std::thread thread_;
@@ -129,6 +138,7 @@ class ShareChannelServer {
   ThrottledLog accept_failures_{LogLevel::kWarning,
                                 "share channel: accept failed; pausing accepts"};
   ThrottledLog undelivered_{LogLevel::kWarning, "share channel: reply not delivered"};
+  ThrottledLog rejected_peers_{LogLevel::kWarning, "share channel: rejected peer"};
 };
 
 // Client side: asks the daemon at `path` for the regions of `session_token`. Maps the daemon's

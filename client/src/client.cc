@@ -7,8 +7,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <fstream>
 #include <limits>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <utility>
@@ -17,9 +19,12 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "cachemgr/host/memfd_region.h"
+#include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/share_channel.h"
 #include "cachemgr/util/checked_math.h"
 #include "cachemgr/util/status_macros.h"
@@ -44,7 +49,12 @@ absl::Status FromGrpc(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& socket_path) {
+void SetDeadline(grpc::ClientContext& context);
+
+std::shared_ptr<grpc::Channel> MakeChannel(
+    const std::string& socket_path,
+    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials(),
+    const std::string& address = "") {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);
   // A private connection per channel, so one session's reconnect backoff (say, while the
@@ -55,8 +65,62 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& socket_path) {
   // Allocate replies carry a slot per token per layer: a long prefill on a deep model exceeds
   // gRPC's 4 MiB default.
   args.SetMaxReceiveMessageSize(256 << 20);
-  return grpc::CreateCustomChannel("unix:" + socket_path, grpc::InsecureChannelCredentials(), args);
+  return grpc::CreateCustomChannel(address.empty() ? "unix:" + socket_path : address,
+                                   std::move(credentials), args);
 }
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path, const char* what) {
+  std::ifstream in(path);
+  std::stringstream buf;
+  buf << in.rdbuf();
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(what, ": cannot read ", path));
+  return buf.str();
+}
+
+// A session-less call's channel and context: TLS and the bearer token for TCP, the operator
+// credential when there is one.
+struct Inspector {
+  std::shared_ptr<grpc::Channel> channel;
+  std::string bearer_token;
+  std::string operator_token;
+
+  static absl::StatusOr<Inspector> Make(const std::string& socket_path,
+                                        const ConnectOptions& options) {
+    Inspector inspector;
+    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+    if (options.tls) {
+      grpc::SslCredentialsOptions ssl;
+      if (!options.tls_ca_file.empty()) {
+        ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadWholeFile(options.tls_ca_file, "tls_ca_file"));
+      }
+      if (!options.tls_cert_file.empty() || !options.tls_key_file.empty()) {
+        ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadWholeFile(options.tls_cert_file, "tls_cert_file"));
+        ASSIGN_OR_RETURN(ssl.pem_private_key, ReadWholeFile(options.tls_key_file, "tls_key_file"));
+      }
+      credentials = grpc::SslCredentials(ssl);
+    }
+    inspector.channel = MakeChannel(socket_path, std::move(credentials), options.address);
+    inspector.bearer_token = options.bearer_token;
+    std::string token_file = options.operator_token_file;
+    const bool named = !token_file.empty();
+    if (!named && !socket_path.empty()) token_file = DefaultOperatorTokenPath(socket_path);
+    if (!token_file.empty()) {
+      absl::StatusOr<std::string> token = ReadWholeFile(token_file, "operator_token_file");
+      if (token.ok()) {
+        inspector.operator_token = std::string(absl::StripAsciiWhitespace(*token));
+      } else if (named) {
+        return token.status();
+      }
+    }
+    return inspector;
+  }
+
+  void Prepare(grpc::ClientContext& context) const {
+    SetDeadline(context);
+    if (!bearer_token.empty()) context.AddMetadata("authorization", "Bearer " + bearer_token);
+    if (!operator_token.empty()) context.AddMetadata(kOperatorMetadataKey, operator_token);
+  }
+};
 
 void SetDeadline(grpc::ClientContext& context) {
   context.set_deadline(std::chrono::system_clock::now() + kCallDeadline);
@@ -1273,22 +1337,25 @@ absl::Status Session::Detach() { return impl_->Detach(); }
 
 // ---- Session-less inspection -----------------------------------------------------------------
 
-absl::StatusOr<Stats> GetStats(const std::string& socket_path) {
-  auto stub = pb::CacheManager::NewStub(MakeChannel(socket_path));
+absl::StatusOr<Stats> GetStats(const std::string& socket_path, const ConnectOptions& options) {
+  ASSIGN_OR_RETURN(Inspector inspector, Inspector::Make(socket_path, options));
+  auto stub = pb::CacheManager::NewStub(inspector.channel);
   pb::StatsRequest request;
   pb::StatsResponse response;
   grpc::ClientContext context;
-  SetDeadline(context);
+  inspector.Prepare(context);
   RETURN_IF_ERROR(FromGrpc(stub->Stats(&context, request, &response)));
   return FromProto(response);
 }
 
-absl::StatusOr<std::vector<SequenceSummary>> ListAllSequences(const std::string& socket_path) {
-  auto stub = pb::CacheManager::NewStub(MakeChannel(socket_path));
-  pb::ListSequencesRequest request;  // empty token: every client's sequences
+absl::StatusOr<std::vector<SequenceSummary>> ListAllSequences(const std::string& socket_path,
+                                                              const ConnectOptions& options) {
+  ASSIGN_OR_RETURN(Inspector inspector, Inspector::Make(socket_path, options));
+  auto stub = pb::CacheManager::NewStub(inspector.channel);
+  pb::ListSequencesRequest request;  // no token: every client's sequences (operator) or ours
   pb::ListSequencesResponse response;
   grpc::ClientContext context;
-  SetDeadline(context);
+  inspector.Prepare(context);
   RETURN_IF_ERROR(FromGrpc(stub->ListSequences(&context, request, &response)));
   return FromProto(response);
 }

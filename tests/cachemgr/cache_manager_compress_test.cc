@@ -430,29 +430,36 @@ namespace {
 TEST_CASE("operator calls: Free and Compress of any client's sequence by an empty token", "[cpu]") {
   Fixture f;
   f.Fill("s", 29);
+  Caller op;
+  op.operator_credential = true;
   CompressParams queries = Params("snapkv");
   queries.input = CompressInput::kWindowQueries;
   queries.num_queries = 4;
-  auto refused = f.manager.Compress("", "s", queries);
+  // Without the operator credential, an empty token is refused before anything is looked at.
+  auto anonymous = f.manager.Compress("", "s", Params("streamingllm"));
+  CHECK(anonymous.status().code() == absl::StatusCode::kPermissionDenied);
+  CHECK_THAT(std::string(anonymous.status().message()), Catch::Contains("operator credential"));
+  CHECK(f.manager.Free("", "s").status().code() == absl::StatusCode::kPermissionDenied);
+  auto refused = f.manager.Compress(op, "s", queries);
   CHECK(refused.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(std::string(refused.status().message()), Catch::Contains("input must be NONE"));
   CompressParams none = Params("streamingllm");
   none.input = CompressInput::kNone;
   none.cuda_ipc_event_handle = std::string(64, 'e');
-  auto evented = f.manager.Compress("", "s", none);
+  auto evented = f.manager.Compress(op, "s", none);
   CHECK(evented.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(std::string(evented.status().message()),
              Catch::Contains("cuda_ipc_event_handle must be empty for an operator Compress"));
   none.cuda_ipc_event_handle.clear();
-  auto r = f.manager.Compress("", "s", none);
+  auto r = f.manager.Compress(op, "s", none);
   REQUIRE(r.ok());
   CHECK(r->blocks_released > 0);
-  auto snap = f.manager.GetSequence("", "s", false);
+  auto snap = f.manager.GetSequence(op, "s", false);
   REQUIRE(snap.ok());
   CHECK(snap->compressed);
   CHECK(snap->owner_client_id == f.a.client_id);  // still the owner's
-  CHECK(f.manager.Free("", "missing").status().code() == absl::StatusCode::kNotFound);
-  REQUIRE(f.manager.Free("", "s").ok());
+  CHECK(f.manager.Free(op, "missing").status().code() == absl::StatusCode::kNotFound);
+  REQUIRE(f.manager.Free(op, "s").ok());
   CHECK(f.UsedBlocks() == 0);
   CHECK(f.manager.Stats().clients[0].sequences == 0);
   REQUIRE(f.manager.CheckInvariants().ok());

@@ -154,7 +154,9 @@ TEST_CASE("Detach and a client's own Free release at once; an operator Free quar
   REQUIRE(f.manager.Allocate(b.session_token, "t", 32).ok());
 
   // The operator takes b's sequence while b may still write to it.
-  auto released = f.manager.Free("", "t");
+  Caller op;
+  op.operator_credential = true;
+  auto released = f.manager.Free(op, "t");
   REQUIRE(released.ok());
   CHECK(*released == 16);
   CHECK(f.Layer0().quarantined_blocks == 8);

@@ -218,10 +218,12 @@ TEST_CASE("messages quote at most 64 bytes of what a client sent", "[cpu]") {
 
   auto a = f.manager.Attach({"a", Small(), 8});
   REQUIRE(a.ok());
+  Caller op;
+  op.operator_credential = true;
   for (const absl::Status& s :
        {f.manager.Allocate(a->session_token, huge, 1).status(),
         f.manager.GetSequence(a->session_token, huge, true).status(),
-        f.manager.Free(a->session_token, huge).status(), f.manager.Free("", huge).status(),
+        f.manager.Free(a->session_token, huge).status(), f.manager.Free(op, huge).status(),
         f.manager.Fork(a->session_token, huge, "c").status()}) {
     CHECK(s.code() == absl::StatusCode::kInvalidArgument);
     CHECK(s.message().size() < 256);

@@ -1,9 +1,12 @@
 #include "cachemgr/config.h"
 
+#include <sys/stat.h>
+
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <fstream>
 
+#include "absl/strings/str_format.h"
 #include "tests/support/temp_dir.h"
 
 namespace cachemgr {
@@ -31,6 +34,60 @@ TEST_CASE("defaults are sane and the share socket follows the socket", "[cpu]") 
   q = Parse({"--lease_timeout_ms=3000", "--quarantine_ms=60000"});
   REQUIRE(q.ok());
   CHECK(q->config.manager.quarantine == absl::Seconds(60));
+  CHECK(p->config.operator_token_file == "/tmp/x.sock.operator");
+  CHECK(p->config.allowed_uids.empty());
+  CHECK_FALSE(p->config.socket_gid.has_value());
+  CHECK(p->config.manager.max_clients == 1024);
+  CHECK(p->config.tcp_address.empty());
+}
+
+TEST_CASE("secret files others can read or change are refused, naming file and mode", "[cpu]") {
+  testing::TempDir dir;
+  const std::string token = dir.file("token");
+  { std::ofstream(token) << "0123456789abcdef0123\n"; }
+  const std::vector<std::string> tcp = {"--tcp_address=127.0.0.1:0", "--tcp_plaintext_loopback",
+                                        "--tcp_token_file=" + token};
+  for (const mode_t mode : {0644, 0640, 0604, 0620}) {
+    REQUIRE(::chmod(token.c_str(), mode) == 0);
+    auto p = Parse(tcp);
+    CAPTURE(mode);
+    REQUIRE(p.status().code() == absl::StatusCode::kFailedPrecondition);
+    CHECK_THAT(std::string(p.status().message()),
+               Catch::Contains("--tcp_token_file") && Catch::Contains(token) &&
+                   Catch::Contains(absl::StrFormat("mode %04o", mode)));
+  }
+  REQUIRE(::chmod(token.c_str(), 0600) == 0);
+  auto ok = Parse(tcp);
+  REQUIRE(ok.ok());
+  CHECK(ok->config.tcp_token == "0123456789abcdef0123");
+
+  const std::string key = dir.file("key.pem");
+  { std::ofstream(key) << "not really a key\n"; }
+  REQUIRE(::chmod(key.c_str(), 0644) == 0);
+  auto key_refused = Parse({"--tcp_address=0.0.0.0:0", "--tls_cert_file=" + key,
+                            "--tls_key_file=" + key, "--tcp_token_file=" + token});
+  REQUIRE(key_refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(key_refused.status().message()),
+             Catch::Contains("--tls_key_file") && Catch::Contains("mode 0644"));
+}
+
+TEST_CASE("access flags: users and groups by name or number, TLS without a token", "[cpu]") {
+  auto p = Parse({"--socket=/tmp/x.sock", "--allowed_uids=root, 1234", "--socket_group=4242",
+                  "--operator_group=root", "--operator_token_file=/tmp/op"});
+  REQUIRE(p.ok());
+  CHECK(p->config.allowed_uids == std::vector<uid_t>{0, 1234});
+  CHECK(p->config.socket_gid == std::optional<gid_t>(4242));
+  CHECK(p->config.operator_gid == std::optional<gid_t>(0));
+  CHECK(p->config.operator_token_file == "/tmp/op");
+  // Mutual TLS authenticates by certificate: no token file needed.
+  testing::TempDir dir;
+  const std::string key = dir.file("key.pem");
+  { std::ofstream(key) << "k\n"; }
+  REQUIRE(::chmod(key.c_str(), 0600) == 0);
+  auto mtls = Parse({"--tcp_address=0.0.0.0:0", "--tls_cert_file=/c", "--tls_key_file=" + key,
+                     "--tls_client_ca_file=/ca"});
+  REQUIRE(mtls.ok());
+  CHECK(mtls->config.tcp_token.empty());
 }
 
 TEST_CASE("flags accept both forms, byte suffixes and boolean negation", "[cpu]") {
@@ -52,7 +109,16 @@ TEST_CASE("bad flags are named", "[cpu]") {
       {{"--memory_budget=lots"}, "--memory_budget must be a byte count"},
       {{"--lease_timeout_ms=100", "--heartbeat_interval_ms=200"}, "--lease_timeout_ms (100)"},
       {{"--default_block_size=0"}, "--default_block_size must be an integer in [1, 1024]"},
-      {{"--tcp_address=127.0.0.1:5000"}, "--tcp_address needs --tcp_token_file"},
+      {{"--tcp_address=127.0.0.1:5000"}, "--tcp_address needs TLS"},
+      {{"--tcp_address=127.0.0.1:5000", "--tcp_plaintext_loopback"},
+       "--tcp_address needs --tcp_token_file"},
+      {{"--tcp_address=10.1.2.3:5000", "--tcp_plaintext_loopback"},
+       "--tcp_plaintext_loopback needs a loopback --tcp_address"},
+      {{"--tcp_address=127.0.0.1:5000", "--tls_cert_file=/x"}, "go together"},
+      {{"--tls_cert_file=/x", "--tls_key_file=/y"}, "only apply with --tcp_address"},
+      {{"--allowed_uids=no-such-user-here"}, "--allowed_uids: no user"},
+      {{"--socket_group=no-such-group-here"}, "--socket_group: no group"},
+      {{"--max_connections=0"}, "--max_connections must be an integer"},
       {{"--socket=/tmp/" + std::string(120, 'x')}, "--socket is"},
       {{"--reflection=maybe"}, "--reflection must be true or false"},
       {{"--log_level=loud"}, "--log_level must be debug"},

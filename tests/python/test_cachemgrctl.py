@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -217,11 +218,17 @@ def test_usage_errors(daemon):
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
 
 
+def tcp_port(d):
+    return int(re.search(r'"tcp":"127\.0\.0\.1:0 port (\d+)', d.log_text()).group(1))
+
+
 def test_tcp_with_the_bearer_token(daemon_factory, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token-0123456789\n")
-    d = daemon_factory("--tcp_address=127.0.0.1:0", f"--tcp_token_file={token}")
-    port = int(re.search(r'"tcp":"127\.0\.0\.1:0 port (\d+)"', d.log_text()).group(1))
+    token.chmod(0o600)
+    d = daemon_factory("--tcp_address=127.0.0.1:0", "--tcp_plaintext_loopback",
+                       f"--tcp_token_file={token}")
+    port = tcp_port(d)
     r = ctl(d, "health", f"--address=127.0.0.1:{port}", f"--token_file={token}", socket=False)
     assert r.stdout.startswith("SERVING")
     wrong = tmp_path / "wrong"
@@ -231,3 +238,70 @@ def test_tcp_with_the_bearer_token(daemon_factory, tmp_path):
     assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr
     r = ctl(d, "stats", f"--address=127.0.0.1:{port}", socket=False, check=False)
     assert r.returncode == 2 and "--token_file" in r.stderr
+    # Python over TCP: the bearer token authenticates, the operator credential authorizes.
+    s = cachemgr.stats(f"127.0.0.1:{port}", bearer_token=token.read_text().strip())
+    assert s.clients == []
+    with pytest.raises(cachemgr.CacheManagerError) as e:
+        cachemgr.stats(f"127.0.0.1:{port}")
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_operator_rights_need_the_operator_credential(daemon, tmp_path):
+    """A caller of the daemon's own uid that lacks the credential is a tenant, not an operator:
+    it sees its uid's clients, and free / compress / watch are refused with a message saying
+    how to get the rights."""
+    with cachemgr.Session.attach(daemon.socket, "owner", model(), num_blocks=NUM_BLOCKS) as s:
+        s.allocate("victim", 10)
+        wrong = tmp_path / "not-the-operator"
+        wrong.write_text("0123456789abcdef0123456789abcdef\n")
+        for args in (("free", "--sequence=victim"),
+                     ("compress", "--sequence=victim", "--policy=streamingllm"),
+                     ("watch", "--count=1", "--for=5")):
+            r = ctl(daemon, *args, f"--operator_token_file={wrong}", check=False)
+            assert r.returncode == 1, (args, r.stderr)
+            assert "PERMISSION_DENIED" in r.stderr and "operator" in r.stderr, (args, r.stderr)
+        # Its own uid's view still works without the credential.
+        rows = table_rows(ctl(daemon, "sequences", f"--operator_token_file={wrong}").stdout,
+                          "SEQUENCE")
+        assert [r[0] for r in rows] == ["victim"]
+        assert [x.sequence_id for x in cachemgr.list_all_sequences(
+            daemon.socket, operator_token_file=str(wrong))] == ["victim"]
+        # The default credential file (SOCKET.operator, mode 0600) makes this user the operator.
+        assert os.stat(daemon.socket + ".operator").st_mode & 0o777 == 0o600
+        ctl(daemon, "free", "--sequence=victim")
+        assert s.list_sequences() == []
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_tls_from_python_and_cachemgrctl(daemon_factory, tmp_path):
+    for key in ("ca", "server"):
+        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-out", f"{key}.key", cwd=tmp_path)
+    openssl("req", "-x509", "-key", "ca.key", "-out", "ca.pem", "-days", "2", "-subj",
+            "/CN=test-ca", cwd=tmp_path)
+    openssl("req", "-new", "-key", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
+            cwd=tmp_path)
+    (tmp_path / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext", cwd=tmp_path)
+    (tmp_path / "server.key").chmod(0o600)
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    token.chmod(0o600)
+    d = daemon_factory("--tcp_address=127.0.0.1:0", f"--tls_cert_file={tmp_path}/server.pem",
+                       f"--tls_key_file={tmp_path}/server.key", f"--tcp_token_file={token}")
+    target = f"127.0.0.1:{tcp_port(d)}"
+    tls = cachemgr.TlsOptions(ca_file=str(tmp_path / "ca.pem"))
+    assert cachemgr.stats(target, bearer_token="s3cret-token-0123456789", tls=tls).version
+    with pytest.raises(cachemgr.CacheManagerError) as e:  # plaintext to a TLS port
+        cachemgr.stats(target, bearer_token="s3cret-token-0123456789")
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    r = ctl(d, "health", f"--address={target}", f"--tls_ca_file={tmp_path}/ca.pem",
+            f"--token_file={token}", socket=False)
+    assert r.stdout.startswith("SERVING")
+    r = ctl(d, "health", f"--address={target}", f"--token_file={token}", socket=False,
+            check=False)
+    assert r.returncode == 1 and "UNAVAILABLE" in r.stderr

@@ -456,6 +456,7 @@ TEST_CASE("Compress errors name the request field and change nothing", "[service
   raw.set_cuda_ipc_event_handle(std::string(64, '\x02'));
   {
     grpc::ClientContext ctx;
+    AddOperatorCredential(ctx, (*daemon)->socket_path());
     v1::CompressResponse resp;
     const grpc::Status st = stub->Compress(&ctx, raw, &resp);
     CHECK(st.error_code() == grpc::StatusCode::INVALID_ARGUMENT);

@@ -1,9 +1,16 @@
 // The real cachemgrd binary: startup, sockets and permissions, health, refusal to run twice,
 // graceful shutdown on SIGTERM/SIGINT with memory released and sockets removed.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "cachemgr/client/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tests/service/service_test_util.h"
@@ -30,6 +37,7 @@ TEST_CASE("daemon serves on 0600 sockets, reports healthy, and stops cleanly", "
   const std::string socket = (*daemon)->socket_path();
   CHECK(FileMode(socket) == 0600);
   CHECK(FileMode(socket + ".share") == 0600);
+  CHECK(FileMode(socket + ".operator") == 0600);
   CHECK(Health(socket, "") == grpc::health::v1::HealthCheckResponse::SERVING);
   CHECK(Health(socket, "cachemgr.v1.CacheManager") ==
         grpc::health::v1::HealthCheckResponse::SERVING);
@@ -52,6 +60,8 @@ TEST_CASE("daemon serves on 0600 sockets, reports healthy, and stops cleanly", "
   CHECK(*code == 0);
   CHECK(access(socket.c_str(), F_OK) != 0);
   CHECK(access((socket + ".share").c_str(), F_OK) != 0);
+  CHECK(access((socket + ".operator").c_str(), F_OK) != 0);
+  CHECK(access((socket + ".lock").c_str(), F_OK) != 0);
   const std::string log = (*daemon)->log_contents();
   CHECK_THAT(log, Catch::Contains("\"msg\":\"cachemgrd serving\""));
   CHECK_THAT(log, Catch::Contains("\"msg\":\"signal received\""));
@@ -81,6 +91,64 @@ TEST_CASE("a second daemon on the same socket refuses to start", "[service]") {
   CHECK(*code == 1);
   // The first one is unharmed.
   CHECK(Health((*first)->socket_path(), "") == grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
+// Runs cachemgrd with `args` and waits for it to exit: its code (124 when it still ran after
+// 20 s, as a daemon that took over would) and output.
+std::pair<int, std::string> RunToExit(const TempDir& dir, const std::vector<std::string>& args) {
+  const std::string out = dir.file("second.out");
+  const std::string command =
+      absl::StrCat("timeout 20 ", DaemonPath(), " ", absl::StrJoin(args, " "), " >", out, " 2>&1");
+  const int status = std::system(command.c_str());
+  std::ifstream in(out);
+  std::stringstream text;
+  text << in.rdbuf();
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text.str()};
+}
+
+TEST_CASE("a second daemon cannot take over a live daemon's share socket", "[service]") {
+  auto first = DaemonProcess::Start();
+  REQUIRE(first.ok());
+  const std::string socket = (*first)->socket_path();
+  const std::string share = socket + ".share";
+  TempDir other;
+  // Another gRPC socket, the same share socket: refused, naming the holder.
+  const auto [code, out] =
+      RunToExit(other, {"--socket=" + other.file("b.sock"), "--share_socket=" + share});
+  CHECK(code == 1);
+  CHECK_THAT(out, Catch::Contains("FAILED_PRECONDITION") &&
+                      Catch::Contains(absl::StrCat("another cachemgrd (pid ", (*first)->pid(),
+                                                   ") holds ", share, ".lock")));
+  // The same gRPC socket with another share socket: refused as well.
+  const auto [code2, out2] =
+      RunToExit(other, {"--socket=" + socket, "--share_socket=" + other.file("b.share")});
+  CHECK(code2 == 1);
+  CHECK_THAT(out2, Catch::Contains(absl::StrCat("(pid ", (*first)->pid(), ")")));
+  CHECK(access(other.file("b.sock").c_str(), F_OK) != 0);
+  // The first daemon's share channel still hands out pools: a full attach works.
+  client::AttachOptions options;
+  options.client_name = "still-here";
+  options.model.name = "m";
+  options.model.num_layers = 2;
+  options.model.num_q_heads = 2;
+  options.model.num_kv_heads = 1;
+  options.model.head_dim = 8;
+  options.num_blocks = 8;
+  options.auto_heartbeat = false;
+  auto session = client::Session::Attach(socket, options);
+  REQUIRE(session.ok());
+  CHECK((*session)->Allocate("s", 5).ok());
+  // A lock left by a daemon that died (SIGKILL) does not block its successor.
+  REQUIRE((*first)->Terminate(SIGKILL).ok());
+  auto successor = ChildProcess::Spawn(DaemonPath(), {"--socket=" + socket});
+  REQUIRE(successor.ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  bool serving = false;
+  while (!serving && absl::Now() < deadline) {
+    serving = Health(socket, "") == grpc::health::v1::HealthCheckResponse::SERVING;
+    if (!serving) absl::SleepFor(absl::Milliseconds(50));
+  }
+  CHECK(serving);
 }
 
 TEST_CASE("bad flags exit with status 2 and a message naming the flag", "[service]") {

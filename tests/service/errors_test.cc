@@ -195,6 +195,7 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
 
   SECTION("watch with an unknown event type") {
     grpc::ClientContext ctx;
+    AddOperatorCredential(ctx, (*daemon)->socket_path());
     v1::WatchRequest req;
     req.add_types(static_cast<v1::EventType>(99));
     auto reader = stub->Watch(&ctx, req);

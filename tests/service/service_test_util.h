@@ -4,6 +4,7 @@
 
 #include <sys/stat.h>
 
+#include <fstream>
 #include <memory>
 #include <string>
 
@@ -11,6 +12,15 @@
 #include "grpcpp/grpcpp.h"
 
 namespace cachemgr::testing {
+
+// Adds the operator credential the daemon at `socket_path` wrote beside its socket (the test
+// process runs as the daemon's user, so it may read it).
+inline void AddOperatorCredential(grpc::ClientContext& ctx, const std::string& socket_path) {
+  std::ifstream in(socket_path + ".operator");
+  std::string token;
+  std::getline(in, token);
+  ctx.AddMetadata("x-cachemgr-operator", token);
+}
 
 inline std::unique_ptr<v1::CacheManager::Stub> RawStub(const std::string& socket_path) {
   return v1::CacheManager::NewStub(

@@ -27,6 +27,7 @@ TEST_CASE("watch sees attach, allocate, fork, free and detach in order", "[servi
   REQUIRE(daemon.ok());
   auto stub = RawStub((*daemon)->socket_path());
   grpc::ClientContext ctx;
+  AddOperatorCredential(ctx, (*daemon)->socket_path());
   auto reader = stub->Watch(&ctx, v1::WatchRequest());
   // The stream is registered once the daemon has the call; give it a moment by making a call
   // on the same channel afterwards (calls on one channel are handled in order of arrival).
@@ -57,11 +58,25 @@ TEST_CASE("watch sees attach, allocate, fork, free and detach in order", "[servi
   reader->Finish();
 }
 
+TEST_CASE("watch needs the operator credential", "[service]") {
+  auto daemon = DaemonProcess::Start();
+  REQUIRE(daemon.ok());
+  auto stub = RawStub((*daemon)->socket_path());
+  grpc::ClientContext ctx;
+  auto reader = stub->Watch(&ctx, v1::WatchRequest());
+  v1::Event e;
+  CHECK_FALSE(reader->Read(&e));
+  const grpc::Status status = reader->Finish();
+  CHECK(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);
+  CHECK_THAT(status.error_message(), Catch::Contains("operator credential"));
+}
+
 TEST_CASE("watch filters by type and ends cleanly at daemon shutdown", "[service]") {
   auto daemon = DaemonProcess::Start();
   REQUIRE(daemon.ok());
   auto stub = RawStub((*daemon)->socket_path());
   grpc::ClientContext ctx;
+  AddOperatorCredential(ctx, (*daemon)->socket_path());
   v1::WatchRequest req;
   req.add_types(v1::EVENT_TYPE_SEQUENCE_FREED);
   auto reader = stub->Watch(&ctx, req);

@@ -1,6 +1,7 @@
 #include "tests/support/daemon_process.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -25,6 +26,9 @@
 #ifndef KV_CLIENT_TOOL_PATH
 #error "KV_CLIENT_TOOL_PATH must be defined (see tests/CMakeLists.txt)"
 #endif
+#ifndef CALL_TOOL_PATH
+#error "CALL_TOOL_PATH must be defined (see tests/CMakeLists.txt)"
+#endif
 
 namespace cachemgr::testing {
 namespace {
@@ -46,7 +50,8 @@ int DecodeWaitStatus(int status) {
 // Runs `path` with `args`; stdin from /dev/null, stdout/stderr to the given descriptors (-1
 // inherits). Reports exec failures through a CLOEXEC pipe so a bad path is an error here.
 absl::StatusOr<pid_t> SpawnProcess(const std::string& path, const std::vector<std::string>& args,
-                                   int stdout_fd, int stderr_fd) {
+                                   int stdout_fd, int stderr_fd,
+                                   const SpawnOptions& spawn = SpawnOptions()) {
   std::vector<std::string> storage;
   storage.reserve(args.size() + 1);
   storage.push_back(path);
@@ -75,8 +80,22 @@ absl::StatusOr<pid_t> SpawnProcess(const std::string& path, const std::vector<st
     ::dup2(dev_null.get(), STDIN_FILENO);
     if (stdout_fd >= 0) ::dup2(stdout_fd, STDOUT_FILENO);
     if (stderr_fd >= 0) ::dup2(stderr_fd, STDERR_FILENO);
-    ::execv(path.c_str(), argv.data());
-    const int err = errno;
+    int err = 0;
+    if (spawn.nofile_limit != 0) {
+      const rlimit limit{spawn.nofile_limit, spawn.nofile_limit};
+      if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) err = errno;
+    }
+    if (err == 0 && spawn.identity.has_value()) {
+      const ChildIdentity& who = *spawn.identity;
+      if (::setgroups(who.supplementary_groups.size(), who.supplementary_groups.data()) != 0 ||
+          ::setgid(who.gid) != 0 || ::setuid(who.uid) != 0) {
+        err = errno;
+      }
+    }
+    if (err == 0) {
+      ::execv(path.c_str(), argv.data());
+      err = errno;
+    }
     [[maybe_unused]] ssize_t n = ::write(exec_write.get(), &err, sizeof(err));
     ::_exit(127);
   }
@@ -143,6 +162,8 @@ std::string Tail(const std::string& text) {
 }  // namespace
 
 std::string KvClientPath() { return KV_CLIENT_TOOL_PATH; }
+std::string CallToolPath() { return CALL_TOOL_PATH; }
+std::string CtlPath() { return CACHEMGRCTL_PATH; }
 // $CACHEMGRD overrides the build path (scripts/gpu-check.sh runs the binaries elsewhere).
 std::string DaemonPath() {
   const char* env = std::getenv("CACHEMGRD");
@@ -151,20 +172,29 @@ std::string DaemonPath() {
 
 // ---- DaemonProcess ---------------------------------------------------------------------------
 
-DaemonProcess::DaemonProcess(TempDir dir, std::string socket_path, std::vector<std::string> args)
-    : dir_(std::move(dir)), socket_path_(std::move(socket_path)), args_(std::move(args)) {}
+DaemonProcess::DaemonProcess(TempDir dir, std::string socket_path, std::vector<std::string> args,
+                             SpawnOptions spawn)
+    : dir_(std::move(dir)),
+      socket_path_(std::move(socket_path)),
+      args_(std::move(args)),
+      spawn_(std::move(spawn)) {}
 
 DaemonProcess::~DaemonProcess() { KillAndReap(pid_, &reaped_, &exit_code_); }
 
 absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(
     std::vector<std::string> extra_args) {
+  return Start(std::move(extra_args), SpawnOptions());
+}
+
+absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(
+    std::vector<std::string> extra_args, const SpawnOptions& spawn) {
   ASSIGN_OR_RETURN(TempDir dir, TempDir::Create());
   std::string socket_path = dir.file("cachemgr.sock");
   std::vector<std::string> args;
   args.push_back("--socket=" + socket_path);
   for (std::string& arg : extra_args) args.push_back(std::move(arg));
   std::unique_ptr<DaemonProcess> daemon(
-      new DaemonProcess(std::move(dir), std::move(socket_path), std::move(args)));
+      new DaemonProcess(std::move(dir), std::move(socket_path), std::move(args), spawn));
   RETURN_IF_ERROR(daemon->Spawn());
   return daemon;
 }
@@ -180,7 +210,7 @@ absl::Status DaemonProcess::Spawn() {
   const std::string log_path = dir_.file("daemon.log");
   UniqueFd log(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
   if (!log.valid()) return ErrnoError(absl::StrCat("open ", log_path));
-  ASSIGN_OR_RETURN(pid_, SpawnProcess(DaemonPath(), args_, log.get(), log.get()));
+  ASSIGN_OR_RETURN(pid_, SpawnProcess(DaemonPath(), args_, log.get(), log.get(), spawn_));
   reaped_ = false;
   exit_code_ = -1;
   log.reset();
@@ -237,6 +267,19 @@ absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Spawn(const std::str
   if (::pipe2(out_pipe, O_CLOEXEC) != 0) return ErrnoError("pipe2");
   UniqueFd out_read(out_pipe[0]), out_write(out_pipe[1]);
   ASSIGN_OR_RETURN(pid_t pid, SpawnProcess(path, args, out_write.get(), /*stderr_fd=*/-1));
+  out_write.reset();
+  return std::unique_ptr<ChildProcess>(new ChildProcess(pid, std::move(out_read)));
+}
+
+absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::SpawnAs(const ChildIdentity& who,
+                                                                    const std::string& path,
+                                                                    std::vector<std::string> args) {
+  int out_pipe[2];
+  if (::pipe2(out_pipe, O_CLOEXEC) != 0) return ErrnoError("pipe2");
+  UniqueFd out_read(out_pipe[0]), out_write(out_pipe[1]);
+  SpawnOptions spawn;
+  spawn.identity = who;
+  ASSIGN_OR_RETURN(pid_t pid, SpawnProcess(path, args, out_write.get(), /*stderr_fd=*/-1, spawn));
   out_write.reset();
   return std::unique_ptr<ChildProcess>(new ChildProcess(pid, std::move(out_read)));
 }

@@ -12,9 +12,11 @@
 #pragma once
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +32,26 @@ namespace cachemgr::testing {
 std::string KvClientPath();
 // Path of the cachemgrd binary (CACHEMGRD_PATH).
 std::string DaemonPath();
+// Path of the cachemgr_test_call binary (CALL_TOOL_PATH): one raw gRPC call, see its header.
+std::string CallToolPath();
+// Path of the cachemgrctl binary (CACHEMGRCTL_PATH).
+std::string CtlPath();
+
+// Who a child runs as: the parent (root, in the tests) switches to these ids in the child, after
+// fork and before exec (setgroups, setgid, setuid). The default is nobody:nogroup.
+struct ChildIdentity {
+  uid_t uid = 65534;
+  gid_t gid = 65534;
+  std::vector<gid_t> supplementary_groups;
+};
+
+// How a child process is set up besides its arguments.
+struct SpawnOptions {
+  // Run as another user (needs root); nullopt: as the test process.
+  std::optional<ChildIdentity> identity;
+  // RLIMIT_NOFILE (soft and hard) in the child; 0: inherited.
+  rlim_t nofile_limit = 0;
+};
 
 // A running cachemgrd with its own temp directory, socket and log.
 class DaemonProcess {
@@ -40,6 +62,9 @@ class DaemonProcess {
   // process is killed and the error carries the log's tail.
   static absl::StatusOr<std::unique_ptr<DaemonProcess>> Start(
       std::vector<std::string> extra_args = {});
+  // The same, with the daemon spawned under `spawn` (e.g. a low descriptor limit).
+  static absl::StatusOr<std::unique_ptr<DaemonProcess>> Start(std::vector<std::string> extra_args,
+                                                              const SpawnOptions& spawn);
 
   // SIGKILLs and reaps the daemon if it still runs; removes the directory.
   ~DaemonProcess();
@@ -65,13 +90,15 @@ class DaemonProcess {
   absl::Status Restart();
 
  private:
-  DaemonProcess(TempDir dir, std::string socket_path, std::vector<std::string> args);
+  DaemonProcess(TempDir dir, std::string socket_path, std::vector<std::string> args,
+                SpawnOptions spawn);
   // Spawns the process and waits up to 10 s until it serves.
   absl::Status Spawn();
 
   TempDir dir_;
   std::string socket_path_;
   std::vector<std::string> args_;
+  SpawnOptions spawn_;  // every (re)start's
   pid_t pid_ = -1;
   bool reaped_ = true;  // nothing to reap before the first Spawn()
   int exit_code_ = -1;
@@ -83,6 +110,11 @@ class ChildProcess {
   // Runs `path` with `args` (argv[0] is `path`), stdin from /dev/null.
   static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(const std::string& path,
                                                              std::vector<std::string> args);
+  // The same as another user (the test process must be root): `who`'s groups, gid and uid are
+  // set in the child before exec. A failure to switch is an exec failure (NOT_FOUND).
+  static absl::StatusOr<std::unique_ptr<ChildProcess>> SpawnAs(const ChildIdentity& who,
+                                                               const std::string& path,
+                                                               std::vector<std::string> args);
 
   // SIGKILLs and reaps the child if it still runs.
   ~ChildProcess();

@@ -2,9 +2,11 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "cachemgr/service/operator_token.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -58,7 +60,22 @@ const char* CodeName(grpc::StatusCode code) {
 }  // namespace
 
 std::vector<std::string> DaemonFlagNames() {
-  return {"socket", "address", "token_file", "timeout", "json"};
+  return {"socket", "address",     "token_file",    "timeout",      "json",
+          "tls",    "tls_ca_file", "tls_cert_file", "tls_key_file", "operator_token_file"};
+}
+
+// The first line of `path`, whitespace stripped; INVALID_ARGUMENT naming `flag`.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path, const char* flag) {
+  std::ifstream in(path);
+  std::string token;
+  if (!in || !std::getline(in, token)) {
+    return absl::InvalidArgumentError(absl::StrCat("flag --", flag, ": cannot read ", path));
+  }
+  absl::StripAsciiWhitespace(&token);
+  if (token.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("flag --", flag, ": ", path, " is empty"));
+  }
+  return token;
 }
 
 absl::StatusOr<DaemonOptions> ParseDaemonOptions(const Flags& flags) {
@@ -83,15 +100,41 @@ absl::StatusOr<DaemonOptions> ParseDaemonOptions(const Flags& flags) {
     options.target = "unix:" + socket;
   }
   if (flags.Has("token_file")) {
-    const std::string path = *flags.Get("token_file");
-    std::ifstream in(path);
-    if (!in || !std::getline(in, options.token)) {
-      return absl::InvalidArgumentError(absl::StrCat("flag --token_file: cannot read ", path));
+    absl::StatusOr<std::string> token = ReadTokenFile(*flags.Get("token_file"), "token_file");
+    if (!token.ok()) return token.status();
+    options.token = *std::move(token);
+  }
+  if (absl::Status s = flags.GetBool("tls", &options.tls); !s.ok()) return s;
+  for (const auto& [flag, pem] : {std::pair{"tls_ca_file", &options.tls_ca_pem},
+                                  std::pair{"tls_cert_file", &options.tls_cert_pem},
+                                  std::pair{"tls_key_file", &options.tls_key_pem}}) {
+    if (!flags.Has(flag)) continue;
+    std::ifstream in(*flags.Get(flag));
+    std::stringstream buf;
+    buf << in.rdbuf();
+    *pem = buf.str();
+    if (pem->empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("flag --", flag, ": cannot read ", *flags.Get(flag)));
     }
-    absl::StripAsciiWhitespace(&options.token);
-    if (options.token.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("flag --token_file: ", path, " is empty"));
-    }
+    options.tls = true;
+  }
+  if (options.tls && !flags.Has("address")) {
+    return absl::InvalidArgumentError("TLS flags apply to --address (TCP) only");
+  }
+  if (flags.Has("tls_cert_file") != flags.Has("tls_key_file")) {
+    return absl::InvalidArgumentError("flags --tls_cert_file and --tls_key_file go together");
+  }
+  if (flags.Has("operator_token_file")) {
+    absl::StatusOr<std::string> token =
+        ReadTokenFile(*flags.Get("operator_token_file"), "operator_token_file");
+    if (!token.ok()) return token.status();
+    options.operator_token = *std::move(token);
+  } else if (!flags.Has("address")) {
+    // The daemon's default place; a user who cannot read it simply has no operator rights.
+    absl::StatusOr<std::string> token =
+        ReadTokenFile(DefaultOperatorTokenPath(options.target.substr(5)), "operator_token_file");
+    if (token.ok()) options.operator_token = *std::move(token);
   }
   double timeout_s = 10;
   if (absl::Status s = flags.GetDouble("timeout", &timeout_s); !s.ok()) return s;
@@ -116,8 +159,15 @@ absl::StatusOr<DaemonCommandArgs> ParseDaemonCommand(const std::vector<std::stri
 }
 
 DaemonClient::DaemonClient(const DaemonOptions& options) : options_(options) {
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel(options.target, grpc::InsecureChannelCredentials());
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (options.tls) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls_ca_pem;
+    ssl.pem_cert_chain = options.tls_cert_pem;
+    ssl.pem_private_key = options.tls_key_pem;
+    credentials = grpc::SslCredentials(ssl);
+  }
+  std::shared_ptr<grpc::Channel> channel = grpc::CreateChannel(options.target, credentials);
   stub_ = v1::CacheManager::NewStub(channel);
   health_ = grpc::health::v1::Health::NewStub(channel);
 }
@@ -126,6 +176,9 @@ std::unique_ptr<grpc::ClientContext> DaemonClient::Context(bool deadline) const 
   auto ctx = std::make_unique<grpc::ClientContext>();
   if (deadline) ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   if (!options_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.token);
+  if (!options_.operator_token.empty()) {
+    ctx->AddMetadata(kOperatorMetadataKey, options_.operator_token);
+  }
   return ctx;
 }
 

@@ -31,6 +31,12 @@ Daemon commands share these flags:
   --socket=PATH        the daemon's Unix socket (default $CACHEMGR_SOCKET, else
                        /run/cachemgr/cachemgr.sock)
   --address=HOST:PORT  TCP instead, with --token_file=FILE (the bearer token)
+  --tls                TCP over TLS (implied by the next three), verified with the system's
+                       roots or --tls_ca_file=FILE (PEM)
+  --tls_cert_file=FILE --tls_key_file=FILE   this client's certificate for mutual TLS
+  --operator_token_file=FILE   the operator credential (default: SOCKET.operator when
+                       readable). Without it, stats/clients/sequences show only this user's
+                       clients and sequences, and free, compress and watch are refused
   --timeout=SECONDS    per-call deadline (default 10)
   --json               proto3 JSON (field names as in proto/cachemgr/v1/cachemgr.proto)
                        instead of tables; watch prints one JSON object per line

@@ -49,29 +49,79 @@ from .v1 import cachemgr_pb2_grpc as pb_grpc
 
 CALL_TIMEOUT = 10.0
 HEAVY_CALL_TIMEOUT = 600.0  # Compress, Fetch, Park: CPU work proportional to the sequence
+OPERATOR_METADATA_KEY = "x-cachemgr-operator"
 
 _log = logging.getLogger("cachemgr")
 _C = grpc.StatusCode
 
 
-def channel(target: str) -> grpc.Channel:
-    """A channel to a Unix socket path (or "unix:..."), or "host:port" for TCP. Its own
-    connection (not shared with other channels to the target) with a short reconnect backoff
-    (at most 1 s, gRPC's default grows to 2 minutes), so a restarted daemon is reached again
-    at once."""
+@dataclasses.dataclass
+class TlsOptions:
+    """TLS for a TCP target: `ca_file` verifies the daemon's certificate (None: the system's
+    roots); `cert_file` and `key_file` are this client's certificate for mutual TLS."""
+
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+
+
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def channel(target: str, tls: Optional[TlsOptions] = None) -> grpc.Channel:
+    """A channel to a Unix socket path (or "unix:..."), or "host:port" for TCP (with `tls`, over
+    TLS). Its own connection (not shared with other channels to the target) with a short
+    reconnect backoff (at most 1 s, gRPC's default grows to 2 minutes), so a restarted daemon is
+    reached again at once."""
     if target.startswith("/"):
         target = "unix:" + target
-    return grpc.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000)])
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1),
+               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls.ca_file),
+                                               private_key=_read(tls.key_file),
+                                               certificate_chain=_read(tls.cert_file))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def read_operator_token(target: str, operator_token_file: Optional[str]) -> Optional[str]:
+    """The operator credential: the token in `operator_token_file`, or, when that is None and
+    `target` is a socket path, in the daemon's default `<socket>.operator` if this process may
+    read it. "" means none."""
+    if operator_token_file == "":
+        return None
+    path = operator_token_file
+    if path is None:
+        if not target.startswith(("/", "unix:")):
+            return None
+        path = target[len("unix:"):] if target.startswith("unix:") else target
+        path += ".operator"
+        try:
+            with open(path) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None  # not an operator: the daemon shows this user's view
+    with open(path) as f:
+        return f.read().strip()
 
 
 class _Caller:
-    def __init__(self, target: str, bearer_token: Optional[str]):
-        self.channel = channel(target)
+    def __init__(self, target: str, bearer_token: Optional[str],
+                 tls: Optional[TlsOptions] = None, operator_token: Optional[str] = None):
+        self.channel = channel(target, tls)
         self.stub = pb_grpc.CacheManagerStub(self.channel)
-        self.metadata = [("authorization", f"Bearer {bearer_token}")] if bearer_token else None
+        metadata = []
+        if bearer_token:
+            metadata.append(("authorization", f"Bearer {bearer_token}"))
+        if operator_token:
+            metadata.append((OPERATOR_METADATA_KEY, operator_token))
+        self.metadata = metadata or None
 
     def __call__(self, method: str, request, timeout: float = CALL_TIMEOUT):
         try:
@@ -240,15 +290,16 @@ class Session:
     def attach(cls, target: str, client_name: str, model: ModelSpec, num_blocks: int = 0,
                input_buffer_bytes: int = 0, heartbeat: bool = True,
                bearer_token: Optional[str] = None, auto_reattach: bool = True,
-               on_event: Optional[Callable[[SessionEvent], None]] = None) -> "Session":
+               on_event: Optional[Callable[[SessionEvent], None]] = None,
+               tls: Optional[TlsOptions] = None) -> "Session":
         """Attaches to the daemon at `target` (a Unix socket path, or host:port with
-        `bearer_token`), creating the model's pool with `num_blocks` blocks per layer if it is
-        the first client (0: the daemon decides), and maps the pool. `heartbeat`: run the
-        heartbeat thread (which also revokes the mapping when the lease runs out and, with
-        `auto_reattach`, attaches a new session after a loss). `on_event(SessionEvent)` is called
-        on that thread, or on the thread whose call noticed a loss first; it must return quickly
-        and not call reattach() or detach()."""
-        caller = _Caller(target, bearer_token)
+        `bearer_token` and `tls`), creating the model's pool with `num_blocks` blocks per layer
+        if it is the first client of this user (0: the daemon decides), and maps the pool.
+        `heartbeat`: run the heartbeat thread (which also revokes the mapping when the lease runs
+        out and, with `auto_reattach`, attaches a new session after a loss).
+        `on_event(SessionEvent)` is called on that thread, or on the thread whose call noticed a
+        loss first; it must return quickly and not call reattach() or detach()."""
+        caller = _Caller(target, bearer_token, tls)
         request = pb.AttachRequest(client_name=client_name, model=convert.model_to_proto(model),
                                    num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes)
         try:
@@ -756,17 +807,23 @@ class Session:
         return getattr(self.pool, "write_event_handle", b"")
 
 
-def stats(target: str, bearer_token: Optional[str] = None) -> Stats:
-    """Daemon-wide pool occupancy, clients and sequences (no session needed)."""
-    caller = _Caller(target, bearer_token)
+def stats(target: str, bearer_token: Optional[str] = None,
+          operator_token_file: Optional[str] = None,
+          tls: Optional[TlsOptions] = None) -> Stats:
+    """Pool occupancy, clients and sequences (no session needed): daemon-wide with the operator
+    credential (see read_operator_token), otherwise only this user's."""
+    caller = _Caller(target, bearer_token, tls, read_operator_token(target, operator_token_file))
     try:
         return convert.stats_from_proto(caller("Stats", pb.StatsRequest()))
     finally:
         caller.close()
 
 
-def list_all_sequences(target: str, bearer_token: Optional[str] = None) -> List[SequenceSummary]:
-    caller = _Caller(target, bearer_token)
+def list_all_sequences(target: str, bearer_token: Optional[str] = None,
+                       operator_token_file: Optional[str] = None,
+                       tls: Optional[TlsOptions] = None) -> List[SequenceSummary]:
+    """Every client's sequences with the operator credential, otherwise this user's."""
+    caller = _Caller(target, bearer_token, tls, read_operator_token(target, operator_token_file))
     try:
         return convert.summaries_from_proto(caller("ListSequences", pb.ListSequencesRequest()))
     finally:

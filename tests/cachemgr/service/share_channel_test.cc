@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cachemgr/host/memfd_region.h"
+#include "cachemgr/service/peer_policy.h"
 #include "cachemgr/util/fd_passing.h"
 #include "tests/support/temp_dir.h"
 
@@ -27,9 +28,11 @@ namespace {
 constexpr size_t kRegionBytes = 64 * 1024;
 constexpr char kBadTokenMessage[] = "session_token does not name an attached client";
 
-// A server over two memfd regions that hands them out for token "good".
+// A server over two memfd regions that hands them out for token "good"; it admits the
+// process's own uid, root and `allowed_uids`.
 struct Fixture {
-  explicit Fixture(ShareChannelLimits limits = {}) {
+  explicit Fixture(ShareChannelLimits limits = {}, std::vector<uid_t> allowed_uids = {})
+      : policy(::geteuid(), std::move(allowed_uids), std::nullopt) {
     auto r0 = MemfdRegion::Create("share-test-0", kRegionBytes);
     auto r1 = MemfdRegion::Create("share-test-1", kRegionBytes);
     REQUIRE(r0.ok());
@@ -38,11 +41,13 @@ struct Fixture {
     regions[1] = std::move(*r1);
     path = dir.file("share.sock");
     auto started = ShareChannelServer::Start(
-        path,
-        [this](const std::string& token) -> absl::StatusOr<std::vector<int>> {
+        path, &policy,
+        [this](const std::string& token,
+               const PeerCredentials& peer) -> absl::StatusOr<std::vector<int>> {
           {
             std::lock_guard<std::mutex> lock(mu);
             tokens_seen.push_back(token);
+            peer_uids_seen.push_back(peer.uid);
           }
           if (token != "good") return absl::NotFoundError(kBadTokenMessage);
           return std::vector<int>{regions[0].fd(), regions[1].fd()};
@@ -57,11 +62,13 @@ struct Fixture {
     return tokens_seen;
   }
 
+  PeerPolicy policy;
   testing::TempDir dir;
   std::string path;
   MemfdRegion regions[2];
   std::mutex mu;
   std::vector<std::string> tokens_seen;
+  std::vector<uid_t> peer_uids_seen;
   std::unique_ptr<ShareChannelServer> server;
 };
 
@@ -271,13 +278,15 @@ TEST_CASE("waiting connections are capped: the oldest makes room, with a reply",
 
 TEST_CASE("the server rejects limits it cannot honour", "[cpu]") {
   testing::TempDir dir;
-  auto resolver = [](const std::string&) -> absl::StatusOr<std::vector<int>> {
+  auto resolver = [](const std::string&,
+                     const PeerCredentials&) -> absl::StatusOr<std::vector<int>> {
     return std::vector<int>{};
   };
-  CHECK(ShareChannelServer::Start(dir.file("a.sock"), resolver, {.max_connections = 0})
+  const PeerPolicy policy(::geteuid(), {}, std::nullopt);
+  CHECK(ShareChannelServer::Start(dir.file("a.sock"), &policy, resolver, {.max_connections = 0})
             .status()
             .code() == absl::StatusCode::kInvalidArgument);
-  CHECK(ShareChannelServer::Start(dir.file("b.sock"), resolver,
+  CHECK(ShareChannelServer::Start(dir.file("b.sock"), &policy, resolver,
                                   {.request_timeout = absl::ZeroDuration()})
             .status()
             .code() == absl::StatusCode::kInvalidArgument);
@@ -413,12 +422,14 @@ TEST_CASE("socket file is 0600 and Stop removes it", "[cpu]") {
 TEST_CASE("Stop leaves a successor's socket at the same path alone", "[cpu]") {
   testing::TempDir dir;
   const std::string path = dir.file("share.sock");
-  auto resolver = [](const std::string&) -> absl::StatusOr<std::vector<int>> {
+  auto resolver = [](const std::string&,
+                     const PeerCredentials&) -> absl::StatusOr<std::vector<int>> {
     return std::vector<int>{};
   };
-  auto first = ShareChannelServer::Start(path, resolver);
+  const PeerPolicy policy(::geteuid(), {}, std::nullopt);
+  auto first = ShareChannelServer::Start(path, &policy, resolver);
   REQUIRE(first.ok());
-  auto second = ShareChannelServer::Start(path, resolver);  // replaces the file
+  auto second = ShareChannelServer::Start(path, &policy, resolver);  // replaces the file
   REQUIRE(second.ok());
   (*first)->Stop();
   struct stat st = {};
@@ -428,16 +439,8 @@ TEST_CASE("Stop leaves a successor's socket at the same path alone", "[cpu]") {
   CHECK(fds->empty());
 }
 
-TEST_CASE("a peer with another uid is refused", "[cpu]") {
-  if (::geteuid() != 0) {
-    WARN("needs root to connect as another uid; skipped");
-    return;
-  }
-  Fixture f;
-  // Let another user reach the socket so only the SO_PEERCRED check stands in the way.
-  REQUIRE(::chmod(f.dir.path().c_str(), 0755) == 0);
-  REQUIRE(::chmod(f.path.c_str(), 0666) == 0);
-
+// FetchSharedFds(path, "good") from a child running as uid/gid 65534: "OK" or the status.
+std::string FetchAsNobody(const std::string& path) {
   int result_pipe[2];
   REQUIRE(::pipe(result_pipe) == 0);
   const pid_t pid = ::fork();
@@ -445,7 +448,7 @@ TEST_CASE("a peer with another uid is refused", "[cpu]") {
   if (pid == 0) {
     ::close(result_pipe[0]);
     if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(2);
-    auto fds = FetchSharedFds(f.path, "good");
+    auto fds = FetchSharedFds(path, "good");
     const std::string out = fds.ok() ? "OK" : fds.status().ToString();
     (void)!::write(result_pipe[1], out.data(), out.size());
     ::_exit(0);
@@ -460,9 +463,36 @@ TEST_CASE("a peer with another uid is refused", "[cpu]") {
   REQUIRE(::waitpid(pid, &status, 0) == pid);
   REQUIRE(WIFEXITED(status));
   REQUIRE(WEXITSTATUS(status) == 0);
+  return out;
+}
+
+TEST_CASE("a peer with another uid is refused", "[cpu]") {
+  if (::geteuid() != 0) {
+    WARN("needs root to connect as another uid; skipped");
+    return;
+  }
+  Fixture f;
+  // Let another user reach the socket so only the SO_PEERCRED check stands in the way.
+  REQUIRE(::chmod(f.dir.path().c_str(), 0755) == 0);
+  REQUIRE(::chmod(f.path.c_str(), 0666) == 0);
+  const std::string out = FetchAsNobody(f.path);
   CAPTURE(out);
   CHECK(StartsWith(out, "PERMISSION_DENIED"));
+  CHECK_THAT(out, Catch::Contains("uid 65534"));
   CHECK(f.Tokens().empty());
+}
+
+TEST_CASE("a uid the policy allows reaches the resolver with its credentials", "[cpu]") {
+  if (::geteuid() != 0) {
+    WARN("needs root to connect as another uid; skipped");
+    return;
+  }
+  Fixture f({}, {65534});
+  REQUIRE(::chmod(f.dir.path().c_str(), 0755) == 0);
+  REQUIRE(::chmod(f.path.c_str(), 0666) == 0);
+  CHECK(FetchAsNobody(f.path) == "OK");
+  std::lock_guard<std::mutex> lock(f.mu);
+  CHECK(f.peer_uids_seen == std::vector<uid_t>{65534});
 }
 
 }  // namespace

@@ -274,9 +274,29 @@ struct Stats {
   std::string version;
 };
 
-// Daemon-wide inspection that needs no session (the socket's 0600 mode is the access control).
-absl::StatusOr<Stats> GetStats(const std::string& socket_path);
-absl::StatusOr<std::vector<SequenceSummary>> ListAllSequences(const std::string& socket_path);
+// How session-less calls reach the daemon and what they prove (docs/SECURITY.md).
+struct ConnectOptions {
+  // TCP "host:port" instead of the Unix socket (the socket path is then only used to find the
+  // default operator credential file, and not even that when empty).
+  std::string address;
+  // TCP: the token of the daemon's --tcp_token_file, sent as "authorization: Bearer <token>".
+  std::string bearer_token;
+  // TCP over TLS (required unless the daemon serves plaintext on loopback). `tls_ca_file`: PEM
+  // roots that verify the daemon's certificate (empty: the system's roots);
+  // `tls_cert_file` / `tls_key_file`: this client's certificate and key for mutual TLS.
+  bool tls = false;
+  std::string tls_ca_file, tls_cert_file, tls_key_file;
+  // The operator credential: a file holding the token the daemon wrote at start. Empty: the
+  // daemon's default, `<socket_path>.operator`, if this process can read it; a named file that
+  // cannot be read is an error (INVALID_ARGUMENT).
+  std::string operator_token_file;
+};
+
+// Session-less inspection. With the operator credential: every pool, client and sequence;
+// without it: only those of this process's uid (TCP callers: those attached over TCP).
+absl::StatusOr<Stats> GetStats(const std::string& socket_path, const ConnectOptions& options = {});
+absl::StatusOr<std::vector<SequenceSummary>> ListAllSequences(const std::string& socket_path,
+                                                              const ConnectOptions& options = {});
 
 // One attached client: its lease, its mapping of the pool, and its calls.
 class Session {
