@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh >/dev/null
 BUILD_DIR=${BUILD_DIR:-build}
-models=../shared/models
-data=../shared/data
+models=testdata/models  # the fixtures carried in the repository (testdata/README.md)
+data=testdata/text
 smollm2=$(scripts/fetch-smollm2.sh)
 run_dir=$(mktemp -d /tmp/cachemgr-demo-XXXXXX)
 socket="$run_dir/cachemgr.sock"
@@ -71,7 +71,7 @@ done
 echo
 echo "== 4. quality on TinyStories: mean next-token NLL vs FullKV, greedy agreement, bytes held"
 "$BUILD_DIR/tools/eval/cachemgr-eval" --socket="$socket" --model="$models/stories260K.bin" \
-  --tokenizer="$models/tok512.bin" --dataset=tinystories --samples=4 \
+  --tokenizer="$models/tok512.bin" --data_dir="$data" --dataset=tinystories --samples=4 \
   --policies=streamingllm,snapkv,pyramidkv,spindlekv --ratios=0.2,0.5,1.0
 
 echo

@@ -101,6 +101,16 @@ int main(int argc, char** argv) {
   std::string json_path;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::printf(
+          "usage: cachemgr_bench_gpu_compress [--tokens=4096,16384,32768] "
+          "[--codebook_tokens=4096]\n"
+          "                                   [--runs=3] [--json=FILE]\n"
+          "Times the Compress RPC on a CUDA pool of a real cachemgrd (--backend=cuda, the binary\n"
+          "in $CACHEMGRD or the one built alongside) against a device-to-device copy of the\n"
+          "sequence's KV bytes. Without a device it says so and measures nothing.\n");
+      return 0;
+    }
     if (arg.rfind("--tokens=", 0) == 0) {
       token_counts = ParseList(arg.substr(9));
     } else if (arg.rfind("--codebook_tokens=", 0) == 0) {

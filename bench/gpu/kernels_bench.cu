@@ -269,6 +269,14 @@ int main(int argc, char** argv) {
   std::string json_path;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::printf(
+          "usage: cachemgr_bench_gpu [--json=FILE]\n"
+          "Times the CUDA kernels on device 0 against a device-to-device copy of the same bytes\n"
+          "(Llama-3-8B-shaped layers at 4k/16k/32k tokens); prints a markdown table, and the\n"
+          "rows as JSON to FILE. Without a device it says so and measures nothing.\n");
+      return 0;
+    }
     if (arg.rfind("--json=", 0) == 0) json_path = arg.substr(7);
   }
   int count = 0;

@@ -284,10 +284,20 @@ absl::Status Run(const std::string& socket) {
 
 }  // namespace
 
+constexpr char kUsage[] =
+    "usage: cachemgr_quickstart --socket PATH\n"
+    "Walks through a running cachemgrd's main job as an engine would: attach, allocate, write\n"
+    "K/V into the mapped pool, append, fork with copy-on-write, compare KV digests with the\n"
+    "daemon's, free and detach. Exits non-zero on any error or mismatch.\n";
+
 int main(int argc, char** argv) {
   std::string socket;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
     if (arg == "--socket" && i + 1 < argc) {
       socket = argv[++i];
     } else if (arg.rfind("--socket=", 0) == 0) {
@@ -298,7 +308,7 @@ int main(int argc, char** argv) {
     }
   }
   if (socket.empty()) {
-    std::fprintf(stderr, "usage: %s --socket PATH\n", argv[0]);
+    std::fputs(kUsage, stderr);
     return 2;
   }
   const absl::Status status = Run(socket);

@@ -3,8 +3,8 @@ from SmolLM2's GGUF vocabulary (tokens, merges, control tokens) with SmolLM's pr
 (every digit apart, then GPT-2's pattern), on the texts the evaluation uses. Token ids must be
 identical.
 
-Environment: CACHEMGR_ENGINE (the cachemgr-engine binary), CACHEMGR_SMOLLM2_GGUF,
-CACHEMGR_SHARED_DIR (models/ and data/).
+Environment: CACHEMGR_ENGINE (the cachemgr-engine binary), CACHEMGR_SMOLLM2_GGUF. The texts are
+the repository's excerpts in testdata/text (testdata/README.md).
 """
 
 import json
@@ -19,7 +19,7 @@ import gguf_vocab
 
 ENGINE = os.environ["CACHEMGR_ENGINE"]
 GGUF = os.environ["CACHEMGR_SMOLLM2_GGUF"]
-DATA = pathlib.Path(os.environ["CACHEMGR_SHARED_DIR"]) / "data"
+DATA = pathlib.Path(__file__).resolve().parents[2] / "testdata" / "text"
 
 
 @pytest.fixture(scope="module")

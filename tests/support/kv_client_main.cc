@@ -507,6 +507,20 @@ absl::Status Run(const Flags& flags) {
 }  // namespace cachemgr
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      std::fputs(
+          "usage: cachemgr_test_kv_client --socket=PATH [--name=N] [--sequence=ID] [--tokens=37]\n"
+          "  [--seed=1] [--layers=5] [--q_heads=8] [--kv_heads=4] [--head_dim=8]\n"
+          "  [--dtype=fp32|fp16|bf16] [--block_size=16] [--layout=fa|fi] [--num_blocks=64]\n"
+          "  [--model=stories260K] [--hold] [--no_heartbeat]\n"
+          "A client process for black-box tests: attaches, writes deterministic K/V to one\n"
+          "sequence through the mapped pool and prints one JSON line with its own and the\n"
+          "daemon's per-layer digests; --hold keeps the session (no heartbeats) until killed.\n",
+          stdout);
+      return 0;
+    }
+  }
   // --mode=stall waits for SIGUSR1 with sigwait: blocked before any thread starts, so every
   // thread inherits the mask and the signal is left for sigwait.
   sigset_t usr1;

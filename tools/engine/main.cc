@@ -6,15 +6,15 @@
 //
 // Prefills the prompt (BOS alone when empty), optionally compresses it through the daemon, then
 // decodes greedily and prints the text. --tokenize prints the ids of F's text as a JSON array
-// (no BOS; --special parses spelled-out control tokens) and needs no daemon. Exit 0 on success,
-// 1 on failure, 2 on bad flags.
+// (no BOS; --special parses spelled-out control tokens) and needs no daemon. Exit 0 on success
+// (and on --help), 1 on failure, 2 on bad flags.
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <string>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "tools/engine/generate.h"
 #include "tools/engine/model_files.h"
 
@@ -22,14 +22,21 @@ namespace {
 
 using cachemgr::engine::GenerateGreedy;
 
+constexpr char kUsage[] =
+    "usage: cachemgr-engine --socket=PATH --model=FILE [--tokenizer=FILE] [--prompt=TEXT]\n"
+    "         [--steps=256] [--threads=2] [--dtype=fp32|fp16|bf16]\n"
+    "         [--rope=interleaved|half_split] [--window=32]\n"
+    "         [--policy=NAME (--reserve_ratio=R | --byte_ratio=R)]\n"
+    "       cachemgr-engine --tokenize --model=FILE [--tokenizer=FILE] --text_file=FILE\n"
+    "         [--special]\n"
+    "A Llama engine whose KV cache lives in a running cachemgrd: prefills the prompt (BOS alone\n"
+    "when empty), optionally compresses it with --policy, decodes greedily and prints the text.\n"
+    "--model is a Llama-architecture GGUF or a llama2.c checkpoint (which needs --tokenizer).\n"
+    "--tokenize prints the ids of the file's text as a JSON array (no BOS; --special parses\n"
+    "spelled-out control tokens) and needs no daemon.\n";
+
 int Usage(const char* message) {
-  std::fprintf(stderr,
-               "cachemgr-engine: %s\n"
-               "usage: cachemgr-engine --socket=PATH --model=FILE [--tokenizer=FILE] "
-               "[--prompt=TEXT] [--steps=N] [--threads=N] [--dtype=fp32|fp16|bf16] "
-               "[--rope=interleaved|half_split] [--policy=NAME (--reserve_ratio=R | "
-               "--byte_ratio=R)] [--window=N]\n",
-               message);
+  std::fprintf(stderr, "cachemgr-engine: %s\n%s", message, kUsage);
   return 2;
 }
 
@@ -43,32 +50,52 @@ int main(int argc, char** argv) {
   double reserve = 0, bytes = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
     if (arg == "--tokenize" || arg == "--special") {
       (arg == "--tokenize" ? tokenize : special) = true;
       continue;
     }
     const size_t eq = arg.find('=');
-    if (arg.rfind("--", 0) != 0 || eq == std::string::npos) return Usage(("bad flag " + arg).c_str());
+    if (arg.rfind("--", 0) != 0 || eq == std::string::npos)
+      return Usage(("bad flag " + arg).c_str());
     const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
     bool ok = true;
-    if (key == "socket") socket = value;
-    else if (key == "model") model = value;
-    else if (key == "tokenizer") tokenizer = value;
-    else if (key == "prompt") prompt = value;
-    else if (key == "policy") policy = value;
-    else if (key == "dtype") dtype = value;
-    else if (key == "rope") rope = value;
-    else if (key == "text_file") text_file = value;
-    else if (key == "steps") ok = absl::SimpleAtoi(value, &steps);
-    else if (key == "threads") ok = absl::SimpleAtoi(value, &threads) && threads > 0;
-    else if (key == "window") ok = absl::SimpleAtoi(value, &window) && window > 0;
-    else if (key == "reserve_ratio") ok = absl::SimpleAtod(value, &reserve);
-    else if (key == "byte_ratio") ok = absl::SimpleAtod(value, &bytes);
-    else return Usage(("unknown flag --" + key).c_str());
+    if (key == "socket")
+      socket = value;
+    else if (key == "model")
+      model = value;
+    else if (key == "tokenizer")
+      tokenizer = value;
+    else if (key == "prompt")
+      prompt = value;
+    else if (key == "policy")
+      policy = value;
+    else if (key == "dtype")
+      dtype = value;
+    else if (key == "rope")
+      rope = value;
+    else if (key == "text_file")
+      text_file = value;
+    else if (key == "steps")
+      ok = absl::SimpleAtoi(value, &steps);
+    else if (key == "threads")
+      ok = absl::SimpleAtoi(value, &threads) && threads > 0;
+    else if (key == "window")
+      ok = absl::SimpleAtoi(value, &window) && window > 0;
+    else if (key == "reserve_ratio")
+      ok = absl::SimpleAtod(value, &reserve);
+    else if (key == "byte_ratio")
+      ok = absl::SimpleAtod(value, &bytes);
+    else
+      return Usage(("unknown flag --" + key).c_str());
     if (!ok) return Usage(("bad value for --" + key).c_str());
   }
   if (tokenize) {
-    if (model.empty() || text_file.empty()) return Usage("--tokenize needs --model and --text_file");
+    if (model.empty() || text_file.empty())
+      return Usage("--tokenize needs --model and --text_file");
     auto loaded = cachemgr::engine::LoadModel(model, tokenizer);
     std::ifstream in(text_file, std::ios::binary);
     if (!loaded.ok() || !in) {
@@ -86,12 +113,17 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (socket.empty() || model.empty()) return Usage("--socket and --model are required");
-  if (rope != "interleaved" && rope != "half_split") return Usage("--rope: interleaved or half_split");
+  if (rope != "interleaved" && rope != "half_split")
+    return Usage("--rope: interleaved or half_split");
   cachemgr::client::DType pool_dtype;
-  if (dtype == "fp32") pool_dtype = cachemgr::client::DType::kFp32;
-  else if (dtype == "fp16") pool_dtype = cachemgr::client::DType::kFp16;
-  else if (dtype == "bf16") pool_dtype = cachemgr::client::DType::kBf16;
-  else return Usage("--dtype: fp32, fp16 or bf16");
+  if (dtype == "fp32")
+    pool_dtype = cachemgr::client::DType::kFp32;
+  else if (dtype == "fp16")
+    pool_dtype = cachemgr::client::DType::kFp16;
+  else if (dtype == "bf16")
+    pool_dtype = cachemgr::client::DType::kBf16;
+  else
+    return Usage("--dtype: fp32, fp16 or bf16");
   if (!policy.empty() && (reserve > 0) == (bytes > 0)) {
     return Usage("--policy needs exactly one of --reserve_ratio and --byte_ratio");
   }
@@ -125,7 +157,7 @@ int main(int argc, char** argv) {
     co.target_kind = reserve > 0 ? cachemgr::client::CompressTargetKind::kReserveRatio
                                  : cachemgr::client::CompressTargetKind::kByteRatio;
     co.target = reserve > 0 ? reserve : bytes;
-    co.input = policy == "h2o"        ? cachemgr::client::CompressInputSource::kScores
+    co.input = policy == "h2o" ? cachemgr::client::CompressInputSource::kScores
                : policy == "fullkv" || policy == "streamingllm" || policy == "codebook"
                    ? cachemgr::client::CompressInputSource::kNone
                    : cachemgr::client::CompressInputSource::kWindowQueries;

@@ -78,7 +78,7 @@ absl::StatusOr<std::vector<Sample>> TinyStoriesSamples(const engine::Tokenizer& 
                                                        const DatasetOptions& o) {
   RETURN_IF_ERROR(CheckOptions(o));
   ASSIGN_OR_RETURN(std::string text,
-                   ReadFile(o.shared_dir + "/data/tinystories/tiny_stories_train_head.txt"));
+                   ReadFile(o.data_dir + "/tinystories/tiny_stories_train_head.txt"));
   // Paragraphs of a story are separated by a blank line, stories by a single line break. The
   // model saw its training stories one after another, each after BOS: so is the stream here.
   std::vector<std::string> stories;
@@ -135,7 +135,7 @@ absl::StatusOr<std::vector<Sample>> TinyStoriesSamples(const engine::Tokenizer& 
 absl::StatusOr<std::vector<Sample>> BrownSamples(const engine::Tokenizer& tokenizer,
                                                  const DatasetOptions& o) {
   RETURN_IF_ERROR(CheckOptions(o));
-  ASSIGN_OR_RETURN(std::string text, ReadFile(o.shared_dir + "/data/brown/brown_plain.txt"));
+  ASSIGN_OR_RETURN(std::string text, ReadFile(o.data_dir + "/brown/brown_plain.txt"));
   std::vector<std::string> docs;
   std::istringstream in(text);
   std::string line, current;
@@ -177,7 +177,7 @@ absl::StatusOr<std::vector<Sample>> MultiNewsSamples(const engine::Tokenizer& to
                                                      const DatasetOptions& o) {
   RETURN_IF_ERROR(CheckOptions(o));
   ASSIGN_OR_RETURN(std::vector<google::protobuf::Struct> rows,
-                   ReadJsonLines(o.shared_dir + "/data/longbench/multi_news.jsonl"));
+                   ReadJsonLines(o.data_dir + "/longbench/multi_news.jsonl"));
   std::mt19937_64 rng(o.seed * 15485863 + 5);
   const size_t offset = std::uniform_int_distribution<size_t>(0, rows.size() - 1)(rng);
   std::vector<Sample> out;
@@ -206,7 +206,7 @@ absl::StatusOr<std::vector<Sample>> RulerSamples(const engine::Tokenizer& tokeni
                                                  const DatasetOptions& o) {
   RETURN_IF_ERROR(CheckOptions(o));
   ASSIGN_OR_RETURN(std::vector<google::protobuf::Struct> rows,
-                   ReadJsonLines(o.shared_dir + "/data/ruler_4096/niah_multikey_3.jsonl"));
+                   ReadJsonLines(o.data_dir + "/ruler_4096/niah_multikey_3.jsonl"));
   std::vector<size_t> order(rows.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::mt19937_64 rng(o.seed * 32452843 + 7);

@@ -1,6 +1,8 @@
-// Evaluation samples from the texts in ../shared/data, tokenized for one model: a prompt to
+// Evaluation samples from the texts in a data directory, tokenized for one model: a prompt to
 // prefill (and compress) and what follows it (teacher-forced), or for retrieval tasks the
-// expected answer.
+// expected answer. The directory holds tinystories/, brown/, longbench/ and ruler_4096/ (file
+// names below); the repository's testdata/text has excerpts of each, testdata/README.md says
+// where the full texts come from.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +22,7 @@ struct Sample {
 };
 
 struct DatasetOptions {
-  std::string shared_dir;  // holds data/
+  std::string data_dir;  // holds tinystories/, brown/, longbench/, ruler_4096/
   uint32_t samples = 8;
   uint64_t seed = 1;
   uint32_t min_prompt = 256;  // tokens (TinyStories, Brown)
@@ -28,26 +30,26 @@ struct DatasetOptions {
   uint32_t continuation = 64;  // tokens after the prompt
 };
 
-// TinyStories (data/tinystories): the stories as one token stream, each after BOS (as the model
-// was trained); each sample starts at a story picked by `seed`, takes a prompt length drawn from
-// [min_prompt, max_prompt] (so it spans several stories) and the `continuation` tokens after
-// it. Samples do not overlap.
+// TinyStories (tinystories/tiny_stories_train_head.txt): the stories as one token stream, each
+// after BOS (as the model was trained); each sample starts at a story picked by `seed`, takes a
+// prompt length drawn from [min_prompt, max_prompt] (so it spans several stories) and the
+// `continuation` tokens after it. Samples do not overlap.
 absl::StatusOr<std::vector<Sample>> TinyStoriesSamples(const engine::Tokenizer& tokenizer,
                                                        const DatasetOptions& options);
 
-// Brown corpus (data/brown): documents ("### caNN") concatenated in corpus order until the
-// prompt length (drawn from [min_prompt, max_prompt], distinct documents per sample) plus the
+// Brown corpus (brown/brown_plain.txt): documents ("### caNN") concatenated in corpus order until
+// the prompt length (drawn from [min_prompt, max_prompt], distinct documents per sample) plus the
 // continuation is reached.
 absl::StatusOr<std::vector<Sample>> BrownSamples(const engine::Tokenizer& tokenizer,
                                                  const DatasetOptions& options);
 
-// LongBench multi_news (data/longbench): the documents ("context") of samples whose tokenized
-// length lies in [min_prompt + continuation, max_prompt + continuation], in file order from a
-// seeded offset; the prompt is the document's first part, the continuation its next tokens.
+// LongBench multi_news (longbench/multi_news.jsonl): the documents ("context") of samples whose
+// tokenized length lies in [min_prompt + continuation, max_prompt + continuation], in file order
+// from a seeded offset; the prompt is the document's first part, the continuation its next tokens.
 absl::StatusOr<std::vector<Sample>> MultiNewsSamples(const engine::Tokenizer& tokenizer,
                                                      const DatasetOptions& options);
 
-// RULER needle-in-a-haystack (data/ruler_4096, multikey-3): the task text as the prompt, the
+// RULER needle-in-a-haystack (ruler_4096/niah_multikey_3.jsonl): the task text as the prompt, the
 // expected uuid as answer (its tokens as the continuation). Samples picked by `seed`.
 absl::StatusOr<std::vector<Sample>> RulerSamples(const engine::Tokenizer& tokenizer,
                                                  const DatasetOptions& options);

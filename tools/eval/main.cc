@@ -6,7 +6,8 @@
 //   cachemgr-eval --socket=S --model=stories260K.bin --tokenizer=tok512.bin
 //       --dataset=tinystories --samples=20 --policies=all --out=results/stories   (one line)
 //
-// Exit 0 on success, 1 on failure, 2 on bad flags.
+// The texts come from --data_dir (default: the excerpts in the source tree's testdata/text).
+// Exit 0 on success (and on --help), 1 on failure, 2 on bad flags.
 #include <unistd.h>
 
 #include <chrono>
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -31,24 +33,30 @@ using namespace cachemgr;  // NOLINT
 struct Flags {
   std::string socket, model, tokenizer, dataset = "tinystories", policies = "all", out;
   std::string ratios = "0.15,0.2,0.3,0.4,0.5,1.0", target = "reserve", dtype;
-  std::string shared = CACHEMGR_SHARED_DIR;
+  std::string data_dir = CACHEMGR_DEFAULT_DATA_DIR;
   uint32_t samples = 8, min_prompt = 256, max_prompt = 448, continuation = 64, greedy = 64;
   uint32_t window = 32, threads = 0;  // 0: 1 for small models (dim < 256), else 2
   uint64_t seed = 1;
   bool observations = false;
 };
 
+constexpr char kUsage[] =
+    "usage: cachemgr-eval --socket=PATH --model=FILE [--tokenizer=FILE]\n"
+    "  [--dataset=tinystories|brown|multi_news|ruler] [--data_dir=DIR] [--samples=8] [--seed=1]\n"
+    "  [--min_prompt=256] [--max_prompt=448] [--continuation=64] [--greedy=64]\n"
+    "  [--policies=all|NAME,...] [--ratios=0.15,0.2,0.3,0.4,0.5,1.0]\n"
+    "  [--target=reserve|bytes] [--window=32] [--dtype=fp32|bf16|fp16]\n"
+    "  [--threads=N (0: 1 for small models, else 2)] [--out=DIR] [--observations]\n"
+    "Compression quality of every policy on a real model through a running cachemgrd: prints a\n"
+    "markdown table; --out=DIR also gets trials.csv, summary.json, summary.md (and\n"
+    "observations.json with --observations).\n"
+    "--data_dir holds tinystories/, brown/, longbench/ and ruler_4096/; the default is the\n"
+    "repository's excerpts, " CACHEMGR_DEFAULT_DATA_DIR
+    "\n"
+    "(testdata/README.md says where the full texts come from).\n";
+
 int Usage(const std::string& message) {
-  std::fprintf(stderr,
-               "cachemgr-eval: %s\n"
-               "usage: cachemgr-eval --socket=PATH --model=FILE [--tokenizer=FILE]\n"
-               "  [--dataset=tinystories|brown|multi_news|ruler] [--samples=8] [--seed=1]\n"
-               "  [--min_prompt=256] [--max_prompt=448] [--continuation=64] [--greedy=64]\n"
-               "  [--policies=all|NAME,...] [--ratios=0.15,0.2,0.3,0.4,0.5,1.0]\n"
-               "  [--target=reserve|bytes] [--window=32] [--dtype=fp32|bf16|fp16]\n"
-               "  [--threads=N (0: 1 for small models, else 2)] [--shared=DIR] [--out=DIR]\n"
-               "  [--observations]\n",
-               message.c_str());
+  std::fprintf(stderr, "cachemgr-eval: %s\n%s", message.c_str(), kUsage);
   return 2;
 }
 
@@ -89,6 +97,10 @@ int main(int argc, char** argv) {
   Flags f;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
     if (arg == "--observations") {
       f.observations = true;
       continue;
@@ -113,8 +125,8 @@ int main(int argc, char** argv) {
       f.target = v;
     else if (key == "dtype")
       f.dtype = v;
-    else if (key == "shared")
-      f.shared = v;
+    else if (key == "data_dir")
+      f.data_dir = v;
     else if (key == "out")
       f.out = v;
     else if (key == "samples")
@@ -165,7 +177,7 @@ int main(int argc, char** argv) {
   const engine::LlamaConfig& c = loaded->checkpoint.config;
 
   eval::DatasetOptions d;
-  d.shared_dir = f.shared;
+  d.data_dir = f.data_dir;
   d.samples = f.samples;
   d.seed = f.seed;
   d.min_prompt = f.min_prompt;
@@ -182,6 +194,13 @@ int main(int argc, char** argv) {
     samples = eval::RulerSamples(*loaded->tokenizer, d);
   else
     return Usage("--dataset: tinystories, brown, multi_news or ruler");
+  if (absl::IsNotFound(samples.status()) || absl::IsOutOfRange(samples.status())) {
+    // The texts are missing, or an excerpt is too short for these samples.
+    return fail(absl::Status(
+        samples.status().code(),
+        absl::StrCat(samples.status().message(), " (texts from --data_dir=", f.data_dir,
+                     "; testdata/README.md says where the full texts come from)")));
+  }
   if (!samples.ok()) return fail(samples.status());
   // Teacher forcing and greedy decoding both start at the prompt's end (on separate forks).
   size_t longest = 0;

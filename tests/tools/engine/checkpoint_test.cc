@@ -6,15 +6,15 @@
 #include <fstream>
 
 #include "tests/support/temp_dir.h"
-#include "tests/tools/engine/model_paths.h"
+#include "tests/support/testdata.h"
 
 namespace cachemgr::engine {
 namespace {
 
 TEST_CASE("llama2.c and GGUF loaders read the same stories260K", "[cpu]") {
-  auto bin = LoadLlama2c(testing::StoriesBin());
+  auto bin = LoadLlama2c(cachemgr::testing::StoriesBin());
   REQUIRE(bin.ok());
-  auto gguf = LoadGguf(testing::StoriesGguf());
+  auto gguf = LoadGguf(cachemgr::testing::StoriesGguf());
   REQUIRE(gguf.ok());
   const LlamaConfig& a = bin->config;
   const LlamaConfig& b = gguf->config;
@@ -54,7 +54,7 @@ TEST_CASE("llama2.c and GGUF loaders read the same stories260K", "[cpu]") {
 }
 
 TEST_CASE("half-split permutes each head's q and k rows", "[cpu]") {
-  auto ck = LoadLlama2c(testing::StoriesBin());
+  auto ck = LoadLlama2c(cachemgr::testing::StoriesBin());
   REQUIRE(ck.ok());
   const Checkpoint before = *ck;
   ToHalfSplit(*ck);
@@ -79,7 +79,7 @@ TEST_CASE("bad checkpoints are refused", "[cpu]") {
   cachemgr::testing::TempDir dir;
   const std::string path = dir.file("bad.bin");
   {
-    std::ifstream in(testing::StoriesBin(), std::ios::binary);
+    std::ifstream in(cachemgr::testing::StoriesBin(), std::ios::binary);
     std::ofstream out(path, std::ios::binary);
     std::string head(28 + 400, '\0');
     in.read(head.data(), static_cast<std::streamsize>(head.size()));

@@ -10,7 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "tests/support/daemon_process.h"
-#include "tests/tools/engine/model_paths.h"
+#include "tests/support/testdata.h"
 #include "tools/engine/generate.h"
 #include "tools/engine/llama.h"
 #include "tools/engine/model_files.h"
@@ -26,7 +26,7 @@ struct Reference {
 
 // The golden file: a comment, the text, an empty line, a comment, "ids: [...]", the text again.
 Reference ReadReference() {
-  std::ifstream in(testing::GreedyReference());
+  std::ifstream in(cachemgr::testing::GreedyReference());
   std::string line;
   Reference r;
   std::getline(in, line);  // "# run.c ..."
@@ -73,8 +73,8 @@ struct Setup {
 TEST_CASE("FullKV through the sidecar reproduces llama2.c's greedy output", "[service]") {
   const std::string model = GENERATE(std::string("bin"), std::string("gguf"));
   INFO("model " << model);
-  Setup s(model == "bin" ? testing::StoriesBin() : testing::StoriesGguf(),
-          model == "bin" ? testing::Tok512() : "");
+  Setup s(model == "bin" ? cachemgr::testing::StoriesBin() : cachemgr::testing::StoriesGguf(),
+          model == "bin" ? cachemgr::testing::Tok512() : "");
   const Reference ref = ReadReference();
   REQUIRE(ref.first_ids.size() == 60);
   GenerateOptions go;
@@ -99,9 +99,9 @@ std::vector<uint32_t> Prompt(const Tokenizer& t) {
 }
 
 TEST_CASE("both loaders and both RoPE styles give the same logits", "[service]") {
-  Setup bin(testing::StoriesBin(), testing::Tok512());
-  Setup gguf(testing::StoriesGguf(), "");
-  Setup half(testing::StoriesBin(), testing::Tok512(), /*half_split=*/true);
+  Setup bin(cachemgr::testing::StoriesBin(), cachemgr::testing::Tok512());
+  Setup gguf(cachemgr::testing::StoriesGguf(), "");
+  Setup half(cachemgr::testing::StoriesBin(), cachemgr::testing::Tok512(), /*half_split=*/true);
   const std::vector<uint32_t> prompt = Prompt(*bin.loaded.tokenizer);
   ForwardOptions all;
   all.all_logits = true;
@@ -130,7 +130,7 @@ TEST_CASE("both loaders and both RoPE styles give the same logits", "[service]")
 
 TEST_CASE("a compressed cache: kept tokens decode on, fullkv at ratio 1 changes nothing",
           "[service]") {
-  Setup s(testing::StoriesBin(), testing::Tok512());
+  Setup s(cachemgr::testing::StoriesBin(), cachemgr::testing::Tok512());
   const std::vector<uint32_t> prompt = Prompt(*s.loaded.tokenizer);
   const std::vector<uint32_t> next = {403, 407, 261, 378};  // some continuation
   ForwardOptions capture;

@@ -8,6 +8,7 @@
 
 #include "tests/support/daemon_process.h"
 #include "tests/support/temp_dir.h"
+#include "tests/support/testdata.h"
 #include "tools/engine/model_files.h"
 #include "tools/eval/evaluator.h"
 #include "tools/eval/observations.h"
@@ -16,12 +17,10 @@
 namespace cachemgr::eval {
 namespace {
 
-const std::string kModels = std::string(CACHEMGR_SHARED_DIR) + "/models";
-
 TEST_CASE("a small evaluation: ratio 1 equals FullKV, bytes shrink with the ratio", "[service]") {
   auto daemon = cachemgr::testing::DaemonProcess::Start();
   REQUIRE(daemon.ok());
-  auto model = engine::LoadModel(kModels + "/stories260K.bin", kModels + "/tok512.bin");
+  auto model = engine::LoadModel(cachemgr::testing::StoriesBin(), cachemgr::testing::Tok512());
   REQUIRE(model.ok());
   engine::SidecarOptions so;
   so.socket_path = (*daemon)->socket_path();
@@ -33,7 +32,7 @@ TEST_CASE("a small evaluation: ratio 1 equals FullKV, bytes shrink with the rati
   engine::LlamaEngine llama(model->checkpoint, cache->get(), &pool);
 
   DatasetOptions d;
-  d.shared_dir = CACHEMGR_SHARED_DIR;
+  d.data_dir = cachemgr::testing::TextDir();
   d.samples = 3;
   d.continuation = 32;
   auto samples = TinyStoriesSamples(*model->tokenizer, d);
@@ -121,10 +120,10 @@ TEST_CASE("cachemgr-eval writes its table, CSV and JSON", "[service]") {
   cachemgr::testing::TempDir out;
   auto child = cachemgr::testing::ChildProcess::Spawn(
       CACHEMGR_EVAL_PATH,
-      {"--socket=" + (*daemon)->socket_path(), "--model=" + kModels + "/stories260K.bin",
-       "--tokenizer=" + kModels + "/tok512.bin", "--samples=2", "--policies=streamingllm,codebook",
-       "--ratios=0.2,1.0", "--greedy=8", "--continuation=16", "--observations",
-       "--out=" + out.path()});
+      {"--socket=" + (*daemon)->socket_path(), "--model=" + cachemgr::testing::StoriesBin(),
+       "--tokenizer=" + cachemgr::testing::Tok512(), "--samples=2",
+       "--policies=streamingllm,codebook", "--ratios=0.2,1.0", "--greedy=8", "--continuation=16",
+       "--observations", "--out=" + out.path()});
   REQUIRE(child.ok());
   std::string stdout_text;
   while (true) {
@@ -159,6 +158,40 @@ TEST_CASE("cachemgr-eval writes its table, CSV and JSON", "[service]") {
   auto bad_code = (*bad)->Wait(absl::Seconds(30));
   REQUIRE(bad_code.ok());
   CHECK(*bad_code == 2);
+}
+
+// Runs cachemgr-eval with `args` through a shell, returning stdout and stderr together and the
+// exit code.
+std::pair<std::string, int> RunEval(const std::string& args) {
+  auto child = cachemgr::testing::ChildProcess::Spawn(
+      "/bin/sh", {"-c", std::string(CACHEMGR_EVAL_PATH) + " " + args + " 2>&1"});
+  REQUIRE(child.ok());
+  std::string text;
+  while (true) {
+    auto line = (*child)->ReadLine(absl::Seconds(120));
+    if (!line.ok()) break;
+    text += *line + "\n";
+  }
+  auto code = (*child)->Wait(absl::Seconds(30));
+  REQUIRE(code.ok());
+  return {text, *code};
+}
+
+TEST_CASE("cachemgr-eval names --data_dir when its texts are missing or too short", "[cpu]") {
+  cachemgr::testing::TempDir empty;
+  const std::string model = "--socket=unused --model=" + cachemgr::testing::StoriesBin() +
+                            " --tokenizer=" + cachemgr::testing::Tok512();
+  auto [missing, missing_code] = RunEval(model + " --data_dir=" + empty.path());
+  CHECK(missing_code == 1);
+  CHECK(missing.find("cannot read " + empty.path() + "/tinystories/tiny_stories_train_head.txt") !=
+        std::string::npos);
+  CHECK(missing.find("--data_dir=" + empty.path()) != std::string::npos);
+  CHECK(missing.find("testdata/README.md") != std::string::npos);
+  // The default is the repository's excerpt: enough for the documented runs, not for 500 samples.
+  auto [short_text, short_code] = RunEval(model + " --samples=500");
+  CHECK(short_code == 1);
+  CHECK(short_text.find("TinyStories ran out") != std::string::npos);
+  CHECK(short_text.find("--data_dir=" + cachemgr::testing::TextDir()) != std::string::npos);
 }
 
 }  // namespace
