@@ -71,6 +71,16 @@ int main(int argc, char** argv) {
   bool have_request = false;
   for (int i = 1; i < argc; ++i) {
     absl::string_view arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(
+          "usage: cachemgr_test_call --socket=PATH --method=NAME|/pkg.Service/Method\n"
+          "  [--request=TEXT_PROTO | --raw_hex=HEX] [--operator_token_file=FILE]\n"
+          "  [--metadata=KEY=VALUE]\n"
+          "Makes one gRPC call to a running cachemgrd and prints its status line, then the\n"
+          "response in one-line text format (a tool for the black-box tests).\n",
+          stdout);
+      return 0;
+    }
     const size_t eq = arg.find('=');
     if (!absl::StartsWith(arg, "--") || eq == absl::string_view::npos) {
       return Usage(absl::StrCat("unexpected argument \"", arg, "\""));
