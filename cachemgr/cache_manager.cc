@@ -462,7 +462,7 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
 
 absl::StatusOr<CacheManager::Sequence*> CacheManager::FindSequenceForCallerLocked(
     const Caller& caller, const std::string& sequence_id) {
-  if (!!caller.has_session()) {
+  if (caller.has_session()) {
     ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
     return FindOwnedSequenceLocked(*client, sequence_id, "sequence_id");
   }
@@ -502,6 +502,8 @@ uint64_t CacheManager::ReleaseSequenceLocked(Sequence& seq,
     }
     seq.layers[l].blocks.clear();
   }
+  memory_used_bytes_ -= seq.charge;
+  seq.charge = 0;
   return released;
 }
 
@@ -634,9 +636,17 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
     }
   }
 
+  uint64_t new_sequence_charge = 0;
+  if (seq == nullptr) {
+    new_sequence_charge = SequenceChargeBytes(sequence_id, num_layers, /*duplicated_entries=*/0);
+    RETURN_IF_ERROR(ChargeLocked(new_sequence_charge,
+                                 absl::StrCat("sequence_id ", QuoteForMessage(sequence_id))));
+  }
+
   AllocateResult result;
   if (seq == nullptr) {
     auto created = std::make_unique<Sequence>();
+    created->charge = new_sequence_charge;
     created->serial = next_sequence_serial_++;
     created->sequence_id = sequence_id;
     created->owner = client;
@@ -726,7 +736,14 @@ absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const Caller& caller,
         reply_size::SequenceReplyBytes(counts, client->pool->num_blocks),
         absl::StrCat("Fork of parent_sequence_id ", QuoteForMessage(parent_sequence_id))));
   }
+  uint64_t entries = 0;
+  for (const auto& t : parent->layers) entries += t.blocks.size();
+  const uint64_t charge =
+      SequenceChargeBytes(child_sequence_id, static_cast<uint32_t>(parent->layers.size()), entries);
+  RETURN_IF_ERROR(ChargeLocked(
+      charge, absl::StrCat("Fork's child_sequence_id ", QuoteForMessage(child_sequence_id))));
   auto child = std::make_unique<Sequence>();
+  child->charge = charge;
   child->serial = next_sequence_serial_++;
   child->sequence_id = child_sequence_id;
   child->owner = client;
@@ -820,10 +837,45 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const Caller& caller,
   return snapshot;
 }
 
+uint64_t CacheManager::SequenceChargeBytes(const std::string& sequence_id, uint32_t num_layers,
+                                           uint64_t duplicated_entries) {
+  // The Sequence and its hash-map slot, its id twice (key and member, heap-allocated when long),
+  // one LayerTable per layer, and a Fork child's copies of its parent's block-table entries. All
+  // factors are bounded (ids <= 256 bytes, layers <= 1024, entries <= layers * num_blocks).
+  constexpr uint64_t kPerSequence = sizeof(Sequence) + 64;
+  return kPerSequence + 2 * uint64_t{sequence_id.size()} +
+         uint64_t{num_layers} * sizeof(Sequence::LayerTable) +
+         duplicated_entries * sizeof(uint32_t);
+}
+
+absl::StatusOr<CacheManager::SequencePage> CacheManager::ListSequencesPage(
+    const Caller& caller, const std::string& page_token, uint32_t page_size) {
+  if (!page_token.empty()) RETURN_IF_ERROR(CheckSequenceId(page_token, "page_token"));
+  if (page_size > kMaxListPageSize) {
+    return absl::InvalidArgumentError(absl::StrCat("page_size must be at most ", kMaxListPageSize,
+                                                   " (got ", page_size, "; 0 means ",
+                                                   kDefaultListPageSize, ")"));
+  }
+  const size_t limit = page_size == 0 ? kDefaultListPageSize : page_size;
+  ASSIGN_OR_RETURN(std::vector<SequenceSummary> all, ListSequences(caller));
+  auto first = page_token.empty()
+                   ? all.begin()
+                   : std::upper_bound(all.begin(), all.end(), page_token,
+                                      [](const std::string& token, const SequenceSummary& s) {
+                                        return token < s.sequence_id;
+                                      });
+  SequencePage page;
+  const size_t left = static_cast<size_t>(all.end() - first);
+  const size_t n = std::min(limit, left);
+  page.sequences.assign(std::make_move_iterator(first), std::make_move_iterator(first + n));
+  if (n < left) page.next_page_token = page.sequences.back().sequence_id;
+  return page;
+}
+
 absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(const Caller& caller) {
   absl::MutexLock lock(&mu_);
   const Client* only = nullptr;
-  if (!!caller.has_session()) {
+  if (caller.has_session()) {
     ASSIGN_OR_RETURN(only, FindClientLocked(caller));
   }
   std::vector<SequenceSummary> out;
@@ -861,6 +913,7 @@ StatsSnapshot CacheManager::Stats(const Caller& caller) const {
   s.memory_budget_bytes = options_.memory_budget_bytes;
   for (const auto& [id, seq] : sequences_) {
     s.num_sequences += all_owners || seq->owner->owner == owner ? 1 : 0;
+    s.sequence_bytes += seq->charge;
   }
   for (const auto& [key, pool] : pools_) {
     if (pool->building) continue;
@@ -965,6 +1018,14 @@ absl::Status CacheManager::CheckInvariants() const {
   absl::MutexLock lock(&mu_);
   uint64_t bytes = 0;
   for (const auto& [token, client] : clients_) bytes += client->input_charge;
+  for (const auto& [id, seq] : sequences_) {
+    const uint64_t least = SequenceChargeBytes(id, static_cast<uint32_t>(seq->layers.size()), 0);
+    if (seq->charge < least) {
+      return absl::InternalError(absl::StrCat("sequence ", id, " is charged ", seq->charge,
+                                              " bytes, less than its bookkeeping ", least));
+    }
+    bytes += seq->charge;
+  }
   for (const auto& [name, pool] : pools_) {
     bytes += pool->bytes + pool->bookkeeping_bytes;
     const uint64_t bookkeeping =
@@ -1019,7 +1080,7 @@ absl::Status CacheManager::CheckInvariants() const {
     }
   }
   if (bytes != memory_used_bytes_) {
-    return absl::InternalError(absl::StrCat("pools and input buffers hold ", bytes,
+    return absl::InternalError(absl::StrCat("pools, sequences and input buffers hold ", bytes,
                                             " bytes but the budget counts ", memory_used_bytes_));
   }
   if (memory_used_bytes_ > options_.memory_budget_bytes) {

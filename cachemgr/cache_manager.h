@@ -105,7 +105,9 @@ struct CacheManagerOptions {
 inline constexpr size_t kMaxSequenceIdLength = 256;
 // Host memory charged to the budget per block of a pool, per layer: the allocator's
 // (BlockAllocator::kBookkeepingBytesPerBlock) and the block's entry in a sequence's block table.
-// Tables a Fork duplicates are not charged.
+// Each sequence is charged its own bookkeeping on top (the sequence, its id, its per-layer
+// tables), and a Fork's child the block-table entries it duplicates: see
+// CacheManager::SequenceChargeBytes.
 inline constexpr uint64_t kBookkeepingBytesPerBlockLayer =
     BlockAllocator::kBookkeepingBytesPerBlock + sizeof(uint32_t);
 
@@ -292,10 +294,12 @@ struct StatsSnapshot {
   std::vector<ClientSnapshot> clients;
   uint32_t num_sequences = 0;
   // Everything charged to the budget: pools (memory + bookkeeping, pools being built
-  // included) and client input buffers. Never above memory_budget_bytes.
+  // included), client input buffers and sequences' own bookkeeping. Never above
+  // memory_budget_bytes.
   uint64_t memory_used_bytes = 0;
   uint64_t memory_budget_bytes = 0;
   uint64_t input_buffer_bytes = 0;  // of all clients, as charged
+  uint64_t sequence_bytes = 0;      // of all sequences, as charged (forks' duplicated tables)
 };
 
 class CacheManager {
@@ -358,6 +362,18 @@ class CacheManager {
   // The caller's sequences; with an empty token every client's for the operator, the owner's
   // clients' for anyone else. Sorted by id.
   absl::StatusOr<std::vector<SequenceSummary>> ListSequences(const Caller& caller);
+
+  // One page of ListSequences: at most `page_size` sequences (0: kDefaultListPageSize; at most
+  // kMaxListPageSize) whose ids sort after `page_token` (empty: from the first), and the token
+  // of the next page (empty after the last). INVALID_ARGUMENT naming page_token / page_size.
+  static constexpr uint32_t kDefaultListPageSize = 1000;
+  static constexpr uint32_t kMaxListPageSize = 4000;  // 4000 summaries < 2 MiB
+  struct SequencePage {
+    std::vector<SequenceSummary> sequences;
+    std::string next_page_token;
+  };
+  absl::StatusOr<SequencePage> ListSequencesPage(const Caller& caller,
+                                                 const std::string& page_token, uint32_t page_size);
 
   // Everything (the daemon's own view: metrics, shutdown).
   StatsSnapshot Stats() const;
@@ -457,6 +473,10 @@ class CacheManager {
   // With `quarantine_until` those wait in quarantine until then instead of becoming free.
   uint64_t ReleaseSequenceLocked(Sequence& seq, std::optional<absl::Time> quarantine_until)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What a sequence's own bookkeeping is charged (see kBookkeepingBytesPerBlockLayer): a Fork's
+  // child also pays for the `duplicated_entries` block-table entries it copies.
+  static uint64_t SequenceChargeBytes(const std::string& sequence_id, uint32_t num_layers,
+                                      uint64_t duplicated_entries);
   // Charges `bytes` to the budget, or RESOURCE_EXHAUSTED naming `what` with what is left.
   absl::Status ChargeLocked(uint64_t bytes, const std::string& what)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

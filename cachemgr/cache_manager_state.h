@@ -83,6 +83,8 @@ struct CacheManager::Sequence {
   uint64_t num_positions = 0;
   std::vector<LayerTable> layers;
   std::shared_ptr<const Compression> compression;
+  // Bytes charged to the budget for this sequence's own bookkeeping (SequenceChargeBytes).
+  uint64_t charge = 0;
   // Set while Compress, Fetch or Park works on a copy outside the lock: the name of the call.
   // Every call that would change the sequence is refused (ABORTED) meanwhile; Free is not, and
   // the working call then finds the sequence gone and changes nothing.

@@ -88,8 +88,13 @@ class Metrics::StateGauges : public prometheus::Collectable {
     AddGauge(out.back(), {}, stats.num_sequences);
     out.push_back(Gauges(
         "cachemgr_memory_used_bytes",
-        "Bytes charged to --memory_budget: pool memory, per-block bookkeeping, input buffers."));
+        "Bytes charged to --memory_budget: pool memory, per-block bookkeeping, input buffers, "
+        "sequences' own bookkeeping."));
     AddGauge(out.back(), {}, static_cast<double>(stats.memory_used_bytes));
+    out.push_back(Gauges("cachemgr_sequence_bytes",
+                         "Of cachemgr_memory_used_bytes, the sequences' own bookkeeping (forks' "
+                         "duplicated block tables included)."));
+    AddGauge(out.back(), {}, static_cast<double>(stats.sequence_bytes));
 
     out.push_back(Gauges("cachemgr_pool_bytes", "Bytes of one pool's memory (all layers)."));
     for (const PoolSnapshot& p : stats.pools) {

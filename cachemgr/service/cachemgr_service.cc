@@ -337,8 +337,11 @@ grpc::ServerUnaryReactor* CacheManagerService::ListSequences(
     v1::ListSequencesResponse* response) {
   return Unary(
       ctx, "ListSequences", request->session_token(), [&](const Caller& caller) -> absl::Status {
-        ASSIGN_OR_RETURN(std::vector<SequenceSummary> list, manager_->ListSequences(caller));
-        for (const SequenceSummary& s : list) {
+        ASSIGN_OR_RETURN(
+            CacheManager::SequencePage page,
+            manager_->ListSequencesPage(caller, request->page_token(), request->page_size()));
+        response->set_next_page_token(page.next_page_token);
+        for (const SequenceSummary& s : page.sequences) {
           v1::SequenceSummary* out = response->add_sequences();
           out->set_sequence_id(s.sequence_id);
           out->set_owner_client_id(s.owner_client_id);

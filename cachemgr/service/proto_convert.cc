@@ -187,6 +187,7 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
   p->set_memory_used_bytes(s.memory_used_bytes);
   p->set_memory_budget_bytes(s.memory_budget_bytes);
   p->set_input_buffer_bytes(s.input_buffer_bytes);
+  p->set_sequence_bytes(s.sequence_bytes);
   for (const PoolSnapshot& pool : s.pools) {
     v1::PoolStats* ps = p->add_pools();
     ps->set_pool_id(pool.pool_id);

@@ -1166,14 +1166,19 @@ absl::StatusOr<SequenceInfo> Session::GetSequence(std::string_view sequence_id,
 }
 
 absl::StatusOr<std::vector<SequenceSummary>> Session::ListSequences() {
+  std::vector<SequenceSummary> out;
   pb::ListSequencesRequest request;
-  pb::ListSequencesResponse response;
-  RETURN_IF_ERROR(impl_->Call(
-      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
-        request.set_session_token(token);
-        return stub.ListSequences(context, request, &response);
-      }));
-  return FromProto(response);
+  do {  // one page per call, until the daemon says it was the last
+    pb::ListSequencesResponse response;
+    RETURN_IF_ERROR(impl_->Call(kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context,
+                                                   const std::string& token) {
+      request.set_session_token(token);
+      return stub.ListSequences(context, request, &response);
+    }));
+    for (SequenceSummary& s : FromProto(response)) out.push_back(std::move(s));
+    request.set_page_token(response.next_page_token());
+  } while (!request.page_token().empty());
+  return out;
 }
 
 absl::Status Session::RecordKvWrites(void* stream) {
@@ -1353,11 +1358,16 @@ absl::StatusOr<std::vector<SequenceSummary>> ListAllSequences(const std::string&
   ASSIGN_OR_RETURN(Inspector inspector, Inspector::Make(socket_path, options));
   auto stub = pb::CacheManager::NewStub(inspector.channel);
   pb::ListSequencesRequest request;  // no token: every client's sequences (operator) or ours
-  pb::ListSequencesResponse response;
-  grpc::ClientContext context;
-  inspector.Prepare(context);
-  RETURN_IF_ERROR(FromGrpc(stub->ListSequences(&context, request, &response)));
-  return FromProto(response);
+  std::vector<SequenceSummary> out;
+  do {  // one page per call, until the daemon says it was the last
+    pb::ListSequencesResponse response;
+    grpc::ClientContext context;
+    inspector.Prepare(context);
+    RETURN_IF_ERROR(FromGrpc(stub->ListSequences(&context, request, &response)));
+    for (SequenceSummary& s : FromProto(response)) out.push_back(std::move(s));
+    request.set_page_token(response.next_page_token());
+  } while (!request.page_token().empty());
+  return out;
 }
 
 }  // namespace cachemgr::client

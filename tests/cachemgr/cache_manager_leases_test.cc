@@ -177,7 +177,9 @@ TEST_CASE("a pool whose last client expired keeps its memory until the quarantin
   REQUIRE(s.pools.size() == 1);
   CHECK(s.pools[0].clients == 0);
   CHECK(s.pools[0].layers[1].quarantined_blocks == 2);
-  CHECK(s.memory_used_bytes == before.memory_used_bytes - before.input_buffer_bytes);
+  CHECK(s.memory_used_bytes ==
+        before.memory_used_bytes - before.input_buffer_bytes - before.sequence_bytes);
+  CHECK(s.sequence_bytes == 0);
   REQUIRE(f.manager.CheckInvariants().ok());
 
   // Meanwhile the model's name stays taken: the same description shares the held pool...

@@ -101,11 +101,13 @@ def test_values_move_as_the_client_acts(daemon_with_metrics):
         assert value(s1, "cachemgr_pool_clients", pool=pool, device="host") == 1
         bytes_ = value(s1, "cachemgr_pool_bytes", pool=pool, model="metrics-model", device="host")
         assert bytes_ == LAYERS * NUM_BLOCKS * 2 * BLOCK * 2 * 8 * 2
-        # The budget also charges 16 bytes of bookkeeping per block and layer and the client's
-        # input buffer (whole pages).
+        # The budget also charges 16 bytes of bookkeeping per block and layer, the client's
+        # input buffer (whole pages) and the sequences' own bookkeeping.
         input_bytes = -(-s.input_buffer.nbytes // 4096) * 4096
+        sequence_bytes = value(s1, "cachemgr_sequence_bytes")
+        assert sequence_bytes > 0
         assert value(s1, "cachemgr_memory_used_bytes") == \
-            bytes_ + LAYERS * NUM_BLOCKS * 16 + input_bytes
+            bytes_ + LAYERS * NUM_BLOCKS * 16 + input_bytes + sequence_bytes
         delta = lambda name, **l: value(s1, name, **l) - value(s0, name, **l)  # noqa: E731
         assert delta("cachemgr_rpc_requests_total", method="Allocate", code="OK") == 2
         assert delta("cachemgr_rpc_requests_total", method="Fork", code="OK") == 1

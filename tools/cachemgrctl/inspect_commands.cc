@@ -194,13 +194,20 @@ int RunSequences(const std::vector<std::string>& args) {
   constexpr char kCommand[] = "sequences";
   PARSE_OR_RETURN(parsed, args, {}, kCommand);
   DaemonClient client(parsed->options);
-  v1::ListSequencesResponse response;
-  auto ctx = client.Context();
-  if (const grpc::Status status =
-          client.stub().ListSequences(ctx.get(), v1::ListSequencesRequest(), &response);
-      !status.ok()) {
-    return CallFailed(kCommand, status);
-  }
+  v1::ListSequencesResponse response;  // every page's sequences
+  v1::ListSequencesRequest request;
+  do {
+    v1::ListSequencesResponse page;
+    auto ctx = client.Context();
+    if (const grpc::Status status = client.stub().ListSequences(ctx.get(), request, &page);
+        !status.ok()) {
+      return CallFailed(kCommand, status);
+    }
+    for (v1::SequenceSummary& s : *page.mutable_sequences()) {
+      *response.add_sequences() = std::move(s);
+    }
+    request.set_page_token(page.next_page_token());
+  } while (!request.page_token().empty());
   if (parsed->options.json) return Print(ToJson(response));
   Table table({"SEQUENCE", "CLIENT", "CLIENT_NAME", "POSITIONS", "BLOCKS"});
   for (const v1::SequenceSummary& s : response.sequences()) {

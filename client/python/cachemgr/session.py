@@ -718,8 +718,15 @@ class Session:
                 include_kv_digest=include_kv_digest)).sequence)
 
     def list_sequences(self) -> List[SequenceSummary]:
-        return convert.summaries_from_proto(self._session_call(
-            "ListSequences", lambda t: pb.ListSequencesRequest(session_token=t)))
+        out: List[SequenceSummary] = []
+        page_token = ""
+        while True:  # one page per call, until the daemon says it was the last
+            response = self._session_call("ListSequences", lambda t: pb.ListSequencesRequest(
+                session_token=t, page_token=page_token))
+            out.extend(convert.summaries_from_proto(response))
+            page_token = response.next_page_token
+            if not page_token:
+                return out
 
     # ---- compression ------------------------------------------------------------------------
 
@@ -825,6 +832,13 @@ def list_all_sequences(target: str, bearer_token: Optional[str] = None,
     """Every client's sequences with the operator credential, otherwise this user's."""
     caller = _Caller(target, bearer_token, tls, read_operator_token(target, operator_token_file))
     try:
-        return convert.summaries_from_proto(caller("ListSequences", pb.ListSequencesRequest()))
+        out: List[SequenceSummary] = []
+        page_token = ""
+        while True:  # one page per call, until the daemon says it was the last
+            response = caller("ListSequences", pb.ListSequencesRequest(page_token=page_token))
+            out.extend(convert.summaries_from_proto(response))
+            page_token = response.next_page_token
+            if not page_token:
+                return out
     finally:
         caller.close()
