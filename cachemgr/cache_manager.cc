@@ -364,7 +364,7 @@ AttachResult CacheManager::AddClientLocked(Pool& pool, const std::optional<uid_t
   client->owner = owner;
   client->pool = &pool;
   client->lease_deadline = clock_->Now() + options_.lease_timeout;
-  client->input_buffer = std::move(input_buffer);
+  client->input_buffer = std::make_shared<const MemfdRegion>(std::move(input_buffer));
   client->input_charge = input_charge;
   ++pool.clients;
 
@@ -826,13 +826,38 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const Caller& caller,
                         absl::StrCat("GetSequence of sequence_id ", QuoteForMessage(sequence_id))));
   }
   SequenceSnapshot snapshot = SnapshotLocked(*seq);
-  if (include_kv_digest) {
-    const PoolMemory& memory = *seq->owner->pool->memory;
-    for (uint32_t l = 0; l < seq->layers.size(); ++l) {
-      const auto& t = seq->layers[l];
-      ASSIGN_OR_RETURN(snapshot.layers[l].kv_digest,
-                       memory.DigestLayer(l, t.blocks, t.parked ? 0 : t.num_tokens));
+  if (!include_kv_digest) return snapshot;
+
+  // The digests read every row: gigabytes for a long sequence of a deep model, so outside the
+  // lock, from the snapshot's tables (the pool's memory kept alive meanwhile). A call that
+  // changed the sequence meanwhile (or freed it) makes the digests moot: ABORTED, retry.
+  const std::shared_ptr<const PoolMemory> memory = seq->owner->pool->memory;
+  const uint64_t serial = seq->serial;
+  absl::Status read = absl::OkStatus();
+  {
+    MutexUnlock unlocked(&mu_);
+    for (uint32_t l = 0; l < snapshot.layers.size() && read.ok(); ++l) {
+      const LayerTableSnapshot& t = snapshot.layers[l];
+      absl::StatusOr<uint64_t> digest =
+          memory->DigestLayer(l, t.block_ids, t.parked ? 0 : t.num_tokens);
+      if (digest.ok()) {
+        snapshot.layers[l].kv_digest = *digest;
+      } else {
+        read = digest.status();
+      }
     }
+  }
+  RETURN_IF_ERROR(read);
+  const Sequence* current = FindSerialLocked(sequence_id, serial);
+  bool unchanged = current != nullptr && current->layers.size() == snapshot.layers.size();
+  for (uint32_t l = 0; unchanged && l < snapshot.layers.size(); ++l) {
+    unchanged = current->layers[l].blocks == snapshot.layers[l].block_ids &&
+                current->layers[l].num_tokens == snapshot.layers[l].num_tokens &&
+                current->layers[l].parked == snapshot.layers[l].parked;
+  }
+  if (!unchanged) {
+    return absl::AbortedError(absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                                           " changed while its KV was read for the digest; retry"));
   }
   return snapshot;
 }
@@ -964,7 +989,7 @@ absl::StatusOr<std::vector<UniqueFd>> CacheManager::ShareFds(const Caller& calle
     if (!dup.valid()) return absl::InternalError("dup of a pool descriptor failed");
     fds.push_back(std::move(dup));
   }
-  UniqueFd input(fcntl(client->input_buffer.fd(), F_DUPFD_CLOEXEC, 0));
+  UniqueFd input(fcntl(client->input_buffer->fd(), F_DUPFD_CLOEXEC, 0));
   if (!input.valid()) return absl::InternalError("dup of the input buffer descriptor failed");
   fds.push_back(std::move(input));
   return fds;

@@ -162,7 +162,10 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   uint64_t serial = 0;
   uint32_t n = 0;
   size_t per_layer_inputs = 0;
-  std::vector<float> inputs;  // a private copy: the client may write the buffer concurrently
+  // A private copy of the inputs (the client may write the buffer concurrently), taken outside
+  // the lock: up to --max_input_buffer_bytes.
+  std::vector<float> inputs;
+  std::shared_ptr<const MemfdRegion> input_buffer;
   // What the work outside the lock reads: the pool's memory (kept alive should the pool be
   // released meanwhile), every layer's row slots, and which layers share a block with a fork.
   std::shared_ptr<PoolMemory> memory;
@@ -199,7 +202,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     }
     n = seq->layers[0].num_tokens;
     const uint32_t hq = model.num_q_heads, dim = model.head_dim;
-    const uint64_t buffer_bytes = client->input_buffer.size();
+    const uint64_t buffer_bytes = client->input_buffer->size();
     if (params.input == CompressInput::kWindowQueries) {
       if (params.num_queries == 0) {
         return absl::InvalidArgumentError("num_queries must be >= 1 for WINDOW_QUERIES input");
@@ -228,8 +231,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
                                                        buffer_bytes));
       }
     }
-    const float* buffer = reinterpret_cast<const float*>(client->input_buffer.data());
-    inputs.assign(buffer, buffer + num_layers * per_layer_inputs);
+    if (per_layer_inputs > 0) input_buffer = client->input_buffer;
     slots.resize(num_layers);
     shared.assign(num_layers, false);
     for (uint32_t l = 0; l < num_layers; ++l) {
@@ -253,6 +255,11 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   // scores computed next to the pool (on the GPU for a CUDA pool, so the keys never leave it), and
   // host rows where they are read: by the codebook build, and by a layer that shares a block with a
   // fork (its kept rows go to fresh blocks). Then the policy, then the codebook layers' coded form.
+  if (input_buffer != nullptr) {
+    const float* buffer = reinterpret_cast<const float*>(input_buffer->data());
+    inputs.assign(buffer, buffer + size_t{shape.num_layers} * per_layer_inputs);
+    input_buffer.reset();
+  }
   const uint32_t threads = options_.compress_threads == 0
                                ? std::max(1u, std::thread::hardware_concurrency())
                                : options_.compress_threads;

@@ -46,8 +46,10 @@ struct CacheManager::Client {
   Pool* pool = nullptr;
   absl::Time lease_deadline;
   std::vector<std::string> sequences;  // ids, insertion order
-  MemfdRegion input_buffer;            // Compress inputs, written by the client
-  uint64_t input_charge = 0;           // its bytes charged to the budget (whole pages)
+  // Compress inputs, written by the client; shared so a Compress copying it outside the lock
+  // keeps it mapped should the client detach meanwhile.
+  std::shared_ptr<const MemfdRegion> input_buffer;
+  uint64_t input_charge = 0;  // its bytes charged to the budget (whole pages)
   // The client's CUDA write event (Compress / Park cuda_ipc_event_handle), opened once per
   // handle; shared so a call waiting on it outside the lock keeps it open.
   std::string write_event_handle;
