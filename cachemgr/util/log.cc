@@ -30,11 +30,50 @@ const char* LevelName(LogLevel level) {
   return "unknown";
 }
 
+// Length of the well-formed UTF-8 sequence at the start of `text` (RFC 3629: no overlong forms,
+// no surrogates, nothing above U+10FFFF), or 0 when it is not one.
+size_t Utf8SequenceLength(std::string_view text) {
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[i]); };
+  const unsigned char lead = byte(0);
+  size_t n = 0;
+  unsigned char lo = 0x80, hi = 0xbf;  // the allowed range of the second byte
+  if (lead >= 0xc2 && lead <= 0xdf) {
+    n = 2;
+  } else if (lead >= 0xe0 && lead <= 0xef) {
+    n = 3;
+    if (lead == 0xe0) lo = 0xa0;
+    if (lead == 0xed) hi = 0x9f;
+  } else if (lead >= 0xf0 && lead <= 0xf4) {
+    n = 4;
+    if (lead == 0xf0) lo = 0x90;
+    if (lead == 0xf4) hi = 0x8f;
+  } else {
+    return 0;
+  }
+  if (text.size() < n || byte(1) < lo || byte(1) > hi) return 0;
+  for (size_t i = 2; i < n; ++i) {
+    if (byte(i) < 0x80 || byte(i) > 0xbf) return 0;
+  }
+  return n;
+}
+
 void AppendJsonString(std::string* out, std::string_view text) {
   static constexpr char kHex[] = "0123456789abcdef";
   out->push_back('"');
-  for (char c : text) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
     const auto u = static_cast<unsigned char>(c);
+    if (u >= 0x80) {
+      // UTF-8 stays readable; a byte that is not part of well-formed UTF-8 (a client-supplied
+      // string, a peer's garbage) becomes U+FFFD, so every line stays valid JSON.
+      if (const size_t n = Utf8SequenceLength(text.substr(i)); n > 0) {
+        out->append(text.substr(i, n));
+        i += n - 1;
+      } else {
+        out->append("\\ufffd");
+      }
+      continue;
+    }
     switch (c) {
       case '"':
         out->append("\\\"");
@@ -52,8 +91,7 @@ void AppendJsonString(std::string* out, std::string_view text) {
         out->append("\\t");
         break;
       default:
-        // Other control characters (and DEL, which terminals misrender) as \u00XX. Bytes
-        // >= 0x80 pass through so UTF-8 text stays readable.
+        // Other control characters (and DEL, which terminals misrender) as \u00XX.
         if (u < 0x20 || u == 0x7f) {
           out->append("\\u00");
           out->push_back(kHex[u >> 4]);

@@ -62,6 +62,26 @@ TEST_CASE("strings are JSON-escaped, numbers are not quoted", "[cpu]") {
   for (char c : line) CHECK(static_cast<unsigned char>(c) >= 0x20);
 }
 
+TEST_CASE("bytes that are not well-formed UTF-8 become U+FFFD, so the line stays JSON", "[cpu]") {
+  struct Case {
+    std::string in, out;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"a\xff"
+            "b",
+            "a\\ufffdb"},                                                     // never a UTF-8 byte
+           {"\xc3", "\\ufffd"},                                               // truncated sequence
+           {"\xc0\xaf", "\\ufffd\\ufffd"},                                    // overlong '/'
+           {"\xed\xa0\x80", "\\ufffd\\ufffd\\ufffd"},                         // a surrogate
+           {"\xf4\x90\x80\x80", "\\ufffd\\ufffd\\ufffd\\ufffd"},              // above U+10FFFF
+           {"\xe2\x82\xac\xf0\x9f\x98\x80", "\xe2\x82\xac\xf0\x9f\x98\x80"},  // euro, emoji
+       }) {
+    CAPTURE(c.in);
+    const std::string line = FormatLogLine(LogLevel::kInfo, c.in, {{"k", c.in}});
+    CHECK(AfterPrefix(line) == "\"" + c.out + "\",\"k\":\"" + c.out + "\"}");
+  }
+}
+
 TEST_CASE("non-finite numbers become strings so the line stays JSON", "[cpu]") {
   const std::string line = FormatLogLine(LogLevel::kError, "m",
                                          {{"nan", std::numeric_limits<double>::quiet_NaN()},
