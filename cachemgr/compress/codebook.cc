@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <new>
 #include <string>
@@ -13,16 +12,10 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "cachemgr/compress/codebook_graph.h"
+#include "cachemgr/compress/vector_kernels.h"
 
 namespace cachemgr::compress {
 namespace {
-
-// Similarity tiles hold about this many bytes of unit vectors each (two tiles live in L2).
-constexpr size_t kTileBytes = 32 * 1024;
-
-// Two unit vectors that are element-wise identical always have a computed cosine above this
-// (the float rounding of a d-term dot product of unit vectors is far below 1e-3).
-constexpr float kIdenticalCandidate = 0.999f;
 
 [[noreturn]] void Die(const std::string& message) {
   std::fprintf(stderr, "cachemgr::compress codebook: %s\n", message.c_str());
@@ -30,79 +23,6 @@ constexpr float kIdenticalCandidate = 0.999f;
 }
 
 bool ValidTheta(float theta) { return theta > 0.0f && theta <= 1.0f; }  // false for NaN
-
-// Every cosine is this dot product of float unit vectors with a float accumulator: eight
-// partial sums (lane l takes the elements k with k % 8 == l, the last dim % 8 elements going to
-// lanes 0, 1, ...), combined pairwise at the end. The order is fixed, so a pair's value never
-// depends on the tiling, on which kernel computed it or on the instruction set, and
-// dot(a, b) == dot(b, a) bit for bit. The lanes are one 8-float vector (GCC/Clang vector
-// extensions): one AVX register in the x86-64-v3 clones of the hot loops, two SSE (or NEON)
-// registers otherwise -- the same eight sums either way, since GCC in ISO mode (-std=c++20)
-// does not contract them into FMAs. Float (not double) error is about 1e-7 * sqrt(d), far
-// below any useful theta step.
-typedef float Float8 __attribute__((vector_size(32)));
-
-inline Float8 Load8(const float* p) {
-  Float8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float Reduce(Float8 lanes, const float* tail, uint32_t tail_len) {
-  float s[8];
-  std::memcpy(s, &lanes, sizeof(lanes));
-  for (uint32_t l = 0; l < tail_len; ++l) s[l] += tail[l];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-inline float Dot(const float* a, const float* b, uint32_t dim) {
-  Float8 acc = {};
-  uint32_t k = 0;
-  for (; k + 8 <= dim; k += 8) acc += Load8(a + k) * Load8(b + k);
-  float tail[8];
-  const uint32_t tail_len = dim - k;
-  for (uint32_t l = 0; l < tail_len; ++l) tail[l] = a[k + l] * b[k + l];
-  return Reduce(acc, tail, tail_len);
-}
-
-// Dot() of `a` with four vectors at once (the loads of `a` shared); same arithmetic per pair.
-inline void Dot4(const float* a, const float* b, uint32_t dim, float out[4]) {
-  const float* b0 = b;
-  const float* b1 = b + dim;
-  const float* b2 = b + 2 * dim;
-  const float* b3 = b + 3 * dim;
-  Float8 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-  uint32_t k = 0;
-  for (; k + 8 <= dim; k += 8) {
-    const Float8 x = Load8(a + k);
-    acc0 += x * Load8(b0 + k);
-    acc1 += x * Load8(b1 + k);
-    acc2 += x * Load8(b2 + k);
-    acc3 += x * Load8(b3 + k);
-  }
-  const uint32_t tail_len = dim - k;
-  float tail[4][8];
-  for (uint32_t l = 0; l < tail_len; ++l) {
-    tail[0][l] = a[k + l] * b0[k + l];
-    tail[1][l] = a[k + l] * b1[k + l];
-    tail[2][l] = a[k + l] * b2[k + l];
-    tail[3][l] = a[k + l] * b3[k + l];
-  }
-  out[0] = Reduce(acc0, tail[0], tail_len);
-  out[1] = Reduce(acc1, tail[1], tail_len);
-  out[2] = Reduce(acc2, tail[2], tail_len);
-  out[3] = Reduce(acc3, tail[3], tail_len);
-}
-
-#define CACHEMGR_CODEBOOK_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
-
-// The edge test of eq. 9, cos > theta. Vectors whose unit vectors are identical are always
-// similar, so that theta = 1 (where cos > 1 can only be a rounding artefact, hence ignored)
-// merges exactly the duplicates. Zero vectors (unit vector 0, dot 0) are similar to nothing.
-inline bool Similar(float dot, float theta, const float* a, const float* b, uint32_t dim) {
-  if (theta < 1.0f && dot > theta) return true;
-  return dot > kIdenticalCandidate && std::equal(a, a + dim, b);
-}
 
 // Eq. 8: magnitude in double (then rounded once to float), unit vector x / m rounded to float.
 // Returns false for a non-finite element.
@@ -218,12 +138,6 @@ class GreedyCover {
   std::vector<uint8_t> touched_flag_;
 };
 
-inline Float8 Splat(float x) {
-  Float8 v;
-  for (int l = 0; l < 8; ++l) v[l] = x;
-  return v;
-}
-
 // Algorithm 1 on one similarity graph over all of `vectors` (validated by the caller).
 absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t dim, float theta,
                                     const SimilarityGraphBuilder* graph) {
@@ -281,23 +195,13 @@ absl::Status ValidateBuild(absl::Span<const float> vectors, uint32_t dim, float 
 
 }  // namespace
 
-// Eq. 9 in one blocked pass over the upper triangle, never materialising S: sets the symmetric
-// adjacency bitset ([n, words] 64-bit words) of unit vectors [n, dim], self-loops included.
-//
-// The vectors are also laid out in blocks of eight, transposed ([n / 8][dim][8]), so that eight
-// pairs (a, b_0..b_7) are computed together with one 8-wide vector per lane of Dot(): lane l of
-// Dot() sums the products of dims k = l, l + 8, ... in increasing k, and here accumulator R[l]
-// holds exactly those partial sums for the eight pairs side by side, added in the same order
-// and combined in the same tree. The dot products are therefore bit-identical to Dot()'s, with
-// no per-pair horizontal reduction.
-CACHEMGR_CODEBOOK_HOT void SimilarityAdjacency(const float* unit, const uint8_t* nonzero, size_t n,
-                                               uint32_t dim, float theta, uint64_t* adjacency) {
+// Eq. 9: self-loops here, the pairs by the selected kernel build, on the vectors also laid out
+// in blocks of eight, transposed ([n / 8][dim][8], zero-padded), so that the kernel computes
+// eight pairs at once without a horizontal reduction per pair.
+void SimilarityAdjacency(const float* unit, const uint8_t* nonzero, size_t n, uint32_t dim,
+                         float theta, uint64_t* adjacency) {
   const size_t words = (n + 63) / 64;
-  auto set_edge = [&](size_t i, size_t j) {
-    adjacency[i * words + j / 64] |= uint64_t{1} << (j % 64);
-    adjacency[j * words + i / 64] |= uint64_t{1} << (i % 64);
-  };
-  for (size_t i = 0; i < n; ++i) set_edge(i, i);  // self-loops, zero vectors included
+  for (size_t i = 0; i < n; ++i) adjacency[i * words + i / 64] |= uint64_t{1} << (i % 64);
   const size_t blocks = (n + 7) / 8;
   std::vector<float> transposed(blocks * 8 * dim, 0.0f);  // [block][k][8]
   for (size_t i = 0; i < n; ++i) {
@@ -305,39 +209,8 @@ CACHEMGR_CODEBOOK_HOT void SimilarityAdjacency(const float* unit, const uint8_t*
       transposed[(i / 8) * 8 * dim + size_t{k} * 8 + i % 8] = unit[i * dim + k];
     }
   }
-  // Pairs below this cosine cannot be similar (see Similar()).
-  const float candidate = std::min(theta, kIdenticalCandidate);
-  // Tiles of whole 8-blocks; two tiles of vectors stay in L2.
-  const size_t tile = std::clamp<size_t>(kTileBytes / (sizeof(float) * dim), 8, 512) / 8 * 8;
-  for (size_t i0 = 0; i0 < n; i0 += tile) {
-    const size_t i1 = std::min(n, i0 + tile);
-    for (size_t j0 = i0 / 8 * 8; j0 < n; j0 += tile) {
-      const size_t j1 = std::min(n, j0 + tile);
-      for (size_t i = i0; i < i1; ++i) {
-        if (!nonzero[i]) continue;
-        const float* a = &unit[i * dim];
-        const size_t first = std::max(j0, i + 1);
-        if (first >= j1) continue;
-        for (size_t jb = first / 8; jb * 8 < j1; ++jb) {
-          const float* bt = &transposed[jb * 8 * dim];
-          Float8 r[8] = {};
-          uint32_t k = 0;
-          for (; k + 8 <= dim; k += 8) {
-            for (uint32_t l = 0; l < 8; ++l) {
-              r[l] += Splat(a[k + l]) * Load8(bt + size_t{k + l} * 8);
-            }
-          }
-          for (uint32_t l = 0; k < dim; ++k, ++l) r[l] += Splat(a[k]) * Load8(bt + size_t{k} * 8);
-          const Float8 dot = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-          for (uint32_t p = 0; p < 8; ++p) {
-            const size_t j = jb * 8 + p;
-            if (j < first || j >= j1 || !(dot[p] > candidate)) continue;
-            if (Similar(dot[p], theta, a, &unit[j * dim], dim)) set_edge(i, j);
-          }
-        }
-      }
-    }
-  }
+  SelectedVectorKernels().similarity_pairs(unit, transposed.data(), nonzero, n, dim, theta,
+                                           adjacency);
 }
 
 std::vector<uint32_t> GreedyCoverRounds(size_t n, const uint64_t* adjacency,
@@ -350,26 +223,9 @@ bool NormalizeVector(const float* x, uint32_t dim, float* unit, float* magnitude
   return Normalize(x, dim, unit, magnitude);
 }
 
-CACHEMGR_CODEBOOK_HOT int64_t MatchEntry(absl::Span<const float> entries, uint32_t dim,
-                                         const float* unit, float theta) {
+int64_t MatchEntry(absl::Span<const float> entries, uint32_t dim, const float* unit, float theta) {
   const size_t count = dim == 0 ? 0 : entries.size() / dim;
-  int64_t best = -1;
-  float best_dot = 0.0f;
-  size_t e = 0;
-  float dots[4];
-  auto consider = [&](size_t index, float dot) {
-    // Strictly greater: ties keep the lowest entry index.
-    if (Similar(dot, theta, unit, &entries[index * dim], dim) && (best < 0 || dot > best_dot)) {
-      best = static_cast<int64_t>(index);
-      best_dot = dot;
-    }
-  };
-  for (; e + 4 <= count; e += 4) {
-    Dot4(unit, &entries[e * dim], dim, dots);
-    for (size_t q = 0; q < 4; ++q) consider(e + q, dots[q]);
-  }
-  for (; e < count; ++e) consider(e, Dot(unit, &entries[e * dim], dim));
-  return best;
+  return SelectedVectorKernels().match_entry(entries.data(), count, dim, unit, theta);
 }
 
 absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta,

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "cachemgr/compress/vector_kernels.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -19,63 +20,8 @@ namespace {
 constexpr uint32_t kTileRows = 16;
 
 // Keys scored together: a block of kKeyBlock keys is transposed to [head_dim][kKeyBlock] so
-// that the inner loops run across keys (vector lanes) with no horizontal reductions.
-constexpr uint32_t kKeyBlock = 8;
-
-// On x86-64 with GCC, BlockLogits is also compiled for x86-64-v3 (AVX2 + FMA), picked at load
-// time when the CPU has it; the baseline build only assumes SSE2.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CACHEMGR_COMPRESS_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define CACHEMGR_COMPRESS_TARGET_CLONES
-#endif
-
-// logits[r * stride + j] = query_tile[r] . key j of the block, for r < rows, j < kKeyBlock.
-// Four query rows share each load of the key block.
-CACHEMGR_COMPRESS_TARGET_CLONES void BlockLogits(const float* query_tile, uint32_t rows,
-                                                 uint32_t head_dim, const float* key_block,
-                                                 float* logits, size_t stride) {
-  uint32_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    float acc0[kKeyBlock] = {};
-    float acc1[kKeyBlock] = {};
-    float acc2[kKeyBlock] = {};
-    float acc3[kKeyBlock] = {};
-    const float* q0 = query_tile + static_cast<size_t>(r) * head_dim;
-    const float* q1 = q0 + head_dim;
-    const float* q2 = q1 + head_dim;
-    const float* q3 = q2 + head_dim;
-    for (uint32_t i = 0; i < head_dim; ++i) {
-      const float* k = key_block + static_cast<size_t>(i) * kKeyBlock;
-      const float a0 = q0[i];
-      const float a1 = q1[i];
-      const float a2 = q2[i];
-      const float a3 = q3[i];
-      for (uint32_t j = 0; j < kKeyBlock; ++j) {
-        acc0[j] += a0 * k[j];
-        acc1[j] += a1 * k[j];
-        acc2[j] += a2 * k[j];
-        acc3[j] += a3 * k[j];
-      }
-    }
-    float* out = logits + r * stride;
-    for (uint32_t j = 0; j < kKeyBlock; ++j) {
-      out[j] = acc0[j];
-      out[stride + j] = acc1[j];
-      out[2 * stride + j] = acc2[j];
-      out[3 * stride + j] = acc3[j];
-    }
-  }
-  for (; r < rows; ++r) {
-    float acc[kKeyBlock] = {};
-    const float* q = query_tile + static_cast<size_t>(r) * head_dim;
-    for (uint32_t i = 0; i < head_dim; ++i) {
-      const float* k = key_block + static_cast<size_t>(i) * kKeyBlock;
-      for (uint32_t j = 0; j < kKeyBlock; ++j) acc[j] += q[i] * k[j];
-    }
-    for (uint32_t j = 0; j < kKeyBlock; ++j) logits[r * stride + j] = acc[j];
-  }
-}
+// that the kernel's inner loops run across keys (vector lanes) with no horizontal reductions.
+constexpr uint32_t kKeyBlock = kLogitsKeyBlock;
 
 // exp(x) for x <= 0 (softmax after subtracting the row maximum), relative error ~1e-7: Cody-Waite
 // reduction x = n ln2 + r and the Cephes expf polynomial. Branch-free so loops vectorize.
@@ -210,6 +156,7 @@ void AttentionColumnSums(const ModelShape& shape, uint32_t num_tokens, const flo
   std::vector<float> packed_keys(logits_stride * head_dim);
   uint32_t row_head[kTileRows];
   uint32_t row_last_key[kTileRows];
+  const VectorKernels& kernels = SelectedVectorKernels();
 
   for (uint32_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
     // This KV head's keys, packed once as [block][head_dim][kKeyBlock] (zero-padded) so every
@@ -242,9 +189,9 @@ void AttentionColumnSums(const ModelShape& shape, uint32_t num_tokens, const flo
       }
       // Logits for keys [0, last_key]; the buffer rows are padded to a whole key block.
       for (uint32_t t0 = 0; t0 <= last_key; t0 += kKeyBlock) {
-        BlockLogits(query_tile.data(), rows, head_dim,
-                    packed_keys.data() + static_cast<size_t>(t0) * head_dim, logits.data() + t0,
-                    logits_stride);
+        kernels.block_logits(query_tile.data(), rows, head_dim,
+                             packed_keys.data() + static_cast<size_t>(t0) * head_dim,
+                             logits.data() + t0, logits_stride);
       }
       for (uint32_t r = 0; r < rows; ++r) {
         AddSoftmax(logits.data() + r * logits_stride, row_last_key[r] + 1,

@@ -1,6 +1,7 @@
 // The dense math of a Llama forward pass on float32 host arrays. Matrices are row-major; a
-// weight W is [out, in] and MatMul computes y = x W^T for a batch of rows. Hot loops are
-// compiled twice (x86-64-v3 with AVX2/FMA, and baseline) and picked at run time.
+// weight W is [out, in] and MatMul computes y = x W^T for a batch of rows. The dot-product
+// loops are built for the baseline target and for AVX2 + FMA, picked at run time
+// (matmul_kernels.h).
 #pragma once
 
 #include <cstddef>
@@ -13,8 +14,8 @@ namespace cachemgr::engine {
 
 // y[t][o] = sum_i x[t][i] * w[o][i] for t < rows, o < out; x [rows, in], w [out, in],
 // y [rows, out]. The output rows are split across the pool's threads.
-void MatMul(ThreadPool& pool, const float* x, size_t rows, size_t in, const float* w,
-            size_t out, float* y);
+void MatMul(ThreadPool& pool, const float* x, size_t rows, size_t in, const float* w, size_t out,
+            float* y);
 
 float Dot(const float* a, const float* b, size_t n);
 // y += a * x
