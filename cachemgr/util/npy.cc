@@ -262,6 +262,18 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
     return FileError(path, absl::StrCat("unsupported .npy format version ", major, ".", minor,
                                         " (1.0, 2.0 and 3.0 are supported)"));
   }
+  // The file size bounds everything allocated below: a corrupt length field must not make us
+  // allocate gigabytes.
+  if (std::fseek(file.get(), 0, SEEK_END) != 0) return FileError(path, "cannot seek");
+  const long file_size = std::ftell(file.get());
+  if (file_size < 0) return FileError(path, "cannot tell the file size");
+  if (static_cast<uint64_t>(file_size) - preamble_len < header_len) {
+    return FileError(
+        path, absl::StrCat("truncated: header of ", header_len, " bytes, file ends inside it"));
+  }
+  if (std::fseek(file.get(), static_cast<long>(preamble_len), SEEK_SET) != 0) {
+    return FileError(path, "cannot seek");
+  }
   std::string header(header_len, '\0');
   if (header_len > 0 && std::fread(header.data(), 1, header_len, file.get()) != header_len) {
     return FileError(
@@ -288,9 +300,6 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
 
   // Compare with the file size first so a corrupt shape cannot make us allocate terabytes.
   const uint64_t data_offset = preamble_len + header_len;
-  if (std::fseek(file.get(), 0, SEEK_END) != 0) return FileError(path, "cannot seek");
-  const long file_size = std::ftell(file.get());
-  if (file_size < 0) return FileError(path, "cannot tell the file size");
   const uint64_t available =
       static_cast<uint64_t>(file_size) > data_offset ? file_size - data_offset : 0;
   if (available < data_bytes) {

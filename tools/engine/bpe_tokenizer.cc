@@ -36,7 +36,8 @@ std::vector<CodePoint> DecodeUtf8(absl::string_view text) {
     const auto lead = static_cast<unsigned char>(text[i]);
     const size_t len = Utf8Length(lead, text.size() - i);
     uint32_t v = len == 1 ? lead : lead & (0x7F >> len);
-    for (size_t k = 1; k < len; ++k) v = (v << 6) | (static_cast<unsigned char>(text[i + k]) & 0x3F);
+    for (size_t k = 1; k < len; ++k)
+      v = (v << 6) | (static_cast<unsigned char>(text[i + k]) & 0x3F);
     out.push_back({v, i, i + len});
     i += len;
   }
@@ -55,8 +56,8 @@ CharClass Classify(uint32_t c) {
     return CharClass::kSpace;
   }
   if (c == 0xB2 || c == 0xB3 || c == 0xB9 || (c >= 0xBC && c <= 0xBE)) return CharClass::kNumber;
-  if ((c >= 0xA1 && c <= 0xBF && c != 0xAA && c != 0xB5 && c != 0xBA) || c == 0xD7 ||
-      c == 0xF7 || (c >= 0x2010 && c <= 0x2BFF) || (c >= 0x3001 && c <= 0x303F) ||
+  if ((c >= 0xA1 && c <= 0xBF && c != 0xAA && c != 0xB5 && c != 0xBA) || c == 0xD7 || c == 0xF7 ||
+      (c >= 0x2010 && c <= 0x2BFF) || (c >= 0x3001 && c <= 0x303F) ||
       (c >= 0xFE30 && c <= 0xFE4F) || (c >= 0xFF01 && c <= 0xFF0F) ||
       (c >= 0x1F000 && c <= 0x1FAFF)) {
     return CharClass::kOther;
@@ -76,8 +77,8 @@ void SplitGpt2(absl::string_view text, std::vector<absl::string_view>* words) {
   while (i < n) {
     // 's 't 're 've 'm 'll 'd
     if (cps[i].value == '\'' && i + 1 < n) {
-      static constexpr std::array<absl::string_view, 7> kSuffixes = {"s", "t", "re", "ve", "m",
-                                                                    "ll", "d"};
+      static constexpr std::array<absl::string_view, 7> kSuffixes = {"s", "t",  "re", "ve",
+                                                                     "m", "ll", "d"};
       size_t matched = 0;
       for (absl::string_view suf : kSuffixes) {
         if (i + 1 + suf.size() > n) continue;
@@ -263,7 +264,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Gpt2BpeFromGguf(const GgufFile& file)
                    file.GetStrings("tokenizer.ggml.tokens"));
   ASSIGN_OR_RETURN(const std::vector<std::string>* merges,
                    file.GetStrings("tokenizer.ggml.merges"));
-  ASSIGN_OR_RETURN(GgufVocabInfo info, ReadVocabInfo(file, /*default_add_bos=*/false));
+  ASSIGN_OR_RETURN(GgufVocabInfo info,
+                   ReadVocabInfo(file, tokens->size(), /*default_add_bos=*/false));
   std::string pre = "gpt2";
   if (auto p = file.GetString("tokenizer.ggml.pre"); p.ok()) pre = *p;
   // llama.cpp's pre-tokenizers that cut out every digit before the GPT-2 pattern.

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/util/status_macros.h"
@@ -17,9 +18,9 @@ absl::Status CheckConfig(const LlamaConfig& c, const std::string& path) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": a model dimension is 0"));
   }
   if (c.dim % c.num_heads != 0 || c.num_heads % c.num_kv_heads != 0 || c.head_dim() % 2 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": dim ", c.dim, ", ", c.num_heads, " heads and ", c.num_kv_heads,
-        " KV heads do not make even heads of whole GQA groups"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": dim ", c.dim, ", ", c.num_heads, " heads and ", c.num_kv_heads,
+                     " KV heads do not make even heads of whole GQA groups"));
   }
   return absl::OkStatus();
 }
@@ -33,8 +34,11 @@ absl::StatusOr<Checkpoint> LoadLlama2c(const std::string& path) {
   if (!in.read(reinterpret_cast<char*>(header), sizeof(header))) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": shorter than the llama2.c header"));
   }
-  for (int32_t v : header) {
-    if (v == 0 || v > (1 << 24) || v < -(1 << 24)) {
+  for (int i = 0; i < 7; ++i) {
+    // Counts up to 2^24; only vocab_size (field 5) may be negative, which means the classifier
+    // is stored separately.
+    const int32_t v = header[i];
+    if (v == 0 || v > (1 << 24) || v < -(1 << 24) || (v < 0 && i != 5)) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": not a llama2.c checkpoint header"));
     }
   }
@@ -52,14 +56,34 @@ absl::StatusOr<Checkpoint> LoadLlama2c(const std::string& path) {
   RETURN_IF_ERROR(CheckConfig(c, path));
   const uint64_t d = c.dim, hd = c.head_dim(), kv = uint64_t{c.num_kv_heads} * hd,
                  q = uint64_t{c.num_heads} * hd, h = c.hidden_dim, L = c.num_layers;
-  const uint64_t floats = uint64_t{c.vocab_size} * d + L * d + L * d * q + 2 * L * d * kv +
-                          L * q * d + L * d + 2 * L * h * d + L * d * h + d +
-                          uint64_t{c.max_seq_len} * hd + (shared_classifier ? 0 : c.vocab_size * d);
+  // The file's size in bytes, as the header describes it; the products can exceed 64 bits (a
+  // header of valid-looking counts), and a wrapped sum must not pass for the file's size.
+  uint64_t described = sizeof(header);
+  bool overflow = false;
+  auto add_floats = [&](std::initializer_list<uint64_t> factors) {
+    uint64_t n = 4;
+    for (uint64_t f : factors) overflow |= __builtin_mul_overflow(n, f, &n);
+    overflow |= __builtin_add_overflow(described, n, &described);
+  };
+  add_floats({c.vocab_size, d});    // token_embedding
+  add_floats({L, d});               // attn_norm
+  add_floats({L, d, q});            // wq
+  add_floats({2, L, d, kv});        // wk, wv
+  add_floats({L, q, d});            // wo
+  add_floats({L, d});               // ffn_norm
+  add_floats({3, L, h, d});         // w1, w2, w3
+  add_floats({d});                  // final_norm
+  add_floats({c.max_seq_len, hd});  // freq_cis (unused)
+  if (!shared_classifier) add_floats({c.vocab_size, d});
   in.seekg(0, std::ios::end);
   const uint64_t bytes = static_cast<uint64_t>(in.tellg());
-  if (bytes != sizeof(header) + floats * 4) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", bytes, " bytes, but its header ",
-                                                   "describes ", sizeof(header) + floats * 4));
+  if (overflow) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": its header describes more than 2^64 bytes of weights"));
+  }
+  if (bytes != described) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": ", bytes, " bytes, but its header ", "describes ", described));
   }
   in.seekg(sizeof(header));
   auto read = [&](std::vector<float>& out, uint64_t n) {
@@ -100,6 +124,10 @@ absl::StatusOr<Checkpoint> LoadGguf(const std::string& path) {
   LlamaConfig& c = ck.config;
   auto get = [&](const char* key, uint32_t* out) -> absl::Status {
     ASSIGN_OR_RETURN(double v, file->GetNumber(key));
+    // Checked as a double: converting one outside uint32 would be undefined.
+    if (!(v >= 0 && v <= UINT32_MAX) || v != static_cast<double>(static_cast<uint32_t>(v))) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", key, " is ", v, ", not a count"));
+    }
     *out = static_cast<uint32_t>(v);
     return absl::OkStatus();
   };
@@ -123,12 +151,23 @@ absl::StatusOr<Checkpoint> LoadGguf(const std::string& path) {
   if (embd == nullptr || embd->dims.size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": no 2-D token_embd.weight"));
   }
+  if (embd->dims[1] > UINT32_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": token_embd.weight has ", embd->dims[1], " rows"));
+  }
   c.vocab_size = static_cast<uint32_t>(embd->dims[1]);
   RETURN_IF_ERROR(CheckConfig(c, path));
   if (absl::StatusOr<double> n = file->GetNumber("llama.rope.dimension_count");
-      n.ok() && static_cast<uint32_t>(*n) != c.head_dim()) {
-    return absl::UnimplementedError(absl::StrCat(path, ": partial RoPE (", *n, " of ",
-                                                 c.head_dim(), " dims) is not supported"));
+      n.ok() && *n != c.head_dim()) {
+    return absl::UnimplementedError(absl::StrCat(path, ": partial RoPE (", *n, " of ", c.head_dim(),
+                                                 " dims) is not supported"));
+  }
+  // Every layer has 9 tensors: a block count the file cannot back is refused before the layers
+  // are allocated.
+  if (c.num_layers > file->tensors().size() / 9) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": llama.block_count ", c.num_layers,
+                                                   " but only ", file->tensors().size(),
+                                                   " tensors"));
   }
   const uint64_t d = c.dim, hd = c.head_dim(), kv = uint64_t{c.num_kv_heads} * hd,
                  q = uint64_t{c.num_heads} * hd, h = c.hidden_dim;

@@ -16,8 +16,19 @@ namespace cachemgr::engine {
 namespace {
 
 enum ValueType : uint32_t {
-  kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7,
-  kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
+  kU8 = 0,
+  kI8 = 1,
+  kU16 = 2,
+  kI16 = 3,
+  kU32 = 4,
+  kI32 = 5,
+  kF32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kU64 = 10,
+  kI64 = 11,
+  kF64 = 12,
 };
 
 // Bounds-checked little-endian reader over the mapping.
@@ -59,12 +70,12 @@ class Reader {
 
 absl::Status ReadNumber(Reader& r, uint32_t type, double* out) {
   switch (type) {
-#define CACHEMGR_GGUF_NUMBER(id, T)   \
-  case id: {                          \
-    T v{};                            \
-    RETURN_IF_ERROR(r.Read(&v));      \
-    *out = static_cast<double>(v);    \
-    return absl::OkStatus();          \
+#define CACHEMGR_GGUF_NUMBER(id, T) \
+  case id: {                        \
+    T v{};                          \
+    RETURN_IF_ERROR(r.Read(&v));    \
+    *out = static_cast<double>(v);  \
+    return absl::OkStatus();        \
   }
     CACHEMGR_GGUF_NUMBER(kU8, uint8_t)
     CACHEMGR_GGUF_NUMBER(kI8, int8_t)
@@ -131,7 +142,7 @@ absl::Status ReadValue(Reader& r, uint32_t type, GgufValue* v) {
 
 uint64_t GgufFile::Tensor::elements() const {
   uint64_t n = 1;
-  for (uint64_t d : dims) n *= d;
+  for (uint64_t d : dims) n *= d;  // Open refused tensors whose count overflows
   return n;
 }
 
@@ -178,8 +189,8 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
     RETURN_IF_ERROR(r.Read(&type));
     GgufValue value;
     if (absl::Status s = ReadValue(r, type, &value); !s.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": metadata \"", key, "\": ",
-                                                     s.message()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": metadata \"", key, "\": ", s.message()));
     }
     file->metadata_[key] = std::move(value);
   }
@@ -199,15 +210,26 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
           absl::StrCat(path, ": tensor \"", info.name, "\" has ", n_dims, " dimensions"));
     }
     info.dims.resize(n_dims);
-    for (uint64_t& d : info.dims) RETURN_IF_ERROR(r.Read(&d));
+    uint64_t elements = 1;
+    for (uint64_t& d : info.dims) {
+      RETURN_IF_ERROR(r.Read(&d));
+      if (__builtin_mul_overflow(elements, d, &elements)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor \"", info.name, "\" has more than 2^64 elements"));
+      }
+    }
     RETURN_IF_ERROR(r.Read(&info.type));
     RETURN_IF_ERROR(r.Read(&info.offset));
   }
   uint64_t alignment = 32;
   if (const GgufValue* a = file->Find("general.alignment"); a != nullptr) {
-    alignment = static_cast<uint64_t>(a->number);
-    if (alignment == 0 || (alignment & (alignment - 1)) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": bad general.alignment ", alignment));
+    // A power of two up to 2^30 (ggml writes 32); checked as a double before any conversion.
+    const double value = a->number;
+    alignment = a->kind == GgufValue::Kind::kNumber && value >= 1 && value <= (1u << 30)
+                    ? static_cast<uint64_t>(value)
+                    : 0;
+    if (alignment == 0 || alignment != value || (alignment & (alignment - 1)) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": bad general.alignment ", value));
     }
   }
   const uint64_t data_start = (r.offset() + alignment - 1) / alignment * alignment;
@@ -219,7 +241,8 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
     uint64_t bytes = 0;
     // Unsupported types are listed (bytes 0) and refused when read.
     if (GgmlRowBytes(t.type, t.elements(), &bytes).ok()) {
-      if (data_start + info.offset > file->map_bytes_ ||
+      // Written so that no sum can wrap: offsets come from the file.
+      if (data_start > file->map_bytes_ || info.offset > file->map_bytes_ - data_start ||
           bytes > file->map_bytes_ - data_start - info.offset) {
         return absl::InvalidArgumentError(
             absl::StrCat(path, ": tensor \"", t.name, "\" runs past the end of the file"));

@@ -68,12 +68,16 @@ absl::Status GgmlRowBytes(uint32_t type, uint64_t elements, uint64_t* bytes) {
     return absl::InvalidArgumentError(absl::StrCat(elements, " elements of ", GgmlTypeName(type),
                                                    " are not whole blocks of ", block_elems));
   }
-  *bytes = elements / block_elems * block_bytes;
+  if (__builtin_mul_overflow(elements / block_elems, block_bytes, bytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(elements, " elements of ", GgmlTypeName(type), " are more than 2^64 bytes"));
+  }
   return absl::OkStatus();
 }
 
 void Dequantize(uint32_t type, const std::byte* data, absl::Span<float> out) {
   const size_t n = out.size();
+  if (n == 0) return;  // a tensor with a zero dimension: nothing to read (`data` may be null)
   switch (static_cast<GgmlType>(type)) {
     case GgmlType::kF32:
       std::memcpy(out.data(), data, n * 4);

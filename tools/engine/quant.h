@@ -30,7 +30,7 @@ enum class GgmlType : uint32_t {
 const char* GgmlTypeName(uint32_t type);
 
 // Bytes that `elements` elements of `type` occupy; UNIMPLEMENTED for an unsupported type,
-// INVALID_ARGUMENT when `elements` is not a whole number of blocks.
+// INVALID_ARGUMENT when `elements` is not a whole number of blocks or the bytes exceed 2^64.
 absl::Status GgmlRowBytes(uint32_t type, uint64_t elements, uint64_t* bytes);
 
 // Dequantizes out.size() elements of `type` from `data` (GgmlRowBytes(type, out.size()) bytes).

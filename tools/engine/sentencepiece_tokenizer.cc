@@ -18,8 +18,8 @@ namespace {
 
 class SentencePieceTokenizer final : public Tokenizer {
  public:
-  SentencePieceTokenizer(std::vector<std::string> pieces, std::vector<float> scores,
-                         uint32_t bos, uint32_t eos, bool add_bos, bool add_space_prefix,
+  SentencePieceTokenizer(std::vector<std::string> pieces, std::vector<float> scores, uint32_t bos,
+                         uint32_t eos, bool add_bos, bool add_space_prefix,
                          std::vector<uint32_t> special)
       : pieces_(std::move(pieces)),
         scores_(std::move(scores)),
@@ -126,20 +126,32 @@ class SentencePieceTokenizer final : public Tokenizer {
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadLlama2cTokenizer(const std::string& path,
                                                                 uint32_t vocab_size) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  if (vocab_size < 3) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": a vocabulary of ", vocab_size, " tokens lacks BOS (1) and EOS (2)"));
+  }
+  // Lengths in the file are checked against what it holds before anything is allocated.
+  const std::streamoff file_bytes = in.tellg();
+  in.seekg(0);
   int32_t max_len = 0;
   in.read(reinterpret_cast<char*>(&max_len), 4);
+  // Every token takes at least 8 bytes (score and length).
+  if (file_bytes < 4 || static_cast<uint64_t>(file_bytes - 4) / 8 < vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": ", file_bytes, " bytes cannot hold ", vocab_size, " tokens"));
+  }
   std::vector<std::string> pieces(vocab_size);
   std::vector<float> scores(vocab_size);
   for (uint32_t i = 0; i < vocab_size; ++i) {
     int32_t len = 0;
     in.read(reinterpret_cast<char*>(&scores[i]), 4);
     in.read(reinterpret_cast<char*>(&len), 4);
-    if (!in || len < 0 || len > max_len) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": token ", i, " is malformed (the file holds fewer than ",
-                       vocab_size, " tokens?)"));
+    if (!in || len < 0 || len > max_len || len > file_bytes - in.tellg()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": token ", i,
+                                                     " is malformed (the file holds fewer than ",
+                                                     vocab_size, " tokens?)"));
     }
     pieces[i].resize(static_cast<size_t>(len));
     in.read(pieces[i].data(), len);
@@ -155,14 +167,16 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> SentencePieceFromGguf(const GgufFile&
                    file.GetStrings("tokenizer.ggml.tokens"));
   ASSIGN_OR_RETURN(const std::vector<double>* scores, file.GetNumbers("tokenizer.ggml.scores"));
   if (scores->size() != tokens->size()) {
-    return absl::InvalidArgumentError(absl::StrCat(file.path(), ": ", tokens->size(),
-                                                   " tokens but ", scores->size(), " scores"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(file.path(), ": ", tokens->size(), " tokens but ", scores->size(), " scores"));
   }
   std::vector<std::string> pieces;
   pieces.reserve(tokens->size());
-  for (const std::string& t : *tokens) pieces.push_back(absl::StrReplaceAll(t, {{"\xe2\x96\x81", " "}}));
+  for (const std::string& t : *tokens)
+    pieces.push_back(absl::StrReplaceAll(t, {{"\xe2\x96\x81", " "}}));
   std::vector<float> s(scores->begin(), scores->end());
-  ASSIGN_OR_RETURN(GgufVocabInfo info, ReadVocabInfo(file, /*default_add_bos=*/true));
+  ASSIGN_OR_RETURN(GgufVocabInfo info,
+                   ReadVocabInfo(file, tokens->size(), /*default_add_bos=*/true));
   return std::make_unique<SentencePieceTokenizer>(std::move(pieces), std::move(s), info.bos,
                                                   info.eos, info.add_bos, info.add_space_prefix,
                                                   std::move(info.special));

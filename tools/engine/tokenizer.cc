@@ -1,6 +1,7 @@
 #include "tools/engine/tokenizer.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/util/status_macros.h"
@@ -49,22 +50,34 @@ std::vector<TextSegment> SplitSpecial(absl::string_view text,
   return out;
 }
 
-absl::StatusOr<GgufVocabInfo> ReadVocabInfo(const GgufFile& file, bool default_add_bos) {
+absl::StatusOr<GgufVocabInfo> ReadVocabInfo(const GgufFile& file, size_t vocab_size,
+                                            bool default_add_bos) {
   GgufVocabInfo info;
   info.add_bos = default_add_bos;
-  if (auto v = file.GetNumber("tokenizer.ggml.bos_token_id"); v.ok()) {
-    info.bos = static_cast<uint32_t>(*v);
-  }
-  if (auto v = file.GetNumber("tokenizer.ggml.eos_token_id"); v.ok()) {
-    info.eos = static_cast<uint32_t>(*v);
-  }
+  // Token ids are checked as doubles: converting one outside uint32 would be undefined.
+  auto token_id = [&](const char* key, uint32_t* id) -> absl::Status {
+    absl::StatusOr<double> v = file.GetNumber(key);
+    if (!v.ok()) return absl::OkStatus();  // optional
+    if (!(*v >= 0 && *v < static_cast<double>(vocab_size)) || *v != std::floor(*v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(file.path(), ": ", key, " is ", *v, ", not a token of ", vocab_size));
+    }
+    *id = static_cast<uint32_t>(*v);
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(token_id("tokenizer.ggml.bos_token_id", &info.bos));
+  RETURN_IF_ERROR(token_id("tokenizer.ggml.eos_token_id", &info.eos));
   if (auto v = file.GetNumber("tokenizer.ggml.add_bos_token"); v.ok()) info.add_bos = *v != 0;
   if (auto v = file.GetNumber("tokenizer.ggml.add_space_prefix"); v.ok()) {
     info.add_space_prefix = *v != 0;
   }
   if (auto types = file.GetNumbers("tokenizer.ggml.token_type"); types.ok()) {
+    if ((*types)->size() != vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(file.path(), ": ", (*types)->size(),
+                                                     " token types for ", vocab_size, " tokens"));
+    }
     for (size_t i = 0; i < (*types)->size(); ++i) {
-      const int t = static_cast<int>((**types)[i]);
+      const double t = (**types)[i];
       if (t == 3 || t == 4) info.special.push_back(static_cast<uint32_t>(i));
     }
   }

@@ -4,10 +4,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "tools/engine/tokenizer.h"
 
 namespace cachemgr::engine {
@@ -39,7 +39,10 @@ struct GgufVocabInfo {
   bool add_space_prefix = true;
   std::vector<uint32_t> special;  // token_type CONTROL (3) or USER_DEFINED (4)
 };
-absl::StatusOr<GgufVocabInfo> ReadVocabInfo(const GgufFile& file, bool default_add_bos);
+// For a vocabulary of `vocab_size` tokens: INVALID_ARGUMENT when a stated BOS / EOS id is not
+// one of its tokens or token_type does not have one entry per token.
+absl::StatusOr<GgufVocabInfo> ReadVocabInfo(const GgufFile& file, size_t vocab_size,
+                                            bool default_add_bos);
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> SentencePieceFromGguf(const GgufFile& file);
 absl::StatusOr<std::unique_ptr<Tokenizer>> Gpt2BpeFromGguf(const GgufFile& file);

@@ -10,11 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/allocation_cap.h"
 #include "tests/support/temp_dir.h"
 
 namespace cachemgr {
 namespace {
 
+using ::cachemgr::testing::AllocationCap;
 using ::cachemgr::testing::TempDir;
 
 std::string ReadBytes(const std::string& path) {
@@ -188,6 +190,20 @@ TEST_CASE("npy truncated files are errors naming the file", "[cpu]") {
   REQUIRE_FALSE(missing.ok());
   CHECK(missing.status().code() == absl::StatusCode::kNotFound);
   CHECK(std::string(missing.status().message()).find("missing.npy") != std::string::npos);
+}
+
+// Found by fuzz/npy_fuzzer.cc (fuzz/corpus/npy/oom-header-length): a v2.0 header length of up
+// to 4 GiB was allocated before the file was seen to end first.
+TEST_CASE("npy header length beyond the file is refused before it is allocated", "[cpu]") {
+  TempDir dir;
+  const std::string path = dir.file("long-header.npy");
+  WriteBytes(path, std::string("\x93NUMPY\x02\x00\xff\xff\xff\xff{}", 14));
+  AllocationCap cap(uint64_t{64} << 20);
+  absl::StatusOr<NpyArray> a = ReadNpy(path);
+  REQUIRE_FALSE(a.ok());
+  CHECK(a.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(a.status().message()),
+             Catch::Contains("header of 4294967295 bytes, file ends inside it"));
 }
 
 TEST_CASE("npy write errors name the file", "[cpu]") {

@@ -5,8 +5,10 @@
 #include <catch2/catch.hpp>
 #include <fstream>
 
+#include "tests/support/allocation_cap.h"
 #include "tests/support/temp_dir.h"
 #include "tests/support/testdata.h"
+#include "tests/tools/engine/gguf_writer.h"
 
 namespace cachemgr::engine {
 namespace {
@@ -92,6 +94,73 @@ TEST_CASE("bad checkpoints are refused", "[cpu]") {
   CHECK(LoadLlama2c(path).status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(LoadGguf(path).status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(LoadLlama2c(dir.file("missing")).status().code() == absl::StatusCode::kNotFound);
+}
+
+// Found while writing fuzz/llama2c_checkpoint_fuzzer.cc and fuzz/gguf_fuzzer.cc (inputs in
+// fuzz/corpus/): counts in a header are checked, with their products, before anything is
+// allocated from them.
+
+// A llama2.c file of the header and `floats` float32 zeros.
+void WriteLlama2c(const std::string& path, const std::vector<int32_t>& header, size_t floats) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(header.data()),
+            static_cast<std::streamsize>(header.size() * 4));
+  const std::string zeros(floats * 4, '\0');
+  out.write(zeros.data(), static_cast<std::streamsize>(zeros.size()));
+}
+
+TEST_CASE("llama2.c headers whose size arithmetic wraps are refused", "[cpu]") {
+  cachemgr::testing::TempDir dir;
+  const std::string path = dir.file("wrap.bin");
+  cachemgr::testing::AllocationCap cap(uint64_t{64} << 20);
+  // Valid-looking counts (dim 2^24, 2^22 heads, 4681 layers, ...) whose byte size is 2^64 * k +
+  // 44: a 44-byte file matched it, and the loader then asked for 2^48 floats.
+  WriteLlama2c(path, {1 << 24, 1 << 24, 4681, 1 << 22, 1 << 22, 16767853, 1}, 4);
+  auto positive = LoadLlama2c(path);
+  CHECK(positive.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(positive.status().message()), Catch::Contains("2^64"));
+  // Negative counts (only vocab_size may be negative) read as ~2^32 and wrapped the same way.
+  WriteLlama2c(path, {-(1 << 24), -(1 << 24), 9399, 1 << 23, 1 << 23, 16758417, 1}, 510);
+  auto negative = LoadLlama2c(path);
+  CHECK(negative.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(negative.status().message()), Catch::Contains("header"));
+}
+
+// A GGUF Llama of dim 8 (2 heads, 1 KV head, hidden 16) with its embeddings and final norm, and
+// `layers` stated layers of which none is present.
+testing::GgufWriter GgufLlamaHead(uint32_t layers) {
+  testing::GgufWriter w;
+  w.String("general.architecture", "llama");
+  w.Uint32("llama.embedding_length", 8);
+  w.Uint32("llama.feed_forward_length", 16);
+  w.Uint32("llama.block_count", layers);
+  w.Uint32("llama.attention.head_count", 2);
+  w.Uint32("llama.attention.head_count_kv", 1);
+  w.Uint32("llama.context_length", 16);
+  w.Tensor("token_embd.weight", {8, 4}, 0, std::vector<uint8_t>(8 * 4 * 4));
+  w.Tensor("output_norm.weight", {8}, 0, std::vector<uint8_t>(8 * 4));
+  return w;
+}
+
+TEST_CASE("GGUF hyperparameters must be counts, and layers the file holds", "[cpu]") {
+  cachemgr::testing::TempDir dir;
+  const std::string path = dir.file("llama.gguf");
+  cachemgr::testing::AllocationCap cap(uint64_t{64} << 20);
+  GgufLlamaHead(4000000000u).Write(path);  // 4e9 layers: ~900 GB of layer tables
+  auto layers = LoadGguf(path);
+  CHECK(layers.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(layers.status().message()),
+             Catch::Contains("llama.block_count 4000000000 but only 2 tensors"));
+  for (float bad : {-1.0f, 1e20f, 8.5f}) {
+    INFO("embedding_length " << bad);
+    testing::GgufWriter w = GgufLlamaHead(1);
+    w.Float32("llama.embedding_length", bad);  // the later key wins
+    w.Write(path);
+    auto loaded = LoadGguf(path);
+    CHECK(loaded.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(loaded.status().message()),
+               Catch::Contains("llama.embedding_length is"));
+  }
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@ class GgufWriter {
  public:
   void Uint32(const std::string& key, uint32_t v) { Key(key, 4), Put(v); }
   void Float32(const std::string& key, float v) { Key(key, 6), Put(v); }
+  void Float64(const std::string& key, double v) { Key(key, 12), Put(v); }
   void Bool(const std::string& key, bool v) { Key(key, 7), Put(static_cast<uint8_t>(v)); }
   void String(const std::string& key, const std::string& v) { Key(key, 8), PutString(v); }
   void Strings(const std::string& key, const std::vector<std::string>& v) {
@@ -37,7 +39,12 @@ class GgufWriter {
   // ne[0] first; `data` in the type's encoding.
   void Tensor(const std::string& name, std::vector<uint64_t> dims, uint32_t type,
               std::vector<uint8_t> data) {
-    tensors_.push_back({name, std::move(dims), type, std::move(data)});
+    tensors_.push_back({name, std::move(dims), type, std::move(data), std::nullopt});
+  }
+  // A tensor whose info states `offset` (into the data section) and whose data is not written.
+  void TensorAt(const std::string& name, std::vector<uint64_t> dims, uint32_t type,
+                uint64_t offset) {
+    tensors_.push_back({name, std::move(dims), type, {}, offset});
   }
 
   // Writes the file; `truncate_to` > 0 cuts it to that many bytes.
@@ -55,7 +62,7 @@ class GgufWriter {
       Append(out, static_cast<uint32_t>(t.dims.size()));
       for (uint64_t d : t.dims) Append(out, d);
       Append(out, t.type);
-      Append(out, offset);
+      Append(out, t.stated_offset.value_or(offset));
       offsets.push_back(offset);
       offset += (t.data.size() + 31) / 32 * 32;
     }
@@ -66,7 +73,8 @@ class GgufWriter {
       out += data;
     }
     if (truncate_to > 0) out.resize(truncate_to);
-    std::ofstream(path, std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
+    std::ofstream(path, std::ios::binary)
+        .write(out.data(), static_cast<std::streamsize>(out.size()));
   }
 
  private:
@@ -75,6 +83,7 @@ class GgufWriter {
     std::vector<uint64_t> dims;
     uint32_t type;
     std::vector<uint8_t> data;
+    std::optional<uint64_t> stated_offset;
   };
   template <typename V>
   static void Append(std::string& s, V v) {

@@ -3,9 +3,11 @@
 #include "tools/engine/tokenizer.h"
 
 #include <catch2/catch.hpp>
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 
+#include "tests/support/allocation_cap.h"
 #include "tests/support/temp_dir.h"
 #include "tests/support/testdata.h"
 #include "tests/tools/engine/gguf_writer.h"
@@ -113,6 +115,84 @@ TEST_CASE("GPT-2 BPE: pre-tokenizer pieces, digits, merges, special tokens", "[c
   std::string back;
   for (uint32_t x : (*t)->Encode("hello  world!\n", false)) back += (*t)->Decode(0, x);
   CHECK(back == "hello  world!\n");
+}
+
+// Found by fuzz/llama2c_tokenizer_fuzzer.cc and fuzz/gguf_fuzzer.cc, or while writing them
+// (inputs in fuzz/corpus/): lengths and counts are checked against the file before they size an
+// allocation, and every id a vocabulary states is one of its tokens.
+
+// A llama2.c tokenizer file: max_token_length, then (score, length, bytes) per piece; `lengths`
+// overrides the stated length of the first pieces.
+std::string Llama2cTokenizerBytes(int32_t max_len, const std::vector<std::string>& pieces,
+                                  const std::vector<int32_t>& lengths = {}) {
+  std::string out(reinterpret_cast<const char*>(&max_len), 4);
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const float score = -static_cast<float>(i);
+    const int32_t len = i < lengths.size() ? lengths[i] : static_cast<int32_t>(pieces[i].size());
+    out.append(reinterpret_cast<const char*>(&score), 4);
+    out.append(reinterpret_cast<const char*>(&len), 4);
+    out += pieces[i];
+  }
+  return out;
+}
+
+TEST_CASE("llama2.c tokenizer: lengths and counts are checked against the file", "[cpu]") {
+  cachemgr::testing::TempDir dir;
+  const std::string path = dir.file("tok.bin");
+  const std::vector<std::string> pieces = {"<unk>", "<s>", "</s>", "a"};
+  cachemgr::testing::AllocationCap cap(uint64_t{64} << 20);
+  auto load = [&](const std::string& bytes, uint32_t vocab) {
+    std::ofstream(path, std::ios::binary) << bytes;
+    return LoadLlama2cTokenizer(path, vocab);
+  };
+  REQUIRE(load(Llama2cTokenizerBytes(5, pieces), 4).ok());
+  // A piece stating 2^31 - 1 bytes (the maximum allows it) in a 50-byte file.
+  auto long_piece = load(Llama2cTokenizerBytes(INT32_MAX, pieces, {INT32_MAX}), 4);
+  CHECK(long_piece.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(long_piece.status().message()), Catch::Contains("token 0 is malformed"));
+  // A checkpoint stating 2^24 tokens for this file.
+  auto many = load(Llama2cTokenizerBytes(5, pieces), 1u << 24);
+  CHECK(many.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(many.status().message()), Catch::Contains("cannot hold 16777216 tokens"));
+  // BOS (1) and EOS (2) must be tokens: the engine embeds them.
+  auto tiny = load(Llama2cTokenizerBytes(5, pieces), 2);
+  CHECK(tiny.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(tiny.status().message()), Catch::Contains("lacks BOS"));
+}
+
+TEST_CASE("GGUF vocabularies: token types and BOS/EOS ids must fit the tokens", "[cpu]") {
+  cachemgr::testing::TempDir dir;
+  const std::string path = dir.file("v.gguf");
+  auto vocabulary = [&](const std::string& model, auto&& extra) {
+    testing::GgufWriter w;
+    w.String("tokenizer.ggml.model", model);
+    w.Strings("tokenizer.ggml.tokens", {"a", "b", "c"});
+    w.Floats("tokenizer.ggml.scores", {0, -1, -2});
+    w.Strings("tokenizer.ggml.merges", {"a b"});
+    extra(w);
+    w.Write(path);
+    auto file = GgufFile::Open(path);
+    REQUIRE(file.ok());
+    return TokenizerFromGguf(**file);
+  };
+  for (const std::string model : {"llama", "gpt2"}) {
+    INFO(model);
+    CHECK(vocabulary(model, [](testing::GgufWriter&) {}).ok());
+    // A CONTROL type (3) for a fourth token the vocabulary does not have: its text was read
+    // from past the end of the token list.
+    auto types = vocabulary(model, [](testing::GgufWriter& w) {
+      w.Int32s("tokenizer.ggml.token_type", {1, 1, 1, 3});
+    });
+    CHECK(types.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(types.status().message()), Catch::Contains("4 token types for 3"));
+    for (float bos : {3.0f, -1.0f, 1e30f, 0.5f}) {
+      INFO("bos " << bos);
+      auto bad = vocabulary(
+          model, [&](testing::GgufWriter& w) { w.Float32("tokenizer.ggml.bos_token_id", bos); });
+      CHECK(bad.status().code() == absl::StatusCode::kInvalidArgument);
+      CHECK_THAT(std::string(bad.status().message()), Catch::Contains("bos_token_id"));
+    }
+  }
 }
 
 }  // namespace
