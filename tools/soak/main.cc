@@ -2,7 +2,6 @@
 // stops and restarts them and the daemon). See tools/soak/chaos_client.h for what it does and
 // Usage() for its flags and the events it prints.
 #include <signal.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -24,27 +23,29 @@ namespace {
 
 constexpr char kUsage[] =
     R"(usage: cachemgr-chaos --socket=PATH [--name=chaos] [--model=soak-a|soak-b|soak-c] [--seed=1]
-  [--seconds=0] [--max_live=8] [--stats_interval_ms=1000] [--call_timeout_s=120] [--trace]
-  [--corrupt_after_s=0]
+  [--threads=1] [--seconds=0] [--max_live=8] [--stats_interval_ms=1000] [--call_timeout_s=120]
+  [--trace] [--corrupt_after_s=0]
 
 One chaos client of cachemgrd for soak runs (scripts/soak.py): a seeded random mix of
 Allocate (prefill and decode), K/V writes through the mapped pool, Free, Fork with copy-on-write
 appends, Compress (every preset, reserve and byte targets, window queries or scores), Fetch,
 Park, GetSequence with digests, ListSequences and requests that must be refused, each answer
 and the pool's bytes checked against a model of what every live sequence holds. Survives
-daemon restarts and lease loss (re-attaches, forgets the lost sequences).
+daemon restarts and lease loss (re-attaches, forgets the lost sequences). With --threads,
+several workers share the session, each with sequences of its own.
 
   --socket=PATH          the daemon's gRPC socket (required)
   --name=NAME            client name; also the prefix of its sequence ids
   --model=NAME           soak-a (fp32, FlashAttention), soak-b (fp16, FlashInfer), soak-c (bf16)
   --seed=N               seeds every choice and every K/V byte
+  --threads=N            workers sharing the session (each with its own sequences)
   --seconds=S            run time; 0: until SIGTERM or SIGINT
-  --max_live=N           live sequences at most
+  --max_live=N           live sequences per worker at most
   --stats_interval_ms=N  how often the "stats" event reports
   --call_timeout_s=S     a call taking longer prints a "stuck" event and exits 3
   --trace                one "op" event per call
-  --corrupt_after_s=S    self-test of the checks: after S seconds flip one K byte of a live
-                         sequence behind the model's back; a "corruption" event must follow
+  --corrupt_after_s=S    self-test of the checks: after S seconds worker 0 flips one K byte of
+                         a live sequence behind its model's back; a "corruption" event follows
 
 Prints one JSON object per line, each with "event", "client" and "t_ms": attached,
 attach_failed, session_lost / session_ready (the client library's events), lost, reattached,
@@ -88,6 +89,8 @@ absl::Status ParseFlags(int argc, char** argv, ChaosOptions* options, uint32_t* 
       options->model = value;
     } else if (flag == "seed") {
       RETURN_IF_ERROR(number(&options->seed));
+    } else if (flag == "threads") {
+      RETURN_IF_ERROR(number(&options->threads));
     } else if (flag == "seconds") {
       RETURN_IF_ERROR(number(&u32));
       options->duration = absl::Seconds(u32);
@@ -110,14 +113,11 @@ absl::Status ParseFlags(int argc, char** argv, ChaosOptions* options, uint32_t* 
   if (options->socket.empty()) return absl::InvalidArgumentError("--socket is required");
   if (options->name.empty()) return absl::InvalidArgumentError("--name must not be empty");
   if (options->max_live == 0) return absl::InvalidArgumentError("--max_live must be at least 1");
+  if (options->threads == 0 || options->threads > 64) {
+    return absl::InvalidArgumentError("--threads must be in [1, 64]");
+  }
   RETURN_IF_ERROR(SoakModel(options->model).status());
   return absl::OkStatus();
-}
-
-int64_t MonotonicNanos() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
 }
 
 int Main(int argc, char** argv) {
@@ -143,8 +143,7 @@ int Main(int argc, char** argv) {
     std::fputs((line + "\n").c_str(), stdout);
     std::fflush(stdout);
   };
-  Progress progress;
-  ChaosClient client(options, emit, &progress);
+  ChaosClient client(options, emit);
   g_client.store(&client);
   struct sigaction action = {};
   action.sa_handler = OnStopSignal;
@@ -158,12 +157,16 @@ int Main(int argc, char** argv) {
   std::thread watchdog([&] {
     while (!finished.load()) {
       absl::SleepFor(absl::Milliseconds(250));
-      const int64_t started = progress.call_started_ns.load();
-      if (started != 0 && MonotonicNanos() - started > int64_t{call_timeout_s} * 1000000000) {
-        emit({{"event", "stuck"},
-              {"call", progress.call.load()},
-              {"seconds", (MonotonicNanos() - started) / 1e9}});
-        _exit(3);
+      for (size_t i = 0; i < client.progress().size(); ++i) {
+        const Progress& p = *client.progress()[i];
+        const int64_t started = p.call_started_ns.load();
+        if (started != 0 && MonotonicNanos() - started > int64_t{call_timeout_s} * 1000000000) {
+          emit({{"event", "stuck"},
+                {"call", p.call.load()},
+                {"thread", i == 0 ? std::string("process") : absl::StrCat("worker ", i - 1)},
+                {"seconds", (MonotonicNanos() - started) / 1e9}});
+          _exit(3);
+        }
       }
     }
   });

@@ -50,6 +50,9 @@ struct SequenceModel {
   bool compressed = false;
   std::vector<uint32_t> kept_per_layer;  // rows per KV head Compress left
   float theta_k = 1.0f, theta_v = 1.0f;  // the codebook's thresholds (codebook layers)
+  // Its id marks it as one the operator may free at any time (scripts/soak.py does): NOT_FOUND
+  // for it is no corruption, and an Allocate may create it anew.
+  bool operator_may_free = false;
 
   // A new, empty sequence of `num_layers` layers with `num_kv_heads` heads.
   static SequenceModel Empty(std::string id, uint32_t num_layers, uint32_t num_kv_heads);
