@@ -12,6 +12,10 @@ answer and every KV byte against their own model, and meanwhile injects faults a
                      than the quarantine, then SIGCONT (it finds its session lost, re-attaches)
   daemon_kill        SIGKILL the daemon and start it again on the same socket
   daemon_term        SIGTERM the daemon (graceful shutdown) and start it again
+  operator_free      free a client's sequence as the operator (cachemgrctl free; its blocks are
+                     quarantined), among those the clients mark as fair game (ids ".o<n>")
+  watcher_stop       SIGSTOP the operator's event stream (cachemgrctl watch, running all along)
+                     for 1-20 s, so the daemon queues events for it or drops it
 
 Every --check_interval seconds, with the operator credential (cachemgrctl stats --json): free +
 used + quarantined == capacity on every layer of every pool, shared <= used, memory used <=
@@ -39,6 +43,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -51,7 +56,8 @@ import time
 MODELS = ("soak-a", "soak-b", "soak-c")
 NOBODY = 65534
 FAULT_KINDS = ("client_kill", "client_stop_short", "client_stop_long", "daemon_kill",
-               "daemon_term")
+               "daemon_term", "operator_free", "watcher_stop")
+OPERATOR_FAIR = re.compile(r"\.o[0-9]+$")  # ids the clients let the operator free
 
 
 def parse_args(argv):
@@ -73,13 +79,20 @@ def parse_args(argv):
                    help="client SIGSTOPs per minute, half past the lease (default 8)")
     p.add_argument("--daemon_restart_rate", type=float, default=2,
                    help="daemon SIGKILLs or SIGTERMs per minute (default 2)")
+    p.add_argument("--operator_free_rate", type=float, default=10,
+                   help="operator frees of marked sequences per minute (default 10)")
+    p.add_argument("--watcher_stop_rate", type=float, default=2,
+                   help="SIGSTOPs of the event watcher per minute (default 2)")
     p.add_argument("--daemon_faults_until", type=float, default=0.5,
                    help="fraction of the run after which the daemon is left alone (default 0.5)")
     p.add_argument("--check_interval", type=float, default=2,
                    help="seconds between accounting checks and RSS samples (default 2)")
     p.add_argument("--check_invariants_ms", type=int, default=200,
                    help="the daemon's own --check_invariants_ms (default 200; 0: off)")
-    p.add_argument("--max_live", type=int, default=8, help="live sequences per client (default 8)")
+    p.add_argument("--max_live", type=int, default=8,
+                   help="live sequences per client worker (default 8)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="workers sharing one session in every other client (default 2)")
     p.add_argument("--uids", choices=("auto", "none"), default="auto",
                    help="auto: every fourth client as uid 65534 when root (default); none")
     p.add_argument("--work_dir", default="",
@@ -202,6 +215,7 @@ class Client:
         self.uid = uid
         self.name = f"c{index:02d}"
         self.model = MODELS[index % len(MODELS)]
+        self.threads = soak.args.threads if index % 2 == 1 else 1
         self.incarnation = -1
         self.proc = None
         self.reader = None
@@ -213,7 +227,8 @@ class Client:
         seed = self.soak.args.seed * 1000003 + self.index * 1009 + self.incarnation
         cmd = pdeathsig_prefix(self.uid) + [
             self.soak.chaos, f"--socket={self.soak.socket}", f"--name={self.name}",
-            f"--model={self.model}", f"--seed={seed}", f"--max_live={self.soak.args.max_live}"]
+            f"--model={self.model}", f"--seed={seed}", f"--max_live={self.soak.args.max_live}",
+            f"--threads={self.threads}"]
         if self.soak.args.self_test_corruption and self.index == 0:
             cmd.append("--corrupt_after_s=3")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr,
@@ -266,6 +281,58 @@ class Daemon:
         return self.proc.pid if self.alive() else None
 
 
+class Watcher:
+    """The operator's event stream (cachemgrctl watch --json), restarted whenever it ends."""
+
+    def __init__(self, soak):
+        self.soak = soak
+        self.proc = None
+        self.streams = 0
+        self.events = 0
+        self.ended = collections.Counter()  # exit status -> count
+        self.stopped_until = None
+        self.lock = threading.Lock()
+        self.stderr = open(os.path.join(soak.dir, "watch.err"), "ab")
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            pdeathsig_prefix() + [self.soak.ctl, "watch", "--json", f"--socket={self.soak.socket}"],
+            stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL)
+        self.streams += 1
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+
+    def _read(self, proc):
+        for _ in proc.stdout:
+            with self.lock:
+                self.events += 1
+
+    def tend(self, daemon_serving):
+        if self.stopped_until is not None and now() >= self.stopped_until:
+            self.proc.send_signal(signal.SIGCONT)
+            self.stopped_until = None
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        if self.proc is not None:
+            self.ended[self.proc.returncode] += 1
+            self.proc = None
+        if daemon_serving:
+            self.start()
+
+    def stop_for(self, seconds):
+        if self.proc is None or self.proc.poll() is not None or self.stopped_until is not None:
+            return False
+        self.proc.send_signal(signal.SIGSTOP)
+        self.stopped_until = now() + seconds
+        return True
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait()
+            self.ended[self.proc.returncode] += 1
+
+
 class Soak:
     def __init__(self, args):
         self.args = args
@@ -287,6 +354,8 @@ class Soak:
             os.chmod(self.dir, 0o755)  # uid 65534 reaches the socket (the daemon makes it 0666)
         self.report = Report(os.path.join(self.dir, "events.jsonl"))
         self.daemon = Daemon(self)
+        self.watcher = Watcher(self)
+        self.operator_frees = collections.Counter()  # OK / the cachemgrctl error
         self.clients = [Client(self, i, NOBODY if self.other_uid and i % 4 == 3 else None)
                         for i in range(args.clients)]
         self.faults = collections.Counter()
@@ -399,6 +468,16 @@ class Soak:
 
     # ---- Faults --------------------------------------------------------------------------
 
+    def fault(self, kind, daemon_ok):
+        if kind == "operator_free":
+            if daemon_ok:
+                self.operator_free()
+        elif kind == "watcher_stop":
+            if self.watcher.stop_for(self.rng.uniform(1, 20)):
+                self.faults[kind] += 1
+        else:
+            self.client_fault(kind)
+
     def pick_client(self):
         candidates = [c for c in self.clients if c.running() and c.stopped_until is None]
         return self.rng.choice(candidates) if candidates else None
@@ -427,6 +506,27 @@ class Soak:
         c.signal(signal.SIGSTOP)
         c.stopped_until = now() + pause
 
+    def operator_free(self):
+        """Frees a marked sequence of some client as the operator."""
+        try:
+            listed, _ = self.ctl_json("sequences")
+            if listed is None:
+                return
+            fair = [s["sequence_id"] for s in listed.get("sequences", [])
+                    if OPERATOR_FAIR.search(s["sequence_id"])]
+            if not fair:
+                return
+            self.faults["operator_free"] += 1
+            out = subprocess.run([self.ctl, "free", f"--sequence={self.rng.choice(fair)}",
+                                  f"--socket={self.socket}", "--timeout=5"],
+                                 capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            self.operator_frees["timeout"] += 1
+            return
+        # NOT_FOUND: its client freed it first.
+        self.operator_frees["OK" if out.returncode == 0 else
+                            (out.stdout + out.stderr).strip().split(":")[0]] += 1
+
     def resume_clients(self, everyone=False):
         for c in self.clients:
             if c.stopped_until is not None and (everyone or now() >= c.stopped_until):
@@ -454,10 +554,12 @@ class Soak:
         next_check = now() + a.check_interval
         tick = 0.05
         rates = {"client_kill": a.client_kill_rate, "client_stop_short": a.client_stop_rate / 2,
-                 "client_stop_long": a.client_stop_rate / 2}
+                 "client_stop_long": a.client_stop_rate / 2,
+                 "operator_free": a.operator_free_rate, "watcher_stop": a.watcher_stop_rate}
         # Kinds still to come by these fractions of the run get one injected then, so even a
         # short run sees every kind.
-        forced = [(0.25, k) for k in ("client_kill", "client_stop_short", "client_stop_long")]
+        forced = [(0.25, k) for k in ("client_kill", "client_stop_short", "client_stop_long",
+                                      "operator_free", "watcher_stop")]
         forced += [(0.4 * a.daemon_faults_until, "daemon_kill"),
                    (0.7 * a.daemon_faults_until, "daemon_term")]
         while now() < end:
@@ -466,9 +568,10 @@ class Soak:
             self.tend_daemon()
             self.tend_clients()
             daemon_ok = self.daemon.alive() and self.restart_at is None
+            self.watcher.tend(daemon_ok)
             for kind, rate in rates.items():
                 if self.rng.random() < rate * tick / 60.0:
-                    self.client_fault(kind)
+                    self.fault(kind, daemon_ok)
             if daemon_ok and now() < daemon_window_end and a.daemon_restart_rate > 0:
                 if self.rng.random() < a.daemon_restart_rate * tick / 60.0:
                     self.daemon_fault(self.rng.choice(("daemon_kill", "daemon_term")))
@@ -480,7 +583,7 @@ class Soak:
                             self.daemon_fault(kind)
                             daemon_ok = False
                     else:
-                        self.client_fault(kind)
+                        self.fault(kind, daemon_ok)
             if now() >= next_check:
                 next_check = now() + a.check_interval
                 self.check_stats()
@@ -491,6 +594,7 @@ class Soak:
         """Stops every client, lets quarantines end, checks that nothing is left."""
         a = self.args
         self.resume_clients(everyone=True)
+        self.watcher.close()
         while not (self.daemon.alive() and self.restart_at is None):
             time.sleep(0.05)
             self.tend_daemon()
@@ -595,6 +699,7 @@ class Soak:
         }
         totals = {k: r.total(k) for k in (
             "ops", "verified", "losses", "reattaches", "sequences_lost", "refusals", "transients",
+            "operator_freed",
             "vectors_exact", "vectors_reconstructed", "vectors_unchanged")}
         corruptions = len(r.corruptions) + len(self.violations) + len(invariant_violations)
         summary = {
@@ -609,6 +714,9 @@ class Soak:
             "faults": {k: self.faults.get(k, 0) for k in FAULT_KINDS},
             "client_totals": totals,
             "stats_checks": self.stats_checks,
+            "operator_frees": dict(self.operator_frees),
+            "watch": {"streams": self.watcher.streams, "events": self.watcher.events,
+                      "ended": {str(k): v for k, v in self.watcher.ended.items()}},
             "daemon_invariant_checks": invariant_checks,
             "resources": resources,
             "corruptions": corruptions,
@@ -655,6 +763,9 @@ def render(s):
                  f"checks, head vectors compared: {t['vectors_exact']} exact, "
                  f"{t['vectors_reconstructed']} reconstructed within tolerance, "
                  f"{t['vectors_unchanged']} reconstructed re-read")
+    lines.append(f"operator: frees {s['operator_frees']} (clients noticed {t['operator_freed']}); "
+                 f"event streams {s['watch']['streams']}, {s['watch']['events']} events, ended "
+                 f"{s['watch']['ended']}")
     lines.append(f"accounting checks (operator Stats): {s['stats_checks']}; daemon "
                  f"CheckInvariants runs: {s['daemon_invariant_checks']}")
     res = s["resources"]
