@@ -19,12 +19,14 @@ answer and every KV byte against their own model, and meanwhile injects faults a
 
 Every --check_interval seconds, with the operator credential (cachemgrctl stats --json): free +
 used + quarantined == capacity on every layer of every pool, shared <= used, memory used <=
-budget; and the daemon's RSS and open descriptors from /proc. Daemon faults stop after
---daemon_faults_until of the run, so the last daemon serves the rest and its RSS and descriptors
-at start and at the end compare one process. At the end every client is stopped (SIGTERM: it
-checks its live sequences once more, detaches and reports), quarantines run out, and then no
-pool, client, sequence or used byte may be left; the daemon is stopped with SIGTERM and must
-exit 0 with no invariant violated.
+budget; and the daemon's RSS and open descriptors from /proc. Daemon faults happen in the first
+--daemon_faults_until of the first phase only. At the end of the phase every client is stopped
+(SIGTERM: it checks its live sequences once more, detaches and reports), leases and quarantines
+run out, and then no pool, client, sequence or used byte may be left (a quiet point, where the
+daemon's RSS and descriptors are sampled). A second wave of clients (--second_wave of the
+duration, client faults only) then runs on the same daemon up to a second quiet point: memory or
+descriptors that grow from one quiet point to the next with the work done are a leak. Last, the
+daemon is stopped with SIGTERM and must exit 0 with no invariant violated.
 
 Exit status 0 when no corruption (a client's digest or byte mismatch, an accounting violation,
 a daemon invariant violation), no anomaly (an error no request invites), no stuck or crashed
@@ -84,7 +86,12 @@ def parse_args(argv):
     p.add_argument("--watcher_stop_rate", type=float, default=2,
                    help="SIGSTOPs of the event watcher per minute (default 2)")
     p.add_argument("--daemon_faults_until", type=float, default=0.5,
-                   help="fraction of the run after which the daemon is left alone (default 0.5)")
+                   help="fraction of the first phase after which the daemon is left alone "
+                        "(default 0.5)")
+    p.add_argument("--second_wave", type=float, default=0.25,
+                   help="fraction of --duration for a second wave of clients on the same daemon "
+                        "after the first quiet point, without daemon faults, so that the daemon's "
+                        "RSS and descriptors at two quiet points compare (default 0.25)")
     p.add_argument("--check_interval", type=float, default=2,
                    help="seconds between accounting checks and RSS samples (default 2)")
     p.add_argument("--check_invariants_ms", type=int, default=200,
@@ -362,9 +369,10 @@ class Soak:
         self.failures = []  # sentences: what went wrong besides the clients' reports
         self.violations = []  # accounting violations seen in Stats
         self.stats_checks = 0
-        self.samples = []  # (seconds since start, daemon start number, rss kB, fds)
+        self.samples = []  # the daemon's RSS and descriptors: {t, start, when, rss_kib, fds}
         self.expected_exit = None  # the signal we sent the daemon, while it goes down
         self.restart_at = None
+        self.phase_ops = []  # (quiet point, client calls so far)
         self.t0 = now()
 
     # ---- Daemon --------------------------------------------------------------------------
@@ -437,7 +445,7 @@ class Soak:
         self.samples.append({"t": round(now() - self.t0, 1), "start": self.daemon.starts,
                              "when": when, "rss_kib": rss, "fds": fds})
 
-    def check_stats(self, final=False):
+    def check_stats(self):
         """The accounting as the operator sees it; returns the Stats (None if unreachable)."""
         if not self.daemon.alive() or self.restart_at is not None:
             return None
@@ -524,8 +532,9 @@ class Soak:
             self.operator_frees["timeout"] += 1
             return
         # NOT_FOUND: its client freed it first.
+        code = re.search(r"\b([A-Z][A-Z_]+):", out.stdout + out.stderr)
         self.operator_frees["OK" if out.returncode == 0 else
-                            (out.stdout + out.stderr).strip().split(":")[0]] += 1
+                            code.group(1) if code else f"exit {out.returncode}"] += 1
 
     def resume_clients(self, everyone=False):
         for c in self.clients:
@@ -543,25 +552,42 @@ class Soak:
     # ---- The run -------------------------------------------------------------------------
 
     def run(self):
+        """The chaos, a quiet point, a second wave on the same daemon, a quiet point, the end."""
         a = self.args
         if not self.start_daemon():
             return self.finish(None)
         self.sample("fresh")
         for c in self.clients:
             c.spawn()
-        end = self.t0 + a.duration
-        daemon_window_end = self.t0 + a.duration * a.daemon_faults_until
+        first = a.duration * (1 - a.second_wave)
+        self.run_chaos(first, daemon_faults=True)
+        final = self.quiesce("quiet_1")
+        if a.second_wave > 0 and final is not None:
+            for c in self.clients:
+                c.spawn()
+            self.run_chaos(a.duration * a.second_wave, daemon_faults=False)
+            final = self.quiesce("quiet_2")
+        self.stop_daemon()
+        return self.finish(final)
+
+    def run_chaos(self, seconds, daemon_faults):
+        """Clients work while faults are injected at random; checks every --check_interval."""
+        a = self.args
+        start = now()
+        end = start + seconds
+        daemon_window_end = start + seconds * a.daemon_faults_until if daemon_faults else start
         next_check = now() + a.check_interval
         tick = 0.05
         rates = {"client_kill": a.client_kill_rate, "client_stop_short": a.client_stop_rate / 2,
                  "client_stop_long": a.client_stop_rate / 2,
                  "operator_free": a.operator_free_rate, "watcher_stop": a.watcher_stop_rate}
-        # Kinds still to come by these fractions of the run get one injected then, so even a
-        # short run sees every kind.
+        # Kinds still to come by these fractions of the first phase get one injected then, so
+        # even a short run sees every kind.
         forced = [(0.25, k) for k in ("client_kill", "client_stop_short", "client_stop_long",
                                       "operator_free", "watcher_stop")]
-        forced += [(0.4 * a.daemon_faults_until, "daemon_kill"),
-                   (0.7 * a.daemon_faults_until, "daemon_term")]
+        if daemon_faults and a.daemon_restart_rate > 0:
+            forced += [(0.4 * a.daemon_faults_until, "daemon_kill"),
+                       (0.7 * a.daemon_faults_until, "daemon_term")]
         while now() < end:
             time.sleep(tick)
             self.resume_clients()
@@ -577,9 +603,9 @@ class Soak:
                     self.daemon_fault(self.rng.choice(("daemon_kill", "daemon_term")))
                     daemon_ok = False
             for fraction, kind in forced:
-                if self.faults[kind] == 0 and now() >= self.t0 + fraction * a.duration:
+                if self.faults[kind] == 0 and now() >= start + fraction * seconds:
                     if kind.startswith("daemon"):
-                        if daemon_ok and a.daemon_restart_rate > 0:
+                        if daemon_ok:
                             self.daemon_fault(kind)
                             daemon_ok = False
                     else:
@@ -588,18 +614,16 @@ class Soak:
                 next_check = now() + a.check_interval
                 self.check_stats()
                 self.sample("run")
-        return self.finish(self.wind_down())
 
-    def wind_down(self):
-        """Stops every client, lets quarantines end, checks that nothing is left."""
+    def quiesce(self, label):
+        """Stops every client, lets leases and quarantines end, checks that nothing is left,
+        and samples the daemon (label). Returns the last Stats."""
         a = self.args
         self.resume_clients(everyone=True)
         self.watcher.close()
         while not (self.daemon.alive() and self.restart_at is None):
             time.sleep(0.05)
             self.tend_daemon()
-            if self.daemon.starts > 1000:
-                break
         self.wait_serving()
         for c in self.clients:
             c.signal(signal.SIGTERM)
@@ -619,35 +643,43 @@ class Soak:
         deadline = now() + (a.lease_ms + a.quarantine_ms) / 1000.0 + 20
         final = None
         while now() < deadline:
-            final = self.check_stats(final=True)
+            final = self.check_stats()
             if final is not None and not final.get("pools") and not final.get("clients") and \
                     int(final.get("memory_used_bytes", 0)) == 0 and \
                     int(final.get("num_sequences", 0)) == 0:
                 break
             time.sleep(0.25)
         time.sleep(0.5)
-        self.sample("end")
+        self.sample(label)
+        self.phase_ops.append((label, sum(sum(o.values()) for o in self.report.outcomes.values())))
         if final is None:
-            self.failures.append("no Stats at the end")
-        else:
-            left = []
-            for pool in final.get("pools", []):
-                for layer in pool.get("layers", []):
-                    if int(layer.get("used_blocks", 0)) or int(layer.get("quarantined_blocks", 0)):
-                        left.append(f"pool {pool.get('pool_id')} layer {layer.get('layer', 0)}: "
-                                    f"used {layer.get('used_blocks', 0)}, quarantined "
-                                    f"{layer.get('quarantined_blocks', 0)}")
-                left.append(f"pool {pool.get('pool_id')} still exists")
-            if final.get("clients"):
-                left.append(f"{len(final['clients'])} clients still attached")
-            if int(final.get("num_sequences", 0)):
-                left.append(f"{final['num_sequences']} sequences left")
-            if int(final.get("memory_used_bytes", 0)):
-                left.append(f"{final['memory_used_bytes']} bytes still charged to the budget")
-            if left:
-                self.violations.append({"t": round(now() - self.t0, 1), "final": True,
-                                        "problems": left[:8]})
-        # The daemon's own verdict: a clean exit, no violation logged, how often it checked.
+            self.failures.append(f"no Stats at {label}")
+            return None
+        left = []
+        for pool in final.get("pools", []):
+            for layer in pool.get("layers", []):
+                if int(layer.get("used_blocks", 0)) or int(layer.get("quarantined_blocks", 0)):
+                    left.append(f"pool {pool.get('pool_id')} layer {layer.get('layer', 0)}: "
+                                f"used {layer.get('used_blocks', 0)}, quarantined "
+                                f"{layer.get('quarantined_blocks', 0)}")
+            left.append(f"pool {pool.get('pool_id')} still exists")
+        if final.get("clients"):
+            left.append(f"{len(final['clients'])} clients still attached")
+        if int(final.get("num_sequences", 0)):
+            left.append(f"{final['num_sequences']} sequences left")
+        if int(final.get("memory_used_bytes", 0)):
+            left.append(f"{final['memory_used_bytes']} bytes still charged to the budget")
+        if left:
+            self.violations.append({"t": round(now() - self.t0, 1), "at": label,
+                                    "problems": left[:8]})
+        return final
+
+    def stop_daemon(self):
+        """The daemon's own verdict: a clean exit at SIGTERM (no invariant violation aborted it)."""
+        if not self.daemon.alive():
+            self.failures.append(f"cachemgrd was not running at the end "
+                                 f"({self.daemon.proc.returncode})")
+            return
         self.daemon.proc.send_signal(signal.SIGTERM)
         try:
             code = self.daemon.proc.wait(timeout=30)
@@ -656,7 +688,6 @@ class Soak:
             code = "timeout"
         if code != 0:
             self.failures.append(f"cachemgrd exited with {code} at SIGTERM")
-        return final
 
     def daemon_log_findings(self):
         """Invariant checks per daemon start (the last report of each) and violations."""
@@ -689,13 +720,15 @@ class Soak:
                        "outcomes": dict(sorted(outcomes.items())),
                        "p50_us": round(p50) if p50 else None,
                        "p99_us": round(p99) if p99 else None}
-        last = [s for s in self.samples if s["start"] == self.daemon.starts]
+        def at(when):
+            return next((dict(s, client_calls_so_far=dict(self.phase_ops).get(when))
+                         for s in self.samples if s["when"] == when), None)
+        # The first daemon before any client; the daemon at the quiet point after the chaos
+        # (clients gone, quarantines over); the same daemon after a second wave.
         resources = {
-            "first_start": next((s for s in self.samples if s["when"] == "fresh"), None),
-            "last_start": next((s for s in last if s["when"] in ("start", "fresh")), None),
+            "fresh": at("fresh"), "quiet_1": at("quiet_1"), "quiet_2": at("quiet_2"),
             "peak_rss_kib": max((s["rss_kib"] for s in self.samples), default=None),
             "peak_fds": max((s["fds"] for s in self.samples), default=None),
-            "end": next((s for s in reversed(self.samples) if s["when"] == "end"), None),
         }
         totals = {k: r.total(k) for k in (
             "ops", "verified", "losses", "reattaches", "sequences_lost", "refusals", "transients",
@@ -771,10 +804,15 @@ def render(s):
     res = s["resources"]
 
     def sample(x):
-        return f"RSS {x['rss_kib'] / 1024:.1f} MiB, {x['fds']} fds" if x else "-"
-    lines.append(f"daemon: first start {sample(res['first_start'])}; last start "
-                 f"{sample(res['last_start'])}; end (clients gone) {sample(res['end'])}; peak "
-                 f"RSS {(res['peak_rss_kib'] or 0) / 1024:.1f} MiB, {res['peak_fds']} fds")
+        if not x:
+            return "-"
+        calls = x.get("client_calls_so_far")
+        return (f"RSS {x['rss_kib'] / 1024:.1f} MiB, {x['fds']} fds" +
+                (f" (after {calls} client calls)" if calls is not None else ""))
+    lines.append(f"daemon: fresh {sample(res['fresh'])}; quiet after the chaos "
+                 f"{sample(res['quiet_1'])}; quiet after the second wave, same daemon "
+                 f"{sample(res['quiet_2'])}; peak RSS {(res['peak_rss_kib'] or 0) / 1024:.1f} MiB, "
+                 f"{res['peak_fds']} fds")
     lines.append(f"corruptions found: {s['corruptions']} (client reports "
                  f"{len(s['corruption_reports'])}, accounting violations "
                  f"{len(s['accounting_violations'])}, daemon invariant violations "
@@ -801,7 +839,9 @@ def main(argv):
         return soak.run()
     except KeyboardInterrupt:
         soak.failures.append("interrupted")
-        return soak.finish(soak.wind_down())
+        final = soak.quiesce("interrupted")
+        soak.stop_daemon()
+        return soak.finish(final)
 
 
 if __name__ == "__main__":
