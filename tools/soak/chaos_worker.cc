@@ -40,6 +40,7 @@ constexpr char kMisuse[] = "misuse";
 constexpr char kHeartbeat[] = "heartbeat";
 
 }  // namespace
+
 ChaosWorker::ChaosWorker(ChaosClient* client, uint32_t index, uint64_t seed, Progress* progress)
     : client_(client),
       session_(client->session()),
