@@ -175,6 +175,16 @@ const std::vector<Option>& Options() {
        [](DaemonConfig& c, absl::string_view v) {
          return NeedUint32(v, 1, 1000, &c.health_probe_failures);
        }},
+      {"check_invariants_ms", "MS",
+       "debugging and soak runs: check the block and budget books every MS and abort on a "
+       "violation (costs time proportional to the pools' blocks, under the manager's lock); "
+       "0: never (default 0)",
+       [](DaemonConfig& c, absl::string_view v) {
+         uint64_t n = 0;
+         std::string e = NeedUint(v, 0, 3600000, &n);
+         c.check_invariants_interval = absl::Milliseconds(n);
+         return e;
+       }},
       {"exit_when_unserving", nullptr,
        "exit 3 when the probe finds the daemon cannot serve (default false)",
        [](DaemonConfig& c, absl::string_view v) { return NeedBool(v, &c.exit_when_unserving); }},

@@ -76,6 +76,9 @@ struct DaemonConfig {
   uint32_t worker_threads = 2;
   // How long shutdown waits for in-flight calls before cancelling them.
   absl::Duration shutdown_grace = absl::Seconds(5);
+  // Debugging and soak runs: how often the reaper runs CacheManager::CheckInvariants (a
+  // violation is logged and aborts the daemon); zero: never.
+  absl::Duration check_invariants_interval = absl::ZeroDuration();
   // Where the config was read from, for the startup log line.
   std::string config_file;
 };

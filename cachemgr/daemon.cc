@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -335,9 +336,29 @@ void Daemon::ReapLeases() {
   // Check often enough that a lease ends within ~10% of its timeout.
   const absl::Duration tick = std::clamp(config_.manager.lease_timeout / 10, absl::Milliseconds(5),
                                          absl::Milliseconds(250));
-  while (!shutdown_requested_.WaitForNotificationWithTimeout(tick)) {
+  const absl::Duration check_every = config_.check_invariants_interval;
+  absl::Time next_check = absl::Now() + check_every;
+  absl::Time next_report = absl::Now() + absl::Seconds(10);
+  uint64_t checks = 0;
+  while (!shutdown_requested_.WaitForNotificationWithTimeout(std::min(
+      tick, check_every > absl::ZeroDuration() ? check_every : absl::InfiniteDuration()))) {
     manager_->ExpireLeases();
+    if (check_every == absl::ZeroDuration() || absl::Now() < next_check) continue;
+    next_check = absl::Now() + check_every;
+    if (absl::Status s = manager_->CheckInvariants(); !s.ok()) {
+      // The books are wrong: stop before a client gets a block that is not free, keeping the
+      // state for a core dump.
+      Log(LogLevel::kError, "invariant violated", {{"error", s.ToString()}, {"checks", checks}});
+      std::abort();
+    }
+    ++checks;
+    if (absl::Now() >= next_report) {
+      next_report = absl::Now() + absl::Seconds(10);
+      Log(LogLevel::kInfo, "invariants hold", {{"checks", checks}});
+    }
   }
+  if (check_every > absl::ZeroDuration())
+    Log(LogLevel::kInfo, "invariants hold", {{"checks", checks}});
 }
 
 void Daemon::RequestShutdown() {

@@ -100,6 +100,11 @@ TEST_CASE("flags accept both forms, byte suffixes and boolean negation", "[cpu]"
   CHECK_FALSE(p->config.enable_reflection);
   CHECK(p->config.manager.lease_timeout == absl::Milliseconds(500));
   CHECK(p->config.log_level == LogLevel::kDebug);
+  // The invariant checks are off unless asked for.
+  CHECK(p->config.check_invariants_interval == absl::ZeroDuration());
+  auto checked = Parse({"--check_invariants_ms=250"});
+  REQUIRE(checked.ok());
+  CHECK(checked->config.check_invariants_interval == absl::Milliseconds(250));
 }
 
 TEST_CASE("bad flags are named", "[cpu]") {
@@ -127,6 +132,7 @@ TEST_CASE("bad flags are named", "[cpu]") {
       {{"--quarantine_ms=0"}, "--quarantine_ms must be an integer in [1, "},
       {{"--max_reply_bytes=1K"}, "--max_reply_bytes must be a byte count in [64K, 1G]"},
       {{"--max_reply_bytes=2G"}, "--max_reply_bytes must be a byte count in [64K, 1G]"},
+      {{"--check_invariants_ms=often"}, "--check_invariants_ms must be an integer in [0, "},
   };
   for (const auto& [args, message] : cases) {
     INFO(message);

@@ -72,6 +72,53 @@ TEST_CASE("daemon serves on 0600 sockets, reports healthy, and stops cleanly", "
   CHECK(after.status().code() == absl::StatusCode::kUnavailable);
 }
 
+TEST_CASE("--check_invariants_ms checks the books while clients come, go and expire", "[service]") {
+  auto daemon = DaemonProcess::Start(
+      {"--check_invariants_ms=5", "--lease_timeout_ms=300", "--heartbeat_interval_ms=100"});
+  REQUIRE(daemon.ok());
+  const std::string socket = (*daemon)->socket_path();
+  // A client that stops heartbeating: its lease expires and its blocks are quarantined.
+  auto held = ChildProcess::Spawn(KvClientPath(), {"--socket=" + socket, "--hold"});
+  REQUIRE(held.ok());
+  REQUIRE((*held)->ReadLine(absl::Seconds(20)).ok());
+  client::AttachOptions options;
+  options.client_name = "books";
+  options.model.name = "stories260K";
+  options.model.num_layers = 5;
+  options.model.num_q_heads = 8;
+  options.model.num_kv_heads = 4;
+  options.model.head_dim = 8;
+  options.model.dtype = client::DType::kFp32;
+  auto session = client::Session::Attach(socket, options);
+  REQUIRE(session.ok());
+  for (int i = 0; i < 20; ++i) {
+    const std::string id = absl::StrCat("s", i);
+    REQUIRE((*session)->Allocate(id, 1 + i * 3).ok());
+    REQUIRE((*session)->Fork(id, id + "-fork").ok());
+    REQUIRE((*session)->Allocate(id + "-fork", 2).ok());  // copy on write
+    REQUIRE((*session)->Free(id).ok());
+  }
+  REQUIRE((*session)->Detach().ok());
+  // The held client expires, its quarantine ends and its pool goes.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (UsedBlocks(*RawStub(socket)) != 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  absl::SleepFor(absl::Seconds(1));
+  auto code = (*daemon)->Terminate(SIGTERM);
+  REQUIRE(code.ok());
+  CHECK(*code == 0);  // a violation would have aborted it
+  const std::string log = (*daemon)->log_contents();
+  CHECK_THAT(log, Catch::Contains("\"msg\":\"client lease expired\""));
+  CHECK_THAT(log, !Catch::Contains("invariant violated"));
+  // The reaper's last report counts the checks it ran.
+  const size_t at = log.rfind("\"msg\":\"invariants hold\"");
+  REQUIRE(at != std::string::npos);
+  const size_t checks = log.find("\"checks\":", at);
+  REQUIRE(checks != std::string::npos);
+  CHECK(std::stoull(log.substr(checks + 9)) >= 10);
+}
+
 TEST_CASE("SIGINT also shuts down gracefully", "[service]") {
   auto daemon = DaemonProcess::Start();
   REQUIRE(daemon.ok());
