@@ -16,7 +16,6 @@
 namespace cachemgr::fuzz {
 namespace {
 
-
 CacheManagerOptions HarnessOptions() {
   CacheManagerOptions o;
   // Small limits keep every input fast and the fuzzer's memory low; the checks are the same.
@@ -78,6 +77,7 @@ ServiceHarness::ServiceHarness() : options_(HarnessOptions()) {
   service_ = std::make_unique<CacheManagerService>(manager_.get(), &events_, "/fuzz/share.sock",
                                                    /*unix_peers=*/nullptr, operator_token_.get(),
                                                    "fuzz", /*worker_threads=*/1);
+  service_->AdmitInProcessCallers();
   grpc::ServerBuilder builder;
   builder.RegisterService(service_.get());
   // As the daemon (daemon.cc): bytes that are not a request are answered INVALID_ARGUMENT.
@@ -89,6 +89,13 @@ ServiceHarness::ServiceHarness() : options_(HarnessOptions()) {
   channel_ = server_->InProcessChannel(grpc::ChannelArguments());
   stub_ = v1::CacheManager::NewStub(channel_);
   generic_ = std::make_unique<grpc::GenericStub>(channel_);
+  // The service admits the in-process caller: were every call refused before its handler, every
+  // target would pass without fuzzing anything.
+  std::string response;
+  const grpc::Status stats =
+      CallUnary("Stats", v1::StatsRequest().SerializeAsString(), &response, /*as_operator=*/true);
+  if (!stats.ok())
+    Fail(absl::StrCat("the in-process service refused Stats: ", stats.error_message()));
 }
 
 std::string ServiceHarness::ResolveToken(const std::string& token) const {
@@ -203,17 +210,20 @@ void ServiceHarness::CheckSane() const {
   const StatsSnapshot stats = manager_->Stats();
   uint64_t bytes = 0;
   for (const PoolSnapshot& p : stats.pools) {
-    bytes += p.bytes;
+    bytes += p.bytes + p.bookkeeping_bytes;
     for (const LayerOccupancy& l : p.layers) {
-      Check(l.used_blocks + l.free_blocks == l.capacity_blocks,
+      Check(l.used_blocks + l.free_blocks + l.quarantined_blocks == l.capacity_blocks,
             absl::StrCat("pool ", p.pool_id, ": used ", l.used_blocks, " + free ", l.free_blocks,
-                         " != capacity ", l.capacity_blocks));
+                         " + quarantined ", l.quarantined_blocks, " != capacity ",
+                         l.capacity_blocks));
       Check(l.shared_blocks <= l.used_blocks, absl::StrCat("pool ", p.pool_id, ": shared > used"));
     }
   }
+  // The budget charges pools with their bookkeeping, clients' input buffers and sequences.
+  bytes += stats.input_buffer_bytes + stats.sequence_bytes;
   Check(bytes == stats.memory_used_bytes,
-        absl::StrCat("pools hold ", bytes, " bytes, memory_used_bytes says ",
-                     stats.memory_used_bytes));
+        absl::StrCat("pools, input buffers and sequences hold ", bytes,
+                     " bytes, memory_used_bytes says ", stats.memory_used_bytes));
   Check(stats.memory_used_bytes <= options_.memory_budget_bytes,
         absl::StrCat("memory in use ", stats.memory_used_bytes, " exceeds the budget ",
                      options_.memory_budget_bytes));

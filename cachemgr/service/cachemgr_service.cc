@@ -163,10 +163,7 @@ absl::Status CacheManagerService::Authorize(grpc::CallbackServerContext* ctx) co
   if (absl::StartsWith(peer, "ipv4:") || absl::StartsWith(peer, "ipv6:")) {
     return absl::OkStatus();
   }
-  // An in-process channel (grpc::Server::InProcessChannel) can only be made by code inside this
-  // process: the fuzz harness. cachemgrd makes none. Its callers have no peer credentials (their
-  // own owner, as TCP callers) and operator rights only with the operator credential.
-  if (peer == "inproc") return absl::OkStatus();
+  if (admit_in_process_ && peer == "unknown") return absl::OkStatus();
   return absl::UnauthenticatedError(absl::StrCat("unexpected transport \"", peer, "\""));
 }
 

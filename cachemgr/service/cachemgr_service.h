@@ -77,13 +77,20 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   void BeginDrain();
   bool WaitIdle(absl::Duration timeout);
 
+  // Admits calls through grpc::Server::InProcessChannel (whose peer gRPC reports as "unknown"):
+  // for the fuzz harness, which drives the service inside its own process. Such callers have no
+  // peer credentials (they form one owner, as TCP callers do) and operator rights only with the
+  // operator credential. cachemgrd never calls it. Call before serving.
+  void AdmitInProcessCallers() { admit_in_process_ = true; }
+
   // Call bookkeeping used by the reactors (public for them; not part of the API).
   void CallStarted();
   void CallDone();
 
  private:
   // OK for a Unix-socket peer the PeerListener admitted and for TCP peers (authenticated by
-  // the TCP credentials' processor); UNAUTHENTICATED for anything else.
+  // the TCP credentials' processor), and in-process calls when admitted; UNAUTHENTICATED for
+  // anything else.
   absl::Status Authorize(grpc::CallbackServerContext* ctx) const;
   // Whether the call carries the operator credential.
   bool HasOperatorCredential(grpc::CallbackServerContext* ctx) const;
@@ -113,6 +120,7 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   const std::string version_;
   const absl::Time started_;
 
+  bool admit_in_process_ = false;
   std::atomic<bool> draining_{false};
   absl::Mutex calls_mu_;
   int64_t calls_in_flight_ ABSL_GUARDED_BY(calls_mu_) = 0;

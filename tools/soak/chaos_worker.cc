@@ -636,14 +636,20 @@ void ChaosWorker::CorruptOnPurpose() {
       !session_.lease_ok()) {
     return;  // try again
   }
-  corrupt_at_ = absl::InfiniteFuture();
   const client::KvPoolView& pool = session_.pool();
+  // The element's top byte (sign and exponent): a change no tolerance for reconstructed rows
+  // absorbs.
   std::byte* at =
       pool.layer_base(0) +
-      pool.layout().head_offset(kernels::KvPlane::kKey, info->layers[0].block_ids[0], 0, 0);
-  *at ^= std::byte{0x5a};
+      pool.layout().head_offset(kernels::KvPlane::kKey, info->layers[0].block_ids[0], 0, 0) +
+      pool.layout().elem_bytes - 1;
+  *at ^= std::byte{0x40};
   client_->Report({{"event", "corrupted_on_purpose"}, {"sequence", id}});
+  const uint64_t reported = totals_.corruptions;
   Verify(id, "after a deliberate corruption");
+  // Done once the check reported it; when the check could not run (the lease or the daemon went
+  // meanwhile, taking the sequence along), plant another.
+  corrupt_at_ = totals_.corruptions > reported ? absl::InfiniteFuture() : absl::Now();
 }
 
 void ChaosWorker::Verify(const std::string& id, const char* why) {
