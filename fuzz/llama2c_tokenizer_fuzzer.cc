@@ -5,7 +5,7 @@
 #include <cstdint>
 
 #include "fuzz/fuzz_util.h"
-#include "fuzz/tokenizer_check.h"
+#include "fuzz/model_check.h"
 #include "tools/engine/tokenizer.h"
 
 namespace cachemgr::fuzz {

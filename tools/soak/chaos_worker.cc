@@ -374,17 +374,8 @@ void ChaosWorker::Append(const std::string& id) {
   const absl::StatusOr<client::Allocation> alloc = Timed<absl::StatusOr<client::Allocation>>(
       kAppend, [&] { return session_.Allocate(id, count); }, &latency);
   if (!alloc.ok()) {
-    switch (Judge(kAppend, id, alloc.status(), latency, {absl::StatusCode::kResourceExhausted})) {
-      case Verdict::kRefused:
-        need_free_ = true;
-        if (Uniform() < 0.3) Verify(id, "after refused append");
-        return;
-      case Verdict::kTransient:
-        Drop(id);
-        return;
-      default:
-        return;
-    }
+    OnMemoryBoundFailure(kAppend, id, alloc.status(), latency, "after refused append");
+    return;
   }
   RecordOk(kAppend, id, latency);
   if (alloc->created && OperatorMayFree(id)) {
@@ -571,17 +562,8 @@ void ChaosWorker::FetchOne(const std::string& id) {
       Timed<absl::StatusOr<std::vector<client::FetchedLayer>>>(
           kFetch, [&] { return session_.Fetch(id, layers); }, &latency);
   if (!fetched.ok()) {
-    switch (Judge(kFetch, id, fetched.status(), latency, {absl::StatusCode::kResourceExhausted})) {
-      case Verdict::kRefused:
-        need_free_ = true;
-        if (Uniform() < 0.3) Verify(id, "after refused fetch");
-        return;
-      case Verdict::kTransient:
-        Drop(id);
-        return;
-      default:
-        return;
-    }
+    OnMemoryBoundFailure(kFetch, id, fetched.status(), latency, "after refused fetch");
+    return;
   }
   RecordOk(kFetch, id, latency);
   const bool reconstructed = before.any_parked();
@@ -650,6 +632,22 @@ void ChaosWorker::CorruptOnPurpose() {
   // Done once the check reported it; when the check could not run (the lease or the daemon went
   // meanwhile, taking the sequence along), plant another.
   corrupt_at_ = totals_.corruptions > reported ? absl::InfiniteFuture() : absl::Now();
+}
+
+void ChaosWorker::OnMemoryBoundFailure(const char* op, const std::string& id,
+                                       const absl::Status& status, absl::Duration latency,
+                                       const char* verify_why) {
+  switch (Judge(op, id, status, latency, {absl::StatusCode::kResourceExhausted})) {
+    case Verdict::kRefused:
+      need_free_ = true;
+      if (Uniform() < 0.3) Verify(id, verify_why);
+      return;
+    case Verdict::kTransient:
+      Drop(id);
+      return;
+    default:
+      return;
+  }
 }
 
 void ChaosWorker::Verify(const std::string& id, const char* why) {

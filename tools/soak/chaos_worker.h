@@ -68,6 +68,11 @@ class ChaosWorker {
   Verdict Judge(const char* op, const std::string& sequence, const absl::Status& status,
                 absl::Duration latency, std::initializer_list<absl::StatusCode> expected);
   void RecordOk(const char* op, const std::string& sequence, absl::Duration latency);
+  // A call on `id` that memory may refuse failed: after a refusal, free something next (and at
+  // times check, as `verify_why`, that the refusal changed nothing); after a transient failure,
+  // forget the sequence, whose state is unknown.
+  void OnMemoryBoundFailure(const char* op, const std::string& id, const absl::Status& status,
+                            absl::Duration latency, const char* verify_why);
   // Whether the session is still alive (a heartbeat answered) after a failure that may mean it
   // is not; waits while the daemon is unreachable, at most until the local lease runs out.
   bool ConfirmSession();

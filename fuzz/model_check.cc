@@ -1,4 +1,4 @@
-#include "fuzz/tokenizer_check.h"
+#include "fuzz/model_check.h"
 
 #include <algorithm>
 #include <string>
@@ -31,6 +31,24 @@ void ExerciseTokenizer(const engine::Tokenizer& tokenizer) {
   }
   const uint32_t n = std::min<uint32_t>(tokenizer.vocab_size(), 4096);
   for (uint32_t id = 0; id <= n; ++id) tokenizer.Decode(tokenizer.bos_id(), id);
+}
+
+void CheckCheckpointSizes(const engine::Checkpoint& ck) {
+  const engine::LlamaConfig& c = ck.config;
+  const uint64_t d = c.dim, hd = c.head_dim(), h = c.hidden_dim;
+  const uint64_t q = uint64_t{c.num_heads} * hd, kv = uint64_t{c.num_kv_heads} * hd;
+  const engine::LlamaWeights& w = ck.weights;
+  Check(w.token_embedding.size() == uint64_t{c.vocab_size} * d, "token_embedding size");
+  Check(w.final_norm.size() == d, "final_norm size");
+  Check(w.output.empty() || w.output.size() == uint64_t{c.vocab_size} * d, "output size");
+  Check(w.layers.size() == c.num_layers, "layer count");
+  for (const engine::LayerWeights& l : w.layers) {
+    Check(l.attn_norm.size() == d && l.ffn_norm.size() == d, "norm sizes");
+    Check(l.wq.size() == q * d && l.wo.size() == d * q, "wq/wo sizes");
+    Check(l.wk.size() == kv * d && l.wv.size() == kv * d, "wk/wv sizes");
+    Check(l.w_gate.size() == h * d && l.w_up.size() == h * d && l.w_down.size() == d * h,
+          "ffn sizes");
+  }
 }
 
 }  // namespace cachemgr::fuzz
