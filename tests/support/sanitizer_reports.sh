@@ -12,6 +12,8 @@ case "$mode" in
   reset)
     rm -rf "$dir"
     mkdir -p "$dir"
+    # Tests run some processes as another uid (SpawnAs): they must be able to report too.
+    chmod 1777 "$dir"
     ;;
   check)
     shopt -s nullglob
