@@ -301,6 +301,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     pool->bytes = charge.memory;
     pool->bookkeeping_bytes = charge.bookkeeping;
     pool->building = true;
+    pool->building_input_charge = input_charge;
     pools_.emplace(pool_key, std::move(pending));
     ++builds_in_flight_;
     // Only this call changes a building pool, and Shutdown waits for builds, so `pool` stays
@@ -317,6 +318,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
       }
     }
     --builds_in_flight_;
+    pool->building_input_charge = 0;  // the client's own charge from here on (or given back)
     absl::Status built = memory.status();
     uint64_t actual = 0;
     if (built.ok()) {
@@ -1052,7 +1054,7 @@ absl::Status CacheManager::CheckInvariants() const {
     bytes += seq->charge;
   }
   for (const auto& [name, pool] : pools_) {
-    bytes += pool->bytes + pool->bookkeeping_bytes;
+    bytes += pool->bytes + pool->bookkeeping_bytes + pool->building_input_charge;
     const uint64_t bookkeeping =
         uint64_t{pool->num_blocks} * pool->model.num_layers * kBookkeepingBytesPerBlockLayer;
     if (pool->bookkeeping_bytes != bookkeeping) {

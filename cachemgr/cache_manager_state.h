@@ -30,6 +30,9 @@ struct CacheManager::Pool {
   uint64_t bookkeeping_bytes = 0;
   // Its memory is being created outside the lock: no memory, no allocators, no clients yet.
   bool building = false;
+  // While building: the input buffer of the client whose Attach builds it, charged to the budget
+  // with the pool until that client exists.
+  uint64_t building_input_charge = 0;
   // Shared so that Compress's work outside the lock keeps it alive if the pool is released
   // meanwhile.
   std::shared_ptr<PoolMemory> memory;
