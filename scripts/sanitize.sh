@@ -54,7 +54,14 @@ asan() {
 tsan() {
   local build_dir=${BUILD_DIR_TSAN:-build-tsan}
   local abseil start=$SECONDS
-  abseil=$(scripts/tsan-abseil.sh)
+  # The cache lives under $HOME, which the tests' other-uid children (uid 65534) may not be
+  # allowed to read: the loader would then skip the RPATH and load Debian's uninstrumented absl,
+  # and TSan would report false races in those children. A copy inside the build tree, which
+  # they already read their binaries from, is within their reach.
+  mkdir -p "$build_dir"
+  rm -rf "$build_dir/abseil-tsan"
+  cp -a "$(scripts/tsan-abseil.sh)" "$build_dir/abseil-tsan"
+  abseil=$(cd "$build_dir/abseil-tsan" && pwd)
   echo "== TSan: build ($build_dir; instrumented abseil in $abseil)"
   cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCACHEMGR_SANITIZE=thread \
     -DCACHEMGR_TSAN_ABSEIL_DIR="$abseil" -DCACHEMGR_BUILD_BENCH=OFF >/dev/null

@@ -1,5 +1,6 @@
 #include "cachemgr/service/request_errors.h"
 
+#include <atomic>
 #include <string>
 
 #include "absl/strings/match.h"
@@ -31,14 +32,21 @@ std::string RequestTypeName(absl::string_view grpc_method) {
 
 class UnparseableRequestInterceptor final : public grpc::experimental::Interceptor {
  public:
-  explicit UnparseableRequestInterceptor(const char* method) : method_(method) {}
+  // gRPC creates the interceptor on one thread and may run its hook points on others, ordered
+  // by gRPC's own code, which sanitizers do not see. The release store publishes what the
+  // constructor wrote to every later acquire load, wherever it runs: the handoff is visible.
+  explicit UnparseableRequestInterceptor(const char* method) : method_(method) {
+    unparseable_.store(false, std::memory_order_release);
+  }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    bool unparseable = unparseable_.load(std::memory_order_acquire);
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
         methods->GetRecvMessage() == nullptr) {
-      unparseable_ = true;
+      unparseable = true;
+      unparseable_.store(true, std::memory_order_release);
     }
-    if (unparseable_ &&
+    if (unparseable &&
         methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       const grpc::Status sent = methods->GetSendStatus();
       // Only the status gRPC's handler substitutes for the failed deserialization.
@@ -57,7 +65,7 @@ class UnparseableRequestInterceptor final : public grpc::experimental::Intercept
 
  private:
   const char* const method_;
-  bool unparseable_ = false;
+  std::atomic<bool> unparseable_;
 };
 
 class UnparseableRequestInterceptorFactory final

@@ -74,7 +74,9 @@ TEST_CASE("daemon serves on 0600 sockets, reports healthy, and stops cleanly", "
 
 TEST_CASE("--check_invariants_ms checks the books while clients come, go and expire", "[service]") {
   auto daemon = DaemonProcess::Start(
-      {"--check_invariants_ms=5", "--lease_timeout_ms=300", "--heartbeat_interval_ms=100"});
+      // The lease is short so the held client expires within the test, and long enough that this
+      // test's own session keeps it under a sanitizer on a loaded machine.
+      {"--check_invariants_ms=5", "--lease_timeout_ms=1500", "--heartbeat_interval_ms=100"});
   REQUIRE(daemon.ok());
   const std::string socket = (*daemon)->socket_path();
   // A client that stops heartbeating: its lease expires and its blocks are quarantined.
@@ -93,10 +95,15 @@ TEST_CASE("--check_invariants_ms checks the books while clients come, go and exp
   REQUIRE(session.ok());
   for (int i = 0; i < 20; ++i) {
     const std::string id = absl::StrCat("s", i);
-    REQUIRE((*session)->Allocate(id, 1 + i * 3).ok());
-    REQUIRE((*session)->Fork(id, id + "-fork").ok());
-    REQUIRE((*session)->Allocate(id + "-fork", 2).ok());  // copy on write
-    REQUIRE((*session)->Free(id).ok());
+    INFO("round " << i);
+    const auto allocated = (*session)->Allocate(id, 1 + i * 3);
+    REQUIRE(allocated.status().ToString() == "OK");
+    const auto forked = (*session)->Fork(id, id + "-fork");
+    REQUIRE(forked.status().ToString() == "OK");
+    const auto written = (*session)->Allocate(id + "-fork", 2);  // copy on write
+    REQUIRE(written.status().ToString() == "OK");
+    const auto freed = (*session)->Free(id);
+    REQUIRE(freed.status().ToString() == "OK");
   }
   REQUIRE((*session)->Detach().ok());
   // The held client expires, its quarantine ends and its pool goes.
