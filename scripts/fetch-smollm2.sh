@@ -6,6 +6,9 @@ set -euo pipefail
 cache=${CACHEMGR_MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cachemgr}
 gguf="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
 want=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+mkdir -p "$cache"
+exec 9>"$gguf.lock"
+flock 9  # one fetch at a time (.ci/run fetches in the background too)
 if [ -f "$gguf" ] && echo "$want  $gguf" | sha256sum -c --status; then
   echo "$gguf"
   exit 0

@@ -90,8 +90,10 @@ class MiniVllm:
 
     def __init__(self, scheduler, worker, num_blocks=14, budget=12):
         self.scheduler, self.worker = scheduler, worker
+        # vLLM 0.32's per-layer shape; K and V split along the last dimension (the
+        # split_last_dim layout, which `make` names in the connector's config).
         self.cache = {f"model.layers.{l}.self_attn.attn":
-                      np.zeros((2, num_blocks, BLOCK, KV_HEADS, DIM), np.float16)
+                      np.zeros((num_blocks, KV_HEADS, BLOCK, 2 * DIM), np.float16)
                       for l in range(LAYERS)}
         worker.register_kv_caches(self.cache)
         self.free = list(range(num_blocks))
@@ -216,8 +218,8 @@ class MiniVllm:
                 for i in range(t.first_token, t.first_token + t.num_tokens):
                     b, o = r.blocks[i // BLOCK], i % BLOCK
                     want_k, want_v = model_kv(layer, r.token(i), i)
-                    for got, want, theta in ((kv[0][b, o], want_k, 0.98),
-                                             (kv[1][b, o], want_v, 0.95)):
+                    for got, want, theta in ((kv[b, :, o, :DIM], want_k, 0.98),
+                                             (kv[b, :, o, DIM:], want_v, 0.95)):
                         g, w_ = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
                         cos = g @ w_ / (np.linalg.norm(g) * np.linalg.norm(w_))
                         assert cos > theta - 2e-3, (r.request_id, layer, i, cos)
@@ -230,8 +232,8 @@ class MiniVllm:
                 b, o = r.blocks[i // BLOCK], i % BLOCK
                 for layer, name in enumerate(self.cache):
                     k, v = model_kv(layer, r.token(i), i)
-                    self.cache[name][0][b, o] = k
-                    self.cache[name][1][b, o] = v
+                    self.cache[name][b, :, o, :DIM] = k
+                    self.cache[name][b, :, o, DIM:] = v
         for name, kv in self.cache.items():
             w.save_kv_layer(name, kv, None)
         w.wait_for_save()
@@ -242,7 +244,7 @@ class MiniVllm:
 def make(daemon, policy="codebook", **extra):
     config = dict(socket=daemon.socket, policy=policy, num_layers=LAYERS, num_q_heads=Q_HEADS,
                   num_kv_heads=KV_HEADS, head_dim=DIM, block_size=BLOCK, dtype="fp16",
-                  model_name=f"mini-{policy}", num_blocks=256, **extra)
+                  model_name=f"mini-{policy}", num_blocks=256, layout="split_last_dim", **extra)
     scheduler = connector_module.CacheManagerConnector(
         role=connector_module.KVConnectorRole.SCHEDULER, config=config)
     worker = connector_module.CacheManagerConnector(
@@ -268,7 +270,7 @@ def run(daemon, policy, **extra):
 def test_adapter_module_loads_without_vllm():
     assert "vllm" not in sys.modules
     importlib.reload(connector_module)
-    assert connector_module._Base is object
+    assert not connector_module.HAVE_VLLM
 
 
 def test_lifecycle_with_preemption_and_reload(daemon):
@@ -390,5 +392,5 @@ def test_config_errors(daemon):
                                                config=dict(num_layers=1))
     _, worker = make(daemon)
     with pytest.raises(ValueError, match="layer"):
-        worker.register_kv_caches({"lm_head": np.zeros((2, 1, BLOCK, KV_HEADS, DIM))})
+        worker.register_kv_caches({"lm_head": np.zeros((1, KV_HEADS, BLOCK, 2 * DIM))})
     worker.shutdown()

@@ -40,8 +40,17 @@ layers kept every token can be loaded back: token-preserving policies (codebook,
 loadable sequences; with an evicting policy (e.g. spindlekv) the sidecar copy still saves memory
 and is reported, but get_num_new_matched_tokens returns 0 for it and vLLM recomputes.
 
-vLLM objects are used by duck typing, never imported at module level, so this module loads (and
-is tested, tests/python/test_vllm_connector.py) without vLLM. Attributes it reads:
+In vLLM the connector subclasses vLLM's own KVConnectorBase_V1 (0.32; initialised through its
+__init__, metadata in its slot) and takes the model's shape, dtype (bf16 moved bit for bit),
+block size and RoPE from vLLM's config. register_kv_caches finds each layer's attention backend,
+looks up where that backend keeps K and V (vllm_layout.py) and proves it by writing known rows
+through the backend's own cache-write op; an unknown backend or a mismatch stops vLLM at start
+with a message naming the layout. Counters reach vLLM's logs and Prometheus metrics
+(get_kv_connector_stats, build_prom_metrics: vllm:cachemgr_*).
+
+Outside vLLM (tests/python/test_vllm_connector.py drives it with a scripted scheduler) the
+module loads without vLLM or torch; pass `config` (with "layout") and numpy KV caches. Attributes
+read from vLLM's objects:
   Request: request_id, prompt_token_ids, num_tokens, num_computed_tokens
   KVCacheBlocks: get_block_ids() -> tuple of block id lists (one per KV cache group; group 0)
   SchedulerOutput: scheduled_new_reqs[i].req_id / .block_ids / .num_computed_tokens,
@@ -49,9 +58,9 @@ is tested, tests/python/test_vllm_connector.py) without vLLM. Attributes it read
     .resumed_req_ids (or .resumed_from_preemption),
     num_scheduled_tokens (dict req_id -> tokens this step), finished_req_ids,
     preempted_req_ids (set; optional)
-  kv_caches (register_kv_caches): {layer name: tensor [2, num_blocks, block_size, kv_heads,
-    head_dim]} (FlashAttention layout; numpy arrays or CPU/GPU torch tensors); the layer index
-    is the first integer in the name ("model.layers.7.self_attn.attn" -> 7).
+  kv_caches (register_kv_caches): {layer name: [num_blocks, kv_heads, block_size, 2 * head_dim]}
+    (vLLM 0.32's logical shape); the layer index is the first integer in the name
+    ("model.layers.7.self_attn.attn" -> 7).
 """
 
 import dataclasses
@@ -73,9 +82,90 @@ _log = logging.getLogger("cachemgr.vllm")
 try:  # only for subclassing when vLLM is present; the adapter works without it
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
         KVConnectorBase_V1 as _Base, KVConnectorMetadata as _MetaBase)
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # type: ignore
+        KVConnectorPromMetrics as _PromBase, KVConnectorStats as _StatsBase)
+    HAVE_VLLM = True
 except Exception:  # noqa: BLE001 - vLLM absent (or another version): plain classes
-    _Base = object
+    HAVE_VLLM = False
     _MetaBase = object
+    _PromBase = object
+
+    class _Base:  # the part of KVConnectorBase_V1 the connector relies on
+        def __init__(self, vllm_config, role, kv_cache_config):
+            self._connector_metadata = None
+            self._role = role
+
+        @property
+        def role(self):
+            return self._role
+
+        def bind_connector_metadata(self, connector_metadata) -> None:
+            self._connector_metadata = connector_metadata
+
+        def clear_connector_metadata(self) -> None:
+            self._connector_metadata = None
+
+        def has_connector_metadata(self) -> bool:
+            return self._connector_metadata is not None
+
+    @dataclasses.dataclass
+    class _StatsBase:
+        data: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+# The connector's counters: vLLM logs them and exports each as vllm:cachemgr_<name>_total.
+_COUNTERS = {
+    "saved_tokens": "Tokens whose KV the connector copied into cachemgrd",
+    "loaded_tokens": "Tokens whose KV the connector loaded from cachemgrd into vLLM's blocks",
+    "compressions": "Prompts compressed in cachemgrd",
+    "parks": "Sequences returned to cachemgrd's arena after a load or a preemption",
+    "bytes_before": "KV bytes of the compressed prompts before compression",
+    "bytes_after": "KV bytes of the compressed prompts after compression",
+    "sidecar_errors": "Failed calls to cachemgrd (each became a cache miss or a recompute)",
+    "skipped_saves": "Saves skipped because cachemgrd was unavailable",
+    "load_errors": "Loads that failed and were reported to vLLM for recompute",
+    "reattaches": "Times the worker re-attached to cachemgrd after losing its session",
+}
+
+
+class CacheManagerConnectorStats(_StatsBase):
+    """Counter increments since the last report (KVConnectorStats): summed across workers and
+    intervals, reduced to the sums."""
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other):
+        for key, value in (other.data or {}).items():
+            self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self):
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class CacheManagerPromMetrics(_PromBase):
+    """The counters as Prometheus counters, one child per engine (KVConnectorPromMetrics)."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._children = {}
+        for key, documentation in _COUNTERS.items():
+            counter = self._counter_cls(name=f"vllm:cachemgr_{key}", documentation=documentation,
+                                        labelnames=labelnames)
+            for engine, values in per_engine_labelvalues.items():
+                self._children[(engine, key)] = counter.labels(*values)
+
+    def observe(self, transfer_stats_data: Dict[str, Any], engine_idx: int = 0):
+        for key, value in (transfer_stats_data or {}).items():
+            child = self._children.get((engine_idx, key))
+            if child is not None and value > 0:
+                child.inc(value)
+
+
+_VLLM_DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 
 # Failures that mean "the sidecar is not there right now", not "this is misconfigured".
@@ -84,7 +174,7 @@ _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 
 
 class KVConnectorRole:
-    """Mirror of vllm's enum (SCHEDULER = 0, WORKER = 1) for use without vLLM."""
+    """Values of vLLM's enum (SCHEDULER = 0, WORKER = 1), for use without vLLM."""
     SCHEDULER = 0
     WORKER = 1
 
@@ -118,38 +208,68 @@ def _role_value(role) -> int:
     return getattr(role, "value", role)
 
 
+def _rope_theta(hf_config) -> float:
+    """RoPE base of a Hugging Face config: transformers 5 keeps it in rope_parameters."""
+    parameters = getattr(hf_config, "rope_parameters", None)
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        return float(parameters["rope_theta"])
+    theta = getattr(hf_config, "rope_theta", None)
+    if theta is None:
+        raise ValueError("the model's config has no rope_theta (nor rope_parameters.rope_theta)")
+    return float(theta)
+
+
+def _config_from_vllm(vllm_config) -> Dict[str, Any]:
+    """kv_connector_extra_config, completed with the model's shape, dtype, block size and RoPE
+    from vLLM's own config (explicit extra-config keys win)."""
+    config = dict(getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", None)
+                  or {})
+    model_config = getattr(vllm_config, "model_config", None)
+    cache_config = getattr(vllm_config, "cache_config", None)
+    if model_config is not None:
+        hf = model_config.hf_text_config if hasattr(model_config, "hf_text_config") \
+            else model_config.hf_config
+        config.setdefault("num_layers", hf.num_hidden_layers)
+        config.setdefault("num_q_heads", hf.num_attention_heads)
+        config.setdefault("num_kv_heads", getattr(hf, "num_key_value_heads", None) or
+                          hf.num_attention_heads)
+        config.setdefault("head_dim", getattr(hf, "head_dim", None) or
+                          hf.hidden_size // hf.num_attention_heads)
+        config.setdefault("rope_theta", _rope_theta(hf))
+        config.setdefault("model_name", model_config.model)
+        dtype = _VLLM_DTYPES.get(str(model_config.dtype))
+        if dtype is None:
+            raise ValueError(f"cachemgr's vLLM connector supports KV of dtype bfloat16, float16 "
+                             f"or float32, not {model_config.dtype}")
+        config.setdefault("dtype", dtype)
+    if cache_config is not None:
+        cache_dtype = str(getattr(cache_config, "cache_dtype", "auto"))
+        if cache_dtype != "auto":
+            raise ValueError(f"cachemgr's vLLM connector moves KV in the model's dtype; "
+                             f"--kv-cache-dtype {cache_dtype} is not supported")
+        config.setdefault("block_size", cache_config.block_size)
+    return config
+
+
 class CacheManagerConnector(_Base):
     """See the module docstring. `config` holds the kv_connector_extra_config keys:
     socket (required), policy ("codebook"), reserve_ratio (1.0) or byte_ratio, window (32),
     client_name, reconnect_interval (1.0 s: how often a lost sidecar is probed or re-attached),
-    and for the worker the model's shape: num_layers, num_q_heads, num_kv_heads, head_dim,
-    dtype ("fp16"), block_size (16), rope_style ("half_split", vLLM's), rope_theta (10000).
+    layout (only to name a backend's layout explicitly; it is verified all the same),
+    and, taken from vLLM's config when run in vLLM: num_layers, num_q_heads, num_kv_heads,
+    head_dim, dtype, block_size, rope_style ("half_split", vLLM's), rope_theta.
     Outside vLLM, pass `config` directly."""
 
-    def __init__(self, vllm_config=None, role=KVConnectorRole.WORKER, kv_cache_config=None,
+    def __init__(self, vllm_config=None, role=None, kv_cache_config=None,
                  config: Optional[Dict[str, Any]] = None):
+        if role is None:
+            role = KVConnectorRole.WORKER
         if config is None:
-            extra = getattr(getattr(vllm_config, "kv_transfer_config", None),
-                            "kv_connector_extra_config", None) or {}
-            config = dict(extra)
-            model_config = getattr(vllm_config, "model_config", None)
-            cache_config = getattr(vllm_config, "cache_config", None)
-            if model_config is not None and "num_layers" not in config:
-                hf = model_config.hf_config
-                config.setdefault("num_layers", hf.num_hidden_layers)
-                config.setdefault("num_q_heads", hf.num_attention_heads)
-                config.setdefault("num_kv_heads", getattr(hf, "num_key_value_heads",
-                                                          hf.num_attention_heads))
-                config.setdefault("head_dim", getattr(hf, "head_dim", None) or
-                                  hf.hidden_size // hf.num_attention_heads)
-                config.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
-                config.setdefault("model_name", model_config.model)
-            if cache_config is not None:
-                config.setdefault("block_size", cache_config.block_size)
+            config = _config_from_vllm(vllm_config)
+        super().__init__(vllm_config, role, kv_cache_config)
         if "socket" not in config:
             raise ValueError("kv_connector_extra_config needs \"socket\" (cachemgrd's socket)")
         self.config = config
-        self._role = role
         self.policy = Policy(config.get("policy", "codebook"), window=config.get("window"))
         self.reserve_ratio = config.get("reserve_ratio")
         self.byte_ratio = config.get("byte_ratio")
@@ -157,7 +277,6 @@ class CacheManagerConnector(_Base):
             self.reserve_ratio = 1.0
         self.block_size = int(config.get("block_size", 16))
         self.reconnect_interval = float(config.get("reconnect_interval", 1.0))
-        self._metadata: Optional[CacheManagerConnectorMetadata] = None
         # Scheduler side.
         self._block_ids: Dict[str, List[int]] = {}       # req id -> vLLM blocks (group 0)
         self._saved: Dict[str, int] = {}                 # req id -> tokens held by the sidecar
@@ -171,13 +290,14 @@ class CacheManagerConnector(_Base):
         # Worker side.
         self.session: Optional[Session] = None
         self._kv_caches: Dict[int, Any] = {}
+        self._layout = None                       # vllm_layout.Layout of the registered caches
+        self._kernel_block_size = self.block_size  # tokens per block of the KV tensors
         self._generation_of: Dict[str, int] = {}  # sequence -> session generation that saved it
         self._broken: Set[str] = set()            # sequences whose sidecar copy is incomplete
         self._load_errors: Set[int] = set()       # vLLM block ids whose load failed
         self._retry_at = 0.0                      # next attach / reattach try (time.monotonic)
-        self.stats = dict(saved_tokens=0, loaded_tokens=0, compressions=0, parks=0,
-                          bytes_before=0, bytes_after=0, sidecar_errors=0, skipped_saves=0,
-                          load_errors=0, reattaches=0)
+        self.stats = {key: 0 for key in _COUNTERS}
+        self._reported = dict(self.stats)         # what get_kv_connector_stats last reported
         self._last_error: Optional[CacheManagerError] = None
         self._logged_at = -1e9
         self._unlogged = 0
@@ -187,8 +307,27 @@ class CacheManagerConnector(_Base):
                 raise self._last_error  # a configuration error, not an outage: say so at start
 
     @property
-    def role(self):
-        return self._role
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped save is a later miss, never a lost request
+
+    # ---- stats -------------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self):
+        """The counters' increments since the last call (None when nothing changed)."""
+        delta = {k: v - self._reported.get(k, 0) for k, v in self.stats.items()}
+        if not any(delta.values()):
+            return None
+        self._reported = dict(self.stats)
+        return CacheManagerConnectorStats(data={k: v for k, v in delta.items() if v})
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return CacheManagerConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return CacheManagerPromMetrics(vllm_config, metric_types, labelnames,
+                                       per_engine_labelvalues)
 
     # ---- worker side -------------------------------------------------------------------------
 
@@ -256,38 +395,95 @@ class CacheManagerConnector(_Base):
         return sequence_id not in self._broken and self._held_here(sequence_id)
 
     def register_kv_caches(self, kv_caches: Dict[str, Any]) -> None:
-        """Records vLLM's per-layer paged KV tensors ([2, num_blocks, block_size, kv_heads,
-        head_dim])."""
+        """Records vLLM's per-layer paged KV tensors after proving their layout: each layer's
+        attention backend names it (vllm_layout.BACKEND_LAYOUTS, or config "layout"), and known
+        rows written through the backend's own cache-write op must read back bit for bit.
+        Raises ValueError (vLLM does not start) for an unknown backend or a mismatch."""
+        from . import vllm_layout
+        layers = {}
+        forward_context = {}
+        vllm_config = getattr(self, "_vllm_config", None)
+        if vllm_config is not None:
+            forward_context = vllm_config.compilation_config.static_forward_context
+        head_dim = int(self.config["head_dim"])
         for name, tensor in kv_caches.items():
             match = re.search(r"(\d+)", name)
             if match is None:
                 raise ValueError(f"cannot tell the layer index of KV cache {name!r}")
-            self._kv_caches[int(match.group(1))] = tensor
-        if len(self._kv_caches) != int(self.config["num_layers"]):
-            raise ValueError(f"{len(self._kv_caches)} KV caches registered for a model of "
+            attention = forward_context.get(name)
+            if "layout" in self.config:
+                layout = vllm_layout.LAYOUTS.get(self.config["layout"])
+                if layout is None:
+                    raise ValueError(f"kv_connector_extra_config layout "
+                                     f"{self.config['layout']!r} is not one of "
+                                     f"{sorted(vllm_layout.LAYOUTS)}")
+            elif attention is not None:
+                layout = vllm_layout.layout_for_backend(vllm_layout.backend_key(attention))
+            else:
+                raise ValueError(f"no attention layer {name!r} in vLLM's forward context and no "
+                                 f"\"layout\" in kv_connector_extra_config: the KV layout is "
+                                 f"unknown")
+            if attention is not None:
+                vllm_layout.verify_layout(layout, name, tensor, attention, head_dim)
+            if self._layout is not None and layout.name != self._layout.name:
+                raise ValueError(f"layers use different KV layouts ({self._layout.name}, "
+                                 f"{layout.name}); the connector supports one per model")
+            self._layout = layout
+            k_view, _ = layout.views(tensor, head_dim)
+            self._kernel_block_size = int(k_view.shape[2])
+            layers[int(match.group(1))] = tensor
+        if self.block_size % self._kernel_block_size:
+            raise ValueError(f"vLLM's block size {self.block_size} is not a multiple of the KV "
+                             f"tensors' {self._kernel_block_size} tokens per block")
+        if len(layers) != int(self.config["num_layers"]):
+            raise ValueError(f"{len(layers)} KV caches registered for a model of "
                              f"{self.config['num_layers']} layers")
+        self._kv_caches = layers
 
-    def bind_connector_metadata(self, metadata: CacheManagerConnectorMetadata) -> None:
-        self._metadata = metadata
+    def _slots(self, kv, block_ids: List[int], first: int, end: int):
+        """(kernel block, offset) of tokens [first, end) of a request whose vLLM blocks are
+        `block_ids`, as index arrays for `kv` (torch tensors on its device, or numpy)."""
+        tokens = np.arange(first, end)
+        per = self.block_size // self._kernel_block_size
+        within = tokens % self.block_size
+        blocks = (np.asarray(block_ids, dtype=np.int64)[tokens // self.block_size] * per +
+                  within // self._kernel_block_size)
+        offsets = within % self._kernel_block_size
+        if hasattr(kv, "untyped_storage"):
+            import torch
+            return (torch.as_tensor(blocks, device=kv.device),
+                    torch.as_tensor(offsets, device=kv.device))
+        return blocks, offsets
 
-    def clear_connector_metadata(self) -> None:
-        self._metadata = None
+    @staticmethod
+    def _to_numpy(rows):
+        """Rows of vLLM's cache as numpy, bit for bit (bf16 as its uint16 bits)."""
+        if not hasattr(rows, "untyped_storage"):
+            return np.asarray(rows)
+        import torch
+        rows = rows.contiguous()
+        if rows.dtype == torch.bfloat16:
+            return rows.view(torch.int16).cpu().numpy().view(np.uint16)
+        return rows.cpu().numpy()
 
-    def _numpy(self, tensor):
-        return tensor.cpu().numpy() if hasattr(tensor, "cpu") else np.asarray(tensor)
+    @staticmethod
+    def _like(kv, rows):
+        """numpy rows from the sidecar's pool as values for `kv` (bf16 from its bits)."""
+        if not hasattr(kv, "untyped_storage"):
+            return rows
+        import torch
+        if kv.dtype == torch.bfloat16:
+            return torch.from_numpy(np.ascontiguousarray(rows).view(np.int16)).view(
+                torch.bfloat16).to(kv.device)
+        return torch.from_numpy(np.ascontiguousarray(rows)).to(device=kv.device, dtype=kv.dtype)
 
     def _vllm_rows(self, layer: int, t: _Transfer):
         """(k, v) of the transfer's tokens from vLLM's paged tensor, [tokens, heads, dim]."""
         kv = self._kv_caches[layer]
-        tokens = np.arange(t.first_token, t.first_token + t.num_tokens)
-        blocks = np.asarray(t.block_ids, dtype=np.int64)[tokens // self.block_size]
-        offsets = tokens % self.block_size
-        if hasattr(kv, "index_select"):  # torch
-            import torch
-            b = torch.as_tensor(blocks, device=kv.device)
-            o = torch.as_tensor(offsets, device=kv.device)
-            return self._numpy(kv[0][b, o]), self._numpy(kv[1][b, o])
-        return kv[0][blocks, offsets], kv[1][blocks, offsets]
+        blocks, offsets = self._slots(kv, t.block_ids, t.first_token,
+                                      t.first_token + t.num_tokens)
+        k, v = self._layout.gather(kv, int(self.config["head_dim"]), blocks, offsets)
+        return self._to_numpy(k), self._to_numpy(v)
 
     def _save(self, t: _Transfer) -> None:
         """Appends the transfer's tokens to the sidecar sequence in every layer; skipped (and
@@ -333,18 +529,10 @@ class CacheManagerConnector(_Base):
                 if not s.lease_ok:  # read from a revoked mapping: not the sidecar's rows
                     raise s.status
                 kv = self._kv_caches[f.layer]
-                tokens = np.arange(t.first_token, rows)
-                blocks = np.asarray(t.block_ids, dtype=np.int64)[tokens // self.block_size]
-                offsets = tokens % self.block_size
-                if hasattr(kv, "index_put_"):
-                    import torch
-                    b = torch.as_tensor(blocks, device=kv.device)
-                    o = torch.as_tensor(offsets, device=kv.device)
-                    kv[0][b, o] = torch.as_tensor(k[t.first_token:rows], device=kv.device)
-                    kv[1][b, o] = torch.as_tensor(v[t.first_token:rows], device=kv.device)
-                else:
-                    kv[0][blocks, offsets] = k[t.first_token:rows]
-                    kv[1][blocks, offsets] = v[t.first_token:rows]
+                blocks, offsets = self._slots(kv, t.block_ids, t.first_token, rows)
+                self._layout.scatter(kv, int(self.config["head_dim"]), blocks, offsets,
+                                     self._like(kv, k[t.first_token:rows]),
+                                     self._like(kv, v[t.first_token:rows]))
         except CacheManagerError as e:
             self._broken.add(t.sequence_id)
             first = t.first_token // self.block_size
@@ -368,7 +556,7 @@ class CacheManagerConnector(_Base):
     def start_load_kv(self, forward_context=None, **kwargs) -> None:
         """Copies every scheduled load from the sidecar into vLLM's blocks (synchronously);
         loads that fail are reported by get_block_ids_with_load_errors()."""
-        meta = self._metadata
+        meta = self._connector_metadata
         if meta is None:
             return
         for t in meta.loads:
@@ -389,7 +577,7 @@ class CacheManagerConnector(_Base):
 
     def wait_for_save(self) -> None:
         """Saves this step's prefill tokens, and compresses the prompts that completed."""
-        meta = self._metadata
+        meta = self._connector_metadata
         if meta is None:
             return
         for t in meta.saves:
@@ -413,7 +601,7 @@ class CacheManagerConnector(_Base):
     def handle_preemptions(self, kv_connector_metadata=None) -> None:
         """Before vLLM reuses a preempted request's blocks: append its decoded tokens to the
         sidecar copy and park it."""
-        meta = kv_connector_metadata or self._metadata
+        meta = kv_connector_metadata or self._connector_metadata
         if meta is None:
             return
         for sequence_id in meta.dropped:
