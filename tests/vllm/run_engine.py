@@ -6,7 +6,7 @@ vllm:cachemgr_*.
     python run_engine.py '<json spec>'
 
 spec: model (directory), prompts (list of token id lists) and/or texts (tokenized with the
-model's tokenizer), max_tokens, connector (the
+model's tokenizer), max_tokens, fault (a failure to inject, see below), connector (the
 kv_connector_extra_config, or null for a run without the connector), engine (extra LLM
 arguments, e.g. num_gpu_blocks_override, max_num_seqs, enable_prefix_caching).
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the connector objects can
@@ -24,6 +24,35 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    if spec.get("fault") == "lose_copy_before_load":
+        # The sidecar loses a request's copy between its preemption and its resumption (an
+        # operator free, an eviction): the connector's load finds nothing to load.
+        from cachemgr.integrations.vllm import CacheManagerConnector
+        load = CacheManagerConnector._load
+
+        def lose_then_load(self, transfer):
+            self.session.free(transfer.sequence_id)
+            return load(self, transfer)
+        CacheManagerConnector._load = lose_then_load
+    elif spec.get("fault") == "restart_daemon_before_first_load":
+        # The daemon dies just before the first load and comes back: the test kills and restarts
+        # it when `<fault_dir>/kill` appears and answers with `<fault_dir>/restarted`.
+        import pathlib
+        import time
+        from cachemgr.integrations.vllm import CacheManagerConnector
+        load = CacheManagerConnector._load
+        fault_dir = pathlib.Path(spec["fault_dir"])
+
+        def restart_then_load(self, transfer):
+            if not (fault_dir / "kill").exists():
+                self.stats_at_restart = dict(self.stats)
+                (fault_dir / "kill").touch()
+                deadline = time.monotonic() + 60
+                while not (fault_dir / "restarted").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            return load(self, transfer)
+        CacheManagerConnector._load = restart_then_load
 
     engine = dict(spec.get("engine") or {})
     if spec.get("connector") is not None:
@@ -58,6 +87,7 @@ def main() -> None:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         worker = get_kv_transfer_group()
         report["worker_stats"] = dict(worker.stats)
+        report["worker_stats_at_restart"] = getattr(worker, "stats_at_restart", None)
         report["layout"] = worker._layout.name if worker._layout is not None else None
         report["kernel_block_size"] = worker._kernel_block_size
         metrics = {}

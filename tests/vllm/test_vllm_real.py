@@ -12,6 +12,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -156,6 +158,47 @@ def test_preempted_requests_resume_from_the_sidecar(daemon, reference_fp32):
     assert report["worker_stats"]["loaded_tokens"] > 0
     assert report["worker_stats"]["load_errors"] == 0
     assert_same_decoding(report, reference_fp32, BATCHING_TOLERANCE)
+
+
+def test_a_lost_sidecar_copy_is_a_load_error_and_is_recomputed(daemon, reference_fp32):
+    report = run_engine({"texts": TEXTS, "max_tokens": MAX_TOKENS, "dtype": "float32",
+                         "connector": connector_config(daemon), "engine": PREEMPTING,
+                         "fault": "lose_copy_before_load"})
+    assert report["vllm_metrics"]["vllm:num_preemptions"] > 0
+    stats = report["worker_stats"]
+    assert stats["load_errors"] > 0 and stats["loaded_tokens"] == 0
+    # vLLM recomputed the blocks the connector reported; no request failed.
+    assert all(len(o["tokens"]) == MAX_TOKENS for o in report["outputs"])
+    assert_same_decoding(report, reference_fp32, BATCHING_TOLERANCE)
+
+
+def test_a_daemon_killed_mid_run_costs_recompute_and_is_used_again(reference_fp32, tmp_path):
+    daemon = Daemon()
+    try:
+        def kill_and_restart():
+            deadline = time.monotonic() + 300
+            while not (tmp_path / "kill").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            daemon.kill()
+            daemon.restart()
+            (tmp_path / "restarted").touch()
+        killer = threading.Thread(target=kill_and_restart, daemon=True)
+        killer.start()
+        report = run_engine({"texts": TEXTS, "max_tokens": MAX_TOKENS, "dtype": "float32",
+                             "connector": connector_config(daemon, reconnect_interval=0.2),
+                             "engine": PREEMPTING, "fault": "restart_daemon_before_first_load",
+                             "fault_dir": str(tmp_path)})
+        killer.join(timeout=5)
+        assert (tmp_path / "restarted").exists()
+    finally:
+        daemon.stop()
+    before, after = report["worker_stats_at_restart"], report["worker_stats"]
+    assert all(len(o["tokens"]) == MAX_TOKENS for o in report["outputs"])
+    assert_same_decoding(report, reference_fp32, BATCHING_TOLERANCE)
+    assert after["load_errors"] > before["load_errors"]  # the copy died with the daemon
+    # The recomputed prompts were saved into the restarted daemon (the worker re-attached, by
+    # itself or through the client's own re-attach).
+    assert after["saved_tokens"] > before["saved_tokens"]
 
 
 def test_an_unverified_layout_stops_vllm_at_start(daemon):

@@ -267,6 +267,15 @@ class CacheManagerConnector(_Base):
         if config is None:
             config = _config_from_vllm(vllm_config)
         super().__init__(vllm_config, role, kv_cache_config)
+        transfer = getattr(vllm_config, "kv_transfer_config", None)
+        if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
+            # vLLM's default fails the request whose load failed; a cache that is down or lost a
+            # copy must cost a recompute, never a request. The scheduler reads the policy right
+            # after it creates its connector.
+            _log.info("cachemgr connector: kv_load_failure_policy %r -> 'recompute' (a failed "
+                      "load is recomputed, never a failed request)",
+                      transfer.kv_load_failure_policy)
+            transfer.kv_load_failure_policy = "recompute"
         if "socket" not in config:
             raise ValueError("kv_connector_extra_config needs \"socket\" (cachemgrd's socket)")
         self.config = config
@@ -370,6 +379,17 @@ class CacheManagerConnector(_Base):
         except CacheManagerError as e:
             self._sidecar_failed("attaching", e)
             return None
+
+    def _failed(self, what: str, error: Exception) -> None:
+        """A save or load that failed: sidecar errors are counted and logged as outages; any
+        other exception (a malformed reply, a bug) is logged with its traceback, and vLLM goes
+        on all the same (the copy is never loaded; a load's blocks are recomputed)."""
+        if isinstance(error, CacheManagerError):
+            self._sidecar_failed(what, error)
+            return
+        self.stats["sidecar_errors"] += 1
+        _log.error("cachemgr connector failed while %s (vLLM recomputes instead)", what,
+                   exc_info=error)
 
     def _sidecar_failed(self, what: str, error: CacheManagerError) -> None:
         """Counts the failure; logs it, at most once per 10 s (an outage fails every call)."""
@@ -507,10 +527,10 @@ class CacheManagerConnector(_Base):
                 s.pool.write(layer, alloc.layers[layer].slot_mapping,
                              k.astype(s.pool.dtype, copy=False),
                              v.astype(s.pool.dtype, copy=False))
-        except CacheManagerError as e:
+        except Exception as e:  # noqa: BLE001 - a copy that missed a save is never loaded
             self._broken.add(t.sequence_id)
             self.stats["skipped_saves"] += 1
-            self._sidecar_failed(f"saving {t.sequence_id}", e)
+            self._failed(f"saving {t.sequence_id}", e)
             return
         self.stats["saved_tokens"] += t.num_tokens
 
@@ -523,8 +543,14 @@ class CacheManagerConnector(_Base):
                 raise CacheManagerError(grpc.StatusCode.UNAVAILABLE,
                                         f"no whole sidecar copy of {t.sequence_id}")
             fetched = s.fetch(t.sequence_id)
+            if len(fetched) != len(self._kv_caches):
+                raise ValueError(f"the sidecar returned {len(fetched)} layers of "
+                                 f"{t.sequence_id}, not {len(self._kv_caches)}")
             for f in fetched:
-                rows = min(f.num_tokens, t.first_token + t.num_tokens)
+                rows = t.first_token + t.num_tokens
+                if f.num_tokens < rows:
+                    raise ValueError(f"the sidecar holds {f.num_tokens} tokens of "
+                                     f"{t.sequence_id} in layer {f.layer}, not the {rows} to load")
                 k, v = s.pool.read(f.layer, f.block_ids, rows)
                 if not s.lease_ok:  # read from a revoked mapping: not the sidecar's rows
                     raise s.status
@@ -533,13 +559,14 @@ class CacheManagerConnector(_Base):
                 self._layout.scatter(kv, int(self.config["head_dim"]), blocks, offsets,
                                      self._like(kv, k[t.first_token:rows]),
                                      self._like(kv, v[t.first_token:rows]))
-        except CacheManagerError as e:
+        except Exception as e:  # noqa: BLE001 - whatever failed, vLLM recomputes these blocks
+            # Blocks may be partly written: all of them are reported, none is trusted.
             self._broken.add(t.sequence_id)
             first = t.first_token // self.block_size
             last = -(-(t.first_token + t.num_tokens) // self.block_size)
             self._load_errors.update(t.block_ids[first:last])
             self.stats["load_errors"] += 1
-            self._sidecar_failed(f"loading {t.sequence_id}", e)
+            self._failed(f"loading {t.sequence_id}", e)
             return
         self.stats["loaded_tokens"] += t.num_tokens
         self._park(s, t.sequence_id)  # back to the arena until the next preemption
@@ -751,13 +778,17 @@ class CacheManagerConnector(_Base):
 
     def update_connector_output(self, connector_output) -> None:
         """Scheduler side: a request whose blocks failed to load (KVConnectorOutput's
-        invalid_block_ids) is not offered from the sidecar again."""
+        invalid_block_ids) is recomputed by vLLM from its first failed block, which for the
+        connector's loads is the start: it is not offered from the sidecar's old copy again,
+        and its recomputed prompt is saved afresh (into a restarted daemon, say)."""
         invalid = set(getattr(connector_output, "invalid_block_ids", None) or ())
         if not invalid:
             return
         for rid, blocks in self._block_ids.items():
             if invalid.intersection(blocks):
                 self._loadable[rid] = False
+                self._saved[rid] = 0
+                self._compressed.discard(rid)
 
     def request_finished(self, request, block_ids) -> Tuple[bool, Optional[dict]]:
         """Forgets the request (the worker frees its sidecar sequence when get_finished hears
