@@ -49,14 +49,6 @@ absl::string_view TokenBootId(absl::string_view token) {
   return id;
 }
 
-absl::Status CheckSequenceId(const std::string& id, const char* field) {
-  if (!IsValidIdentifier(id, kMaxSequenceIdLength)) {
-    return absl::InvalidArgumentError(absl::StrCat(field, " must be 1-", kMaxSequenceIdLength,
-                                                   " printable characters without spaces"));
-  }
-  return absl::OkStatus();
-}
-
 // Pools are per owner: one tenant never maps another's KV memory.
 std::string PoolKey(const std::optional<uid_t>& owner, const std::string& model_name) {
   return absl::StrCat(owner.has_value() ? absl::StrCat("uid ", *owner) : std::string("local"), "/",
@@ -77,6 +69,8 @@ absl::Status OperatorCredentialRequired() {
 
 using cache_manager_internal::CeilDiv;
 using cache_manager_internal::CheckNotBusy;
+using cache_manager_internal::CheckSequenceId;
+using cache_manager_internal::MutexUnlock;
 
 }  // namespace
 
@@ -123,18 +117,6 @@ void CacheManager::PublishLocked(EventType type, const std::string& client_id,
 namespace {
 
 uint64_t PageBytes() { return static_cast<uint64_t>(sysconf(_SC_PAGESIZE)); }
-
-// Unlocks a held mutex for its scope and locks it again on the way out (exceptions included).
-class MutexUnlock {
- public:
-  explicit MutexUnlock(absl::Mutex* mu) ABSL_UNLOCK_FUNCTION(mu) : mu_(mu) { mu_->Unlock(); }
-  ~MutexUnlock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_->Lock(); }
-  MutexUnlock(const MutexUnlock&) = delete;
-  MutexUnlock& operator=(const MutexUnlock&) = delete;
-
- private:
-  absl::Mutex* const mu_;
-};
 
 // What a pool of `num_blocks` blocks costs the budget.
 struct PoolCharge {
@@ -233,23 +215,41 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     }
     if (it != pools_.end()) {
       Pool& pool = *it->second;
+      if (!(pool.model == model) && pool.clients == 0 && !pool.prefixes.empty()) {
+        // Only a cache holds it: the new description takes the name (released at once unless
+        // quarantined blocks keep it, which the message below then says).
+        ReclaimIdlePoolLocked(pool, "an Attach described its model otherwise");
+        continue;
+      }
       if (!(pool.model == model)) {
         // Name the fields, not the other tenant's values.
-        return absl::FailedPreconditionError(absl::StrCat(
-            "model.name ", QuoteForMessage(model.name),
-            " is attached with another description (differing: ",
-            absl::StrJoin(pool.model.DifferingFields(model), ", "),
-            "): use another model.name or the same description",
-            pool.clients == 0 ? " (the pool has no client; it is held until its quarantined "
-                                "blocks are released)"
-                              : ""));
+        return absl::FailedPreconditionError(
+            absl::StrCat("model.name ", QuoteForMessage(model.name),
+                         " is attached with another description (differing: ",
+                         absl::StrJoin(pool.model.DifferingFields(model), ", "),
+                         "): use another model.name or the same description",
+                         pool.clients > 0 ? ""
+                                          : " (the pool has no client; it is held until its "
+                                            "quarantined blocks are released)"));
       }
+      // Other idle pools may give way; the one being joined never does.
+      ReclaimIdlePoolsLocked(input_charge, &pool);
       RETURN_IF_ERROR(ChargeLocked(input_charge, "input_buffer_bytes"));
+      pool.last_used = clock_->Now();
       return AddClientLocked(pool, owner, params.client_name, std::move(input_buffer), input_bytes,
                              input_charge);
     }
 
-    // A new pool: size it, charge it (with the input buffer), create it outside the lock.
+    // A new pool: size it, charge it (with the input buffer), create it outside the lock. Pools
+    // that only their stored prefixes keep give way first.
+    {
+      uint64_t wanted = options_.default_pool_bytes;
+      if (params.num_blocks != 0) {
+        ASSIGN_OR_RETURN(const PoolCharge planned, PlanCharge(*backend_, model, params.num_blocks));
+        wanted = planned.total;
+      }
+      ReclaimIdlePoolsLocked(CheckedAdd(wanted, input_charge).value_or(UINT64_MAX));
+    }
     const uint64_t left = options_.memory_budget_bytes - memory_used_bytes_;
     uint32_t num_blocks = params.num_blocks;
     PoolCharge charge;
@@ -302,6 +302,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     pool->bookkeeping_bytes = charge.bookkeeping;
     pool->building = true;
     pool->building_input_charge = input_charge;
+    pool->last_used = clock_->Now();
     pools_.emplace(pool_key, std::move(pending));
     ++builds_in_flight_;
     // Only this call changes a building pool, and Shutdown waits for builds, so `pool` stays
@@ -524,6 +525,9 @@ DetachResult CacheManager::RemoveClientLocked(const std::string& token, EventTyp
     ++result.sequences_freed;
   }
   Pool* pool = client->pool;
+  if (quarantine_until.has_value()) {
+    pool->stalled_writers_until = std::max(pool->stalled_writers_until, *quarantine_until);
+  }
   const std::string client_id = client->client_id;
   memory_used_bytes_ -= client->input_charge;
   Log(expired ? LogLevel::kWarning : LogLevel::kInfo,
@@ -544,7 +548,7 @@ void CacheManager::MaybeReleasePoolLocked(const std::string& pool_key) {
   auto it = pools_.find(pool_key);
   if (it == pools_.end()) return;
   Pool* pool = it->second.get();
-  if (pool->building || pool->clients > 0) return;
+  if (pool->building || pool->clients > 0 || !pool->prefixes.empty()) return;
   // No client means no sequence; quarantined blocks still hold the memory.
   for (const BlockAllocator& a : pool->allocators) {
     if (a.num_quarantined() > 0) return;
@@ -630,19 +634,26 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
     plan[l].copy_tail =
         seq && tokens % bs != 0 && pool.allocators[l].refcount(seq->layers[l].blocks.back()) > 1;
     plan[l].new_blocks = CeilDiv(after, bs) - static_cast<uint32_t>(have);
-    const uint32_t needed = plan[l].new_blocks + (plan[l].copy_tail ? 1 : 0);
-    if (needed > pool.allocators[l].num_free()) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "layer ", l, " needs ", needed, " blocks for num_new_tokens=", num_new_tokens, " but ",
-          pool.allocators[l].num_free(), " of ", pool.num_blocks, " are free"));
-    }
   }
-
+  std::vector<uint32_t> needed(num_layers);
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    needed[l] = plan[l].new_blocks + (plan[l].copy_tail ? 1 : 0);
+  }
+  // Charged before any eviction, so that a refusal of the charge evicts nothing.
   uint64_t new_sequence_charge = 0;
   if (seq == nullptr) {
     new_sequence_charge = SequenceChargeBytes(sequence_id, num_layers, /*duplicated_entries=*/0);
     RETURN_IF_ERROR(ChargeLocked(new_sequence_charge,
                                  absl::StrCat("sequence_id ", QuoteForMessage(sequence_id))));
+  }
+  MakeRoomLocked(pool, needed);  // evicts stored prefixes only if that is enough
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    if (needed[l] > pool.allocators[l].num_free()) {
+      memory_used_bytes_ -= new_sequence_charge;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "layer ", l, " needs ", needed[l], " blocks for num_new_tokens=", num_new_tokens, " but ",
+          pool.allocators[l].num_free(), " of ", pool.num_blocks, " are free"));
+    }
   }
 
   AllocateResult result;
@@ -938,6 +949,7 @@ StatsSnapshot CacheManager::Stats(const Caller& caller) const {
   StatsSnapshot s;
   s.memory_used_bytes = memory_used_bytes_;
   s.memory_budget_bytes = options_.memory_budget_bytes;
+  if (all_owners) s.prefix = prefix_counters_;  // daemon-wide: the operator's only
   for (const auto& [id, seq] : sequences_) {
     s.num_sequences += all_owners || seq->owner->owner == owner ? 1 : 0;
     s.sequence_bytes += seq->charge;
@@ -956,6 +968,18 @@ StatsSnapshot CacheManager::Stats(const Caller& caller) const {
     for (const BlockAllocator& a : pool->allocators) {
       p.layers.push_back(
           {a.capacity(), a.num_used(), a.num_free(), a.num_shared(), a.num_quarantined()});
+    }
+    p.prefix_entries = static_cast<uint32_t>(pool->prefixes.size());
+    p.prefix_bytes = pool->prefixes.charge_bytes();
+    // A block only the store holds has as many references as entries naming it (two hashes
+    // may name one block).
+    absl::flat_hash_map<uint64_t, uint32_t> store_refs;  // (layer << 32 | block) -> entries
+    for (const PrefixStore::Entry& e : pool->prefixes.lru_order()) {
+      for (uint32_t l = 0; l < e.blocks.size(); ++l) ++store_refs[uint64_t{l} << 32 | e.blocks[l]];
+    }
+    for (const auto& [key, refs] : store_refs) {
+      const uint32_t l = static_cast<uint32_t>(key >> 32), b = static_cast<uint32_t>(key);
+      p.prefix_only_blocks += pool->allocators[l].refcount(b) == refs ? 1 : 0;
     }
     for (const auto& [id, seq] : sequences_) {
       if (seq->owner->pool != pool.get() || seq->compression == nullptr) continue;
@@ -1031,9 +1055,10 @@ void CacheManager::Shutdown() {
   std::vector<std::string> tokens;
   for (const auto& [token, client] : clients_) tokens.push_back(token);
   for (const std::string& token : tokens) RemoveClientLocked(token, EventType::kClientDetached);
-  // Pools held only by quarantined blocks: nobody can write to them once the daemon is gone.
+  // Pools held only by quarantined blocks or stored prefixes: nobody can write to them once the
+  // daemon is gone.
   for (const auto& [name, pool] : pools_) {
-    memory_used_bytes_ -= pool->bytes + pool->bookkeeping_bytes;
+    memory_used_bytes_ -= pool->bytes + pool->bookkeeping_bytes + pool->prefixes.charge_bytes();
     Log(LogLevel::kInfo, "pool released", {{"pool_id", pool->pool_id}, {"bytes", pool->bytes}});
     PublishLocked(EventType::kPoolReleased, "", "", pool->pool_id,
                   absl::StrCat("bytes=", pool->bytes));
@@ -1054,7 +1079,8 @@ absl::Status CacheManager::CheckInvariants() const {
     bytes += seq->charge;
   }
   for (const auto& [name, pool] : pools_) {
-    bytes += pool->bytes + pool->bookkeeping_bytes + pool->building_input_charge;
+    bytes += pool->bytes + pool->bookkeeping_bytes + pool->building_input_charge +
+             pool->prefixes.charge_bytes();
     const uint64_t bookkeeping =
         uint64_t{pool->num_blocks} * pool->model.num_layers * kBookkeepingBytesPerBlockLayer;
     if (pool->bookkeeping_bytes != bookkeeping) {
@@ -1071,9 +1097,10 @@ absl::Status CacheManager::CheckInvariants() const {
     }
     uint64_t quarantined = 0;
     for (const BlockAllocator& a : pool->allocators) quarantined += a.num_quarantined();
-    if (pool->clients == 0 && quarantined == 0) {
-      return absl::InternalError(absl::StrCat(
-          "pool ", pool->pool_id, " has no client and no quarantined block but was not released"));
+    if (pool->clients == 0 && quarantined == 0 && pool->prefixes.empty()) {
+      return absl::InternalError(absl::StrCat("pool ", pool->pool_id,
+                                              " has no client, no quarantined block and no "
+                                              "stored prefix but was not released"));
     }
     std::vector<std::vector<uint32_t>> refs(pool->allocators.size(),
                                             std::vector<uint32_t>(pool->num_blocks, 0));
@@ -1095,13 +1122,30 @@ absl::Status CacheManager::CheckInvariants() const {
         for (uint32_t b : t.blocks) ++refs[l][b];
       }
     }
+    uint64_t prefix_charge = 0;
+    for (const PrefixStore::Entry& e : pool->prefixes.lru_order()) {
+      if (e.blocks.size() != pool->model.num_layers || e.digests.size() != e.blocks.size() ||
+          e.charge != PrefixStore::ChargeBytes(e.hash.size(), pool->model.num_layers) ||
+          pool->prefixes.Find(e.hash) != &e) {
+        return absl::InternalError(
+            absl::StrCat("pool ", pool->pool_id, " has a malformed stored prefix entry"));
+      }
+      for (uint32_t l = 0; l < e.blocks.size(); ++l) ++refs[l][e.blocks[l]];
+      prefix_charge += e.charge;
+    }
+    if (prefix_charge != pool->prefixes.charge_bytes()) {
+      return absl::InternalError(absl::StrCat("pool ", pool->pool_id, "'s stored prefixes charge ",
+                                              prefix_charge, " bytes but the store counts ",
+                                              pool->prefixes.charge_bytes()));
+    }
     for (uint32_t l = 0; l < pool->allocators.size(); ++l) {
       RETURN_IF_ERROR(pool->allocators[l].CheckInvariants());
       for (uint32_t b = 0; b < pool->num_blocks; ++b) {
         if (refs[l][b] != pool->allocators[l].refcount(b)) {
-          return absl::InternalError(absl::StrCat(
-              "pool ", pool->pool_id, " layer ", l, " block ", b, " has refcount ",
-              pool->allocators[l].refcount(b), " but ", refs[l][b], " sequences reference it"));
+          return absl::InternalError(
+              absl::StrCat("pool ", pool->pool_id, " layer ", l, " block ", b, " has refcount ",
+                           pool->allocators[l].refcount(b), " but ", refs[l][b],
+                           " sequences and stored prefixes reference it"));
         }
       }
     }

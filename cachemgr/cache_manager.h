@@ -185,7 +185,8 @@ struct SequenceSnapshot {
   bool compressed = false;
   std::string compression_policy;
   std::vector<uint32_t> kept_per_layer;  // rows per KV head Compress left in each layer
-  // The call working on the sequence outside the lock ("Compress", "Fetch", "Park"), or "".
+  // The call working on the sequence outside the lock ("Compress", "Fetch", "Park",
+  // "StorePrefix", "LoadPrefix"), or "".
   std::string busy;
 };
 
@@ -251,6 +252,37 @@ struct ParkedLayerResult {
   uint32_t blocks_released = 0;
 };
 
+// ---- Prefix store --------------------------------------------------------------------------
+
+// Hashes one StorePrefix / MatchPrefix / LoadPrefix call may carry (a 2 MiB prompt at 128
+// tokens a block is 16384 blocks).
+inline constexpr size_t kMaxPrefixHashesPerCall = 16384;
+
+struct StorePrefixResult {
+  uint32_t stored = 0;          // new entries
+  uint32_t already_stored = 0;  // hashes the store held (or that repeat in the call)
+};
+
+struct LoadPrefixResult {
+  // Leading hashes served: the new sequence holds that many blocks per layer (row t of block i
+  // is token i * block_size + t of the prefix).
+  uint32_t loaded_blocks = 0;
+  // Entries whose KV no longer matched the digest taken when they were stored: dropped from
+  // the store, and the load stops before the first of them.
+  uint32_t corrupt_blocks = 0;
+  std::optional<SequenceSnapshot> sequence;  // set when loaded_blocks > 0
+};
+
+// Daemon-wide prefix-store counters since start, in entries (one block in every layer).
+struct PrefixCounters {
+  uint64_t stored = 0;
+  uint64_t hits = 0;    // entries LoadPrefix served
+  uint64_t misses = 0;  // hashes LoadPrefix asked for past the last one served
+  uint64_t evictions = 0;
+  uint64_t corrupt = 0;
+  uint64_t pools_reclaimed = 0;  // client-less pools released (with their store) for an Attach
+};
+
 struct SequenceSummary {
   std::string sequence_id;
   std::string owner_client_id;
@@ -279,6 +311,9 @@ struct PoolSnapshot {
   std::vector<LayerOccupancy> layers;
   uint64_t arena_bytes = 0;  // codebook layers of the pool's sequences
   uint32_t compressed_sequences = 0;
+  uint32_t prefix_entries = 0;      // stored prefix blocks (each one block in every layer)
+  uint64_t prefix_bytes = 0;        // their host bookkeeping, as charged
+  uint64_t prefix_only_blocks = 0;  // blocks (summed over layers) only the store holds
 };
 
 struct ClientSnapshot {
@@ -300,6 +335,7 @@ struct StatsSnapshot {
   uint64_t memory_budget_bytes = 0;
   uint64_t input_buffer_bytes = 0;  // of all clients, as charged
   uint64_t sequence_bytes = 0;      // of all sequences, as charged (forks' duplicated tables)
+  PrefixCounters prefix;            // daemon-wide: the operator's view only (zero otherwise)
 };
 
 class CacheManager {
@@ -420,6 +456,42 @@ class CacheManager {
       const Caller& caller, const std::string& sequence_id, const std::vector<uint32_t>& layers,
       const std::string& cuda_ipc_event_handle = {});
 
+  // ---- Prefix store (docs/PREFIX_STORE.md) ----
+  // Each pool keeps blocks under content hashes of the prefix they end (vLLM's chained block
+  // hashes): an entry holds one reference on one block of every layer, so the KV outlives the
+  // sequence and the client that wrote it and is shared by every client of the pool. Entries
+  // are evicted least recently used first when Allocate, Fetch or Compress lacks free blocks
+  // (only entries whose blocks nobody else holds, and only when that makes the call succeed),
+  // and a pool whose clients are all gone stays while it has entries, until an Attach needs
+  // its budget. Hashes: 1-64 bytes each, 1-kMaxPrefixHashesPerCall per call (INVALID_ARGUMENT
+  // naming block_hashes[i]).
+
+  // Stores block first_block + i of the caller's sequence (every layer) under hashes[i]; hashes
+  // already stored are kept as they are. The sequence must be uncompressed with every named
+  // block full. Each new entry's per-layer digest is taken outside the lock (the sequence busy
+  // meanwhile) and checked by LoadPrefix. The new entries are charged to the budget.
+  //   FAILED_PRECONDITION  the sequence is compressed (its rows are not its tokens)
+  //   INVALID_ARGUMENT     a named block is not full in some layer
+  //   RESOURCE_EXHAUSTED   the budget has no room for the entries' bookkeeping
+  absl::StatusOr<StorePrefixResult> StorePrefix(const Caller& caller,
+                                                const std::string& sequence_id,
+                                                uint32_t first_block,
+                                                const std::vector<std::string>& hashes);
+
+  // How many leading hashes the caller's pool has stored. Read-only: changes no order.
+  absl::StatusOr<uint32_t> MatchPrefix(const Caller& caller,
+                                       const std::vector<std::string>& hashes);
+
+  // Creates the caller's sequence `sequence_id` holding the blocks of the leading stored hashes
+  // (a reference each, like Fork), after checking their digests outside the lock: an entry
+  // whose KV changed since it was stored is dropped and the load stops before it. The client
+  // reads the rows through its mapping, then frees the sequence. Nothing is created when no
+  // hash is served. Served entries become the most recently used (the first hash last, so a
+  // chain is evicted from its tail).
+  //   ALREADY_EXISTS  sequence_id exists
+  absl::StatusOr<LoadPrefixResult> LoadPrefix(const Caller& caller, const std::string& sequence_id,
+                                              const std::vector<std::string>& hashes);
+
   // Descriptors of the caller's pool regions, then of the caller's input buffer, duplicated
   // for the caller (who owns them).
   absl::StatusOr<std::vector<UniqueFd>> ShareFds(const Caller& caller);
@@ -485,7 +557,24 @@ class CacheManager {
                                const std::string& client_name, MemfdRegion input_buffer,
                                uint64_t input_bytes, uint64_t input_charge)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Releases the pool keyed `pool_key` if no client, no build and no quarantined block holds it.
+  // Evicts least recently used prefix entries of `pool` whose blocks only the store holds until
+  // every layer l has needed[l] free blocks; evicts nothing when that cannot be reached. Returns
+  // whether the blocks are free now.
+  bool MakeRoomLocked(Pool& pool, const std::vector<uint32_t>& needed)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Removes the entry under `hash` from `pool`'s store, releasing its references and refunding
+  // its charge; returns the blocks (summed over layers) whose last reference went away.
+  uint64_t DropPrefixLocked(Pool& pool, const std::string& hash) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Releases client-less pools kept only by their prefix stores (never `keep`), least recently
+  // used first, until the budget has `bytes` left; releases none when releasing them all would
+  // not leave `bytes`.
+  void ReclaimIdlePoolsLocked(uint64_t bytes, const Pool* keep = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops every stored prefix of `pool` (which has no client) and releases it unless quarantined
+  // blocks keep it; `why` goes to the log. `pool` may be destroyed.
+  void ReclaimIdlePoolLocked(Pool& pool, const char* why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Releases the pool keyed `pool_key` if no client, no build, no stored prefix and no
+  // quarantined block holds it.
   void MaybeReleasePoolLocked(const std::string& pool_key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // RESOURCE_EXHAUSTED when a reply of `bytes` would exceed max_reply_bytes; `what` says which.
   absl::Status CheckReplyBytes(uint64_t bytes, const std::string& what) const;
@@ -523,6 +612,7 @@ class CacheManager {
   uint64_t next_client_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_sequence_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_pool_serial_ ABSL_GUARDED_BY(mu_) = 1;
+  PrefixCounters prefix_counters_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace cachemgr

@@ -375,21 +375,27 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   // the old ones); the others are compacted in place. Plan and validate everything before the
   // first row moves, so a refusal changes nothing.
   std::vector<bool> fresh(num_layers, false);
+  std::vector<uint32_t> fresh_need(num_layers, 0);
   for (uint32_t l = 0; l < num_layers; ++l) {
     if (coded[l] != nullptr) continue;
-    const Sequence::LayerTable& t = seq->layers[l];
-    for (uint32_t b : t.blocks) fresh[l] = fresh[l] || pool.allocators[l].refcount(b) > 1;
-    if (fresh[l]) {
-      const uint32_t need = CeilDiv(sr.layers[l].kept_per_head, bs);
-      if (need > pool.allocators[l].num_free()) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("layer ", l, " shares blocks with a fork, so its ",
-                         sr.layers[l].kept_per_head, " kept rows need ", need,
-                         " fresh blocks, but ", pool.allocators[l].num_free(), " are free"));
-      }
-    } else {
-      RETURN_IF_ERROR(kernels::ValidateCompaction(layout, t.blocks, n, sr.layers[l].kept,
-                                                  sr.layers[l].kept_per_head));
+    for (uint32_t b : seq->layers[l].blocks) {
+      fresh[l] = fresh[l] || pool.allocators[l].refcount(b) > 1;
+    }
+    if (fresh[l]) fresh_need[l] = CeilDiv(sr.layers[l].kept_per_head, bs);
+  }
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    if (coded[l] != nullptr || fresh[l]) continue;
+    RETURN_IF_ERROR(kernels::ValidateCompaction(layout, seq->layers[l].blocks, n, sr.layers[l].kept,
+                                                sr.layers[l].kept_per_head));
+  }
+  MakeRoomLocked(pool, fresh_need);  // evicts stored prefixes only if that is enough
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    const uint32_t need = fresh_need[l];
+    if (need > pool.allocators[l].num_free()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("layer ", l, " shares blocks with a fork, so its ",
+                       sr.layers[l].kept_per_head, " kept rows need ", need, " fresh blocks, but ",
+                       pool.allocators[l].num_free(), " are free"));
     }
   }
   // Rows of layers that share blocks go to fresh blocks first: a failure there changes nothing.
@@ -557,10 +563,15 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
   Pool& pool = *seq->owner->pool;
   const uint32_t bs = pool.model.block_size;
   // Other sequences may have taken blocks meanwhile: plan again, all or nothing.
+  std::vector<uint32_t> needed(pool.allocators.size(), 0);
+  for (uint32_t l : which) {
+    if (seq->layers[l].parked) needed[l] = CeilDiv(seq->layers[l].num_tokens, bs);
+  }
+  MakeRoomLocked(pool, needed);  // evicts stored prefixes only if that is enough
   for (uint32_t l : which) {
     const auto& t = seq->layers[l];
     if (!t.parked) continue;
-    const uint32_t need = CeilDiv(t.num_tokens, bs);
+    const uint32_t need = needed[l];
     if (need > pool.allocators[l].num_free()) {
       return absl::ResourceExhaustedError(
           absl::StrCat("layer ", l, " needs ", need, " blocks to reconstruct but ",

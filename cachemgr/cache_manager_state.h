@@ -10,8 +10,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/compress/coded_layer.h"
+#include "cachemgr/prefix_store.h"
 #include "cachemgr/util/quote.h"
 
 namespace cachemgr {
@@ -38,6 +40,13 @@ struct CacheManager::Pool {
   std::shared_ptr<PoolMemory> memory;
   std::vector<BlockAllocator> allocators;  // one per layer
   uint32_t clients = 0;
+  // Stored prefixes (CacheManager::StorePrefix); they keep the pool when no client is left.
+  PrefixStore prefixes;
+  // Last StorePrefix / LoadPrefix / Attach: idle pools are reclaimed least recently used first.
+  absl::Time last_used;
+  // When the quarantine of the pool's last expired client ends: until then blocks the store
+  // drops are quarantined too (that client may still write to any block of the pool).
+  absl::Time stalled_writers_until = absl::InfinitePast();
 };
 
 struct CacheManager::Client {
@@ -111,6 +120,27 @@ inline absl::Status CheckNotBusy(const std::string& sequence_id, const char* bus
   return absl::AbortedError(absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
                                          " is busy in ", busy, "; retry when it returns"));
 }
+
+// INVALID_ARGUMENT naming `field` unless `id` is a valid sequence id.
+inline absl::Status CheckSequenceId(const std::string& id, const char* field) {
+  if (!IsValidIdentifier(id, kMaxSequenceIdLength)) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " must be 1-", kMaxSequenceIdLength,
+                                                   " printable characters without spaces"));
+  }
+  return absl::OkStatus();
+}
+
+// Unlocks a held mutex for its scope and locks it again on the way out (exceptions included).
+class MutexUnlock {
+ public:
+  explicit MutexUnlock(absl::Mutex* mu) ABSL_UNLOCK_FUNCTION(mu) : mu_(mu) { mu_->Unlock(); }
+  ~MutexUnlock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_->Lock(); }
+  MutexUnlock(const MutexUnlock&) = delete;
+  MutexUnlock& operator=(const MutexUnlock&) = delete;
+
+ private:
+  absl::Mutex* const mu_;
+};
 
 // What Compress, Fetch and Park answer when the daemon's shutdown stopped them.
 inline absl::Status ShutdownCancelled(const char* call) {

@@ -1,7 +1,9 @@
 #include "fuzz/rpc_fuzz.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -86,8 +88,70 @@ void CheckResponse(const v1::ForkRequest& q, const v1::ForkResponse& r) {
   Check(r.child().parent_sequence_id() == q.parent_sequence_id(), "Fork: wrong parent");
 }
 
+void CheckResponse(const v1::StorePrefixRequest& q, const v1::StorePrefixResponse& r) {
+  Check(uint64_t{r.stored()} + r.already_stored() == static_cast<uint64_t>(q.block_hashes_size()),
+        absl::StrCat("StorePrefix: stored ", r.stored(), " + already_stored ", r.already_stored(),
+                     " != ", q.block_hashes_size(), " hashes"));
+}
+
+void CheckResponse(const v1::MatchPrefixRequest& q, const v1::MatchPrefixResponse& r) {
+  Check(r.matched_blocks() <= static_cast<uint32_t>(q.block_hashes_size()),
+        absl::StrCat("MatchPrefix matched ", r.matched_blocks(), " of ", q.block_hashes_size(),
+                     " hashes"));
+}
+
+void CheckResponse(const v1::LoadPrefixRequest& q, const v1::LoadPrefixResponse& r) {
+  const uint32_t hashes = static_cast<uint32_t>(q.block_hashes_size());
+  Check(r.loaded_blocks() <= hashes && r.corrupt_blocks() <= hashes - r.loaded_blocks(),
+        absl::StrCat("LoadPrefix: loaded ", r.loaded_blocks(), " and ", r.corrupt_blocks(),
+                     " corrupt of ", hashes, " hashes"));
+  // Nothing writes to the fixture's stored blocks: their digests still match.
+  Check(r.corrupt_blocks() == 0, "LoadPrefix found a stored block corrupt nobody wrote to");
+  Check(r.has_sequence() == (r.loaded_blocks() > 0),
+        "LoadPrefix: a sequence exactly when it loaded blocks");
+  if (!r.has_sequence()) return;
+  const v1::SequenceInfo& seq = r.sequence();
+  const uint32_t bs = ServiceHarness::Get().fixture_pool().model.block_size;
+  Check(seq.sequence_id() == q.sequence_id(), "LoadPrefix answered for another sequence");
+  Check(seq.num_positions() == uint64_t{r.loaded_blocks()} * bs,
+        absl::StrCat("LoadPrefix: ", seq.num_positions(), " positions for ", r.loaded_blocks(),
+                     " blocks"));
+  for (const v1::LayerBlockTable& t : seq.layers()) {
+    Check(static_cast<uint32_t>(t.block_ids_size()) == r.loaded_blocks() &&
+              t.num_tokens() == r.loaded_blocks() * bs,
+          absl::StrCat("LoadPrefix: layer ", t.layer(), " holds ", t.block_ids_size(),
+                       " blocks for ", r.loaded_blocks(), " loaded"));
+  }
+}
+
 template <typename Request, typename Response>
 void CheckResponse(const Request&, const Response&) {}
+
+// A successful LoadPrefix creates the named sequence, and only it, exactly when it loaded
+// blocks; the sequence holds what the response describes.
+void CheckLoaded(const v1::LoadPrefixRequest& q, const v1::LoadPrefixResponse& r,
+                 const std::map<std::string, std::string>& before,
+                 const std::map<std::string, std::string>& after) {
+  for (const auto& [id, sequence] : after) {
+    Check(before.contains(id) || id == q.sequence_id(),
+          absl::StrCat("LoadPrefix created sequence ", id, " it did not name"));
+  }
+  Check(!before.contains(q.sequence_id()), "LoadPrefix succeeded on an existing sequence_id");
+  auto it = after.find(q.sequence_id());
+  Check((it != after.end()) == (r.loaded_blocks() > 0),
+        absl::StrCat("LoadPrefix loaded ", r.loaded_blocks(), " blocks but the sequence ",
+                     it != after.end() ? "exists" : "does not exist"));
+  if (it == after.end()) return;
+  v1::SequenceInfo now;
+  Check(now.ParseFromString(it->second), "LoadPrefix: unparseable sequence");
+  Check(now.layers_size() == r.sequence().layers_size(), "LoadPrefix: layer counts differ");
+  for (int l = 0; l < now.layers_size(); ++l) {
+    Check(std::equal(now.layers(l).block_ids().begin(), now.layers(l).block_ids().end(),
+                     r.sequence().layers(l).block_ids().begin(),
+                     r.sequence().layers(l).block_ids().end()),
+          absl::StrCat("LoadPrefix: layer ", l, " differs from what the response described"));
+  }
+}
 
 // A forked child holds exactly its parent's blocks and KV.
 void CheckForked(const v1::ForkRequest& q, const std::map<std::string, std::string>& after) {
@@ -160,6 +224,9 @@ int FuzzUnary(const char* method, const uint8_t* data, size_t size, Expectations
     CheckOnlyNamedChanged(method, before, after, Named(request), expect.others_may_vanish);
   }
   if constexpr (std::is_same_v<Request, v1::ForkRequest>) CheckForked(request, after);
+  if constexpr (std::is_same_v<Request, v1::LoadPrefixRequest>) {
+    CheckLoaded(request, response, before, after);
+  }
   return 0;
 }
 
@@ -244,6 +311,16 @@ int Dispatch(Rpc rpc, const uint8_t* data, size_t size) {
       return FuzzUnary<v1::ParkRequest, v1::ParkResponse>("Park", data, size, kChanges);
     case Rpc::kWatch:
       return FuzzWatch(data, size);
+    case Rpc::kStorePrefix:
+      // Stores blocks the sequence keeps: no sequence changes (the named one included).
+      return FuzzUnary<v1::StorePrefixRequest, v1::StorePrefixResponse>("StorePrefix", data, size,
+                                                                        kReadOnly);
+    case Rpc::kMatchPrefix:
+      return FuzzUnary<v1::MatchPrefixRequest, v1::MatchPrefixResponse>("MatchPrefix", data, size,
+                                                                        kReadOnly);
+    case Rpc::kLoadPrefix:
+      return FuzzUnary<v1::LoadPrefixRequest, v1::LoadPrefixResponse>("LoadPrefix", data, size,
+                                                                      kChanges);
   }
   return 0;
 }

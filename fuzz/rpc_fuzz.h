@@ -27,6 +27,9 @@ enum class Rpc {
   kFetch,
   kPark,
   kWatch,
+  kStorePrefix,
+  kMatchPrefix,
+  kLoadPrefix,
 };
 
 // Runs one input; the return value is LLVMFuzzerTestOneInput's.

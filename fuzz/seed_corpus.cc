@@ -512,6 +512,55 @@ void RpcSeeds() {
   }
 }
 
+// Prefix store requests: the fixture stored "h0", "h1" (s0), "g0" (t0) and "e0", "e1" (a freed
+// sequence's blocks).
+void PrefixSeeds() {
+  const std::string long_hash(65, 'x');
+  struct S {
+    const char* name;
+    const char* token;
+    const char* sequence;
+    uint32_t first_block;
+    std::vector<std::string> hashes;
+  };
+  for (const S& s :
+       {S{"already-stored", "0", "s0", 0, {"h0", "h1"}}, S{"new-tail", "0", "s1", 2, {"s1-2"}},
+        S{"repeated", "0", "s1", 0, {"r", "r", "r"}}, S{"other-client", "1", "t0", 0, {"t"}},
+        S{"not-full", "0", "s0", 2, {"x"}}, S{"compressed", "0", "c1", 0, {"x"}},
+        S{"others-sequence", "1", "s0", 0, {"x"}}, S{"no-hashes", "0", "s0", 0, {}},
+        S{"long-hash", "0", "s0", 0, {"a", long_hash}}, S{"operator", "", "s0", 0, {"x"}}}) {
+    v1::StorePrefixRequest r;
+    r.set_session_token(s.token);
+    r.set_sequence_id(s.sequence);
+    r.set_first_block(s.first_block);
+    for (const std::string& h : s.hashes) r.add_block_hashes(h);
+    Put("rpc_store_prefix", s.name, r);
+  }
+  struct L {
+    const char* name;
+    const char* token;
+    const char* sequence;
+    std::vector<std::string> hashes;
+  };
+  for (const L& l :
+       {L{"chain", "0", "n0", {"h0", "h1", "h2"}}, L{"other-client", "1", "n0", {"h0", "h1"}},
+        L{"store-only", "0", "n0", {"e0", "e1"}}, L{"gap", "0", "n0", {"h0", "zz", "h1"}},
+        L{"miss", "1", "n0", {"zz"}}, L{"exists", "0", "s0", {"h0"}},
+        L{"repeated", "0", "n0", {"g0", "g0"}}, L{"no-hashes", "0", "n0", {}},
+        L{"long-hash", "0", "n0", {long_hash}}, L{"bad-id", "0", "has space", {"h0"}},
+        L{"operator", "", "n0", {"h0"}}}) {
+    v1::MatchPrefixRequest m;
+    m.set_session_token(l.token);
+    for (const std::string& h : l.hashes) m.add_block_hashes(h);
+    Put("rpc_match_prefix", l.name, m);
+    v1::LoadPrefixRequest r;
+    r.set_session_token(l.token);
+    r.set_sequence_id(l.sequence);
+    for (const std::string& h : l.hashes) r.add_block_hashes(h);
+    Put("rpc_load_prefix", l.name, r);
+  }
+}
+
 // Programs (fuzz/service_program_fuzzer.cc) are read by FuzzedDataProvider, whose choices do not
 // map to bytes a person would write: a few pseudo-random programs of different lengths.
 void ProgramSeeds() {
@@ -542,6 +591,7 @@ int main(int argc, char** argv) {
   cachemgr::fuzz::Llama2cSeeds();
   cachemgr::fuzz::RegressionSeeds();
   cachemgr::fuzz::RpcSeeds();
+  cachemgr::fuzz::PrefixSeeds();
   cachemgr::fuzz::ProgramSeeds();
   return 0;
 }

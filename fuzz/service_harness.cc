@@ -174,6 +174,12 @@ void ServiceHarness::Reset() {
   OrFail(m.Fetch(t0, "c1", {}), "fetch c1");
   OrFail(m.Allocate(t0, "c1", 2), "allocate c1 again");
   OrFail(m.Allocate(tokens_[1], "t0", 6), "allocate t0");
+  // The pool's prefix store: entries that sequences share and entries only the store holds.
+  OrFail(m.StorePrefix(t0, "s0", 0, {"h0", "h1"}), "store s0");
+  OrFail(m.StorePrefix(tokens_[1], "t0", 0, {"g0"}), "store t0");
+  OrFail(m.Allocate(t0, "p0", 8), "allocate p0");
+  OrFail(m.StorePrefix(t0, "p0", 0, {"e0", "e1"}), "store p0");
+  OrFail(m.Free(t0, "p0"), "free p0");
 }
 
 void ServiceHarness::FillMemory() {
@@ -210,7 +216,10 @@ void ServiceHarness::CheckSane() const {
   const StatsSnapshot stats = manager_->Stats();
   uint64_t bytes = 0;
   for (const PoolSnapshot& p : stats.pools) {
-    bytes += p.bytes + p.bookkeeping_bytes;
+    bytes += p.bytes + p.bookkeeping_bytes + p.prefix_bytes;
+    Check(p.prefix_only_blocks <= uint64_t{p.prefix_entries} * p.layers.size(),
+          absl::StrCat("pool ", p.pool_id, ": ", p.prefix_only_blocks, " store-only blocks for ",
+                       p.prefix_entries, " entries"));
     for (const LayerOccupancy& l : p.layers) {
       Check(l.used_blocks + l.free_blocks + l.quarantined_blocks == l.capacity_blocks,
             absl::StrCat("pool ", p.pool_id, ": used ", l.used_blocks, " + free ", l.free_blocks,
@@ -219,10 +228,11 @@ void ServiceHarness::CheckSane() const {
       Check(l.shared_blocks <= l.used_blocks, absl::StrCat("pool ", p.pool_id, ": shared > used"));
     }
   }
-  // The budget charges pools with their bookkeeping, clients' input buffers and sequences.
+  // The budget charges pools with their bookkeeping and stored prefixes, clients' input buffers
+  // and sequences.
   bytes += stats.input_buffer_bytes + stats.sequence_bytes;
   Check(bytes == stats.memory_used_bytes,
-        absl::StrCat("pools, input buffers and sequences hold ", bytes,
+        absl::StrCat("pools, stored prefixes, input buffers and sequences hold ", bytes,
                      " bytes, memory_used_bytes says ", stats.memory_used_bytes));
   Check(stats.memory_used_bytes <= options_.memory_budget_bytes,
         absl::StrCat("memory in use ", stats.memory_used_bytes, " exceeds the budget ",

@@ -15,6 +15,8 @@
 //               c1 (12 tokens, compressed by spindlekv on scores, fetched, then 2 more tokens:
 //               resident codebook layers with appended rows, what Park codes).
 //   client "1": t0 (6 tokens).
+//   prefix store: "h0", "h1" (s0's two full blocks), "g0" (t0's full block), and "e0", "e1"
+//               (the blocks of a freed 8-token sequence: only the store holds them).
 // A request's session token of one character "0" or "1" stands for that fixture client's real
 // token (the fuzzer cannot guess 128 random bits); any other token is sent as it is.
 //
@@ -82,8 +84,8 @@ class ServiceHarness {
   const PoolDescription& fixture_pool() const { return fixture_pool_; }
 
   // Aborts (Fail) unless CheckInvariants() holds and the stats add up: per layer used + free
-  // blocks equal capacity, shared <= used, the pools' bytes sum to the memory in use, which is
-  // within the budget.
+  // blocks equal capacity, shared <= used, the pools' bytes (stored prefixes included) sum to
+  // the memory in use, which is within the budget.
   void CheckSane() const;
 
   // Every sequence as the operator sees it (block tables, compression state and the KV digest

@@ -29,6 +29,8 @@ namespace {
 
 constexpr size_t kMaxSteps = 48;
 const char* const kSequences[] = {"s0", "s1", "c0", "c1", "t0", "a", "b", "c"};
+// Block hashes: the fixture's stored ones (service_harness.h) and a few more.
+const char* const kHashes[] = {"h0", "h1", "g0", "e0", "e1", "n0", "n1", "n2"};
 const char* const kPresets[] = {"fullkv",    "streamingllm", "h2o",      "snapkv",
                                 "pyramidkv", "pyramidinfer", "zigzagkv", "codebook",
                                 "spindlekv", "bogus"};
@@ -79,6 +81,15 @@ class Program {
     for (uint32_t& l : layers) l = in_.ConsumeIntegralInRange<uint32_t>(0, 3);
     return layers;
   }
+  // 0-4 hashes, now and then one of arbitrary bytes (too long, empty).
+  std::vector<std::string> Hashes() {
+    std::vector<std::string> hashes(in_.ConsumeIntegralInRange<size_t>(0, 4));
+    for (std::string& h : hashes) {
+      h = in_.ConsumeIntegralInRange<int>(0, 15) == 0 ? in_.ConsumeRandomLengthString(70)
+                                                      : in_.PickValueInArray(kHashes);
+    }
+    return hashes;
+  }
   uint32_t Count(uint32_t small_max) {
     return in_.ConsumeBool() ? in_.ConsumeIntegralInRange<uint32_t>(0, small_max)
                              : in_.ConsumeIntegral<uint32_t>();
@@ -116,9 +127,10 @@ class Program {
     const std::string state_before = h_.StateDigest();
     std::set<std::string> named;
     bool others_may_vanish = false;
+    bool read_only = false;  // a successful call changes no sequence, named ones included
     grpc::Status status;
     const char* what = "";
-    switch (in_.ConsumeIntegralInRange<int>(0, 13)) {
+    switch (in_.ConsumeIntegralInRange<int>(0, 16)) {
       case 0:
         what = "Attach";
         status = Attach();
@@ -220,6 +232,65 @@ class Program {
         what = "WriteKv";
         WriteKv(&named);
         break;
+      case 14: {
+        what = "StorePrefix";
+        v1::StorePrefixRequest r;
+        r.set_session_token(Token(ClientIndex()));
+        r.set_sequence_id(SequenceId());
+        r.set_first_block(Count(4));
+        for (const std::string& h : Hashes()) r.add_block_hashes(h);
+        // Named so that its blocks, shared with the store now, are not written as its own.
+        named.insert(r.sequence_id());
+        read_only = true;
+        std::string bytes;
+        status = Call("StorePrefix", r, &bytes);
+        v1::StorePrefixResponse response;
+        if (status.ok()) {
+          Check(response.ParseFromString(bytes) &&
+                    uint64_t{response.stored()} + response.already_stored() ==
+                        static_cast<uint64_t>(r.block_hashes_size()),
+                "StorePrefix: stored + already_stored != hashes");
+        }
+        break;
+      }
+      case 15: {
+        what = "MatchPrefix";
+        v1::MatchPrefixRequest r;
+        r.set_session_token(Token(ClientIndex()));
+        for (const std::string& h : Hashes()) r.add_block_hashes(h);
+        read_only = true;
+        std::string bytes;
+        status = Call("MatchPrefix", r, &bytes);
+        v1::MatchPrefixResponse response;
+        if (status.ok()) {
+          Check(response.ParseFromString(bytes) &&
+                    response.matched_blocks() <= static_cast<uint32_t>(r.block_hashes_size()),
+                "MatchPrefix matched more hashes than it was given");
+        }
+        break;
+      }
+      case 16: {
+        what = "LoadPrefix";
+        v1::LoadPrefixRequest r;
+        r.set_session_token(Token(ClientIndex()));
+        r.set_sequence_id(SequenceId());
+        for (const std::string& h : Hashes()) r.add_block_hashes(h);
+        named.insert(r.sequence_id());
+        std::string bytes;
+        status = Call("LoadPrefix", r, &bytes);
+        v1::LoadPrefixResponse response;
+        if (status.ok()) {
+          Check(response.ParseFromString(bytes), "LoadPrefix: unparseable response");
+          Check(response.loaded_blocks() + uint64_t{response.corrupt_blocks()} <=
+                    static_cast<uint64_t>(r.block_hashes_size()),
+                "LoadPrefix: loaded + corrupt > hashes");
+          // Engines write only the slots Allocate gave them (WriteKv): no stored block changes.
+          Check(response.corrupt_blocks() == 0, "LoadPrefix found a stored block corrupt");
+          Check(response.has_sequence() == (response.loaded_blocks() > 0),
+                "LoadPrefix: a sequence exactly when it loaded blocks");
+        }
+        break;
+      }
     }
     h_.CheckSane();
     // Any sequence the step named loses its "last allocation" (forks and compaction move rows).
@@ -233,7 +304,13 @@ class Program {
                          ")"));
       return;
     }
-    CheckOnlyNamedChanged(what, before, h_.Sequences(), named, others_may_vanish);
+    const std::map<std::string, std::string> after = h_.Sequences();
+    if (read_only) Check(after == before, absl::StrCat(what, " changed a sequence"));
+    CheckOnlyNamedChanged(what, before, after, named, others_may_vanish);
+    for (const auto& [id, sequence] : after) {
+      Check(before.contains(id) || named.contains(id),
+            absl::StrCat(what, " created sequence ", id, " it did not name"));
+    }
   }
 
   template <typename Request>

@@ -23,7 +23,7 @@ BUILD_DIR=${FUZZ_BUILD_DIR:-build-fuzz}
 ALL_TARGETS=(config npy gguf llama2c_checkpoint llama2c_tokenizer
              rpc_attach rpc_heartbeat rpc_detach rpc_allocate rpc_free rpc_fork rpc_get_sequence
              rpc_list_sequences rpc_stats rpc_compress rpc_fetch rpc_park rpc_watch
-             service_program)
+             rpc_store_prefix rpc_match_prefix rpc_load_prefix service_program)
 
 # The source files each target is about (for the coverage report).
 focus_files() {
@@ -36,7 +36,8 @@ focus_files() {
     llama2c_checkpoint) echo "tools/engine/checkpoint.cc" ;;
     llama2c_tokenizer) echo "tools/engine/sentencepiece_tokenizer.cc tools/engine/tokenizer.cc" ;;
     *) echo "cachemgr/service/cachemgr_service.cc cachemgr/service/proto_convert.cc" \
-            "cachemgr/cache_manager.cc cachemgr/cache_manager_compress.cc" ;;
+            "cachemgr/cache_manager.cc cachemgr/cache_manager_compress.cc" \
+            "cachemgr/cache_manager_prefix.cc cachemgr/prefix_store.cc" ;;
   esac
 }
 

@@ -67,6 +67,15 @@ void AddGauge(MetricFamily& family, std::vector<ClientMetric::Label> labels, dou
   family.metric.push_back(std::move(m));
 }
 
+// A counter kept by the CacheManager, read at scrape time.
+MetricFamily Counter(const char* name, const char* help, double value) {
+  MetricFamily family{name, help, MetricType::Counter, {}};
+  ClientMetric m;
+  m.counter.value = value;
+  family.metric.push_back(std::move(m));
+  return family;
+}
+
 }  // namespace
 
 // The gauges read from the CacheManager at scrape time.
@@ -145,6 +154,37 @@ class Metrics::StateGauges : public prometheus::Collectable {
     for (const PoolSnapshot& p : stats.pools) {
       AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}}, p.compressed_sequences);
     }
+    out.push_back(Gauges("cachemgr_pool_prefix_entries",
+                         "Stored prefix blocks of one pool (each one block in every layer)."));
+    for (const PoolSnapshot& p : stats.pools) {
+      AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}}, p.prefix_entries);
+    }
+    out.push_back(Gauges("cachemgr_pool_prefix_only_blocks",
+                         "Blocks of one pool (summed over layers) that only the prefix store "
+                         "holds: what eviction can give back."));
+    for (const PoolSnapshot& p : stats.pools) {
+      AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}},
+               static_cast<double>(p.prefix_only_blocks));
+    }
+    const PrefixCounters& c = stats.prefix;
+    out.push_back(Counter("cachemgr_prefix_stored_total", "Prefix entries stored (StorePrefix).",
+                          static_cast<double>(c.stored)));
+    out.push_back(Counter("cachemgr_prefix_hits_total", "Prefix entries LoadPrefix served.",
+                          static_cast<double>(c.hits)));
+    out.push_back(Counter("cachemgr_prefix_misses_total",
+                          "Block hashes LoadPrefix was asked for past the last one it served.",
+                          static_cast<double>(c.misses)));
+    out.push_back(Counter("cachemgr_prefix_evictions_total",
+                          "Prefix entries evicted to make room (least recently used first).",
+                          static_cast<double>(c.evictions)));
+    out.push_back(Counter("cachemgr_prefix_corrupt_total",
+                          "Prefix entries dropped at load because their KV no longer matched "
+                          "the digest taken when they were stored.",
+                          static_cast<double>(c.corrupt)));
+    out.push_back(Counter("cachemgr_prefix_pools_reclaimed_total",
+                          "Client-less pools released with their stored prefixes because an "
+                          "Attach needed the budget.",
+                          static_cast<double>(c.pools_reclaimed)));
     return out;
   }
 

@@ -384,6 +384,54 @@ grpc::ServerUnaryReactor* CacheManagerService::Fetch(grpc::CallbackServerContext
                        });
 }
 
+grpc::ServerUnaryReactor* CacheManagerService::StorePrefix(grpc::CallbackServerContext* ctx,
+                                                           const v1::StorePrefixRequest* request,
+                                                           v1::StorePrefixResponse* response) {
+  return UnaryOnWorker(ctx, "StorePrefix", request->session_token(),
+                       [this, request, response](const Caller& caller) -> absl::Status {
+                         const std::vector<std::string> hashes(request->block_hashes().begin(),
+                                                               request->block_hashes().end());
+                         ASSIGN_OR_RETURN(StorePrefixResult r,
+                                          manager_->StorePrefix(caller, request->sequence_id(),
+                                                                request->first_block(), hashes));
+                         response->set_stored(r.stored);
+                         response->set_already_stored(r.already_stored);
+                         return absl::OkStatus();
+                       });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::MatchPrefix(grpc::CallbackServerContext* ctx,
+                                                           const v1::MatchPrefixRequest* request,
+                                                           v1::MatchPrefixResponse* response) {
+  return Unary(ctx, "MatchPrefix", request->session_token(),
+               [&](const Caller& caller) -> absl::Status {
+                 const std::vector<std::string> hashes(request->block_hashes().begin(),
+                                                       request->block_hashes().end());
+                 ASSIGN_OR_RETURN(uint32_t matched, manager_->MatchPrefix(caller, hashes));
+                 response->set_matched_blocks(matched);
+                 return absl::OkStatus();
+               });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::LoadPrefix(grpc::CallbackServerContext* ctx,
+                                                          const v1::LoadPrefixRequest* request,
+                                                          v1::LoadPrefixResponse* response) {
+  return UnaryOnWorker(ctx, "LoadPrefix", request->session_token(),
+                       [this, request, response](const Caller& caller) -> absl::Status {
+                         const std::vector<std::string> hashes(request->block_hashes().begin(),
+                                                               request->block_hashes().end());
+                         ASSIGN_OR_RETURN(
+                             LoadPrefixResult r,
+                             manager_->LoadPrefix(caller, request->sequence_id(), hashes));
+                         response->set_loaded_blocks(r.loaded_blocks);
+                         response->set_corrupt_blocks(r.corrupt_blocks);
+                         if (r.sequence.has_value()) {
+                           SequenceToProto(*r.sequence, response->mutable_sequence());
+                         }
+                         return absl::OkStatus();
+                       });
+}
+
 grpc::ServerUnaryReactor* CacheManagerService::Park(grpc::CallbackServerContext* ctx,
                                                     const v1::ParkRequest* request,
                                                     v1::ParkResponse* response) {

@@ -1,8 +1,9 @@
 // CacheManagerService: the cachemgr.v1 gRPC service (callback API) over a CacheManager.
 //
 // The only place absl::Status becomes grpc::Status. Bookkeeping handlers (microseconds) finish
-// inline; Compress, Fetch and Park, which do seconds of CPU work on long sequences, run on a
-// WorkerPool so they never hold gRPC's callback threads.
+// inline; Compress, Fetch and Park, which do seconds of CPU work on long sequences, and
+// StorePrefix and LoadPrefix, which read KV for digests, run on a WorkerPool so they never hold
+// gRPC's callback threads.
 //
 // Who calls: a Unix-socket caller is the peer the PeerListener admitted (its kernel credentials
 // become Caller::peer); a TCP caller passed the TCP listener's TcpAuthProcessor (bearer token or
@@ -67,6 +68,15 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
                                   v1::FetchResponse* response) override;
   grpc::ServerUnaryReactor* Park(grpc::CallbackServerContext* ctx, const v1::ParkRequest* request,
                                  v1::ParkResponse* response) override;
+  grpc::ServerUnaryReactor* StorePrefix(grpc::CallbackServerContext* ctx,
+                                        const v1::StorePrefixRequest* request,
+                                        v1::StorePrefixResponse* response) override;
+  grpc::ServerUnaryReactor* MatchPrefix(grpc::CallbackServerContext* ctx,
+                                        const v1::MatchPrefixRequest* request,
+                                        v1::MatchPrefixResponse* response) override;
+  grpc::ServerUnaryReactor* LoadPrefix(grpc::CallbackServerContext* ctx,
+                                       const v1::LoadPrefixRequest* request,
+                                       v1::LoadPrefixResponse* response) override;
   grpc::ServerWriteReactor<v1::Event>* Watch(grpc::CallbackServerContext* ctx,
                                              const v1::WatchRequest* request) override;
 

@@ -188,6 +188,13 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
   p->set_memory_budget_bytes(s.memory_budget_bytes);
   p->set_input_buffer_bytes(s.input_buffer_bytes);
   p->set_sequence_bytes(s.sequence_bytes);
+  v1::PrefixCounters* prefix = p->mutable_prefix();
+  prefix->set_stored(s.prefix.stored);
+  prefix->set_hits(s.prefix.hits);
+  prefix->set_misses(s.prefix.misses);
+  prefix->set_evictions(s.prefix.evictions);
+  prefix->set_corrupt(s.prefix.corrupt);
+  prefix->set_pools_reclaimed(s.prefix.pools_reclaimed);
   for (const PoolSnapshot& pool : s.pools) {
     v1::PoolStats* ps = p->add_pools();
     ps->set_pool_id(pool.pool_id);
@@ -199,6 +206,9 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
     ps->set_arena_bytes(pool.arena_bytes);
     ps->set_compressed_sequences(pool.compressed_sequences);
     ps->set_bookkeeping_bytes(pool.bookkeeping_bytes);
+    ps->set_prefix_entries(pool.prefix_entries);
+    ps->set_prefix_bytes(pool.prefix_bytes);
+    ps->set_prefix_only_blocks(pool.prefix_only_blocks);
     for (uint32_t l = 0; l < pool.layers.size(); ++l) {
       v1::LayerOccupancy* o = ps->add_layers();
       o->set_layer(l);

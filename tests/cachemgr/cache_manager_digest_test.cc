@@ -6,11 +6,13 @@
 #include <thread>
 
 #include "absl/synchronization/notification.h"
-#include "cachemgr/backend/host_backend.h"
 #include "cachemgr/cache_manager.h"
+#include "tests/cachemgr/gated_backend.h"
 
 namespace cachemgr {
 namespace {
+
+using testing::GatedBackend;
 
 ModelSpec Model(const std::string& name) {
   ModelSpec m;
@@ -23,82 +25,6 @@ ModelSpec Model(const std::string& name) {
   m.block_size = 4;
   return m;
 }
-
-// Host pool memory whose DigestLayer blocks (once armed) until released.
-class GatedMemory final : public PoolMemory {
- public:
-  GatedMemory(std::unique_ptr<PoolMemory> inner, absl::Notification* entered,
-              absl::Notification* release, std::atomic<bool>* armed)
-      : inner_(std::move(inner)), entered_(entered), release_(release), armed_(armed) {}
-
-  const kernels::KvLayerLayout& layout() const override { return inner_->layout(); }
-  const std::vector<RegionInfo>& regions() const override { return inner_->regions(); }
-  const std::vector<LayerPlacement>& layers() const override { return inner_->layers(); }
-  std::vector<int> ShareFds() const override { return inner_->ShareFds(); }
-  absl::Status CopyBlocks(uint32_t layer, absl::Span<const kernels::BlockCopyPair> p) override {
-    return inner_->CopyBlocks(layer, p);
-  }
-  absl::Status GatherTokens(uint32_t layer, absl::Span<const int64_t> slots, float* k,
-                            float* v) const override {
-    return inner_->GatherTokens(layer, slots, k, v);
-  }
-  absl::Status ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots, const float* k,
-                             const float* v) override {
-    return inner_->ScatterTokens(layer, slots, k, v);
-  }
-  absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> table, uint32_t n,
-                            absl::Span<const uint32_t> kept, uint32_t rows) override {
-    return inner_->CompactHeads(layer, table, n, kept, rows);
-  }
-  absl::Status AttentionColumnSums(uint32_t layer, absl::Span<const int64_t> slots, uint32_t hq,
-                                   const float* q, uint32_t nq, float* sums) const override {
-    return inner_->AttentionColumnSums(layer, slots, hq, q, nq, sums);
-  }
-  absl::Status ScatterCodedRows(uint32_t layer, absl::Span<const int64_t> slots,
-                                const compress::CodedRows& coded) override {
-    return inner_->ScatterCodedRows(layer, slots, coded);
-  }
-  absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> table,
-                                       uint32_t n) const override {
-    if (armed_->exchange(false)) {
-      entered_->Notify();
-      release_->WaitForNotification();
-    }
-    return inner_->DigestLayer(layer, table, n);
-  }
-
- private:
-  std::unique_ptr<PoolMemory> inner_;
-  absl::Notification* entered_;
-  absl::Notification* release_;
-  std::atomic<bool>* armed_;
-};
-
-class GatedBackend final : public DeviceBackend {
- public:
-  BackendKind kind() const override { return host_.kind(); }
-  ShareMethod share_method() const override { return host_.share_method(); }
-  std::string device_name() const override { return host_.device_name(); }
-  absl::StatusOr<uint64_t> PoolBytes(const kernels::KvLayerLayout& layout,
-                                     uint32_t num_layers) const override {
-    return host_.PoolBytes(layout, num_layers);
-  }
-  absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(const std::string& pool_id,
-                                                         const kernels::KvLayerLayout& layout,
-                                                         kernels::KvElemType type,
-                                                         uint32_t num_layers) override {
-    auto inner = host_.CreatePool(pool_id, layout, type, num_layers);
-    if (!inner.ok()) return inner.status();
-    return std::unique_ptr<PoolMemory>(
-        new GatedMemory(*std::move(inner), &entered, &release, &armed));
-  }
-
-  absl::Notification entered, release;
-  std::atomic<bool> armed{false};
-
- private:
-  HostBackend host_;
-};
 
 struct Fixture {
   Fixture() : manager(CacheManagerOptions(), &backend, &clock, nullptr) {}

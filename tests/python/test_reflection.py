@@ -23,6 +23,9 @@ METHODS = {
     "Compress": ("CompressRequest", "CompressResponse", False),
     "Fetch": ("FetchRequest", "FetchResponse", False),
     "Park": ("ParkRequest", "ParkResponse", False),
+    "StorePrefix": ("StorePrefixRequest", "StorePrefixResponse", False),
+    "MatchPrefix": ("MatchPrefixRequest", "MatchPrefixResponse", False),
+    "LoadPrefix": ("LoadPrefixRequest", "LoadPrefixResponse", False),
 }
 
 

@@ -10,9 +10,11 @@ namespace cachemgr::testing {
 namespace {
 
 struct Snapshot {
-  std::vector<uint32_t> used;  // per pool and layer
+  std::vector<uint32_t> used;            // per pool and layer
+  std::vector<uint32_t> prefix_entries;  // per pool
   uint32_t sequences = 0;
   size_t clients = 0;
+  uint64_t memory_used_bytes = 0;
   bool operator==(const Snapshot&) const = default;
 };
 
@@ -23,9 +25,11 @@ Snapshot Take(v1::CacheManager::Stub& stub) {
   Snapshot s;
   for (const auto& p : resp.pools()) {
     for (const auto& l : p.layers()) s.used.push_back(l.used_blocks());
+    s.prefix_entries.push_back(p.prefix_entries());
   }
   s.sequences = resp.num_sequences();
   s.clients = resp.clients_size();
+  s.memory_used_bytes = resp.memory_used_bytes();
   return s;
 }
 
@@ -77,6 +81,17 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
   };
   REQUIRE(allocate(a, "seq-a", 20).ok());  // 2 blocks per layer
   REQUIRE(allocate(b, "seq-b", 16).ok());  // 1 block per layer; 5 free
+  {
+    // seq-a's full first block is stored under "h0".
+    grpc::ClientContext ctx;
+    v1::StorePrefixRequest req;
+    req.set_session_token(a);
+    req.set_sequence_id("seq-a");
+    req.add_block_hashes("h0");
+    v1::StorePrefixResponse resp;
+    REQUIRE(stub->StorePrefix(&ctx, req, &resp).ok());
+    REQUIRE(resp.stored() == 1);
+  }
 
   auto attach_req = [](std::function<void(v1::AttachRequest&)> edit) {
     v1::AttachRequest r;
@@ -112,6 +127,29 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
     r.set_sequence_id(id);
     return r;
   };
+  auto store_req = [](std::string token, std::string id, uint32_t first_block,
+                      std::vector<std::string> hashes) {
+    v1::StorePrefixRequest r;
+    r.set_session_token(token);
+    r.set_sequence_id(id);
+    r.set_first_block(first_block);
+    for (auto& h : hashes) r.add_block_hashes(h);
+    return r;
+  };
+  auto match_req = [](std::string token, std::vector<std::string> hashes) {
+    v1::MatchPrefixRequest r;
+    r.set_session_token(token);
+    for (auto& h : hashes) r.add_block_hashes(h);
+    return r;
+  };
+  auto load_req = [](std::string token, std::string id, std::vector<std::string> hashes) {
+    v1::LoadPrefixRequest r;
+    r.set_session_token(token);
+    r.set_sequence_id(id);
+    for (auto& h : hashes) r.add_block_hashes(h);
+    return r;
+  };
+  const std::string long_hash(65, 'x');
   v1::HeartbeatRequest hb;
   hb.set_session_token("not-a-token");
   v1::DetachRequest detach;
@@ -181,6 +219,36 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
       {"get missing", Call(&S::GetSequence, get_req("", "ghost")), C::NOT_FOUND, "ghost"},
       {"get empty id", Call(&S::GetSequence, get_req("", "")), C::INVALID_ARGUMENT, "sequence_id"},
       {"list bad token", Call(&S::ListSequences, list), C::NOT_FOUND, "session_token"},
+      {"store prefix no hashes", Call(&S::StorePrefix, store_req(a, "seq-a", 0, {})),
+       C::INVALID_ARGUMENT, "block_hashes must hold 1-16384 hashes (got 0)"},
+      {"store prefix long hash", Call(&S::StorePrefix, store_req(a, "seq-a", 0, {"h", long_hash})),
+       C::INVALID_ARGUMENT, "block_hashes[1] must be 1-64 bytes (got 65)"},
+      {"store prefix empty hash", Call(&S::StorePrefix, store_req(a, "seq-a", 0, {""})),
+       C::INVALID_ARGUMENT, "block_hashes[0]"},
+      {"store prefix partial block", Call(&S::StorePrefix, store_req(a, "seq-a", 1, {"h1"})),
+       C::INVALID_ARGUMENT, "first_block 1 and 1 block_hashes name blocks up to 1"},
+      {"store prefix other's", Call(&S::StorePrefix, store_req(a, "seq-b", 0, {"h"})),
+       C::PERMISSION_DENIED, "seq-b"},
+      {"store prefix missing", Call(&S::StorePrefix, store_req(a, "ghost", 0, {"h"})), C::NOT_FOUND,
+       "ghost"},
+      {"store prefix bad token", Call(&S::StorePrefix, store_req("nope", "seq-a", 0, {"h"})),
+       C::NOT_FOUND, "session_token"},
+      {"match prefix no hashes", Call(&S::MatchPrefix, match_req(a, {})), C::INVALID_ARGUMENT,
+       "block_hashes must hold"},
+      {"match prefix long hash", Call(&S::MatchPrefix, match_req(a, {long_hash})),
+       C::INVALID_ARGUMENT, "block_hashes[0]"},
+      {"match prefix bad token", Call(&S::MatchPrefix, match_req("nope", {"h0"})), C::NOT_FOUND,
+       "session_token"},
+      {"load prefix existing", Call(&S::LoadPrefix, load_req(a, "seq-b", {"h0"})),
+       C::ALREADY_EXISTS, "sequence_id \"seq-b\" already exists"},
+      {"load prefix bad id", Call(&S::LoadPrefix, load_req(a, "has space", {"h0"})),
+       C::INVALID_ARGUMENT, "sequence_id"},
+      {"load prefix no hashes", Call(&S::LoadPrefix, load_req(a, "new", {})), C::INVALID_ARGUMENT,
+       "block_hashes must hold"},
+      {"load prefix long hash", Call(&S::LoadPrefix, load_req(a, "new", {"h0", long_hash})),
+       C::INVALID_ARGUMENT, "block_hashes[1]"},
+      {"load prefix bad token", Call(&S::LoadPrefix, load_req("nope", "new", {"h0"})), C::NOT_FOUND,
+       "session_token"},
   };
   const Snapshot before = Take(*stub);
   for (const Case& c : cases) {
@@ -192,6 +260,13 @@ TEST_CASE("every RPC rejects bad input precisely and changes nothing", "[service
     CHECK(Take(*stub) == before);
   }
   CHECK(AccountingBalances(*stub));
+  {
+    // The stored block is still served after all of that.
+    grpc::ClientContext ctx;
+    v1::MatchPrefixResponse resp;
+    REQUIRE(stub->MatchPrefix(&ctx, match_req(b, {"h0", "h1"}), &resp).ok());
+    CHECK(resp.matched_blocks() == 1);
+  }
 
   SECTION("watch with an unknown event type") {
     grpc::ClientContext ctx;

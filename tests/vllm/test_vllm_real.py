@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+import cachemgr
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
 from conftest import Daemon  # noqa: E402  (the Python tests' daemon fixture)
 
@@ -95,8 +97,29 @@ def assert_same_decoding(report, reference, tolerance):
         assert drift <= tolerance, f"logprob drift {drift}"
 
 
+def restart_daemon_on_request(daemon, fault_dir):
+    """A thread that SIGKILLs and restarts `daemon` when run_engine.py asks (<fault_dir>/kill)
+    and answers when it is back (<fault_dir>/restarted)."""
+    def kill_and_restart():
+        deadline = time.monotonic() + 300
+        while not (fault_dir / "kill").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemon.kill()
+        daemon.restart()
+        (fault_dir / "restarted").touch()
+    killer = threading.Thread(target=kill_and_restart, daemon=True)
+    killer.start()
+    return killer
+
+
 def connector_config(daemon, **extra):
-    return {"socket": daemon.socket, "policy": "fullkv", **extra}
+    """The per-request path (the prefix store off): prompts saved per request id, served back to
+    that request after a preemption."""
+    return {"socket": daemon.socket, "policy": "fullkv", "prefix_store": False, **extra}
+
+
+def prefix_config(daemon, **extra):
+    return {"socket": daemon.socket, "prefix_store": True, **extra}
 
 
 def test_connector_conforms_to_the_installed_base_class():
@@ -133,7 +156,8 @@ def test_connector_conforms_to_the_installed_base_class():
 
 
 def test_greedy_outputs_are_identical_with_the_connector(daemon, reference):
-    report = run_engine({"texts": TEXTS, "max_tokens": MAX_TOKENS, "connector": connector_config(daemon),
+    report = run_engine({"texts": TEXTS, "max_tokens": MAX_TOKENS,
+                         "connector": connector_config(daemon),
                          "engine": {"enable_prefix_caching": False}})
     assert [o["tokens"] for o in report["outputs"]] == \
         [o["tokens"] for o in reference["outputs"]]
@@ -175,15 +199,7 @@ def test_a_lost_sidecar_copy_is_a_load_error_and_is_recomputed(daemon, reference
 def test_a_daemon_killed_mid_run_costs_recompute_and_is_used_again(reference_fp32, tmp_path):
     daemon = Daemon()
     try:
-        def kill_and_restart():
-            deadline = time.monotonic() + 300
-            while not (tmp_path / "kill").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            daemon.kill()
-            daemon.restart()
-            (tmp_path / "restarted").touch()
-        killer = threading.Thread(target=kill_and_restart, daemon=True)
-        killer.start()
+        killer = restart_daemon_on_request(daemon, tmp_path)
         report = run_engine({"texts": TEXTS, "max_tokens": MAX_TOKENS, "dtype": "float32",
                              "connector": connector_config(daemon, reconnect_interval=0.2),
                              "engine": PREEMPTING, "fault": "restart_daemon_before_first_load",
@@ -210,10 +226,116 @@ def test_an_unverified_layout_stops_vllm_at_start(daemon):
 def test_vllm_serves_while_the_daemon_is_down(reference_fp32, tmp_path):
     socket = str(tmp_path / "absent.sock")
     report = run_engine({"texts": TEXTS, "max_tokens": MAX_TOKENS, "dtype": "float32",
-                         "connector": {"socket": socket, "policy": "fullkv"},
+                         "connector": {"socket": socket, "policy": "fullkv",
+                                       "prefix_store": False},
                          "engine": PREEMPTING})
     assert report["vllm_metrics"]["vllm:num_preemptions"] > 0
     assert_same_decoding(report, reference_fp32, BATCHING_TOLERANCE)  # recomputed
     assert report["worker_stats"]["saved_tokens"] == 0
     assert report["worker_stats"]["loaded_tokens"] == 0
     assert report["worker_stats"]["skipped_saves"] > 0
+
+
+# ---- the prefix store: reuse across requests, engines and restarts ---------------------------
+
+# Three prompts sharing a document of about 2.5 of vLLM's 128-token blocks: a later prompt can
+# load the document's two full blocks from the sidecar. vLLM's own prefix cache is off, so every
+# hit is the sidecar's; sha256_cbor block hashes are reproducible in every process.
+DOCUMENT = STORY * 3
+PREFIX_PROMPTS = [DOCUMENT + "Question: what did Lily keep under her bed? Answer:",
+                  DOCUMENT + "Question: who gave Lily the blue stone? Answer:",
+                  DOCUMENT + "Question: where did Lily walk every morning? Answer:"]
+PREFIX_ENGINE = {"enable_prefix_caching": False, "prefix_caching_hash_algo": "sha256_cbor"}
+PREFIX_MAX_TOKENS = 24
+SHARED_BLOCKS = 2  # full 128-token blocks of DOCUMENT (checked by the reference)
+
+
+def prefix_run(prompts_per_round, connector=None, **spec):
+    return run_engine({"rounds": prompts_per_round, "max_tokens": PREFIX_MAX_TOKENS,
+                       "dtype": "float32", "engine": PREFIX_ENGINE, "connector": connector,
+                       **spec})
+
+
+@pytest.fixture(scope="module")
+def prefix_reference():
+    """Each prompt alone (one per round), without the connector."""
+    report = prefix_run([[p] for p in PREFIX_PROMPTS])
+    assert all(n >= (SHARED_BLOCKS + 0.5) * 128 for n in report["prompt_lengths"])
+    return report
+
+
+def assert_outputs_match(report, reference, indices):
+    sub = {"outputs": [reference["outputs"][i] for i in indices]}
+    assert_same_decoding(report, sub, BATCHING_TOLERANCE)
+
+
+def test_a_second_engine_loads_the_first_ones_prefixes_while_it_runs_and_after(
+        prefix_reference, tmp_path):
+    daemon = Daemon()
+    try:
+        first = {}
+
+        def run_first():
+            first["report"] = prefix_run([[PREFIX_PROMPTS[0]], [PREFIX_PROMPTS[1]]],
+                                         prefix_config(daemon), fault="pause_after_first_round",
+                                         fault_dir=str(tmp_path))
+        thread = threading.Thread(target=run_first, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "paused").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "paused").exists(), "the first engine never finished its first round"
+        # The first engine is attached and idle; a second one shares its prefix.
+        while_running = prefix_run([[PREFIX_PROMPTS[1]]], prefix_config(daemon))
+        (tmp_path / "resume").touch()
+        thread.join(timeout=300)
+        after_exit = prefix_run([[PREFIX_PROMPTS[2]]], prefix_config(daemon))
+        stats = cachemgr.stats(daemon.socket)
+    finally:
+        daemon.stop()
+    shared_tokens = SHARED_BLOCKS * 128
+    first_report = first["report"]
+    assert first_report["round_stats"][0]["prefix_hit_tokens"] == 0  # nothing stored yet
+    assert first_report["round_stats"][0]["prefix_stored_blocks"] >= SHARED_BLOCKS
+    assert first_report["worker_stats"]["prefix_hit_tokens"] == shared_tokens  # its 2nd round
+    assert while_running["worker_stats"]["prefix_hit_tokens"] == shared_tokens
+    assert after_exit["worker_stats"]["prefix_hit_tokens"] == shared_tokens
+    for report in (first_report, while_running, after_exit):
+        assert report["worker_stats"]["load_errors"] == 0
+        assert report["metrics"]["vllm:cachemgr_prefix_hit_tokens"] == \
+            report["worker_stats"]["prefix_hit_tokens"]
+    assert_outputs_match(first_report, prefix_reference, [0, 1])
+    assert_outputs_match(while_running, prefix_reference, [1])
+    assert_outputs_match(after_exit, prefix_reference, [2])
+    # Every engine has exited; the daemon still holds the stored prefixes.
+    assert stats.prefix["hits"] >= 3 * SHARED_BLOCKS
+
+
+def test_hits_resume_after_a_daemon_restart_and_a_corrupt_block_is_recomputed(
+        prefix_reference, tmp_path):
+    daemon = Daemon()
+    try:
+        killer = restart_daemon_on_request(daemon, tmp_path)
+        # Round 1 stores the document; the daemon is killed and restarted; round 2 misses, is
+        # recomputed and stores it again; before round 3's load the last document block is
+        # overwritten through the pool mapping.
+        report = prefix_run([[p] for p in PREFIX_PROMPTS],
+                            prefix_config(daemon, reconnect_interval=0.2),
+                            fault=["restart_daemon_after_first_round",
+                                   "corrupt_stored_block_before_load"],
+                            fault_dir=str(tmp_path))
+        killer.join(timeout=5)
+        stats = cachemgr.stats(daemon.socket)
+    finally:
+        daemon.stop()
+    rounds = report["round_stats"]
+    assert rounds[1]["prefix_hit_tokens"] == 0  # the store died with the daemon
+    assert rounds[1]["prefix_stored_blocks"] > rounds[0]["prefix_stored_blocks"]
+    assert rounds[1]["load_errors"] == 0
+    # Round 3 loads from the restarted daemon up to the corrupt block, which the daemon's digest
+    # check drops; the connector reports it as a load error and vLLM recomputes from there.
+    assert rounds[2]["prefix_hit_tokens"] == (SHARED_BLOCKS - 1) * 128
+    assert rounds[2]["prefix_corrupt_blocks"] == 1
+    assert rounds[2]["load_errors"] == 1
+    assert stats.prefix["corrupt"] == 1
+    assert_outputs_match(report, prefix_reference, [0, 1, 2])

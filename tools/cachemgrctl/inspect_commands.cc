@@ -115,6 +115,12 @@ int RunStats(const std::vector<std::string>& args) {
       "cachemgrd %s, up %s: %d pools, %d clients, %u sequences, memory %s of %s\n", stats.version(),
       Uptime(stats.uptime_ms()), stats.pools_size(), stats.clients_size(), stats.num_sequences(),
       HumanBytes(stats.memory_used_bytes()), HumanBytes(stats.memory_budget_bytes()));
+  if (const v1::PrefixCounters& c = stats.prefix(); c.stored() + c.misses() > 0) {
+    absl::StrAppend(&out, absl::StrFormat("prefix store: %u stored, %u hits, %u misses, %u "
+                                          "evicted, %u corrupt, %u idle pools reclaimed\n",
+                                          c.stored(), c.hits(), c.misses(), c.evictions(),
+                                          c.corrupt(), c.pools_reclaimed()));
+  }
   // Per device: pools, bytes, blocks used over all layers.
   struct DeviceTotals {
     int pools = 0;
@@ -122,7 +128,7 @@ int RunStats(const std::vector<std::string>& args) {
   };
   std::map<std::string, DeviceTotals> devices;
   Table pools({"POOL", "MODEL", "BACKEND", "DEVICE", "LAYERS", "BYTES", "CLIENTS", "USED",
-               "COMPRESSED", "ARENA"});
+               "COMPRESSED", "ARENA", "PREFIXES"});
   for (const v1::PoolStats& p : stats.pools()) {
     uint64_t used = 0, capacity = 0;
     for (const v1::LayerOccupancy& l : p.layers()) {
@@ -137,7 +143,8 @@ int RunStats(const std::vector<std::string>& args) {
     pools.AddRow({p.pool_id(), p.model_name(), BackendName(p.backend()), p.device(),
                   absl::StrCat(p.layers_size()), HumanBytes(p.bytes()), absl::StrCat(p.clients()),
                   capacity == 0 ? "0.0%" : Percent(static_cast<double>(used) / capacity),
-                  absl::StrCat(p.compressed_sequences()), HumanBytes(p.arena_bytes())});
+                  absl::StrCat(p.compressed_sequences()), HumanBytes(p.arena_bytes()),
+                  absl::StrCat(p.prefix_entries())});
   }
   if (!devices.empty()) {
     Table by_device({"DEVICE", "POOLS", "BYTES", "BLOCKS_USED", "BLOCKS", "USED"});

@@ -15,12 +15,12 @@ See Session, HostPool, Policy, and cachemgr.integrations.vllm for the vLLM v1 co
 from .errors import CacheManagerError
 from .pool import HostPool, bf16_to_float32, float32_to_bf16
 from .session import Session, SessionEvent, TlsOptions, list_all_sequences, stats
-from .types import (Allocation, CompressResult, FetchedLayer, ModelSpec, ParkedLayer, Policy,
-                    RopeConfig, SequenceInfo, SequenceSummary, Stats)
+from .types import (Allocation, CompressResult, FetchedLayer, LoadedPrefix, ModelSpec, ParkedLayer,
+                    Policy, RopeConfig, SequenceInfo, SequenceSummary, Stats, StoredPrefix)
 
 __all__ = [
     "Allocation", "CacheManagerError", "CompressResult", "FetchedLayer", "HostPool",
-    "ModelSpec", "ParkedLayer", "Policy", "RopeConfig", "SequenceInfo", "SequenceSummary",
-    "Session", "SessionEvent", "Stats", "TlsOptions", "bf16_to_float32", "float32_to_bf16",
+    "LoadedPrefix", "ModelSpec", "ParkedLayer", "Policy", "RopeConfig", "SequenceInfo", "SequenceSummary",
+    "Session", "SessionEvent", "Stats", "StoredPrefix", "TlsOptions", "bf16_to_float32", "float32_to_bf16",
     "list_all_sequences", "stats",
 ]

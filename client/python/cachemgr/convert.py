@@ -135,8 +135,10 @@ def stats_from_proto(r: pb.StatsResponse) -> Stats:
                          p.clients,
                          [LayerOccupancy(l.layer, l.capacity_blocks, l.used_blocks,
                                          l.free_blocks, l.shared_blocks, l.quarantined_blocks)
-                          for l in p.layers])
+                          for l in p.layers], p.prefix_entries, p.prefix_only_blocks)
                for p in r.pools],
         clients=[ClientInfo(c.client_id, c.client_name, c.pool_id, c.sequences,
                             c.lease_remaining_ms) for c in r.clients],
-        num_sequences=r.num_sequences, uptime_ms=r.uptime_ms, version=r.version)
+        num_sequences=r.num_sequences, uptime_ms=r.uptime_ms, version=r.version,
+        memory_used_bytes=r.memory_used_bytes,
+        prefix={f.name: getattr(r.prefix, f.name) for f in r.prefix.DESCRIPTOR.fields})

@@ -33,7 +33,7 @@ import mmap
 import os
 import threading
 import time
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import grpc
 import numpy as np
@@ -42,8 +42,8 @@ from . import convert, lease
 from .errors import CacheManagerError, from_rpc_error
 from .pool import HostPool, check_layer_places
 from .share_channel import fetch_shared_fds
-from .types import (Allocation, CompressResult, FetchedLayer, ModelSpec, ParkedLayer, Policy,
-                    SequenceInfo, SequenceSummary, Stats)
+from .types import (Allocation, CompressResult, FetchedLayer, LoadedPrefix, ModelSpec,
+                    ParkedLayer, Policy, SequenceInfo, SequenceSummary, Stats, StoredPrefix)
 from .v1 import cachemgr_pb2 as pb
 from .v1 import cachemgr_pb2_grpc as pb_grpc
 
@@ -727,6 +727,33 @@ class Session:
             page_token = response.next_page_token
             if not page_token:
                 return out
+
+    # ---- prefix store (docs/PREFIX_STORE.md) --------------------------------------------------
+
+    def store_prefix(self, sequence_id: str, block_hashes: Sequence[bytes],
+                     first_block: int = 0) -> StoredPrefix:
+        """Stores block first_block + i of the (uncompressed) sequence, in every layer, under
+        block_hashes[i]; the pool keeps them after the sequence and this client are gone."""
+        response = self._session_call("StorePrefix", lambda t: pb.StorePrefixRequest(
+            session_token=t, sequence_id=sequence_id, first_block=first_block,
+            block_hashes=list(block_hashes)), timeout=HEAVY_CALL_TIMEOUT)
+        return StoredPrefix(response.stored, response.already_stored)
+
+    def match_prefix(self, block_hashes: Sequence[bytes]) -> int:
+        """How many leading block_hashes the pool has stored."""
+        return self._session_call("MatchPrefix", lambda t: pb.MatchPrefixRequest(
+            session_token=t, block_hashes=list(block_hashes))).matched_blocks
+
+    def load_prefix(self, sequence_id: str, block_hashes: Sequence[bytes]) -> LoadedPrefix:
+        """Creates `sequence_id` holding the stored blocks of the leading hashes (their digests
+        checked); read them through the pool, then free the sequence. No sequence is created
+        when nothing is served."""
+        response = self._session_call("LoadPrefix", lambda t: pb.LoadPrefixRequest(
+            session_token=t, sequence_id=sequence_id, block_hashes=list(block_hashes)),
+            timeout=HEAVY_CALL_TIMEOUT)
+        sequence = (convert.sequence_from_proto(response.sequence)
+                    if response.loaded_blocks else None)
+        return LoadedPrefix(response.loaded_blocks, response.corrupt_blocks, sequence)
 
     # ---- compression ------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Plain data types of the client (no protobuf types leak out of the package)."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -78,6 +78,19 @@ class SequenceInfo:
     compression_policy: str = ""
     kept_per_layer: List[int] = field(default_factory=list)
     busy: str = ""
+
+
+@dataclass
+class StoredPrefix:
+    stored: int           # new entries
+    already_stored: int   # hashes the pool held already (or repeated in the call)
+
+
+@dataclass
+class LoadedPrefix:
+    loaded_blocks: int    # leading hashes served (blocks per layer of `sequence`)
+    corrupt_blocks: int   # entries that failed their digest: dropped, not served
+    sequence: Optional[SequenceInfo]  # None when nothing was served
 
 
 @dataclass
@@ -161,6 +174,8 @@ class PoolStats:
     bytes: int
     clients: int
     layers: List[LayerOccupancy]
+    prefix_entries: int = 0      # stored prefix blocks (one block in every layer each)
+    prefix_only_blocks: int = 0  # blocks (summed over layers) only the prefix store holds
 
 
 @dataclass
@@ -179,6 +194,10 @@ class Stats:
     num_sequences: int
     uptime_ms: int
     version: str
+    memory_used_bytes: int = 0
+    # Daemon-wide prefix-store counters (operator view only): stored, hits, misses, evictions,
+    # corrupt, pools_reclaimed.
+    prefix: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

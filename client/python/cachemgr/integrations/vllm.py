@@ -1,15 +1,30 @@
-"""A vLLM v1 KV connector backed by cachemgrd: the sidecar as a compressed store for requests'
-KV (prefill results and preempted requests), with the method names and roles of vLLM's
+"""A vLLM v1 KV connector backed by cachemgrd, with the method names and roles of vLLM's
 `KVConnectorBase_V1` (vllm/distributed/kv_transfer/kv_connector/v1/base.py).
 
 Load it in vLLM with
 
     --kv-transfer-config '{"kv_connector": "CacheManagerConnector",
         "kv_connector_module_path": "cachemgr.integrations.vllm", "kv_role": "kv_both",
-        "kv_connector_extra_config": {"socket": "/run/cachemgr/cachemgr.sock",
-                                      "policy": "codebook", "reserve_ratio": 1.0}}'
+        "kv_connector_extra_config": {"socket": "/run/cachemgr/cachemgr.sock"}}'
 
-What it does with a request (sequence "vllm-<request id>" in the daemon):
+Two ways of keeping KV, chosen by `prefix_store` (on by default inside vLLM):
+
+Prefix store (docs/PREFIX_STORE.md): blocks keyed by vLLM's own chained block hashes
+(Request.block_hashes; `--prefix-caching-hash-algo sha256_cbor` makes them reproducible in every
+process and language), held by the daemon for every engine attached to the same model, after
+the engine that stored them is gone, until evicted.
+  scheduler  get_num_new_matched_tokens asks the daemon (MatchPrefix, on the scheduler's own
+             session) how many leading blocks it holds and reports them past what vLLM
+             computed; update_state_after_alloc schedules the load into the blocks vLLM gave;
+             build_connector_meta schedules every block that is full of computed tokens after
+             the step (prompt and output alike) to be stored once;
+  worker     start_load_kv loads (LoadPrefix pins the blocks and checks their digests, the rows
+             are copied into vLLM's blocks); wait_for_save copies the new full blocks into a
+             scratch sequence, stores them under their hashes (StorePrefix) and frees it.
+A preempted request is matched again when it resumes, so it loads what was stored of it.
+
+Per-request copies (prefix_store false): the sidecar as a compressed store for requests' KV
+(sequence "vllm-<request id>" in the daemon):
   prefill    save_kv_layer copies the tokens vLLM computed this step from vLLM's paged KV into
              the sidecar pool (Allocate, then zero-copy writes through the mapped pool);
   end of     wait_for_save compresses the saved prompt with the configured policy (Compress;
@@ -65,6 +80,7 @@ read from vLLM's objects:
 
 import dataclasses
 import logging
+import os
 import re
 import socket
 import time
@@ -124,6 +140,9 @@ _COUNTERS = {
     "skipped_saves": "Saves skipped because cachemgrd was unavailable",
     "load_errors": "Loads that failed and were reported to vLLM for recompute",
     "reattaches": "Times the worker re-attached to cachemgrd after losing its session",
+    "prefix_stored_blocks": "Blocks the connector stored in cachemgrd's prefix store (new ones)",
+    "prefix_hit_tokens": "Prompt tokens loaded from cachemgrd's prefix store",
+    "prefix_corrupt_blocks": "Stored blocks cachemgrd found corrupt at load (recomputed)",
 }
 
 
@@ -188,6 +207,15 @@ class _Transfer:
 
 
 @dataclasses.dataclass
+class _PrefixTransfer:
+    request_id: str
+    block_ids: List[int]       # vLLM block ids of the request (group 0)
+    first_block: int           # hashes[i] is the hash of the request's block first_block + i
+    hashes: List[bytes]
+    num_tokens: int = 0        # loads: tokens to fill from token first_block * block_size
+
+
+@dataclasses.dataclass
 class CacheManagerConnectorMetadata(_MetaBase):
     """Scheduler -> worker, per step."""
     saves: List[_Transfer] = dataclasses.field(default_factory=list)
@@ -198,6 +226,10 @@ class CacheManagerConnectorMetadata(_MetaBase):
     # prefill that vLLM redoes saves it again.
     dropped: List[str] = dataclasses.field(default_factory=list)
     finished: List[str] = dataclasses.field(default_factory=list)
+    # Prefix store (prefix_store on): full blocks to store under their hashes, and stored
+    # prefixes to load into vLLM's blocks.
+    prefix_saves: List["_PrefixTransfer"] = dataclasses.field(default_factory=list)
+    prefix_loads: List["_PrefixTransfer"] = dataclasses.field(default_factory=list)
 
 
 def _sequence_id(request_id: str) -> str:
@@ -253,7 +285,9 @@ def _config_from_vllm(vllm_config) -> Dict[str, Any]:
 
 class CacheManagerConnector(_Base):
     """See the module docstring. `config` holds the kv_connector_extra_config keys:
-    socket (required), policy ("codebook"), reserve_ratio (1.0) or byte_ratio, window (32),
+    socket (required), prefix_store (true in vLLM: see the module docstring; the keys below
+    up to window apply to the per-request path), policy ("codebook"), reserve_ratio (1.0) or
+    byte_ratio, window (32),
     client_name, reconnect_interval (1.0 s: how often a lost sidecar is probed or re-attached),
     layout (only to name a backend's layout explicitly; it is verified all the same),
     and, taken from vLLM's config when run in vLLM: num_layers, num_q_heads, num_kv_heads,
@@ -286,6 +320,16 @@ class CacheManagerConnector(_Base):
             self.reserve_ratio = 1.0
         self.block_size = int(config.get("block_size", 16))
         self.reconnect_interval = float(config.get("reconnect_interval", 1.0))
+        # Prefix store: blocks keyed by vLLM's own block hashes (Request.block_hashes), shared
+        # across requests and engines. On by default in vLLM; the per-request path (compressed
+        # copies for preemption) runs when it is off.
+        self.prefix_store = bool(config.get("prefix_store", vllm_config is not None))
+        cache_config = getattr(vllm_config, "cache_config", None)
+        algo = str(getattr(cache_config, "prefix_caching_hash_algo", "sha256"))
+        if self.prefix_store and algo.startswith("xxhash") and "PYTHONHASHSEED" not in os.environ:
+            _log.warning("cachemgr connector: prefix_caching_hash_algo %s without PYTHONHASHSEED "
+                         "draws a random seed per process, so no other engine (nor this one "
+                         "after a restart) can reuse its stored prefixes; use sha256_cbor", algo)
         # Scheduler side.
         self._block_ids: Dict[str, List[int]] = {}       # req id -> vLLM blocks (group 0)
         self._saved: Dict[str, int] = {}                 # req id -> tokens held by the sidecar
@@ -296,6 +340,11 @@ class CacheManagerConnector(_Base):
         self._pending: CacheManagerConnectorMetadata = CacheManagerConnectorMetadata()
         self._probe_at = 0.0     # when the sidecar was last probed (time.monotonic)
         self._probe_up = True
+        self._requests: Dict[str, Any] = {}              # req id -> vLLM Request (its hashes)
+        self._stored_blocks: Dict[str, int] = {}         # req id -> leading blocks stored
+        self._matched: Dict[str, Tuple[int, int]] = {}   # req id -> (blocks matched, local)
+        self._scheduler_session: Optional[Session] = None
+        self._scheduler_retry_at = 0.0
         # Worker side.
         self.session: Optional[Session] = None
         self._kv_caches: Dict[int, Any] = {}
@@ -571,6 +620,85 @@ class CacheManagerConnector(_Base):
         self.stats["loaded_tokens"] += t.num_tokens
         self._park(s, t.sequence_id)  # back to the arena until the next preemption
 
+    def _store_prefix(self, p: _PrefixTransfer) -> None:
+        """Copies full blocks of a request from vLLM's cache into a scratch sidecar sequence,
+        stores them under their hashes (the daemon keeps them after the sequence is freed) and
+        frees the sequence."""
+        s = self._usable_session()
+        if s is None:
+            self.stats["skipped_saves"] += 1
+            return
+        sequence_id = f"vllm-store-{p.request_id}-{p.first_block}"
+        tokens = len(p.hashes) * self.block_size
+        transfer = _Transfer(sequence_id, p.block_ids, p.first_block * self.block_size, tokens)
+        try:
+            alloc = s.allocate(sequence_id, tokens)
+            for layer in range(s.model.num_layers):
+                if not s.lease_ok:
+                    raise s.status
+                k, v = self._vllm_rows(layer, transfer)
+                s.pool.write(layer, alloc.layers[layer].slot_mapping,
+                             k.astype(s.pool.dtype, copy=False),
+                             v.astype(s.pool.dtype, copy=False))
+            stored = s.store_prefix(sequence_id, p.hashes)
+        except Exception as e:  # noqa: BLE001 - an unsaved block is a later miss
+            self.stats["skipped_saves"] += 1
+            self._failed(f"storing blocks of {p.request_id}", e)
+        else:
+            self.stats["prefix_stored_blocks"] += stored.stored
+            self.stats["saved_tokens"] += tokens
+        finally:
+            self._free_scratch(s, sequence_id)
+
+    def _load_prefix(self, p: _PrefixTransfer) -> None:
+        """Loads stored blocks into the request's vLLM blocks; what the daemon cannot serve
+        (evicted since the scheduler matched, corrupt, daemon gone) goes to
+        get_block_ids_with_load_errors() from the first block not served."""
+        s = self._usable_session()
+        sequence_id = f"vllm-load-{p.request_id}"
+        first_token = p.first_block * self.block_size
+        served = 0
+        try:
+            if s is None:
+                raise CacheManagerError(grpc.StatusCode.UNAVAILABLE, "cachemgrd is unavailable")
+            loaded = s.load_prefix(sequence_id, p.hashes)
+            self.stats["prefix_corrupt_blocks"] += loaded.corrupt_blocks
+            rows = min(loaded.loaded_blocks * self.block_size, p.num_tokens)
+            if rows > 0:
+                for table in loaded.sequence.layers:
+                    k, v = s.pool.read(table.layer, table.block_ids, rows)
+                    if not s.lease_ok:  # read from a revoked mapping: not the sidecar's rows
+                        raise s.status
+                    kv = self._kv_caches[table.layer]
+                    blocks, offsets = self._slots(kv, p.block_ids, first_token, first_token + rows)
+                    self._layout.scatter(kv, int(self.config["head_dim"]), blocks, offsets,
+                                         self._like(kv, k), self._like(kv, v))
+            served = rows
+            if rows < p.num_tokens:
+                raise CacheManagerError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"the prefix store served {loaded.loaded_blocks} of {len(p.hashes)} blocks "
+                    f"({loaded.corrupt_blocks} corrupt)")
+        except Exception as e:  # noqa: BLE001 - whatever failed, vLLM recomputes these blocks
+            first = (first_token + served) // self.block_size
+            last = -(-(first_token + p.num_tokens) // self.block_size)
+            self._load_errors.update(p.block_ids[first:last])
+            self.stats["load_errors"] += 1
+            self._failed(f"loading the stored prefix of {p.request_id}", e)
+        finally:
+            if s is not None:
+                self._free_scratch(s, sequence_id)
+        self.stats["loaded_tokens"] += served
+        self.stats["prefix_hit_tokens"] += served
+
+    def _free_scratch(self, s: Session, sequence_id: str) -> None:
+        try:
+            if s.lease_ok:
+                s.free(sequence_id)
+        except CacheManagerError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:  # nothing was created
+                self._sidecar_failed(f"freeing {sequence_id}", e)
+
     def _park(self, s: Session, sequence_id: str) -> None:
         try:
             s.park(sequence_id)
@@ -588,6 +716,8 @@ class CacheManagerConnector(_Base):
             return
         for t in meta.loads:
             self._load(t)
+        for p in meta.prefix_loads:
+            self._load_prefix(p)
 
     def get_block_ids_with_load_errors(self) -> Set[int]:
         """vLLM block ids whose load failed since the last call (vLLM recomputes them)."""
@@ -607,6 +737,8 @@ class CacheManagerConnector(_Base):
         meta = self._connector_metadata
         if meta is None:
             return
+        for p in meta.prefix_saves:
+            self._store_prefix(p)
         for t in meta.saves:
             self._save(t)
         for sequence_id in meta.compress_after_save:
@@ -673,15 +805,19 @@ class CacheManagerConnector(_Base):
         return None, None
 
     def shutdown(self) -> None:
-        if self.session is not None:
-            self.session.detach()
-            self.session = None
+        for attr in ("session", "_scheduler_session"):
+            session = getattr(self, attr)
+            if session is not None:
+                session.detach()
+                setattr(self, attr, None)
 
     # ---- scheduler side ----------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         """Tokens the sidecar can load beyond what vLLM computed (0 unless the request was
         saved and every layer kept all its tokens). Side-effect free."""
+        if self.prefix_store:
+            return self._prefix_matched_tokens(request, num_computed_tokens), False
         rid = request.request_id
         held = self._saved.get(rid, 0)
         if not self._loadable.get(rid, False) or held <= num_computed_tokens:
@@ -692,11 +828,71 @@ class CacheManagerConnector(_Base):
         matched = min(held, request.num_tokens - 1) - num_computed_tokens
         return max(0, matched), False
 
+    def _prefix_matched_tokens(self, request, num_computed_tokens: int) -> int:
+        """Tokens past num_computed_tokens whose blocks the prefix store holds (MatchPrefix on
+        the request's block hashes from its first block); 0 when the sidecar is down."""
+        rid = request.request_id
+        hashes = list(getattr(request, "block_hashes", None) or ())
+        self._matched[rid] = (0, num_computed_tokens)
+        if not hashes or not self._sidecar_up():
+            return 0
+        s = self._scheduler_usable_session()
+        if s is None:
+            return 0
+        try:
+            matched = s.match_prefix(hashes)
+        except CacheManagerError as e:
+            self._sidecar_failed("matching a prefix", e)
+            return 0
+        self._matched[rid] = (matched, num_computed_tokens)
+        # vLLM computes at least the last token itself (it needs its logits).
+        end = min(matched * self.block_size, request.num_tokens - 1)
+        return max(0, end - num_computed_tokens)
+
+    def _scheduler_usable_session(self) -> Optional[Session]:
+        """The scheduler's own session (MatchPrefix only: it maps nothing it uses), attached or
+        re-attached at most once per reconnect_interval."""
+        s = self._scheduler_session
+        if s is not None and s.lease_ok:
+            return s
+        now = time.monotonic()
+        if now < self._scheduler_retry_at:
+            return None
+        self._scheduler_retry_at = now + self.reconnect_interval
+        try:
+            if s is None:
+                self._scheduler_session = Session.attach(
+                    self.config["socket"],
+                    self.config.get("client_name", "vllm") + "-scheduler", self._model(),
+                    num_blocks=int(self.config.get("num_blocks", 0)))
+            else:
+                s.reattach()
+            return self._scheduler_session
+        except (CacheManagerError, ValueError) as e:
+            if isinstance(e, CacheManagerError):
+                self._sidecar_failed("attaching the scheduler", e)
+            return None
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         rid = request.request_id
         block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
         if block_ids:
             self._block_ids[rid] = block_ids
+        if self.prefix_store:
+            self._requests[rid] = request
+            # The local prefix cache's hits are not in request.num_computed_tokens yet.
+            matched, local = self._matched.pop(rid, (0, request.num_computed_tokens))
+            # Blocks the store holds need no save (the daemon dedupes the rest anyway).
+            self._stored_blocks[rid] = matched
+            if num_external_tokens > 0:
+                first_block = local // self.block_size
+                end = local + num_external_tokens
+                last_block = -(-end // self.block_size)
+                hashes = list(request.block_hashes[first_block:last_block])
+                self._pending.prefix_loads.append(_PrefixTransfer(
+                    rid, list(self._block_ids[rid]), first_block, hashes,
+                    end - first_block * self.block_size))
+            return
         if num_external_tokens > 0:
             self._pending.loads.append(_Transfer(_sequence_id(rid), list(self._block_ids[rid]),
                                                  request.num_computed_tokens,
@@ -704,6 +900,8 @@ class CacheManagerConnector(_Base):
             self._computed[rid] = request.num_computed_tokens + num_external_tokens
 
     def build_connector_meta(self, scheduler_output) -> CacheManagerConnectorMetadata:
+        if self.prefix_store:
+            return self._build_prefix_meta(scheduler_output)
         meta, self._pending = self._pending, CacheManagerConnectorMetadata()
         # Preempted requests first: their blocks still hold what they computed.
         for rid in sorted(getattr(scheduler_output, "preempted_req_ids", None) or ()):
@@ -737,6 +935,37 @@ class CacheManagerConnector(_Base):
                     self._block_ids[rid] = self._block_ids.get(rid, []) + list(extra[0])
                 self._step(meta, rid, cached.num_computed_tokens[i], scheduled.get(rid, 0))
         meta.finished = sorted(getattr(scheduler_output, "finished_req_ids", None) or ())
+        return meta
+
+    def _build_prefix_meta(self, scheduler_output) -> CacheManagerConnectorMetadata:
+        """Prefix store: every block that is full of computed tokens after this step (prompt
+        and output alike) is stored once, under the request's hash of it."""
+        meta, self._pending = self._pending, CacheManagerConnectorMetadata()
+        for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self._block_ids.pop(rid, None)  # its blocks are vLLM's again; resumption re-matches
+        scheduled = getattr(scheduler_output, "num_scheduled_tokens", {}) or {}
+        steps = [(new.req_id, list(new.block_ids[0]), new.num_computed_tokens)
+                 for new in getattr(scheduler_output, "scheduled_new_reqs", []) or []]
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        if cached is not None:
+            resumed = set(getattr(cached, "resumed_req_ids", None) or ())
+            for i, rid in enumerate(cached.req_ids):
+                extra = cached.new_block_ids[i]
+                extra = list(extra[0]) if extra is not None else []
+                known = [] if rid in resumed else self._block_ids.get(rid, [])
+                steps.append((rid, known + extra, cached.num_computed_tokens[i]))
+        for rid, block_ids, computed in steps:
+            self._block_ids[rid] = block_ids
+            request = self._requests.get(rid)
+            if request is None:
+                continue
+            full = min((computed + scheduled.get(rid, 0)) // self.block_size,
+                       len(request.block_hashes), len(block_ids))
+            stored = self._stored_blocks.get(rid, 0)
+            if full > stored:
+                meta.prefix_saves.append(_PrefixTransfer(
+                    rid, block_ids, stored, list(request.block_hashes[stored:full])))
+                self._stored_blocks[rid] = full
         return meta
 
     def _step(self, meta, rid: str, computed: int, scheduled: int) -> None:
@@ -784,6 +1013,13 @@ class CacheManagerConnector(_Base):
         invalid = set(getattr(connector_output, "invalid_block_ids", None) or ())
         if not invalid:
             return
+        if self.prefix_store:
+            # vLLM recomputes from the first failed block: store the recomputed blocks again.
+            for rid, blocks in self._block_ids.items():
+                bad = [i for i, b in enumerate(blocks) if b in invalid]
+                if bad:
+                    self._stored_blocks[rid] = min(self._stored_blocks.get(rid, 0), bad[0])
+            return
         for rid, blocks in self._block_ids.items():
             if invalid.intersection(blocks):
                 self._loadable[rid] = False
@@ -795,7 +1031,7 @@ class CacheManagerConnector(_Base):
         of it); vLLM may free the blocks at once."""
         rid = request.request_id
         for table in (self._block_ids, self._saved, self._loadable, self._prompt_len,
-                      self._computed):
+                      self._computed, self._requests, self._stored_blocks, self._matched):
             table.pop(rid, None)
         self._compressed.discard(rid)
         return False, None
