@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "absl/synchronization/notification.h"
-#include "cachemgr/backend/host_backend.h"
 #include "cachemgr/cache_manager.h"
+#include "tests/cachemgr/gated_backend.h"
 
 namespace cachemgr {
 namespace {
@@ -36,17 +36,10 @@ CacheManagerOptions Options() {
 
 // A host backend whose CreatePool blocks, for pools of one model name, until released; and
 // that can be told to fail instead.
-class BlockingBackend final : public DeviceBackend {
+class BlockingBackend final : public testing::HostBackendWrapper {
  public:
   explicit BlockingBackend(std::string blocked_model) : blocked_(std::move(blocked_model)) {}
 
-  BackendKind kind() const override { return host_.kind(); }
-  ShareMethod share_method() const override { return host_.share_method(); }
-  std::string device_name() const override { return host_.device_name(); }
-  absl::StatusOr<uint64_t> PoolBytes(const kernels::KvLayerLayout& layout,
-                                     uint32_t num_layers) const override {
-    return host_.PoolBytes(layout, num_layers);
-  }
   absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(const std::string& pool_id,
                                                          const kernels::KvLayerLayout& layout,
                                                          kernels::KvElemType type,
@@ -57,7 +50,7 @@ class BlockingBackend final : public DeviceBackend {
       release_.WaitForNotification();
       if (fail_) return absl::ResourceExhaustedError("the device is out of memory");
     }
-    return host_.CreatePool(pool_id, layout, type, num_layers);
+    return host().CreatePool(pool_id, layout, type, num_layers);
   }
 
   absl::Notification& entered() { return entered_; }
@@ -69,7 +62,6 @@ class BlockingBackend final : public DeviceBackend {
   int builds() const { return builds_.load(); }
 
  private:
-  HostBackend host_;
   const std::string blocked_;
   absl::Notification entered_, release_;
   std::atomic<bool> fail_{false};

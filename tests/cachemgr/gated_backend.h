@@ -63,7 +63,8 @@ class GatedMemory final : public PoolMemory {
   std::atomic<bool>* armed_;
 };
 
-class GatedBackend final : public DeviceBackend {
+// The host backend with CreatePool left to a subclass (host().CreatePool creates the memory).
+class HostBackendWrapper : public DeviceBackend {
  public:
   BackendKind kind() const override { return host_.kind(); }
   ShareMethod share_method() const override { return host_.share_method(); }
@@ -72,11 +73,21 @@ class GatedBackend final : public DeviceBackend {
                                      uint32_t num_layers) const override {
     return host_.PoolBytes(layout, num_layers);
   }
+
+ protected:
+  HostBackend& host() { return host_; }
+
+ private:
+  HostBackend host_;
+};
+
+class GatedBackend final : public HostBackendWrapper {
+ public:
   absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePool(const std::string& pool_id,
                                                          const kernels::KvLayerLayout& layout,
                                                          kernels::KvElemType type,
                                                          uint32_t num_layers) override {
-    auto inner = host_.CreatePool(pool_id, layout, type, num_layers);
+    auto inner = host().CreatePool(pool_id, layout, type, num_layers);
     if (!inner.ok()) return inner.status();
     return std::unique_ptr<PoolMemory>(
         new GatedMemory(*std::move(inner), &entered, &release, &armed));
@@ -84,9 +95,6 @@ class GatedBackend final : public DeviceBackend {
 
   absl::Notification entered, release;
   std::atomic<bool> armed{false};
-
- private:
-  HostBackend host_;
 };
 
 }  // namespace cachemgr::testing
