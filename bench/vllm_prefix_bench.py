@@ -14,7 +14,16 @@ prefix cache off so every reuse is the sidecar's, or on to show the sidecar besi
             sidecar served.
   distinct  4 x `--questions` prompts sharing nothing, all at once, three times with and three
             without the connector (alternated): its overhead when it only stores and never hits
-            (the best time of each side compared).
+            (the best time of each side compared), and the share of the batch's time the
+            worker spent in the connector (its save and load hooks, daemon calls included).
+  capacity  `--capacity-docs` distinct documents stored by one engine into a daemon of a fixed
+            `--capacity-budget`, with the blocks kept as they are (fullkv: the pool takes the
+            budget) and held as codebooks (prefix_codebook: a small pool, the codebooks in the
+            rest); then a second engine asks every document again (max_tokens 16, logprobs).
+            Per side: entries and documents the budget holds, bytes per entry, the fraction of
+            prompt tokens served, and against a run without the sidecar the greedy agreement
+            and the logprob drift of what it served (`--capacity-thetas`: one codebook side per
+            pair of thresholds).
 """
 
 import argparse
@@ -56,7 +65,8 @@ def engine_main(spec):
         engine["kv_transfer_config"] = {
             "kv_connector": "CacheManagerConnector",
             "kv_connector_module_path": "cachemgr.integrations.vllm", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"socket": spec["socket"]}}
+            "kv_connector_extra_config": {"socket": spec["socket"],
+                                          **spec.get("connector_config", {})}}
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0,
               disable_log_stats=False, **engine)
     tokenizer = llm.get_tokenizer()
@@ -69,14 +79,22 @@ def engine_main(spec):
         llm.generate([p], first, use_tqdm=False)
         ttft.append(time.perf_counter() - start)
     report["ttft_s"] = ttft
-    batch = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    batch = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 32),
+                           ignore_eos=True, logprobs=0 if spec.get("logprobs") else None)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, batch, use_tqdm=False)
+    outputs = []
+    for i in range(0, len(prompts), spec.get("batch", len(prompts))):
+        outputs += llm.generate(prompts[i:i + spec.get("batch", len(prompts))], batch,
+                                use_tqdm=False)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     report["batch_s"] = elapsed
     report["tokens_per_s"] = (report["prompt_tokens"] + generated) / elapsed
     report["outputs"] = [list(o.outputs[0].token_ids) for o in outputs]
+    if spec.get("logprobs"):
+        report["logprobs"] = [[entry[token].logprob for token, entry in
+                               zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                              for o in outputs]
     if spec.get("socket"):
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         report["connector"] = dict(get_kv_transfer_group().stats)
@@ -115,7 +133,12 @@ def main():
     parser.add_argument("--cachemgrd")
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--paragraphs", type=int, default=12, help="document length")
-    parser.add_argument("--workloads", default="shared,distinct")
+    parser.add_argument("--workloads", default="shared,distinct,capacity")
+    parser.add_argument("--distinct-runs", type=int, default=3, help="per side")
+    parser.add_argument("--capacity-docs", type=int, default=24)
+    parser.add_argument("--capacity-budget", type=int, default=256, help="MiB")
+    parser.add_argument("--capacity-thetas", default="0.98/0.95,0.9/0.9",
+                        help="theta_k/theta_v of each codebook side")
     args = parser.parse_args()
     if args.engine:
         engine_main(json.loads(args.engine))
@@ -154,8 +177,8 @@ def main():
         words = PARAGRAPH.split()
         distinct = [" ".join(words[i:] + words[:i]) * (args.paragraphs // 2)
                     for i in range(4 * args.questions)]
-        seconds = {}
-        for with_sidecar in (False, True) * 3:  # alternated: drift hits both sides
+        seconds, share = {}, []
+        for with_sidecar in (False, True) * args.distinct_runs:  # alternated: drift hits both sides
             daemon = Daemon() if with_sidecar else None
             try:
                 e = run_engine({"model": args.model, "texts": distinct, "ttft": False,
@@ -166,9 +189,73 @@ def main():
                     daemon.stop()
             assert not with_sidecar or e["connector"]["prefix_hit_tokens"] == 0
             seconds.setdefault("with" if with_sidecar else "without", []).append(e["batch_s"])
+            if with_sidecar:  # the worker's own time on vLLM's step, whatever the noise
+                connector = e["connector"]
+                share.append((connector["save_us"] + connector["load_us"]) / 1e6 / e["batch_s"])
         result.update(distinct_batch_seconds=seconds, distinct_overhead=round(
-            min(seconds["with"]) / min(seconds["without"]) - 1, 4))
+            min(seconds["with"]) / min(seconds["without"]) - 1, 4),
+            distinct_connector_step_share=[round(x, 4) for x in share])
+    if "capacity" in workloads:
+        result["capacity"] = capacity(args)
     print(json.dumps(result, indent=1))
+
+
+def capacity(args):
+    """The capacity workload (see the module docstring)."""
+    import cachemgr
+    from conftest import Daemon
+    words = PARAGRAPH.split()
+    docs = [f"Record {i}. " + " ".join(words[3 * i:] + words[:3 * i]) * (args.paragraphs // 2)
+            for i in range(args.capacity_docs)]
+    # The second engine asks the most recently stored documents first: those the budget held
+    # are served (a scan in storing order would find each evicted by the one before it).
+    # One document at a time, so that a load never needs more fresh blocks than one document's.
+    base = {"model": args.model, "texts": docs[::-1], "ttft": False, "vllm_prefix_cache": False,
+            "max_tokens": 16, "logprobs": True, "batch": 1}
+    reference = run_engine(base)
+    budget = args.capacity_budget << 20
+    rows = []
+    sides = [("fullkv", None)] + [
+        (f"codebook {t}", dict(zip(("theta_k", "theta_v"), map(float, t.split("/")))))
+        for t in args.capacity_thetas.split(",")]
+    for name, hold in sides:
+        # fullkv: the pool takes the budget but what the other pools and bookkeeping need;
+        # codebook: a pool for the scratch copies and one document's load, the codebooks in
+        # the rest.
+        pool = budget - (8 << 20) if hold is None else budget // 4
+        daemon = Daemon([f"--memory_budget={budget}", f"--default_pool_bytes={pool}"])
+        config = {"prefix_codebook": hold} if hold else {}
+        try:
+            start = time.perf_counter()
+            run_engine(dict(base, texts=docs, socket=daemon.socket, connector_config=config,
+                            max_tokens=1, logprobs=False, batch=4))
+            store_s = time.perf_counter() - start
+            pools = cachemgr.stats(daemon.socket).pools
+            held = dict(entries=sum(p.prefix_entries for p in pools),
+                        codebook_layers=sum(p.prefix_codebook_layers for p in pools),
+                        codebook_bytes=sum(p.prefix_codebook_bytes for p in pools),
+                        evictions=cachemgr.stats(daemon.socket).prefix["evictions"])
+            second = run_engine(dict(base, socket=daemon.socket, connector_config=config))
+        finally:
+            daemon.stop()
+        served = second["connector"].get("prefix_hit_tokens", 0)
+        same = sum(a == b for a, b in zip(reference["outputs"], second["outputs"]))
+        agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                 for a, b in zip(reference["outputs"], second["outputs"])]
+        drift = [abs(x - y) for lr, ls, n in zip(reference["logprobs"], second["logprobs"], agree)
+                 for x, y in zip(lr[:n], ls[:n])]
+        rows.append({"hold": name, "budget_mib": args.capacity_budget,
+                     "pool_mib": round(pool / 2**20, 1), "entries_held": held["entries"],
+                     "codebook_layers": held["codebook_layers"],
+                     "codebook_mib": round(held["codebook_bytes"] / 2**20, 2),
+                     "evictions": held["evictions"],
+                     "served_token_fraction": round(served / second["prompt_tokens"], 3),
+                     "greedy_identical": f"{same}/{len(docs)}",
+                     "tokens_agreeing": f"{sum(agree)}/{16 * len(docs)}",
+                     "logprob_drift_mean": round(statistics.mean(drift), 5) if drift else None,
+                     "logprob_drift_max": round(max(drift), 5) if drift else None,
+                     "store_engine_s": round(store_s, 1)})
+    return rows
 
 
 if __name__ == "__main__":

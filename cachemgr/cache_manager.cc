@@ -148,7 +148,10 @@ absl::StatusOr<PoolCharge> PlanCharge(const DeviceBackend& backend, const ModelS
 
 absl::Status CacheManager::ChargeLocked(uint64_t bytes, const std::string& what) {
   // memory_used_bytes_ <= budget always holds, so `left` cannot wrap.
-  const uint64_t left = options_.memory_budget_bytes - memory_used_bytes_;
+  uint64_t left = options_.memory_budget_bytes - memory_used_bytes_;
+  if (bytes > left && EvictForBudgetLocked(bytes - left)) {
+    left = options_.memory_budget_bytes - memory_used_bytes_;
+  }
   if (bytes > left) {
     return absl::ResourceExhaustedError(
         absl::StrCat(what, " needs ", bytes, " bytes but the memory budget has ", left, " of ",
@@ -852,7 +855,7 @@ absl::StatusOr<SequenceSnapshot> CacheManager::GetSequence(const Caller& caller,
     for (uint32_t l = 0; l < snapshot.layers.size() && read.ok(); ++l) {
       const LayerTableSnapshot& t = snapshot.layers[l];
       absl::StatusOr<uint64_t> digest =
-          memory->DigestLayer(l, t.block_ids, t.parked ? 0 : t.num_tokens);
+          memory->DigestLayer(l, t.block_ids, t.parked ? 0 : t.num_tokens, KvDigest::kFnv1a64);
       if (digest.ok()) {
         snapshot.layers[l].kv_digest = *digest;
       } else {
@@ -975,8 +978,12 @@ StatsSnapshot CacheManager::Stats(const Caller& caller) const {
     // may name one block).
     absl::flat_hash_map<uint64_t, uint32_t> store_refs;  // (layer << 32 | block) -> entries
     for (const PrefixStore::Entry& e : pool->prefixes.lru_order()) {
-      for (uint32_t l = 0; l < e.blocks.size(); ++l) ++store_refs[uint64_t{l} << 32 | e.blocks[l]];
+      for (uint32_t l = 0; l < e.blocks.size(); ++l) {
+        if (e.blocks[l] != PrefixStore::kCodedLayer) ++store_refs[uint64_t{l} << 32 | e.blocks[l]];
+      }
     }
+    p.prefix_codebook_layers = pool->prefixes.coded_layers();
+    p.prefix_codebook_bytes = pool->prefixes.coded_bytes();
     for (const auto& [key, refs] : store_refs) {
       const uint32_t l = static_cast<uint32_t>(key >> 32), b = static_cast<uint32_t>(key);
       p.prefix_only_blocks += pool->allocators[l].refcount(b) == refs ? 1 : 0;
@@ -1124,13 +1131,30 @@ absl::Status CacheManager::CheckInvariants() const {
     }
     uint64_t prefix_charge = 0;
     for (const PrefixStore::Entry& e : pool->prefixes.lru_order()) {
+      uint64_t coded_bytes = 0;
+      bool coded_match = e.coded.empty() || e.coded.size() == e.blocks.size();
+      for (uint32_t l = 0; l < e.coded.size() && coded_match; ++l) {
+        coded_match = (e.coded[l] != nullptr) == (e.blocks[l] == PrefixStore::kCodedLayer);
+        coded_bytes += e.coded[l] != nullptr ? e.coded[l]->bytes() : 0;
+      }
       if (e.blocks.size() != pool->model.num_layers || e.digests.size() != e.blocks.size() ||
-          e.charge != PrefixStore::ChargeBytes(e.hash.size(), pool->model.num_layers) ||
+          !coded_match ||
+          e.charge !=
+              PrefixStore::ChargeBytes(e.hash.size(), pool->model.num_layers, !e.coded.empty()) +
+                  coded_bytes ||
           pool->prefixes.Find(e.hash) != &e) {
         return absl::InternalError(
             absl::StrCat("pool ", pool->pool_id, " has a malformed stored prefix entry"));
       }
-      for (uint32_t l = 0; l < e.blocks.size(); ++l) ++refs[l][e.blocks[l]];
+      for (uint32_t l = 0; l < e.blocks.size(); ++l) {
+        if (e.blocks[l] == PrefixStore::kCodedLayer) continue;
+        if (e.blocks[l] >= pool->num_blocks) {
+          return absl::InternalError(absl::StrCat("pool ", pool->pool_id,
+                                                  " has a stored prefix naming block ", e.blocks[l],
+                                                  " of layer ", l));
+        }
+        ++refs[l][e.blocks[l]];
+      }
       prefix_charge += e.charge;
     }
     if (prefix_charge != pool->prefixes.charge_bytes()) {

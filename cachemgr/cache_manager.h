@@ -258,9 +258,22 @@ struct ParkedLayerResult {
 // tokens a block is 16384 blocks).
 inline constexpr size_t kMaxPrefixHashesPerCall = 16384;
 
+// StorePrefix's entries held as codebooks (paper §3.4: every token kept, each vector an entry
+// reference and a magnitude; K entries pre-RoPE) rather than blocks. Per entry and layer, one
+// codebook over the block's block_size rows (every KV head: CodebookScope::kLayer); a layer
+// whose codebook would not be smaller than its block stays a block.
+struct PrefixCodebookOptions {
+  float theta_k = 0.0f;  // (0, 1]; 0: the "codebook" preset's
+  float theta_v = 0.0f;
+  // RoPE position of row 0 of block first_block (unset: first_block * block_size).
+  std::optional<uint64_t> first_position;
+};
+
 struct StorePrefixResult {
-  uint32_t stored = 0;          // new entries
-  uint32_t already_stored = 0;  // hashes the store held (or that repeat in the call)
+  uint32_t stored = 0;           // new entries
+  uint32_t already_stored = 0;   // hashes the store held (or that repeat in the call)
+  uint32_t codebook_layers = 0;  // of the new entries' layers, those held as codebooks
+  uint64_t codebook_bytes = 0;   // their bytes (CodedLayer::bytes)
 };
 
 struct LoadPrefixResult {
@@ -311,9 +324,11 @@ struct PoolSnapshot {
   std::vector<LayerOccupancy> layers;
   uint64_t arena_bytes = 0;  // codebook layers of the pool's sequences
   uint32_t compressed_sequences = 0;
-  uint32_t prefix_entries = 0;      // stored prefix blocks (each one block in every layer)
-  uint64_t prefix_bytes = 0;        // their host bookkeeping, as charged
-  uint64_t prefix_only_blocks = 0;  // blocks (summed over layers) only the store holds
+  uint32_t prefix_entries = 0;          // stored prefix blocks (each one block in every layer)
+  uint64_t prefix_bytes = 0;            // their host memory (bookkeeping + codebooks), as charged
+  uint64_t prefix_only_blocks = 0;      // blocks (summed over layers) only the store holds
+  uint64_t prefix_codebook_layers = 0;  // entries' layers held as codebooks (summed)
+  uint64_t prefix_codebook_bytes = 0;   // their codebooks' bytes (part of prefix_bytes)
 };
 
 struct ClientSnapshot {
@@ -461,29 +476,36 @@ class CacheManager {
   // hashes): an entry holds one reference on one block of every layer, so the KV outlives the
   // sequence and the client that wrote it and is shared by every client of the pool. Entries
   // are evicted least recently used first when Allocate, Fetch or Compress lacks free blocks
-  // (only entries whose blocks nobody else holds, and only when that makes the call succeed),
-  // and a pool whose clients are all gone stays while it has entries, until an Attach needs
-  // its budget. Hashes: 1-64 bytes each, 1-kMaxPrefixHashesPerCall per call (INVALID_ARGUMENT
-  // naming block_hashes[i]).
+  // (only entries whose blocks nobody else holds, and only when that makes the call succeed)
+  // and, across the pools that have clients, when any call's charge finds the budget short
+  // (only when that makes the charge fit); a pool whose clients are all gone stays while it
+  // has entries, until an Attach needs its budget. Entries stored with a codebook hold their
+  // rows in host memory charged to the budget, no blocks. Hashes: 1-64 bytes each,
+  // 1-kMaxPrefixHashesPerCall per call (INVALID_ARGUMENT naming block_hashes[i]).
 
   // Stores block first_block + i of the caller's sequence (every layer) under hashes[i]; hashes
   // already stored are kept as they are. The sequence must be uncompressed with every named
   // block full. Each new entry's per-layer digest is taken outside the lock (the sequence busy
-  // meanwhile) and checked by LoadPrefix. The new entries are charged to the budget.
+  // meanwhile) and checked by LoadPrefix. With `codebook`, the new entries' layers are coded
+  // outside the lock instead (PrefixCodebookOptions; K un-rotated at the tokens' positions
+  // in the prefix, first_block * block_size on) and hold no block. The new entries are charged
+  // to the budget.
   //   FAILED_PRECONDITION  the sequence is compressed (its rows are not its tokens)
-  //   INVALID_ARGUMENT     a named block is not full in some layer
-  //   RESOURCE_EXHAUSTED   the budget has no room for the entries' bookkeeping
-  absl::StatusOr<StorePrefixResult> StorePrefix(const Caller& caller,
-                                                const std::string& sequence_id,
-                                                uint32_t first_block,
-                                                const std::vector<std::string>& hashes);
+  //   INVALID_ARGUMENT     a named block is not full in some layer; a theta outside (0, 1]
+  //   RESOURCE_EXHAUSTED   the budget has no room for the entries (bookkeeping, codebooks)
+  absl::StatusOr<StorePrefixResult> StorePrefix(
+      const Caller& caller, const std::string& sequence_id, uint32_t first_block,
+      const std::vector<std::string>& hashes,
+      const std::optional<PrefixCodebookOptions>& codebook = std::nullopt);
 
   // How many leading hashes the caller's pool has stored. Read-only: changes no order.
   absl::StatusOr<uint32_t> MatchPrefix(const Caller& caller,
                                        const std::vector<std::string>& hashes);
 
   // Creates the caller's sequence `sequence_id` holding the blocks of the leading stored hashes
-  // (a reference each, like Fork), after checking their digests outside the lock: an entry
+  // (a reference each, like Fork; a layer held as a codebook is reconstructed into a fresh
+  // block, evicting other entries if that is what frees one), after checking their digests
+  // outside the lock: an entry
   // whose KV changed since it was stored is dropped and the load stops before it. The client
   // reads the rows through its mapping, then frees the sequence. Nothing is created when no
   // hash is served. Served entries become the most recently used (the first hash last, so a
@@ -550,8 +572,14 @@ class CacheManager {
   static uint64_t SequenceChargeBytes(const std::string& sequence_id, uint32_t num_layers,
                                       uint64_t duplicated_entries);
   // Charges `bytes` to the budget, or RESOURCE_EXHAUSTED naming `what` with what is left.
+  // Stored prefixes give way first if that makes it fit (EvictForBudgetLocked).
   absl::Status ChargeLocked(uint64_t bytes, const std::string& what)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops least recently used stored prefixes of the pools that have clients (across pools, by
+  // PrefixStore::Entry::last_used) until their charges refunded add up to `bytes`; drops none
+  // and returns false when all of them would not. Client-less pools are reclaimed whole
+  // instead (ReclaimIdlePoolsLocked), where the caller can say which pool to keep.
+  bool EvictForBudgetLocked(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Registers a client of `pool` (built) with its input buffer (already charged).
   AttachResult AddClientLocked(Pool& pool, const std::optional<uid_t>& owner,
                                const std::string& client_name, MemfdRegion input_buffer,

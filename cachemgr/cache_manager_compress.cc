@@ -30,6 +30,9 @@ namespace cachemgr {
 
 using cache_manager_internal::CeilDiv;
 using cache_manager_internal::CheckNotBusy;
+using cache_manager_internal::GatherLayerRows;
+using cache_manager_internal::RowSlots;
+using cache_manager_internal::ShapeOf;
 using cache_manager_internal::ShutdownCancelled;
 using cache_manager_internal::SlotOf;
 
@@ -56,7 +59,7 @@ absl::StatusOr<std::shared_ptr<const ClientEvent>> CacheManager::WriteEventLocke
   return client.write_event;
 }
 
-namespace {
+namespace cache_manager_internal {
 
 compress::ModelShape ShapeOf(const ModelSpec& m) {
   compress::ModelShape s;
@@ -82,12 +85,6 @@ compress::ModelShape ShapeOf(const ModelSpec& m) {
   return s;
 }
 
-absl::Status FreedMeanwhile(const std::string& sequence_id, const char* call) {
-  return absl::AbortedError(absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
-                                         " was freed while ", call,
-                                         " worked on it; nothing was changed"));
-}
-
 // The slots of rows [begin, end) of a layer table.
 std::vector<int64_t> RowSlots(const std::vector<uint32_t>& blocks, uint32_t begin, uint32_t end,
                               uint32_t block_size) {
@@ -105,6 +102,16 @@ absl::Status GatherLayerRows(const PoolMemory& memory, uint32_t layer,
   keys->resize(slots.size() * layout.num_kv_heads * layout.head_dim);
   values->resize(keys->size());
   return memory.GatherTokens(layer, slots, keys->data(), values->data());
+}
+
+}  // namespace cache_manager_internal
+
+namespace {
+
+absl::Status FreedMeanwhile(const std::string& sequence_id, const char* call) {
+  return absl::AbortedError(absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                                         " was freed while ", call,
+                                         " worked on it; nothing was changed"));
 }
 
 // `layers` resolved against the model: empty means all; INVALID_ARGUMENT for one out of range or

@@ -4,6 +4,8 @@
 // (the sequence marked busy), apply under the lock again after finding the sequence by serial.
 #include <algorithm>
 #include <memory>
+#include <thread>
+#include <tuple>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -11,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/cache_manager_state.h"
+#include "cachemgr/compress/compress.h"
 #include "cachemgr/reply_size.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/status_macros.h"
@@ -19,8 +22,12 @@ namespace cachemgr {
 
 using cache_manager_internal::CheckNotBusy;
 using cache_manager_internal::CheckSequenceId;
+using cache_manager_internal::GatherLayerRows;
 using cache_manager_internal::MutexUnlock;
+using cache_manager_internal::RowSlots;
+using cache_manager_internal::ShapeOf;
 using cache_manager_internal::ShutdownCancelled;
+using cache_manager_internal::SlotOf;
 
 namespace {
 
@@ -51,23 +58,95 @@ void TouchChain(PrefixStore& store, const std::vector<std::string>& hashes, size
   for (size_t i = n; i-- > 0;) store.Touch(hashes[i]);
 }
 
-// Digests of one block in every layer (each the layer's kv_digest over block_size rows).
+// Digests of one entry's blocks (each the layer's kv_digest over block_size rows); 0 for a
+// layer whose `coded` is set.
 absl::StatusOr<std::vector<uint64_t>> BlockDigests(const PoolMemory& memory,
                                                    const std::vector<uint32_t>& blocks,
+                                                   const std::vector<bool>& coded,
                                                    uint32_t block_size) {
-  std::vector<uint64_t> digests(blocks.size());
+  std::vector<uint64_t> digests(blocks.size(), 0);
   for (uint32_t l = 0; l < blocks.size(); ++l) {
-    ASSIGN_OR_RETURN(digests[l], memory.DigestLayer(l, {&blocks[l], 1}, block_size));
+    if (!coded.empty() && coded[l]) continue;
+    ASSIGN_OR_RETURN(digests[l], memory.DigestLayer(l, {&blocks[l], 1}, block_size, KvDigest::kXxh3));
   }
   return digests;
+}
+
+// The "codebook" preset with `options`' thresholds; INVALID_ARGUMENT naming codebook.theta_k or
+// codebook.theta_v outside (0, 1] (0 means the preset's).
+absl::StatusOr<compress::PolicyConfig> StoreCodebookPolicy(const PrefixCodebookOptions& options) {
+  ASSIGN_OR_RETURN(compress::PolicyConfig policy, compress::PresetPolicy("codebook"));
+  for (auto [field, theta, out] :
+       {std::tuple{"codebook.theta_k", options.theta_k, &policy.theta_k},
+        std::tuple{"codebook.theta_v", options.theta_v, &policy.theta_v}}) {
+    if (theta == 0.0f) continue;
+    if (!(theta > 0.0f && theta <= 1.0f)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " must be in (0, 1], or 0 for the preset's (got ", theta, ")"));
+    }
+    *out = theta;
+  }
+  return policy;
+}
+
+// One stored block of every layer coded as a codebook (StorePrefix with PrefixCodebookOptions):
+// rows read from `blocks`, K un-rotated at positions first_position + t. coded[l] stays null
+// for a layer whose codebook would not be smaller than its block.
+absl::StatusOr<std::vector<std::shared_ptr<const compress::CodedLayer>>> CodeBlock(
+    const PoolMemory& memory, const compress::ModelShape& shape,
+    const compress::PolicyConfig& policy, const std::vector<uint32_t>& blocks, uint32_t block_size,
+    uint64_t first_position, const compress::ComputeOptions& compute) {
+  compress::SequenceInput input;
+  input.num_tokens = block_size;
+  input.positions.resize(block_size);
+  for (uint32_t t = 0; t < block_size; ++t) {
+    if (first_position + t > UINT32_MAX) {
+      return absl::InvalidArgumentError(
+          "codebook.first_position: the stored rows' positions pass 2^32 - 1");
+    }
+    input.positions[t] = static_cast<uint32_t>(first_position + t);
+  }
+  input.layers.resize(shape.num_layers);
+  std::vector<std::vector<float>> keys(shape.num_layers), values(shape.num_layers);
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    RETURN_IF_ERROR(GatherLayerRows(memory, l, RowSlots({blocks[l]}, 0, block_size, block_size),
+                                    &keys[l], &values[l]));
+    input.layers[l].keys = keys[l].data();
+    input.layers[l].values = values[l].data();
+  }
+  absl::StatusOr<compress::SequenceResult> computed = compress::CompressSequence(
+      shape, policy, input, {compress::TargetKind::kReserveRatio, 1.0}, compute);
+  if (!computed.ok()) {
+    // The KV is the client's (a non-finite element, say): an argument of the call.
+    return absl::Status(computed.status().code(),
+                        absl::StrCat("coding the stored KV failed: ", computed.status().message()));
+  }
+  const compress::SequenceResult& result = *computed;
+  std::vector<std::shared_ptr<const compress::CodedLayer>> coded(shape.num_layers);
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    const compress::LayerResult& lr = result.layers[l];
+    if (!lr.key_codebook.has_value()) continue;
+    if (lr.kept_per_head != block_size) {
+      return absl::InternalError(absl::StrCat("layer ", l, " kept ", lr.kept_per_head, " of ",
+                                              block_size, " rows under the codebook preset"));
+    }
+    ASSIGN_OR_RETURN(compress::CodedLayer layer,
+                     compress::CodedLayer::FromResult(shape, policy, lr, input.positions));
+    coded[l] = std::make_shared<const compress::CodedLayer>(std::move(layer));
+  }
+  return coded;
 }
 
 }  // namespace
 
 absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
     const Caller& caller, const std::string& sequence_id, uint32_t first_block,
-    const std::vector<std::string>& hashes) {
+    const std::vector<std::string>& hashes, const std::optional<PrefixCodebookOptions>& codebook) {
   RETURN_IF_ERROR(CheckHashes(hashes));
+  std::optional<compress::PolicyConfig> policy;
+  if (codebook.has_value()) {
+    ASSIGN_OR_RETURN(policy, StoreCodebookPolicy(*codebook));
+  }
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
   ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
@@ -80,6 +159,13 @@ absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
   Pool& pool = *client->pool;
   const uint32_t bs = pool.model.block_size;
   const uint64_t end = uint64_t{first_block} + hashes.size();
+  if (codebook.has_value() && codebook->first_position.has_value() &&
+      (*codebook->first_position > UINT32_MAX ||
+       *codebook->first_position + hashes.size() * bs - 1 > UINT32_MAX)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("codebook.first_position ", *codebook->first_position, " puts the ",
+                     hashes.size() * bs, " stored rows past position 2^32 - 1"));
+  }
   for (uint32_t l = 0; l < seq->layers.size(); ++l) {
     const uint32_t full = seq->layers[l].num_tokens / bs;
     if (end > full) {
@@ -94,6 +180,7 @@ absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
     size_t index = 0;
     std::vector<uint32_t> blocks;
     std::vector<uint64_t> digests;
+    std::vector<std::shared_ptr<const compress::CodedLayer>> coded;  // with a codebook
   };
   StorePrefixResult result;
   std::vector<Pending> pending;
@@ -110,7 +197,7 @@ absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
     for (uint32_t l = 0; l < num_layers; ++l) {
       p.blocks.push_back(seq->layers[l].blocks[first_block + i]);
     }
-    charge += PrefixStore::ChargeBytes(hashes[i].size(), num_layers);
+    charge += PrefixStore::ChargeBytes(hashes[i].size(), num_layers, policy.has_value());
     pending.push_back(std::move(p));
   }
   pool.last_used = clock_->Now();
@@ -121,15 +208,35 @@ absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
   if (options_.memory_budget_bytes - memory_used_bytes_ < charge) ReclaimIdlePoolsLocked(charge);
   RETURN_IF_ERROR(ChargeLocked(charge, "block_hashes (prefix store entries)"));
 
-  // Digests outside the lock: the sequence holds the blocks and, busy, cannot change them.
+  // Codebooks and digests outside the lock: the sequence holds the blocks and, busy, cannot
+  // change them.
   seq->busy = "StorePrefix";
   const uint64_t serial = seq->serial;
   const std::shared_ptr<const PoolMemory> memory = pool.memory;
+  const compress::ModelShape shape = ShapeOf(pool.model);
+  const compress::ComputeOptions compute{
+      options_.compress_threads == 0 ? std::max(1u, std::thread::hardware_concurrency())
+                                     : options_.compress_threads,
+      memory->similarity_graph(), memory->ranker(), &shutting_down_};
+  const uint64_t first_position = codebook.has_value() && codebook->first_position.has_value()
+                                      ? *codebook->first_position
+                                      : uint64_t{first_block} * bs;
   absl::Status read = absl::OkStatus();
   {
     MutexUnlock unlocked(&mu_);
     for (Pending& p : pending) {
-      absl::StatusOr<std::vector<uint64_t>> digests = BlockDigests(*memory, p.blocks, bs);
+      std::vector<bool> coded;
+      if (policy.has_value()) {
+        absl::StatusOr<std::vector<std::shared_ptr<const compress::CodedLayer>>> built = CodeBlock(
+            *memory, shape, *policy, p.blocks, bs, first_position + p.index * bs, compute);
+        if (!built.ok()) {
+          read = built.status();
+          break;
+        }
+        p.coded = *std::move(built);
+        for (const auto& c : p.coded) coded.push_back(c != nullptr);
+      }
+      absl::StatusOr<std::vector<uint64_t>> digests = BlockDigests(*memory, p.blocks, coded, bs);
       if (!digests.ok()) {
         read = digests.status();
         break;
@@ -147,19 +254,58 @@ absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
   seq->busy = nullptr;
   if (!read.ok() || shutting_down_.load()) {
     memory_used_bytes_ -= charge;
-    return read.ok() ? ShutdownCancelled("StorePrefix") : read;
+    if (read.ok()) return ShutdownCancelled("StorePrefix");
+    if (read.code() == absl::StatusCode::kInvalidArgument) return read;
+    return absl::InternalError(
+        absl::StrCat("reading the blocks to store failed: ", read.message()));
+  }
+  // The codebooks are charged now that their sizes are known (stored prefixes of other pools
+  // may give way, ChargeLocked); all or nothing.
+  uint64_t coded_bytes = 0;
+  for (const Pending& p : pending) {
+    for (const auto& c : p.coded) coded_bytes += c != nullptr ? c->bytes() : 0;
+  }
+  if (coded_bytes > 0) {
+    if (absl::Status s = ChargeLocked(
+            coded_bytes, absl::StrCat("the codebooks of ", pending.size(), " block_hashes"));
+        !s.ok()) {
+      memory_used_bytes_ -= charge;
+      return s;
+    }
   }
   Pool& owner_pool = *seq->owner->pool;
   for (Pending& p : pending) {
     const std::string& hash = hashes[p.index];
-    const uint64_t entry_charge = PrefixStore::ChargeBytes(hash.size(), num_layers);
+    uint32_t entry_coded_layers = 0;
+    uint64_t entry_coded_bytes = 0;
+    for (const auto& c : p.coded) {
+      if (c == nullptr) continue;
+      entry_coded_bytes += c->bytes();
+      ++entry_coded_layers;
+    }
+    // Charged above as if coded; an entry without a codebook layer keeps no codebook handles.
+    const uint64_t bookkeeping =
+        PrefixStore::ChargeBytes(hash.size(), num_layers, entry_coded_layers > 0);
+    memory_used_bytes_ -=
+        PrefixStore::ChargeBytes(hash.size(), num_layers, policy.has_value()) - bookkeeping;
+    const uint64_t entry_charge = bookkeeping + entry_coded_bytes;
     if (owner_pool.prefixes.Find(hash) != nullptr) {  // another call stored it meanwhile
       memory_used_bytes_ -= entry_charge;
       ++result.already_stored;
       continue;
     }
-    for (uint32_t l = 0; l < num_layers; ++l) owner_pool.allocators[l].AddRef(p.blocks[l]);
-    owner_pool.prefixes.Insert({hash, std::move(p.blocks), std::move(p.digests), entry_charge});
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      if (!p.coded.empty() && p.coded[l] != nullptr) {
+        result.codebook_bytes += p.coded[l]->bytes();
+        p.blocks[l] = PrefixStore::kCodedLayer;
+      } else {
+        owner_pool.allocators[l].AddRef(p.blocks[l]);
+      }
+    }
+    result.codebook_layers += entry_coded_layers;
+    owner_pool.prefixes.Insert({hash, std::move(p.blocks), std::move(p.digests),
+                                entry_coded_layers > 0 ? std::move(p.coded) : decltype(p.coded){},
+                                entry_charge});
     ++result.stored;
   }
   TouchChain(owner_pool.prefixes, hashes, hashes.size());
@@ -189,7 +335,7 @@ absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
   Pool& pool = *client->pool;
   const uint32_t bs = pool.model.block_size;
   const uint32_t num_layers = pool.model.num_layers;
-  const uint32_t n = LeadingHits(pool.prefixes, hashes);
+  uint32_t n = LeadingHits(pool.prefixes, hashes);
   LoadPrefixResult result;
   pool.last_used = clock_->Now();
   if (n == 0) {
@@ -201,11 +347,81 @@ absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
     RETURN_IF_ERROR(CheckReplyBytes(reply_size::SequenceReplyBytes(counts, pool.num_blocks),
                                     absl::StrCat("LoadPrefix of ", n, " blocks")));
   }
-  const uint64_t charge = SequenceChargeBytes(sequence_id, num_layers, uint64_t{n} * num_layers);
+  // The hits first become the most recently used, so a charge that evicts stored prefixes
+  // (ChargeLocked) takes them last; should it take some all the same, fewer are served.
+  TouchChain(pool.prefixes, hashes, n);
+  uint64_t charge = SequenceChargeBytes(sequence_id, num_layers, uint64_t{n} * num_layers);
   RETURN_IF_ERROR(ChargeLocked(charge, absl::StrCat("sequence_id ", QuoteForMessage(sequence_id))));
+  if (const uint32_t left = LeadingHits(pool.prefixes, hashes); left < n) {
+    const uint64_t less = SequenceChargeBytes(sequence_id, num_layers, uint64_t{left} * num_layers);
+    memory_used_bytes_ -= charge - less;
+    charge = less;
+    n = left;
+    if (n == 0) {
+      memory_used_bytes_ -= charge;
+      prefix_counters_.misses += hashes.size();
+      return result;
+    }
+  }
 
-  // The new sequence takes a reference on every block it serves, so neither eviction nor a
-  // drop can hand them out while their digests are checked outside the lock.
+  // The new sequence takes a reference on every stored block it serves, so neither eviction
+  // nor a drop can hand them out while their digests are checked outside the lock; a layer held
+  // as a codebook gets a fresh block, its rows reconstructed into it.
+  std::vector<std::vector<uint32_t>> entry_blocks(n);  // the entries' (kCodedLayer: coded)
+  std::vector<std::vector<uint64_t>> expected(n);
+  std::vector<std::vector<std::shared_ptr<const compress::CodedLayer>>> coded(n);
+  std::vector<uint32_t> needed(num_layers, 0);
+  for (uint32_t i = 0; i < n; ++i) {
+    const PrefixStore::Entry& e = *pool.prefixes.Find(hashes[i]);
+    entry_blocks[i] = e.blocks;
+    expected[i] = e.digests;
+    coded[i] = e.coded;
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      if (e.blocks[l] == PrefixStore::kCodedLayer) {
+        ++needed[l];
+      } else {
+        pool.allocators[l].AddRef(e.blocks[l]);
+      }
+    }
+  }
+  // Fresh blocks for the codebook layers, evicting other entries if that frees enough; if not,
+  // the leading entries whose layers fit are served.
+  uint32_t fit = n;
+  if (!MakeRoomLocked(pool, needed)) {
+    std::vector<uint32_t> taken(num_layers, 0);
+    for (fit = 0; fit < n; ++fit) {
+      bool fits = true;
+      for (uint32_t l = 0; l < num_layers; ++l) {
+        const uint32_t more = entry_blocks[fit][l] == PrefixStore::kCodedLayer ? 1 : 0;
+        fits = fits && taken[l] + more <= pool.allocators[l].num_free();
+      }
+      if (!fits) break;
+      for (uint32_t l = 0; l < num_layers; ++l) {
+        taken[l] += entry_blocks[fit][l] == PrefixStore::kCodedLayer ? 1 : 0;
+      }
+    }
+  }
+  for (uint32_t i = fit; i < n; ++i) {
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      if (entry_blocks[i][l] != PrefixStore::kCodedLayer) {
+        pool.allocators[l].Release(entry_blocks[i][l]);
+      }
+    }
+  }
+  if (fit < n) {
+    const uint64_t less = SequenceChargeBytes(sequence_id, num_layers, uint64_t{fit} * num_layers);
+    memory_used_bytes_ -= charge - less;
+    charge = less;
+    n = fit;
+    entry_blocks.resize(n);
+    expected.resize(n);
+    coded.resize(n);
+    if (n == 0) {
+      memory_used_bytes_ -= charge;
+      prefix_counters_.misses += hashes.size();
+      return result;
+    }
+  }
   auto created = std::make_unique<Sequence>();
   Sequence* seq = created.get();
   seq->charge = charge;
@@ -214,37 +430,61 @@ absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
   seq->owner = client;
   seq->num_positions = uint64_t{n} * bs;
   seq->layers.resize(num_layers);
-  std::vector<std::vector<uint64_t>> expected(n);
   for (uint32_t i = 0; i < n; ++i) {
-    const PrefixStore::Entry& e = *pool.prefixes.Find(hashes[i]);
-    expected[i] = e.digests;
     for (uint32_t l = 0; l < num_layers; ++l) {
-      seq->layers[l].blocks.push_back(e.blocks[l]);
-      pool.allocators[l].AddRef(e.blocks[l]);
+      seq->layers[l].blocks.push_back(entry_blocks[i][l] == PrefixStore::kCodedLayer
+                                          ? pool.allocators[l].Allocate(1).value()[0]
+                                          : entry_blocks[i][l]);
     }
   }
   for (auto& t : seq->layers) t.num_tokens = n * bs;
-  TouchChain(pool.prefixes, hashes, n);
   sequences_.emplace(sequence_id, std::move(created));
   client->sequences.push_back(sequence_id);
   seq->busy = "LoadPrefix";
   const uint64_t serial = seq->serial;
   const std::shared_ptr<const PoolMemory> memory = pool.memory;
+  const bool on_device = memory->computes_on_device();
   std::vector<std::vector<uint32_t>> blocks(n, std::vector<uint32_t>(num_layers));
+  std::vector<std::vector<bool>> is_coded(n, std::vector<bool>(num_layers, false));
   for (uint32_t i = 0; i < n; ++i) {
-    for (uint32_t l = 0; l < num_layers; ++l) blocks[i][l] = seq->layers[l].blocks[i];
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      blocks[i][l] = seq->layers[l].blocks[i];
+      is_coded[i][l] = entry_blocks[i][l] == PrefixStore::kCodedLayer;
+    }
   }
 
+  // Outside the lock: the stored blocks' digests, and the codebook layers rebuilt from their
+  // immutable codes (flattened for a device pool, which reconstructs next to its memory).
+  struct Rebuilt {
+    uint32_t entry = 0, layer = 0;
+    compress::CodedRows flat;
+    std::vector<float> keys, values;
+  };
+  std::vector<Rebuilt> rebuilt;
   std::vector<bool> corrupt(n, false);
   absl::Status read = absl::OkStatus();
   {
     MutexUnlock unlocked(&mu_);
     for (uint32_t i = 0; i < n && read.ok(); ++i) {
-      absl::StatusOr<std::vector<uint64_t>> digests = BlockDigests(*memory, blocks[i], bs);
+      absl::StatusOr<std::vector<uint64_t>> digests =
+          BlockDigests(*memory, blocks[i], is_coded[i], bs);
       if (digests.ok()) {
         corrupt[i] = *digests != expected[i];
       } else {
         read = digests.status();
+      }
+      for (uint32_t l = 0; l < num_layers && read.ok(); ++l) {
+        if (!is_coded[i][l]) continue;
+        if (shutting_down_.load()) break;
+        Rebuilt r;
+        r.entry = i;
+        r.layer = l;
+        if (on_device) {
+          r.flat = coded[i][l]->Flatten();
+        } else {
+          coded[i][l]->Reconstruct(&r.keys, &r.values);
+        }
+        rebuilt.push_back(std::move(r));
       }
     }
   }
@@ -264,6 +504,19 @@ absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
   if (!read.ok() || shutting_down_.load()) {
     remove_sequence();
     return read.ok() ? ShutdownCancelled("LoadPrefix") : read;
+  }
+  // The reconstructed rows go to their fresh blocks under the lock, as Fetch writes them.
+  for (const Rebuilt& r : rebuilt) {
+    const std::vector<int64_t> slots = RowSlots({blocks[r.entry][r.layer]}, 0, bs, bs);
+    if (absl::Status s = on_device ? owner_pool.memory->ScatterCodedRows(r.layer, slots, r.flat)
+                                   : owner_pool.memory->ScatterTokens(r.layer, slots, r.keys.data(),
+                                                                      r.values.data());
+        !s.ok()) {
+      remove_sequence();
+      Log(LogLevel::kError, "stored codebook reconstruction failed", {{"error", s.ToString()}});
+      return absl::InternalError(
+          absl::StrCat("writing layer ", r.layer, " of a stored codebook failed: ", s.message()));
+    }
   }
   uint32_t served = n;
   for (uint32_t i = 0; i < n; ++i) {
@@ -296,7 +549,7 @@ absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
   for (uint32_t i = 0; i < n; ++i) {
     if (!corrupt[i]) continue;
     const PrefixStore::Entry* e = owner_pool.prefixes.Find(hashes[i]);
-    if (e != nullptr && e->blocks == blocks[i]) {
+    if (e != nullptr && e->blocks == entry_blocks[i]) {
       Log(LogLevel::kWarning, "stored prefix block failed its digest; dropped",
           {{"pool_id", owner_pool.pool_id}, {"entry", i}});
       DropPrefixLocked(owner_pool, hashes[i]);
@@ -316,6 +569,7 @@ uint64_t CacheManager::DropPrefixLocked(Pool& pool, const std::string& hash) {
   const absl::Time now = clock_->Now();
   uint64_t freed = 0;
   for (uint32_t l = 0; l < e.blocks.size(); ++l) {
+    if (e.blocks[l] == PrefixStore::kCodedLayer) continue;
     BlockAllocator& alloc = pool.allocators[l];
     freed += (now < pool.stalled_writers_until
                   ? alloc.ReleaseToQuarantine(e.blocks[l], pool.stalled_writers_until)
@@ -347,12 +601,14 @@ bool CacheManager::MakeRoomLocked(Pool& pool, const std::vector<uint32_t>& neede
   for (const PrefixStore::Entry& e : pool.prefixes.lru_order()) {
     bool helps = false;
     for (uint32_t l = 0; l < num_layers && !helps; ++l) {
+      if (e.blocks[l] == PrefixStore::kCodedLayer) continue;
       const uint64_t key = (uint64_t{l} << 32) | e.blocks[l];
       helps = deficit[l] > 0 && pool.allocators[l].refcount(e.blocks[l]) - dropped[key] == 1;
     }
     if (!helps) continue;
     victims.push_back(e.hash);
     for (uint32_t l = 0; l < num_layers; ++l) {
+      if (e.blocks[l] == PrefixStore::kCodedLayer) continue;
       const uint64_t key = (uint64_t{l} << 32) | e.blocks[l];
       if (pool.allocators[l].refcount(e.blocks[l]) - dropped[key]++ == 1 && deficit[l] > 0) {
         if (--deficit[l] == 0) --short_layers;
@@ -365,6 +621,39 @@ bool CacheManager::MakeRoomLocked(Pool& pool, const std::vector<uint32_t>& neede
   prefix_counters_.evictions += victims.size();
   Log(LogLevel::kInfo, "stored prefix blocks evicted",
       {{"pool_id", pool.pool_id}, {"entries", victims.size()}});
+  return true;
+}
+
+bool CacheManager::EvictForBudgetLocked(uint64_t bytes) {
+  // A merge of the pools' LRU lists (each ordered by last_used), planned before anything goes.
+  struct Cursor {
+    Pool* pool;
+    std::list<PrefixStore::Entry>::const_iterator at, end;
+  };
+  std::vector<Cursor> cursors;
+  for (const auto& [key, pool] : pools_) {
+    if (pool->clients == 0 || pool->building || pool->prefixes.empty()) continue;
+    const auto& order = pool->prefixes.lru_order();
+    cursors.push_back({pool.get(), order.begin(), order.end()});
+  }
+  std::vector<std::pair<Pool*, std::string>> victims;
+  uint64_t planned = 0;
+  while (planned < bytes) {
+    Cursor* oldest = nullptr;
+    for (Cursor& c : cursors) {
+      if (c.at != c.end && (oldest == nullptr || c.at->last_used < oldest->at->last_used)) {
+        oldest = &c;
+      }
+    }
+    if (oldest == nullptr) return false;
+    planned += oldest->at->charge;
+    victims.emplace_back(oldest->pool, oldest->at->hash);
+    ++oldest->at;
+  }
+  for (auto& [pool, hash] : victims) DropPrefixLocked(*pool, hash);
+  prefix_counters_.evictions += victims.size();
+  Log(LogLevel::kInfo, "stored prefixes evicted for the memory budget",
+      {{"entries", victims.size()}, {"bytes", planned}});
   return true;
 }
 

@@ -114,6 +114,18 @@ inline int64_t SlotOf(const std::vector<uint32_t>& blocks, uint32_t row, uint32_
   return int64_t{blocks[row / block_size]} * block_size + row % block_size;
 }
 
+// The compression library's view of a pool's model.
+compress::ModelShape ShapeOf(const ModelSpec& model);
+
+// The slots of rows [begin, end) of a layer table.
+std::vector<int64_t> RowSlots(const std::vector<uint32_t>& blocks, uint32_t begin, uint32_t end,
+                              uint32_t block_size);
+
+// A layer's rows at `slots` as float32 [slots.size(), num_kv_heads, head_dim].
+absl::Status GatherLayerRows(const PoolMemory& memory, uint32_t layer,
+                             const std::vector<int64_t>& slots, std::vector<float>* keys,
+                             std::vector<float>* values);
+
 // ABORTED while another call works on the sequence outside the lock.
 inline absl::Status CheckNotBusy(const std::string& sequence_id, const char* busy) {
   if (busy == nullptr) return absl::OkStatus();

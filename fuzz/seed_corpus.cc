@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -535,6 +536,22 @@ void PrefixSeeds() {
     r.set_first_block(s.first_block);
     for (const std::string& h : s.hashes) r.add_block_hashes(h);
     Put("rpc_store_prefix", s.name, r);
+  }
+  // Entries held as codebooks: the fixture's KV, thresholds in and out of range, a position.
+  for (auto [name, theta_k, theta_v, position] :
+       {std::tuple{"codebook", 0.0f, 0.0f, int64_t{-1}},
+        std::tuple{"codebook-thetas", 0.5f, 1.0f, int64_t{4}},
+        std::tuple{"codebook-bad-theta", 1.5f, -1.0f, int64_t{-1}},
+        std::tuple{"codebook-far-position", 0.0f, 0.0f, int64_t{0xfffffff0}}}) {
+    v1::StorePrefixRequest r;
+    r.set_session_token("0");
+    r.set_sequence_id("s1");
+    r.set_first_block(0);
+    r.add_block_hashes(std::string("cb-") + name);
+    r.mutable_codebook()->set_theta_k(theta_k);
+    r.mutable_codebook()->set_theta_v(theta_v);
+    if (position >= 0) r.mutable_codebook()->set_first_position(position);
+    Put("rpc_store_prefix", name, r);
   }
   struct L {
     const char* name;

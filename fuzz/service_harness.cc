@@ -180,6 +180,10 @@ void ServiceHarness::Reset() {
   OrFail(m.Allocate(t0, "p0", 8), "allocate p0");
   OrFail(m.StorePrefix(t0, "p0", 0, {"e0", "e1"}), "store p0");
   OrFail(m.Free(t0, "p0"), "free p0");
+  // An entry held as codebooks (the fixture's KV is finite).
+  OrFail(m.Allocate(t0, "q0", 4), "allocate q0");
+  OrFail(m.StorePrefix(t0, "q0", 0, {"k0"}, PrefixCodebookOptions{}), "store q0 coded");
+  OrFail(m.Free(t0, "q0"), "free q0");
 }
 
 void ServiceHarness::FillMemory() {

@@ -239,6 +239,11 @@ class Program {
         r.set_sequence_id(SequenceId());
         r.set_first_block(Count(4));
         for (const std::string& h : Hashes()) r.add_block_hashes(h);
+        if (in_.ConsumeBool()) {  // held as codebooks
+          r.mutable_codebook()->set_theta_k(in_.ConsumeFloatingPointInRange<float>(0.0f, 1.0f));
+          r.mutable_codebook()->set_theta_v(in_.ConsumeFloatingPointInRange<float>(0.0f, 1.0f));
+          if (in_.ConsumeBool()) r.mutable_codebook()->set_first_position(Count(64));
+        }
         // Named so that its blocks, shared with the store now, are not written as its own.
         named.insert(r.sequence_id());
         read_only = true;

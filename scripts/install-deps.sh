@@ -3,6 +3,7 @@
 set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config libgrpc++-dev protobuf-compiler-grpc
           libprotobuf-dev protobuf-compiler libabsl-dev catch2 libbenchmark-dev python3-numpy python3-pytest
+          libxxhash-dev
           python3-pip python3-venv python3-matplotlib prometheus-cpp-dev
           nlohmann-json3-dev openssl
           clang-14 libclang-rt-14-dev llvm-14)  # the last three: scripts/fuzz.sh (libFuzzer, symbolizer)

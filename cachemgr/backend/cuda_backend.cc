@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "cachemgr/backend/cuda_driver.h"
+#include "cachemgr/backend/kv_store_digest.h"
 #include "cachemgr/compress/codebook_graph.h"
 #include "cachemgr/compress/selection.h"
 #include "cachemgr/kernels/kv_digest.h"
@@ -464,7 +465,7 @@ class CudaPoolMemory final : public PoolMemory {
   // Copies the blocks the tokens use into a compact host image (block i of the table at index
   // i) and digests that.
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
-                                       uint32_t num_tokens) const override {
+                                       uint32_t num_tokens, KvDigest kind) const override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
     const uint64_t blocks = (uint64_t{num_tokens} + layout_.block_size - 1) / layout_.block_size;
     if (block_table.size() < blocks) {
@@ -473,7 +474,10 @@ class CudaPoolMemory final : public PoolMemory {
     for (uint32_t b : block_table) {
       if (b >= layout_.num_blocks) return absl::InvalidArgumentError("block id out of range");
     }
-    if (blocks == 0) return kernels::kFnv1a64Offset;
+    if (blocks == 0) {
+      return kind == KvDigest::kXxh3 ? Xxh3LayerTokens(layout_, nullptr, nullptr, 0)
+                                     : kernels::kFnv1a64Offset;
+    }
     kernels::KvLayerLayout image_layout = layout_;
     image_layout.num_blocks = static_cast<uint32_t>(blocks);
     std::vector<std::byte> image(image_layout.layer_bytes());
@@ -490,7 +494,10 @@ class CudaPoolMemory final : public PoolMemory {
     CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
     std::vector<uint32_t> identity(blocks);
     for (uint32_t i = 0; i < blocks; ++i) identity[i] = i;
-    return kernels::DigestLayerTokens(image_layout, image.data(), identity.data(), num_tokens);
+    return kind == KvDigest::kXxh3
+               ? Xxh3LayerTokens(image_layout, image.data(), identity.data(), num_tokens)
+               : kernels::DigestLayerTokens(image_layout, image.data(), identity.data(),
+                                            num_tokens);
   }
 
  private:

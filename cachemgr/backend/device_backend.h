@@ -75,6 +75,12 @@ inline absl::StatusOr<PoolPlan> PlanPool(const kernels::KvLayerLayout& layout, u
   return plan;
 }
 
+// Which digest PoolMemory::DigestLayer takes.
+enum class KvDigest : uint8_t {
+  kFnv1a64,  // GetSequence's kv_digest, which clients compute too
+  kXxh3,     // the prefix store's integrity check, internal to the daemon
+};
+
 // Memory of one pool. Released (unmapped / freed) on destruction. Thread-compatible: the
 // CacheManager serializes calls, except the two compute calls below, which are thread-safe.
 class PoolMemory {
@@ -141,10 +147,12 @@ class PoolMemory {
   virtual absl::Status ScatterCodedRows(uint32_t layer, absl::Span<const int64_t> slots,
                                         const compress::CodedRows& coded) = 0;
 
-  // FNV-1a digest of the first `num_tokens` tokens of `block_table` (see kv_digest.h).
+  // Digest of the first `num_tokens` tokens of `block_table`: KvDigest::kFnv1a64 is the
+  // client-visible kv_digest (kernels/kv_digest.h), kXxh3 the prefix store's internal one
+  // (kv_store_digest.h).
   virtual absl::StatusOr<uint64_t> DigestLayer(uint32_t layer,
                                                absl::Span<const uint32_t> block_table,
-                                               uint32_t num_tokens) const = 0;
+                                               uint32_t num_tokens, KvDigest kind) const = 0;
 };
 
 // The argument checks of PoolMemory::AttentionColumnSums that do not depend on the backend

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cachemgr/backend/kv_store_digest.h"
 #include "cachemgr/compress/scoring.h"
 #include "cachemgr/host/memfd_region.h"
 #include "cachemgr/kernels/kv_digest.h"
@@ -90,7 +91,7 @@ class HostPoolMemory final : public PoolMemory {
   }
 
   absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> block_table,
-                                       uint32_t num_tokens) const override {
+                                       uint32_t num_tokens, KvDigest kind) const override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
     const uint64_t blocks_needed =
         (uint64_t{num_tokens} + layout_.block_size - 1) / layout_.block_size;
@@ -100,7 +101,10 @@ class HostPoolMemory final : public PoolMemory {
     for (uint32_t b : block_table) {
       if (b >= layout_.num_blocks) return absl::InvalidArgumentError("block id out of range");
     }
-    return kernels::DigestLayerTokens(layout_, LayerBase(layer), block_table.data(), num_tokens);
+    return kind == KvDigest::kXxh3
+               ? Xxh3LayerTokens(layout_, LayerBase(layer), block_table.data(), num_tokens)
+               : kernels::DigestLayerTokens(layout_, LayerBase(layer), block_table.data(),
+                                            num_tokens);
   }
 
  private:

@@ -166,6 +166,13 @@ class Metrics::StateGauges : public prometheus::Collectable {
       AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}},
                static_cast<double>(p.prefix_only_blocks));
     }
+    out.push_back(Gauges("cachemgr_pool_prefix_codebook_bytes",
+                         "Bytes of one pool's stored prefix layers held as codebooks (host "
+                         "memory charged to the budget)."));
+    for (const PoolSnapshot& p : stats.pools) {
+      AddGauge(out.back(), {{"pool", p.pool_id}, {"device", p.device}},
+               static_cast<double>(p.prefix_codebook_bytes));
+    }
     const PrefixCounters& c = stats.prefix;
     out.push_back(Counter("cachemgr_prefix_stored_total", "Prefix entries stored (StorePrefix).",
                           static_cast<double>(c.stored)));

@@ -391,11 +391,23 @@ grpc::ServerUnaryReactor* CacheManagerService::StorePrefix(grpc::CallbackServerC
                        [this, request, response](const Caller& caller) -> absl::Status {
                          const std::vector<std::string> hashes(request->block_hashes().begin(),
                                                                request->block_hashes().end());
-                         ASSIGN_OR_RETURN(StorePrefixResult r,
-                                          manager_->StorePrefix(caller, request->sequence_id(),
-                                                                request->first_block(), hashes));
+                         std::optional<PrefixCodebookOptions> codebook;
+                         if (request->has_codebook()) {
+                           codebook.emplace();
+                           codebook->theta_k = request->codebook().theta_k();
+                           codebook->theta_v = request->codebook().theta_v();
+                           if (request->codebook().has_first_position()) {
+                             codebook->first_position = request->codebook().first_position();
+                           }
+                         }
+                         ASSIGN_OR_RETURN(
+                             StorePrefixResult r,
+                             manager_->StorePrefix(caller, request->sequence_id(),
+                                                   request->first_block(), hashes, codebook));
                          response->set_stored(r.stored);
                          response->set_already_stored(r.already_stored);
+                         response->set_codebook_layers(r.codebook_layers);
+                         response->set_codebook_bytes(r.codebook_bytes);
                          return absl::OkStatus();
                        });
 }

@@ -209,6 +209,8 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
     ps->set_prefix_entries(pool.prefix_entries);
     ps->set_prefix_bytes(pool.prefix_bytes);
     ps->set_prefix_only_blocks(pool.prefix_only_blocks);
+    ps->set_prefix_codebook_layers(pool.prefix_codebook_layers);
+    ps->set_prefix_codebook_bytes(pool.prefix_codebook_bytes);
     for (uint32_t l = 0; l < pool.layers.size(); ++l) {
       v1::LayerOccupancy* o = ps->add_layers();
       o->set_layer(l);

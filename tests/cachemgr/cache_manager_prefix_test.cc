@@ -15,12 +15,10 @@
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/host/memfd_region.h"
 #include "cachemgr/prefix_store.h"
-#include "tests/cachemgr/gated_backend.h"
+#include "tests/cachemgr/mapped_client.h"
 
 namespace cachemgr {
 namespace {
-
-using testing::GatedBackend;
 
 constexpr uint32_t kLayers = 2, kBlock = 4;
 
@@ -36,46 +34,13 @@ ModelSpec Model(const std::string& name = "m") {
   return m;
 }
 
-CacheManagerOptions Options(uint64_t budget = uint64_t{1} << 30) {
-  CacheManagerOptions o;
-  o.memory_budget_bytes = budget;
-  o.compress_threads = 1;
-  return o;
-}
-
-struct Fixture {
-  explicit Fixture(CacheManagerOptions options = Options())
-      : manager(options, &backend, &clock, nullptr) {}
-  GatedBackend backend;  // not armed: the host backend
-  FakeClock clock;
-  CacheManager manager;
-};
-
-// An attached client with its pool mapped (as an engine maps it).
-struct Client {
-  AttachResult a;
-  MemfdRegion pool;
-  kernels::KvLayerLayout layout;
-
-  const std::string& token() const { return a.session_token; }
-  std::byte* Row(uint32_t l, kernels::KvPlane plane, uint32_t block, uint32_t row) {
-    return pool.data() + a.pool.layers[l].offset + layout.token_offset(plane, block, row);
-  }
-};
+using Fixture = testing::ManagerFixture;
+using testing::ManagerOptions;
+using Client = testing::MappedClient;
 
 Client Attach(Fixture& f, const std::string& name, uint32_t num_blocks,
               const std::string& model = "m", uint64_t input_bytes = 4096) {
-  auto r = f.manager.Attach({name, Model(model), num_blocks, input_bytes});
-  REQUIRE(r.ok());
-  Client c;
-  c.a = *r;
-  auto fds = f.manager.ShareFds(c.a.session_token);
-  REQUIRE(fds.ok());
-  auto pool = MemfdRegion::Map(std::move((*fds)[0]), c.a.pool.regions[0].bytes);
-  REQUIRE(pool.ok());
-  c.pool = *std::move(pool);
-  c.layout = c.a.pool.model.LayerLayout(c.a.pool.num_blocks);
-  return c;
+  return testing::AttachMapped(f.manager, name, Model(model), num_blocks, input_bytes);
 }
 
 // The byte pattern of token `t` of layer `l` in plane `plane` of a prompt named by `seed`.
@@ -355,7 +320,7 @@ TEST_CASE("StorePrefix over the budget changes nothing", "[cpu]") {
     REQUIRE(probe.manager.Allocate(c.token(), "s", 8).ok());
     used = probe.manager.Stats().memory_used_bytes;
   }
-  Fixture f(Options(used + Charge(2) + Charge(2) / 2));
+  Fixture f(ManagerOptions(used + Charge(2) + Charge(2) / 2));
   Client c = Attach(f, "engine", 8);
   AllocateAndWrite(f, c, "s", 8, 1);
   REQUIRE(f.manager.Stats().memory_used_bytes == used);
@@ -677,7 +642,7 @@ void LeaveIdlePool(Fixture& f) {
 
 TEST_CASE("an idle pool gives its budget to an Attach of another model", "[cpu]") {
   const uint64_t cost = AttachCost(8);
-  Fixture f(Options(cost + cost / 2));
+  Fixture f(ManagerOptions(cost + cost / 2));
   LeaveIdlePool(f);
   REQUIRE(f.manager.Stats().pools.size() == 1);
   REQUIRE(f.manager.CheckInvariants().ok());
@@ -707,7 +672,7 @@ TEST_CASE("an idle pool gives its budget to an Attach of another model", "[cpu]"
 
 TEST_CASE("an Attach that reclaiming cannot satisfy reclaims nothing", "[cpu]") {
   const uint64_t cost = AttachCost(8);
-  Fixture f(Options(cost + cost / 2));
+  Fixture f(ManagerOptions(cost + cost / 2));
   LeaveIdlePool(f);
   const StatsSnapshot before = f.manager.Stats();
 
@@ -727,7 +692,7 @@ TEST_CASE("a client joining an idle pool never reclaims that pool", "[cpu]") {
   // The pool, a one-page input buffer and the entries fit; the pool with a three-page buffer
   // and the entries does not (the buffer alone would, were the pool released).
   const uint64_t cost = AttachCost(8);
-  Fixture f(Options(cost + 2 * Charge(2) + 4096));
+  Fixture f(ManagerOptions(cost + 2 * Charge(2) + 4096));
   Client a = Attach(f, "a", 8, "m");
   AllocateAndWrite(f, a, "s", 2 * kBlock, 1);
   const auto digests = Digests(f, a.token(), "s");

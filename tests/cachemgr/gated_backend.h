@@ -47,13 +47,13 @@ class GatedMemory final : public PoolMemory {
                                 const compress::CodedRows& coded) override {
     return inner_->ScatterCodedRows(layer, slots, coded);
   }
-  absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> table,
-                                       uint32_t n) const override {
+  absl::StatusOr<uint64_t> DigestLayer(uint32_t layer, absl::Span<const uint32_t> table, uint32_t n,
+                                       KvDigest kind) const override {
     if (armed_->exchange(false)) {
       entered_->Notify();
       release_->WaitForNotification();
     }
-    return inner_->DigestLayer(layer, table, n);
+    return inner_->DigestLayer(layer, table, n, kind);
   }
 
  private:

@@ -169,3 +169,33 @@ def test_heartbeats_keep_the_lease_and_detach_frees(daemon_factory):
     assert e.value.code == grpc.StatusCode.ABORTED
     assert "lease expired at" in e.value.message
     assert silent.detach() is None
+
+
+@pytest.mark.parametrize("layout", ["flash_attn", "flashinfer"])
+def test_whole_block_writes_match_row_by_row_writes(daemon, layout):
+    """HostPool.write's path for whole blocks (one index per block) writes what the row path
+    writes; a mapping that is not whole blocks in order takes the row path."""
+    m = model(layout, "fp32")
+    with cachemgr.Session.attach(daemon.socket, "py-blocks", m, num_blocks=32) as s:
+        rng = np.random.default_rng(11)
+        k = rng.standard_normal((12, 2, 8)).astype(np.float32)
+        v = rng.standard_normal((12, 2, 8)).astype(np.float32)
+        whole = s.allocate("whole", 12)
+        rows = s.allocate("rows", 12)
+        shuffled = s.allocate("shuffled", 12)
+        for layer in range(3):
+            s.pool.write(layer, whole.layers[layer].slot_mapping, k, v)
+            for t in range(12):  # one row at a time
+                s.pool.write(layer, rows.layers[layer].slot_mapping[t:t + 1], k[t:t + 1],
+                             v[t:t + 1])
+            order = rng.permutation(12)  # whole blocks, rows out of order
+            s.pool.write(layer, shuffled.layers[layer].slot_mapping[order], k[order], v[order])
+        digests = {name: [l.kv_digest for l in
+                          s.get_sequence(name, include_kv_digest=True).layers]
+                   for name in ("whole", "rows", "shuffled")}
+        assert digests["whole"] == digests["rows"] == digests["shuffled"]
+        info = s.get_sequence("whole")
+        for layer in range(3):
+            rk, rv = s.pool.read(layer, info.layers[layer].block_ids, 12)
+            np.testing.assert_array_equal(rk, k)
+            np.testing.assert_array_equal(rv, v)

@@ -115,8 +115,10 @@ def test_vmm_pool_views(layout, dtype, typestr):
         assert iface["shape"] == shape and iface["typestr"] == typestr
         assert iface["strides"] is None and iface["version"] == 3
     assert pool.num_layers == 3 and pool.ordinal == 3 and pool.on_device
+    assert pool.share_method == "vmm_fd" and pool.regions == [(base, 3 * stride)]
     pool.close()
     assert driver.mapped == {} and ("unmap_vmm", base) in driver.calls
+    assert pool.regions == []
 
 
 def test_ipc_pool_opens_the_handles():

@@ -105,3 +105,51 @@ def test_malformed_hashes_are_refused_naming_the_field(daemon, hashes, field):
             s.store_prefix("doc", [b"a", b"b"])
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "full blocks" in str(e.value)
     assert cachemgr.stats(daemon.socket).prefix["stored"] == 0
+
+
+def test_codebook_held_blocks_free_their_blocks_and_load_rebuilt(daemon):
+    """Rows that are multiples of a few directions: the codebook holds each layer in far fewer
+    bytes than its block, the pool keeps no block for it, and another client loads the rows
+    rebuilt (to bf16 rounding)."""
+    spec = cachemgr.ModelSpec(name="py-prefix-codebook", num_layers=2, num_q_heads=4,
+                              num_kv_heads=2, head_dim=8, dtype="bf16", block_size=BLOCK,
+                              rope=cachemgr.RopeConfig(style="none"))
+    tokens = 2 * BLOCK
+    hashes = chain(list(range(tokens)))
+    directions = np.eye(8, dtype=np.float32)[:3]
+    rng = np.random.default_rng(7)
+    rows = []
+    with cachemgr.Session.attach(daemon.socket, "py-cb-writer", spec, num_blocks=8) as a:
+        alloc = a.allocate("doc", tokens)
+        for layer in range(2):
+            pick = rng.integers(0, 3, size=(2, tokens, 2))
+            scale = rng.uniform(0.5, 2.0, size=(2, tokens, 2, 1)).astype(np.float32)
+            k, v = (cachemgr.float32_to_bf16(directions[pick[p]] * scale[p]) for p in range(2))
+            a.pool.write(layer, alloc.layers[layer].slot_mapping, k, v)
+            rows.append((cachemgr.bf16_to_float32(k), cachemgr.bf16_to_float32(v)))
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            a.store_prefix("doc", hashes, codebook=cachemgr.PrefixCodebook(theta_k=1.5))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "codebook.theta_k" in str(e.value)
+        stored = a.store_prefix("doc", hashes, codebook=cachemgr.PrefixCodebook(0.99, 0.99))
+        assert (stored.stored, stored.codebook_layers) == (2, 2 * 2)
+        # Per entry and layer, K and V: at most 3 entries of 8 bf16 + per vector a 2-byte
+        # reference and a bf16 magnitude, against 8 vectors of 8 bf16 each plainly.
+        assert 0 < stored.codebook_bytes <= 2 * 2 * 2 * (3 * 8 * 2 + 2 * BLOCK * (2 + 2))
+        assert stored.codebook_bytes < 2 * 2 * 2 * (2 * BLOCK * 8 * 2) * 0.65
+        a.free("doc")
+    pool = cachemgr.stats(daemon.socket).pools[0]
+    assert (pool.prefix_entries, pool.prefix_codebook_layers) == (2, 4)
+    assert pool.prefix_codebook_bytes == stored.codebook_bytes
+    assert pool.prefix_bytes > pool.prefix_codebook_bytes
+    assert pool.prefix_only_blocks == 0  # no block is kept for the store
+    assert all(l.free_blocks == 8 for l in pool.layers)
+    with cachemgr.Session.attach(daemon.socket, "py-cb-reader", spec, num_blocks=8) as b:
+        loaded = b.load_prefix("reuse", hashes)
+        assert (loaded.loaded_blocks, loaded.corrupt_blocks) == (2, 0)
+        for table in loaded.sequence.layers:
+            k, v = b.pool.read(table.layer, table.block_ids, tokens)
+            want_k, want_v = rows[table.layer]
+            np.testing.assert_allclose(cachemgr.bf16_to_float32(k), want_k, rtol=1e-2)
+            np.testing.assert_allclose(cachemgr.bf16_to_float32(v), want_v, rtol=1e-2)
+        b.free("reuse")

@@ -18,6 +18,7 @@ import pytest
 
 import cachemgr
 from cachemgr.integrations import vllm as connector_module
+from cachemgr.integrations import vllm_layout as connector_layouts
 
 LAYERS, Q_HEADS, KV_HEADS, DIM, BLOCK = 3, 4, 2, 16, 4
 
@@ -394,3 +395,39 @@ def test_config_errors(daemon):
     with pytest.raises(ValueError, match="layer"):
         worker.register_kv_caches({"lm_head": np.zeros((1, KV_HEADS, BLOCK, 2 * DIM))})
     worker.shutdown()
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"theta_k": 1.5}, "prefix_codebook.theta_k must be in"),
+    ({"theta_v": -0.1}, "prefix_codebook.theta_v must be in"),
+    ({"theta": 0.9}, "unknown keys"),
+    ("yes", "must be true, false or"),
+])
+def test_prefix_codebook_config_errors(daemon, value, message):
+    with pytest.raises(ValueError, match=message):
+        connector_module.CacheManagerConnector(
+            role=connector_module.KVConnectorRole.SCHEDULER,
+            config=dict(socket=daemon.socket, prefix_codebook=value))
+
+
+def test_prefix_codebook_config_values(daemon):
+    def parsed(value):
+        return connector_module.CacheManagerConnector(
+            role=connector_module.KVConnectorRole.SCHEDULER,
+            config=dict(socket=daemon.socket, prefix_codebook=value)).prefix_codebook
+    assert parsed(False) is None
+    assert parsed(True) == cachemgr.PrefixCodebook()
+    assert parsed({"theta_k": 0.9}) == cachemgr.PrefixCodebook(0.9, 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(connector_layouts.LAYOUTS))
+def test_whole_block_gathers_match_row_gathers(name):
+    layout = connector_layouts.LAYOUTS[name]
+    rng = np.random.default_rng(5)
+    kv = rng.standard_normal((6, KV_HEADS, BLOCK, 2 * DIM)).astype(np.float32)
+    ids = np.array([4, 1, 3])
+    slots = (ids[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
+    k_rows, v_rows = layout.gather(kv, DIM, slots // BLOCK, slots % BLOCK)
+    k_blocks, v_blocks = layout.gather_blocks(kv, DIM, ids)
+    np.testing.assert_array_equal(np.asarray(k_blocks), np.asarray(k_rows))
+    np.testing.assert_array_equal(np.asarray(v_blocks), np.asarray(v_rows))

@@ -135,7 +135,8 @@ def stats_from_proto(r: pb.StatsResponse) -> Stats:
                          p.clients,
                          [LayerOccupancy(l.layer, l.capacity_blocks, l.used_blocks,
                                          l.free_blocks, l.shared_blocks, l.quarantined_blocks)
-                          for l in p.layers], p.prefix_entries, p.prefix_only_blocks)
+                          for l in p.layers], p.prefix_entries, p.prefix_only_blocks,
+                         p.prefix_bytes, p.prefix_codebook_layers, p.prefix_codebook_bytes)
                for p in r.pools],
         clients=[ClientInfo(c.client_id, c.client_name, c.pool_id, c.sequences,
                             c.lease_remaining_ms) for c in r.clients],

@@ -20,7 +20,7 @@ interprocess event the daemon waits for (its handle goes with every later compre
 import ctypes
 import ctypes.util
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .types import ModelSpec
 
@@ -267,6 +267,7 @@ class DevicePool:
         self._driver = driver or CudaDriver()
         self._share = share_method
         self._bases: List[int] = []
+        self._region_bytes = [size for _, size, _ in regions]
         self.revoked = False
         self._event: Optional[int] = None
         self.write_event_handle = b""  # set by the first record_kv_writes
@@ -300,6 +301,17 @@ class DevicePool:
     @property
     def num_layers(self) -> int:
         return len(self._layers)
+
+    @property
+    def share_method(self) -> str:
+        """"vmm_fd" or "ipc_handle": how the regions were opened."""
+        return self._share
+
+    @property
+    def regions(self) -> List[Tuple[int, int]]:
+        """(device address, bytes) of each region as mapped in this process; empty once
+        closed."""
+        return list(zip(self._bases, self._region_bytes))
 
     def layer(self, layer: int):
         return self._layers[layer]

@@ -114,8 +114,20 @@ class HostPool:
         """vLLM's reshape_and_cache: token t's K/V rows ([tokens, num_kv_heads, head_dim], in the
         pool's dtype) go to slot_mapping[t]; -1 is padding."""
         slots = np.asarray(slot_mapping, dtype=np.int64)
+        bs = self.model.block_size
+        if slots.size and slots.size % bs == 0:
+            # Whole blocks (each run of block_size slots one block's rows in order): one index
+            # per block instead of one per row.
+            runs = slots.reshape(-1, bs)
+            if (runs[:, 0] >= 0).all() and (runs[:, 0] % bs == 0).all() and \
+                    (runs - runs[:, :1] == np.arange(bs)).all():
+                blocks = runs[:, 0] // bs
+                shape = (len(blocks), bs) + keys.shape[1:]
+                self.key_cache(layer)[blocks] = keys.reshape(shape)
+                self.value_cache(layer)[blocks] = values.reshape(shape)
+                return
         keep = slots >= 0
-        blocks, offsets = np.divmod(slots[keep], self.model.block_size)
+        blocks, offsets = np.divmod(slots[keep], bs)
         self.key_cache(layer)[blocks, offsets] = keys[keep]
         self.value_cache(layer)[blocks, offsets] = values[keep]
 

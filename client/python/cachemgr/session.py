@@ -43,7 +43,8 @@ from .errors import CacheManagerError, from_rpc_error
 from .pool import HostPool, check_layer_places
 from .share_channel import fetch_shared_fds
 from .types import (Allocation, CompressResult, FetchedLayer, LoadedPrefix, ModelSpec,
-                    ParkedLayer, Policy, SequenceInfo, SequenceSummary, Stats, StoredPrefix)
+                    ParkedLayer, Policy, PrefixCodebook, SequenceInfo, SequenceSummary, Stats,
+                    StoredPrefix)
 from .v1 import cachemgr_pb2 as pb
 from .v1 import cachemgr_pb2_grpc as pb_grpc
 
@@ -256,12 +257,14 @@ class Session:
 
     def __init__(self, caller: _Caller, request, model: ModelSpec, heartbeat: bool,
                  auto_reattach: bool = True,
-                 on_event: Optional[Callable[[SessionEvent], None]] = None):
+                 on_event: Optional[Callable[[SessionEvent], None]] = None,
+                 revoke_on_loss: bool = True):
         self._call = caller
         self._attach_request = request
         self._requested_model = model
         self._auto_reattach = auto_reattach
         self._on_event = on_event
+        self._revoke_on_loss = revoke_on_loss
         self._lock = threading.RLock()  # session state below
         self._reattach_lock = threading.Lock()
         self._generations: List[_Generation] = []
@@ -291,19 +294,26 @@ class Session:
                input_buffer_bytes: int = 0, heartbeat: bool = True,
                bearer_token: Optional[str] = None, auto_reattach: bool = True,
                on_event: Optional[Callable[[SessionEvent], None]] = None,
-               tls: Optional[TlsOptions] = None) -> "Session":
+               tls: Optional[TlsOptions] = None, revoke_on_loss: bool = True) -> "Session":
         """Attaches to the daemon at `target` (a Unix socket path, or host:port with
         `bearer_token` and `tls`), creating the model's pool with `num_blocks` blocks per layer
         if it is the first client of this user (0: the daemon decides), and maps the pool.
         `heartbeat`: run the heartbeat thread (which also revokes the mapping when the lease runs
         out and, with `auto_reattach`, attaches a new session after a loss).
         `on_event(SessionEvent)` is called on that thread, or on the thread whose call noticed a
-        loss first; it must return quickly and not call reattach() or detach()."""
+        loss first; it must return quickly and not call reattach() or detach().
+        `revoke_on_loss=False` keeps the pool mapped after a loss, until detach(): for memory the
+        process cannot stop using, such as an engine's KV cache allocated in a pool of its own
+        (cachemgr.integrations.vllm_mem_pool). The daemon reclaims the blocks all the same, so
+        only a pool no other client uses may be kept. A memfd or CUDA VMM mapping holds its memory
+        until it is unmapped, even after the daemon released or lost it; what CUDA does with a
+        legacy IPC mapping whose exporter freed the memory is not specified."""
         caller = _Caller(target, bearer_token, tls)
         request = pb.AttachRequest(client_name=client_name, model=convert.model_to_proto(model),
                                    num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes)
         try:
-            return cls(caller, request, model, heartbeat, auto_reattach, on_event)
+            return cls(caller, request, model, heartbeat, auto_reattach, on_event,
+                       revoke_on_loss)
         except BaseException:
             caller.close()
             raise
@@ -498,8 +508,9 @@ class Session:
             # lease_ok False waits for this lock, so it also means the stores are cut off.
             self._lost = error
             try:
-                g.revoke()
-                self._revoked_at = time.time()
+                if self._revoke_on_loss:
+                    g.revoke()
+                    self._revoked_at = time.time()
             except OSError as e:
                 error = CacheManagerError(error.code, f"{error.message}; REVOKING THE MAPPING "
                                                       f"FAILED ({e}): stop writing into the pool")
@@ -731,13 +742,23 @@ class Session:
     # ---- prefix store (docs/PREFIX_STORE.md) --------------------------------------------------
 
     def store_prefix(self, sequence_id: str, block_hashes: Sequence[bytes],
-                     first_block: int = 0) -> StoredPrefix:
+                     first_block: int = 0,
+                     codebook: Optional[PrefixCodebook] = None) -> StoredPrefix:
         """Stores block first_block + i of the (uncompressed) sequence, in every layer, under
-        block_hashes[i]; the pool keeps them after the sequence and this client are gone."""
-        response = self._session_call("StorePrefix", lambda t: pb.StorePrefixRequest(
-            session_token=t, sequence_id=sequence_id, first_block=first_block,
-            block_hashes=list(block_hashes)), timeout=HEAVY_CALL_TIMEOUT)
-        return StoredPrefix(response.stored, response.already_stored)
+        block_hashes[i]; the pool keeps them after the sequence and this client are gone. With
+        `codebook`, the new entries are held as codebooks (no blocks; rebuilt on load)."""
+        def request(t):
+            r = pb.StorePrefixRequest(session_token=t, sequence_id=sequence_id,
+                                      first_block=first_block, block_hashes=list(block_hashes))
+            if codebook is not None:
+                r.codebook.theta_k = codebook.theta_k
+                r.codebook.theta_v = codebook.theta_v
+                if codebook.first_position is not None:
+                    r.codebook.first_position = codebook.first_position
+            return r
+        response = self._session_call("StorePrefix", request, timeout=HEAVY_CALL_TIMEOUT)
+        return StoredPrefix(response.stored, response.already_stored, response.codebook_layers,
+                            response.codebook_bytes)
 
     def match_prefix(self, block_hashes: Sequence[bytes]) -> int:
         """How many leading block_hashes the pool has stored."""

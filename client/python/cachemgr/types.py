@@ -84,6 +84,19 @@ class SequenceInfo:
 class StoredPrefix:
     stored: int           # new entries
     already_stored: int   # hashes the pool held already (or repeated in the call)
+    codebook_layers: int = 0  # of the new entries' layers, those held as codebooks
+    codebook_bytes: int = 0   # their bytes
+
+
+@dataclass(frozen=True)
+class PrefixCodebook:
+    """Hold stored prefix blocks as SpindleKV similarity codebooks (every token kept, fewer
+    bytes, rebuilt on load; lossy). 0 takes the "codebook" preset's thresholds (0.98, 0.95).
+    first_position: the RoPE position of row 0 of the first stored block (None: its index
+    times block_size), for blocks copied into a scratch sequence from elsewhere in a prompt."""
+    theta_k: float = 0.0
+    theta_v: float = 0.0
+    first_position: Optional[int] = None
 
 
 @dataclass
@@ -176,6 +189,9 @@ class PoolStats:
     layers: List[LayerOccupancy]
     prefix_entries: int = 0      # stored prefix blocks (one block in every layer each)
     prefix_only_blocks: int = 0  # blocks (summed over layers) only the prefix store holds
+    prefix_bytes: int = 0        # the entries' host memory (bookkeeping + codebooks), charged
+    prefix_codebook_layers: int = 0  # entries' layers held as codebooks (summed)
+    prefix_codebook_bytes: int = 0   # their bytes (part of prefix_bytes)
 
 
 @dataclass

@@ -142,11 +142,11 @@ TEST_CASE("host pool writes a coded layer as its CPU reconstruction; bad input w
 
   // Refusals leave the pool as it was.
   const std::vector<uint32_t> table = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
-  const uint64_t before = *memory.DigestLayer(0, table, kBlocks * kBlockSize);
+  const uint64_t before = *memory.DigestLayer(0, table, kBlocks * kBlockSize, KvDigest::kFnv1a64);
   auto refused = [&](const compress::CodedRows& bad, const std::vector<int64_t>& s) {
     const absl::Status status = memory.ScatterCodedRows(0, s, bad);
     CHECK(status.code() == absl::StatusCode::kInvalidArgument);
-    CHECK(*memory.DigestLayer(0, table, kBlocks * kBlockSize) == before);
+    CHECK(*memory.DigestLayer(0, table, kBlocks * kBlockSize, KvDigest::kFnv1a64) == before);
     return std::string(status.message());
   };
   CHECK(refused(coded, {1, 2}) == "coded rows hold 3 rows for 2 slots");
@@ -161,6 +161,38 @@ TEST_CASE("host pool writes a coded layer as its CPU reconstruction; bad input w
   CHECK(refused(bad, {1, 2, 3}) == "coded rows: array sizes do not match rows x heads");
   CHECK(refused(coded, {1, 2, -1}).find("slot") != std::string::npos);
   CHECK(memory.ScatterCodedRows(1, slots, coded).code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("both digests cover each token's K and V rows in block-table order", "[cpu]") {
+  HostBackend backend;
+  auto pool = backend.CreatePool("p", Layout(), kernels::KvElemType::kF16, /*num_layers=*/1);
+  REQUIRE(pool.ok());
+  PoolMemory& memory = **pool;
+  const size_t row = size_t{kKvHeads} * kDim;
+  const std::vector<int64_t> slots = {4, 5, 6, 7, 8, 9, 10, 11};  // blocks 1 and 2
+  REQUIRE(
+      memory.ScatterTokens(0, slots, Random(8 * row, 4).data(), Random(8 * row, 5).data()).ok());
+  for (const KvDigest kind : {KvDigest::kFnv1a64, KvDigest::kXxh3}) {
+    CAPTURE(static_cast<int>(kind));
+    const std::vector<uint32_t> table = {1, 2}, swapped = {2, 1};
+    const uint64_t digest = *memory.DigestLayer(0, table, 8, kind);
+    CHECK(*memory.DigestLayer(0, table, 8, kind) == digest);    // a function of the rows
+    CHECK(*memory.DigestLayer(0, swapped, 8, kind) != digest);  // and of their order
+    CHECK(*memory.DigestLayer(0, table, 7, kind) != digest);    // and of every token
+    // One changed value (token 5's V, in block 2) changes it.
+    std::vector<float> k(row), v(row);
+    REQUIRE(memory.GatherTokens(0, {&slots[5], 1}, k.data(), v.data()).ok());
+    v[row - 1] += 1.0f;
+    REQUIRE(memory.ScatterTokens(0, {&slots[5], 1}, k.data(), v.data()).ok());
+    CHECK(*memory.DigestLayer(0, table, 8, kind) != digest);
+    v[row - 1] -= 1.0f;
+    REQUIRE(memory.ScatterTokens(0, {&slots[5], 1}, k.data(), v.data()).ok());
+    CHECK(*memory.DigestLayer(0, table, 8, kind) == digest);
+  }
+  // Two different functions of the same bytes.
+  const std::vector<uint32_t> table = {1, 2};
+  CHECK(*memory.DigestLayer(0, table, 8, KvDigest::kFnv1a64) !=
+        *memory.DigestLayer(0, table, 8, KvDigest::kXxh3));
 }
 
 }  // namespace

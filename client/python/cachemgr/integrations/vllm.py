@@ -91,7 +91,7 @@ import numpy as np
 
 from ..errors import CacheManagerError
 from ..session import Session
-from ..types import ModelSpec, Policy
+from ..types import ModelSpec, Policy, PrefixCodebook
 
 _log = logging.getLogger("cachemgr.vllm")
 
@@ -143,6 +143,8 @@ _COUNTERS = {
     "prefix_stored_blocks": "Blocks the connector stored in cachemgrd's prefix store (new ones)",
     "prefix_hit_tokens": "Prompt tokens loaded from cachemgrd's prefix store",
     "prefix_corrupt_blocks": "Stored blocks cachemgrd found corrupt at load (recomputed)",
+    "load_us": "Microseconds the worker spent loading KV before the forward (start_load_kv)",
+    "save_us": "Microseconds the worker spent saving KV after the forward (wait_for_save)",
 }
 
 
@@ -232,6 +234,29 @@ class CacheManagerConnectorMetadata(_MetaBase):
     prefix_loads: List["_PrefixTransfer"] = dataclasses.field(default_factory=list)
 
 
+def _prefix_codebook(value) -> Optional[PrefixCodebook]:
+    """kv_connector_extra_config "prefix_codebook": false, true or {"theta_k", "theta_v"}."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return PrefixCodebook()
+    if isinstance(value, dict):
+        unknown = set(value) - {"theta_k", "theta_v"}
+        if unknown:
+            raise ValueError(f"kv_connector_extra_config prefix_codebook has unknown keys "
+                             f"{sorted(unknown)}; it takes theta_k and theta_v")
+        codebook = PrefixCodebook(float(value.get("theta_k", 0.0)),
+                                  float(value.get("theta_v", 0.0)))
+        for name in ("theta_k", "theta_v"):
+            theta = getattr(codebook, name)
+            if not 0.0 <= theta <= 1.0 or theta != theta:
+                raise ValueError(f"kv_connector_extra_config prefix_codebook.{name} must be in "
+                                 f"(0, 1], or 0 for the preset's (got {theta})")
+        return codebook
+    raise ValueError(f"kv_connector_extra_config prefix_codebook must be true, false or "
+                     f"{{\"theta_k\": .., \"theta_v\": ..}} (got {value!r})")
+
+
 def _sequence_id(request_id: str) -> str:
     return f"vllm-{request_id}"
 
@@ -285,11 +310,15 @@ def _config_from_vllm(vllm_config) -> Dict[str, Any]:
 
 class CacheManagerConnector(_Base):
     """See the module docstring. `config` holds the kv_connector_extra_config keys:
-    socket (required), prefix_store (true in vLLM: see the module docstring; the keys below
+    socket (required), prefix_store (true in vLLM: see the module docstring), prefix_codebook
+    (false; true or {"theta_k", "theta_v"}: stored blocks held as codebooks; the keys below
     up to window apply to the per-request path), policy ("codebook"), reserve_ratio (1.0) or
     byte_ratio, window (32),
     client_name, reconnect_interval (1.0 s: how often a lost sidecar is probed or re-attached),
     layout (only to name a backend's layout explicitly; it is verified all the same),
+    kv_mem_pool (false; true: vLLM's KV cache in a CUDA pool of the daemon, see
+    get_mem_pool_context and vllm_mem_pool.py) and mem_pool_library (its allocator library;
+    default: the one built into this package),
     and, taken from vLLM's config when run in vLLM: num_layers, num_q_heads, num_kv_heads,
     head_dim, dtype, block_size, rope_style ("half_split", vLLM's), rope_theta.
     Outside vLLM, pass `config` directly."""
@@ -324,6 +353,9 @@ class CacheManagerConnector(_Base):
         # across requests and engines. On by default in vLLM; the per-request path (compressed
         # copies for preemption) runs when it is off.
         self.prefix_store = bool(config.get("prefix_store", vllm_config is not None))
+        # Stored blocks held as codebooks in the daemon (fewer bytes, lossy): false, true (the
+        # preset's thresholds) or {"theta_k": .., "theta_v": ..}.
+        self.prefix_codebook = _prefix_codebook(config.get("prefix_codebook", False))
         cache_config = getattr(vllm_config, "cache_config", None)
         algo = str(getattr(cache_config, "prefix_caching_hash_algo", "sha256"))
         if self.prefix_store and algo.startswith("xxhash") and "PYTHONHASHSEED" not in os.environ:
@@ -363,6 +395,17 @@ class CacheManagerConnector(_Base):
             if self._usable_session() is None and self._last_error is not None and \
                     self._last_error.code not in _TRANSIENT:
                 raise self._last_error  # a configuration error, not an outage: say so at start
+        # kv_mem_pool (get_mem_pool_context): vLLM's KV cache in a CUDA pool of the daemon.
+        from . import vllm_mem_pool
+        self.kv_mem_pool = vllm_mem_pool.enabled(config)
+        self._kv_cache_config = kv_cache_config
+        self._kv_cache_arena: Optional[vllm_mem_pool.KvCacheArena] = None
+        if self.kv_mem_pool and _role_value(role) == KVConnectorRole.WORKER:
+            try:
+                vllm_mem_pool.check_at_start(self.session, self._last_error, vllm_config)
+            except Exception:
+                self.shutdown()
+                raise
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -463,6 +506,21 @@ class CacheManagerConnector(_Base):
         session."""
         return sequence_id not in self._broken and self._held_here(sequence_id)
 
+    def get_mem_pool_context(self):
+        """Where vLLM's GPU worker allocates its KV cache: with kv_mem_pool, a
+        torch.cuda.use_mem_pool context over a region of a CUDA pool the daemon lends this
+        worker alone, sized for vLLM's KV cache (vllm_mem_pool: the arena, opened at the first
+        call and kept until shutdown); otherwise None (vLLM's own allocator). vLLM 0.32's CPU
+        worker calls it too (it inherits the GPU worker's initialize_from_config) and gets None:
+        kv_mem_pool on a host pool is refused at start."""
+        if not self.kv_mem_pool:
+            return None
+        if self._kv_cache_arena is None:
+            from . import vllm_mem_pool
+            self._kv_cache_arena = vllm_mem_pool.KvCacheArena.open(
+                self.config, self._model(), self._kv_cache_config)
+        return self._kv_cache_arena.context()
+
     def register_kv_caches(self, kv_caches: Dict[str, Any]) -> None:
         """Records vLLM's per-layer paged KV tensors after proving their layout: each layer's
         attention backend names it (vllm_layout.BACKEND_LAYOUTS, or config "layout"), and known
@@ -551,7 +609,11 @@ class CacheManagerConnector(_Base):
         kv = self._kv_caches[layer]
         blocks, offsets = self._slots(kv, t.block_ids, t.first_token,
                                       t.first_token + t.num_tokens)
-        k, v = self._layout.gather(kv, int(self.config["head_dim"]), blocks, offsets)
+        kbs = self._kernel_block_size
+        if t.first_token % kbs == 0 and t.num_tokens % kbs == 0:  # whole blocks (stores)
+            k, v = self._layout.gather_blocks(kv, int(self.config["head_dim"]), blocks[::kbs])
+        else:
+            k, v = self._layout.gather(kv, int(self.config["head_dim"]), blocks, offsets)
         return self._to_numpy(k), self._to_numpy(v)
 
     def _save(self, t: _Transfer) -> None:
@@ -636,11 +698,15 @@ class CacheManagerConnector(_Base):
             for layer in range(s.model.num_layers):
                 if not s.lease_ok:
                     raise s.status
+                slots = alloc.layers[layer].slot_mapping
                 k, v = self._vllm_rows(layer, transfer)
-                s.pool.write(layer, alloc.layers[layer].slot_mapping,
-                             k.astype(s.pool.dtype, copy=False),
+                s.pool.write(layer, slots, k.astype(s.pool.dtype, copy=False),
                              v.astype(s.pool.dtype, copy=False))
-            stored = s.store_prefix(sequence_id, p.hashes)
+            codebook = None
+            if self.prefix_codebook is not None:  # K was rotated at the blocks' prompt positions
+                codebook = dataclasses.replace(self.prefix_codebook,
+                                               first_position=p.first_block * self.block_size)
+            stored = s.store_prefix(sequence_id, p.hashes, codebook=codebook)
         except Exception as e:  # noqa: BLE001 - an unsaved block is a later miss
             self.stats["skipped_saves"] += 1
             self._failed(f"storing blocks of {p.request_id}", e)
@@ -712,12 +778,14 @@ class CacheManagerConnector(_Base):
         """Copies every scheduled load from the sidecar into vLLM's blocks (synchronously);
         loads that fail are reported by get_block_ids_with_load_errors()."""
         meta = self._connector_metadata
-        if meta is None:
+        if meta is None or not (meta.loads or meta.prefix_loads):
             return
+        start = time.perf_counter()
         for t in meta.loads:
             self._load(t)
         for p in meta.prefix_loads:
             self._load_prefix(p)
+        self.stats["load_us"] += int(1e6 * (time.perf_counter() - start))
 
     def get_block_ids_with_load_errors(self) -> Set[int]:
         """vLLM block ids whose load failed since the last call (vLLM recomputes them)."""
@@ -735,8 +803,15 @@ class CacheManagerConnector(_Base):
     def wait_for_save(self) -> None:
         """Saves this step's prefill tokens, and compresses the prompts that completed."""
         meta = self._connector_metadata
-        if meta is None:
+        if meta is None or not (meta.prefix_saves or meta.saves or meta.compress_after_save):
             return
+        start = time.perf_counter()
+        try:
+            self._save_step(meta)
+        finally:
+            self.stats["save_us"] += int(1e6 * (time.perf_counter() - start))
+
+    def _save_step(self, meta: CacheManagerConnectorMetadata) -> None:
         for p in meta.prefix_saves:
             self._store_prefix(p)
         for t in meta.saves:
@@ -810,6 +885,9 @@ class CacheManagerConnector(_Base):
             if session is not None:
                 session.detach()
                 setattr(self, attr, None)
+        if self._kv_cache_arena is not None:  # kv_mem_pool: vLLM's last forward is done
+            self._kv_cache_arena.close()
+            self._kv_cache_arena = None
 
     # ---- scheduler side ----------------------------------------------------------------------
 

@@ -41,6 +41,19 @@ class Layout:
         k, v = self.views(kv_layer, head_dim)
         return k[blocks, :, offsets, :], v[blocks, :, offsets, :]
 
+    def gather_blocks(self, kv_layer, head_dim: int, block_ids):
+        """K and V rows of whole blocks, in order: two [len(block_ids) * block_size, kv_heads,
+        head_dim]; the same rows as gather() of every slot of those blocks, with one index per
+        block instead of one per row."""
+        k, v = self.views(kv_layer, head_dim)
+        out = []
+        for plane in (k[block_ids], v[block_ids]):  # [n, heads, block_size, head_dim]
+            n, heads, block_size, dim = plane.shape
+            rows = (plane.transpose(1, 2) if hasattr(plane, "untyped_storage")
+                    else plane.transpose(0, 2, 1, 3))
+            out.append(rows.reshape(n * block_size, heads, dim))
+        return out[0], out[1]
+
     def scatter(self, kv_layer, head_dim: int, blocks, offsets, k_rows, v_rows) -> None:
         """Writes [n, kv_heads, head_dim] rows into the slots (blocks[i], offsets[i])."""
         k, v = self.views(kv_layer, head_dim)
