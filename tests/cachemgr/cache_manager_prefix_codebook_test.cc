@@ -14,6 +14,7 @@
 
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/compress/rope.h"
+#include "cachemgr/prefix_store.h"
 #include "tests/cachemgr/mapped_client.h"
 
 namespace cachemgr {
@@ -141,8 +142,8 @@ bool SameBits(Client& c, const SequenceSnapshot& seq, uint32_t l, uint32_t token
 TEST_CASE("a codebook entry holds no block, is charged, and loads back rebuilt") {
   Fixture f;
   Client writer = Attach(f, "writer", 8);
+  const uint64_t attached = f.manager.Stats().memory_used_bytes;
   AllocateAndWrite(f, writer, "s", 2 * kBlock);
-  const uint64_t before = f.manager.Stats().memory_used_bytes;
   auto stored = f.manager.StorePrefix(writer.token(), "s", 0, {"h0", "h1"}, Thetas(0.98f, 0.95f));
   REQUIRE(stored.ok());
   CHECK(stored->stored == 2);
@@ -162,10 +163,11 @@ TEST_CASE("a codebook entry holds no block, is charged, and loads back rebuilt")
     CHECK(s.pools[0].prefix_only_blocks == 2);  // layer 1's
     CHECK(s.pools[0].layers[0].free_blocks == 8);
     CHECK(s.pools[0].layers[1].free_blocks == 6);
-    CHECK(s.pools[0].prefix_bytes >= stored->codebook_bytes);
-    // The scratch sequence's bookkeeping is refunded; the entries and codebooks stay charged.
-    CHECK(s.memory_used_bytes > before - 1024);
-    CHECK(s.memory_used_bytes - (before - 1024) < 4096 + s.pools[0].prefix_bytes);
+    // Bookkeeping (hash twice, per layer a block id, a digest and a codebook handle) and the
+    // codebooks; the scratch sequence's bookkeeping was refunded with it.
+    CHECK(s.pools[0].prefix_bytes ==
+          stored->codebook_bytes + PrefixStore::ChargeBytes(2, kLayers, /*coded=*/true) * 2);
+    CHECK(s.memory_used_bytes == attached + s.pools[0].prefix_bytes);
   }
   REQUIRE(f.manager.CheckInvariants().ok());
 
