@@ -1,5 +1,7 @@
 #include "cachemgr/config.h"
 
+#include <unistd.h>
+
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -11,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
+#include "cachemgr/peers/peer_address.h"
 #include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/peer_policy.h"
 #include "cachemgr/util/secret_file.h"
@@ -162,6 +165,30 @@ const std::vector<Option>& Options() {
       {"tcp_plaintext_loopback", nullptr,
        "TCP without TLS, on a loopback --tcp_address only (default false)",
        [](DaemonConfig& c, absl::string_view v) { return NeedBool(v, &c.tcp_plaintext_loopback); }},
+      {"peers", "LIST",
+       "other daemons (HOST:PORT, dns:NAME:PORT for every address of NAME), reached on their "
+       "TCP listeners; needs --tcp_address",
+       [](DaemonConfig& c, absl::string_view v) {
+         absl::StatusOr<std::vector<PeerSource>> sources = ParsePeerList(v);
+         if (!sources.ok()) return std::string(sources.status().message());
+         c.peers = *std::move(sources);
+         return std::string();
+       }},
+      {"peer_ca_file", "FILE",
+       "TLS: the PEM CA that signs peers' server certificates (default: --tls_client_ca_file)",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.peer_ca_file, v); }},
+      {"peer_tls_server_name", "NAME",
+       "TLS: the name peers' certificates carry (default: the address dialled)",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.peer_tls_server_name, v); }},
+      {"peer_probe_interval_ms", "MS", "how often every peer is probed (2000)",
+       [](DaemonConfig& c, absl::string_view v) {
+         uint64_t n = 0;
+         std::string e = NeedUint(v, 100, 3600000, &n);
+         c.peer_probe_interval = absl::Milliseconds(n);
+         return e;
+       }},
+      {"node_name", "NAME", "this daemon's name as its peers see it (default: the host name)",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.node_name, v); }},
       {"health_probe_interval_ms", "MS",
        "how often the daemon checks new clients get served; 0: never (2000)",
        [](DaemonConfig& c, absl::string_view v) {
@@ -410,6 +437,49 @@ absl::Status ValidateTcp(DaemonConfig& c) {
   return absl::OkStatus();
 }
 
+// Peers are reached with this daemon's own TCP credentials (the cluster shares one token, or
+// one CA), so they need the TCP listener configured.
+absl::Status ValidatePeers(DaemonConfig& c) {
+  if (c.node_name.empty()) {
+    char host[256] = {};
+    c.node_name = ::gethostname(host, sizeof(host) - 1) == 0 ? host : "unknown";
+  }
+  if (c.peers.empty()) {
+    if (!c.peer_ca_file.empty() || !c.peer_tls_server_name.empty()) {
+      return absl::InvalidArgumentError("--peer_ca_file and --peer_tls_server_name need --peers");
+    }
+    return absl::OkStatus();
+  }
+  if (c.tcp_address.empty()) {
+    return absl::InvalidArgumentError(
+        "--peers needs --tcp_address: daemons reach each other on their TCP listeners, with "
+        "the same credentials");
+  }
+  if (c.tcp_plaintext_loopback) {
+    for (const PeerSource& p : c.peers) {
+      const std::string host =
+          p.host.find(':') == std::string::npos ? p.host : absl::StrCat("[", p.host, "]");
+      if (p.dns ? p.host != "localhost" : !IsLoopbackAddress(absl::StrCat(host, ":", p.port))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--peers entry \"", p.entry,
+            "\" is not on loopback: with --tcp_plaintext_loopback peers are local; use TLS"));
+      }
+    }
+    if (!c.peer_ca_file.empty() || !c.peer_tls_server_name.empty()) {
+      return absl::InvalidArgumentError(
+          "--peer_ca_file and --peer_tls_server_name apply with TLS, not --tcp_plaintext_loopback");
+    }
+    return absl::OkStatus();
+  }
+  if (c.peer_ca_file.empty()) c.peer_ca_file = c.tls_client_ca_file;
+  if (c.peer_ca_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--peers over TLS needs --peer_ca_file (or --tls_client_ca_file): the CA that signs the "
+        "peers' server certificates");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Validate(DaemonConfig& c) {
   if (c.socket_path.empty()) return absl::InvalidArgumentError("--socket must not be empty");
   if (c.share_socket_path.empty()) c.share_socket_path = c.socket_path + ".share";
@@ -451,8 +521,8 @@ absl::Status Validate(DaemonConfig& c) {
   if (!c.operator_group.empty()) {
     ASSIGN_OR_RETURN(c.operator_gid, ResolveGroup(c.operator_group, "--operator_group"));
   }
-  return ValidateTcp(c);
-  return absl::OkStatus();
+  RETURN_IF_ERROR(ValidateTcp(c));
+  return ValidatePeers(c);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "cachemgr/cache_manager.h"
+#include "cachemgr/peers/peer_address.h"
 #include "cachemgr/util/log.h"
 
 namespace cachemgr {
@@ -50,6 +51,17 @@ struct DaemonConfig {
   std::string tls_key_file;
   std::string tls_client_ca_file;
   bool tcp_plaintext_loopback = false;
+
+  // Other daemons (cachemgr/peers/peer_address.h), reached on their TCP listeners with this
+  // daemon's TCP credentials: the bearer token, or (TLS) this daemon's certificate as a client
+  // certificate, verifying theirs against peer_ca_file (default tls_client_ca_file) under the
+  // name peer_tls_server_name (default: the address). Probed every peer_probe_interval.
+  std::vector<PeerSource> peers;
+  std::string peer_ca_file;
+  std::string peer_tls_server_name;
+  absl::Duration peer_probe_interval = absl::Seconds(2);
+  // This daemon's name for its peers (default: the host name).
+  std::string node_name;
 
   // The self-probe (cachemgr/service/health_probe.h): interval (zero: off), consecutive
   // failures before health turns NOT_SERVING, and whether the daemon then exits (non-zero, so

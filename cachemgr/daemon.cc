@@ -17,6 +17,7 @@
 #if defined(CACHEMGR_HAVE_CUDA_BACKEND)
 #include "cachemgr/backend/cuda_backend.h"
 #endif
+#include "cachemgr/service/peer_service.h"
 #include "cachemgr/service/request_errors.h"
 #include "cachemgr/service/tcp_security.h"
 #include "cachemgr/util/log.h"
@@ -217,13 +218,37 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   d->peer_listener_ = std::make_unique<PeerListener>(listener_options, d->peer_policy_.get());
 
   d->metrics_ = std::make_unique<Metrics>(d->manager_.get(), &d->events_, kVersion);
+  TcpSecurityOptions security;
+  security.bearer_token = config.tcp_token;
+  security.cert_file = config.tls_cert_file;
+  security.key_file = config.tls_key_file;
+  security.client_ca_file = config.tls_client_ca_file;
+  security.plaintext_loopback = config.tcp_plaintext_loopback;
+  PeerDirectoryOptions peer_options;
+  peer_options.sources = config.peers;
+  peer_options.boot_id = d->manager_->boot_id();
+  peer_options.node_name = config.node_name;
+  peer_options.probe_interval = config.peer_probe_interval;
+  peer_options.probe_deadline = std::min(config.peer_probe_interval, absl::Seconds(1));
+  peer_options.bearer_token = config.tcp_token;
+  peer_options.tls_server_name = config.peer_tls_server_name;
+  if (!config.peers.empty()) {
+    ASSIGN_OR_RETURN(peer_options.credentials,
+                     MakePeerChannelCredentials(security, config.peer_ca_file));
+  }
+  d->peers_ = std::make_unique<PeerDirectory>(std::move(peer_options));
   d->service_ = std::make_unique<CacheManagerService>(
       d->manager_.get(), &d->events_, config.share_socket_path, d->peer_listener_.get(),
       d->operator_token_.get(), kVersion, config.worker_threads, d->metrics_.get());
+  d->service_->set_peers(d->peers_.get());
+  d->peer_service_ =
+      std::make_unique<PeerService>(d->manager_->boot_id(), kVersion, config.node_name);
   int metrics_port = 0;
   if (!config.metrics_address.empty()) {
+    std::vector<std::weak_ptr<prometheus::Collectable>> collectables = d->metrics_->collectables();
+    collectables.push_back(d->peers_->collectable());
     ASSIGN_OR_RETURN(d->metrics_server_,
-                     MetricsEndpoint::Start(config.metrics_address, d->metrics_->collectables()));
+                     MetricsEndpoint::Start(config.metrics_address, collectables));
     metrics_port = d->metrics_server_->port();
   }
 
@@ -233,17 +258,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   if (!config.enable_reflection) builder.SetOption(std::make_unique<WithoutReflection>());
   int tcp_port = 0;
   if (!config.tcp_address.empty()) {
-    TcpSecurityOptions security;
-    security.bearer_token = config.tcp_token;
-    security.cert_file = config.tls_cert_file;
-    security.key_file = config.tls_key_file;
-    security.client_ca_file = config.tls_client_ca_file;
-    security.plaintext_loopback = config.tcp_plaintext_loopback;
     ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                      MakeTcpServerCredentials(security));
     builder.AddListeningPort(config.tcp_address, credentials, &tcp_port);
   }
   builder.RegisterService(d->service_.get());
+  builder.RegisterService(d->peer_service_.get());
   builder.SetMaxReceiveMessageSize(16 << 20);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(MakeUnparseableRequestInterceptorFactory());
@@ -290,6 +310,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
        {"allowed_peers", d->peer_policy_->Describe()},
        {"operator_token_file", config.operator_token_file},
        {"tcp", tcp},
+       {"node_name", config.node_name},
+       {"peers", static_cast<uint64_t>(config.peers.size())},
        {"metrics", config.metrics_address.empty()
                        ? std::string("off")
                        : absl::StrCat(config.metrics_address, " port ", metrics_port)},

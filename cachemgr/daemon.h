@@ -16,11 +16,13 @@
 #include "cachemgr/event_hub.h"
 #include "cachemgr/metrics/metrics.h"
 #include "cachemgr/metrics/metrics_endpoint.h"
+#include "cachemgr/peers/peer_directory.h"
 #include "cachemgr/service/cachemgr_service.h"
 #include "cachemgr/service/health_probe.h"
 #include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/peer_listener.h"
 #include "cachemgr/service/peer_policy.h"
+#include "cachemgr/service/peer_service.h"
 #include "cachemgr/service/share_channel.h"
 #include "cachemgr/util/clock.h"
 #include "cachemgr/util/instance_lock.h"
@@ -70,8 +72,10 @@ class Daemon {
   std::unique_ptr<DeviceBackend> backend_;
   std::unique_ptr<CacheManager> manager_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<PeerDirectory> peers_;
   std::unique_ptr<PeerListener> peer_listener_;
   std::unique_ptr<CacheManagerService> service_;
+  std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<ShareChannelServer> share_server_;
   // Descriptors of the share channel's current reply (only its thread touches them).
   std::vector<UniqueFd> shared_fds_in_flight_;

@@ -19,14 +19,16 @@ class MemfdRegion {
   // The memfd is sealed against shrinking (F_SEAL_SHRINK) so a client cannot truncate it
   // under the daemon; also F_SEAL_GROW (the size is fixed) and F_SEAL_SEAL (no process, the
   // daemon included, can add seals later, e.g. F_SEAL_FUTURE_WRITE to lock other clients out).
-  // Names longer than 249 bytes are truncated. Memory is allocated lazily on first touch.
+  // Names longer than 249 bytes are truncated. The memory is committed (fallocate) and the
+  // mapping populated (MAP_POPULATE) before Create returns: a pool costs its RAM from creation,
+  // as a device pool does, and nobody pays page faults on the KV path.
   // Errors: INVALID_ARGUMENT for bytes == 0, RESOURCE_EXHAUSTED when the
-  // kernel refuses the memory, INTERNAL for other syscall failures (message carries errno).
+  // kernel refuses the memory or `bytes` exceeds the memory available (MemAvailable), INTERNAL for other syscall failures (message carries errno).
   static absl::StatusOr<MemfdRegion> Create(const std::string& name, size_t bytes);
 
   // Maps an existing region received from another process. Checks with fstat that the fd is
   // at least `bytes` long (INVALID_ARGUMENT otherwise; also for bytes == 0 or an invalid fd).
-  // Takes ownership of `fd`. Maps MAP_SHARED read-write.
+  // Takes ownership of `fd`. Maps MAP_SHARED read-write, populated (MAP_POPULATE).
   static absl::StatusOr<MemfdRegion> Map(UniqueFd fd, size_t bytes);
 
   MemfdRegion() = default;

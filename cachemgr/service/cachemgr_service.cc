@@ -472,6 +472,40 @@ grpc::ServerUnaryReactor* CacheManagerService::Stats(grpc::CallbackServerContext
   });
 }
 
+grpc::ServerUnaryReactor* CacheManagerService::ListPeers(grpc::CallbackServerContext* ctx,
+                                                         const v1::ListPeersRequest* /*request*/,
+                                                         v1::ListPeersResponse* response) {
+  return Unary(ctx, "ListPeers", std::string(), [&](const Caller& caller) -> absl::Status {
+    if (!caller.operator_credential) {
+      return absl::PermissionDeniedError(
+          "ListPeers shows the daemon's peers and needs the operator credential: send the "
+          "contents of the daemon's --operator_token_file as \"x-cachemgr-operator\" metadata");
+    }
+    if (peers_ == nullptr) return absl::FailedPreconditionError("this daemon has no peer list");
+    response->set_boot_id(peers_->boot_id());
+    response->set_node_name(peers_->node_name());
+    for (const PeerSnapshot& p : peers_->Snapshot()) {
+      v1::PeerInfo* info = response->add_peers();
+      info->set_address(p.address);
+      info->set_source(p.source);
+      info->set_state(p.state == PeerState::kUp     ? v1::PEER_STATE_UP
+                      : p.state == PeerState::kDown ? v1::PEER_STATE_DOWN
+                      : p.state == PeerState::kSelf ? v1::PEER_STATE_SELF
+                                                    : v1::PEER_STATE_UNKNOWN);
+      info->set_boot_id(p.boot_id);
+      info->set_version(p.version);
+      info->set_node_name(p.node_name);
+      info->set_last_seen_unix_ms(
+          p.last_seen == absl::InfinitePast() ? 0 : absl::ToUnixMillis(p.last_seen));
+      info->set_rtt_ms(absl::ToDoubleMilliseconds(p.rtt));
+      info->set_probes_ok(p.probes_ok);
+      info->set_probes_failed(p.probes_failed);
+      info->set_last_error(p.last_error);
+    }
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerWriteReactor<v1::Event>* CacheManagerService::Watch(grpc::CallbackServerContext* ctx,
                                                                 const v1::WatchRequest* request) {
   if (draining_.load()) {

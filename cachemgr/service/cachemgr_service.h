@@ -20,6 +20,7 @@
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/event_hub.h"
 #include "cachemgr/metrics/metrics.h"
+#include "cachemgr/peers/peer_directory.h"
 #include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/peer_listener.h"
 #include "cachemgr/service/worker_pool.h"
@@ -79,6 +80,13 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
                                        v1::LoadPrefixResponse* response) override;
   grpc::ServerWriteReactor<v1::Event>* Watch(grpc::CallbackServerContext* ctx,
                                              const v1::WatchRequest* request) override;
+  grpc::ServerUnaryReactor* ListPeers(grpc::CallbackServerContext* ctx,
+                                      const v1::ListPeersRequest* request,
+                                      v1::ListPeersResponse* response) override;
+
+  // What ListPeers reports (null: no peers, FAILED_PRECONDITION). Must outlive the service;
+  // set before serving.
+  void set_peers(const PeerDirectory* peers) { peers_ = peers; }
 
   // Shutdown support. After BeginDrain, new calls are answered UNAVAILABLE at once. WaitIdle
   // blocks until every call that started has completed (its status delivered), or `timeout`;
@@ -130,6 +138,7 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   const std::string version_;
   const absl::Time started_;
 
+  const PeerDirectory* peers_ = nullptr;
   bool admit_in_process_ = false;
   std::atomic<bool> draining_{false};
   absl::Mutex calls_mu_;

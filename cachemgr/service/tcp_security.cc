@@ -78,4 +78,21 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeTcpServerCredential
   return creds;
 }
 
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakePeerChannelCredentials(
+    const TcpSecurityOptions& own, const std::string& peer_ca_file) {
+  if (own.plaintext_loopback) return grpc::experimental::LocalCredentials(LOCAL_TCP);
+  grpc::SslCredentialsOptions ssl;
+  auto ca = ReadPem(peer_ca_file, "--peer_ca_file");
+  if (!ca.ok()) return ca.status();
+  ssl.pem_root_certs = *std::move(ca);
+  // This daemon's certificate is its client certificate: peers under mutual TLS verify it.
+  auto cert = ReadPem(own.cert_file, "--tls_cert_file");
+  if (!cert.ok()) return cert.status();
+  auto key = ReadPem(own.key_file, "--tls_key_file");
+  if (!key.ok()) return key.status();
+  ssl.pem_cert_chain = *std::move(cert);
+  ssl.pem_private_key = *std::move(key);
+  return grpc::SslCredentials(ssl);
+}
+
 }  // namespace cachemgr

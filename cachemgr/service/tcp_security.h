@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "grpcpp/security/auth_metadata_processor.h"
+#include "grpcpp/security/credentials.h"
 #include "grpcpp/security/server_credentials.h"
 
 namespace cachemgr {
@@ -45,5 +46,12 @@ class TcpAuthProcessor final : public grpc::AuthMetadataProcessor {
 // that cannot be read.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeTcpServerCredentials(
     const TcpSecurityOptions& options);
+
+// What this daemon dials its peers with (they run the same TCP security): local credentials
+// when plaintext on loopback; else TLS verifying peers against `peer_ca_file`, presenting this
+// daemon's certificate and key as the client certificate. INVALID_ARGUMENT naming the flag of
+// a PEM file that cannot be read. The bearer token goes in each call's metadata.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakePeerChannelCredentials(
+    const TcpSecurityOptions& own, const std::string& peer_ca_file);
 
 }  // namespace cachemgr

@@ -61,7 +61,9 @@ absl::StatusOr<std::unique_ptr<MappedRegion>> MapHostRegion(UniqueFd fd, uint64_
     return absl::InvalidArgumentError(
         absl::StrCat("shared region is ", st.st_size, " bytes; expected at least ", bytes));
   }
-  void* data = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  // Populated now (the daemon committed the pages): no page fault per 4 KiB on the KV path.
+  void* data =
+      ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get(), 0);
   if (data == MAP_FAILED) {
     const int err = errno;
     if (err == ENOMEM) {

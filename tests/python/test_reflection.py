@@ -26,6 +26,7 @@ METHODS = {
     "StorePrefix": ("StorePrefixRequest", "StorePrefixResponse", False),
     "MatchPrefix": ("MatchPrefixRequest", "MatchPrefixResponse", False),
     "LoadPrefix": ("LoadPrefixRequest", "LoadPrefixResponse", False),
+    "ListPeers": ("ListPeersRequest", "ListPeersResponse", False),
 }
 
 
@@ -33,7 +34,7 @@ def test_reflection_lists_services_and_describes_methods(daemon):
     with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
         services = set(db.get_services())
-        assert {"cachemgr.v1.CacheManager", "grpc.health.v1.Health"} <= services
+        assert {"cachemgr.v1.CacheManager", "cachemgr.v1.Peer", "grpc.health.v1.Health"} <= services
         assert any(s.startswith("grpc.reflection.") for s in services)
 
         pool = DescriptorPool(db)
@@ -41,6 +42,9 @@ def test_reflection_lists_services_and_describes_methods(daemon):
         described = {m.name: (m.input_type.name, m.output_type.name, m.server_streaming)
                      for m in service.methods}
         assert described == METHODS
+        peer = pool.FindServiceByName("cachemgr.v1.Peer")
+        assert {m.name: (m.input_type.name, m.output_type.name) for m in peer.methods} == {
+            "Hello": ("HelloRequest", "HelloResponse")}
         # Message descriptors come along: the request fields callers must fill.
         compress = pool.FindMessageTypeByName("cachemgr.v1.CompressRequest")
         assert {"session_token", "sequence_id", "policy", "reserve_ratio", "byte_ratio",

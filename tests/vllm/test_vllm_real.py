@@ -155,6 +155,70 @@ def test_connector_conforms_to_the_installed_base_class():
     assert checked >= 15  # the abstract methods and the optional ones the connector uses
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["head_halves_k_transposed", "split_last_dim"])
+def test_whole_block_copies_into_the_pool_equal_the_row_path(daemon, dtype, layout):
+    """The worker's save path for whole blocks of a torch cache (one strided copy per block,
+    straight into the pool) writes the bits the gather-then-write path writes, also when
+    vLLM's kernel blocks are smaller than its blocks; partial blocks take the row path."""
+    import numpy as np
+    import torch
+    from cachemgr.integrations import vllm as connector_module
+
+    block, kernel_block, heads, dim, layers = 16, 8, 2, 8, 2
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    from types import SimpleNamespace
+    # The installed base class needs a kv_transfer_config; no forward context: the layout is
+    # the one named.
+    vllm_config = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_load_failure_policy="recompute"),
+        compilation_config=SimpleNamespace(static_forward_context={}))
+    worker = connector_module.CacheManagerConnector(
+        vllm_config, role=connector_module.KVConnectorRole.WORKER,
+        config=dict(socket=daemon.socket, num_layers=layers, num_q_heads=4, num_kv_heads=heads,
+                    head_dim=dim, block_size=block, dtype=dtype, num_blocks=32, layout=layout,
+                    model_name=f"copy-{dtype}-{layout}", prefix_store=True))
+    generator = torch.Generator().manual_seed(7)
+    caches = {f"model.layers.{i}.self_attn.attn":
+              torch.randn((12, heads, kernel_block, 2 * dim), generator=generator).to(torch_dtype)
+              for i in range(layers)}
+    worker.register_kv_caches(caches)
+    s = worker._usable_session()
+    assert s is not None
+    vllm_blocks = [5, 2, 4]  # kernel blocks 10-11, 4-5, 8-9
+    copied_id, rows_id, partial_id = (f"{name}-{dtype}-{layout}"
+                                      for name in ("copied", "rows", "partial"))
+    t = connector_module._Transfer(copied_id, vllm_blocks, block, 2 * block)  # vLLM blocks 1-2
+    copied = s.allocate(copied_id, 2 * block)
+    rows = s.allocate(rows_id, 2 * block)
+    partial = connector_module._Transfer(partial_id, vllm_blocks, 3, 2 * block - 5)
+    partial_alloc = s.allocate(partial_id, 2 * block - 5)
+    for layer in range(layers):
+        slots = copied.layers[layer].slot_mapping
+        assert worker._copy_blocks_to_pool(s.pool, layer, t, slots)
+        k, v = worker._vllm_rows(layer, t)
+        s.pool.write(layer, rows.layers[layer].slot_mapping, k, v)
+        assert not worker._copy_blocks_to_pool(
+            s.pool, layer, partial, partial_alloc.layers[layer].slot_mapping)
+        worker._write_to_pool(s.pool, layer, partial, partial_alloc.layers[layer].slot_mapping)
+    digests = {name: [l.kv_digest for l in s.get_sequence(name, include_kv_digest=True).layers]
+               for name in (copied_id, rows_id)}
+    assert digests[copied_id] == digests[rows_id]
+    info = s.get_sequence(partial_id)
+    for layer in range(layers):  # the partial rows are the tokens 3.. of the request
+        k, v = worker._vllm_rows(layer, partial)
+        rk, rv = s.pool.read(layer, info.layers[layer].block_ids, 2 * block - 5)
+        np.testing.assert_array_equal(rk, k)
+        np.testing.assert_array_equal(rv, v)
+    k_view, _ = worker._layout.views(caches["model.layers.1.self_attn.attn"], dim)
+    row = k_view[4, 1, 3].clone()  # the first block copied: vLLM block 2 = kernel blocks 4-5
+    rk, _ = s.pool.read(1, s.get_sequence(copied_id).layers[1].block_ids, 2 * block)
+    if torch_dtype == torch.bfloat16:
+        row = row.view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(rk[3, 1], np.asarray(row))
+    worker.shutdown()
+
+
 def test_greedy_outputs_are_identical_with_the_connector(daemon, reference):
     report = run_engine({"texts": TEXTS, "max_tokens": MAX_TOKENS,
                          "connector": connector_config(daemon),

@@ -30,6 +30,7 @@ int RunSequences(const std::vector<std::string>& args);  // every client's seque
 int RunSequence(const std::vector<std::string>& args);   // one sequence's layers
 int RunWatch(const std::vector<std::string>& args);      // the event stream, live
 int RunFree(const std::vector<std::string>& args);       // frees any client's sequence
+int RunPeers(const std::vector<std::string>& args);      // the daemon's peers (operator)
 // `cachemgrctl compress --sequence=ID`: an operator Compress in the daemon (no inputs).
 int RunDaemonCompress(const std::vector<std::string>& args);
 

@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "tools/cachemgrctl/commands.h"
 #include "tools/cachemgrctl/daemon_client.h"
@@ -195,6 +196,35 @@ int RunClients(const std::vector<std::string>& args) {
                   absl::StrFormat("%.1f s", c.lease_remaining_ms() / 1000.0)});
   }
   return Print(table.Render());
+}
+
+int RunPeers(const std::vector<std::string>& args) {
+  constexpr char kCommand[] = "peers";
+  PARSE_OR_RETURN(parsed, args, {}, kCommand);
+  DaemonClient client(parsed->options);
+  v1::ListPeersResponse response;
+  auto ctx = client.Context();
+  if (const grpc::Status status = client.stub().ListPeers(ctx.get(), {}, &response); !status.ok()) {
+    return CallFailed(kCommand, status);
+  }
+  if (parsed->options.json) return Print(ToJson(response));
+  std::string out = absl::StrCat("this daemon: node ", response.node_name(), ", boot id ",
+                                 response.boot_id(), "\n");
+  Table table({"PEER", "ENTRY", "STATE", "NODE", "VERSION", "RTT", "LAST_SEEN", "PROBES_OK",
+               "FAILED", "LAST_ERROR"});
+  const int64_t now_ms = absl::ToUnixMillis(absl::Now());
+  for (const v1::PeerInfo& p : response.peers()) {
+    absl::string_view state = v1::PeerState_Name(p.state());
+    absl::ConsumePrefix(&state, "PEER_STATE_");
+    table.AddRow({p.address(), p.source(), absl::AsciiStrToLower(state), p.node_name(), p.version(),
+                  p.last_seen_unix_ms() == 0 ? "-" : absl::StrFormat("%.2f ms", p.rtt_ms()),
+                  p.last_seen_unix_ms() == 0
+                      ? "never"
+                      : absl::StrFormat("%.1f s ago", (now_ms - p.last_seen_unix_ms()) / 1000.0),
+                  absl::StrCat(p.probes_ok()), absl::StrCat(p.probes_failed()), p.last_error()});
+  }
+  return Print(out +
+               (response.peers().empty() ? std::string("no peers (--peers)\n") : table.Render()));
 }
 
 int RunSequences(const std::vector<std::string>& args) {

@@ -34,8 +34,9 @@ int main(int argc, char** argv) {
   if (command == "sequence") return RunSequence(args);
   if (command == "watch") return RunWatch(args);
   if (command == "free") return RunFree(args);
+  if (command == "peers") return RunPeers(args);
   return ReportError(command,
                      "unknown command (known: health, stats, clients, sequences, sequence, watch, "
-                     "free, compress, codebook, help)",
+                     "free, peers, compress, codebook, help)",
                      kExitUsage);
 }

@@ -21,6 +21,7 @@ Commands on a running cachemgrd:
   sequence   one sequence's per-layer block tables and compression state
   watch      the event stream, live
   free       free any client's sequence
+  peers      the daemon's peers (--peers) and what its probes last saw of each
   compress --sequence=ID   compress a sequence in the daemon by hand
 Offline (no daemon):
   compress   run a compression policy on KV tensors in .npy files
@@ -36,7 +37,7 @@ Daemon commands share these flags:
   --tls_cert_file=FILE --tls_key_file=FILE   this client's certificate for mutual TLS
   --operator_token_file=FILE   the operator credential (default: SOCKET.operator when
                        readable). Without it, stats/clients/sequences show only this user's
-                       clients and sequences, and free, compress and watch are refused
+                       clients and sequences, and free, compress, watch and peers are refused
   --timeout=SECONDS    per-call deadline (default 10)
   --json               proto3 JSON (field names as in proto/cachemgr/v1/cachemgr.proto)
                        instead of tables; watch prints one JSON object per line

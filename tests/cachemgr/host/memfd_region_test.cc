@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace cachemgr {
 namespace {
@@ -43,6 +44,32 @@ TEST_CASE("Create gives a zero-filled, writable region of the requested size", "
   const std::string proc = "/proc/self/fd/" + std::to_string(region->fd());
   REQUIRE(::readlink(proc.c_str(), link, sizeof(link) - 1) > 0);
   CHECK(std::string(link).find("cachemgr-test-pool") != std::string::npos);
+}
+
+TEST_CASE("Create commits the memory and maps it populated; Map populates too", "[cpu]") {
+  constexpr size_t kPages = 256;
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  auto region = MemfdRegion::Create("committed", kPages * page);
+  REQUIRE(region.ok());
+  // The file's pages exist (fallocate), before anyone touched them...
+  struct stat st = {};
+  REQUIRE(::fstat(region->fd(), &st) == 0);
+  CHECK(static_cast<uint64_t>(st.st_blocks) * 512 >= kPages * page);
+  // ...and both mappings have every page resident without a fault (MAP_POPULATE).
+  auto other = MemfdRegion::Map(Dup(region->fd()), kPages * page);
+  REQUIRE(other.ok());
+  for (const MemfdRegion* r : {&*region, &*other}) {
+    std::vector<unsigned char> resident(kPages);
+    REQUIRE(::mincore(r->data(), kPages * page, resident.data()) == 0);
+    CHECK(std::all_of(resident.begin(), resident.end(), [](unsigned char v) { return v & 1; }));
+  }
+}
+
+TEST_CASE("Create refuses more than the memory available instead of taking it all", "[cpu]") {
+  // shmem's fallocate would allocate until the OOM killer stepped in.
+  auto huge = MemfdRegion::Create("huge", size_t{1} << 50);
+  REQUIRE(huge.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK_THAT(std::string(huge.status().message()), Catch::Contains("MemAvailable"));
 }
 
 TEST_CASE("Create rejects zero bytes", "[cpu]") {

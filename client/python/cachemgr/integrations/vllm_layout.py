@@ -54,6 +54,19 @@ class Layout:
             out.append(rows.reshape(n * block_size, heads, dim))
         return out[0], out[1]
 
+    def copy_blocks(self, kv_layer, head_dim: int, block_ids, k_out, v_out) -> None:
+        """Copies whole blocks of a torch kv_layer, in order, into k_out and v_out (torch
+        tensors of [len(block_ids) * block_size, kv_heads, head_dim] rows each, e.g. views of
+        the sidecar's pool): the rows gather_blocks() returns, in one strided copy per block
+        and plane instead of a gather and a second copy."""
+        k, v = self.views(kv_layer, head_dim)
+        _, heads, block_size, dim = k.shape
+        k_out = k_out.view(len(block_ids), block_size, heads, dim)
+        v_out = v_out.view(len(block_ids), block_size, heads, dim)
+        for i, block in enumerate(block_ids):
+            k_out[i].copy_(k[block].transpose(0, 1))
+            v_out[i].copy_(v[block].transpose(0, 1))
+
     def scatter(self, kv_layer, head_dim: int, blocks, offsets, k_rows, v_rows) -> None:
         """Writes [n, kv_heads, head_dim] rows into the slots (blocks[i], offsets[i])."""
         k, v = self.views(kv_layer, head_dim)
