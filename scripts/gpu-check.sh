@@ -8,6 +8,7 @@
 #                                       dynamic loader included, into DIR (default gpu-bundle/)
 #   scripts/gpu-check.sh run [DIR]      on the GPU machine: runs the kernel parity tests, the
 #                                       two-process CUDA IPC test against the real cachemgrd,
+#                                       the NCCL transfers (one GPU, and two when present),
 #                                       the KV mem-pool allocator under the machine's PyTorch
 #                                       (tests/gpu/kv_mem_pool_check.py), the kernel benchmarks
 #                                       and the end-to-end Compress benchmark; logs, bench.json,
@@ -25,7 +26,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-}
 dir=${2:-gpu-bundle}
 tests=(kernels__cuda__kernels_parity_test kernels__cuda__compress_kernels_parity_test
-       gpu__cuda_ipc_test)
+       gpu__cuda_ipc_test gpu__nccl_comm_test)
 
 bundle() {
   scripts/install-deps.sh

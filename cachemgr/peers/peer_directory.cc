@@ -114,9 +114,15 @@ void PeerDirectory::Refresh() {
     absl::StatusOr<std::vector<std::string>> addresses = ResolvePeerSource(source);
     if (!addresses.ok()) {
       unresolved.insert(source.entry);
-      Log(LogLevel::kWarning, "peer entry does not resolve; its peers stay as they were",
-          {{"entry", source.entry}, {"error", addresses.status().ToString()}});
+      if (unresolvable_.insert(source.entry).second) {  // logged once until it resolves again
+        Log(LogLevel::kWarning, "peer entry does not resolve; its peers stay as they were",
+            {{"entry", source.entry}, {"error", addresses.status().ToString()}});
+      }
       continue;
+    }
+    if (unresolvable_.erase(source.entry) != 0) {
+      Log(LogLevel::kInfo, "peer entry resolves again",
+          {{"entry", source.entry}, {"addresses", static_cast<uint64_t>(addresses->size())}});
     }
     for (std::string& address : *addresses) wanted.emplace(std::move(address), source.entry);
   }

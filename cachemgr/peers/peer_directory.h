@@ -9,6 +9,7 @@
 
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -87,6 +88,8 @@ class PeerDirectory {
   mutable absl::Mutex mu_;
   std::map<std::string, Peer> peers_ ABSL_GUARDED_BY(mu_);  // by address
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Entries whose last resolution failed (the prober thread's own: logged on change only).
+  std::set<std::string> unresolvable_;
   std::thread thread_;
 };
 
