@@ -22,8 +22,9 @@ class MemfdRegion {
   // Names longer than 249 bytes are truncated. The memory is committed (fallocate) and the
   // mapping populated (MAP_POPULATE) before Create returns: a pool costs its RAM from creation,
   // as a device pool does, and nobody pays page faults on the KV path.
-  // Errors: INVALID_ARGUMENT for bytes == 0, RESOURCE_EXHAUSTED when the
-  // kernel refuses the memory or `bytes` exceeds the memory available (MemAvailable), INTERNAL for other syscall failures (message carries errno).
+  // Errors: INVALID_ARGUMENT for bytes == 0, RESOURCE_EXHAUSTED when the kernel refuses the
+  // memory or `bytes` exceeds the memory available (MemAvailable), INTERNAL for other syscall
+  // failures (message carries errno).
   static absl::StatusOr<MemfdRegion> Create(const std::string& name, size_t bytes);
 
   // Maps an existing region received from another process. Checks with fstat that the fd is
