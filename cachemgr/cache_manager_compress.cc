@@ -68,6 +68,9 @@ compress::ModelShape ShapeOf(const ModelSpec& m) {
   s.num_kv_heads = m.num_kv_heads;
   s.head_dim = m.head_dim;
   s.elem_bytes = DTypeBytes(m.dtype);
+  s.stored_float = m.dtype == DType::kFp16   ? compress::StoredFloat::kFp16
+                   : m.dtype == DType::kBf16 ? compress::StoredFloat::kBf16
+                                             : compress::StoredFloat::kFloat32;
   switch (m.rope.style) {
     case RopeStyle::kNone:
       s.rope_style = compress::RopeStyle::kNone;

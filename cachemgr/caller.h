@@ -36,6 +36,10 @@ struct Caller {
   std::optional<PeerCredentials> peer;
   // The caller proved operator rights (the operator credential).
   bool operator_credential = false;
+  // A peer daemon delivering a transfer (Peer.ReceiveSequence) to the session its token names:
+  // the token alone names the session, whoever attached it (the peer was authenticated as a
+  // daemon of the cluster, and the token is the receiving client's secret).
+  bool peer_daemon = false;
 
   bool has_session() const { return !session_token.empty(); }
   // Who owns what this caller creates: the peer's uid; nullopt for TCP and in-process callers

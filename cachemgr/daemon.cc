@@ -17,6 +17,7 @@
 #if defined(CACHEMGR_HAVE_CUDA_BACKEND)
 #include "cachemgr/backend/cuda_backend.h"
 #endif
+#include "cachemgr/peers/sequence_sender.h"
 #include "cachemgr/service/peer_service.h"
 #include "cachemgr/service/request_errors.h"
 #include "cachemgr/service/tcp_security.h"
@@ -241,8 +242,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
       d->manager_.get(), &d->events_, config.share_socket_path, d->peer_listener_.get(),
       d->operator_token_.get(), kVersion, config.worker_threads, d->metrics_.get());
   d->service_->set_peers(d->peers_.get());
-  d->peer_service_ =
-      std::make_unique<PeerService>(d->manager_->boot_id(), kVersion, config.node_name);
+  d->peer_service_ = std::make_unique<PeerService>(d->manager_->boot_id(), kVersion,
+                                                   config.node_name, d->manager_.get());
   int metrics_port = 0;
   if (!config.metrics_address.empty()) {
     std::vector<std::weak_ptr<prometheus::Collectable>> collectables = d->metrics_->collectables();
@@ -264,7 +265,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   }
   builder.RegisterService(d->service_.get());
   builder.RegisterService(d->peer_service_.get());
-  builder.SetMaxReceiveMessageSize(16 << 20);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(kMaxPeerMessageBytes));
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(MakeUnparseableRequestInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -423,6 +424,12 @@ void Daemon::Shutdown() {
   if (!idle) Log(LogLevel::kWarning, "grace period over: cancelling calls still in flight");
   // No connection may be handed to a server that is shutting down.
   peer_listener_->Stop();
+  // gRPC's shutdown waits for every call, and a call writing to a client that stopped reading
+  // (a stopped process with a full socket) would wait for that client: its socket is shut down
+  // first, which fails such writes.
+  if (const size_t shut = peer_listener_->ShutdownConnections(); shut > 0) {
+    Log(LogLevel::kInfo, "client connections shut down", {{"connections", shut}});
+  }
   server_->Shutdown(std::chrono::system_clock::now());
   server_->Wait();
   share_server_->Stop();

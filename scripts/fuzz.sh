@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD_DIR=${FUZZ_BUILD_DIR:-build-fuzz}
-ALL_TARGETS=(config npy gguf llama2c_checkpoint llama2c_tokenizer
+ALL_TARGETS=(config npy gguf llama2c_checkpoint llama2c_tokenizer coded_layer_image
              rpc_attach rpc_heartbeat rpc_detach rpc_allocate rpc_free rpc_fork rpc_get_sequence
              rpc_list_sequences rpc_stats rpc_compress rpc_fetch rpc_park rpc_watch
              rpc_store_prefix rpc_match_prefix rpc_load_prefix service_program)
@@ -35,6 +35,7 @@ focus_files() {
                "tools/engine/bpe_tokenizer.cc" ;;
     llama2c_checkpoint) echo "tools/engine/checkpoint.cc" ;;
     llama2c_tokenizer) echo "tools/engine/sentencepiece_tokenizer.cc tools/engine/tokenizer.cc" ;;
+    coded_layer_image) echo "cachemgr/service/coded_layer_wire.cc cachemgr/compress/coded_layer.cc" ;;
     *) echo "cachemgr/service/cachemgr_service.cc cachemgr/service/proto_convert.cc" \
             "cachemgr/cache_manager.cc cachemgr/cache_manager_compress.cc" \
             "cachemgr/cache_manager_prefix.cc cachemgr/prefix_store.cc" ;;

@@ -8,10 +8,29 @@
 #include "cachemgr/compress/accounting.h"
 #include "cachemgr/compress/codebook.h"
 #include "cachemgr/compress/validation.h"
+#include "cachemgr/kernels/elem_convert.h"
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr::compress {
+
+float RoundToStored(float x, StoredFloat stored) {
+  switch (stored) {
+    case StoredFloat::kFloat32:
+      break;
+    case StoredFloat::kFp16:
+      return kernels::F16ToF32(kernels::F32ToF16(x));
+    case StoredFloat::kBf16:
+      return kernels::Bf16ToF32(kernels::F32ToBf16(x));
+  }
+  return x;
+}
+
 namespace {
+
+void RoundAll(std::vector<float>& values, StoredFloat stored) {
+  if (stored == StoredFloat::kFloat32) return;
+  for (float& x : values) x = RoundToStored(x, stored);
+}
 
 // Part boundaries of a result codebook: its offsets, or one part over every entry.
 std::vector<uint32_t> Offsets(const Codebook& codebook, const std::vector<uint32_t>& stored) {
@@ -81,6 +100,7 @@ absl::StatusOr<CodedLayer> CodedLayer::FromResult(const ModelShape& shape,
       if (begin > end) return absl::InvalidArgumentError("result codebook offsets decrease");
       plane->parts[p].entries.assign(codebook->entries.begin() + size_t{begin} * dim,
                                      codebook->entries.begin() + size_t{end} * dim);
+      RoundAll(plane->parts[p].entries, shape.stored_float);
     }
     plane->code.assign(heads, std::vector<uint32_t>(rows));
     plane->magnitude.assign(heads, std::vector<float>(rows));
@@ -95,7 +115,7 @@ absl::StatusOr<CodedLayer> CodedLayer::FromResult(const ModelShape& shape,
                            (*offsets)[p], ", ", (*offsets)[p + 1], ")"));
         }
         plane->code[h][r] = ref - (*offsets)[p];
-        plane->magnitude[h][r] = codebook->magnitudes[v];
+        plane->magnitude[h][r] = RoundToStored(codebook->magnitudes[v], shape.stored_float);
       }
     }
   }
@@ -148,13 +168,15 @@ void CodedLayer::CodeRow(Plane& plane, uint32_t head, uint32_t row, const float*
   const int64_t match = MatchEntry(part.entries, dim, unit, plane.theta);
   if (match >= 0) {
     plane.code[head].push_back(static_cast<uint32_t>(match));
-    plane.magnitude[head].push_back(magnitude);
+    plane.magnitude[head].push_back(RoundToStored(magnitude, shape_.stored_float));
     ++stats.matched;
     return;
   }
   plane.code[head].push_back(Plane::kQueuedBit | static_cast<uint32_t>(part.queue_rows.size()));
   plane.magnitude[head].push_back(0.0f);
-  part.queue.insert(part.queue.end(), raw, raw + dim);
+  for (uint32_t k = 0; k < dim; ++k) {
+    part.queue.push_back(RoundToStored(raw[k], shape_.stored_float));
+  }
   part.queue_rows.emplace_back(head, row);
   ++stats.queued;
 }
@@ -175,11 +197,12 @@ absl::Status CodedLayer::CodeQueue(Plane& plane, uint32_t part_index, bool is_ke
   absl::StatusOr<Codebook> batch = BuildCodebook(vectors, dim, plane.theta);
   if (!batch.ok()) return batch.status();
   const uint32_t base = static_cast<uint32_t>(part.entries.size() / dim);
+  RoundAll(batch->entries, shape_.stored_float);
   part.entries.insert(part.entries.end(), batch->entries.begin(), batch->entries.end());
   for (size_t j = 0; j < part.queue_rows.size(); ++j) {
     const auto [head, row] = part.queue_rows[j];
     plane.code[head][row] = base + batch->refs[j];
-    plane.magnitude[head][row] = batch->magnitudes[j];
+    plane.magnitude[head][row] = RoundToStored(batch->magnitudes[j], shape_.stored_float);
   }
   stats.batch_coded += static_cast<uint32_t>(part.queue_rows.size());
   stats.new_entries += batch->size();
@@ -312,6 +335,129 @@ CodedRows CodedLayer::Flatten() const {
   }
   out.angles = ComputeRopeAngles(rope_, positions);
   return out;
+}
+
+CodedLayerImage CodedLayer::ToImage() const {
+  CodedLayerImage image;
+  image.num_parts = num_parts_;
+  image.append_batch = append_batch_;
+  image.positions = Positions();
+  for (auto [plane, out] : {std::pair{&key_, &image.key}, std::pair{&value_, &image.value}}) {
+    out->theta = plane->theta;
+    for (const Plane::Part& part : plane->parts) {
+      out->entries.push_back(part.entries);
+      out->queues.push_back(part.queue);
+    }
+    for (uint32_t h = 0; h < num_kv_heads(); ++h) {
+      out->codes.insert(out->codes.end(), plane->code[h].begin(), plane->code[h].end());
+      out->magnitudes.insert(out->magnitudes.end(), plane->magnitude[h].begin(),
+                             plane->magnitude[h].end());
+    }
+  }
+  return image;
+}
+
+absl::StatusOr<CodedLayer> CodedLayer::FromImage(const ModelShape& shape, CodedLayerImage image) {
+  RETURN_IF_ERROR(ValidateShape(shape));
+  const uint32_t heads = shape.num_kv_heads;
+  const uint32_t dim = shape.head_dim;
+  if (image.num_parts != 1 && image.num_parts != heads) {
+    return absl::InvalidArgumentError(absl::StrCat("coded.num_parts must be 1 or num_kv_heads (",
+                                                   heads, "), got ", image.num_parts));
+  }
+  if (image.append_batch == 0) {
+    return absl::InvalidArgumentError("coded.append_batch must be at least 1");
+  }
+  if (image.positions.size() % heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("coded.positions holds ", image.positions.size(),
+                                                   " positions, not a multiple of ", heads));
+  }
+  const uint32_t rows = static_cast<uint32_t>(image.positions.size() / heads);
+  CodedLayer layer;
+  layer.shape_ = shape;
+  layer.rope_ = RopeParamsFromShape(shape);
+  layer.num_parts_ = image.num_parts;
+  layer.append_batch_ = image.append_batch;
+  layer.positions_.assign(heads, {});
+  for (uint32_t h = 0; h < heads; ++h) {
+    layer.positions_[h].assign(image.positions.begin() + size_t{h} * rows,
+                               image.positions.begin() + size_t{h + 1} * rows);
+  }
+  auto stored_exactly = [&](const std::vector<float>& values) {
+    for (float x : values) {
+      if (!std::isfinite(x) || RoundToStored(x, shape.stored_float) != x) return false;
+    }
+    return true;
+  };
+  for (auto [in, plane, name] : {std::tuple{&image.key, &layer.key_, "coded.key"},
+                                 std::tuple{&image.value, &layer.value_, "coded.value"}}) {
+    const std::string where = name;  // lambdas may not capture structured bindings (clang 14)
+    auto bad = [&where](const std::string& what) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": ", what));
+    };
+    if (!(in->theta > 0.0f && in->theta <= 1.0f)) return bad("theta must be in (0, 1]");
+    plane->theta = in->theta;
+    if (in->entries.size() != image.num_parts || in->queues.size() != image.num_parts) {
+      return bad(absl::StrCat("entries and queues must hold ", image.num_parts, " parts"));
+    }
+    if (in->codes.size() != size_t{heads} * rows || in->magnitudes.size() != in->codes.size()) {
+      return bad(absl::StrCat("codes and magnitudes must hold ", heads, " x ", rows, " rows"));
+    }
+    plane->parts.resize(image.num_parts);
+    for (uint32_t p = 0; p < image.num_parts; ++p) {
+      Plane::Part& part = plane->parts[p];
+      if (in->entries[p].size() % dim != 0 || in->queues[p].size() % dim != 0) {
+        return bad(absl::StrCat("part ", p, "'s entries or queue are not whole vectors of ", dim));
+      }
+      if (!stored_exactly(in->entries[p]) || !stored_exactly(in->queues[p])) {
+        return bad(absl::StrCat("part ", p, " holds a value its dtype does not store exactly"));
+      }
+      part.entries = std::move(in->entries[p]);
+      part.queue = std::move(in->queues[p]);
+      part.queue_rows.resize(part.queue.size() / dim);
+    }
+    if (!stored_exactly(in->magnitudes)) {
+      return bad("a magnitude is not finite or not stored exactly by the dtype");
+    }
+    plane->code.assign(heads, {});
+    plane->magnitude.assign(heads, {});
+    std::vector<uint32_t> next_queued(image.num_parts, 0);
+    // Queues are ordered by (row, head): walk rows outermost to check each index.
+    for (uint32_t r = 0; r < rows; ++r) {
+      for (uint32_t h = 0; h < heads; ++h) {
+        const size_t v = size_t{h} * rows + r;
+        const uint32_t code = in->codes[v];
+        const uint32_t p = layer.PartOf(h);
+        Plane::Part& part = plane->parts[p];
+        if (code & Plane::kQueuedBit) {
+          const uint32_t q = code & ~Plane::kQueuedBit;
+          if (q != next_queued[p] || q >= part.queue_rows.size()) {
+            return bad(absl::StrCat("row ", r, " of KV head ", h, " has queue index ", q,
+                                    "; the next queued vector of part ", p, " is ", next_queued[p],
+                                    " of ", part.queue_rows.size()));
+          }
+          part.queue_rows[q] = {h, r};
+          ++next_queued[p];
+        } else if (code >= part.entries.size() / dim) {
+          return bad(absl::StrCat("row ", r, " of KV head ", h, " refers to entry ", code, " of ",
+                                  part.entries.size() / dim));
+        }
+      }
+    }
+    for (uint32_t p = 0; p < image.num_parts; ++p) {
+      if (next_queued[p] != plane->parts[p].queue_rows.size()) {
+        return bad(absl::StrCat("part ", p, " queues ", plane->parts[p].queue_rows.size(),
+                                " vectors but ", next_queued[p], " rows refer to them"));
+      }
+    }
+    for (uint32_t h = 0; h < heads; ++h) {
+      plane->code[h].assign(in->codes.begin() + size_t{h} * rows,
+                            in->codes.begin() + size_t{h + 1} * rows);
+      plane->magnitude[h].assign(in->magnitudes.begin() + size_t{h} * rows,
+                                 in->magnitudes.begin() + size_t{h + 1} * rows);
+    }
+  }
+  return layer;
 }
 
 }  // namespace cachemgr::compress

@@ -15,7 +15,9 @@
 // Bytes (the honest accounting of accounting.h, extended by the queue): per plane and part,
 //   entries * head_dim * elem_bytes + coded rows * (ref_bytes(entries) + elem_bytes)
 //   + queued rows * head_dim * elem_bytes.
-// Values are held as float32 in memory; elem_bytes is what the model's dtype would store.
+// Values are held as float32 in memory, each rounded to what the model's dtype stores
+// (ModelShape::stored_float), so the layer holds exactly what its honest bytes count and can
+// travel between daemons in them (ToImage / FromImage).
 //
 // Thread-compatible: const methods may run concurrently; Append needs exclusive access.
 #pragma once
@@ -63,6 +65,26 @@ struct CodedRows {
 void ReconstructCodedRows(const CodedRows& coded, std::vector<float>* keys,
                           std::vector<float>* values);
 
+// A CodedLayer's whole state, as it travels between daemons (CodedLayer::ToImage / FromImage).
+// Per plane: theta; per part its entries [E, head_dim] (K: pre-RoPE unit vectors) and its queue
+// [Q, head_dim] (verbatim, K post-RoPE); per KV head and row (head-major) the row's code, an
+// entry index within the head's part or kQueuedBit | its index in the part's queue, and its
+// magnitude (0 for a queued row). A part's queue holds its queued rows ordered by (row, head).
+struct CodedLayerImage {
+  static constexpr uint32_t kQueuedBit = 0x80000000u;
+  struct Plane {
+    float theta = 1.0f;
+    std::vector<std::vector<float>> entries;  // per part
+    std::vector<std::vector<float>> queues;   // per part
+    std::vector<uint32_t> codes;              // [num_kv_heads, rows]
+    std::vector<float> magnitudes;            // [num_kv_heads, rows]
+  };
+  uint32_t num_parts = 1;
+  uint32_t append_batch = 1;
+  std::vector<uint32_t> positions;  // [num_kv_heads, rows]
+  Plane key, value;
+};
+
 class CodedLayer {
  public:
   // The layer `result` (which must hold codebooks, as CompressSequence leaves a codebook layer)
@@ -98,6 +120,14 @@ class CodedLayer {
 
   // The layer as CodedRows.
   CodedRows Flatten() const;
+
+  // Its whole state; FromImage(shape, ToImage()) is the same layer.
+  CodedLayerImage ToImage() const;
+  // The layer an image describes for a model of `shape`. INVALID_ARGUMENT naming what does not
+  // fit: parts (1 or num_kv_heads), sizes, a code outside its part's entries or queue, a queue
+  // index not in (row, head) order, a non-finite value, a value `shape` does not store exactly,
+  // a theta outside (0, 1], append_batch 0.
+  static absl::StatusOr<CodedLayer> FromImage(const ModelShape& shape, CodedLayerImage image);
 
  private:
   // One of K and V.

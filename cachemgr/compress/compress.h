@@ -23,6 +23,14 @@ class TopKRanker;              // selection.h
 
 enum class RopeStyle : uint8_t { kNone, kInterleaved, kHalfSplit };
 
+// How the model's dtype stores one float. A codebook layer (CodedLayer) rounds every entry,
+// magnitude and queued vector it keeps to it, so that it holds exactly what its honest bytes
+// count (elem_bytes each) and can travel in them. kFloat32 rounds nothing.
+enum class StoredFloat : uint8_t { kFloat32, kFp16, kBf16 };
+
+// `x` as `stored` keeps it (round to nearest even).
+float RoundToStored(float x, StoredFloat stored);
+
 struct ModelShape {
   uint32_t num_layers = 0;
   uint32_t num_q_heads = 0;
@@ -33,6 +41,8 @@ struct ModelShape {
   double rope_theta = 10000.0;
   double rope_scaling = 1.0;  // positions are divided by it
   uint32_t rotary_dim = 0;    // 0 = head_dim
+  // The daemon sets it from the pool's dtype; the library's own callers may keep float32.
+  StoredFloat stored_float = StoredFloat::kFloat32;
 };
 
 // ---- Stages -------------------------------------------------------------------------------

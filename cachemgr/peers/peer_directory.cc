@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "cachemgr/util/log.h"
+#include "cachemgr/util/quote.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -97,6 +98,45 @@ std::vector<PeerSnapshot> PeerDirectory::Snapshot() const {
   return out;
 }
 
+absl::StatusOr<PeerRoute> PeerDirectory::Route(const std::string& peer) const {
+  absl::MutexLock lock(&mu_);
+  const Peer* found = nullptr;
+  if (auto it = peers_.find(peer); it != peers_.end()) {
+    found = &it->second;
+  } else {
+    for (const auto& [address, p] : peers_) {
+      if (p.snapshot.node_name.empty() || p.snapshot.node_name != peer ||
+          p.snapshot.state == PeerState::kSelf) {
+        continue;
+      }
+      if (found != nullptr) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("peer: node name ", QuoteForMessage(peer), " is answered at both ",
+                         found->snapshot.address, " and ", address, "; name the address"));
+      }
+      found = &p;
+    }
+  }
+  if (found == nullptr || found->snapshot.state == PeerState::kSelf) {
+    return absl::NotFoundError(absl::StrCat(
+        "peer: ", QuoteForMessage(peer),
+        " is neither the address nor the node name of a peer of this daemon (cachemgrctl peers)"));
+  }
+  const PeerSnapshot& s = found->snapshot;
+  if (s.state != PeerState::kUp) {
+    return absl::UnavailableError(
+        absl::StrCat("peer ", s.address, " is ", PeerStateName(s.state),
+                     s.last_error.empty() ? "" : absl::StrCat(": ", s.last_error)));
+  }
+  return PeerRoute{s.address, s.boot_id, s.node_name, found->channel};
+}
+
+void PeerDirectory::Authenticate(grpc::ClientContext* context) const {
+  if (!options_.bearer_token.empty()) {
+    context->AddMetadata("authorization", absl::StrCat("Bearer ", options_.bearer_token));
+  }
+}
+
 void PeerDirectory::Run() {
   while (true) {
     Refresh();
@@ -178,9 +218,7 @@ void PeerDirectory::ProbeAll() {
     p->request.set_boot_id(options_.boot_id);
     p->request.set_node_name(options_.node_name);
     p->context.set_deadline(absl::ToChronoTime(absl::Now() + options_.probe_deadline));
-    if (!options_.bearer_token.empty()) {
-      p->context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.bearer_token));
-    }
+    Authenticate(&p->context);
     p->start = absl::Now();
     p->stub->async()->Hello(&p->context, &p->request, &p->response,
                             [p, &done_mu, &pending](grpc::Status status) {

@@ -2,7 +2,7 @@
 // probes every peer address with one Peer.Hello per round, all in flight at once, each within
 // a deadline; it keeps one channel per address and drops the channel (and the peer) once its
 // entry no longer resolves to the address. Snapshot() and the metrics read what the last
-// round saw. Transfers between daemons (docs/MULTINODE.md) will reach peers through channel().
+// round saw. Transfers between daemons (docs/MULTINODE.md) reach peers through Route().
 //
 // Thread-safe. The destructor stops the thread (within one probe deadline).
 #pragma once
@@ -15,10 +15,12 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "cachemgr/peers/peer_address.h"
 #include "grpcpp/channel.h"
+#include "grpcpp/client_context.h"
 #include "grpcpp/security/credentials.h"
 #include "prometheus/collectable.h"
 
@@ -53,6 +55,13 @@ struct PeerDirectoryOptions {
   std::string tls_server_name;
 };
 
+// A peer to call: its address, what its last answer said, and the channel to it.
+struct PeerRoute {
+  std::string address;
+  std::string boot_id, node_name;
+  std::shared_ptr<grpc::Channel> channel;
+};
+
 class PeerDirectory {
  public:
   // Starts probing at once (no thread when there are no sources).
@@ -66,6 +75,14 @@ class PeerDirectory {
 
   // Every known peer address, sorted by address.
   std::vector<PeerSnapshot> Snapshot() const;
+
+  // The peer `peer` names: its address ("host:port") or its node name. NOT_FOUND when no peer
+  // has that address or node name (or two have the node name: FAILED_PRECONDITION), or it is
+  // this daemon; UNAVAILABLE when its last probe failed or it was not probed yet.
+  absl::StatusOr<PeerRoute> Route(const std::string& peer) const;
+
+  // Adds what every call to a peer carries (the cluster's bearer token, if any).
+  void Authenticate(grpc::ClientContext* context) const;
 
   // Prometheus gauges and counters of the peers (docs/OPERATIONS.md), read at scrape time.
   std::shared_ptr<prometheus::Collectable> collectable() const;

@@ -7,8 +7,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "cachemgr/peers/sequence_sender.h"
 #include "cachemgr/service/proto_convert.h"
 #include "cachemgr/util/log.h"
+#include "cachemgr/util/quote.h"
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr {
@@ -504,6 +506,100 @@ grpc::ServerUnaryReactor* CacheManagerService::ListPeers(grpc::CallbackServerCon
     }
     return absl::OkStatus();
   });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::TransferSequence(
+    grpc::CallbackServerContext* ctx, const v1::TransferSequenceRequest* request,
+    v1::TransferSequenceResponse* response) {
+  // The call's own deadline bounds the transfer too, less a margin to answer in (SendSequence
+  // returns within 200 ms of its deadline).
+  const absl::Time call_deadline = absl::FromChrono(ctx->deadline());
+  return UnaryOnWorker(
+      ctx, "TransferSequence", request->session_token(),
+      [this, request, response, call_deadline](const Caller& caller) -> absl::Status {
+        if (!caller.has_session()) {
+          return absl::InvalidArgumentError("session_token must name the session of the sequence");
+        }
+        if (!IsValidIdentifier(request->transfer_id(), kMaxSequenceIdLength)) {
+          return absl::InvalidArgumentError(absl::StrCat("transfer_id must be 1-",
+                                                         kMaxSequenceIdLength,
+                                                         " printable characters without spaces"));
+        }
+        if (request->peer().empty()) return absl::InvalidArgumentError("peer must not be empty");
+        if (request->destination_session_token().empty()) {
+          return absl::InvalidArgumentError("destination_session_token must not be empty");
+        }
+        const std::string destination_id = request->destination_sequence_id().empty()
+                                               ? request->sequence_id()
+                                               : request->destination_sequence_id();
+        if (peers_ == nullptr) return absl::FailedPreconditionError("this daemon has no peer list");
+        // The id is bound to everything the transfer names: a retry must name the same.
+        const std::string fingerprint = absl::StrCat(
+            request->session_token(), "\n", request->sequence_id(), "\n", request->peer(), "\n",
+            request->destination_session_token(), "\n", destination_id, "\n", request->move());
+        v1::TransferSequenceResponse recorded;
+        switch (transfers_.Begin(request->transfer_id(), fingerprint, &recorded)) {
+          case TransferLedger<v1::TransferSequenceResponse>::Claim::kNew:
+            break;
+          case TransferLedger<v1::TransferSequenceResponse>::Claim::kDone:
+            *response = std::move(recorded);
+            response->set_replayed(true);
+            return absl::OkStatus();
+          case TransferLedger<v1::TransferSequenceResponse>::Claim::kInFlight:
+            return absl::AbortedError(absl::StrCat("transfer_id ",
+                                                   QuoteForMessage(request->transfer_id()),
+                                                   " is in flight; retry when it returns"));
+          case TransferLedger<v1::TransferSequenceResponse>::Claim::kConflict:
+            return absl::AlreadyExistsError(absl::StrCat("transfer_id ",
+                                                         QuoteForMessage(request->transfer_id()),
+                                                         " was used for another transfer"));
+        }
+        absl::Status status = [&]() -> absl::Status {
+          ASSIGN_OR_RETURN(PeerRoute route, peers_->Route(request->peer()));
+          ASSIGN_OR_RETURN(SequenceInTransit exported,
+                           manager_->BeginExport(caller, request->sequence_id()));
+          SendOptions options;
+          options.transfer_id = request->transfer_id();
+          options.destination_session_token = request->destination_session_token();
+          options.destination_sequence_id = destination_id;
+          options.sender_boot_id = manager_->boot_id();
+          const absl::Duration timeout = request->timeout_ms() == 0
+                                             ? absl::Seconds(30)
+                                             : absl::Milliseconds(request->timeout_ms());
+          options.deadline =
+              std::min(absl::Now() + timeout, call_deadline - absl::Milliseconds(300));
+          absl::StatusOr<SendResult> sent = SendSequence(
+              route.channel, [this](grpc::ClientContext* c) { peers_->Authenticate(c); }, exported,
+              options);
+          const bool release = sent.ok() && request->move();
+          const uint64_t released = manager_->EndExport(exported, release);
+          if (!sent.ok()) {
+            return absl::Status(sent.status().code(), absl::StrCat("peer ", route.address, ": ",
+                                                                   sent.status().message()));
+          }
+          response->set_destination_sequence_id(sent->destination_sequence_id);
+          response->set_payload_bytes(sent->payload_bytes);
+          response->set_wire_bytes(sent->wire_bytes);
+          response->mutable_layer_digests()->Add(sent->layer_digests.begin(),
+                                                 sent->layer_digests.end());
+          response->set_source_released(release);
+          response->set_replayed(sent->replayed);
+          Log(LogLevel::kInfo, "sequence transferred",
+              {{"transfer_id", request->transfer_id()},
+               {"peer", route.address},
+               {"payload_bytes", static_cast<int64_t>(sent->payload_bytes)},
+               {"moved", request->move() ? 1 : 0},
+               {"blocks_released", static_cast<int64_t>(released)}});
+          return absl::OkStatus();
+        }();
+        if (status.ok()) {
+          v1::TransferSequenceResponse outcome = *response;
+          transfers_.Complete(request->transfer_id(), std::move(outcome));
+        } else {
+          transfers_.Forget(request->transfer_id());
+        }
+        return status;
+      });
 }
 
 grpc::ServerWriteReactor<v1::Event>* CacheManagerService::Watch(grpc::CallbackServerContext* ctx,

@@ -21,6 +21,7 @@
 #include "cachemgr/event_hub.h"
 #include "cachemgr/metrics/metrics.h"
 #include "cachemgr/peers/peer_directory.h"
+#include "cachemgr/peers/transfer_ledger.h"
 #include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/peer_listener.h"
 #include "cachemgr/service/worker_pool.h"
@@ -87,6 +88,10 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   // What ListPeers reports (null: no peers, FAILED_PRECONDITION). Must outlive the service;
   // set before serving.
   void set_peers(const PeerDirectory* peers) { peers_ = peers; }
+  // Sends the caller's sequence to a peer (peers/sequence_sender.h) on a worker; see the proto.
+  grpc::ServerUnaryReactor* TransferSequence(grpc::CallbackServerContext* ctx,
+                                             const v1::TransferSequenceRequest* request,
+                                             v1::TransferSequenceResponse* response) override;
 
   // Shutdown support. After BeginDrain, new calls are answered UNAVAILABLE at once. WaitIdle
   // blocks until every call that started has completed (its status delivered), or `timeout`;
@@ -139,6 +144,7 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   const absl::Time started_;
 
   const PeerDirectory* peers_ = nullptr;
+  TransferLedger<v1::TransferSequenceResponse> transfers_;
   bool admit_in_process_ = false;
   std::atomic<bool> draining_{false};
   absl::Mutex calls_mu_;

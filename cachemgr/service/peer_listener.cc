@@ -217,6 +217,17 @@ void PeerListener::PruneLocked() {
   }
 }
 
+size_t PeerListener::ShutdownConnections() {
+  absl::MutexLock lock(&mu_);
+  size_t shut = 0;
+  for (const auto& [fd, c] : connections_) {
+    struct stat st = {};
+    if (::fstat(fd, &st) != 0 || st.st_dev != c.dev || st.st_ino != c.ino) continue;  // gone
+    if (::shutdown(fd, SHUT_RDWR) == 0) ++shut;
+  }
+  return shut;
+}
+
 std::optional<PeerCredentials> PeerListener::Lookup(absl::string_view grpc_peer) const {
   constexpr absl::string_view kPrefix = "fd:";
   if (grpc_peer.substr(0, kPrefix.size()) != kPrefix) return std::nullopt;

@@ -76,6 +76,12 @@ class PeerListener {
   // Idempotent.
   void Stop();
 
+  // Shuts down (shutdown(2), both directions) every connection handed to gRPC that is still the
+  // socket accepted, so that writes pending on it fail: a peer that stopped reading (a stopped
+  // process whose socket buffer is full) can then no longer hold up gRPC's shutdown, which waits
+  // for every call. For the daemon's exit, after Stop(). Returns how many it shut down.
+  size_t ShutdownConnections();
+
   // The credentials recorded at accept for the connection gRPC calls `grpc_peer` ("fd:N");
   // nullopt for anything else (TCP peers, unknown descriptors). Thread-safe.
   std::optional<PeerCredentials> Lookup(absl::string_view grpc_peer) const;

@@ -4,6 +4,31 @@
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr {
+namespace {
+
+// INVALID_ARGUMENT naming `field` for anything but the three dtypes.
+absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, const char* field) {
+  switch (dtype) {
+    case v1::DTYPE_FP16:
+      return DType::kFp16;
+    case v1::DTYPE_BF16:
+      return DType::kBf16;
+    case v1::DTYPE_FP32:
+      return DType::kFp32;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " must be DTYPE_FP16, DTYPE_BF16 or DTYPE_FP32 (got ",
+                       static_cast<int>(dtype), ")"));
+  }
+}
+
+v1::DType DTypeToProto(DType dtype) {
+  return dtype == DType::kFp16   ? v1::DTYPE_FP16
+         : dtype == DType::kBf16 ? v1::DTYPE_BF16
+                                 : v1::DTYPE_FP32;
+}
+
+}  // namespace
 
 absl::StatusOr<ModelSpec> ModelSpecFromProto(const v1::ModelSpec& p) {
   ModelSpec s;
@@ -13,21 +38,7 @@ absl::StatusOr<ModelSpec> ModelSpecFromProto(const v1::ModelSpec& p) {
   s.num_kv_heads = p.num_kv_heads();
   s.head_dim = p.head_dim();
   s.block_size = p.block_size();
-  switch (p.dtype()) {
-    case v1::DTYPE_FP16:
-      s.dtype = DType::kFp16;
-      break;
-    case v1::DTYPE_BF16:
-      s.dtype = DType::kBf16;
-      break;
-    case v1::DTYPE_FP32:
-      s.dtype = DType::kFp32;
-      break;
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("model.dtype must be DTYPE_FP16, DTYPE_BF16 or DTYPE_FP32 (got ",
-                       static_cast<int>(p.dtype()), ")"));
-  }
+  ASSIGN_OR_RETURN(s.dtype, DTypeFromProto(p.dtype(), "model.dtype"));
   switch (p.layout()) {
     case v1::CACHE_LAYOUT_FLASH_ATTN:
       s.layout = kernels::KvOrder::kFlashAttn;
@@ -69,9 +80,7 @@ void ModelSpecToProto(const ModelSpec& s, v1::ModelSpec* p) {
   p->set_num_kv_heads(s.num_kv_heads);
   p->set_head_dim(s.head_dim);
   p->set_block_size(s.block_size);
-  p->set_dtype(s.dtype == DType::kFp16   ? v1::DTYPE_FP16
-               : s.dtype == DType::kBf16 ? v1::DTYPE_BF16
-                                         : v1::DTYPE_FP32);
+  p->set_dtype(DTypeToProto(s.dtype));
   p->set_layout(s.layout == kernels::KvOrder::kFlashAttn ? v1::CACHE_LAYOUT_FLASH_ATTN
                                                          : v1::CACHE_LAYOUT_FLASHINFER);
   v1::RopeConfig* r = p->mutable_rope();
@@ -453,6 +462,48 @@ void ParkResultToProto(const std::vector<ParkedLayerResult>& layers, v1::ParkRes
     released += in.blocks_released;
   }
   p->set_blocks_released(released);
+}
+
+void SequenceImageHeaderToProto(const SequenceImageHeader& h, v1::SequenceImageHeader* p) {
+  p->set_num_layers(h.num_layers);
+  p->set_num_kv_heads(h.num_kv_heads);
+  p->set_head_dim(h.head_dim);
+  p->set_dtype(DTypeToProto(h.dtype));
+  p->set_num_positions(h.num_positions);
+  for (const SequenceImageLayer& l : h.layers) {
+    v1::SequenceImageLayer* out = p->add_layers();
+    out->set_num_tokens(l.num_tokens);
+    out->set_coded(l.coded);
+    out->set_compressed_rows(l.compressed_rows);
+    out->mutable_compressed_positions()->Add(l.compressed_positions.begin(),
+                                             l.compressed_positions.end());
+  }
+  p->set_compressed(h.compressed);
+  p->set_compression_policy(h.compression_policy);
+  p->set_compressed_tokens(h.compressed_tokens);
+}
+
+absl::StatusOr<SequenceImageHeader> SequenceImageHeaderFromProto(const v1::SequenceImageHeader& p) {
+  SequenceImageHeader h;
+  h.num_layers = p.num_layers();
+  h.num_kv_heads = p.num_kv_heads();
+  h.head_dim = p.head_dim();
+  ASSIGN_OR_RETURN(h.dtype, DTypeFromProto(p.dtype(), "header.dtype"));
+  h.num_positions = p.num_positions();
+  h.layers.reserve(p.layers_size());
+  for (const v1::SequenceImageLayer& l : p.layers()) {
+    h.layers.push_back({l.num_tokens(),
+                        l.coded(),
+                        l.compressed_rows(),
+                        {l.compressed_positions().begin(), l.compressed_positions().end()}});
+  }
+  h.compressed = p.compressed();
+  if (p.compression_policy().size() > 64) {
+    return absl::InvalidArgumentError("header.compression_policy must be at most 64 bytes");
+  }
+  h.compression_policy = p.compression_policy();
+  h.compressed_tokens = p.compressed_tokens();
+  return h;
 }
 
 }  // namespace cachemgr

@@ -25,6 +25,12 @@ v1::EventType EventTypeToProto(EventType type);
 absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest& request);
 void CompressResultToProto(const CompressResult& result, v1::CompressResponse* proto);
 void FetchResultToProto(const std::vector<FetchedLayerResult>& layers, v1::FetchResponse* proto);
+// A transfer's header (the transfer's own fields, transfer_id and destination, are the
+// caller's). FromProto: INVALID_ARGUMENT naming header.* for an unknown dtype; the shape is
+// checked against the receiving pool by CacheManager::BeginImport.
+void SequenceImageHeaderToProto(const SequenceImageHeader& header, v1::SequenceImageHeader* proto);
+absl::StatusOr<SequenceImageHeader> SequenceImageHeaderFromProto(
+    const v1::SequenceImageHeader& proto);
 void ParkResultToProto(const std::vector<ParkedLayerResult>& layers, v1::ParkResponse* proto);
 
 }  // namespace cachemgr

@@ -277,6 +277,8 @@ SequenceInfo FromProto(const pb::SequenceInfo& in) {
     table.num_tokens = layer.num_tokens();
     table.block_ids.assign(layer.block_ids().begin(), layer.block_ids().end());
     table.kv_digest = layer.kv_digest();
+    table.codebook = layer.codebook();
+    table.parked = layer.parked();
     out.layers.push_back(std::move(table));
   }
   out.compressed = in.compressed();
@@ -1091,6 +1093,7 @@ absl::StatusOr<uint64_t> Session::Reattach() { return impl_->Reattach(); }
 const std::string& Session::boot_id() const { return impl_->gen().boot_id; }
 
 const std::string& Session::client_id() const { return impl_->gen().client_id; }
+const std::string& Session::session_token() const { return impl_->gen().session_token; }
 const ModelSpec& Session::model() const { return impl_->gen().model; }
 const std::string& Session::pool_id() const { return impl_->gen().pool_id; }
 uint32_t Session::num_blocks() const { return impl_->gen().num_blocks; }
@@ -1149,6 +1152,34 @@ absl::StatusOr<SequenceInfo> Session::Fork(std::string_view parent_sequence_id,
         return stub.Fork(context, request, &response);
       }));
   return FromProto(response.child());
+}
+
+absl::StatusOr<TransferResult> Session::TransferSequence(const TransferOptions& options) {
+  pb::TransferSequenceRequest request;
+  request.set_sequence_id(options.sequence_id);
+  request.set_peer(options.peer);
+  request.set_destination_session_token(options.destination_session_token);
+  request.set_destination_sequence_id(options.destination_sequence_id);
+  request.set_transfer_id(options.transfer_id);
+  request.set_move(options.move);
+  request.set_timeout_ms(options.timeout_ms);
+  pb::TransferSequenceResponse response;
+  const auto deadline =
+      std::chrono::milliseconds(options.timeout_ms == 0 ? 30000 : options.timeout_ms) +
+      kCallDeadline;
+  RETURN_IF_ERROR(impl_->Call(
+      deadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+        request.set_session_token(token);
+        return stub.TransferSequence(context, request, &response);
+      }));
+  TransferResult out;
+  out.destination_sequence_id = response.destination_sequence_id();
+  out.payload_bytes = response.payload_bytes();
+  out.wire_bytes = response.wire_bytes();
+  out.layer_digests.assign(response.layer_digests().begin(), response.layer_digests().end());
+  out.source_released = response.source_released();
+  out.replayed = response.replayed();
+  return out;
 }
 
 absl::StatusOr<SequenceInfo> Session::GetSequence(std::string_view sequence_id,

@@ -27,6 +27,7 @@ METHODS = {
     "MatchPrefix": ("MatchPrefixRequest", "MatchPrefixResponse", False),
     "LoadPrefix": ("LoadPrefixRequest", "LoadPrefixResponse", False),
     "ListPeers": ("ListPeersRequest", "ListPeersResponse", False),
+    "TransferSequence": ("TransferSequenceRequest", "TransferSequenceResponse", False),
 }
 
 
@@ -43,8 +44,10 @@ def test_reflection_lists_services_and_describes_methods(daemon):
                      for m in service.methods}
         assert described == METHODS
         peer = pool.FindServiceByName("cachemgr.v1.Peer")
-        assert {m.name: (m.input_type.name, m.output_type.name) for m in peer.methods} == {
-            "Hello": ("HelloRequest", "HelloResponse")}
+        assert {m.name: (m.input_type.name, m.output_type.name, m.client_streaming)
+                for m in peer.methods} == {
+            "Hello": ("HelloRequest", "HelloResponse", False),
+            "ReceiveSequence": ("SequenceChunk", "ReceiveSequenceResponse", True)}
         # Message descriptors come along: the request fields callers must fill.
         compress = pool.FindMessageTypeByName("cachemgr.v1.CompressRequest")
         assert {"session_token", "sequence_id", "policy", "reserve_ratio", "byte_ratio",

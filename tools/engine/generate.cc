@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/util/status_macros.h"
@@ -70,7 +71,66 @@ absl::StatusOr<std::vector<float>> BuildSequence(LlamaEngine& engine, SidecarCac
   return logits;
 }
 
+// The decoding loop from `next`, the token the prompt's last logits chose: emits tokens until a
+// stop token or options.steps, feeding each one back through `forward` (which returns the
+// logits after it).
+absl::Status DecodeLoop(
+    const Tokenizer& tokenizer, uint32_t vocab, uint32_t previous, uint32_t next,
+    const GenerateOptions& options,
+    const std::function<absl::StatusOr<std::vector<float>>(uint32_t token)>& forward,
+    GenerateResult* out) {
+  for (uint32_t step = 0; step < options.steps; ++step) {
+    if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), next) !=
+        options.stop_tokens.end()) {
+      break;
+    }
+    out->tokens.push_back(next);
+    out->text += tokenizer.Decode(previous, next);
+    previous = next;
+    if (options.on_step) options.on_step(step);
+    if (step + 1 == options.steps) break;
+    ASSIGN_OR_RETURN(std::vector<float> logits, forward(next));
+    next = Argmax(logits.data(), vocab);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::StatusOr<PrefillResult> PrefillGreedy(LlamaEngine& engine, SidecarCache& cache,
+                                            const std::string& seq,
+                                            const std::vector<uint32_t>& prompt,
+                                            const GenerateOptions& options) {
+  if (prompt.empty()) return absl::InvalidArgumentError("the prompt must not be empty");
+  if (cache.has(seq)) {
+    return absl::AlreadyExistsError(absl::StrCat("sequence \"", seq, "\" already exists"));
+  }
+  GenerateResult scratch;
+  ASSIGN_OR_RETURN(std::vector<float> logits,
+                   BuildSequence(engine, cache, seq, prompt, {}, options, &scratch));
+  PrefillResult out;
+  out.first_token = Argmax(logits.data(), engine.config().vocab_size);
+  out.compressed = std::move(scratch.compressed);
+  return out;
+}
+
+absl::StatusOr<GenerateResult> DecodeGreedy(LlamaEngine& engine, SidecarCache& cache,
+                                            const Tokenizer& tokenizer, const std::string& seq,
+                                            uint32_t last_prompt_token, uint32_t first_token,
+                                            const GenerateOptions& options) {
+  if (!cache.has(seq)) {
+    return absl::NotFoundError(absl::StrCat("sequence \"", seq, "\" is not in the sidecar"));
+  }
+  GenerateResult out;
+  RETURN_IF_ERROR(DecodeLoop(
+      tokenizer, engine.config().vocab_size, last_prompt_token, first_token, options,
+      [&](uint32_t token) -> absl::StatusOr<std::vector<float>> {
+        ASSIGN_OR_RETURN(ForwardResult r, engine.Forward(seq, {&token, 1}));
+        return std::move(r.logits);
+      },
+      &out));
+  return out;
+}
 
 absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache& cache,
                                               const Tokenizer& tokenizer, const std::string& seq,
@@ -96,25 +156,14 @@ absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache&
   ASSIGN_OR_RETURN(std::vector<float> logits,
                    with_recovery(BuildSequence(engine, cache, seq, prompt, {}, options, &out)));
   const uint32_t vocab = engine.config().vocab_size;
-  uint32_t previous = prompt.back();
-  uint32_t next = Argmax(logits.data(), vocab);
-  for (uint32_t step = 0; step < options.steps; ++step) {
-    if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), next) !=
-        options.stop_tokens.end()) {
-      break;
-    }
-    out.tokens.push_back(next);
-    out.text += tokenizer.Decode(previous, next);
-    previous = next;
-    if (options.on_step) options.on_step(step);
-    if (step + 1 == options.steps) break;
-    const uint32_t token = next;
-    absl::StatusOr<ForwardResult> r = engine.Forward(seq, {&token, 1});
-    ASSIGN_OR_RETURN(logits,
-                     with_recovery(r.ok() ? absl::StatusOr<std::vector<float>>(std::move(r->logits))
-                                          : r.status()));
-    next = Argmax(logits.data(), vocab);
-  }
+  RETURN_IF_ERROR(DecodeLoop(
+      tokenizer, vocab, prompt.back(), Argmax(logits.data(), vocab), options,
+      [&](uint32_t token) -> absl::StatusOr<std::vector<float>> {
+        absl::StatusOr<ForwardResult> r = engine.Forward(seq, {&token, 1});
+        return with_recovery(r.ok() ? absl::StatusOr<std::vector<float>>(std::move(r->logits))
+                                    : r.status());
+      },
+      &out));
   return out;
 }
 

@@ -47,6 +47,26 @@ absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache&
                                               const std::vector<uint32_t>& prompt,
                                               const GenerateOptions& options);
 
+// Prefill/decode disaggregation (docs/MULTINODE.md): PrefillGreedy prefills `prompt` into `seq`
+// (compressing it as options.compress says) and picks the first token from the prompt's last
+// logits; DecodeGreedy goes on from a sequence holding a prompt's KV, prefilled elsewhere and
+// transferred into this sidecar, given the prompt's last token and the first token the prefill
+// picked. Together they generate exactly what GenerateGreedy does in one process. Neither
+// recovers from a sidecar failure (the KV came from elsewhere): the caller retries.
+struct PrefillResult {
+  uint32_t first_token = 0;
+  std::optional<client::CompressResult> compressed;
+};
+absl::StatusOr<PrefillResult> PrefillGreedy(LlamaEngine& engine, SidecarCache& cache,
+                                            const std::string& seq,
+                                            const std::vector<uint32_t>& prompt,
+                                            const GenerateOptions& options);
+// `seq` must be in `cache` (SidecarCache::Adopt). options.steps counts first_token.
+absl::StatusOr<GenerateResult> DecodeGreedy(LlamaEngine& engine, SidecarCache& cache,
+                                            const Tokenizer& tokenizer, const std::string& seq,
+                                            uint32_t last_prompt_token, uint32_t first_token,
+                                            const GenerateOptions& options);
+
 // Compresses `seq`, a prompt just prefilled with `prefill` (its window queries or attention
 // sums, as options.input says), then fetches its codebook layers so decoding can go on.
 absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,

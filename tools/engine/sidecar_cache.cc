@@ -151,6 +151,8 @@ absl::StatusOr<std::vector<client::ParkedLayer>> SidecarCache::Park(const std::s
   return r;
 }
 
+absl::Status SidecarCache::Adopt(const std::string& seq) { return Fetch(seq).status(); }
+
 absl::Status SidecarCache::Recover(const absl::Status& why, absl::Duration timeout) {
   client::Session& s = *session_;
   const absl::StatusCode code = why.code();

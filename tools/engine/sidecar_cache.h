@@ -71,6 +71,9 @@ class SidecarCache {
                                                   const client::CompressOptions& options);
   absl::StatusOr<std::vector<client::FetchedLayer>> Fetch(const std::string& seq);
   absl::StatusOr<std::vector<client::ParkedLayer>> Park(const std::string& seq);
+  // A sequence that arrived in this session from another daemon (TransferSequence): makes its
+  // codebook layers resident (Fetch) and mirrors its tables; it then decodes like any other.
+  absl::Status Adopt(const std::string& seq);
 
   // Bytes of blocks the sequence references now (whole blocks, K and V, every layer).
   uint64_t ResidentBytes(const std::string& seq) const;

@@ -87,7 +87,9 @@ def sequence_from_proto(s: pb.SequenceInfo) -> SequenceInfo:
     return SequenceInfo(
         sequence_id=s.sequence_id, owner_client_id=s.owner_client_id,
         num_positions=s.num_positions,
-        layers=[LayerBlockTable(l.layer, l.num_tokens, list(l.block_ids), l.kv_digest)
+        layers=[LayerBlockTable(l.layer, l.num_tokens, list(l.block_ids), l.kv_digest,
+                                l.codebook, l.parked, l.key_codebook_size,
+                                l.value_codebook_size, l.arena_bytes)
                 for l in s.layers],
         parent_sequence_id=s.parent_sequence_id, compressed=s.compressed,
         compression_policy=s.compression_policy, kept_per_layer=list(s.kept_per_layer),

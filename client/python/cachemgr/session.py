@@ -44,7 +44,7 @@ from .pool import HostPool, check_layer_places
 from .share_channel import fetch_shared_fds
 from .types import (Allocation, CompressResult, FetchedLayer, LoadedPrefix, ModelSpec,
                     ParkedLayer, Policy, PrefixCodebook, SequenceInfo, SequenceSummary, Stats,
-                    StoredPrefix)
+                    StoredPrefix, TransferResult)
 from .v1 import cachemgr_pb2 as pb
 from .v1 import cachemgr_pb2_grpc as pb_grpc
 
@@ -721,6 +721,27 @@ class Session:
         return convert.sequence_from_proto(self._session_call("Fork", lambda t: pb.ForkRequest(
             session_token=t, parent_sequence_id=parent_sequence_id,
             child_sequence_id=child_sequence_id)).child)
+
+    @property
+    def session_token(self) -> str:
+        """The session's secret token. Hand it only to whoever may put sequences into this
+        session: a scheduler that asks a peer daemon to transfer one here."""
+        return self._current.token
+
+    def transfer_sequence(self, sequence_id: str, peer: str, destination_session_token: str,
+                          transfer_id: str, destination_sequence_id: str = "",
+                          move: bool = False, timeout_ms: int = 0) -> TransferResult:
+        """Copies (or with `move`, moves) this session's sequence to the daemon `peer` (an address
+        or node name from `cachemgrctl peers`), into the session of destination_session_token
+        there. A retry with the same transfer_id is answered from the first attempt."""
+        timeout = (timeout_ms or 30000) / 1000.0 + CALL_TIMEOUT
+        r = self._session_call("TransferSequence", lambda t: pb.TransferSequenceRequest(
+            session_token=t, sequence_id=sequence_id, peer=peer,
+            destination_session_token=destination_session_token,
+            destination_sequence_id=destination_sequence_id, transfer_id=transfer_id, move=move,
+            timeout_ms=timeout_ms), timeout=timeout)
+        return TransferResult(r.destination_sequence_id, r.payload_bytes, r.wire_bytes,
+                              list(r.layer_digests), r.source_released, r.replayed)
 
     def get_sequence(self, sequence_id: str, include_kv_digest: bool = False) -> SequenceInfo:
         return convert.sequence_from_proto(self._session_call(

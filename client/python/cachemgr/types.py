@@ -65,6 +65,13 @@ class LayerBlockTable:
     num_tokens: int
     block_ids: List[int]
     kv_digest: int = 0
+    # Compression state: held as a codebook in the daemon's arena, parked (no blocks until
+    # fetch), the codebooks' sizes and the arena's honest bytes.
+    codebook: bool = False
+    parked: bool = False
+    key_codebook_size: int = 0
+    value_codebook_size: int = 0
+    arena_bytes: int = 0
 
 
 @dataclass
@@ -240,3 +247,14 @@ class Policy:
     codebook_scope: Optional[str] = None  # "layer", "kv_head"
     codebook_only_if_smaller: Optional[bool] = None
     append_batch: Optional[int] = None
+
+
+@dataclass
+class TransferResult:
+    """What Session.transfer_sequence did (docs/MULTINODE.md)."""
+    destination_sequence_id: str
+    payload_bytes: int  # row bytes sent: K and V of every row, in the pool's dtype
+    wire_bytes: int  # serialized bytes of the stream's messages
+    layer_digests: List[int]  # XXH3-64 per layer, equal on both sides
+    source_released: bool  # a move freed the source
+    replayed: bool  # the transfer_id had completed before: nothing was sent again

@@ -2,9 +2,12 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <random>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "cachemgr/compress/accounting.h"
 #include "cachemgr/compress/rope.h"
 #include "tests/cachemgr/compress/test_sequence.h"
@@ -217,6 +220,115 @@ TEST_CASE("bad appends change nothing", "[cpu]") {
   CHECK(coded->bytes() == bytes);
   REQUIRE(coded->Append(row, row, {40}).ok());
   CHECK(coded->rows() == rows + 1);
+}
+
+}  // namespace
+}  // namespace cachemgr::compress
+
+namespace cachemgr::compress {
+namespace {
+
+// A coded layer with coded rows, matched appends and queued vectors, of `stored` floats.
+CodedLayer QueuedLayer(CodebookScope scope, StoredFloat stored) {
+  ModelShape shape = Shape(1, 2, 2, 16);
+  shape.stored_float = stored;
+  const Sequence s = MakeSequence(shape, 64, 8, 32, /*clusters=*/3);
+  const PolicyConfig policy = Spindle(scope, /*batch=*/100);
+  auto result = CompressSequence(shape, policy, s.input, {TargetKind::kReserveRatio, 0.5});
+  REQUIRE(result.ok());
+  auto coded = CodedLayer::FromResult(shape, policy, result->layers[0], s.input.positions);
+  REQUIRE(coded.ok());
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal;
+  std::vector<float> keys(5 * 2 * 16), values(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    keys[i] = normal(rng);
+    values[i] = normal(rng);
+  }
+  for (uint32_t i = 0; i < 32; ++i) values[i] = 2.0f * s.values[0][i];  // row 64's V matches
+  if (stored != StoredFloat::kFloat32) {  // the engine stores rows in the pool's dtype
+    for (float& x : keys) x = RoundToStored(x, stored);
+    for (float& x : values) x = RoundToStored(x, stored);
+  }
+  REQUIRE(coded->Append(keys, values, {64, 65, 66, 67, 68}).ok());
+  REQUIRE(coded->queued() > 0);
+  return *std::move(coded);
+}
+
+TEST_CASE("a coded layer's image rebuilds the same layer", "[cpu]") {
+  const auto scope = GENERATE(CodebookScope::kLayer, CodebookScope::kKvHead);
+  const auto stored = GENERATE(StoredFloat::kFloat32, StoredFloat::kBf16, StoredFloat::kFp16);
+  const CodedLayer layer = QueuedLayer(scope, stored);
+  ModelShape shape = Shape(1, 2, 2, 16);
+  shape.stored_float = stored;
+  const CodedLayerImage image = layer.ToImage();
+  // Everything it holds is stored exactly by the dtype.
+  for (const auto* plane : {&image.key, &image.value}) {
+    for (const auto& part : plane->entries) {
+      for (float x : part) CHECK(RoundToStored(x, stored) == x);
+    }
+    for (float x : plane->magnitudes) CHECK(RoundToStored(x, stored) == x);
+  }
+  auto rebuilt = CodedLayer::FromImage(shape, image);
+  REQUIRE(rebuilt.ok());
+  CHECK(rebuilt->rows() == layer.rows());
+  CHECK(rebuilt->bytes() == layer.bytes());
+  CHECK(rebuilt->queued() == layer.queued());
+  CHECK(rebuilt->Positions() == layer.Positions());
+  std::vector<float> k0, v0, k1, v1;
+  layer.Reconstruct(&k0, &v0);
+  rebuilt->Reconstruct(&k1, &v1);
+  CHECK(k0 == k1);
+  CHECK(v0 == v1);
+  // And it goes on the same way: the same append codes the same (the queues fill a batch).
+  CodedLayer a = layer;
+  std::vector<float> more(2 * 2 * 16, 0.5f);
+  auto sa = a.Append(more, more, {70, 71});
+  auto sb = rebuilt->Append(more, more, {70, 71});
+  REQUIRE(sa.ok());
+  REQUIRE(sb.ok());
+  CHECK(sa->matched == sb->matched);
+  CHECK(a.ToImage().key.codes == rebuilt->ToImage().key.codes);
+}
+
+TEST_CASE("FromImage refuses an image that does not describe a layer", "[cpu]") {
+  const CodedLayer layer = QueuedLayer(CodebookScope::kLayer, StoredFloat::kBf16);
+  ModelShape shape = Shape(1, 2, 2, 16);
+  shape.stored_float = StoredFloat::kBf16;
+  const CodedLayerImage good = layer.ToImage();
+  REQUIRE(CodedLayer::FromImage(shape, good).ok());
+  auto refused = [&](const std::function<void(CodedLayerImage&)>& spoil, const char* words) {
+    CodedLayerImage image = good;
+    spoil(image);
+    auto r = CodedLayer::FromImage(shape, image);
+    INFO(words << ": " << r.status());
+    CHECK(r.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(absl::StrContains(r.status().message(), words));
+  };
+  refused([](CodedLayerImage& i) { i.num_parts = 3; }, "num_parts");
+  refused([](CodedLayerImage& i) { i.append_batch = 0; }, "append_batch");
+  refused([](CodedLayerImage& i) { i.positions.pop_back(); }, "positions");
+  refused([](CodedLayerImage& i) { i.key.theta = 1.5f; }, "theta");
+  refused([](CodedLayerImage& i) { i.value.codes.pop_back(); }, "codes");
+  refused([](CodedLayerImage& i) { i.key.entries[0].pop_back(); }, "whole vectors");
+  refused([](CodedLayerImage& i) { i.key.entries[0][0] = 0.1f; }, "store exactly");  // not bf16
+  refused([](CodedLayerImage& i) { i.value.magnitudes[0] = std::nanf(""); }, "magnitude");
+  refused(
+      [](CodedLayerImage& i) {
+        for (uint32_t& c : i.key.codes) {
+          if (!(c & CodedLayerImage::kQueuedBit)) c = 1u << 20;  // past every entry
+        }
+      },
+      "refers to entry");
+  refused(
+      [](CodedLayerImage& i) {
+        for (uint32_t& c : i.value.codes) {
+          if (c & CodedLayerImage::kQueuedBit) c += 1;  // queue indices shifted
+        }
+      },
+      "queue index");
+  refused([](CodedLayerImage& i) { i.key.queues[0].resize(i.key.queues[0].size() + 16); },
+          "rows refer to them");
 }
 
 }  // namespace

@@ -129,6 +129,8 @@ struct LayerBlockTable {
   uint32_t num_tokens = 0;
   std::vector<uint32_t> block_ids;
   uint64_t kv_digest = 0;  // set when requested
+  bool codebook = false;   // held as a codebook in the daemon's arena
+  bool parked = false;     // its rows in the arena, no blocks until Fetch
 };
 
 struct SequenceInfo {
@@ -215,6 +217,30 @@ struct FetchedLayer {
   // [num_kv_heads, num_tokens]: each row's position; empty if never compressed (row t is t).
   std::vector<uint32_t> positions;
   uint32_t new_blocks = 0;
+};
+
+// Session::TransferSequence (docs/MULTINODE.md).
+struct TransferOptions {
+  std::string sequence_id;
+  // The receiving daemon: an address or node name from `cachemgrctl peers`.
+  std::string peer;
+  // The receiving session there (its Session::session_token()) and the new sequence's id there
+  // (empty: sequence_id).
+  std::string destination_session_token;
+  std::string destination_sequence_id;
+  // One per transfer: a retry with the same id is answered from the first attempt.
+  std::string transfer_id;
+  bool move = false;        // free this session's sequence once the peer holds it
+  uint32_t timeout_ms = 0;  // 0: 30 s
+};
+
+struct TransferResult {
+  std::string destination_sequence_id;
+  uint64_t payload_bytes = 0;  // the honest bytes held: rows and codebooks as held
+  uint64_t wire_bytes = 0;
+  std::vector<uint64_t> layer_digests;
+  bool source_released = false;
+  bool replayed = false;
 };
 
 struct ParkedLayer {
@@ -332,6 +358,9 @@ class Session {
   absl::StatusOr<uint64_t> Reattach();
   // The daemon's boot id (AttachResponse.boot_id) for the current generation.
   const std::string& boot_id() const;
+  // The current generation's session token: a secret. Hand it only to whoever may put
+  // sequences into this session (a scheduler asking a peer daemon to transfer one here).
+  const std::string& session_token() const;
 
   const std::string& client_id() const;
   // The negotiated model description (defaults filled in by the daemon).
@@ -371,6 +400,8 @@ class Session {
   // since Fetch; their blocks are released.
   absl::StatusOr<std::vector<ParkedLayer>> Park(std::string_view sequence_id,
                                                 const std::vector<uint32_t>& layers = {});
+  // Copies (or moves) one of this session's sequences to a session of a peer daemon.
+  absl::StatusOr<TransferResult> TransferSequence(const TransferOptions& options);
   // Renews the lease; returns the milliseconds left.
   absl::StatusOr<uint32_t> Heartbeat();
   // Ends the session; the daemon frees every sequence it owned. Later calls fail. A lost
