@@ -18,6 +18,7 @@ namespace {
 constexpr uint32_t kQueuedBit = compress::CodedLayerImage::kQueuedBit;
 
 void AppendFloats(const std::vector<float>& values, DType dtype, std::string* out) {
+  if (values.empty()) return;  // (data() may be null: no memcpy from it)
   const uint32_t elem = DTypeBytes(dtype);
   const size_t at = out->size();
   out->resize(at + values.size() * elem);
@@ -31,6 +32,7 @@ bool ReadFloats(const std::string& bytes, DType dtype, size_t count, size_t* off
   const uint32_t elem = DTypeBytes(dtype);
   if (count > (bytes.size() - *offset) / elem) return false;
   out->resize(count);
+  if (count == 0) return true;  // (data() may be null: no memcpy into it)
   kernels::ToF32(reinterpret_cast<const std::byte*>(bytes.data() + *offset), elem,
                  dtype == DType::kBf16, count, out->data());
   *offset += count * elem;
