@@ -60,6 +60,16 @@ def digests(session, sequence_id):
     return [l.kv_digest for l in info.layers]
 
 
+def stop(d):
+    """SIGSTOPs the daemon and waits until the kernel shows it stopped (state T)."""
+    d.process.send_signal(signal.SIGSTOP)
+
+    def stopped():
+        with open(f"/proc/{d.process.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    wait_for("the daemon to be stopped", stopped, timeout=10)
+
+
 def used_blocks(d):
     return sum(l.used_blocks for p in cachemgr.stats(d.socket).pools for l in p.layers)
 
@@ -222,7 +232,7 @@ def test_a_stalled_peer_fails_within_the_deadline_and_keeps_nothing(pair):
             cachemgr.Session.attach(b.socket, "decode", model(), num_blocks=16384) as sb:
         fill(sa, "long", 65536, seed=6)
         before = digests(sa, "long")
-        b.process.send_signal(signal.SIGSTOP)
+        stop(b)
         try:
             start = time.monotonic()
             with pytest.raises(cachemgr.CacheManagerError) as e:
@@ -259,12 +269,13 @@ def test_a_peer_killed_mid_transfer_and_restarted_leaves_both_sides_consistent(p
             old_boot = peer(a, b_address)["boot_id"]
             # B dies while r1 is on its way: stopped first so that the stream is surely in
             # flight (sent, unanswered), then killed.
-            b.process.send_signal(signal.SIGSTOP)
+            stop(b)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 inflight = pool.submit(sa.transfer_sequence, "r1", b_address, old_token, "s-1",
                                        move=True, timeout_ms=20000)
                 time.sleep(0.5)
-                assert not inflight.done()
+                assert not inflight.done(), (inflight.result(), open(
+                    f"/proc/{b.process.pid}/stat").read())
                 b.kill()
                 with pytest.raises(cachemgr.CacheManagerError) as e:
                     inflight.result(timeout=10)
