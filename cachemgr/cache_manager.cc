@@ -10,6 +10,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "cachemgr/backend/sharded_pool_memory.h"
 #include "cachemgr/cache_manager_state.h"
 #include "cachemgr/reply_size.h"
 #include "cachemgr/util/checked_math.h"
@@ -53,6 +54,36 @@ absl::string_view TokenBootId(absl::string_view token) {
 std::string PoolKey(const std::optional<uid_t>& owner, const std::string& model_name) {
   return absl::StrCat(owner.has_value() ? absl::StrCat("uid ", *owner) : std::string("local"), "/",
                       model_name);
+}
+
+// INVALID_ARGUMENT naming the group.* field that is malformed or does not fit `model`.
+absl::Status ValidateGroup(const GroupMembership& group, const ModelSpec& model) {
+  if (!IsValidIdentifier(group.name, kMaxNameLength)) {
+    return absl::InvalidArgumentError(absl::StrCat("group.name must be 1-", kMaxNameLength,
+                                                   " printable characters without spaces"));
+  }
+  if (group.size == 0 || group.size > kMaxGroupSize) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("group.size must be in [1, ", kMaxGroupSize, "] (got ", group.size, ")"));
+  }
+  if (group.rank >= group.size) {
+    return absl::InvalidArgumentError(absl::StrCat("group.rank must be below group.size ",
+                                                   group.size, " (got ", group.rank, ")"));
+  }
+  if (model.num_kv_heads % group.size != 0 || model.num_q_heads % group.size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "group.size ", group.size, " must divide model.num_kv_heads (", model.num_kv_heads,
+        ") and model.num_q_heads (", model.num_q_heads, "): each rank holds an equal share"));
+  }
+  return absl::OkStatus();
+}
+
+// What one rank of a group of `size` holds of `model`: its share of the heads.
+ModelSpec ShardModel(const ModelSpec& model, uint32_t size) {
+  ModelSpec shard = model;
+  shard.num_q_heads /= size;
+  shard.num_kv_heads /= size;
+  return shard;
 }
 
 std::string OwnerText(const std::optional<uid_t>& owner) {
@@ -125,16 +156,47 @@ struct PoolCharge {
   uint64_t total = 0;
 };
 
+// The memory of a new pool: the backend's, or for a group one shard of the backend's per rank
+// (each holding its share of the heads) behind a ShardedPoolMemory.
+absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePoolMemory(DeviceBackend& backend,
+                                                             const std::string& pool_id,
+                                                             const ModelSpec& model,
+                                                             uint32_t num_blocks,
+                                                             uint32_t group_size) {
+  if (group_size == 1) {
+    return backend.CreatePool(pool_id, model.LayerLayout(num_blocks), model.ElemType(),
+                              model.num_layers);
+  }
+  const ModelSpec shard = ShardModel(model, group_size);
+  std::vector<std::unique_ptr<PoolMemory>> shards;
+  for (uint32_t r = 0; r < group_size; ++r) {
+    ASSIGN_OR_RETURN(
+        std::unique_ptr<PoolMemory> memory,
+        backend.CreatePool(absl::StrCat(pool_id, "-rank", r), shard.LayerLayout(num_blocks),
+                           model.ElemType(), model.num_layers));
+    shards.push_back(std::move(memory));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<ShardedPoolMemory> sharded,
+                   ShardedPoolMemory::Create(std::move(shards), model.ElemType()));
+  return std::unique_ptr<PoolMemory>(std::move(sharded));
+}
+
 // INVALID_ARGUMENT naming num_blocks when a size overflows.
 absl::StatusOr<PoolCharge> PlanCharge(const DeviceBackend& backend, const ModelSpec& model,
-                                      uint32_t num_blocks) {
+                                      uint32_t num_blocks, uint32_t group_size) {
   PoolCharge c;
   RETURN_IF_ERROR(model.LayerBytes(num_blocks).status());
-  ASSIGN_OR_RETURN(c.memory, backend.PoolBytes(model.LayerLayout(num_blocks), model.num_layers));
+  // A group's ranks each hold a shard; one set of allocators serves them all.
+  ASSIGN_OR_RETURN(
+      const uint64_t shard_bytes,
+      backend.PoolBytes(ShardModel(model, group_size).LayerLayout(num_blocks), model.num_layers));
+  const std::optional<uint64_t> memory = CheckedMul<uint64_t>(shard_bytes, group_size);
   const std::optional<uint64_t> bookkeeping =
       CheckedProduct({num_blocks, model.num_layers, kBookkeepingBytesPerBlockLayer});
-  const std::optional<uint64_t> total =
-      bookkeeping.has_value() ? CheckedAdd(c.memory, *bookkeeping) : std::nullopt;
+  const std::optional<uint64_t> total = memory.has_value() && bookkeeping.has_value()
+                                            ? CheckedAdd(*memory, *bookkeeping)
+                                            : std::nullopt;
+  if (memory.has_value()) c.memory = *memory;
   if (!total.has_value()) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_blocks ", num_blocks, " makes a pool larger than 2^64 bytes"));
@@ -177,11 +239,23 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
   if (model.block_size == 0) model.block_size = options_.default_block_size;
   if (model.rope.scaling_factor == 0) model.rope.scaling_factor = 1.0;
   RETURN_IF_ERROR(ValidateModelSpec(model));
+  // A group of one is no group.
+  uint32_t group_size = 1, rank = 0;
+  std::string group_name;
+  if (params.group.has_value()) {
+    RETURN_IF_ERROR(ValidateGroup(*params.group, model));
+    if (params.group->size > 1) {
+      group_size = params.group->size;
+      rank = params.group->rank;
+      group_name = params.group->name;
+    }
+  }
   uint64_t input_bytes = params.input_buffer_bytes;
   if (input_bytes == 0) {
     // At most 1024 * 64 * 4096 * 1024 * 4 = 2^40 for a validated model.
     input_bytes =
-        CheckedProduct({model.num_layers, 64, model.num_q_heads, model.head_dim, 4}).value();
+        CheckedProduct({model.num_layers, 64, model.num_q_heads / group_size, model.head_dim, 4})
+            .value();
   }
   if (input_bytes > options_.max_input_buffer_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -201,7 +275,10 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
 
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(CheckClientCapsLocked(owner));
-  const std::string pool_key = PoolKey(owner, model.name);
+  // A group's pool is its own (model names and group names have no spaces).
+  const std::string pool_key =
+      group_name.empty() ? PoolKey(owner, model.name)
+                         : absl::StrCat(PoolKey(owner, model.name), " group ", group_name);
   while (true) {
     auto it = pools_.find(pool_key);
     if (it != pools_.end() && it->second->building) {
@@ -235,12 +312,24 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
                                           : " (the pool has no client; it is held until its "
                                             "quarantined blocks are released)"));
       }
+      if (pool.group_size != group_size) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("group.size ", group_size, " differs from the ", pool.group_size,
+                         " of group.name ", QuoteForMessage(group_name),
+                         " as attached: every rank of a group names the same size"));
+      }
+      if (group_size > 1 && pool.ranks[rank] != nullptr) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("group.rank ", rank, " of group.name ", QuoteForMessage(group_name),
+                         " is attached (client ", pool.ranks[rank]->client_id,
+                         "): detach it first, or wait for its lease to expire"));
+      }
       // Other idle pools may give way; the one being joined never does.
       ReclaimIdlePoolsLocked(input_charge, &pool);
       RETURN_IF_ERROR(ChargeLocked(input_charge, "input_buffer_bytes"));
       pool.last_used = clock_->Now();
-      return AddClientLocked(pool, owner, params.client_name, std::move(input_buffer), input_bytes,
-                             input_charge);
+      return AddClientLocked(pool, owner, params.client_name, rank, std::move(input_buffer),
+                             input_bytes, input_charge);
     }
 
     // A new pool: size it, charge it (with the input buffer), create it outside the lock. Pools
@@ -248,7 +337,8 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     {
       uint64_t wanted = options_.default_pool_bytes;
       if (params.num_blocks != 0) {
-        ASSIGN_OR_RETURN(const PoolCharge planned, PlanCharge(*backend_, model, params.num_blocks));
+        ASSIGN_OR_RETURN(const PoolCharge planned,
+                         PlanCharge(*backend_, model, params.num_blocks, group_size));
         wanted = planned.total;
       }
       ReclaimIdlePoolsLocked(CheckedAdd(wanted, input_charge).value_or(UINT64_MAX));
@@ -268,7 +358,8 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
           model.BlockBytes() * model.num_layers + kBookkeepingBytesPerBlockLayer * model.num_layers;
       uint64_t n = std::min<uint64_t>(target / per_block, UINT32_MAX / kMaxBlockSize);
       while (n > 0) {
-        ASSIGN_OR_RETURN(charge, PlanCharge(*backend_, model, static_cast<uint32_t>(n)));
+        ASSIGN_OR_RETURN(charge,
+                         PlanCharge(*backend_, model, static_cast<uint32_t>(n), group_size));
         if (charge.total <= target) break;
         // Page or granularity rounding pushed it over: drop the blocks the excess covers.
         n -=
@@ -282,7 +373,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
       }
       num_blocks = static_cast<uint32_t>(n);
     } else {
-      ASSIGN_OR_RETURN(charge, PlanCharge(*backend_, model, num_blocks));
+      ASSIGN_OR_RETURN(charge, PlanCharge(*backend_, model, num_blocks, group_size));
     }
     const std::optional<uint64_t> needed = CheckedAdd(charge.total, input_charge);
     if (!needed.has_value() || *needed > left) {
@@ -300,6 +391,9 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     pool->key = pool_key;
     pool->owner = owner;
     pool->model = model;
+    pool->group_name = group_name;
+    pool->group_size = group_size;
+    if (group_size > 1) pool->ranks.assign(group_size, nullptr);
     pool->num_blocks = num_blocks;
     pool->bytes = charge.memory;
     pool->bookkeeping_bytes = charge.bookkeeping;
@@ -314,8 +408,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     std::vector<BlockAllocator> allocators;
     {
       MutexUnlock unlocked(&mu_);
-      memory = backend_->CreatePool(pool->pool_id, model.LayerLayout(num_blocks), model.ElemType(),
-                                    model.num_layers);
+      memory = CreatePoolMemory(*backend_, pool->pool_id, model, num_blocks, group_size);
       if (memory.ok()) {
         allocators.reserve(model.num_layers);
         for (uint32_t l = 0; l < model.num_layers; ++l) allocators.emplace_back(num_blocks);
@@ -355,20 +448,32 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
          {"bookkeeping_bytes", pool->bookkeeping_bytes}});
     PublishLocked(EventType::kPoolCreated, "", "", pool->pool_id,
                   absl::StrCat("num_blocks=", pool->num_blocks, " bytes=", pool->bytes));
-    return AddClientLocked(*pool, owner, params.client_name, std::move(input_buffer), input_bytes,
-                           input_charge);
+    return AddClientLocked(*pool, owner, params.client_name, rank, std::move(input_buffer),
+                           input_bytes, input_charge);
   }
 }
 
+bool CacheManager::SharesSequences(const Client& a, const Client& b) {
+  return &a == &b || (a.pool == b.pool && a.pool->group_size > 1);
+}
+
+const PoolMemory& CacheManager::RankMemory(const Pool& pool, uint32_t rank) {
+  if (pool.group_size == 1) return *pool.memory;
+  return static_cast<const ShardedPoolMemory&>(*pool.memory).shard(rank);
+}
+
 AttachResult CacheManager::AddClientLocked(Pool& pool, const std::optional<uid_t>& owner,
-                                           const std::string& client_name, MemfdRegion input_buffer,
-                                           uint64_t input_bytes, uint64_t input_charge) {
+                                           const std::string& client_name, uint32_t rank,
+                                           MemfdRegion input_buffer, uint64_t input_bytes,
+                                           uint64_t input_charge) {
   auto client = std::make_unique<Client>();
   client->client_id = absl::StrCat("c", next_client_serial_++);
   client->client_name = client_name;
   client->session_token = boot_id_ + kBootIdSeparator + RandomHex<16>();
   client->owner = owner;
   client->pool = &pool;
+  client->rank = rank;
+  if (pool.group_size > 1) pool.ranks[rank] = client.get();
   client->lease_deadline = clock_->Now() + options_.lease_timeout;
   client->input_buffer = std::make_shared<const MemfdRegion>(std::move(input_buffer));
   client->input_charge = input_charge;
@@ -385,20 +490,26 @@ AttachResult CacheManager::AddClientLocked(Pool& pool, const std::optional<uid_t
   d.backend = backend_->kind();
   d.share_method = backend_->share_method();
   d.device = backend_->device_name();
-  d.model = pool.model;
+  // A group member maps its rank's shard.
+  const PoolMemory& memory = RankMemory(pool, rank);
+  d.model = ShardModel(pool.model, pool.group_size);
+  d.group_name = pool.group_name;
+  d.group_rank = rank;
+  d.group_size = pool.group_size;
   d.num_blocks = pool.num_blocks;
-  d.block_bytes = pool.model.BlockBytes();
-  d.regions = pool.memory->regions();
-  d.layers = pool.memory->layers();
+  d.block_bytes = d.model.BlockBytes();
+  d.regions = memory.regions();
+  d.layers = memory.layers();
   // The input buffer's descriptor follows the pool's own (memfd / VMM: one per region; legacy
   // CUDA IPC: none).
-  result.input_buffer_region_index = static_cast<uint32_t>(pool.memory->ShareFds().size());
+  result.input_buffer_region_index = static_cast<uint32_t>(memory.ShareFds().size());
   result.input_buffer_bytes = input_bytes;
 
   Log(LogLevel::kInfo, "client attached",
       {{"client_id", client->client_id},
        {"client_name", client->client_name},
        {"pool_id", pool.pool_id},
+       {"group_rank", rank},
        {"owner", OwnerText(owner)}});
   PublishLocked(EventType::kClientAttached, client->client_id, "", pool.pool_id,
                 absl::StrCat("name=", client->client_name));
@@ -454,7 +565,7 @@ absl::StatusOr<CacheManager::Sequence*> CacheManager::FindOwnedSequenceLocked(
     return absl::NotFoundError(
         absl::StrCat(field, " ", QuoteForMessage(sequence_id), " does not exist"));
   }
-  if (it->second->owner != &client) {
+  if (!SharesSequences(client, *it->second->owner)) {
     if (it->second->owner->owner != client.owner) {
       // Another tenant's sequence is invisible: answered as if it did not exist.
       return absl::NotFoundError(
@@ -541,6 +652,7 @@ DetachResult CacheManager::RemoveClientLocked(const std::string& token, EventTyp
   PublishLocked(why, client_id, "", pool->pool_id,
                 absl::StrCat("sequences_freed=", result.sequences_freed,
                              " blocks_released=", result.blocks_released));
+  if (pool->group_size > 1) pool->ranks[client->rank] = nullptr;
   clients_.erase(it);
   --pool->clients;
   MaybeReleasePoolLocked(pool->key);
@@ -603,7 +715,7 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
   }
   Sequence* seq = nullptr;
   if (auto it = sequences_.find(sequence_id); it != sequences_.end()) {
-    if (it->second->owner != client) {
+    if (!SharesSequences(*client, *it->second->owner)) {
       return absl::PermissionDeniedError(
           absl::StrCat("sequence_id ", QuoteForMessage(sequence_id), " belongs to another client"));
     }
@@ -924,7 +1036,7 @@ absl::StatusOr<std::vector<SequenceSummary>> CacheManager::ListSequences(const C
   const bool all_owners = only == nullptr && caller.operator_credential;
   const std::optional<uid_t> owner = caller.owner();
   for (const auto& [id, seq] : sequences_) {
-    if (only != nullptr && seq->owner != only) continue;
+    if (only != nullptr && !SharesSequences(*only, *seq->owner)) continue;
     if (only == nullptr && !all_owners && seq->owner->owner != owner) continue;
     SequenceSummary s;
     s.sequence_id = id;
@@ -965,6 +1077,9 @@ StatsSnapshot CacheManager::Stats(const Caller& caller) const {
     p.model_name = pool->model.name;
     p.backend = backend_->kind();
     p.device = backend_->device_name();
+    p.group_name = pool->group_name;
+    p.group_size = pool->group_size;
+    for (const Client* c : pool->ranks) p.group_ranks_attached += c != nullptr ? 1 : 0;
     p.bytes = pool->bytes;
     p.bookkeeping_bytes = pool->bookkeeping_bytes;
     p.clients = pool->clients;
@@ -1005,7 +1120,8 @@ StatsSnapshot CacheManager::Stats(const Caller& caller) const {
     if (!all_owners && client->owner != owner) continue;
     s.clients.push_back({client->client_id, client->client_name, client->pool->pool_id,
                          static_cast<uint32_t>(client->sequences.size()),
-                         std::max(absl::ZeroDuration(), client->lease_deadline - now)});
+                         std::max(absl::ZeroDuration(), client->lease_deadline - now),
+                         client->rank});
   }
   std::sort(s.clients.begin(), s.clients.end(),
             [](const auto& a, const auto& b) { return a.client_id < b.client_id; });
@@ -1016,7 +1132,7 @@ absl::StatusOr<std::vector<UniqueFd>> CacheManager::ShareFds(const Caller& calle
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
   std::vector<UniqueFd> fds;
-  for (int fd : client->pool->memory->ShareFds()) {
+  for (int fd : RankMemory(*client->pool, client->rank).ShareFds()) {
     // Duplicates so the descriptors stay valid even if the pool is released before sending.
     UniqueFd dup(fcntl(fd, F_DUPFD_CLOEXEC, 0));
     if (!dup.valid()) return absl::InternalError("dup of a pool descriptor failed");

@@ -112,13 +112,27 @@ inline constexpr size_t kMaxSequenceIdLength = 256;
 inline constexpr uint64_t kBookkeepingBytesPerBlockLayer =
     BlockAllocator::kBookkeepingBytesPerBlock + sizeof(uint32_t);
 
+// A tensor-parallel engine's ranks attach as a group (docs/MULTINODE.md, "Groups"): one session
+// per rank, all naming the same group. The group's pool keeps rank r's shard of the KV heads
+// ([r * H / size, (r + 1) * H / size) of every layer) in rank r's memory and one block table per
+// layer for all of them, so Allocate / Free / Fork / Compress / Fetch / Park act on every rank at
+// once, and any member's session may act on any sequence of the group.
+inline constexpr uint32_t kMaxGroupSize = 64;
+struct GroupMembership {
+  std::string name;   // an identifier, unique per owner and model
+  uint32_t rank = 0;  // < size
+  uint32_t size = 1;  // 1..kMaxGroupSize, dividing num_q_heads and num_kv_heads; 1 is no group
+};
+
 struct AttachParams {
   std::string client_name;
   ModelSpec model;  // block_size 0 / rope.scaling_factor 0 mean defaults
   uint32_t num_blocks = 0;
   // Bytes of the client's Compress input buffer; 0 means 64 float32 window queries of every
-  // layer (num_layers * 64 * num_q_heads * head_dim * 4).
+  // layer (num_layers * 64 * num_q_heads * head_dim * 4; a group member: of its rank's heads).
   uint64_t input_buffer_bytes = 0;
+  // A rank of a tensor-parallel engine: see GroupMembership.
+  std::optional<GroupMembership> group;
 };
 
 struct PoolDescription {
@@ -126,7 +140,12 @@ struct PoolDescription {
   BackendKind backend = BackendKind::kHost;
   ShareMethod share_method = ShareMethod::kMemfd;
   std::string device;
-  ModelSpec model;  // negotiated
+  // Negotiated. For a group member: its rank's shard (num_q_heads and num_kv_heads divided by
+  // group_size), which is what its regions hold.
+  ModelSpec model;
+  std::string group_name;  // empty when not a group
+  uint32_t group_rank = 0;
+  uint32_t group_size = 1;
   uint32_t num_blocks = 0;
   uint64_t block_bytes = 0;
   std::vector<RegionInfo> regions;
@@ -319,7 +338,10 @@ struct PoolSnapshot {
   std::string model_name;
   BackendKind backend = BackendKind::kHost;
   std::string device;
-  uint64_t bytes = 0;              // pool memory, as allocated
+  std::string group_name;  // a tensor-parallel group's pool (empty otherwise)
+  uint32_t group_size = 1;
+  uint32_t group_ranks_attached = 0;
+  uint64_t bytes = 0;              // pool memory, as allocated (every rank's)
   uint64_t bookkeeping_bytes = 0;  // per-block host bookkeeping charged beside it
   uint32_t clients = 0;
   std::vector<LayerOccupancy> layers;
@@ -338,6 +360,7 @@ struct ClientSnapshot {
   std::string pool_id;
   uint32_t sequences = 0;
   absl::Duration lease_remaining;
+  uint32_t group_rank = 0;  // its rank when its pool is a group's
 };
 
 struct StatsSnapshot {
@@ -438,7 +461,12 @@ class CacheManager {
   // (FAILED_PRECONDITION naming the fields that differ, not their values) and share the pool.
   // The pool's memory is charged to the budget, then created outside the lock; an Attach of the
   // same model meanwhile waits for it (without the lock).
-  //   INVALID_ARGUMENT    num_blocks makes a pool whose size overflows; input_buffer_bytes
+  // A group member (params.group, size > 1) joins its group's pool (created by its first member
+  // with every rank's memory; see GroupMembership).
+  //   INVALID_ARGUMENT    num_blocks makes a pool whose size overflows; input_buffer_bytes;
+  //                       group.name / group.size / group.rank
+  //   ALREADY_EXISTS      group.rank is attached
+  //   FAILED_PRECONDITION group.size differs from the group's
   //   RESOURCE_EXHAUSTED  the pool or the input buffer does not fit what the budget has left;
   //                       attached clients are at --max_clients / --max_clients_per_uid
   absl::StatusOr<AttachResult> Attach(const AttachParams& params, const Caller& caller = {});
@@ -638,6 +666,11 @@ class CacheManager {
   struct Sequence;
   struct Compression;
 
+  // The memory rank `rank` of `pool` maps: the pool's own when it is not a group's, else the
+  // rank's shard of its ShardedPoolMemory.
+  static const PoolMemory& RankMemory(const Pool& pool, uint32_t rank);
+  // Whether `a` may act on the sequences of `b`: the same client, or members of one group.
+  static bool SharesSequences(const Client& a, const Client& b);
   // RESOURCE_EXHAUSTED when one more client of `owner` would exceed a client cap.
   absl::Status CheckClientCapsLocked(const std::optional<uid_t>& owner) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -677,9 +710,9 @@ class CacheManager {
   bool EvictForBudgetLocked(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Registers a client of `pool` (built) with its input buffer (already charged).
   AttachResult AddClientLocked(Pool& pool, const std::optional<uid_t>& owner,
-                               const std::string& client_name, MemfdRegion input_buffer,
-                               uint64_t input_bytes, uint64_t input_charge)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                               const std::string& client_name, uint32_t rank,
+                               MemfdRegion input_buffer, uint64_t input_bytes,
+                               uint64_t input_charge) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Evicts least recently used prefix entries of `pool` whose blocks only the store holds until
   // every layer l has needed[l] free blocks; evicts nothing when that cannot be reached. Returns
   // whether the blocks are free now.

@@ -16,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "cachemgr/backend/sharded_pool_memory.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/cache_manager_state.h"
 #include "cachemgr/compress/validation.h"
@@ -35,6 +36,33 @@ using cache_manager_internal::RowSlots;
 using cache_manager_internal::ShapeOf;
 using cache_manager_internal::ShutdownCancelled;
 using cache_manager_internal::SlotOf;
+
+namespace {
+
+// A private copy of Compress's inputs, laid out per layer as the compression library reads them
+// (window queries [num_queries, H_q, head_dim], scores [H_q, n]). A group's ranks each wrote
+// their query heads' share to their own buffer (H_q / size heads per layer, in the same
+// layout), joined here by head.
+std::vector<float> CopyInputs(const std::vector<std::shared_ptr<const MemfdRegion>>& buffers,
+                              CompressInput input, const compress::ModelShape& shape,
+                              uint32_t num_queries, uint32_t n, size_t per_layer) {
+  const uint32_t parts = static_cast<uint32_t>(buffers.size());
+  const uint32_t heads = shape.num_q_heads, part_heads = heads / parts;
+  const size_t part_per_layer = per_layer / parts;
+  const bool queries = input == CompressInput::kWindowQueries;
+  const size_t outer = queries ? num_queries : 1, inner = queries ? shape.head_dim : n;
+  std::vector<float> out(size_t{shape.num_layers} * per_layer);
+  for (uint32_t r = 0; r < parts; ++r) {
+    const float* buffer = reinterpret_cast<const float*>(buffers[r]->data());
+    for (uint32_t l = 0; l < shape.num_layers; ++l) {
+      CopyHeadRange(buffer + l * part_per_layer, part_heads, 0, out.data() + l * per_layer, heads,
+                    r * part_heads, part_heads, outer, inner);
+    }
+  }
+  return out;
+}
+
+}  // namespace
 
 absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset) {
   const std::string name = preset.empty() ? std::string(compress::kDefaultPreset) : preset;
@@ -175,7 +203,8 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   // A private copy of the inputs (the client may write the buffer concurrently), taken outside
   // the lock: up to --max_input_buffer_bytes.
   std::vector<float> inputs;
-  std::shared_ptr<const MemfdRegion> input_buffer;
+  // The buffers holding them: the owner's, or a group's ranks' (each its share of the heads).
+  std::vector<std::shared_ptr<const MemfdRegion>> input_buffers;
   // What the work outside the lock reads: the pool's memory (kept alive should the pool be
   // released meanwhile), every layer's row slots, and which layers share a block with a fork.
   std::shared_ptr<PoolMemory> memory;
@@ -212,7 +241,25 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     }
     n = seq->layers[0].num_tokens;
     const uint32_t hq = model.num_q_heads, dim = model.head_dim;
-    const uint64_t buffer_bytes = client->input_buffer->size();
+    if (params.input != CompressInput::kNone) {
+      if (pool.group_size == 1) {
+        input_buffers.push_back(client->input_buffer);
+      } else {
+        for (uint32_t r = 0; r < pool.group_size; ++r) {
+          if (pool.ranks[r] == nullptr) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "group.rank ", r, " of group ", QuoteForMessage(pool.group_name),
+                " is not attached: its input buffer holds its heads' share of the input"));
+          }
+          input_buffers.push_back(pool.ranks[r]->input_buffer);
+        }
+      }
+    }
+    // Every buffer holds its share: the smallest bounds what the input may need.
+    uint64_t buffer_bytes = UINT64_MAX;
+    for (const auto& b : input_buffers) buffer_bytes = std::min<uint64_t>(buffer_bytes, b->size());
+    const char* buffer_name =
+        pool.group_size == 1 ? "the input buffer" : "the smallest input buffer of the group";
     if (params.input == CompressInput::kWindowQueries) {
       if (params.num_queries == 0) {
         return absl::InvalidArgumentError("num_queries must be >= 1 for WINDOW_QUERIES input");
@@ -225,23 +272,24 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
       // num_queries <= n < 2^32, hq, dim <= 2^12 and num_layers <= 2^10: below 2^58 * 4.
       per_layer_inputs = size_t{params.num_queries} * hq * dim;
       const uint64_t need =
-          CheckedProduct({num_layers, per_layer_inputs, sizeof(float)}).value_or(UINT64_MAX);
+          CheckedProduct({num_layers, per_layer_inputs / pool.group_size, sizeof(float)})
+              .value_or(UINT64_MAX);
       if (need > buffer_bytes) {
         return absl::InvalidArgumentError(
             absl::StrCat("num_queries ", params.num_queries, " needs ", need,
-                         " bytes of window queries but the input buffer holds ", buffer_bytes));
+                         " bytes of window queries but ", buffer_name, " holds ", buffer_bytes));
       }
     } else if (params.input == CompressInput::kScores) {
       per_layer_inputs = size_t{hq} * n;
       const uint64_t need =
-          CheckedProduct({num_layers, per_layer_inputs, sizeof(float)}).value_or(UINT64_MAX);
+          CheckedProduct({num_layers, per_layer_inputs / pool.group_size, sizeof(float)})
+              .value_or(UINT64_MAX);
       if (need > buffer_bytes) {
         return absl::InvalidArgumentError(absl::StrCat("input: scores for ", n, " tokens need ",
-                                                       need, " bytes but the input buffer holds ",
+                                                       need, " bytes but ", buffer_name, " holds ",
                                                        buffer_bytes));
       }
     }
-    if (per_layer_inputs > 0) input_buffer = client->input_buffer;
     slots.resize(num_layers);
     shared.assign(num_layers, false);
     for (uint32_t l = 0; l < num_layers; ++l) {
@@ -265,10 +313,10 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   // scores computed next to the pool (on the GPU for a CUDA pool, so the keys never leave it), and
   // host rows where they are read: by the codebook build, and by a layer that shares a block with a
   // fork (its kept rows go to fresh blocks). Then the policy, then the codebook layers' coded form.
-  if (input_buffer != nullptr) {
-    const float* buffer = reinterpret_cast<const float*>(input_buffer->data());
-    inputs.assign(buffer, buffer + size_t{shape.num_layers} * per_layer_inputs);
-    input_buffer.reset();
+  if (per_layer_inputs > 0) {
+    inputs =
+        CopyInputs(input_buffers, params.input, shape, params.num_queries, n, per_layer_inputs);
+    input_buffers.clear();
   }
   const uint32_t threads = options_.compress_threads == 0
                                ? std::max(1u, std::thread::hardware_concurrency())

@@ -24,7 +24,12 @@ struct CacheManager::Pool {
   // map another's KV memory.
   std::string key;
   std::optional<uid_t> owner;
-  ModelSpec model;
+  ModelSpec model;  // the whole model (a group's ranks each hold a shard of its heads)
+  // A tensor-parallel group's pool (AttachParams::group): its name, its size, and the client of
+  // each rank (null while that rank is not attached). Empty name, size 1 and no ranks otherwise.
+  std::string group_name;
+  uint32_t group_size = 1;
+  std::vector<Client*> ranks;
   uint32_t num_blocks = 0;
   // Charged to the budget: the memory (DeviceBackend::PoolBytes, then what was allocated) and
   // the per-block bookkeeping.
@@ -36,7 +41,7 @@ struct CacheManager::Pool {
   // with the pool until that client exists.
   uint64_t building_input_charge = 0;
   // Shared so that Compress's work outside the lock keeps it alive if the pool is released
-  // meanwhile.
+  // meanwhile. A group's is a ShardedPoolMemory (all heads; RankMemory gives a rank's shard).
   std::shared_ptr<PoolMemory> memory;
   std::vector<BlockAllocator> allocators;  // one per layer
   uint32_t clients = 0;
@@ -56,6 +61,7 @@ struct CacheManager::Client {
   // The uid that attached (Caller::owner); calls presenting the token from another are refused.
   std::optional<uid_t> owner;
   Pool* pool = nullptr;
+  uint32_t rank = 0;  // its rank in pool's group (0 when the pool is not a group's)
   absl::Time lease_deadline;
   std::vector<std::string> sequences;  // ids, insertion order
   // Compress inputs, written by the client; shared so a Compress copying it outside the lock

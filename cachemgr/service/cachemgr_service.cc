@@ -261,6 +261,10 @@ grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContex
     ASSIGN_OR_RETURN(params.model, ModelSpecFromProto(request->model()));
     params.num_blocks = request->num_blocks();
     params.input_buffer_bytes = request->input_buffer_bytes();
+    if (request->has_group()) {
+      params.group = GroupMembership{request->group().name(), request->group().rank(),
+                                     request->group().size()};
+    }
     ASSIGN_OR_RETURN(AttachResult result, manager_->Attach(params, caller));
     AttachResultToProto(result, share_socket_path_, response);
     return absl::OkStatus();

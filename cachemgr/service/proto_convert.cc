@@ -144,6 +144,9 @@ void AttachResultToProto(const AttachResult& r, const std::string& share_socket_
   d->set_input_buffer_region_index(r.input_buffer_region_index);
   d->set_input_buffer_bytes(r.input_buffer_bytes);
   d->set_device(r.pool.device);
+  d->set_group_name(r.pool.group_name);
+  d->set_group_rank(r.pool.group_rank);
+  d->set_group_size(r.pool.group_size);
 }
 
 void AllocateResultToProto(const std::string& sequence_id, const AllocateResult& r,
@@ -220,6 +223,9 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
     ps->set_prefix_only_blocks(pool.prefix_only_blocks);
     ps->set_prefix_codebook_layers(pool.prefix_codebook_layers);
     ps->set_prefix_codebook_bytes(pool.prefix_codebook_bytes);
+    ps->set_group_name(pool.group_name);
+    ps->set_group_size(pool.group_size);
+    ps->set_group_ranks_attached(pool.group_ranks_attached);
     for (uint32_t l = 0; l < pool.layers.size(); ++l) {
       v1::LayerOccupancy* o = ps->add_layers();
       o->set_layer(l);
@@ -237,6 +243,7 @@ void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
     ci->set_pool_id(c.pool_id);
     ci->set_sequences(c.sequences);
     ci->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(c.lease_remaining)));
+    ci->set_group_rank(c.group_rank);
   }
 }
 

@@ -434,6 +434,8 @@ struct Generation {
   std::string session_token;
   std::string boot_id;
   std::string pool_id;
+  uint32_t group_rank = 0;
+  uint32_t group_size = 1;
   ModelSpec model;
   uint32_t num_blocks = 0;
   uint32_t heartbeat_interval_ms = 0;
@@ -547,6 +549,12 @@ struct Session::Impl {
     ToProto(options.model, request.mutable_model());
     request.set_num_blocks(options.num_blocks);
     request.set_input_buffer_bytes(options.input_buffer_bytes);
+    if (!options.group_name.empty()) {
+      pb::GroupMembership* group = request.mutable_group();
+      group->set_name(options.group_name);
+      group->set_rank(options.group_rank);
+      group->set_size(options.group_size);
+    }
     pb::AttachResponse response;
     // The daemon starts the lease when it handles the call, after this.
     const int64_t sent = BootNanos();
@@ -602,6 +610,8 @@ struct Session::Impl {
     g->lease_timeout_ms = response.lease_timeout_ms();
     const pb::PoolDescriptor& pool = response.pool();
     g->pool_id = pool.pool_id();
+    g->group_rank = pool.group_rank();
+    g->group_size = std::max<uint32_t>(1, pool.group_size());
     g->num_blocks = pool.num_blocks();
     ASSIGN_OR_RETURN(g->model, FromProto(pool.model(), options.model));
     const pb::ShareMethod method = pool.share_method();
@@ -1096,6 +1106,8 @@ const std::string& Session::client_id() const { return impl_->gen().client_id; }
 const std::string& Session::session_token() const { return impl_->gen().session_token; }
 const ModelSpec& Session::model() const { return impl_->gen().model; }
 const std::string& Session::pool_id() const { return impl_->gen().pool_id; }
+uint32_t Session::group_rank() const { return impl_->gen().group_rank; }
+uint32_t Session::group_size() const { return impl_->gen().group_size; }
 uint32_t Session::num_blocks() const { return impl_->gen().num_blocks; }
 uint32_t Session::heartbeat_interval_ms() const { return impl_->gen().heartbeat_interval_ms; }
 uint32_t Session::lease_timeout_ms() const { return impl_->gen().lease_timeout_ms; }

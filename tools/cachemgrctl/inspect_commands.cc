@@ -129,7 +129,7 @@ int RunStats(const std::vector<std::string>& args) {
   };
   std::map<std::string, DeviceTotals> devices;
   Table pools({"POOL", "MODEL", "BACKEND", "DEVICE", "LAYERS", "BYTES", "CLIENTS", "USED",
-               "COMPRESSED", "ARENA", "PREFIXES"});
+               "COMPRESSED", "ARENA", "PREFIXES", "GROUP"});
   for (const v1::PoolStats& p : stats.pools()) {
     uint64_t used = 0, capacity = 0;
     for (const v1::LayerOccupancy& l : p.layers()) {
@@ -145,7 +145,11 @@ int RunStats(const std::vector<std::string>& args) {
                   absl::StrCat(p.layers_size()), HumanBytes(p.bytes()), absl::StrCat(p.clients()),
                   capacity == 0 ? "0.0%" : Percent(static_cast<double>(used) / capacity),
                   absl::StrCat(p.compressed_sequences()), HumanBytes(p.arena_bytes()),
-                  absl::StrCat(p.prefix_entries())});
+                  absl::StrCat(p.prefix_entries()),
+                  // A tensor-parallel group's pool: its name and ranks attached of its size.
+                  p.group_size() > 1 ? absl::StrCat(p.group_name(), " ", p.group_ranks_attached(),
+                                                    "/", p.group_size())
+                                     : "-"});
   }
   if (!devices.empty()) {
     Table by_device({"DEVICE", "POOLS", "BYTES", "BLOCKS_USED", "BLOCKS", "USED"});
@@ -190,10 +194,14 @@ int RunClients(const std::vector<std::string>& args) {
                                             }),
                               "]}\n"));
   }
-  Table table({"CLIENT", "NAME", "POOL", "SEQUENCES", "LEASE_LEFT"});
+  // RANK: the client's rank when its pool is a tensor-parallel group's.
+  std::map<std::string, bool> group_pools;
+  for (const v1::PoolStats& p : stats.pools()) group_pools[p.pool_id()] = p.group_size() > 1;
+  Table table({"CLIENT", "NAME", "POOL", "SEQUENCES", "LEASE_LEFT", "RANK"});
   for (const v1::ClientInfo& c : stats.clients()) {
     table.AddRow({c.client_id(), c.client_name(), c.pool_id(), absl::StrCat(c.sequences()),
-                  absl::StrFormat("%.1f s", c.lease_remaining_ms() / 1000.0)});
+                  absl::StrFormat("%.1f s", c.lease_remaining_ms() / 1000.0),
+                  group_pools[c.pool_id()] ? absl::StrCat(c.group_rank()) : "-"});
   }
   return Print(table.Render());
 }

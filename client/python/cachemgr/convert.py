@@ -138,10 +138,11 @@ def stats_from_proto(r: pb.StatsResponse) -> Stats:
                          [LayerOccupancy(l.layer, l.capacity_blocks, l.used_blocks,
                                          l.free_blocks, l.shared_blocks, l.quarantined_blocks)
                           for l in p.layers], p.prefix_entries, p.prefix_only_blocks,
-                         p.prefix_bytes, p.prefix_codebook_layers, p.prefix_codebook_bytes)
+                         p.prefix_bytes, p.prefix_codebook_layers, p.prefix_codebook_bytes,
+                         p.group_name, p.group_size or 1, p.group_ranks_attached)
                for p in r.pools],
         clients=[ClientInfo(c.client_id, c.client_name, c.pool_id, c.sequences,
-                            c.lease_remaining_ms) for c in r.clients],
+                            c.lease_remaining_ms, c.group_rank) for c in r.clients],
         num_sequences=r.num_sequences, uptime_ms=r.uptime_ms, version=r.version,
         memory_used_bytes=r.memory_used_bytes,
         prefix={f.name: getattr(r.prefix, f.name) for f in r.prefix.DESCRIPTOR.fields})

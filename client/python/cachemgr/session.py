@@ -33,7 +33,7 @@ import mmap
 import os
 import threading
 import time
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -160,7 +160,15 @@ class _Generation:
         self.boot_id = response.boot_id
         pool = response.pool
         self.pool_id = pool.pool_id
+        # What the pool maps: a group member's shard of the heads.
         self.model = convert.model_from_proto(pool.model)
+        self.group_name = pool.group_name
+        self.group_rank = pool.group_rank
+        self.group_size = pool.group_size or 1
+        # The whole model (what positions and kept rows of Compress / Fetch are laid out by).
+        self.whole_model = dataclasses.replace(
+            self.model, num_q_heads=self.model.num_q_heads * self.group_size,
+            num_kv_heads=self.model.num_kv_heads * self.group_size)
         self.num_blocks = pool.num_blocks
         self.heartbeat_interval = (response.heartbeat_interval_ms or 1000) / 1000.0
         self.lease_timeout_ms = response.lease_timeout_ms
@@ -294,7 +302,8 @@ class Session:
                input_buffer_bytes: int = 0, heartbeat: bool = True,
                bearer_token: Optional[str] = None, auto_reattach: bool = True,
                on_event: Optional[Callable[[SessionEvent], None]] = None,
-               tls: Optional[TlsOptions] = None, revoke_on_loss: bool = True) -> "Session":
+               tls: Optional[TlsOptions] = None, revoke_on_loss: bool = True,
+               group: Optional[Tuple[str, int, int]] = None) -> "Session":
         """Attaches to the daemon at `target` (a Unix socket path, or host:port with
         `bearer_token` and `tls`), creating the model's pool with `num_blocks` blocks per layer
         if it is the first client of this user (0: the daemon decides), and maps the pool.
@@ -307,10 +316,19 @@ class Session:
         (cachemgr.integrations.vllm_mem_pool). The daemon reclaims the blocks all the same, so
         only a pool no other client uses may be kept. A memfd or CUDA VMM mapping holds its memory
         until it is unmapped, even after the daemon released or lost it; what CUDA does with a
-        legacy IPC mapping whose exporter freed the memory is not specified."""
+        legacy IPC mapping whose exporter freed the memory is not specified.
+        `group=(name, rank, size)`: this session is rank `rank` of a tensor-parallel engine of
+        `size` ranks (docs/MULTINODE.md, "Groups"); `model` is the whole model, and the session
+        maps its rank's shard of the KV heads (`model` of the session: the shard's description;
+        `whole_model`: the whole one). The group's members share one block table per layer and
+        may act on each other's sequences; before a Compress with inputs, every rank writes its
+        share of them (write_inputs) and one rank calls compress(input_written=...)."""
         caller = _Caller(target, bearer_token, tls)
         request = pb.AttachRequest(client_name=client_name, model=convert.model_to_proto(model),
                                    num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes)
+        if group is not None:
+            name, rank, size = group
+            request.group.CopyFrom(pb.GroupMembership(name=name, rank=rank, size=size))
         try:
             return cls(caller, request, model, heartbeat, auto_reattach, on_event,
                        revoke_on_loss)
@@ -371,7 +389,13 @@ class Session:
     client_id = property(lambda self: self._current.client_id)
     boot_id = property(lambda self: self._current.boot_id, doc="the daemon's boot id")
     pool_id = property(lambda self: self._current.pool_id)
-    model = property(lambda self: self._current.model)
+    model = property(lambda self: self._current.model,
+                     doc="the model as the pool maps it (a group member: its shard of the heads)")
+    whole_model = property(lambda self: self._current.whole_model,
+                           doc="the whole model (for a group member: every rank's heads)")
+    group_name = property(lambda self: self._current.group_name)
+    group_rank = property(lambda self: self._current.group_rank)
+    group_size = property(lambda self: self._current.group_size)
     num_blocks = property(lambda self: self._current.num_blocks)
     heartbeat_interval = property(lambda self: self._current.heartbeat_interval)
     lease_timeout = property(lambda self: self._current.lease_timeout)
@@ -799,19 +823,46 @@ class Session:
 
     # ---- compression ------------------------------------------------------------------------
 
+    def write_inputs(self, queries: Optional[np.ndarray] = None,
+                     scores: Optional[np.ndarray] = None) -> None:
+        """Writes Compress inputs into this session's input buffer (see compress); a group
+        member writes its heads' share: `queries` [num_layers, num_queries, its num_q_heads,
+        head_dim] or `scores` [num_layers, its num_q_heads, num_tokens]."""
+        if (queries is None) == (scores is None):
+            raise ValueError("give queries or scores")
+        array = queries if queries is not None else scores
+        if queries is not None and queries.ndim != 4:
+            raise ValueError("queries must be [num_layers, num_queries, num_q_heads, head_dim]")
+        flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        buffer = self.input_buffer
+        if flat.size > buffer.size:
+            raise CacheManagerError(
+                _C.INVALID_ARGUMENT,
+                f"{'queries' if queries is not None else 'scores'} of {flat.size * 4} bytes "
+                f"exceed the {buffer.size * 4}-byte input buffer (attach with a larger "
+                "input_buffer_bytes)")
+        buffer[:flat.size] = flat
+
     def compress(self, sequence_id: str, policy: Policy = Policy(),
                  reserve_ratio: Optional[float] = None, byte_ratio: Optional[float] = None,
                  queries: Optional[np.ndarray] = None,
-                 scores: Optional[np.ndarray] = None) -> CompressResult:
+                 scores: Optional[np.ndarray] = None,
+                 input_written: Optional[str] = None, num_queries: int = 0) -> CompressResult:
         """Compresses a sequence in place. Exactly one of `reserve_ratio` (the paper's r) and
         `byte_ratio` (honest bytes held / full bytes, met within 1%). Inputs, written into the
         input buffer the daemon lent: `queries` float32 [num_layers, num_queries, num_q_heads,
         head_dim] (post-RoPE observation-window queries) or `scores` float32 [num_layers,
-        num_q_heads, num_tokens]; neither for policies that need none."""
+        num_q_heads, num_tokens]; neither for policies that need none. Or, inputs already
+        written (write_inputs; by every rank of a group): `input_written` "queries" (with
+        `num_queries`) or "scores"."""
         if (reserve_ratio is None) == (byte_ratio is None):
             raise ValueError("give exactly one of reserve_ratio and byte_ratio")
         if queries is not None and scores is not None:
             raise ValueError("give queries or scores, not both")
+        if input_written is not None and (queries is not None or scores is not None):
+            raise ValueError("give queries / scores or input_written, not both")
+        if input_written not in (None, "queries", "scores"):
+            raise ValueError('input_written must be "queries" or "scores"')
         request = pb.CompressRequest(sequence_id=sequence_id,
                                      policy=convert.policy_to_proto(policy),
                                      cuda_ipc_event_handle=self._write_event_handle())
@@ -839,12 +890,18 @@ class Session:
                     raise ValueError("queries must be [num_layers, num_queries, num_q_heads, "
                                      "head_dim]")
                 request.num_queries = array.shape[1]
+        if input_written == "queries":
+            request.input = pb.INPUT_SOURCE_WINDOW_QUERIES
+            request.num_queries = num_queries
+        elif input_written == "scores":
+            request.input = pb.INPUT_SOURCE_SCORES
 
         def with_token(token):
             request.session_token = token
             return request
         return convert.compress_result_from_proto(
-            self._session_call("Compress", with_token, timeout=HEAVY_CALL_TIMEOUT), self.model)
+            self._session_call("Compress", with_token, timeout=HEAVY_CALL_TIMEOUT),
+            self.whole_model)
 
     def fetch(self, sequence_id: str, layers: Iterable[int] = ()) -> List[FetchedLayer]:
         """Makes layers (default all) resident: codebook layers are reconstructed into new
@@ -853,7 +910,7 @@ class Session:
         response = self._session_call("Fetch", lambda t: pb.FetchRequest(
             session_token=t, sequence_id=sequence_id, layers=layers),
             timeout=HEAVY_CALL_TIMEOUT)
-        return convert.fetched_from_proto(response, self.model)
+        return convert.fetched_from_proto(response, self.whole_model)
 
     def park(self, sequence_id: str, layers: Iterable[int] = ()) -> List[ParkedLayer]:
         """Returns fetched codebook layers (default all) to the daemon's arena, coding the rows

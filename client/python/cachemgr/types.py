@@ -199,6 +199,9 @@ class PoolStats:
     prefix_bytes: int = 0        # the entries' host memory (bookkeeping + codebooks), charged
     prefix_codebook_layers: int = 0  # entries' layers held as codebooks (summed)
     prefix_codebook_bytes: int = 0   # their bytes (part of prefix_bytes)
+    group_name: str = ""         # a tensor-parallel group's pool (bytes: every rank's)
+    group_size: int = 1
+    group_ranks_attached: int = 0
 
 
 @dataclass
@@ -208,6 +211,7 @@ class ClientInfo:
     pool_id: str
     sequences: int
     lease_remaining_ms: int
+    group_rank: int = 0  # its rank when its pool is a group's
 
 
 @dataclass

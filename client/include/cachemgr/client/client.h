@@ -95,8 +95,17 @@ struct AttachOptions {
   // checked (and the mapping revoked) only by calls and lease_ok().
   bool auto_heartbeat = true;
   bool auto_reattach = true;
-  // Bytes of this client's Compress input buffer; 0: 64 float32 window queries of all layers.
+  // Bytes of this client's Compress input buffer; 0: 64 float32 window queries of all layers
+  // (a group member: of its rank's query heads).
   uint64_t input_buffer_bytes = 0;
+  // Rank `group_rank` of the tensor-parallel engine `group_name` of `group_size` ranks
+  // (docs/MULTINODE.md, "Groups"); empty name: no group. `model` is the whole model; the session
+  // maps its rank's shard of the KV heads (model() is the shard's description), shares one block
+  // table per layer with the other ranks, and may act on their sequences. Before a Compress
+  // with inputs, every rank writes its share into its own input buffer.
+  std::string group_name;
+  uint32_t group_rank = 0;
+  uint32_t group_size = 1;
   // Called once per event, on the heartbeat thread or on the thread whose call noticed the loss
   // first. Must return quickly and must not call Reattach() or Detach() (it may call lease_ok()
   // and status()).
@@ -366,6 +375,9 @@ class Session {
   // The negotiated model description (defaults filled in by the daemon).
   const ModelSpec& model() const;
   const std::string& pool_id() const;
+  // This session's rank and its group's size (0 and 1 outside a group).
+  uint32_t group_rank() const;
+  uint32_t group_size() const;
   uint32_t num_blocks() const;
   uint32_t heartbeat_interval_ms() const;
   uint32_t lease_timeout_ms() const;
