@@ -123,12 +123,29 @@ absl::Status CacheManager::CheckClientCapsLocked(const std::optional<uid_t>& own
 
 CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend, const Clock* clock,
                            EventHub* events)
+    : CacheManager(options, std::vector<DeviceBackend*>{backend}, clock, events) {}
+
+CacheManager::CacheManager(CacheManagerOptions options, std::vector<DeviceBackend*> backends,
+                           const Clock* clock, EventHub* events)
     : options_(options),
       boot_id_(RandomHex<kBootIdLength / 2>()),
       quarantine_(std::max(options.quarantine, options.lease_timeout)),
-      backend_(backend),
+      backends_(std::move(backends)),
       clock_(clock),
       events_(events) {}
+
+absl::StatusOr<DeviceBackend*> CacheManager::FindBackend(const std::string& device,
+                                                         const std::string& field) const {
+  if (device.empty()) return backends_.front();
+  for (DeviceBackend* b : backends_) {
+    if (b->device_name() == device) return b;
+  }
+  std::vector<std::string> names;
+  for (const DeviceBackend* b : backends_) names.push_back(b->device_name());
+  return absl::InvalidArgumentError(absl::StrCat(field, " ", QuoteForMessage(device),
+                                                 " is not a device of this cachemgrd (it has ",
+                                                 absl::StrJoin(names, ", "), ")"));
+}
 
 CacheManager::~CacheManager() { Shutdown(); }
 
@@ -156,24 +173,23 @@ struct PoolCharge {
   uint64_t total = 0;
 };
 
-// The memory of a new pool: the backend's, or for a group one shard of the backend's per rank
-// (each holding its share of the heads) behind a ShardedPoolMemory.
-absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePoolMemory(DeviceBackend& backend,
-                                                             const std::string& pool_id,
-                                                             const ModelSpec& model,
-                                                             uint32_t num_blocks,
-                                                             uint32_t group_size) {
+// The memory of a new pool: on its device's backend, or for a group one shard per rank (each
+// holding its share of the heads, on the rank's device) behind a ShardedPoolMemory.
+absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePoolMemory(
+    const std::vector<DeviceBackend*>& rank_backends, const std::string& pool_id,
+    const ModelSpec& model, uint32_t num_blocks) {
+  const uint32_t group_size = static_cast<uint32_t>(rank_backends.size());
   if (group_size == 1) {
-    return backend.CreatePool(pool_id, model.LayerLayout(num_blocks), model.ElemType(),
-                              model.num_layers);
+    return rank_backends[0]->CreatePool(pool_id, model.LayerLayout(num_blocks), model.ElemType(),
+                                        model.num_layers);
   }
   const ModelSpec shard = ShardModel(model, group_size);
   std::vector<std::unique_ptr<PoolMemory>> shards;
   for (uint32_t r = 0; r < group_size; ++r) {
-    ASSIGN_OR_RETURN(
-        std::unique_ptr<PoolMemory> memory,
-        backend.CreatePool(absl::StrCat(pool_id, "-rank", r), shard.LayerLayout(num_blocks),
-                           model.ElemType(), model.num_layers));
+    ASSIGN_OR_RETURN(std::unique_ptr<PoolMemory> memory,
+                     rank_backends[r]->CreatePool(absl::StrCat(pool_id, "-rank", r),
+                                                  shard.LayerLayout(num_blocks), model.ElemType(),
+                                                  model.num_layers));
     shards.push_back(std::move(memory));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<ShardedPoolMemory> sharded,
@@ -182,15 +198,19 @@ absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePoolMemory(DeviceBackend& back
 }
 
 // INVALID_ARGUMENT naming num_blocks when a size overflows.
-absl::StatusOr<PoolCharge> PlanCharge(const DeviceBackend& backend, const ModelSpec& model,
-                                      uint32_t num_blocks, uint32_t group_size) {
+absl::StatusOr<PoolCharge> PlanCharge(const std::vector<DeviceBackend*>& rank_backends,
+                                      const ModelSpec& model, uint32_t num_blocks) {
   PoolCharge c;
   RETURN_IF_ERROR(model.LayerBytes(num_blocks).status());
-  // A group's ranks each hold a shard; one set of allocators serves them all.
-  ASSIGN_OR_RETURN(
-      const uint64_t shard_bytes,
-      backend.PoolBytes(ShardModel(model, group_size).LayerLayout(num_blocks), model.num_layers));
-  const std::optional<uint64_t> memory = CheckedMul<uint64_t>(shard_bytes, group_size);
+  // A group's ranks each hold a shard (on the rank's device); one set of allocators serves them
+  // all.
+  const uint32_t group_size = static_cast<uint32_t>(rank_backends.size());
+  const kernels::KvLayerLayout shard = ShardModel(model, group_size).LayerLayout(num_blocks);
+  std::optional<uint64_t> memory = 0;
+  for (const DeviceBackend* backend : rank_backends) {
+    ASSIGN_OR_RETURN(const uint64_t shard_bytes, backend->PoolBytes(shard, model.num_layers));
+    memory = memory.has_value() ? CheckedAdd(*memory, shard_bytes) : std::nullopt;
+  }
   const std::optional<uint64_t> bookkeeping =
       CheckedProduct({num_blocks, model.num_layers, kBookkeepingBytesPerBlockLayer});
   const std::optional<uint64_t> total = memory.has_value() && bookkeeping.has_value()
@@ -250,6 +270,30 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
       group_name = params.group->name;
     }
   }
+  // The device of each rank's memory: the group's list, or `device` for every rank.
+  std::vector<DeviceBackend*> rank_backends;
+  const bool devices_named = params.group.has_value() && !params.group->devices.empty();
+  if (devices_named) {
+    if (params.group->devices.size() != params.group->size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("group.devices names ", params.group->devices.size(),
+                       " devices for group.size ", params.group->size, ": one per rank, or none"));
+    }
+    for (uint32_t r = 0; r < params.group->size; ++r) {
+      ASSIGN_OR_RETURN(DeviceBackend * b, FindBackend(params.group->devices[r],
+                                                      absl::StrCat("group.devices[", r, "]")));
+      rank_backends.push_back(b);
+    }
+    if (!params.device.empty() && params.device != params.group->devices[rank]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "device ", QuoteForMessage(params.device), " differs from group.devices[", rank, "] ",
+          QuoteForMessage(params.group->devices[rank]), ": leave one of them empty"));
+    }
+    if (group_size == 1) rank_backends.resize(1);  // a group of one is no group
+  } else {
+    ASSIGN_OR_RETURN(DeviceBackend * b, FindBackend(params.device, "device"));
+    rank_backends.assign(group_size, b);
+  }
   uint64_t input_bytes = params.input_buffer_bytes;
   if (input_bytes == 0) {
     // At most 1024 * 64 * 4096 * 1024 * 4 = 2^40 for a validated model.
@@ -275,10 +319,12 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
 
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(CheckClientCapsLocked(owner));
-  // A group's pool is its own (model names and group names have no spaces).
+  // A group's pool is its own (model, group and device names have no spaces); a model has a
+  // pool on each device it is attached on.
   const std::string pool_key =
-      group_name.empty() ? PoolKey(owner, model.name)
-                         : absl::StrCat(PoolKey(owner, model.name), " group ", group_name);
+      group_name.empty()
+          ? absl::StrCat(PoolKey(owner, model.name), " on ", rank_backends[0]->device_name())
+          : absl::StrCat(PoolKey(owner, model.name), " group ", group_name);
   while (true) {
     auto it = pools_.find(pool_key);
     if (it != pools_.end() && it->second->building) {
@@ -318,6 +364,13 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
                          " of group.name ", QuoteForMessage(group_name),
                          " as attached: every rank of a group names the same size"));
       }
+      if (group_size > 1 && (devices_named || !params.device.empty()) &&
+          (devices_named ? pool.rank_backends != rank_backends
+                         : pool.rank_backends[rank] != rank_backends[rank])) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            devices_named ? "group.devices differ" : "device differs", " from where group.name ",
+            QuoteForMessage(group_name), " keeps its shards: name the same devices, or none"));
+      }
       if (group_size > 1 && pool.ranks[rank] != nullptr) {
         return absl::AlreadyExistsError(
             absl::StrCat("group.rank ", rank, " of group.name ", QuoteForMessage(group_name),
@@ -338,7 +391,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
       uint64_t wanted = options_.default_pool_bytes;
       if (params.num_blocks != 0) {
         ASSIGN_OR_RETURN(const PoolCharge planned,
-                         PlanCharge(*backend_, model, params.num_blocks, group_size));
+                         PlanCharge(rank_backends, model, params.num_blocks));
         wanted = planned.total;
       }
       ReclaimIdlePoolsLocked(CheckedAdd(wanted, input_charge).value_or(UINT64_MAX));
@@ -358,8 +411,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
           model.BlockBytes() * model.num_layers + kBookkeepingBytesPerBlockLayer * model.num_layers;
       uint64_t n = std::min<uint64_t>(target / per_block, UINT32_MAX / kMaxBlockSize);
       while (n > 0) {
-        ASSIGN_OR_RETURN(charge,
-                         PlanCharge(*backend_, model, static_cast<uint32_t>(n), group_size));
+        ASSIGN_OR_RETURN(charge, PlanCharge(rank_backends, model, static_cast<uint32_t>(n)));
         if (charge.total <= target) break;
         // Page or granularity rounding pushed it over: drop the blocks the excess covers.
         n -=
@@ -373,7 +425,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
       }
       num_blocks = static_cast<uint32_t>(n);
     } else {
-      ASSIGN_OR_RETURN(charge, PlanCharge(*backend_, model, num_blocks, group_size));
+      ASSIGN_OR_RETURN(charge, PlanCharge(rank_backends, model, num_blocks));
     }
     const std::optional<uint64_t> needed = CheckedAdd(charge.total, input_charge);
     if (!needed.has_value() || *needed > left) {
@@ -394,6 +446,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     pool->group_name = group_name;
     pool->group_size = group_size;
     if (group_size > 1) pool->ranks.assign(group_size, nullptr);
+    pool->rank_backends = rank_backends;
     pool->num_blocks = num_blocks;
     pool->bytes = charge.memory;
     pool->bookkeeping_bytes = charge.bookkeeping;
@@ -408,7 +461,7 @@ absl::StatusOr<AttachResult> CacheManager::Attach(const AttachParams& params,
     std::vector<BlockAllocator> allocators;
     {
       MutexUnlock unlocked(&mu_);
-      memory = CreatePoolMemory(*backend_, pool->pool_id, model, num_blocks, group_size);
+      memory = CreatePoolMemory(rank_backends, pool->pool_id, model, num_blocks);
       if (memory.ok()) {
         allocators.reserve(model.num_layers);
         for (uint32_t l = 0; l < model.num_layers; ++l) allocators.emplace_back(num_blocks);
@@ -487,9 +540,10 @@ AttachResult CacheManager::AddClientLocked(Pool& pool, const std::optional<uid_t
   result.lease_timeout = options_.lease_timeout;
   PoolDescription& d = result.pool;
   d.pool_id = pool.pool_id;
-  d.backend = backend_->kind();
-  d.share_method = backend_->share_method();
-  d.device = backend_->device_name();
+  const DeviceBackend& backend = *pool.rank_backends[rank];
+  d.backend = backend.kind();
+  d.share_method = backend.share_method();
+  d.device = backend.device_name();
   // A group member maps its rank's shard.
   const PoolMemory& memory = RankMemory(pool, rank);
   d.model = ShardModel(pool.model, pool.group_size);
@@ -1075,8 +1129,15 @@ StatsSnapshot CacheManager::Stats(const Caller& caller) const {
     PoolSnapshot p;
     p.pool_id = pool->pool_id;
     p.model_name = pool->model.name;
-    p.backend = backend_->kind();
-    p.device = backend_->device_name();
+    p.backend = pool->rank_backends[0]->kind();
+    // A group's ranks may sit on several devices: each named once, rank order.
+    std::vector<std::string> devices;
+    for (const DeviceBackend* b : pool->rank_backends) {
+      if (std::find(devices.begin(), devices.end(), b->device_name()) == devices.end()) {
+        devices.push_back(b->device_name());
+      }
+    }
+    p.device = absl::StrJoin(devices, ",");
     p.group_name = pool->group_name;
     p.group_size = pool->group_size;
     for (const Client* c : pool->ranks) p.group_ranks_attached += c != nullptr ? 1 : 0;

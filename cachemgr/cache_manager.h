@@ -122,6 +122,10 @@ struct GroupMembership {
   std::string name;   // an identifier, unique per owner and model
   uint32_t rank = 0;  // < size
   uint32_t size = 1;  // 1..kMaxGroupSize, dividing num_q_heads and num_kv_heads; 1 is no group
+  // The device of each rank's shard (size names: DeviceBackend::device_name(), a GPU's UUID);
+  // empty: every shard on AttachParams::device. Only the first member's count; a later
+  // member's, when given, must be the same.
+  std::vector<std::string> devices;
 };
 
 struct AttachParams {
@@ -133,6 +137,9 @@ struct AttachParams {
   uint64_t input_buffer_bytes = 0;
   // A rank of a tensor-parallel engine: see GroupMembership.
   std::optional<GroupMembership> group;
+  // The device the pool lives on (DeviceBackend::device_name(): "host", a GPU's UUID); empty:
+  // the daemon's first device. A model attached on two devices has a pool on each.
+  std::string device;
 };
 
 struct PoolDescription {
@@ -442,6 +449,10 @@ class CacheManager {
   // `backend` and `clock` must outlive the manager; `events` may be null.
   CacheManager(CacheManagerOptions options, DeviceBackend* backend, const Clock* clock,
                EventHub* events);
+  // Pools on several devices of the node: one backend per device (distinct device_name()s; the
+  // first is where an Attach naming no device goes), all outliving the manager.
+  CacheManager(CacheManagerOptions options, std::vector<DeviceBackend*> backends,
+               const Clock* clock, EventHub* events);
   ~CacheManager();
   CacheManager(const CacheManager&) = delete;
   CacheManager& operator=(const CacheManager&) = delete;
@@ -671,6 +682,10 @@ class CacheManager {
   static const PoolMemory& RankMemory(const Pool& pool, uint32_t rank);
   // Whether `a` may act on the sequences of `b`: the same client, or members of one group.
   static bool SharesSequences(const Client& a, const Client& b);
+  // The backend of `device` ("" : the first); INVALID_ARGUMENT naming `field` and the devices
+  // there are otherwise.
+  absl::StatusOr<DeviceBackend*> FindBackend(const std::string& device,
+                                             const std::string& field) const;
   // RESOURCE_EXHAUSTED when one more client of `owner` would exceed a client cap.
   absl::Status CheckClientCapsLocked(const std::optional<uid_t>& owner) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -750,7 +765,8 @@ class CacheManager {
   const CacheManagerOptions options_;
   const std::string boot_id_;
   const absl::Duration quarantine_;
-  DeviceBackend* const backend_;
+  // One per device, the default first.
+  const std::vector<DeviceBackend*> backends_;
   const Clock* const clock_;
   EventHub* const events_;
   std::atomic<bool> shutting_down_{false};

@@ -80,7 +80,8 @@ absl::StatusOr<std::shared_ptr<const ClientEvent>> CacheManager::WriteEventLocke
     Client& client, const std::string& handle) {
   if (handle.empty()) return nullptr;
   if (client.write_event == nullptr || client.write_event_handle != handle) {
-    ASSIGN_OR_RETURN(std::unique_ptr<ClientEvent> opened, backend_->OpenClientEvent(handle));
+    ASSIGN_OR_RETURN(std::unique_ptr<ClientEvent> opened,
+                     client.pool->rank_backends[client.rank]->OpenClientEvent(handle));
     client.write_event = std::move(opened);
     client.write_event_handle = handle;
   }

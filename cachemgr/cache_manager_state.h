@@ -30,6 +30,8 @@ struct CacheManager::Pool {
   std::string group_name;
   uint32_t group_size = 1;
   std::vector<Client*> ranks;
+  // The device of each rank's memory (one entry when the pool is not a group's).
+  std::vector<DeviceBackend*> rank_backends;
   uint32_t num_blocks = 0;
   // Charged to the budget: the memory (DeviceBackend::PoolBytes, then what was allocated) and
   // the per-block bookkeeping.

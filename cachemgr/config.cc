@@ -222,10 +222,14 @@ const std::vector<Option>& Options() {
          c.backend = std::string(v);
          return std::string();
        }},
-      {"cuda_device", "UUID|N",
-       "with --backend=cuda: the GPU, by UUID (GPU-...) or ordinal (default 0)",
+      {"cuda_device", "UUID|N[,...]",
+       "with --backend=cuda: the GPUs, by UUID (GPU-...) or ordinal, comma-separated (default "
+       "0); the first is where an Attach naming no device goes",
        [](DaemonConfig& c, absl::string_view v) {
          if (v.empty()) return std::string("must not be empty");
+         for (absl::string_view d : absl::StrSplit(v, ',')) {
+           if (d.empty()) return std::string("must not name an empty device");
+         }
          c.cuda_device = std::string(v);
          return std::string();
        }},

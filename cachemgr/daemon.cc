@@ -13,6 +13,8 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "cachemgr/backend/host_backend.h"
 #if defined(CACHEMGR_HAVE_CUDA_BACKEND)
 #include "cachemgr/backend/cuda_backend.h"
@@ -139,15 +141,30 @@ class WithoutReflection : public grpc::ServerBuilderOption {
   }
 };
 
-absl::StatusOr<std::unique_ptr<DeviceBackend>> MakeBackend(const DaemonConfig& config) {
-  if (config.backend == "host") return std::make_unique<HostBackend>();
+// The daemon's devices: the host, or each GPU --cuda_device names (distinct devices).
+absl::StatusOr<std::vector<std::unique_ptr<DeviceBackend>>> MakeBackends(
+    const DaemonConfig& config) {
+  std::vector<std::unique_ptr<DeviceBackend>> backends;
+  if (config.backend == "host") {
+    backends.push_back(std::make_unique<HostBackend>());
+    return backends;
+  }
 #if defined(CACHEMGR_HAVE_CUDA_BACKEND)
-  CudaBackendOptions options;
-  options.device = config.cuda_device;
-  options.share_method =
-      config.cuda_share == "ipc_handle" ? ShareMethod::kCudaIpcHandle : ShareMethod::kCudaVmmFd;
-  ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create(options));
-  return std::unique_ptr<DeviceBackend>(std::move(cuda));
+  for (absl::string_view device : absl::StrSplit(config.cuda_device, ',')) {
+    CudaBackendOptions options;
+    options.device = std::string(device);
+    options.share_method =
+        config.cuda_share == "ipc_handle" ? ShareMethod::kCudaIpcHandle : ShareMethod::kCudaVmmFd;
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create(options));
+    for (const auto& other : backends) {
+      if (other->device_name() == cuda->device_name()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--cuda_device names GPU ", cuda->device_name(), " twice"));
+      }
+    }
+    backends.push_back(std::move(cuda));
+  }
+  return backends;
 #else
   return absl::FailedPreconditionError(
       "--backend=cuda: this cachemgrd was built without CUDA (configure with -DCACHEMGR_CUDA=ON)");
@@ -172,9 +189,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   RETURN_IF_ERROR(PrepareSocketPath(config.socket_path, "--socket", SOCK_STREAM));
   RETURN_IF_ERROR(PrepareSocketPath(config.share_socket_path, "--share_socket", SOCK_SEQPACKET));
 
-  ASSIGN_OR_RETURN(d->backend_, MakeBackend(config));
+  ASSIGN_OR_RETURN(d->backends_, MakeBackends(config));
+  std::vector<DeviceBackend*> backends;
+  for (const auto& b : d->backends_) backends.push_back(b.get());
   d->manager_ =
-      std::make_unique<CacheManager>(config.manager, d->backend_.get(), &d->clock_, &d->events_);
+      std::make_unique<CacheManager>(config.manager, std::move(backends), &d->clock_, &d->events_);
   d->peer_policy_ = std::make_unique<PeerPolicy>(geteuid(), config.allowed_uids, config.socket_gid);
 
   // The share channel calls the resolver on its single serving thread and sends the returned
@@ -318,9 +337,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
                        : absl::StrCat(config.metrics_address, " port ", metrics_port)},
        {"metrics_port", static_cast<uint64_t>(metrics_port)},
        {"backend", config.backend},
-       {"device", d->backend_->device_name()},
-       {"share_method", d->backend_->share_method() == ShareMethod::kMemfd ? "memfd"
-                        : d->backend_->share_method() == ShareMethod::kCudaVmmFd
+       {"device", absl::StrJoin(d->backends_, ",",
+                                [](std::string* out, const std::unique_ptr<DeviceBackend>& b) {
+                                  out->append(b->device_name());
+                                })},
+       {"share_method", d->backends_[0]->share_method() == ShareMethod::kMemfd ? "memfd"
+                        : d->backends_[0]->share_method() == ShareMethod::kCudaVmmFd
                             ? "cuda_vmm_fd"
                             : "cuda_ipc_handle"},
        {"memory_budget", config.manager.memory_budget_bytes},

@@ -69,7 +69,8 @@ class Daemon {
   std::unique_ptr<InstanceLock> share_socket_lock_;
   std::unique_ptr<PeerPolicy> peer_policy_;
   std::unique_ptr<OperatorToken> operator_token_;
-  std::unique_ptr<DeviceBackend> backend_;
+  // One per device (--cuda_device may name several GPUs); the first is the default.
+  std::vector<std::unique_ptr<DeviceBackend>> backends_;
   std::unique_ptr<CacheManager> manager_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<PeerDirectory> peers_;

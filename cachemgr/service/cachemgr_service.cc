@@ -262,9 +262,13 @@ grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContex
     params.num_blocks = request->num_blocks();
     params.input_buffer_bytes = request->input_buffer_bytes();
     if (request->has_group()) {
-      params.group = GroupMembership{request->group().name(), request->group().rank(),
-                                     request->group().size()};
+      params.group =
+          GroupMembership{request->group().name(),
+                          request->group().rank(),
+                          request->group().size(),
+                          {request->group().devices().begin(), request->group().devices().end()}};
     }
+    params.device = request->device();
     ASSIGN_OR_RETURN(AttachResult result, manager_->Attach(params, caller));
     AttachResultToProto(result, share_socket_path_, response);
     return absl::OkStatus();

@@ -549,11 +549,13 @@ struct Session::Impl {
     ToProto(options.model, request.mutable_model());
     request.set_num_blocks(options.num_blocks);
     request.set_input_buffer_bytes(options.input_buffer_bytes);
+    request.set_device(options.device);
     if (!options.group_name.empty()) {
       pb::GroupMembership* group = request.mutable_group();
       group->set_name(options.group_name);
       group->set_rank(options.group_rank);
       group->set_size(options.group_size);
+      for (const std::string& d : options.group_devices) group->add_devices(d);
     }
     pb::AttachResponse response;
     // The daemon starts the lease when it handles the call, after this.

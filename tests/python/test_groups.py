@@ -193,3 +193,18 @@ def test_group_members_share_sequences_and_errors_name_fields(daemon, ranks_of):
         result = rank0.compress("s", cachemgr.Policy("snapkv", window=QUERIES),
                                 reserve_ratio=0.5, input_written="queries", num_queries=QUERIES)
         assert result.layers[0].kept_per_head == TOKENS // 2
+
+
+def test_device_names_one_of_the_daemons(daemon):
+    """A host daemon has one device, "host": naming it works, naming another is refused with
+    the daemon's devices listed (a GPU daemon lists its GPUs' UUIDs)."""
+    model = group_model("fp16")
+    with cachemgr.Session.attach(daemon.socket, "on-host", model, num_blocks=8,
+                                 device="host") as s:
+        assert s.pool.num_blocks == 8
+    for kwargs, field in [({"device": "GPU-00000000"}, "device"),
+                          ({"group": ("g", 0, 2, ["host", "GPU-1"])}, "group.devices[1]")]:
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            cachemgr.Session.attach(daemon.socket, "elsewhere", model, num_blocks=8, **kwargs)
+        assert e.value.code.name == "INVALID_ARGUMENT"
+        assert f"{field} \"" in e.value.message and "(it has host)" in e.value.message

@@ -41,6 +41,8 @@ class Request:
     output: list = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
     blocks: list = dataclasses.field(default_factory=list)
+    kv_transfer_params: dict = None   # vLLM's, from SamplingParams.extra_args
+    returned_params: dict = None      # what request_finished returned (for the proxy)
 
     @property
     def num_tokens(self):
@@ -164,7 +166,7 @@ class MiniVllm:
                 r.num_computed_tokens = matched
                 if is_new:
                     new_reqs.append(NewRequestData(r.request_id, list(r.prompt_token_ids),
-                                                   (list(r.blocks),), 0))
+                                                   (list(r.blocks),), matched))
                 else:
                     cached_ids.append(r.request_id)
                     cached_new.append((list(r.blocks),))
@@ -189,7 +191,7 @@ class MiniVllm:
                 r.output.append((sum(r.prompt_token_ids) + len(r.output) * 7) % 50)
             if len(r.output) >= r.max_new:
                 self.running.remove(r)
-                self.scheduler.request_finished(r, r.blocks)
+                _, r.returned_params = self.scheduler.request_finished(r, r.blocks)
                 self.free += r.blocks
                 r.blocks = []
                 self.done.append(r)
@@ -203,17 +205,20 @@ class MiniVllm:
         # Loads the sidecar could not serve: vLLM recomputes their tokens (here, in this step's
         # forward) and the scheduler hears of the blocks.
         errors = w.get_block_ids_with_load_errors()
-        recompute = {}
+        recompute = {}  # request id -> tokens to recompute
+
+        def request_of(t):
+            return t.request_id or t.sequence_id[len("vllm-"):]
         for t in meta.loads:
             if errors.intersection(t.block_ids):
-                recompute[t.sequence_id] = (t.first_token, t.first_token + t.num_tokens)
+                recompute[request_of(t)] = (t.first_token, t.first_token + t.num_tokens)
         self.failed_loads += len(recompute)
         self.scheduler.update_connector_output(types.SimpleNamespace(invalid_block_ids=errors))
         # Check every loaded row against the model (codebook rows within its thresholds).
         for t in meta.loads:
-            if t.sequence_id in recompute:
+            if request_of(t) in recompute:
                 continue
-            r = next(x for x in self.running if "vllm-" + x.request_id == t.sequence_id)
+            r = next(x for x in self.running if x.request_id == request_of(t))
             for layer, name in enumerate(self.cache):
                 kv = self.cache[name]
                 for i in range(t.first_token, t.first_token + t.num_tokens):
@@ -228,7 +233,7 @@ class MiniVllm:
         # "Forward": KV of the scheduled (and recomputed) tokens into vLLM's blocks.
         for rid, n in out.num_scheduled_tokens.items():
             r = next(x for x in self.running if x.request_id == rid)
-            first, _ = recompute.get("vllm-" + rid, (r.num_computed_tokens, 0))
+            first, _ = recompute.get(rid, (r.num_computed_tokens, 0))
             for i in range(first, r.num_computed_tokens + n):
                 b, o = r.blocks[i // BLOCK], i % BLOCK
                 for layer, name in enumerate(self.cache):
@@ -431,3 +436,82 @@ def test_whole_block_gathers_match_row_gathers(name):
     k_blocks, v_blocks = layout.gather_blocks(kv, DIM, ids)
     np.testing.assert_array_equal(np.asarray(k_blocks), np.asarray(k_rows))
     np.testing.assert_array_equal(np.asarray(v_blocks), np.asarray(v_rows))
+
+
+# ---- prefill on one daemon, decode on another (kv_role) --------------------------------------
+
+from test_transfer import pair  # noqa: E402,F401  (two daemons, peers of each other)
+
+
+def run_until_done(vllm, count):
+    for _ in range(400):
+        if len(vllm.done) == count:
+            break
+        vllm.step()
+    vllm.step()  # delivers the last finished_req_ids to the worker
+
+
+@pytest.mark.parametrize("policy", ["fullkv", "codebook"])
+def test_prefill_instance_moves_prompts_to_the_decode_instance(pair, tmp_path, policy):
+    """A kv_producer engine on daemon A prefills (max_tokens 1) requests the proxy marked
+    do_remote_decode; its worker saves each prompt, compresses it with the policy and moves it
+    into the decode worker's session on daemon B (whose token the consumer published).
+    request_finished answers the kv_transfer_params the proxy passes on; the kv_consumer engine
+    loads every prompt token but the last from the moved copy (each row checked against the
+    model), computes the rest itself, and both daemons end empty. One request's move fails (a
+    stale token): its decode recomputes the prompt."""
+    a, b, _, _ = pair
+    token_path = tmp_path / "decode-session"
+    p_sched, p_worker = make(a, policy, kv_role="kv_producer")
+    d_sched, d_worker = make(b, policy, kv_role="kv_consumer",
+                             session_token_file=str(token_path))
+    token = token_path.read_text()
+    assert token == d_worker.session.session_token
+    assert oct(token_path.stat().st_mode & 0o777) == "0o600"
+    rng = np.random.default_rng(3)
+    # Few distinct token ids: rows repeat, so a codebook pays.
+    prompts = [[int(x) for x in rng.integers(3, 8, rng.integers(10, 22))] for _ in range(6)]
+    stale = a.socket  # not a session token of B's
+    prefill = MiniVllm(p_sched, p_worker)
+    for i, prompt in enumerate(prompts):
+        prefill.add(Request(f"p{i}", prompt, max_new=1, kv_transfer_params={
+            "do_remote_decode": True, "cachemgr_peer": "node-b",
+            "cachemgr_session_token": stale if i == 5 else token,
+            "cachemgr_sequence": f"pd-{i}"}))
+    run_until_done(prefill, 6)
+    assert p_worker.stats["remote_sends"] == 5
+    assert p_worker.stats["remote_send_failures"] == 1
+    plain = sum(len(p) for p in prompts[:5]) * LAYERS * 2 * KV_HEADS * DIM * 2  # fp16
+    if policy == "fullkv":
+        assert p_worker.stats["remote_send_bytes"] == plain
+    else:  # moved as held: codebooks, fewer bytes
+        assert 0 < p_worker.stats["remote_send_bytes"] < plain
+    # Moved, not copied; the failed one was freed when its request finished.
+    assert p_worker.session.list_sequences() == []
+    held = {q.sequence_id: q.num_positions for q in d_worker.session.list_sequences()}
+    assert held == {f"pd-{i}": len(prompts[i]) for i in range(5)}
+    for i, r in enumerate(sorted(prefill.done, key=lambda r: r.request_id)):
+        assert r.returned_params == {"do_remote_prefill": True, "cachemgr_sequence": f"pd-{i}",
+                                     "remote_num_tokens": len(prompts[i])}
+
+    decode = MiniVllm(d_sched, d_worker)
+    for r in sorted(prefill.done, key=lambda r: r.request_id):
+        decode.add(Request("d" + r.request_id[1:], list(r.prompt_token_ids), max_new=5,
+                           kv_transfer_params=dict(r.returned_params)))
+    run_until_done(decode, 6)
+    assert all(len(r.output) == 5 for r in decode.done)
+    assert decode.failed_loads == 1  # pd-5 never came: recomputed
+    loaded = sum(len(p) - 1 for p in prompts[:5])
+    assert d_worker.stats["remote_loaded_tokens"] == loaded
+    assert decode.loaded_checks == LAYERS * 2 * loaded
+    assert d_worker.session.list_sequences() == []  # each moved-in copy freed once loaded
+    for d in (a, b):
+        for pool in cachemgr.stats(d.socket).pools:
+            assert all(l.used_blocks == 0 for l in pool.layers)
+    for c in (p_sched, p_worker, d_sched, d_worker):
+        c.shutdown()
+
+
+def test_kv_role_is_checked(daemon):
+    with pytest.raises(ValueError, match="kv_role"):
+        make(daemon, "fullkv", kv_role="kv_sideways")

@@ -10,7 +10,12 @@ model's tokenizer), or rounds (lists of texts, one generate call each; round_sta
 worker's counters after each), max_tokens, fault (failures to inject, a name or a list, see
 below), connector (the
 kv_connector_extra_config, or null for a run without the connector), engine (extra LLM
-arguments, e.g. num_gpu_blocks_override, max_num_seqs, enable_prefix_caching).
+arguments, e.g. num_gpu_blocks_override, max_num_seqs, enable_prefix_caching), kv_role
+(kv_both by default), transfer_params (one kv_transfer_params dict per prompt: prefill/decode),
+wait_before_generate (with fault_dir: creates <fault_dir>/<name>.ready once the engine is up,
+then waits for <fault_dir>/<name>.go before generating), transfer_params_file (transfer_params
+read from that file after the wait). The report has each output's
+kv_transfer_params (what request_finished answered).
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the connector objects can
 be read after the run.
 """
@@ -89,13 +94,18 @@ def main() -> None:
         engine["kv_transfer_config"] = {
             "kv_connector": "CacheManagerConnector",
             "kv_connector_module_path": "cachemgr.integrations.vllm",
-            "kv_role": "kv_both",
+            "kv_role": spec.get("kv_role", "kv_both"),
             "kv_connector_extra_config": spec["connector"],
         }
     llm = LLM(model=spec["model"], dtype=spec.get("dtype", "auto"), enforce_eager=True,
               seed=0, disable_log_stats=False, **engine)
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16),
                             logprobs=0, ignore_eos=True)
+    if spec.get("wait_before_generate"):
+        name = spec["wait_before_generate"]
+        signal_and_wait(spec, f"{name}.ready", f"{name}.go", 600)
+    if spec.get("transfer_params_file"):  # written while this engine waited
+        spec["transfer_params"] = json.loads(pathlib.Path(spec["transfer_params_file"]).read_text())
     tokenizer = llm.get_tokenizer()
     # Rounds of prompts, one generate call each (later rounds can reuse what earlier ones
     # stored); "prompts" and "texts" make one round.
@@ -110,13 +120,19 @@ def main() -> None:
             time.sleep(3)  # the sessions' heartbeats notice the restart
         if number == 1 and "pause_after_first_round" in faults:
             signal_and_wait(spec, "paused", "resume", 400)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in round_prompts], params,
-                               use_tqdm=False)
+        round_params = params
+        if spec.get("transfer_params"):  # prefill/decode: per prompt
+            round_params = [params.clone() for _ in round_prompts]
+            for p, transfer in zip(round_params, spec["transfer_params"], strict=True):
+                p.extra_args = {"kv_transfer_params": dict(transfer)}
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in round_prompts],
+                               round_params, use_tqdm=False)
         for out in outputs:
             completion = out.outputs[0]
             logprobs = [entry[token].logprob for token, entry in
                         zip(completion.token_ids, completion.logprobs)]
-            results.append({"tokens": list(completion.token_ids), "logprobs": logprobs})
+            results.append({"tokens": list(completion.token_ids), "logprobs": logprobs,
+                            "kv_transfer_params": out.kv_transfer_params})
         prompts += round_prompts
         if spec.get("connector") is not None:
             from vllm.distributed.kv_transfer import get_kv_transfer_group

@@ -403,3 +403,79 @@ def test_hits_resume_after_a_daemon_restart_and_a_corrupt_block_is_recomputed(
     assert rounds[2]["load_errors"] == 1
     assert stats.prefix["corrupt"] == 1
     assert_outputs_match(report, prefix_reference, [0, 1, 2])
+
+
+def test_prefill_on_one_daemon_decode_on_another(reference_fp32, tmp_path):
+    """Disaggregated prefill and decode (kv_role) with two real vLLM engines, each with its own
+    daemon: the kv_producer engine prefills each prompt (max_tokens 1) and its connector moves
+    the prompt's KV into the kv_consumer engine's session on the other daemon (TransferSequence
+    between the two, peers over TCP); the consumer loads it and decodes. The decoded tokens are
+    the single-engine run's (float32, compared as the preemption runs are)."""
+    from test_peers import free_port, peer_in_state, token_file, wait_for  # tests/python
+    token = token_file(tmp_path, "cluster-token", "pd-cluster-token-0123456789")
+    port_a, port_b = free_port(), free_port()
+    common = ["--tcp_plaintext_loopback", f"--tcp_token_file={token}",
+              "--peer_probe_interval_ms=200"]
+    b = Daemon([f"--tcp_address=127.0.0.1:{port_b}", f"--peers=127.0.0.1:{port_a}",
+                "--node_name=node-b", *common])
+    a = Daemon([f"--tcp_address=127.0.0.1:{port_a}", f"--peers=127.0.0.1:{port_b}",
+                "--node_name=node-a", *common])
+    decode = None
+    try:
+        wait_for("A to see B", peer_in_state(a, f"127.0.0.1:{port_b}", "PEER_STATE_UP"))
+        session_file = tmp_path / "decode-session"
+        params_file = tmp_path / "transfer-params.json"
+        decode_spec = {
+            "model": MODEL, "texts": TEXTS, "max_tokens": MAX_TOKENS, "dtype": "float32",
+            "engine": {"enable_prefix_caching": False}, "kv_role": "kv_consumer",
+            "connector": connector_config(b, session_token_file=str(session_file)),
+            "wait_before_generate": "decode", "fault_dir": str(tmp_path),
+            "transfer_params_file": str(params_file)}
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                   OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+        decode = subprocess.Popen([sys.executable, str(RUN_ENGINE), json.dumps(decode_spec)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        wait_for("the decode engine to start", lambda: (tmp_path / "decode.ready").exists() or
+                 decode.poll() is not None, timeout=600)
+        assert decode.poll() is None, decode.communicate()[1][-6000:]
+        destination = session_file.read_text()
+
+        prefill = run_engine({
+            "texts": TEXTS, "max_tokens": 1, "dtype": "float32",
+            "engine": {"enable_prefix_caching": False}, "kv_role": "kv_producer",
+            "connector": connector_config(a),
+            "transfer_params": [{"do_remote_decode": True, "cachemgr_peer": "node-b",
+                                 "cachemgr_session_token": destination,
+                                 "cachemgr_sequence": f"pd-{i}"} for i in range(len(TEXTS))]})
+        stats = prefill["worker_stats"]
+        assert (stats["remote_sends"], stats["remote_send_failures"]) == (len(TEXTS), 0)
+        assert stats["remote_send_bytes"] > 0
+        returned = [out["kv_transfer_params"] for out in prefill["outputs"]]
+        # vLLM adds remote_prefill_cached_tokens (the prefill's own cache hits) for the proxy.
+        assert [{k: v for k, v in r.items() if k != "remote_prefill_cached_tokens"}
+                for r in returned] == [{"do_remote_prefill": True, "cachemgr_sequence": f"pd-{i}",
+                                        "remote_num_tokens": n}
+                                       for i, n in enumerate(prefill["prompt_lengths"])]
+        for ours, ref in zip(prefill["outputs"], reference_fp32["outputs"], strict=True):
+            assert ours["tokens"] == ref["tokens"][:1]
+        # The prompts wait on B, in the decode engine's session, before it generates.
+        used = sum(l.used_blocks for p in cachemgr.stats(b.socket).pools for l in p.layers)
+        assert used > 0
+
+        params_file.write_text(json.dumps(returned))  # what a proxy passes on
+        (tmp_path / "decode.go").touch()
+        out, err = decode.communicate(timeout=600)
+        results = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert decode.returncode == 0 and results, f"decode engine failed:\n{err[-6000:]}"
+        report = json.loads(results[-1][len("RESULT "):])
+        worker = report["worker_stats"]
+        assert worker["remote_loaded_tokens"] == sum(n - 1 for n in prefill["prompt_lengths"])
+        assert worker["load_errors"] == 0
+        assert_same_decoding(report, reference_fp32, BATCHING_TOLERANCE)
+    finally:
+        if decode is not None and decode.poll() is None:
+            decode.kill()
+            decode.wait()
+        a.stop()
+        b.stop()

@@ -303,7 +303,7 @@ class Session:
                bearer_token: Optional[str] = None, auto_reattach: bool = True,
                on_event: Optional[Callable[[SessionEvent], None]] = None,
                tls: Optional[TlsOptions] = None, revoke_on_loss: bool = True,
-               group: Optional[Tuple[str, int, int]] = None) -> "Session":
+               group: Optional[Tuple] = None, device: str = "") -> "Session":
         """Attaches to the daemon at `target` (a Unix socket path, or host:port with
         `bearer_token` and `tls`), creating the model's pool with `num_blocks` blocks per layer
         if it is the first client of this user (0: the daemon decides), and maps the pool.
@@ -322,13 +322,17 @@ class Session:
         maps its rank's shard of the KV heads (`model` of the session: the shard's description;
         `whole_model`: the whole one). The group's members share one block table per layer and
         may act on each other's sequences; before a Compress with inputs, every rank writes its
-        share of them (write_inputs) and one rank calls compress(input_written=...)."""
+        share of them (write_inputs) and one rank calls compress(input_written=...). A fourth
+        element, the devices of the ranks' shards (e.g. GPU UUIDs), puts each on its own.
+        `device`: the daemon device the pool lives on (empty: the daemon's first)."""
         caller = _Caller(target, bearer_token, tls)
         request = pb.AttachRequest(client_name=client_name, model=convert.model_to_proto(model),
                                    num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes)
+        request.device = device
         if group is not None:
-            name, rank, size = group
-            request.group.CopyFrom(pb.GroupMembership(name=name, rank=rank, size=size))
+            name, rank, size, *devices = group
+            request.group.CopyFrom(pb.GroupMembership(name=name, rank=rank, size=size,
+                                                      devices=devices[0] if devices else []))
         try:
             return cls(caller, request, model, heartbeat, auto_reattach, on_event,
                        revoke_on_loss)

@@ -106,6 +106,11 @@ struct AttachOptions {
   std::string group_name;
   uint32_t group_rank = 0;
   uint32_t group_size = 1;
+  // The device of each rank's shard (group_size names, e.g. GPU UUIDs); empty: every shard on
+  // `device`.
+  std::vector<std::string> group_devices;
+  // The daemon device the pool lives on ("host", a GPU's UUID); empty: the daemon's first.
+  std::string device;
   // Called once per event, on the heartbeat thread or on the thread whose call noticed the loss
   // first. Must return quickly and must not call Reattach() or Detach() (it may call lease_ok()
   // and status()).

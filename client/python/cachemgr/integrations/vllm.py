@@ -41,6 +41,25 @@ Per-request copies (prefix_store false): the sidecar as a compressed store for r
 Loads are synchronous (start_load_kv returns when the KV is in place; get_finished reports
 nothing).
 
+Prefill on one node, decode on another (vLLM's kv_role; docs/MULTINODE.md, "The vLLM path"):
+a kv_producer engine prefills, its daemon moves each prompt's KV to the decode engine's daemon,
+and a kv_consumer engine loads it from its own daemon. The proxy in front of them (as for vLLM's
+other P/D connectors) passes kv_transfer_params:
+  to the prefill engine (max_tokens 1): {"do_remote_decode": true, "cachemgr_peer": the decode
+             daemon (address or node name from `cachemgrctl peers`), "cachemgr_session_token":
+             the decode worker's session token (the consumer writes it to its
+             `session_token_file`, mode 0600, and again after a re-attach), "cachemgr_sequence":
+             a name for the prompt there, optional "cachemgr_transfer_id" (default: the name)};
+             the worker saves the prompt as on the per-request path, compresses it with
+             `policy`, and moves it (TransferSequence, move: the daemons send it as held,
+             codebook layers as codebooks) into that session. request_finished answers
+             {"do_remote_prefill": true, "cachemgr_sequence": .., "remote_num_tokens": ..};
+  to the decode engine: those params. get_num_new_matched_tokens reports every prompt token
+             but the last, start_load_kv copies them from the moved sequence (reconstructing
+             codebook layers) and frees it. A move that failed or a sequence that never came is
+             a load error: vLLM recomputes the prompt. Only token-preserving policies (fullkv,
+             codebook) give sequences vLLM can attend to; kv_both does both roles.
+
 The sidecar never takes vLLM down. Every sidecar failure becomes a cache miss or a recompute,
 never an exception out of the connector: while cachemgrd is unreachable (or the worker's session
 is lost) get_num_new_matched_tokens reports nothing (the scheduler probes the socket, at most
@@ -142,6 +161,10 @@ _COUNTERS = {
     "reattaches": "Times the worker re-attached to cachemgrd after losing its session",
     "prefix_stored_blocks": "Blocks the connector stored in cachemgrd's prefix store (new ones)",
     "prefix_hit_tokens": "Prompt tokens loaded from cachemgrd's prefix store",
+    "remote_sends": "Prefilled prompts moved to a decode instance's daemon (kv_producer)",
+    "remote_send_bytes": "KV bytes those moves carried (as held: compressed rows, codebooks)",
+    "remote_send_failures": "Prefilled prompts that could not be moved (the decode recomputes)",
+    "remote_loaded_tokens": "Prompt tokens loaded from a prefill instance's KV (kv_consumer)",
     "prefix_corrupt_blocks": "Stored blocks cachemgrd found corrupt at load (recomputed)",
     "load_us": "Microseconds the worker spent loading KV before the forward (start_load_kv)",
     "save_us": "Microseconds the worker spent saving KV after the forward (wait_for_save)",
@@ -206,6 +229,20 @@ class _Transfer:
     block_ids: List[int]   # vLLM block ids covering the tokens
     first_token: int       # tokens [first_token, first_token + num_tokens) of the request
     num_tokens: int
+    request_id: str = ""
+    # A prefill instance's KV moved into this worker's session (kv_consumer): loaded once,
+    # then freed.
+    remote: bool = False
+
+
+@dataclasses.dataclass
+class _RemoteSend:
+    """kv_producer: a prefilled prompt to move to the decode instance's daemon."""
+    sequence_id: str             # the worker's copy
+    peer: str                    # the decode side's daemon (address or node name)
+    session_token: str           # the decode worker's session there
+    destination_sequence_id: str
+    transfer_id: str
 
 
 @dataclasses.dataclass
@@ -228,6 +265,10 @@ class CacheManagerConnectorMetadata(_MetaBase):
     # prefill that vLLM redoes saves it again.
     dropped: List[str] = dataclasses.field(default_factory=list)
     finished: List[str] = dataclasses.field(default_factory=list)
+    # Prefill/decode (kv_role): prompts to move to a decode instance after their save (and
+    # compression), and moved-in sequences the scheduler will not load (freed).
+    remote_sends: List[_RemoteSend] = dataclasses.field(default_factory=list)
+    remote_frees: List[str] = dataclasses.field(default_factory=list)
     # Prefix store (prefix_store on): full blocks to store under their hashes, and stored
     # prefixes to load into vLLM's blocks.
     prefix_saves: List["_PrefixTransfer"] = dataclasses.field(default_factory=list)
@@ -275,6 +316,26 @@ def _torch_planes(pool, layer: int, dtype):
 
 def _sequence_id(request_id: str) -> str:
     return f"vllm-{request_id}"
+
+
+_KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+
+
+def _transfer_params(request) -> Dict[str, Any]:
+    """The request's kv_transfer_params (vLLM: from SamplingParams.extra_args), or {}."""
+    params = getattr(request, "kv_transfer_params", None)
+    return params if isinstance(params, dict) else {}
+
+
+def _write_secret(path: str, text: str) -> None:
+    """Writes `text` to `path` (mode 0600) by rename, so a reader never sees half of it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _role_value(role) -> int:
@@ -357,6 +418,13 @@ class CacheManagerConnector(_Base):
             transfer.kv_load_failure_policy = "recompute"
         if "socket" not in config:
             raise ValueError("kv_connector_extra_config needs \"socket\" (cachemgrd's socket)")
+        # Prefill/decode roles (the module docstring): vLLM's kv_role, or config["kv_role"].
+        self.kv_role = str(getattr(transfer, "kv_role", None) or config.get("kv_role", "kv_both"))
+        if self.kv_role not in _KV_ROLES:
+            raise ValueError(f"kv_role must be one of {', '.join(_KV_ROLES)} "
+                             f"(got {self.kv_role!r})")
+        self.producer = self.kv_role in ("kv_producer", "kv_both")
+        self.consumer = self.kv_role in ("kv_consumer", "kv_both")
         self.config = config
         self.policy = Policy(config.get("policy", "codebook"), window=config.get("window"))
         self.reserve_ratio = config.get("reserve_ratio")
@@ -393,6 +461,10 @@ class CacheManagerConnector(_Base):
         self._matched: Dict[str, Tuple[int, int]] = {}   # req id -> (blocks matched, local)
         self._scheduler_session: Optional[Session] = None
         self._scheduler_retry_at = 0.0
+        self._remote_decode: Dict[str, _RemoteSend] = {}  # req id -> where its prompt goes
+        # req id -> tokens vLLM had computed (its local prefix cache included) when the
+        # moved-in prompt was matched: where the load starts.
+        self._remote_local: Dict[str, int] = {}
         # Worker side.
         self.session: Optional[Session] = None
         self._kv_caches: Dict[int, Any] = {}
@@ -483,10 +555,19 @@ class CacheManagerConnector(_Base):
                 # Everything the lost session held is gone.
                 self._broken.update(self._generation_of)
                 self._generation_of.clear()
+            self._publish_session_token()
             return self.session
         except CacheManagerError as e:
             self._sidecar_failed("attaching", e)
             return None
+
+    def _publish_session_token(self) -> None:
+        """kv_consumer with session_token_file: the worker's current session token, where the
+        deployment's proxy reads it to hand it to prefill instances (cachemgr_session_token):
+        the session prefilled prompts are moved into. Rewritten after each re-attach."""
+        path = self.config.get("session_token_file")
+        if path and self.consumer and self.session is not None:
+            _write_secret(str(path), self.session.session_token)
 
     def _failed(self, what: str, error: Exception) -> None:
         """A save or load that failed: sidecar errors are counted and logged as outages; any
@@ -693,7 +774,7 @@ class CacheManagerConnector(_Base):
         as load errors."""
         s = self._usable_session()
         try:
-            if s is None or not self._fresh(t.sequence_id):
+            if s is None or not (t.remote or self._fresh(t.sequence_id)):
                 raise CacheManagerError(grpc.StatusCode.UNAVAILABLE,
                                         f"no whole sidecar copy of {t.sequence_id}")
             fetched = s.fetch(t.sequence_id)
@@ -715,14 +796,22 @@ class CacheManagerConnector(_Base):
                                      self._like(kv, v[t.first_token:rows]))
         except Exception as e:  # noqa: BLE001 - whatever failed, vLLM recomputes these blocks
             # Blocks may be partly written: all of them are reported, none is trusted.
-            self._broken.add(t.sequence_id)
             first = t.first_token // self.block_size
             last = -(-(t.first_token + t.num_tokens) // self.block_size)
             self._load_errors.update(t.block_ids[first:last])
             self.stats["load_errors"] += 1
             self._failed(f"loading {t.sequence_id}", e)
+            if t.remote:
+                if s is not None:
+                    self._free_scratch(s, t.sequence_id)
+            else:
+                self._broken.add(t.sequence_id)
             return
         self.stats["loaded_tokens"] += t.num_tokens
+        if t.remote:  # loaded once: the prefill instance's copy has served its purpose
+            self.stats["remote_loaded_tokens"] += t.num_tokens
+            self._free_scratch(s, t.sequence_id)
+            return
         self._park(s, t.sequence_id)  # back to the arena until the next preemption
 
     def _store_prefix(self, p: _PrefixTransfer) -> None:
@@ -871,6 +960,30 @@ class CacheManagerConnector(_Base):
             self.stats["compressions"] += 1
             self.stats["bytes_before"] += result.bytes_before
             self.stats["bytes_after"] += result.bytes_after
+        for send in meta.remote_sends:
+            self._send_remote(send)
+
+    def _send_remote(self, send: _RemoteSend) -> None:
+        """kv_producer: moves a saved (and compressed) prompt into the decode worker's session
+        on its daemon, in the form the sidecar holds it. A failure is counted and logged; the
+        decode instance then finds nothing to load and recomputes the prompt."""
+        s = self._usable_session()
+        try:
+            if s is None or not self._fresh(send.sequence_id):
+                raise CacheManagerError(grpc.StatusCode.UNAVAILABLE,
+                                        f"no whole sidecar copy of {send.sequence_id} to send")
+            result = s.transfer_sequence(
+                send.sequence_id, send.peer, send.session_token, send.transfer_id,
+                destination_sequence_id=send.destination_sequence_id, move=True,
+                timeout_ms=int(self.config.get("transfer_timeout_ms", 30000)))
+        except Exception as e:  # noqa: BLE001 - the decode side recomputes what never came
+            self.stats["remote_send_failures"] += 1
+            self._failed(f"moving {send.sequence_id} to {send.peer}", e)
+            return
+        self.stats["remote_sends"] += 1
+        self.stats["remote_send_bytes"] += result.payload_bytes
+        # Moved: this session no longer holds it.
+        self._generation_of.pop(send.sequence_id, None)
 
     def handle_preemptions(self, kv_connector_metadata=None) -> None:
         """Before vLLM reuses a preempted request's blocks: append its decoded tokens to the
@@ -913,10 +1026,15 @@ class CacheManagerConnector(_Base):
 
     def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]],
                                                                Optional[Set[str]]]:
-        """Frees the sidecar sequences of the requests vLLM finished; nothing is asynchronous,
-        so no request is reported back."""
+        """Frees the sidecar sequences of the requests vLLM finished (and moved-in prompts the
+        scheduler did not load); nothing is asynchronous, so no request is reported back."""
         for rid in finished_req_ids:
             self._free(_sequence_id(rid))
+        meta = self._connector_metadata
+        s = self.session
+        for sequence_id in (meta.remote_frees if meta is not None else ()):
+            if s is not None:
+                self._free_scratch(s, sequence_id)
         return None, None
 
     def shutdown(self) -> None:
@@ -934,6 +1052,10 @@ class CacheManagerConnector(_Base):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         """Tokens the sidecar can load beyond what vLLM computed (0 unless the request was
         saved and every layer kept all its tokens). Side-effect free."""
+        remote = self._remote_prefill_tokens(request, num_computed_tokens)
+        if remote is not None:
+            self._remote_local[request.request_id] = num_computed_tokens
+            return remote, False
         if self.prefix_store:
             return self._prefix_matched_tokens(request, num_computed_tokens), False
         rid = request.request_id
@@ -945,6 +1067,20 @@ class CacheManagerConnector(_Base):
         # vLLM computes at least the last token itself (it needs its logits).
         matched = min(held, request.num_tokens - 1) - num_computed_tokens
         return max(0, matched), False
+
+    def _remote_prefill_tokens(self, request, num_computed_tokens: int) -> Optional[int]:
+        """kv_consumer: for a request whose prompt a prefill instance moved here
+        (kv_transfer_params do_remote_prefill with cachemgr_sequence), the prompt tokens past
+        num_computed_tokens to load from it; None for other requests. The KV is taken on the
+        producer's word: if it never came, the load fails and vLLM recomputes."""
+        params = _transfer_params(request)
+        if not (self.consumer and params.get("do_remote_prefill") and
+                params.get("cachemgr_sequence")):
+            return None
+        prompt = len(getattr(request, "prompt_token_ids", None) or ())
+        held = min(int(params.get("remote_num_tokens", prompt)), prompt)
+        # vLLM computes at least the last token itself (it needs its logits).
+        return max(0, min(held, request.num_tokens - 1) - num_computed_tokens)
 
     def _prefix_matched_tokens(self, request, num_computed_tokens: int) -> int:
         """Tokens past num_computed_tokens whose blocks the prefix store holds (MatchPrefix on
@@ -996,6 +1132,22 @@ class CacheManagerConnector(_Base):
         block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
         if block_ids:
             self._block_ids[rid] = block_ids
+        params = _transfer_params(request)
+        if self.producer and params.get("do_remote_decode"):
+            self._plan_remote_decode(request, params)
+        local = self._remote_local.pop(rid, None)
+        if local is not None and self._remote_prefill_tokens(request, local) is not None:
+            sequence_id = str(params["cachemgr_sequence"])
+            # Loaded at most once (a preemption later recomputes or reloads the local copy).
+            params["do_remote_prefill"] = False
+            if num_external_tokens > 0:
+                self._pending.loads.append(_Transfer(
+                    sequence_id, list(self._block_ids[rid]), local, num_external_tokens,
+                    request_id=rid, remote=True))
+                self._computed[rid] = local + num_external_tokens
+            else:
+                self._pending.remote_frees.append(sequence_id)
+            return
         if self.prefix_store:
             self._requests[rid] = request
             # The local prefix cache's hits are not in request.num_computed_tokens yet.
@@ -1016,6 +1168,24 @@ class CacheManagerConnector(_Base):
                                                  request.num_computed_tokens,
                                                  num_external_tokens))
             self._computed[rid] = request.num_computed_tokens + num_external_tokens
+
+    def _plan_remote_decode(self, request, params: Dict[str, Any]) -> None:
+        """kv_producer: remembers where the request's prompt goes once saved (the proxy's
+        kv_transfer_params: do_remote_decode, cachemgr_peer, cachemgr_session_token,
+        cachemgr_sequence, optional cachemgr_transfer_id); a request missing one is prefilled
+        as usual and its decode recomputes."""
+        rid = request.request_id
+        missing = [k for k in ("cachemgr_peer", "cachemgr_session_token", "cachemgr_sequence")
+                   if not params.get(k)]
+        if missing:
+            _log.warning("cachemgr connector: request %s asks for remote decode without "
+                         "kv_transfer_params %s; its KV stays here", rid, ", ".join(missing))
+            return
+        sequence = str(params["cachemgr_sequence"])
+        self._remote_decode[rid] = _RemoteSend(
+            _sequence_id(rid), str(params["cachemgr_peer"]), str(params["cachemgr_session_token"]),
+            sequence, str(params.get("cachemgr_transfer_id") or sequence))
+        self._prompt_len[rid] = len(getattr(request, "prompt_token_ids", None) or ())
 
     def build_connector_meta(self, scheduler_output) -> CacheManagerConnectorMetadata:
         if self.prefix_store:
@@ -1074,6 +1244,8 @@ class CacheManagerConnector(_Base):
                 steps.append((rid, known + extra, cached.num_computed_tokens[i]))
         for rid, block_ids, computed in steps:
             self._block_ids[rid] = block_ids
+            if rid in self._remote_decode:  # its prompt is saved as a sequence, then moved
+                self._step(meta, rid, computed, scheduled.get(rid, 0))
             request = self._requests.get(rid)
             if request is None:
                 continue
@@ -1099,6 +1271,8 @@ class CacheManagerConnector(_Base):
             if end == prompt:
                 meta.compress_after_save.append(_sequence_id(rid))
                 self._compressed.add(rid)
+                if rid in self._remote_decode:
+                    meta.remote_sends.append(self._remote_decode[rid])
                 # Only a sequence that kept every token can go back into vLLM's blocks.
                 self._loadable[rid] = self.policy.preset in ("codebook", "fullkv") and (
                     self.byte_ratio is None and self.reserve_ratio == 1.0)
@@ -1148,8 +1322,16 @@ class CacheManagerConnector(_Base):
         """Forgets the request (the worker frees its sidecar sequence when get_finished hears
         of it); vLLM may free the blocks at once."""
         rid = request.request_id
+        sent = self._remote_decode.pop(rid, None)
+        held = self._saved.get(rid, 0)
         for table in (self._block_ids, self._saved, self._loadable, self._prompt_len,
-                      self._computed, self._requests, self._stored_blocks, self._matched):
+                      self._computed, self._requests, self._stored_blocks, self._matched,
+                      self._remote_local):
             table.pop(rid, None)
         self._compressed.discard(rid)
+        if sent is not None and held > 0:
+            # For the proxy to pass to the decode instance (kv_consumer).
+            return False, {"do_remote_prefill": True,
+                           "cachemgr_sequence": sent.destination_sequence_id,
+                           "remote_num_tokens": held}
         return False, None
