@@ -14,26 +14,26 @@ absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,
                                                          const std::string& seq,
                                                          const ForwardResult& prefill,
                                                          client::CompressOptions options) {
-  std::span<float> buffer = cache.session().input_buffer();
+  // Per layer: window queries [num_queries, num_heads, head_dim], scores [num_heads, n]; each
+  // rank's input buffer gets its share of the heads (SidecarCache::WriteInputs).
+  const LlamaConfig& c = cache.config();
   const std::vector<float>* input = nullptr;
+  size_t outer_per_layer = 1, inner = 0;
   if (options.input == client::CompressInputSource::kWindowQueries) {
     input = &prefill.window_queries;
-    const LlamaConfig& c = cache.config();
     options.num_queries = static_cast<uint32_t>(
         prefill.window_queries.size() / (size_t{c.num_layers} * c.num_heads * c.head_dim()));
+    outer_per_layer = options.num_queries;
+    inner = c.head_dim();
   } else if (options.input == client::CompressInputSource::kScores) {
     input = &prefill.attention_sums;
+    inner = prefill.attention_sums.size() / (size_t{c.num_layers} * c.num_heads);
   }
   if (input != nullptr) {
     if (input->empty()) {
       return absl::InvalidArgumentError("the prefill recorded none of the inputs Compress needs");
     }
-    if (input->size() > buffer.size()) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "Compress inputs of ", input->size() * 4, " bytes do not fit the ", buffer.size() * 4,
-          "-byte input buffer (attach with a larger input_buffer_bytes)"));
-    }
-    std::memcpy(buffer.data(), input->data(), input->size() * 4);
+    RETURN_IF_ERROR(cache.WriteInputs(*input, outer_per_layer, inner));
   }
   ASSIGN_OR_RETURN(client::CompressResult result, cache.Compress(seq, options));
   RETURN_IF_ERROR(cache.Fetch(seq).status());

@@ -41,7 +41,7 @@ constexpr char kUsage[] =
     "usage: cachemgr-engine --socket=PATH --model=FILE [--tokenizer=FILE] [--prompt=TEXT]\n"
     "         [--steps=256] [--threads=2] [--dtype=fp32|fp16|bf16]\n"
     "         [--rope=interleaved|half_split] [--window=32]\n"
-    "         [--policy=NAME (--reserve_ratio=R | --byte_ratio=R)]\n"
+    "         [--policy=NAME (--reserve_ratio=R | --byte_ratio=R)] [--tensor_parallel=1]\n"
     "       cachemgr-engine --tokenize --model=FILE [--tokenizer=FILE] --text_file=FILE\n"
     "         [--special]\n"
     "A Llama engine whose KV cache lives in a running cachemgrd: prefills the prompt (BOS alone\n"
@@ -51,7 +51,9 @@ constexpr char kUsage[] =
     "spelled-out control tokens) and needs no daemon.\n"
     "Prefill/decode on two daemons: --prefill_only --sequence=ID [--transfer_to=PEER\n"
     "--transfer_token_file=F --transfer_id=ID]; --decode_from=ID --token_file=F\n"
-    "--first_token_file=F [--wait_ms=60000].\n";
+    "--first_token_file=F [--wait_ms=60000].\n"
+    "--tensor_parallel=N attaches N sessions as the ranks of one group, each holding its share\n"
+    "of the KV heads (N divides the model's heads).\n";
 
 int Usage(const char* message) {
   std::fprintf(stderr, "cachemgr-engine: %s\n%s", message, kUsage);
@@ -105,7 +107,7 @@ int main(int argc, char** argv) {
   bool tokenize = false, special = false, prefill_only = false;
   std::string sequence = "generate", transfer_to, transfer_token_file, transfer_id;
   std::string decode_from, token_file, first_token_file;
-  uint32_t steps = 256, threads = 2, window = 32, wait_ms = 60000;
+  uint32_t steps = 256, threads = 2, window = 32, wait_ms = 60000, tensor_parallel = 1;
   double reserve = 0, bytes = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -158,6 +160,8 @@ int main(int argc, char** argv) {
       ok = absl::SimpleAtoi(value, &steps);
     else if (key == "threads")
       ok = absl::SimpleAtoi(value, &threads) && threads > 0;
+    else if (key == "tensor_parallel")
+      ok = absl::SimpleAtoi(value, &tensor_parallel) && tensor_parallel > 0;
     else if (key == "window")
       ok = absl::SimpleAtoi(value, &window) && window > 0;
     else if (key == "reserve_ratio")
@@ -224,6 +228,7 @@ int main(int argc, char** argv) {
   so.socket_path = socket;
   so.model_name = loaded->name + (rope == "half_split" ? "-halfsplit" : "");
   so.dtype = pool_dtype;
+  so.tensor_parallel = tensor_parallel;
   auto cache = cachemgr::engine::SidecarCache::Attach(so, loaded->checkpoint.config);
   if (!cache.ok()) {
     std::fprintf(stderr, "cachemgr-engine: attach: %s\n",

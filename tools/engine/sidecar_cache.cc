@@ -1,6 +1,10 @@
 #include "tools/engine/sidecar_cache.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstring>
+#include <span>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -9,11 +13,12 @@
 
 namespace cachemgr::engine {
 
-SidecarCache::SidecarCache(std::unique_ptr<client::Session> session, const LlamaConfig& config)
-    : session_(std::move(session)),
+SidecarCache::SidecarCache(std::vector<std::unique_ptr<client::Session>> sessions,
+                           const LlamaConfig& config)
+    : sessions_(std::move(sessions)),
       config_(config),
-      layout_(session_->pool().layout()),
-      dtype_(session_->model().dtype) {}
+      layout_(sessions_[0]->pool().layout()),
+      dtype_(sessions_[0]->model().dtype) {}
 
 absl::StatusOr<std::unique_ptr<SidecarCache>> SidecarCache::Attach(const SidecarOptions& options,
                                                                    const LlamaConfig& config) {
@@ -33,13 +38,24 @@ absl::StatusOr<std::unique_ptr<SidecarCache>> SidecarCache::Attach(const Sidecar
   attach.model.rope.theta = config.rope_theta;
   attach.num_blocks = options.num_blocks;
   attach.input_buffer_bytes = options.input_buffer_bytes;
-  ASSIGN_OR_RETURN(std::unique_ptr<client::Session> session,
-                   client::Session::Attach(options.socket_path, attach));
-  return std::unique_ptr<SidecarCache>(new SidecarCache(std::move(session), config));
+  const uint32_t tp = std::max<uint32_t>(1, options.tensor_parallel);
+  std::vector<std::unique_ptr<client::Session>> sessions;
+  for (uint32_t rank = 0; rank < tp; ++rank) {
+    if (tp > 1) {  // one group per engine process
+      attach.client_name = absl::StrCat(options.client_name, "-rank", rank);
+      attach.group_name = absl::StrCat(options.client_name, "-", getpid());
+      attach.group_rank = rank;
+      attach.group_size = tp;
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<client::Session> session,
+                     client::Session::Attach(options.socket_path, attach));
+    sessions.push_back(std::move(session));
+  }
+  return std::unique_ptr<SidecarCache>(new SidecarCache(std::move(sessions), config));
 }
 
 absl::StatusOr<AppendedRows> SidecarCache::Append(const std::string& seq, uint32_t n) {
-  ASSIGN_OR_RETURN(client::Allocation alloc, session_->Allocate(seq, n));
+  ASSIGN_OR_RETURN(client::Allocation alloc, session().Allocate(seq, n));
   Sequence& s = sequences_[seq];
   s.layers.resize(config_.num_layers);
   AppendedRows out;
@@ -63,32 +79,59 @@ absl::StatusOr<AppendedRows> SidecarCache::Append(const std::string& seq, uint32
 
 void SidecarCache::Write(uint32_t layer, absl::Span<const int64_t> slots, const float* keys,
                          const float* values) {
-  const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
+  // Rank r holds heads [r * H / tp, (r + 1) * H / tp): a contiguous part of each row.
+  const size_t part = size_t{layout_.num_kv_heads} * layout_.head_dim;
+  const size_t row = part * sessions_.size();
   const bool bf16 = dtype_ == client::DType::kBf16;
-  const client::KvPoolView& pool = session_->pool();
-  for (size_t i = 0; i < slots.size(); ++i) {
-    kernels::FromF32(keys + i * row, layout_.elem_bytes, bf16, row,
-                     reinterpret_cast<std::byte*>(pool.key_at_slot<uint8_t>(layer, slots[i])));
-    kernels::FromF32(values + i * row, layout_.elem_bytes, bf16, row,
-                     reinterpret_cast<std::byte*>(pool.value_at_slot<uint8_t>(layer, slots[i])));
+  for (size_t r = 0; r < sessions_.size(); ++r) {
+    const client::KvPoolView& pool = sessions_[r]->pool();
+    for (size_t i = 0; i < slots.size(); ++i) {
+      kernels::FromF32(keys + i * row + r * part, layout_.elem_bytes, bf16, part,
+                       reinterpret_cast<std::byte*>(pool.key_at_slot<uint8_t>(layer, slots[i])));
+      kernels::FromF32(values + i * row + r * part, layout_.elem_bytes, bf16, part,
+                       reinterpret_cast<std::byte*>(pool.value_at_slot<uint8_t>(layer, slots[i])));
+    }
   }
+}
+
+absl::Status SidecarCache::WriteInputs(const std::vector<float>& input, size_t outer_per_layer,
+                                       size_t inner) {
+  const size_t tp = sessions_.size();
+  const size_t heads = config_.num_heads, part = heads / tp;
+  const size_t outer = size_t{config_.num_layers} * outer_per_layer;
+  for (size_t r = 0; r < tp; ++r) {
+    std::span<float> buffer = sessions_[r]->input_buffer();
+    if (input.size() / tp > buffer.size()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "Compress inputs of ", input.size() / tp * 4, " bytes per rank do not fit the ",
+          buffer.size() * 4, "-byte input buffer (attach with a larger input_buffer_bytes)"));
+    }
+    for (size_t o = 0; o < outer; ++o) {
+      std::memcpy(buffer.data() + o * part * inner, input.data() + (o * heads + r * part) * inner,
+                  part * inner * sizeof(float));
+    }
+  }
+  return absl::OkStatus();
 }
 
 uint32_t SidecarCache::Read(const std::string& seq, uint32_t layer, std::vector<float>* keys,
                             std::vector<float>* values) const {
   const Layer& l = sequences_.at(seq).layers[layer];
-  const size_t row = size_t{layout_.num_kv_heads} * layout_.head_dim;
+  const size_t part = size_t{layout_.num_kv_heads} * layout_.head_dim;
+  const size_t row = part * sessions_.size();
   keys->resize(l.rows * row);
   values->resize(l.rows * row);
   const bool bf16 = dtype_ == client::DType::kBf16;
-  const client::KvPoolView& pool = session_->pool();
   const uint32_t bs = layout_.block_size;
-  for (uint32_t r = 0; r < l.rows; ++r) {
-    const int64_t slot = int64_t{l.blocks[r / bs]} * bs + r % bs;
-    kernels::ToF32(reinterpret_cast<const std::byte*>(pool.key_at_slot<uint8_t>(layer, slot)),
-                   layout_.elem_bytes, bf16, row, keys->data() + r * row);
-    kernels::ToF32(reinterpret_cast<const std::byte*>(pool.value_at_slot<uint8_t>(layer, slot)),
-                   layout_.elem_bytes, bf16, row, values->data() + r * row);
+  for (size_t rank = 0; rank < sessions_.size(); ++rank) {
+    const client::KvPoolView& pool = sessions_[rank]->pool();
+    for (uint32_t r = 0; r < l.rows; ++r) {
+      const int64_t slot = int64_t{l.blocks[r / bs]} * bs + r % bs;
+      kernels::ToF32(reinterpret_cast<const std::byte*>(pool.key_at_slot<uint8_t>(layer, slot)),
+                     layout_.elem_bytes, bf16, part, keys->data() + r * row + rank * part);
+      kernels::ToF32(reinterpret_cast<const std::byte*>(pool.value_at_slot<uint8_t>(layer, slot)),
+                     layout_.elem_bytes, bf16, part, values->data() + r * row + rank * part);
+    }
   }
   return l.rows;
 }
@@ -106,11 +149,11 @@ uint64_t SidecarCache::positions(const std::string& seq) const {
 uint64_t SidecarCache::ResidentBytes(const std::string& seq) const {
   uint64_t blocks = 0;
   for (const Layer& l : sequences_.at(seq).layers) blocks += l.blocks.size();
-  return blocks * layout_.block_bytes();
+  return blocks * layout_.block_bytes() * sessions_.size();  // every rank's shard
 }
 
 absl::Status SidecarCache::Refresh(const std::string& seq) {
-  ASSIGN_OR_RETURN(client::SequenceInfo info, session_->GetSequence(seq));
+  ASSIGN_OR_RETURN(client::SequenceInfo info, session().GetSequence(seq));
   Sequence& s = sequences_[seq];
   s.layers.resize(config_.num_layers);
   s.positions = info.num_positions;
@@ -122,31 +165,31 @@ absl::Status SidecarCache::Refresh(const std::string& seq) {
 }
 
 absl::Status SidecarCache::Fork(const std::string& parent, const std::string& child) {
-  RETURN_IF_ERROR(session_->Fork(parent, child).status());
+  RETURN_IF_ERROR(session().Fork(parent, child).status());
   return Refresh(child);
 }
 
 absl::Status SidecarCache::Free(const std::string& seq) {
-  RETURN_IF_ERROR(session_->Free(seq).status());
+  RETURN_IF_ERROR(session().Free(seq).status());
   sequences_.erase(seq);
   return absl::OkStatus();
 }
 
 absl::StatusOr<client::CompressResult> SidecarCache::Compress(
     const std::string& seq, const client::CompressOptions& options) {
-  ASSIGN_OR_RETURN(client::CompressResult r, session_->Compress(seq, options));
+  ASSIGN_OR_RETURN(client::CompressResult r, session().Compress(seq, options));
   RETURN_IF_ERROR(Refresh(seq));
   return r;
 }
 
 absl::StatusOr<std::vector<client::FetchedLayer>> SidecarCache::Fetch(const std::string& seq) {
-  ASSIGN_OR_RETURN(std::vector<client::FetchedLayer> r, session_->Fetch(seq));
+  ASSIGN_OR_RETURN(std::vector<client::FetchedLayer> r, session().Fetch(seq));
   RETURN_IF_ERROR(Refresh(seq));
   return r;
 }
 
 absl::StatusOr<std::vector<client::ParkedLayer>> SidecarCache::Park(const std::string& seq) {
-  ASSIGN_OR_RETURN(std::vector<client::ParkedLayer> r, session_->Park(seq));
+  ASSIGN_OR_RETURN(std::vector<client::ParkedLayer> r, session().Park(seq));
   RETURN_IF_ERROR(Refresh(seq));
   return r;
 }
@@ -154,7 +197,22 @@ absl::StatusOr<std::vector<client::ParkedLayer>> SidecarCache::Park(const std::s
 absl::Status SidecarCache::Adopt(const std::string& seq) { return Fetch(seq).status(); }
 
 absl::Status SidecarCache::Recover(const absl::Status& why, absl::Duration timeout) {
-  client::Session& s = *session_;
+  // Every rank's session comes back (a group's rank 0 owns the sequences; the others must be
+  // attached again for their shards to be written).
+  for (size_t rank = 1; rank < sessions_.size(); ++rank) {
+    client::Session& s = *sessions_[rank];
+    const absl::Time deadline = absl::Now() + timeout;
+    while (!s.lease_ok() || !s.Heartbeat().ok()) {
+      if (!s.lease_ok() && s.Reattach().ok()) break;
+      if (absl::Now() >= deadline) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "cachemgrd was not back within ", absl::FormatDuration(timeout), " for rank ", rank,
+            " after ", why.ToString(), "; the session: ", s.status().ToString()));
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+  }
+  client::Session& s = session();
   const absl::StatusCode code = why.code();
   const bool transport = code == absl::StatusCode::kUnavailable ||
                          code == absl::StatusCode::kDeadlineExceeded ||

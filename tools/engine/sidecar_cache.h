@@ -34,6 +34,9 @@ struct SidecarOptions {
   uint32_t block_size = 16;
   uint32_t num_blocks = 0;          // per layer; 0 lets the daemon decide
   uint64_t input_buffer_bytes = 0;  // Compress inputs; 0: the daemon's default
+  // Ranks of a tensor-parallel engine: one session per rank, attached as a group
+  // (docs/MULTINODE.md, "Groups"), each holding its shard of the KV heads. 1: one session.
+  uint32_t tensor_parallel = 1;
 };
 
 struct AppendedRows {
@@ -47,14 +50,23 @@ class SidecarCache {
   static absl::StatusOr<std::unique_ptr<SidecarCache>> Attach(const SidecarOptions& options,
                                                               const LlamaConfig& config);
 
-  client::Session& session() { return *session_; }
+  // Rank 0's session: calls on sequences act on every rank (the group shares its block tables).
+  client::Session& session() { return *sessions_[0]; }
+  uint32_t tensor_parallel() const { return static_cast<uint32_t>(sessions_.size()); }
+
+  // Writes Compress inputs for the whole model into the ranks' input buffers, each its share of
+  // the query heads: window queries [num_layers, num_queries, num_heads, head_dim] (`inner` =
+  // head_dim, `outer_per_layer` = num_queries) or scores [num_layers, num_heads, n] (`inner` = n,
+  // `outer_per_layer` = 1). RESOURCE_EXHAUSTED when a rank's buffer is too small.
+  absl::Status WriteInputs(const std::vector<float>& input, size_t outer_per_layer, size_t inner);
   const LlamaConfig& config() const { return config_; }
 
   // Appends `n` rows to every layer (creating the sequence); each layer's new rows follow its
   // own (after Compress, layers hold different numbers of rows).
   absl::StatusOr<AppendedRows> Append(const std::string& seq, uint32_t n);
 
-  // Writes rows at `slots` of `layer`: keys, values [slots.size(), num_kv_heads * head_dim].
+  // Writes rows at `slots` of `layer`: keys, values [slots.size(), num_kv_heads * head_dim] (all
+  // heads; each rank's mapping gets its share).
   void Write(uint32_t layer, absl::Span<const int64_t> slots, const float* keys,
              const float* values);
   // Every row of `layer` of `seq` as float32 [rows, num_kv_heads * head_dim]; returns rows.
@@ -95,12 +107,12 @@ class SidecarCache {
     uint64_t positions = 0;
   };
 
-  SidecarCache(std::unique_ptr<client::Session> session, const LlamaConfig& config);
+  SidecarCache(std::vector<std::unique_ptr<client::Session>> sessions, const LlamaConfig& config);
   absl::Status Refresh(const std::string& seq);
 
-  std::unique_ptr<client::Session> session_;
+  std::vector<std::unique_ptr<client::Session>> sessions_;  // one per rank
   LlamaConfig config_;
-  kernels::KvLayerLayout layout_;
+  kernels::KvLayerLayout layout_;  // of one rank's shard (all heads with one rank)
   client::DType dtype_;
   absl::flat_hash_map<std::string, Sequence> sequences_;
 };
