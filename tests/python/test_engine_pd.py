@@ -54,16 +54,32 @@ POLICIES = {
 @pytest.mark.parametrize("model", models())
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_prefill_on_a_decode_on_b_equals_one_daemon(pair, tmp_path, model, policy):  # noqa: F811
+    prefill_then_decode(pair, tmp_path, model, policy)
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 4)])
+@pytest.mark.parametrize("policy", ["snapkv", "codebook"])
+def test_prefill_and_decode_with_other_tensor_parallelism(pair, tmp_path, policy,  # noqa: F811
+                                                          prefill_tp, decode_tp):
+    """A group's sequence (every rank's heads) moves to an engine of another tensor parallelism
+    (docs/MULTINODE.md, "Groups"): 2 ranks prefill, 1 decodes; 1 prefills, 4 decode."""
+    prefill_then_decode(pair, tmp_path, models()[0].values[0], policy,
+                        prefill_extra=[f"--tensor_parallel={prefill_tp}"],
+                        decode_extra=[f"--tensor_parallel={decode_tp}"])
+
+
+def prefill_then_decode(pair, tmp_path, model, policy, prefill_extra=(), decode_extra=()):
     a, b, _, b_address = pair
     steps = 24 if model[0].endswith(".bin") else 12
-    compress = POLICIES[policy]
-    reference = run(engine_argv(a.socket, model, steps, *compress))
+    compress = [*POLICIES[policy], *prefill_extra]
+    reference = run(engine_argv(a.socket, model, steps, *POLICIES[policy]))
 
     # (tmp_path/"token" is the cluster token of the pair fixture)
     token_file, first_token_file = tmp_path / "decode-session-token", tmp_path / "first-token"
     decode = subprocess.Popen(
         engine_argv(b.socket, model, steps, "--decode_from=req", f"--token_file={token_file}",
-                    f"--first_token_file={first_token_file}", "--wait_ms=300000"),
+                    f"--first_token_file={first_token_file}", "--wait_ms=300000",
+                    *decode_extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for("the decode engine's session token", token_file.exists, timeout=120)
