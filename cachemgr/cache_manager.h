@@ -427,7 +427,6 @@ struct SequenceInTransit {
   std::shared_ptr<PoolMemory> memory;
   std::vector<std::vector<uint32_t>> block_tables;  // per layer
   uint32_t block_size = 0;
-  kernels::KvElemType elem_type = kernels::KvElemType::kF32;
   compress::ModelShape shape;  // the pool's model, as the compression library sees it
   // Export: the coded form of each coded layer (null for the others).
   std::vector<std::shared_ptr<const compress::CodedLayer>> coded;

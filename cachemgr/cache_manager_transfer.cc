@@ -13,7 +13,6 @@
 #include "cachemgr/backend/kv_store_digest.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/cache_manager_state.h"
-#include "cachemgr/kernels/elem_convert.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/status_macros.h"
 
@@ -62,16 +61,12 @@ absl::Status SequenceInTransit::ReadRows(uint32_t layer, uint32_t first, uint32_
   RETURN_IF_ERROR(CheckRowRange(*this, layer, first, count));
   const std::vector<int64_t> slots =
       RowSlots(block_tables[layer], first, first + count, block_size);
-  const size_t elems = size_t{count} * header.num_kv_heads * header.head_dim;
-  std::vector<float> k(elems), v(elems);
-  RETURN_IF_ERROR(memory->GatherTokens(layer, slots, k.data(), v.data()));
-  const uint32_t elem_bytes = DTypeBytes(header.dtype);
-  const bool bf16 = elem_type == kernels::KvElemType::kBf16;
-  keys->resize(elems * elem_bytes);
-  values->resize(elems * elem_bytes);
-  kernels::FromF32(k.data(), elem_bytes, bf16, elems, reinterpret_cast<std::byte*>(keys->data()));
-  kernels::FromF32(v.data(), elem_bytes, bf16, elems, reinterpret_cast<std::byte*>(values->data()));
-  return absl::OkStatus();
+  // The rows as stored: the header's dtype is the pool's.
+  const uint64_t bytes = uint64_t{count} * header.RowBytes();
+  keys->resize(bytes);
+  values->resize(bytes);
+  return memory->PackRows(layer, slots, reinterpret_cast<std::byte*>(keys->data()),
+                          reinterpret_cast<std::byte*>(values->data()));
 }
 
 absl::Status SequenceInTransit::WriteRows(uint32_t layer, uint32_t first, uint32_t count,
@@ -84,16 +79,9 @@ absl::Status SequenceInTransit::WriteRows(uint32_t layer, uint32_t first, uint32
                      " value bytes; ", count, " rows of ", header.num_kv_heads, " heads x ",
                      header.head_dim, " ", DTypeName(header.dtype), " are ", bytes, " each"));
   }
-  const size_t elems = size_t{count} * header.num_kv_heads * header.head_dim;
-  const uint32_t elem_bytes = DTypeBytes(header.dtype);
-  const bool bf16 = elem_type == kernels::KvElemType::kBf16;
-  std::vector<float> k(elems), v(elems);
-  kernels::ToF32(reinterpret_cast<const std::byte*>(keys.data()), elem_bytes, bf16, elems,
-                 k.data());
-  kernels::ToF32(reinterpret_cast<const std::byte*>(values.data()), elem_bytes, bf16, elems,
-                 v.data());
-  return memory->ScatterTokens(
-      layer, RowSlots(block_tables[layer], first, first + count, block_size), k.data(), v.data());
+  return memory->UnpackRows(layer, RowSlots(block_tables[layer], first, first + count, block_size),
+                            reinterpret_cast<const std::byte*>(keys.data()),
+                            reinterpret_cast<const std::byte*>(values.data()));
 }
 
 absl::StatusOr<uint64_t> SequenceInTransit::DigestRows(uint32_t layer) const {
@@ -120,7 +108,6 @@ absl::StatusOr<SequenceInTransit> CacheManager::BeginExport(const Caller& caller
   out.serial = seq->serial;
   out.memory = pool.memory;
   out.block_size = pool.model.block_size;
-  out.elem_type = pool.model.ElemType();
   out.shape = ShapeOf(pool.model);
   out.coded.resize(pool.model.num_layers);
   SequenceImageHeader& h = out.header;
@@ -281,7 +268,6 @@ absl::StatusOr<SequenceInTransit> CacheManager::BeginImport(const Caller& caller
   out.header = header;
   out.memory = pool.memory;
   out.block_size = bs;
-  out.elem_type = model.ElemType();
   out.shape = ShapeOf(model);
   for (uint32_t l = 0; l < model.num_layers; ++l) {
     seq->layers[l].blocks = pool.allocators[l].Allocate(needed[l]).value();  // checked above

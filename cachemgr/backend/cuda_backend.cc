@@ -289,6 +289,29 @@ class CudaPoolMemory final : public PoolMemory {
     return absl::OkStatus();
   }
 
+  // Through the float32 gather / scatter (exact for every pool type); a device-side pack for
+  // the NCCL transport is not built yet (docs/MULTINODE.md).
+  absl::Status PackRows(uint32_t layer, absl::Span<const int64_t> slots, std::byte* keys,
+                        std::byte* values) const override {
+    const size_t elems = slots.size() * layout_.num_kv_heads * layout_.head_dim;
+    std::vector<float> k(elems), v(elems);
+    if (absl::Status s = GatherTokens(layer, slots, k.data(), v.data()); !s.ok()) return s;
+    const bool bf16 = type_ == kernels::KvElemType::kBf16;
+    kernels::FromF32(k.data(), layout_.elem_bytes, bf16, elems, keys);
+    kernels::FromF32(v.data(), layout_.elem_bytes, bf16, elems, values);
+    return absl::OkStatus();
+  }
+
+  absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots, const std::byte* keys,
+                          const std::byte* values) override {
+    const size_t elems = slots.size() * layout_.num_kv_heads * layout_.head_dim;
+    std::vector<float> k(elems), v(elems);
+    const bool bf16 = type_ == kernels::KvElemType::kBf16;
+    kernels::ToF32(keys, layout_.elem_bytes, bf16, elems, k.data());
+    kernels::ToF32(values, layout_.elem_bytes, bf16, elems, v.data());
+    return ScatterTokens(layer, slots, k.data(), v.data());
+  }
+
   absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
                             uint32_t num_tokens, absl::Span<const uint32_t> kept,
                             uint32_t rows) override {

@@ -107,6 +107,14 @@ class PoolMemory {
                                     float* values) const = 0;
   virtual absl::Status ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots,
                                      const float* keys, const float* values) = 0;
+  // Token rows as stored (the pool's element type, layout().token_bytes() per row, no
+  // conversion): what transfers between daemons carry. keys/values are host arrays
+  // [slots.size(), token_bytes()]. The host backend copies the bytes (PackRowsCpu); the CUDA
+  // backend goes through its float32 gather / scatter (exact both ways for every pool type).
+  virtual absl::Status PackRows(uint32_t layer, absl::Span<const int64_t> slots, std::byte* keys,
+                                std::byte* values) const = 0;
+  virtual absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots,
+                                  const std::byte* keys, const std::byte* values) = 0;
   // In-place compaction of a layer's rows into whole blocks (CompactHeadsCpu's contract).
   virtual absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
                                     uint32_t num_tokens, absl::Span<const uint32_t> kept,

@@ -49,6 +49,18 @@ class HostPoolMemory final : public PoolMemory {
     return kernels::ScatterTokensF32Cpu(layout_, type_, LayerBase(layer), slots, keys, values);
   }
 
+  absl::Status PackRows(uint32_t layer, absl::Span<const int64_t> slots, std::byte* keys,
+                        std::byte* values) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    return kernels::PackRowsCpu(layout_, type_, LayerBase(layer), slots, keys, values);
+  }
+
+  absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots, const std::byte* keys,
+                          const std::byte* values) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    return kernels::UnpackRowsCpu(layout_, type_, LayerBase(layer), slots, keys, values);
+  }
+
   absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
                             uint32_t num_tokens, absl::Span<const uint32_t> kept,
                             uint32_t rows) override {

@@ -92,6 +92,35 @@ absl::Status ShardedPoolMemory::ScatterTokens(uint32_t layer, absl::Span<const i
   return absl::OkStatus();
 }
 
+absl::Status ShardedPoolMemory::PackRows(uint32_t layer, absl::Span<const int64_t> slots,
+                                         std::byte* keys, std::byte* values) const {
+  const size_t head_bytes = layout_.head_bytes();
+  std::vector<std::byte> k(slots.size() * heads_per_shard_ * head_bytes), v(k.size());
+  for (uint32_t r = 0; r < num_shards(); ++r) {
+    RETURN_IF_ERROR(shards_[r]->PackRows(layer, slots, k.data(), v.data()));
+    for (auto [from, to] : {std::pair{&k, keys}, std::pair{&v, values}}) {
+      CopyHeadRange(from->data(), heads_per_shard_, 0, to, layout_.num_kv_heads,
+                    r * heads_per_shard_, heads_per_shard_, slots.size(), head_bytes);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ShardedPoolMemory::UnpackRows(uint32_t layer, absl::Span<const int64_t> slots,
+                                           const std::byte* keys, const std::byte* values) {
+  const size_t head_bytes = layout_.head_bytes();
+  std::vector<std::byte> k(slots.size() * heads_per_shard_ * head_bytes), v(k.size());
+  // Every shard validates the same slots, so the first refuses before anything is written.
+  for (uint32_t r = 0; r < num_shards(); ++r) {
+    for (auto [from, to] : {std::pair{keys, &k}, std::pair{values, &v}}) {
+      CopyHeadRange(from, layout_.num_kv_heads, r * heads_per_shard_, to->data(), heads_per_shard_,
+                    0, heads_per_shard_, slots.size(), head_bytes);
+    }
+    RETURN_IF_ERROR(shards_[r]->UnpackRows(layer, slots, k.data(), v.data()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ShardedPoolMemory::CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
                                              uint32_t num_tokens, absl::Span<const uint32_t> kept,
                                              uint32_t rows) {

@@ -60,6 +60,11 @@ class ShardedPoolMemory final : public PoolMemory {
                             float* values) const override;
   absl::Status ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots, const float* keys,
                              const float* values) override;
+  // Each shard's rows as stored, joined (or split) by head.
+  absl::Status PackRows(uint32_t layer, absl::Span<const int64_t> slots, std::byte* keys,
+                        std::byte* values) const override;
+  absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots, const std::byte* keys,
+                          const std::byte* values) override;
   absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
                             uint32_t num_tokens, absl::Span<const uint32_t> kept,
                             uint32_t rows) override;

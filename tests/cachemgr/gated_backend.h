@@ -35,6 +35,14 @@ class GatedMemory final : public PoolMemory {
                              const float* v) override {
     return inner_->ScatterTokens(layer, slots, k, v);
   }
+  absl::Status PackRows(uint32_t layer, absl::Span<const int64_t> slots, std::byte* k,
+                        std::byte* v) const override {
+    return inner_->PackRows(layer, slots, k, v);
+  }
+  absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots, const std::byte* k,
+                          const std::byte* v) override {
+    return inner_->UnpackRows(layer, slots, k, v);
+  }
   absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> table, uint32_t n,
                             absl::Span<const uint32_t> kept, uint32_t rows) override {
     return inner_->CompactHeads(layer, table, n, kept, rows);

@@ -101,6 +101,39 @@ TEST_CASE("gather and scatter refuse bad slots and types, touching nothing", "[c
   CHECK(layer == before);
 }
 
+TEST_CASE("pack and unpack copy stored rows byte for byte", "[cpu]") {
+  const auto order = GENERATE(KvOrder::kFlashAttn, KvOrder::kFlashInfer);
+  const auto type = GENERATE(KvElemType::kF16, KvElemType::kBf16, KvElemType::kF32);
+  const KvLayerLayout l = Layout(order, type == KvElemType::kF32 ? 4 : 2);
+  const std::vector<std::byte> layer = FilledLayer(l, type);
+  const std::vector<int64_t> slots = {7, 0, 23, 12};
+  const size_t row = l.token_bytes();
+  std::vector<std::byte> k(slots.size() * row), v(k.size());
+  REQUIRE(PackRowsCpu(l, type, layer.data(), slots, k.data(), v.data()).ok());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    CHECK(std::memcmp(k.data() + i * row, layer.data() + l.slot_offset(KvPlane::kKey, slots[i]),
+                      row) == 0);
+    CHECK(std::memcmp(v.data() + i * row, layer.data() + l.slot_offset(KvPlane::kValue, slots[i]),
+                      row) == 0);
+  }
+  // Into a blank layer at other slots, then packed again: the same bytes.
+  std::vector<std::byte> other(l.layer_bytes());
+  const std::vector<int64_t> to = {1, 2, 20, 5};
+  REQUIRE(UnpackRowsCpu(l, type, other.data(), to, k.data(), v.data()).ok());
+  std::vector<std::byte> k2(k.size()), v2(v.size());
+  REQUIRE(PackRowsCpu(l, type, other.data(), to, k2.data(), v2.data()).ok());
+  CHECK(k2 == k);
+  CHECK(v2 == v);
+  // A bad slot: refused, nothing written.
+  const std::vector<std::byte> before = other;
+  const std::vector<int64_t> bad = {3, 24};
+  CHECK(UnpackRowsCpu(l, type, other.data(), bad, k.data(), v.data()).code() ==
+        absl::StatusCode::kInvalidArgument);
+  CHECK(other == before);
+  CHECK(PackRowsCpu(l, KvElemType::kF32, layer.data(), slots, k.data(), v.data()).ok() ==
+        (type == KvElemType::kF32));
+}
+
 TEST_CASE("compaction moves each head's kept rows to the front, in place", "[cpu]") {
   const auto order = GENERATE(KvOrder::kFlashAttn, KvOrder::kFlashInfer);
   const KvLayerLayout l = Layout(order, 4);
