@@ -15,6 +15,7 @@
 #include "cachemgr/backend/kv_store_digest.h"
 #include "cachemgr/compress/codebook_graph.h"
 #include "cachemgr/compress/selection.h"
+#include "cachemgr/kernels/elem_convert.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/util/checked_math.h"
 #include "cachemgr/util/status_macros.h"
@@ -28,6 +29,7 @@
 #include "kernels/cuda/rank_topk.h"
 #include "kernels/cuda/rope_rows.h"
 #include "kernels/cuda/token_rows.h"
+#include "kernels/cuda/write_kv.h"
 
 namespace cachemgr {
 namespace {
@@ -302,14 +304,29 @@ class CudaPoolMemory final : public PoolMemory {
     return absl::OkStatus();
   }
 
+  // The stored bytes to the device, then reshape_and_cache (WriteKvBySlotCuda).
   absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots, const std::byte* keys,
                           const std::byte* values) override {
-    const size_t elems = slots.size() * layout_.num_kv_heads * layout_.head_dim;
-    std::vector<float> k(elems), v(elems);
-    const bool bf16 = type_ == kernels::KvElemType::kBf16;
-    kernels::ToF32(keys, layout_.elem_bytes, bf16, elems, k.data());
-    kernels::ToF32(values, layout_.elem_bytes, bf16, elems, v.data());
-    return ScatterTokens(layer, slots, k.data(), v.data());
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    if (slots.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<RowBuffers> dev = StageSlots(slots);  // float32 staging: room for the bytes
+    if (!dev.ok()) return dev.status();
+    const size_t bytes = slots.size() * layout_.token_bytes();
+    auto* dev_keys = reinterpret_cast<std::byte*>(dev->keys);
+    auto* dev_values = reinterpret_cast<std::byte*>(dev->values);
+    CUDA_RUNTIME_OR_RETURN(cudaMemcpyAsync(dev_keys, keys, bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(dev_values, values, bytes, cudaMemcpyHostToDevice, stream_));
+    if (absl::Status s =
+            kernels::WriteKvBySlotCuda(layout_, LayerBase(layer), dev_keys, dev_values, dev->slots,
+                                       static_cast<uint32_t>(slots.size()), stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
   }
 
   absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,

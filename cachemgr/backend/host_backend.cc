@@ -13,6 +13,7 @@
 #include "cachemgr/util/status_macros.h"
 #include "kernels/cpu/block_copy.h"
 #include "kernels/cpu/token_rows.h"
+#include "kernels/cpu/write_kv.h"
 
 namespace cachemgr {
 namespace {
@@ -58,7 +59,9 @@ class HostPoolMemory final : public PoolMemory {
   absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots, const std::byte* keys,
                           const std::byte* values) override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
-    return kernels::UnpackRowsCpu(layout_, type_, LayerBase(layer), slots, keys, values);
+    // Every slot a row of the sequence (no padding), then vLLM's reshape_and_cache.
+    RETURN_IF_ERROR(kernels::ValidateTokenSlots(layout_, type_, slots));
+    return kernels::WriteKvBySlotCpu(layout_, LayerBase(layer), keys, values, slots);
   }
 
   absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,

@@ -61,18 +61,6 @@ absl::Status PackRowsCpu(const KvLayerLayout& layout, KvElemType type, const std
   return absl::OkStatus();
 }
 
-absl::Status UnpackRowsCpu(const KvLayerLayout& layout, KvElemType type, std::byte* layer_base,
-                           absl::Span<const int64_t> slots, const std::byte* keys,
-                           const std::byte* values) {
-  if (absl::Status s = ValidateTokenSlots(layout, type, slots); !s.ok()) return s;
-  const size_t row = layout.token_bytes();
-  for (size_t i = 0; i < slots.size(); ++i) {
-    std::memcpy(layer_base + layout.slot_offset(KvPlane::kKey, slots[i]), keys + i * row, row);
-    std::memcpy(layer_base + layout.slot_offset(KvPlane::kValue, slots[i]), values + i * row, row);
-  }
-  return absl::OkStatus();
-}
-
 absl::Status ScatterTokensF32Cpu(const KvLayerLayout& layout, KvElemType type,
                                  std::byte* layer_base, absl::Span<const int64_t> slots,
                                  const float* keys, const float* values) {

@@ -30,14 +30,10 @@ absl::Status ScatterTokensF32Cpu(const KvLayerLayout& layout, KvElemType type,
                                  const float* keys, const float* values);
 
 // keys, values: [slots.size(), token_bytes()] bytes <- the K and V rows at `slots` as stored (the
-// pool's element type, no conversion): what transfers between daemons carry.
+// pool's element type, no conversion): what transfers between daemons carry. The inverse is
+// WriteKvBySlotCpu (kernels/cpu/write_kv.h), vLLM's reshape_and_cache.
 absl::Status PackRowsCpu(const KvLayerLayout& layout, KvElemType type, const std::byte* layer_base,
                          absl::Span<const int64_t> slots, std::byte* keys, std::byte* values);
-
-// The inverse: stored rows -> `slots`.
-absl::Status UnpackRowsCpu(const KvLayerLayout& layout, KvElemType type, std::byte* layer_base,
-                           absl::Span<const int64_t> slots, const std::byte* keys,
-                           const std::byte* values);
 
 // Compaction into whole blocks, in place: row r of KV head h (K and V) takes token
 // kept[h * rows + r] of `block_table`. REQUIRES (INVALID_ARGUMENT otherwise): kept has

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cachemgr/kernels/elem_convert.h"
+#include "kernels/cpu/write_kv.h"
 
 namespace cachemgr::kernels {
 namespace {
@@ -101,7 +102,7 @@ TEST_CASE("gather and scatter refuse bad slots and types, touching nothing", "[c
   CHECK(layer == before);
 }
 
-TEST_CASE("pack and unpack copy stored rows byte for byte", "[cpu]") {
+TEST_CASE("pack copies stored rows byte for byte; reshape_and_cache puts them back", "[cpu]") {
   const auto order = GENERATE(KvOrder::kFlashAttn, KvOrder::kFlashInfer);
   const auto type = GENERATE(KvElemType::kF16, KvElemType::kBf16, KvElemType::kF32);
   const KvLayerLayout l = Layout(order, type == KvElemType::kF32 ? 4 : 2);
@@ -119,17 +120,15 @@ TEST_CASE("pack and unpack copy stored rows byte for byte", "[cpu]") {
   // Into a blank layer at other slots, then packed again: the same bytes.
   std::vector<std::byte> other(l.layer_bytes());
   const std::vector<int64_t> to = {1, 2, 20, 5};
-  REQUIRE(UnpackRowsCpu(l, type, other.data(), to, k.data(), v.data()).ok());
+  REQUIRE(WriteKvBySlotCpu(l, other.data(), k.data(), v.data(), to).ok());
   std::vector<std::byte> k2(k.size()), v2(v.size());
   REQUIRE(PackRowsCpu(l, type, other.data(), to, k2.data(), v2.data()).ok());
   CHECK(k2 == k);
   CHECK(v2 == v);
-  // A bad slot: refused, nothing written.
-  const std::vector<std::byte> before = other;
+  // A bad slot or type: refused.
   const std::vector<int64_t> bad = {3, 24};
-  CHECK(UnpackRowsCpu(l, type, other.data(), bad, k.data(), v.data()).code() ==
+  CHECK(PackRowsCpu(l, type, layer.data(), bad, k.data(), v.data()).code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK(other == before);
   CHECK(PackRowsCpu(l, KvElemType::kF32, layer.data(), slots, k.data(), v.data()).ok() ==
         (type == KvElemType::kF32));
 }
