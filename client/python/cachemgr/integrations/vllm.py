@@ -102,6 +102,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -328,14 +329,18 @@ def _transfer_params(request) -> Dict[str, Any]:
 
 
 def _write_secret(path: str, text: str) -> None:
-    """Writes `text` to `path` (mode 0600) by rename, so a reader never sees half of it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Writes `text` to `path` (mode 0600) by rename, so a reader never sees half of it; the
+    temporary file is a fresh one (mkstemp: O_EXCL, 0600), never a name planted beside it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=".cachemgr-token-")
     try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _role_value(role) -> int:
