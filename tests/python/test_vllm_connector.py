@@ -459,7 +459,8 @@ def test_prefill_instance_moves_prompts_to_the_decode_instance(pair, tmp_path, p
     request_finished answers the kv_transfer_params the proxy passes on; the kv_consumer engine
     loads every prompt token but the last from the moved copy (each row checked against the
     model), computes the rest itself, and both daemons end empty. One request's move fails (a
-    stale token): its decode recomputes the prompt."""
+    stale token): its decode recomputes the prompt. A one-token prompt has nothing to load (vLLM
+    computes the last token itself): its moved copy is freed unloaded."""
     a, b, _, _ = pair
     token_path = tmp_path / "decode-session"
     p_sched, p_worker = make(a, policy, kv_role="kv_producer")
@@ -471,6 +472,7 @@ def test_prefill_instance_moves_prompts_to_the_decode_instance(pair, tmp_path, p
     rng = np.random.default_rng(3)
     # Few distinct token ids: rows repeat, so a codebook pays.
     prompts = [[int(x) for x in rng.integers(3, 8, rng.integers(10, 22))] for _ in range(6)]
+    prompts.append([5])  # pd-6: one token
     stale = a.socket  # not a session token of B's
     prefill = MiniVllm(p_sched, p_worker)
     for i, prompt in enumerate(prompts):
@@ -478,10 +480,11 @@ def test_prefill_instance_moves_prompts_to_the_decode_instance(pair, tmp_path, p
             "do_remote_decode": True, "cachemgr_peer": "node-b",
             "cachemgr_session_token": stale if i == 5 else token,
             "cachemgr_sequence": f"pd-{i}"}))
-    run_until_done(prefill, 6)
-    assert p_worker.stats["remote_sends"] == 5
+    run_until_done(prefill, 7)
+    sent = [i for i in range(7) if i != 5]
+    assert p_worker.stats["remote_sends"] == 6
     assert p_worker.stats["remote_send_failures"] == 1
-    plain = sum(len(p) for p in prompts[:5]) * LAYERS * 2 * KV_HEADS * DIM * 2  # fp16
+    plain = sum(len(prompts[i]) for i in sent) * LAYERS * 2 * KV_HEADS * DIM * 2  # fp16
     if policy == "fullkv":
         assert p_worker.stats["remote_send_bytes"] == plain
     else:  # moved as held: codebooks, fewer bytes
@@ -489,7 +492,7 @@ def test_prefill_instance_moves_prompts_to_the_decode_instance(pair, tmp_path, p
     # Moved, not copied; the failed one was freed when its request finished.
     assert p_worker.session.list_sequences() == []
     held = {q.sequence_id: q.num_positions for q in d_worker.session.list_sequences()}
-    assert held == {f"pd-{i}": len(prompts[i]) for i in range(5)}
+    assert held == {f"pd-{i}": len(prompts[i]) for i in sent}
     for i, r in enumerate(sorted(prefill.done, key=lambda r: r.request_id)):
         assert r.returned_params == {"do_remote_prefill": True, "cachemgr_sequence": f"pd-{i}",
                                      "remote_num_tokens": len(prompts[i])}
@@ -498,7 +501,7 @@ def test_prefill_instance_moves_prompts_to_the_decode_instance(pair, tmp_path, p
     for r in sorted(prefill.done, key=lambda r: r.request_id):
         decode.add(Request("d" + r.request_id[1:], list(r.prompt_token_ids), max_new=5,
                            kv_transfer_params=dict(r.returned_params)))
-    run_until_done(decode, 6)
+    run_until_done(decode, 7)
     assert all(len(r.output) == 5 for r in decode.done)
     assert decode.failed_loads == 1  # pd-5 never came: recomputed
     loaded = sum(len(p) - 1 for p in prompts[:5])

@@ -912,8 +912,12 @@ class CacheManagerConnector(_Base):
         """Copies every scheduled load from the sidecar into vLLM's blocks (synchronously);
         loads that fail are reported by get_block_ids_with_load_errors()."""
         meta = self._connector_metadata
-        if meta is None or not (meta.loads or meta.prefix_loads):
+        if meta is None or not (meta.loads or meta.prefix_loads or meta.remote_frees):
             return
+        # Moved-in prompts the scheduler will not load (vLLM had them already): freed.
+        for sequence_id in meta.remote_frees:
+            if self.session is not None:
+                self._free_scratch(self.session, sequence_id)
         start = time.perf_counter()
         for t in meta.loads:
             self._load(t)
@@ -1031,15 +1035,10 @@ class CacheManagerConnector(_Base):
 
     def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]],
                                                                Optional[Set[str]]]:
-        """Frees the sidecar sequences of the requests vLLM finished (and moved-in prompts the
-        scheduler did not load); nothing is asynchronous, so no request is reported back."""
+        """Frees the sidecar sequences of the requests vLLM finished; nothing is asynchronous,
+        so no request is reported back."""
         for rid in finished_req_ids:
             self._free(_sequence_id(rid))
-        meta = self._connector_metadata
-        s = self.session
-        for sequence_id in (meta.remote_frees if meta is not None else ()):
-            if s is not None:
-                self._free_scratch(s, sequence_id)
         return None, None
 
     def shutdown(self) -> None:
