@@ -63,62 +63,65 @@ absl::Status ShardedPoolMemory::CopyBlocks(uint32_t layer,
   return absl::OkStatus();
 }
 
-absl::Status ShardedPoolMemory::GatherTokens(uint32_t layer, absl::Span<const int64_t> slots,
-                                             float* keys, float* values) const {
-  const size_t dim = layout_.head_dim;
-  std::vector<float> k(slots.size() * heads_per_shard_ * dim), v(k.size());
+template <typename T, typename Read>
+absl::Status ShardedPoolMemory::JoinRows(size_t count, size_t inner, T* keys, T* values,
+                                         Read read) const {
+  std::vector<T> k(count * heads_per_shard_ * inner), v(k.size());
   for (uint32_t r = 0; r < num_shards(); ++r) {
-    RETURN_IF_ERROR(shards_[r]->GatherTokens(layer, slots, k.data(), v.data()));
+    RETURN_IF_ERROR(read(*shards_[r], k.data(), v.data()));
     for (auto [from, to] : {std::pair{&k, keys}, std::pair{&v, values}}) {
       CopyHeadRange(from->data(), heads_per_shard_, 0, to, layout_.num_kv_heads,
-                    r * heads_per_shard_, heads_per_shard_, slots.size(), dim);
+                    r * heads_per_shard_, heads_per_shard_, count, inner);
     }
   }
   return absl::OkStatus();
+}
+
+template <typename T, typename Write>
+absl::Status ShardedPoolMemory::SplitRows(size_t count, size_t inner, const T* keys,
+                                          const T* values, Write write) {
+  std::vector<T> k(count * heads_per_shard_ * inner), v(k.size());
+  // Every shard validates the same slots, so the first refuses before anything is written.
+  for (uint32_t r = 0; r < num_shards(); ++r) {
+    for (auto [from, to] : {std::pair{keys, &k}, std::pair{values, &v}}) {
+      CopyHeadRange(from, layout_.num_kv_heads, r * heads_per_shard_, to->data(), heads_per_shard_,
+                    0, heads_per_shard_, count, inner);
+    }
+    RETURN_IF_ERROR(write(*shards_[r], k.data(), v.data()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ShardedPoolMemory::GatherTokens(uint32_t layer, absl::Span<const int64_t> slots,
+                                             float* keys, float* values) const {
+  return JoinRows(slots.size(), layout_.head_dim, keys, values,
+                  [&](const PoolMemory& shard, float* k, float* v) {
+                    return shard.GatherTokens(layer, slots, k, v);
+                  });
 }
 
 absl::Status ShardedPoolMemory::ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots,
                                               const float* keys, const float* values) {
-  const size_t dim = layout_.head_dim;
-  std::vector<float> k(slots.size() * heads_per_shard_ * dim), v(k.size());
-  // Every shard validates the same slots, so the first refuses before anything is written.
-  for (uint32_t r = 0; r < num_shards(); ++r) {
-    for (auto [from, to] : {std::pair{keys, &k}, std::pair{values, &v}}) {
-      CopyHeadRange(from, layout_.num_kv_heads, r * heads_per_shard_, to->data(), heads_per_shard_,
-                    0, heads_per_shard_, slots.size(), dim);
-    }
-    RETURN_IF_ERROR(shards_[r]->ScatterTokens(layer, slots, k.data(), v.data()));
-  }
-  return absl::OkStatus();
+  return SplitRows(slots.size(), layout_.head_dim, keys, values,
+                   [&](PoolMemory& shard, const float* k, const float* v) {
+                     return shard.ScatterTokens(layer, slots, k, v);
+                   });
 }
 
 absl::Status ShardedPoolMemory::PackRows(uint32_t layer, absl::Span<const int64_t> slots,
                                          std::byte* keys, std::byte* values) const {
-  const size_t head_bytes = layout_.head_bytes();
-  std::vector<std::byte> k(slots.size() * heads_per_shard_ * head_bytes), v(k.size());
-  for (uint32_t r = 0; r < num_shards(); ++r) {
-    RETURN_IF_ERROR(shards_[r]->PackRows(layer, slots, k.data(), v.data()));
-    for (auto [from, to] : {std::pair{&k, keys}, std::pair{&v, values}}) {
-      CopyHeadRange(from->data(), heads_per_shard_, 0, to, layout_.num_kv_heads,
-                    r * heads_per_shard_, heads_per_shard_, slots.size(), head_bytes);
-    }
-  }
-  return absl::OkStatus();
+  return JoinRows(slots.size(), layout_.head_bytes(), keys, values,
+                  [&](const PoolMemory& shard, std::byte* k, std::byte* v) {
+                    return shard.PackRows(layer, slots, k, v);
+                  });
 }
 
 absl::Status ShardedPoolMemory::UnpackRows(uint32_t layer, absl::Span<const int64_t> slots,
                                            const std::byte* keys, const std::byte* values) {
-  const size_t head_bytes = layout_.head_bytes();
-  std::vector<std::byte> k(slots.size() * heads_per_shard_ * head_bytes), v(k.size());
-  // Every shard validates the same slots, so the first refuses before anything is written.
-  for (uint32_t r = 0; r < num_shards(); ++r) {
-    for (auto [from, to] : {std::pair{keys, &k}, std::pair{values, &v}}) {
-      CopyHeadRange(from, layout_.num_kv_heads, r * heads_per_shard_, to->data(), heads_per_shard_,
-                    0, heads_per_shard_, slots.size(), head_bytes);
-    }
-    RETURN_IF_ERROR(shards_[r]->UnpackRows(layer, slots, k.data(), v.data()));
-  }
-  return absl::OkStatus();
+  return SplitRows(slots.size(), layout_.head_bytes(), keys, values,
+                   [&](PoolMemory& shard, const std::byte* k, const std::byte* v) {
+                     return shard.UnpackRows(layer, slots, k, v);
+                   });
 }
 
 absl::Status ShardedPoolMemory::CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,

@@ -87,6 +87,13 @@ class ShardedPoolMemory final : public PoolMemory {
 
  private:
   ShardedPoolMemory(std::vector<std::unique_ptr<PoolMemory>> shards, kernels::KvElemType type);
+  // Rows of `count` slots, `inner` elements per head: each shard's read (`read(shard, k, v)`)
+  // joined into keys/values [count, all heads, inner]; SplitRows the inverse, one write per
+  // shard.
+  template <typename T, typename Read>
+  absl::Status JoinRows(size_t count, size_t inner, T* keys, T* values, Read read) const;
+  template <typename T, typename Write>
+  absl::Status SplitRows(size_t count, size_t inner, const T* keys, const T* values, Write write);
 
   std::vector<std::unique_ptr<PoolMemory>> shards_;
   kernels::KvElemType type_;

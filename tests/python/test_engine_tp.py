@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from test_engine_pd import PROMPT, STORIES
+from test_engine_pd import STORIES, engine_argv
 
 POLICIES = {
     "fullkv": [],
@@ -32,12 +32,8 @@ def cases():
 
 
 def generate(socket, model, steps, *extra):
-    path, tokenizer = model
-    argv = [os.environ["CACHEMGR_ENGINE"], f"--socket={socket}", f"--model={path}",
-            f"--prompt={PROMPT}", f"--steps={steps}", *extra]
-    if tokenizer:
-        argv.append(f"--tokenizer={tokenizer}")
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(engine_argv(socket, model, steps, *extra), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     return r.stdout, r.stderr
 
