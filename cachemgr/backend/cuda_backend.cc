@@ -15,7 +15,6 @@
 #include "cachemgr/backend/kv_store_digest.h"
 #include "cachemgr/compress/codebook_graph.h"
 #include "cachemgr/compress/selection.h"
-#include "cachemgr/kernels/elem_convert.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/util/checked_math.h"
 #include "cachemgr/util/status_macros.h"
@@ -291,16 +290,28 @@ class CudaPoolMemory final : public PoolMemory {
     return absl::OkStatus();
   }
 
-  // Through the float32 gather / scatter (exact for every pool type); a device-side pack for
-  // the NCCL transport is not built yet (docs/MULTINODE.md).
+  // The rows gathered on the device as stored (ReadKvBySlotCuda), then to the host.
   absl::Status PackRows(uint32_t layer, absl::Span<const int64_t> slots, std::byte* keys,
                         std::byte* values) const override {
-    const size_t elems = slots.size() * layout_.num_kv_heads * layout_.head_dim;
-    std::vector<float> k(elems), v(elems);
-    if (absl::Status s = GatherTokens(layer, slots, k.data(), v.data()); !s.ok()) return s;
-    const bool bf16 = type_ == kernels::KvElemType::kBf16;
-    kernels::FromF32(k.data(), layout_.elem_bytes, bf16, elems, keys);
-    kernels::FromF32(v.data(), layout_.elem_bytes, bf16, elems, values);
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    if (slots.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<RowBuffers> dev = StageSlots(slots);  // float32 staging: room for the bytes
+    if (!dev.ok()) return dev.status();
+    const size_t bytes = slots.size() * layout_.token_bytes();
+    auto* dev_keys = reinterpret_cast<std::byte*>(dev->keys);
+    auto* dev_values = reinterpret_cast<std::byte*>(dev->values);
+    if (absl::Status s =
+            kernels::ReadKvBySlotCuda(layout_, LayerBase(layer), dev_keys, dev_values, dev->slots,
+                                      static_cast<uint32_t>(slots.size()), stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaMemcpyAsync(keys, dev_keys, bytes, cudaMemcpyDeviceToHost, stream_));
+    CUDA_RUNTIME_OR_RETURN(
+        cudaMemcpyAsync(values, dev_values, bytes, cudaMemcpyDeviceToHost, stream_));
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
   }
 

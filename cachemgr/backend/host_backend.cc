@@ -53,7 +53,9 @@ class HostPoolMemory final : public PoolMemory {
   absl::Status PackRows(uint32_t layer, absl::Span<const int64_t> slots, std::byte* keys,
                         std::byte* values) const override {
     if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
-    return kernels::PackRowsCpu(layout_, type_, LayerBase(layer), slots, keys, values);
+    // Every slot a row of the sequence (no padding), then reshape_and_cache's inverse.
+    RETURN_IF_ERROR(kernels::ValidateTokenSlots(layout_, type_, slots));
+    return kernels::ReadKvBySlotCpu(layout_, LayerBase(layer), keys, values, slots);
   }
 
   absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots, const std::byte* keys,

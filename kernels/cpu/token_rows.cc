@@ -50,17 +50,6 @@ absl::Status GatherTokensF32Cpu(const KvLayerLayout& layout, KvElemType type,
   return absl::OkStatus();
 }
 
-absl::Status PackRowsCpu(const KvLayerLayout& layout, KvElemType type, const std::byte* layer_base,
-                         absl::Span<const int64_t> slots, std::byte* keys, std::byte* values) {
-  if (absl::Status s = ValidateTokenSlots(layout, type, slots); !s.ok()) return s;
-  const size_t row = layout.token_bytes();
-  for (size_t i = 0; i < slots.size(); ++i) {
-    std::memcpy(keys + i * row, layer_base + layout.slot_offset(KvPlane::kKey, slots[i]), row);
-    std::memcpy(values + i * row, layer_base + layout.slot_offset(KvPlane::kValue, slots[i]), row);
-  }
-  return absl::OkStatus();
-}
-
 absl::Status ScatterTokensF32Cpu(const KvLayerLayout& layout, KvElemType type,
                                  std::byte* layer_base, absl::Span<const int64_t> slots,
                                  const float* keys, const float* values) {

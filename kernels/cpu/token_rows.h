@@ -29,12 +29,6 @@ absl::Status ScatterTokensF32Cpu(const KvLayerLayout& layout, KvElemType type,
                                  std::byte* layer_base, absl::Span<const int64_t> slots,
                                  const float* keys, const float* values);
 
-// keys, values: [slots.size(), token_bytes()] bytes <- the K and V rows at `slots` as stored (the
-// pool's element type, no conversion): what transfers between daemons carry. The inverse is
-// WriteKvBySlotCpu (kernels/cpu/write_kv.h), vLLM's reshape_and_cache.
-absl::Status PackRowsCpu(const KvLayerLayout& layout, KvElemType type, const std::byte* layer_base,
-                         absl::Span<const int64_t> slots, std::byte* keys, std::byte* values);
-
 // Compaction into whole blocks, in place: row r of KV head h (K and V) takes token
 // kept[h * rows + r] of `block_table`. REQUIRES (INVALID_ARGUMENT otherwise): kept has
 // num_kv_heads * rows entries, strictly ascending per head, each < num_tokens, and the table

@@ -41,4 +41,24 @@ absl::Status WriteKvBySlotCpu(const KvLayerLayout& layout, std::byte* layer_base
   return absl::OkStatus();
 }
 
+absl::Status ReadKvBySlotCpu(const KvLayerLayout& layout, const std::byte* layer_base,
+                             std::byte* key, std::byte* value,
+                             absl::Span<const int64_t> slot_mapping) {
+  if (absl::Status s = ValidateSlotMapping(layout, slot_mapping); !s.ok()) return s;
+  if (slot_mapping.empty()) return absl::OkStatus();
+  if (layer_base == nullptr || key == nullptr || value == nullptr) {
+    return absl::InvalidArgumentError("ReadKvBySlotCpu: null layer_base, key or value");
+  }
+  const size_t row_bytes = layout.token_bytes();
+  for (size_t t = 0; t < slot_mapping.size(); ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot == -1) continue;
+    std::memcpy(key + t * row_bytes, layer_base + layout.slot_offset(KvPlane::kKey, slot),
+                row_bytes);
+    std::memcpy(value + t * row_bytes, layer_base + layout.slot_offset(KvPlane::kValue, slot),
+                row_bytes);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace cachemgr::kernels

@@ -1,4 +1,5 @@
-// CPU twin of vLLM's reshape_and_cache: scatter new tokens' K/V rows into the paged layer tensor.
+// CPU twins of vLLM's reshape_and_cache (scatter tokens' K/V rows into the paged layer tensor)
+// and of its inverse (gather rows out of it as stored: what transfers between daemons carry).
 #pragma once
 
 #include <cstddef>
@@ -29,5 +30,12 @@ absl::Status ValidateSlotMapping(const KvLayerLayout& layout,
 absl::Status WriteKvBySlotCpu(const KvLayerLayout& layout, std::byte* layer_base,
                               const std::byte* key, const std::byte* value,
                               absl::Span<const int64_t> slot_mapping);
+
+// The inverse: for each token t with slot_mapping[t] != -1, copies the K row at that slot to key
+// row t and the V row to value row t (rows of padding tokens are left as they are). Same
+// arguments and validation as WriteKvBySlotCpu, key and value written instead of the tensor.
+absl::Status ReadKvBySlotCpu(const KvLayerLayout& layout, const std::byte* layer_base,
+                             std::byte* key, std::byte* value,
+                             absl::Span<const int64_t> slot_mapping);
 
 }  // namespace cachemgr::kernels

@@ -1,5 +1,6 @@
-// CUDA version of vLLM's reshape_and_cache: scatter new tokens' K/V rows into the paged layer
-// tensor in device memory. Same semantics as WriteKvBySlotCpu (kernels/cpu/write_kv.h).
+// CUDA versions of vLLM's reshape_and_cache (scatter new tokens' K/V rows into the paged layer
+// tensor in device memory) and of its inverse. Same semantics as WriteKvBySlotCpu and
+// ReadKvBySlotCpu (kernels/cpu/write_kv.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,5 +32,12 @@ absl::Status WriteKvBySlotCuda(const KvLayerLayout& layout, std::byte* layer_bas
                                const std::byte* key, const std::byte* value,
                                const int64_t* slot_mapping, uint32_t num_tokens,
                                cudaStream_t stream);
+
+// The inverse (ReadKvBySlotCpu's twin): for each token t with a slot in range, copies the K and V
+// rows at that slot to key and value row t (device, [num_tokens, token_bytes]). Same argument
+// checks, alignment rule and asynchrony as WriteKvBySlotCuda.
+absl::Status ReadKvBySlotCuda(const KvLayerLayout& layout, const std::byte* layer_base,
+                              std::byte* key, std::byte* value, const int64_t* slot_mapping,
+                              uint32_t num_tokens, cudaStream_t stream);
 
 }  // namespace cachemgr::kernels

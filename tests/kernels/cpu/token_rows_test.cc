@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "cachemgr/kernels/elem_convert.h"
-#include "kernels/cpu/write_kv.h"
 
 namespace cachemgr::kernels {
 namespace {
@@ -100,37 +99,6 @@ TEST_CASE("gather and scatter refuse bad slots and types, touching nothing", "[c
                             v.data())
             .code() == absl::StatusCode::kInvalidArgument);  // 4-byte type, 2-byte layout
   CHECK(layer == before);
-}
-
-TEST_CASE("pack copies stored rows byte for byte; reshape_and_cache puts them back", "[cpu]") {
-  const auto order = GENERATE(KvOrder::kFlashAttn, KvOrder::kFlashInfer);
-  const auto type = GENERATE(KvElemType::kF16, KvElemType::kBf16, KvElemType::kF32);
-  const KvLayerLayout l = Layout(order, type == KvElemType::kF32 ? 4 : 2);
-  const std::vector<std::byte> layer = FilledLayer(l, type);
-  const std::vector<int64_t> slots = {7, 0, 23, 12};
-  const size_t row = l.token_bytes();
-  std::vector<std::byte> k(slots.size() * row), v(k.size());
-  REQUIRE(PackRowsCpu(l, type, layer.data(), slots, k.data(), v.data()).ok());
-  for (size_t i = 0; i < slots.size(); ++i) {
-    CHECK(std::memcmp(k.data() + i * row, layer.data() + l.slot_offset(KvPlane::kKey, slots[i]),
-                      row) == 0);
-    CHECK(std::memcmp(v.data() + i * row, layer.data() + l.slot_offset(KvPlane::kValue, slots[i]),
-                      row) == 0);
-  }
-  // Into a blank layer at other slots, then packed again: the same bytes.
-  std::vector<std::byte> other(l.layer_bytes());
-  const std::vector<int64_t> to = {1, 2, 20, 5};
-  REQUIRE(WriteKvBySlotCpu(l, other.data(), k.data(), v.data(), to).ok());
-  std::vector<std::byte> k2(k.size()), v2(v.size());
-  REQUIRE(PackRowsCpu(l, type, other.data(), to, k2.data(), v2.data()).ok());
-  CHECK(k2 == k);
-  CHECK(v2 == v);
-  // A bad slot or type: refused.
-  const std::vector<int64_t> bad = {3, 24};
-  CHECK(PackRowsCpu(l, type, layer.data(), bad, k.data(), v.data()).code() ==
-        absl::StatusCode::kInvalidArgument);
-  CHECK(PackRowsCpu(l, KvElemType::kF32, layer.data(), slots, k.data(), v.data()).ok() ==
-        (type == KvElemType::kF32));
 }
 
 TEST_CASE("compaction moves each head's kept rows to the front, in place", "[cpu]") {

@@ -1,4 +1,5 @@
-// WriteKvBySlotCpu against a reference written with explicit index math.
+// WriteKvBySlotCpu against a reference written with explicit index math, and ReadKvBySlotCpu
+// (its inverse) against both.
 #include "kernels/cpu/write_kv.h"
 
 #include <algorithm>
@@ -90,6 +91,40 @@ TEST_CASE("WriteKvBySlotCpu matches the index-math reference", "[cpu]") {
 
       REQUIRE(WriteKvBySlotCpu(l, layer.data(), key.data(), value.data(), slots).ok());
       REQUIRE(layer == expected);
+    }
+  }
+}
+
+TEST_CASE("ReadKvBySlotCpu reads back what WriteKvBySlotCpu wrote, byte for byte", "[cpu]") {
+  std::mt19937 rng(77);
+  const Shape shapes[] = {{8, 4, 2, 8, 2}, {8, 4, 2, 8, 4}, {3, 3, 3, 5, 4}};
+  for (KvOrder order : {KvOrder::kFlashAttn, KvOrder::kFlashInfer}) {
+    for (const Shape& sh : shapes) {
+      CAPTURE(static_cast<int>(order), sh.nb, sh.bs, sh.heads, sh.dim, sh.elem);
+      const KvLayerLayout l = MakeLayout(order, sh);
+      const size_t num_slots = size_t{sh.nb} * sh.bs;
+      std::vector<int64_t> slots(num_slots);
+      std::iota(slots.begin(), slots.end(), 0);
+      std::shuffle(slots.begin(), slots.end(), rng);
+      slots.resize(num_slots / 2);
+      slots[1] = -1;  // padding: its rows are left as they are
+      const std::vector<std::byte> key = RandomBytes(slots.size() * l.token_bytes(), rng);
+      const std::vector<std::byte> value = RandomBytes(key.size(), rng);
+      std::vector<std::byte> layer = RandomBytes(l.layer_bytes(), rng);
+      REQUIRE(WriteKvBySlotCpu(l, layer.data(), key.data(), value.data(), slots).ok());
+      std::vector<std::byte> k(key.size(), std::byte{0xAB}), v(k);
+      REQUIRE(ReadKvBySlotCpu(l, layer.data(), k.data(), v.data(), slots).ok());
+      for (size_t t = 0; t < slots.size(); ++t) {
+        const size_t at = t * l.token_bytes();
+        const std::byte* want_k = slots[t] == -1 ? nullptr : key.data() + at;
+        for (size_t i = 0; i < l.token_bytes(); ++i) {
+          CHECK(k[at + i] == (want_k ? want_k[i] : std::byte{0xAB}));
+          CHECK(v[at + i] == (want_k ? value[at + i] : std::byte{0xAB}));
+        }
+      }
+      const std::vector<int64_t> bad = {0, static_cast<int64_t>(num_slots)};
+      CHECK(ReadKvBySlotCpu(l, layer.data(), k.data(), v.data(), bad).code() ==
+            absl::StatusCode::kInvalidArgument);
     }
   }
 }

@@ -159,6 +159,53 @@ TEST_CASE("WriteKvBySlotCuda matches WriteKvBySlotCpu byte for byte", "[gpu]") {
   REQUIRE(cudaStreamDestroy(stream) == cudaSuccess);
 }
 
+TEST_CASE("ReadKvBySlotCuda matches ReadKvBySlotCpu byte for byte", "[gpu]") {
+  if (!HaveCudaDevice()) {
+    SUCCEED();
+    return;
+  }
+  cudaStream_t stream = nullptr;
+  REQUIRE(cudaStreamCreate(&stream) == cudaSuccess);
+  std::mt19937 rng(0xFEED);
+  for (const Case& c : Cases()) {
+    CAPTURE(static_cast<int>(c.order), c.head_dim, c.num_kv_heads, c.elem_bytes, c.base_offset);
+    const KvLayerLayout l = LayoutFor(c);
+    const size_t bytes = l.layer_bytes();
+    const int64_t num_slots = int64_t{l.num_blocks} * l.block_size;
+    std::vector<int64_t> perm(num_slots);
+    std::iota(perm.begin(), perm.end(), int64_t{0});
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int64_t> slots(perm.begin(), perm.begin() + 150);
+    for (int i = 0; i < 10; ++i) slots[rng() % slots.size()] = -1;
+    const size_t num_tokens = slots.size();
+    const size_t rows = num_tokens * l.token_bytes();
+
+    std::vector<std::byte> host(bytes);
+    FillRandom(host, rng);
+    DeviceBuffer layer(bytes + c.base_offset);
+    std::byte* dev_base = layer.get() + c.base_offset;
+    ToDevice(dev_base, host.data(), bytes);
+    DeviceBuffer dev_slots(num_tokens * sizeof(int64_t));
+    ToDevice(dev_slots.get(), slots.data(), num_tokens * sizeof(int64_t));
+    // Poisoned rows on both sides: padding tokens' rows stay poisoned.
+    std::vector<std::byte> key(rows, kPoison), value(rows, kPoison);
+    DeviceBuffer dev_key(rows + c.base_offset), dev_value(rows + c.base_offset);
+    REQUIRE(cudaMemset(dev_key.get() + c.base_offset, 0xAB, rows) == cudaSuccess);
+    REQUIRE(cudaMemset(dev_value.get() + c.base_offset, 0xAB, rows) == cudaSuccess);
+
+    REQUIRE(ReadKvBySlotCpu(l, host.data(), key.data(), value.data(), slots).ok());
+    REQUIRE(ReadKvBySlotCuda(l, dev_base, dev_key.get() + c.base_offset,
+                             dev_value.get() + c.base_offset,
+                             reinterpret_cast<const int64_t*>(dev_slots.get()),
+                             static_cast<uint32_t>(num_tokens), stream)
+                .ok());
+    REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+    REQUIRE(FromDevice(dev_key.get() + c.base_offset, rows) == key);
+    REQUIRE(FromDevice(dev_value.get() + c.base_offset, rows) == value);
+  }
+  REQUIRE(cudaStreamDestroy(stream) == cudaSuccess);
+}
+
 TEST_CASE("CUDA kernels skip ids they cannot report", "[gpu]") {
   if (!HaveCudaDevice()) {
     SUCCEED();
@@ -218,9 +265,17 @@ TEST_CASE("CUDA launchers reject bad host-side arguments", "[gpu]") {
   CHECK(WriteKvBySlotCuda(l, fake, fake, fake, fake_slots, 0x80000000u, nullptr).code() == invalid);
   CHECK(WriteKvBySlotCuda(l, nullptr, nullptr, nullptr, nullptr, 0, nullptr).ok());
 
+  CHECK(ReadKvBySlotCuda(l, nullptr, fake, fake, fake_slots, 1, nullptr).code() == invalid);
+  CHECK(ReadKvBySlotCuda(l, fake, nullptr, fake, fake_slots, 1, nullptr).code() == invalid);
+  CHECK(ReadKvBySlotCuda(l, fake, fake, nullptr, fake_slots, 1, nullptr).code() == invalid);
+  CHECK(ReadKvBySlotCuda(l, fake, fake, fake, nullptr, 1, nullptr).code() == invalid);
+  CHECK(ReadKvBySlotCuda(l, fake, fake, fake, fake_slots, 0x80000000u, nullptr).code() == invalid);
+  CHECK(ReadKvBySlotCuda(l, nullptr, nullptr, nullptr, nullptr, 0, nullptr).ok());
+
   l.elem_bytes = 0;
   CHECK(CopyBlocksCuda(l, fake, fake_pairs, 1, nullptr).code() == invalid);
   CHECK(WriteKvBySlotCuda(l, fake, fake, fake, fake_slots, 1, nullptr).code() == invalid);
+  CHECK(ReadKvBySlotCuda(l, fake, fake, fake, fake_slots, 1, nullptr).code() == invalid);
 }
 
 }  // namespace
