@@ -125,7 +125,7 @@ struct GroupMembership {
   // The device of each rank's shard (size names: DeviceBackend::device_name(), a GPU's UUID);
   // empty: every shard on AttachParams::device. Only the first member's count; a later
   // member's, when given, must be the same.
-  std::vector<std::string> devices;
+  std::vector<std::string> devices = {};
 };
 
 struct AttachParams {
@@ -136,10 +136,10 @@ struct AttachParams {
   // layer (num_layers * 64 * num_q_heads * head_dim * 4; a group member: of its rank's heads).
   uint64_t input_buffer_bytes = 0;
   // A rank of a tensor-parallel engine: see GroupMembership.
-  std::optional<GroupMembership> group;
+  std::optional<GroupMembership> group = std::nullopt;
   // The device the pool lives on (DeviceBackend::device_name(): "host", a GPU's UUID); empty:
   // the daemon's first device. A model attached on two devices has a pool on each.
-  std::string device;
+  std::string device = "";
 };
 
 struct PoolDescription {
