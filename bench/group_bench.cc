@@ -51,7 +51,7 @@ void BM_GatherRows(benchmark::State& state) {
       shards.push_back(
           *backend.CreatePool("bench", ShardLayout(ranks), kernels::KvElemType::kBf16, 1));
     }
-    memory = *ShardedPoolMemory::Create(std::move(shards), kernels::KvElemType::kBf16);
+    memory = *ShardedPoolMemory::Create(std::move(shards));
   }
   std::vector<int64_t> slots(kTokens);
   for (uint32_t t = 0; t < kTokens; ++t) slots[t] = t;

@@ -193,7 +193,7 @@ absl::StatusOr<std::unique_ptr<PoolMemory>> CreatePoolMemory(
     shards.push_back(std::move(memory));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<ShardedPoolMemory> sharded,
-                   ShardedPoolMemory::Create(std::move(shards), model.ElemType()));
+                   ShardedPoolMemory::Create(std::move(shards)));
   return std::unique_ptr<PoolMemory>(std::move(sharded));
 }
 

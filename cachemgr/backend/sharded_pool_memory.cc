@@ -4,7 +4,6 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "cachemgr/kernels/elem_convert.h"
 #include "cachemgr/kernels/kv_digest.h"
 #include "cachemgr/util/status_macros.h"
 
@@ -20,7 +19,7 @@ constexpr uint32_t kDigestChunkTokens = 1024;
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ShardedPoolMemory>> ShardedPoolMemory::Create(
-    std::vector<std::unique_ptr<PoolMemory>> shards, kernels::KvElemType type) {
+    std::vector<std::unique_ptr<PoolMemory>> shards) {
   if (shards.size() < 2) {
     return absl::InvalidArgumentError("a sharded pool needs at least 2 shards");
   }
@@ -34,12 +33,11 @@ absl::StatusOr<std::unique_ptr<ShardedPoolMemory>> ShardedPoolMemory::Create(
       return absl::InvalidArgumentError("the shards of a pool must have equal layouts");
     }
   }
-  return std::unique_ptr<ShardedPoolMemory>(new ShardedPoolMemory(std::move(shards), type));
+  return std::unique_ptr<ShardedPoolMemory>(new ShardedPoolMemory(std::move(shards)));
 }
 
-ShardedPoolMemory::ShardedPoolMemory(std::vector<std::unique_ptr<PoolMemory>> shards,
-                                     kernels::KvElemType type)
-    : shards_(std::move(shards)), type_(type) {
+ShardedPoolMemory::ShardedPoolMemory(std::vector<std::unique_ptr<PoolMemory>> shards)
+    : shards_(std::move(shards)) {
   layout_ = shards_[0]->layout();
   heads_per_shard_ = layout_.num_kv_heads;
   layout_.num_kv_heads = heads_per_shard_ * num_shards();
@@ -199,13 +197,11 @@ absl::StatusOr<uint64_t> ShardedPoolMemory::DigestLayer(uint32_t layer,
     return absl::InvalidArgumentError(absl::StrCat("block_table holds ", block_table.size(),
                                                    " blocks, too few for ", num_tokens, " tokens"));
   }
-  const size_t row_elems = size_t{layout_.num_kv_heads} * layout_.head_dim;
+  // The rows as stored (PackRows: the shards' bytes joined by head), hashed row by row.
   const size_t row_bytes = layout_.token_bytes();
-  const bool bf16 = type_ == kernels::KvElemType::kBf16;
   uint64_t hash = kind == KvDigest::kFnv1a64 ? kernels::kFnv1a64Offset : 0;
   std::vector<int64_t> slots;
-  std::vector<float> k, v;
-  std::vector<std::byte> row(row_bytes);
+  std::vector<std::byte> k, v;
   for (uint32_t begin = 0; begin < num_tokens; begin += kDigestChunkTokens) {
     const uint32_t count = std::min(kDigestChunkTokens, num_tokens - begin);
     slots.resize(count);
@@ -213,16 +209,14 @@ absl::StatusOr<uint64_t> ShardedPoolMemory::DigestLayer(uint32_t layer,
       const uint32_t token = begin + t;
       slots[t] = int64_t{block_table[token / bs]} * bs + token % bs;
     }
-    k.resize(count * row_elems);
+    k.resize(count * row_bytes);
     v.resize(k.size());
-    RETURN_IF_ERROR(GatherTokens(layer, slots, k.data(), v.data()));
+    RETURN_IF_ERROR(PackRows(layer, slots, k.data(), v.data()));
     for (uint32_t t = 0; t < count; ++t) {
-      for (const std::vector<float>* plane : {&k, &v}) {
-        // Exact: every pool dtype converts to float32 and back unchanged.
-        kernels::FromF32(plane->data() + t * row_elems, layout_.elem_bytes, bf16, row_elems,
-                         row.data());
-        hash = kind == KvDigest::kFnv1a64 ? kernels::Fnv1a64(row.data(), row_bytes, hash)
-                                          : XXH3_64bits_withSeed(row.data(), row_bytes, hash);
+      for (const std::vector<std::byte>* plane : {&k, &v}) {
+        const std::byte* row = plane->data() + t * row_bytes;
+        hash = kind == KvDigest::kFnv1a64 ? kernels::Fnv1a64(row, row_bytes, hash)
+                                          : XXH3_64bits_withSeed(row, row_bytes, hash);
       }
     }
   }

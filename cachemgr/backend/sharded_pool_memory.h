@@ -37,10 +37,10 @@ void CopyHeadRange(const T* src, uint32_t src_heads, uint32_t src_first, T* dst,
 
 class ShardedPoolMemory final : public PoolMemory {
  public:
-  // `shards` (at least 2) have equal layouts but for num_kv_heads (the heads of one rank) and
-  // equal element types. INVALID_ARGUMENT otherwise.
+  // `shards` (at least 2, rank order) have equal layouts, each holding one rank's share of the
+  // heads, of one element type. INVALID_ARGUMENT when there are fewer or the layouts differ.
   static absl::StatusOr<std::unique_ptr<ShardedPoolMemory>> Create(
-      std::vector<std::unique_ptr<PoolMemory>> shards, kernels::KvElemType type);
+      std::vector<std::unique_ptr<PoolMemory>> shards);
 
   uint32_t num_shards() const { return static_cast<uint32_t>(shards_.size()); }
   // Rank r's memory: what its client maps (regions, layers, descriptors).
@@ -86,7 +86,7 @@ class ShardedPoolMemory final : public PoolMemory {
                                        uint32_t num_tokens, KvDigest kind) const override;
 
  private:
-  ShardedPoolMemory(std::vector<std::unique_ptr<PoolMemory>> shards, kernels::KvElemType type);
+  explicit ShardedPoolMemory(std::vector<std::unique_ptr<PoolMemory>> shards);
   // Rows of `count` slots, `inner` elements per head: each shard's read (`read(shard, k, v)`)
   // joined into keys/values [count, all heads, inner]; SplitRows the inverse, one write per
   // shard.
@@ -96,7 +96,6 @@ class ShardedPoolMemory final : public PoolMemory {
   absl::Status SplitRows(size_t count, size_t inner, const T* keys, const T* values, Write write);
 
   std::vector<std::unique_ptr<PoolMemory>> shards_;
-  kernels::KvElemType type_;
   kernels::KvLayerLayout layout_;
   uint32_t heads_per_shard_ = 0;
   std::vector<RegionInfo> regions_;
