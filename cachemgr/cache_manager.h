@@ -438,6 +438,13 @@ struct SequenceInTransit {
                         std::string* values) const;
   absl::Status WriteRows(uint32_t layer, uint32_t first, uint32_t count, absl::string_view keys,
                          absl::string_view values) const;
+  // ReadRows / WriteRows with the caller's buffers (count * RowBytes() bytes each): host
+  // memory, or with `on_device` the pool's own CUDA device memory (PoolMemory::PackRowsOnDevice,
+  // what a row link on that device moves).
+  absl::Status ReadRowsInto(uint32_t layer, uint32_t first, uint32_t count, std::byte* keys,
+                            std::byte* values, bool on_device) const;
+  absl::Status WriteRowsFrom(uint32_t layer, uint32_t first, uint32_t count, const std::byte* keys,
+                             const std::byte* values, bool on_device) const;
   // XXH3-64 of the layer's rows (kv_store_digest.h): the same on both sides of a transfer
   // whatever the block sizes.
   absl::StatusOr<uint64_t> DigestRows(uint32_t layer) const;

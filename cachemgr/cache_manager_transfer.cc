@@ -84,6 +84,26 @@ absl::Status SequenceInTransit::WriteRows(uint32_t layer, uint32_t first, uint32
                             reinterpret_cast<const std::byte*>(values.data()));
 }
 
+absl::Status SequenceInTransit::ReadRowsInto(uint32_t layer, uint32_t first, uint32_t count,
+                                             std::byte* keys, std::byte* values,
+                                             bool on_device) const {
+  RETURN_IF_ERROR(CheckRowRange(*this, layer, first, count));
+  const std::vector<int64_t> slots =
+      RowSlots(block_tables[layer], first, first + count, block_size);
+  return on_device ? memory->PackRowsOnDevice(layer, slots, keys, values)
+                   : memory->PackRows(layer, slots, keys, values);
+}
+
+absl::Status SequenceInTransit::WriteRowsFrom(uint32_t layer, uint32_t first, uint32_t count,
+                                              const std::byte* keys, const std::byte* values,
+                                              bool on_device) const {
+  RETURN_IF_ERROR(CheckRowRange(*this, layer, first, count));
+  const std::vector<int64_t> slots =
+      RowSlots(block_tables[layer], first, first + count, block_size);
+  return on_device ? memory->UnpackRowsOnDevice(layer, slots, keys, values)
+                   : memory->UnpackRows(layer, slots, keys, values);
+}
+
 absl::StatusOr<uint64_t> SequenceInTransit::DigestRows(uint32_t layer) const {
   if (layer >= block_tables.size() || header.layers[layer].coded) {
     return absl::InvalidArgumentError(

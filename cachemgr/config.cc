@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -186,6 +187,37 @@ const std::vector<Option>& Options() {
          std::string e = NeedUint(v, 100, 3600000, &n);
          c.peer_probe_interval = absl::Milliseconds(n);
          return e;
+       }},
+      {"row_links", "LIST",
+       "how the rows of transfers between daemons travel beside the stream, in order of "
+       "preference: nccl (GPU to GPU), socket (a TCP connection); auto: nccl with "
+       "--backend=cuda; empty: the stream (default auto)",
+       [](DaemonConfig& c, absl::string_view v) {
+         c.row_links.clear();
+         for (absl::string_view kind : absl::StrSplit(v, ',', absl::SkipEmpty())) {
+           if (kind != "nccl" && kind != "socket" && kind != "auto") {
+             return absl::StrCat("must list nccl, socket or auto (got \"", kind, "\")");
+           }
+           if (std::find(c.row_links.begin(), c.row_links.end(), kind) != c.row_links.end()) {
+             return absl::StrCat("names ", kind, " twice");
+           }
+           c.row_links.emplace_back(kind);
+         }
+         if (c.row_links.size() > 1 &&
+             std::find(c.row_links.begin(), c.row_links.end(), "auto") != c.row_links.end()) {
+           return std::string("auto stands alone");
+         }
+         return std::string();
+       }},
+      {"row_link_host", "HOST",
+       "where socket row links listen: a name or address peers reach this daemon at (not a "
+       "wildcard); needed for --row_links=socket",
+       [](DaemonConfig& c, absl::string_view v) { return SetString(&c.row_link_host, v); }},
+      {"row_link_chunk_bytes", "N",
+       "the rows (keys and values) of one row link message fit N bytes, 4096-268435456 "
+       "(default 67108864)",
+       [](DaemonConfig& c, absl::string_view v) {
+         return NeedUint(v, 4096, uint64_t{256} << 20, &c.row_link_chunk_bytes);
        }},
       {"node_name", "NAME", "this daemon's name as its peers see it (default: the host name)",
        [](DaemonConfig& c, absl::string_view v) { return SetString(&c.node_name, v); }},
@@ -484,6 +516,34 @@ absl::Status ValidatePeers(DaemonConfig& c) {
   return absl::OkStatus();
 }
 
+// Resolves --row_links=auto and checks each kind can work here.
+absl::Status ValidateRowLinks(DaemonConfig& c) {
+  if (c.row_links == std::vector<std::string>{"auto"}) {
+    c.row_links.clear();
+    if (c.backend == "cuda" && !c.tcp_address.empty()) c.row_links.push_back("nccl");
+  }
+  const bool socket =
+      std::find(c.row_links.begin(), c.row_links.end(), "socket") != c.row_links.end();
+  if (!c.row_links.empty() && c.tcp_address.empty()) {
+    return absl::InvalidArgumentError(
+        "--row_links needs --tcp_address: row links carry transfers between daemons");
+  }
+  if (std::find(c.row_links.begin(), c.row_links.end(), "nccl") != c.row_links.end() &&
+      c.backend != "cuda") {
+    return absl::InvalidArgumentError("--row_links=nccl needs --backend=cuda");
+  }
+  if (socket && (c.row_link_host.empty() || c.row_link_host == "0.0.0.0" ||
+                 c.row_link_host == "::" || c.row_link_host == "[::]")) {
+    return absl::InvalidArgumentError(
+        "--row_links=socket needs --row_link_host: the name or address peers reach this daemon "
+        "at (not a wildcard)");
+  }
+  if (!socket && !c.row_link_host.empty()) {
+    return absl::InvalidArgumentError("--row_link_host only applies with --row_links=socket");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Validate(DaemonConfig& c) {
   if (c.socket_path.empty()) return absl::InvalidArgumentError("--socket must not be empty");
   if (c.share_socket_path.empty()) c.share_socket_path = c.socket_path + ".share";
@@ -526,7 +586,8 @@ absl::Status Validate(DaemonConfig& c) {
     ASSIGN_OR_RETURN(c.operator_gid, ResolveGroup(c.operator_group, "--operator_group"));
   }
   RETURN_IF_ERROR(ValidateTcp(c));
-  return ValidatePeers(c);
+  RETURN_IF_ERROR(ValidatePeers(c));
+  return ValidateRowLinks(c);
 }
 
 }  // namespace

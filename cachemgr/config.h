@@ -62,6 +62,12 @@ struct DaemonConfig {
   absl::Duration peer_probe_interval = absl::Seconds(2);
   // This daemon's name for its peers (default: the host name).
   std::string node_name;
+  // Row links (cachemgr/peers/row_link.h): the kinds this daemon offers and joins for the rows
+  // of transfers, in order of preference ("nccl", "socket"); {"auto"}: nccl with
+  // --backend=cuda, none with host. Socket links listen on row_link_host.
+  std::vector<std::string> row_links = {"auto"};
+  std::string row_link_host;
+  uint64_t row_link_chunk_bytes = uint64_t{64} << 20;  // rows per link message fit this
 
   // The self-probe (cachemgr/service/health_probe.h): interval (zero: off), consecutive
   // failures before health turns NOT_SERVING, and whether the daemon then exits (non-zero, so

@@ -18,8 +18,10 @@
 #include "cachemgr/backend/host_backend.h"
 #if defined(CACHEMGR_HAVE_CUDA_BACKEND)
 #include "cachemgr/backend/cuda_backend.h"
+#include "cachemgr/peers/nccl_row_link.h"
 #endif
 #include "cachemgr/peers/sequence_sender.h"
+#include "cachemgr/peers/socket_row_link.h"
 #include "cachemgr/service/peer_service.h"
 #include "cachemgr/service/request_errors.h"
 #include "cachemgr/service/tcp_security.h"
@@ -141,6 +143,33 @@ class WithoutReflection : public grpc::ServerBuilderOption {
   }
 };
 
+// The row link kinds of --row_links (validated), in its order; null for none.
+absl::StatusOr<std::unique_ptr<RowLinks>> MakeRowLinks(
+    const DaemonConfig& config, const std::vector<std::unique_ptr<DeviceBackend>>& backends) {
+  if (config.row_links.empty()) return nullptr;
+  std::vector<std::unique_ptr<RowLinkKind>> kinds;
+  for (const std::string& kind : config.row_links) {
+    if (kind == "socket") {
+      kinds.push_back(NewSocketRowLinkKind(config.row_link_host));
+      continue;
+    }
+#if defined(CACHEMGR_HAVE_CUDA_BACKEND)
+    std::vector<NcclDevice> devices;
+    for (const auto& b : backends) {
+      if (const auto* cuda = dynamic_cast<const CudaBackend*>(b.get())) {
+        devices.push_back(NcclDevice{cuda->ordinal(), cuda->device_name()});
+      }
+    }
+    kinds.push_back(NewNcclRowLinkKind(std::move(devices)));
+#else
+    (void)backends;
+    return absl::InvalidArgumentError(
+        "--row_links=nccl needs a CUDA build of cachemgrd (-DCACHEMGR_CUDA=ON)");
+#endif
+  }
+  return std::make_unique<RowLinks>(std::move(kinds), config.row_link_chunk_bytes);
+}
+
 // The daemon's devices: the host, or each GPU --cuda_device names (distinct devices).
 absl::StatusOr<std::vector<std::unique_ptr<DeviceBackend>>> MakeBackends(
     const DaemonConfig& config) {
@@ -260,9 +289,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   d->service_ = std::make_unique<CacheManagerService>(
       d->manager_.get(), &d->events_, config.share_socket_path, d->peer_listener_.get(),
       d->operator_token_.get(), kVersion, config.worker_threads, d->metrics_.get());
-  d->service_->set_peers(d->peers_.get());
-  d->peer_service_ = std::make_unique<PeerService>(d->manager_->boot_id(), kVersion,
-                                                   config.node_name, d->manager_.get());
+  ASSIGN_OR_RETURN(d->row_links_, MakeRowLinks(config, d->backends_));
+  d->service_->set_peers(d->peers_.get(), d->row_links_.get());
+  d->peer_service_ = std::make_unique<PeerService>(
+      d->manager_->boot_id(), kVersion, config.node_name, d->manager_.get(), d->row_links_.get());
   int metrics_port = 0;
   if (!config.metrics_address.empty()) {
     std::vector<std::weak_ptr<prometheus::Collectable>> collectables = d->metrics_->collectables();

@@ -17,6 +17,7 @@
 #include "cachemgr/metrics/metrics.h"
 #include "cachemgr/metrics/metrics_endpoint.h"
 #include "cachemgr/peers/peer_directory.h"
+#include "cachemgr/peers/row_links.h"
 #include "cachemgr/service/cachemgr_service.h"
 #include "cachemgr/service/health_probe.h"
 #include "cachemgr/service/operator_token.h"
@@ -74,6 +75,8 @@ class Daemon {
   std::unique_ptr<CacheManager> manager_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<PeerDirectory> peers_;
+  // Null without --row_links. Outlives both services (receivers' link threads use it).
+  std::unique_ptr<RowLinks> row_links_;
   std::unique_ptr<PeerListener> peer_listener_;
   std::unique_ptr<CacheManagerService> service_;
   std::unique_ptr<PeerService> peer_service_;

@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-}
 dir=${2:-gpu-bundle}
 tests=(kernels__cuda__kernels_parity_test kernels__cuda__compress_kernels_parity_test
-       gpu__cuda_ipc_test gpu__nccl_comm_test)
+       gpu__cuda_ipc_test gpu__nccl_comm_test gpu__nccl_transfer_test)
 
 bundle() {
   scripts/install-deps.sh

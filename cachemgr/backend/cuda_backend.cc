@@ -340,6 +340,46 @@ class CudaPoolMemory final : public PoolMemory {
     return absl::OkStatus();
   }
 
+  int cuda_device() const override { return ordinal_; }
+
+  // ReadKvBySlotCuda straight into device buffers (a row link's): no host hop.
+  absl::Status PackRowsOnDevice(uint32_t layer, absl::Span<const int64_t> slots, std::byte* keys,
+                                std::byte* values) const override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    if (slots.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<RowBuffers> dev = StageSlots(slots);
+    if (!dev.ok()) return dev.status();
+    if (absl::Status s =
+            kernels::ReadKvBySlotCuda(layout_, LayerBase(layer), keys, values, dev->slots,
+                                      static_cast<uint32_t>(slots.size()), stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+  // WriteKvBySlotCuda straight from device buffers (a row link's).
+  absl::Status UnpackRowsOnDevice(uint32_t layer, absl::Span<const int64_t> slots,
+                                  const std::byte* keys, const std::byte* values) override {
+    if (layer >= layers_.size()) return absl::InvalidArgumentError("layer out of range");
+    if (absl::Status s = kernels::ValidateTokenSlots(layout_, type_, slots); !s.ok()) return s;
+    if (slots.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    absl::StatusOr<RowBuffers> dev = StageSlots(slots);
+    if (!dev.ok()) return dev.status();
+    if (absl::Status s =
+            kernels::WriteKvBySlotCuda(layout_, LayerBase(layer), keys, values, dev->slots,
+                                       static_cast<uint32_t>(slots.size()), stream_);
+        !s.ok()) {
+      return s;
+    }
+    CUDA_RUNTIME_OR_RETURN(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
   absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
                             uint32_t num_tokens, absl::Span<const uint32_t> kept,
                             uint32_t rows) override {

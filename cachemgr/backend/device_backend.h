@@ -115,6 +115,19 @@ class PoolMemory {
                                 std::byte* values) const = 0;
   virtual absl::Status UnpackRows(uint32_t layer, absl::Span<const int64_t> slots,
                                   const std::byte* keys, const std::byte* values) = 0;
+  // The CUDA device this memory is on; -1 for host memory (or memory on several devices).
+  virtual int cuda_device() const { return -1; }
+  // PackRows / UnpackRows with keys and values in this memory's own device memory
+  // (cuda_device() >= 0; each slots.size() * token_bytes()): what a row link on that device
+  // sends and receives without a host hop (peers/row_link.h). UNIMPLEMENTED for host memory.
+  virtual absl::Status PackRowsOnDevice(uint32_t /*layer*/, absl::Span<const int64_t> /*slots*/,
+                                        std::byte* /*keys*/, std::byte* /*values*/) const {
+    return absl::UnimplementedError("this pool's memory is not a single CUDA device's");
+  }
+  virtual absl::Status UnpackRowsOnDevice(uint32_t /*layer*/, absl::Span<const int64_t> /*slots*/,
+                                          const std::byte* /*keys*/, const std::byte* /*values*/) {
+    return absl::UnimplementedError("this pool's memory is not a single CUDA device's");
+  }
   // In-place compaction of a layer's rows into whole blocks (CompactHeadsCpu's contract).
   virtual absl::Status CompactHeads(uint32_t layer, absl::Span<const uint32_t> block_table,
                                     uint32_t num_tokens, absl::Span<const uint32_t> kept,

@@ -27,6 +27,16 @@ absl::StatusOr<std::string> NcclComm::NewUniqueId() {
 
 absl::StatusOr<NcclComm> NcclComm::Init(int device, int nranks, int rank,
                                         std::string_view unique_id) {
+  return Create(device, nranks, rank, unique_id, /*blocking=*/true);
+}
+
+absl::StatusOr<NcclComm> NcclComm::Start(int device, int nranks, int rank,
+                                         std::string_view unique_id) {
+  return Create(device, nranks, rank, unique_id, /*blocking=*/false);
+}
+
+absl::StatusOr<NcclComm> NcclComm::Create(int device, int nranks, int rank,
+                                          std::string_view unique_id, bool blocking) {
   ncclUniqueId id;
   if (unique_id.size() != sizeof(id.internal)) {
     return absl::InvalidArgumentError(absl::StrCat("an NCCL unique id is ", sizeof(id.internal),
@@ -41,11 +51,28 @@ absl::StatusOr<NcclComm> NcclComm::Init(int device, int nranks, int rank,
     return absl::InternalError(absl::StrCat("cudaSetDevice(", device, "): ", cudaGetErrorName(err),
                                             ": ", cudaGetErrorString(err)));
   }
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = blocking ? 1 : 0;
   ncclComm_t comm = nullptr;
-  if (const ncclResult_t r = ncclCommInitRank(&comm, nranks, id, rank); r != ncclSuccess) {
-    return NcclError(r, "ncclCommInitRank");
+  const ncclResult_t r = ncclCommInitRankConfig(&comm, nranks, id, rank, &config);
+  if (r != ncclSuccess && !(r == ncclInProgress && !blocking)) {
+    if (comm != nullptr) ncclCommAbort(comm);
+    return NcclError(r, "ncclCommInitRankConfig");
   }
   return NcclComm(comm, device, rank, nranks);
+}
+
+absl::StatusOr<bool> NcclComm::Ready() {
+  if (comm_ == nullptr || aborted_) {
+    return absl::FailedPreconditionError("the NCCL communicator was aborted or moved from");
+  }
+  ncclResult_t state = ncclSuccess;
+  if (const ncclResult_t r = ncclCommGetAsyncError(comm_, &state); r != ncclSuccess) {
+    return NcclError(r, "ncclCommGetAsyncError", comm_);
+  }
+  if (state == ncclInProgress) return false;
+  if (state != ncclSuccess) return NcclError(state, "NCCL", comm_);
+  return true;
 }
 
 absl::Status NcclComm::Group(absl::Span<const Op> ops, cudaStream_t stream) {
@@ -68,10 +95,14 @@ absl::Status NcclComm::Group(absl::Span<const Op> ops, cudaStream_t stream) {
                  : ncclRecv(op.buffer, op.bytes, ncclUint8, op.peer, comm_, stream);
     if (failed != ncclSuccess) break;
   }
-  // The group is closed even after a failed call (NCCL's contract).
+  // The group is closed even after a failed call (NCCL's contract). A non-blocking communicator
+  // answers ncclInProgress while it enqueues: Ready() says when that is done.
   const ncclResult_t ended = ncclGroupEnd();
-  if (failed != ncclSuccess) return NcclError(failed, "ncclSend/ncclRecv", comm_);
-  if (ended != ncclSuccess) return NcclError(ended, "ncclGroupEnd", comm_);
+  if (failed != ncclSuccess && failed != ncclInProgress) {
+    return NcclError(failed, "ncclSend/ncclRecv", comm_);
+  }
+  if (ended != ncclSuccess && ended != ncclInProgress)
+    return NcclError(ended, "ncclGroupEnd", comm_);
   return absl::OkStatus();
 }
 

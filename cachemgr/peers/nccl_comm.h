@@ -32,6 +32,15 @@ class NcclComm {
   static absl::StatusOr<NcclComm> Init(int device, int nranks, int rank,
                                        std::string_view unique_id);
 
+  // Starts joining communicator `unique_id` without blocking (NCCL's non-blocking
+  // communicators): poll Ready() until it answers true, Abort() to give up. Same errors as Init.
+  static absl::StatusOr<NcclComm> Start(int device, int nranks, int rank,
+                                        std::string_view unique_id);
+  // For a communicator from Start: whether its initialization, and every operation enqueued
+  // since, has completed in NCCL (false: still in progress). INTERNAL naming NCCL's error (a
+  // peer that failed or went away) otherwise.
+  absl::StatusOr<bool> Ready();
+
   // One point-to-point operation: send `bytes` from `buffer` to rank `peer`, or receive them.
   struct Op {
     enum class Kind { kSend, kRecv } kind;
@@ -40,7 +49,8 @@ class NcclComm {
     int peer;
   };
   // Enqueues `ops` on `stream` as one NCCL group, so a rank may send to itself and two ranks
-  // may exchange without deadlock; returns once enqueued (synchronize the stream to wait).
+  // may exchange without deadlock; returns once enqueued (synchronize the stream to wait; a
+  // communicator from Start has enqueued once Ready() answers true).
   // INVALID_ARGUMENT for a peer outside the communicator; INTERNAL naming NCCL's error.
   absl::Status Group(absl::Span<const Op> ops, cudaStream_t stream);
 
@@ -61,6 +71,8 @@ class NcclComm {
  private:
   NcclComm(ncclComm_t comm, int device, int rank, int nranks)
       : comm_(comm), device_(device), rank_(rank), nranks_(nranks) {}
+  static absl::StatusOr<NcclComm> Create(int device, int nranks, int rank,
+                                         std::string_view unique_id, bool blocking);
   void Reset();
 
   ncclComm_t comm_ = nullptr;

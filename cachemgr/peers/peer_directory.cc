@@ -128,7 +128,7 @@ absl::StatusOr<PeerRoute> PeerDirectory::Route(const std::string& peer) const {
         absl::StrCat("peer ", s.address, " is ", PeerStateName(s.state),
                      s.last_error.empty() ? "" : absl::StrCat(": ", s.last_error)));
   }
-  return PeerRoute{s.address, s.boot_id, s.node_name, found->channel};
+  return PeerRoute{s.address, s.boot_id, s.node_name, s.row_links, found->channel};
 }
 
 void PeerDirectory::Authenticate(grpc::ClientContext* context) const {
@@ -244,6 +244,7 @@ void PeerDirectory::ProbeAll() {
       s.boot_id = probe->response.boot_id();
       s.version = probe->response.version();
       s.node_name = probe->response.node_name();
+      s.row_links.assign(probe->response.row_links().begin(), probe->response.row_links().end());
       s.last_seen = absl::Now();
       s.rtt = probe->rtt;
       s.last_error.clear();

@@ -35,6 +35,7 @@ struct PeerSnapshot {
   std::string source;   // the --peers entry
   PeerState state = PeerState::kUnknown;
   std::string boot_id, version, node_name;  // from its last answer
+  std::vector<std::string> row_links;       // the row link kinds it joins (its last answer)
   absl::Time last_seen = absl::InfinitePast();
   absl::Duration rtt = absl::ZeroDuration();
   uint64_t probes_ok = 0, probes_failed = 0;
@@ -59,6 +60,7 @@ struct PeerDirectoryOptions {
 struct PeerRoute {
   std::string address;
   std::string boot_id, node_name;
+  std::vector<std::string> row_links;
   std::shared_ptr<grpc::Channel> channel;
 };
 

@@ -1,7 +1,8 @@
-// SendSequence: the host transport of a transfer between daemons (docs/MULTINODE.md). Streams a
-// sequence being exported (CacheManager::BeginExport) to a peer's Peer.ReceiveSequence: the
-// header, the rows of every layer in chunks, and an end carrying each layer's digest, which
-// the peer checks before the sequence becomes visible there.
+// SendSequence: a transfer between daemons (docs/MULTINODE.md). Streams a sequence being
+// exported (CacheManager::BeginExport) to a peer's Peer.ReceiveSequence: the header, the coded
+// layers, the rows of every other layer in chunks (or, given a row link, the rows over the link
+// beside the stream: peers/row_link.h), and an end carrying each layer's digest, which the peer
+// checks before the sequence becomes visible there.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "cachemgr/cache_manager.h"
+#include "cachemgr/peers/row_links.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 
@@ -29,12 +31,19 @@ struct SendOptions {
   absl::Time deadline;
   // Rows per message are as many as fit this (at least one row).
   uint64_t chunk_bytes = uint64_t{4} << 20;
+  // The rows go over this row link (an idle one, or a pending offer SendSequence completes,
+  // leaving the link in it) rather than the stream; null: the stream. Its link is aborted when
+  // the transfer fails (RowLinks::Release then closes it).
+  RowLinks::SenderLease* link = nullptr;
+  // Rows per link message are as many as fit this.
+  uint64_t link_chunk_bytes = uint64_t{64} << 20;
 };
 
 struct SendResult {
   std::string destination_sequence_id;
-  uint64_t payload_bytes = 0;  // row bytes sent (K and V)
-  uint64_t wire_bytes = 0;     // serialized bytes of every message sent
+  uint64_t payload_bytes = 0;  // row bytes sent (K and V), by the stream or the link
+  uint64_t wire_bytes = 0;     // serialized bytes of every message the stream sent
+  uint64_t link_bytes = 0;     // row bytes the link carried
   std::vector<uint64_t> layer_digests;
   bool replayed = false;  // the peer had completed this transfer_id before
 };

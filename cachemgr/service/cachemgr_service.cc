@@ -511,9 +511,57 @@ grpc::ServerUnaryReactor* CacheManagerService::ListPeers(grpc::CallbackServerCon
       info->set_probes_ok(p.probes_ok);
       info->set_probes_failed(p.probes_failed);
       info->set_last_error(p.last_error);
+      for (const std::string& kind : p.row_links) info->add_row_links(kind);
     }
     return absl::OkStatus();
   });
+}
+
+absl::StatusOr<SendResult> CacheManagerService::SendWithRowLink(
+    const PeerRoute& route, const SequenceInTransit& exported, SendOptions options,
+    v1::TransferSequenceResponse* response) {
+  const auto authenticate = [this](grpc::ClientContext* c) { peers_->Authenticate(c); };
+  // The rows over a row link when both daemons have a kind for the pool's memory. The receiver
+  // refuses one it cannot take at the header, before it claims anything ("header.row_link"):
+  // a link it no longer keeps is offered anew, a kind that cannot reach its pool falls back to
+  // the stream (and that destination is not offered a link again for a while).
+  for (int attempt = 0; row_links_ != nullptr && attempt < 2; ++attempt) {
+    absl::StatusOr<RowLinks::SenderLease> lease =
+        row_links_->Acquire(route.address, route.boot_id, options.destination_session_token,
+                            exported.memory->cuda_device(), route.row_links);
+    if (!lease.ok()) {
+      if (lease.status().code() != absl::StatusCode::kNotFound) {
+        Log(LogLevel::kWarning, "row link not offered; the rows take the stream",
+            {{"peer", route.address}, {"error", lease.status().ToString()}});
+      }
+      break;
+    }
+    const bool reused = lease->link != nullptr;
+    const std::string kind = lease->kind;
+    const std::string key = lease->key;
+    options.link = &*lease;
+    options.link_chunk_bytes = row_links_->chunk_bytes();
+    absl::StatusOr<SendResult> sent = SendSequence(route.channel, authenticate, exported, options);
+    options.link = nullptr;
+    row_links_->Release(*std::move(lease), sent.ok());
+    if (sent.ok()) {
+      if (!sent->replayed) {
+        response->set_row_link(kind);
+        response->set_row_link_reused(reused);
+      }
+      return sent;
+    }
+    const bool refused = sent.status().code() == absl::StatusCode::kFailedPrecondition &&
+                         absl::StrContains(sent.status().message(), "header.row_link");
+    if (!refused) return sent;
+    Log(LogLevel::kInfo, "row link refused by the peer",
+        {{"peer", route.address}, {"error", sent.status().ToString()}});
+    if (!reused) {
+      row_links_->Refuse(key);
+      break;
+    }
+  }
+  return SendSequence(route.channel, authenticate, exported, options);
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::TransferSequence(
@@ -576,9 +624,7 @@ grpc::ServerUnaryReactor* CacheManagerService::TransferSequence(
                                              : absl::Milliseconds(request->timeout_ms());
           options.deadline =
               std::min(absl::Now() + timeout, call_deadline - absl::Milliseconds(300));
-          absl::StatusOr<SendResult> sent = SendSequence(
-              route.channel, [this](grpc::ClientContext* c) { peers_->Authenticate(c); }, exported,
-              options);
+          absl::StatusOr<SendResult> sent = SendWithRowLink(route, exported, options, response);
           const bool release = sent.ok() && request->move();
           const uint64_t released = manager_->EndExport(exported, release);
           if (!sent.ok()) {

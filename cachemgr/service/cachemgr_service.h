@@ -21,6 +21,8 @@
 #include "cachemgr/event_hub.h"
 #include "cachemgr/metrics/metrics.h"
 #include "cachemgr/peers/peer_directory.h"
+#include "cachemgr/peers/row_links.h"
+#include "cachemgr/peers/sequence_sender.h"
 #include "cachemgr/peers/transfer_ledger.h"
 #include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/peer_listener.h"
@@ -87,7 +89,11 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
 
   // What ListPeers reports (null: no peers, FAILED_PRECONDITION). Must outlive the service;
   // set before serving.
-  void set_peers(const PeerDirectory* peers) { peers_ = peers; }
+  // `links` (may be null: transfers send rows on the stream) outlives the service too.
+  void set_peers(const PeerDirectory* peers, RowLinks* links = nullptr) {
+    peers_ = peers;
+    row_links_ = links;
+  }
   // Sends the caller's sequence to a peer (peers/sequence_sender.h) on a worker; see the proto.
   grpc::ServerUnaryReactor* TransferSequence(grpc::CallbackServerContext* ctx,
                                              const v1::TransferSequenceRequest* request,
@@ -111,6 +117,11 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   void CallDone();
 
  private:
+  // TransferSequence's send: over a row link when both daemons have one for the pool's memory
+  // (setting response's row_link fields), else on the stream.
+  absl::StatusOr<SendResult> SendWithRowLink(const PeerRoute& route,
+                                             const SequenceInTransit& exported, SendOptions options,
+                                             v1::TransferSequenceResponse* response);
   // OK for a Unix-socket peer the PeerListener admitted and for TCP peers (authenticated by
   // the TCP credentials' processor), and in-process calls when admitted; UNAUTHENTICATED for
   // anything else.
@@ -144,6 +155,7 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   const absl::Time started_;
 
   const PeerDirectory* peers_ = nullptr;
+  RowLinks* row_links_ = nullptr;
   TransferLedger<v1::TransferSequenceResponse> transfers_;
   bool admit_in_process_ = false;
   std::atomic<bool> draining_{false};

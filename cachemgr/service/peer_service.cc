@@ -20,6 +20,9 @@ grpc::ServerUnaryReactor* PeerService::Hello(grpc::CallbackServerContext* ctx,
   response->set_boot_id(boot_id_);
   response->set_version(version_);
   response->set_node_name(node_name_);
+  if (links_ != nullptr) {
+    for (const std::string& kind : links_->names()) response->add_row_links(kind);
+  }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -37,7 +40,8 @@ grpc::ServerReadReactor<v1::SequenceChunk>* PeerService::ReceiveSequence(
         grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                      "ReceiveSequence is for peer daemons, on the TCP listener (--tcp_address)"));
   }
-  return new SequenceReceiver(manager_, &ledger_, response);
+  return new SequenceReceiver(manager_, &ledger_, links_, absl::FromChrono(ctx->deadline()),
+                              response);
 }
 
 }  // namespace cachemgr

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cachemgr/cache_manager.h"
+#include "cachemgr/peers/row_links.h"
 #include "cachemgr/service/sequence_receiver.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 
@@ -17,12 +18,14 @@ class PeerService final : public v1::Peer::CallbackService {
  public:
   // `boot_id` is the manager's (tests may give another); `manager` outlives the service. Without
   // a manager (tests of Hello alone) ReceiveSequence is FAILED_PRECONDITION.
+  // `links` (may be null: no row links) outlives the service too.
   PeerService(std::string boot_id, std::string version, std::string node_name,
-              CacheManager* manager = nullptr)
+              CacheManager* manager = nullptr, RowLinks* links = nullptr)
       : boot_id_(std::move(boot_id)),
         version_(std::move(version)),
         node_name_(std::move(node_name)),
-        manager_(manager) {}
+        manager_(manager),
+        links_(links) {}
 
   // Answers who this daemon is.
   grpc::ServerUnaryReactor* Hello(grpc::CallbackServerContext* ctx, const v1::HelloRequest* request,
@@ -35,6 +38,7 @@ class PeerService final : public v1::Peer::CallbackService {
  private:
   const std::string boot_id_, version_, node_name_;
   CacheManager* const manager_;
+  RowLinks* const links_;
   ReceiveLedger ledger_;
 };
 

@@ -1,6 +1,7 @@
 #include "cachemgr/service/sequence_receiver.h"
 
 #include "absl/strings/str_cat.h"
+#include "cachemgr/peers/link_rows.h"
 #include "cachemgr/service/cachemgr_service.h"
 #include "cachemgr/service/coded_layer_wire.h"
 #include "cachemgr/service/proto_convert.h"
@@ -10,9 +11,14 @@
 
 namespace cachemgr {
 
-SequenceReceiver::SequenceReceiver(CacheManager* manager, ReceiveLedger* ledger,
-                                   v1::ReceiveSequenceResponse* response)
-    : manager_(manager), ledger_(ledger), response_(response), arrival_(manager->Now()) {
+SequenceReceiver::SequenceReceiver(CacheManager* manager, ReceiveLedger* ledger, RowLinks* links,
+                                   absl::Time deadline, v1::ReceiveSequenceResponse* response)
+    : manager_(manager),
+      ledger_(ledger),
+      response_(response),
+      arrival_(manager->Now()),
+      links_(links),
+      deadline_(deadline) {
   StartRead(&chunk_);
 }
 
@@ -59,6 +65,7 @@ absl::Status SequenceReceiver::HandleHeader(const v1::SequenceImageHeader& proto
                                                    " printable characters without spaces"));
   }
   ASSIGN_OR_RETURN(SequenceImageHeader header, SequenceImageHeaderFromProto(proto));
+  if (proto.has_row_link()) RETURN_IF_ERROR(PrepareLink(proto.row_link(), header.RowBytes()));
   // A retry must name the same destination: the id is bound to it.
   const std::string fingerprint =
       absl::StrCat(proto.destination_session_token(), "\n", proto.destination_sequence_id());
@@ -90,10 +97,98 @@ absl::Status SequenceReceiver::HandleHeader(const v1::SequenceImageHeader& proto
   coded_.assign(imported.header.layers.size(), nullptr);
   coded_digests_.assign(imported.header.layers.size(), 0);
   import_ = std::move(imported);
+  if (linked_ != nullptr) return StartLink();
+  return absl::OkStatus();
+}
+
+absl::Status SequenceReceiver::PrepareLink(const v1::RowLinkOffer& offer, uint64_t row_bytes) {
+  RowLinkKind* kind = links_ != nullptr ? links_->Find(offer.kind()) : nullptr;
+  if (kind == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("header.row_link.kind ", QuoteForMessage(offer.kind()),
+                     " is not a row link this daemon joins (its --row_links)"));
+  }
+  if (!IsValidIdentifier(offer.link_id(), kMaxSequenceIdLength)) {
+    return absl::InvalidArgumentError(absl::StrCat("header.row_link.link_id must be 1-",
+                                                   kMaxSequenceIdLength,
+                                                   " printable characters without spaces"));
+  }
+  // One message's rows are held in one buffer: bounded like a stream's message.
+  constexpr uint64_t kMaxChunkBytes = uint64_t{256} << 20;
+  if (offer.chunk_rows() == 0 || 2 * uint64_t{offer.chunk_rows()} * row_bytes > kMaxChunkBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "header.row_link.chunk_rows must be 1 or more, and its rows (keys and values) at most ",
+        kMaxChunkBytes, " bytes (got ", offer.chunk_rows(), " rows of ", row_bytes, " bytes)"));
+  }
+  auto linked = std::make_unique<Linked>();
+  linked->kind = kind;
+  linked->link_id = offer.link_id();
+  linked->offer = offer.offer();
+  linked->chunk_rows = offer.chunk_rows();
+  if (offer.offer().empty()) {
+    absl::StatusOr<std::unique_ptr<RowLink>> kept = links_->Take(offer.link_id());
+    if (!kept.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("header.row_link.link_id ", QuoteForMessage(offer.link_id()),
+                       ": no such link is kept here (closed, idle too long, or this daemon "
+                       "restarted); offer a new one"));
+    }
+    linked->link = *std::move(kept);
+    linked->reused = true;
+  }
+  linked_ = std::move(linked);
+  return absl::OkStatus();
+}
+
+absl::Status SequenceReceiver::StartLink() {
+  Linked& l = *linked_;
+  const int device = import_->memory->cuda_device();
+  if (!l.kind->Serves(device)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("header.row_link.kind ", std::string(l.kind->name()),
+                     " does not reach the destination pool's memory (",
+                     device < 0 ? std::string("host") : absl::StrCat("CUDA device ", device),
+                     "); send without a row link"));
+  }
+  if (l.link == nullptr) RETURN_IF_ERROR(l.kind->CanJoin(l.offer, device));
+  if (l.link != nullptr && l.link->device() >= 0 && l.link->device() != device) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("header.row_link.link_id ", QuoteForMessage(l.link_id), " is on CUDA device ",
+                     l.link->device(), ", the destination pool on ", device, "; offer a new one"));
+  }
+  l.thread = std::thread([this, &l, device, import = *import_] {
+    const LinkWait wait{deadline_, [&l] { return l.stop.load(); }};
+    if (l.link == nullptr) {
+      absl::StatusOr<std::unique_ptr<RowLink>> joined = l.kind->Join(l.offer, device, wait);
+      if (!joined.ok()) {
+        l.status = joined.status();
+        return;
+      }
+      l.link = *std::move(joined);
+      links_->CountJoined();
+    }
+    l.status = ReceiveRowsOverLink(import, *l.link, l.chunk_rows, wait);
+  });
+  return absl::OkStatus();
+}
+
+absl::Status SequenceReceiver::FinishLink() {
+  Linked& l = *linked_;
+  if (l.thread.joinable()) l.thread.join();
+  if (!l.status.ok()) {
+    return absl::Status(l.status.code(), absl::StrCat("the row link's rows: ", l.status.message()));
+  }
+  const auto& layers = import_->header.layers;
+  for (uint32_t i = 0; i < layers.size(); ++i) {
+    if (!layers[i].coded) rows_received_[i] = layers[i].num_tokens;
+  }
   return absl::OkStatus();
 }
 
 absl::Status SequenceReceiver::HandleRows(const v1::SequenceRows& rows) {
+  if (linked_ != nullptr) {
+    return absl::InvalidArgumentError("rows: this transfer's rows come over its row link");
+  }
   if (rows.layer() >= rows_received_.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("rows.layer ", rows.layer(), " is out of range"));
@@ -143,6 +238,7 @@ absl::Status SequenceReceiver::HandleCoded(const v1::CodedLayerImage& coded) {
 }
 
 absl::Status SequenceReceiver::HandleEnd(const v1::SequenceImageEnd& end) {
+  if (linked_ != nullptr) RETURN_IF_ERROR(FinishLink());
   const auto& layers = import_->header.layers;
   for (uint32_t l = 0; l < layers.size(); ++l) {
     if (rows_received_[l] != layers[l].num_tokens) {
@@ -171,12 +267,23 @@ absl::Status SequenceReceiver::HandleEnd(const v1::SequenceImageEnd& end) {
   response_->mutable_layer_digests()->CopyFrom(end.layer_digests());
   ledger_->Complete(transfer_id_, *response_);
   import_.reset();
+  if (linked_ != nullptr) {
+    links_->Return(linked_->link_id, std::move(linked_->link), /*ok=*/true, linked_->reused);
+    linked_.reset();
+  }
   done_ = true;
   Finish(grpc::Status::OK);
   return absl::OkStatus();
 }
 
 void SequenceReceiver::Drop() {
+  if (linked_ != nullptr) {
+    // The thread polls the stop within milliseconds (its link calls' waits).
+    linked_->stop.store(true);
+    if (linked_->thread.joinable()) linked_->thread.join();
+    links_->Return(linked_->link_id, std::move(linked_->link), /*ok=*/false, linked_->reused);
+    linked_.reset();
+  }
   if (import_.has_value()) {
     manager_->AbortImport(*import_);
     import_.reset();

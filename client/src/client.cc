@@ -1193,6 +1193,8 @@ absl::StatusOr<TransferResult> Session::TransferSequence(const TransferOptions& 
   out.layer_digests.assign(response.layer_digests().begin(), response.layer_digests().end());
   out.source_released = response.source_released();
   out.replayed = response.replayed();
+  out.row_link = response.row_link();
+  out.row_link_reused = response.row_link_reused();
   return out;
 }
 

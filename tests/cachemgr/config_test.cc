@@ -142,6 +142,52 @@ TEST_CASE("bad flags are named", "[cpu]") {
   }
 }
 
+TEST_CASE("row links: auto resolves by backend, each kind's needs are named", "[cpu]") {
+  testing::TempDir dir;
+  const std::string token = dir.file("token");
+  { std::ofstream(token) << "0123456789abcdef0123\n"; }
+  REQUIRE(::chmod(token.c_str(), 0600) == 0);
+  const auto with_tcp = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"--tcp_address=127.0.0.1:0", "--tcp_plaintext_loopback",
+                                     "--tcp_token_file=" + token};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return Parse(args);
+  };
+  auto p = with_tcp({});
+  REQUIRE(p.ok());
+  CHECK(p->config.row_links.empty());  // auto on the host backend: none
+  CHECK(p->config.row_link_chunk_bytes == (uint64_t{64} << 20));
+  p = with_tcp({"--row_links=socket", "--row_link_host=127.0.0.1", "--row_link_chunk_bytes=4096"});
+  REQUIRE(p.ok());
+  CHECK(p->config.row_links == std::vector<std::string>{"socket"});
+  CHECK(p->config.row_link_host == "127.0.0.1");
+  CHECK(p->config.row_link_chunk_bytes == 4096);
+  p = with_tcp({"--row_links="});
+  REQUIRE(p.ok());
+  CHECK(p->config.row_links.empty());
+
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--row_links=socket", "--row_link_host=h"}, "--row_links needs --tcp_address"},
+      {{"--row_links=socket"}, "--row_links=socket needs --row_link_host"},
+      {{"--row_links=socket", "--row_link_host=0.0.0.0"}, "(not a wildcard)"},
+      {{"--row_links=nccl"}, "--row_links=nccl needs --backend=cuda"},
+      {{"--row_link_host=127.0.0.1"}, "--row_link_host only applies with --row_links=socket"},
+      {{"--row_links=pigeon"}, "--row_links must list nccl, socket or auto"},
+      {{"--row_links=socket,socket"}, "--row_links names socket twice"},
+      {{"--row_links=auto,socket"}, "--row_links auto stands alone"},
+      {{"--row_link_chunk_bytes=10"}, "--row_link_chunk_bytes must be an integer in [4096, "},
+  };
+  for (const auto& [extra, message] : cases) {
+    INFO(message);
+    auto bad = extra.front() == "--row_links=socket" && extra.size() == 2 &&
+                       extra[1] == "--row_link_host=h"
+                   ? Parse(extra)
+                   : with_tcp(extra);
+    REQUIRE(bad.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(bad.status().message()), Catch::Contains(message));
+  }
+}
+
 TEST_CASE("config file is read, flags override it, errors carry file:line", "[cpu]") {
   testing::TempDir dir;
   const std::string path = dir.path() + "/cachemgrd.conf";

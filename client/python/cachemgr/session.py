@@ -769,7 +769,8 @@ class Session:
             destination_sequence_id=destination_sequence_id, transfer_id=transfer_id, move=move,
             timeout_ms=timeout_ms), timeout=timeout)
         return TransferResult(r.destination_sequence_id, r.payload_bytes, r.wire_bytes,
-                              list(r.layer_digests), r.source_released, r.replayed)
+                              list(r.layer_digests), r.source_released, r.replayed, r.row_link,
+                              r.row_link_reused)
 
     def get_sequence(self, sequence_id: str, include_kv_digest: bool = False) -> SequenceInfo:
         return convert.sequence_from_proto(self._session_call(

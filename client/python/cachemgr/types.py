@@ -262,3 +262,7 @@ class TransferResult:
     layer_digests: List[int]  # XXH3-64 per layer, equal on both sides
     source_released: bool  # a move freed the source
     replayed: bool  # the transfer_id had completed before: nothing was sent again
+    # The row link the rows took ("nccl", "socket"; empty: the stream), and whether it had
+    # carried an earlier transfer (docs/MULTINODE.md, "Row links").
+    row_link: str = ""
+    row_link_reused: bool = False

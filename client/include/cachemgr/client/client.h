@@ -255,6 +255,10 @@ struct TransferResult {
   std::vector<uint64_t> layer_digests;
   bool source_released = false;
   bool replayed = false;
+  // The row link the rows took ("nccl", "socket"; empty: the stream), and whether it had carried
+  // an earlier transfer (docs/MULTINODE.md, "Row links").
+  std::string row_link;
+  bool row_link_reused = false;
 };
 
 struct ParkedLayer {
