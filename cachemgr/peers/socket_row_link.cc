@@ -26,6 +26,7 @@ namespace {
 
 constexpr char kKind[] = "socket";
 constexpr size_t kNonceHexBytes = 32;
+constexpr absl::Duration kNonceWait = absl::Seconds(1);
 // How often a blocking call looks at its stop and the link's abort flag.
 constexpr int kPollSliceMs = 5;
 
@@ -176,14 +177,16 @@ class PendingSocketLink final : public PendingRowLink {
         if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) continue;
         return ErrnoStatus("accept", errno);
       }
-      // Whoever connects must present the nonce within the wait; a stranger is closed and the
-      // wait goes on.
+      // Whoever connects must present the nonce within a second (and the wait); a stranger is
+      // closed and the wait goes on, so one that connects and stays silent holds it up no more.
       std::string presented(kNonceHexBytes, '\0');
+      const LinkWait nonce_wait{std::min(wait.deadline, absl::Now() + kNonceWait), wait.stop};
       if (!ReadAll(conn.get(), reinterpret_cast<std::byte*>(presented.data()), presented.size(),
-                   wait, nullptr)
+                   nonce_wait, nullptr)
                .ok() ||
           presented != nonce_) {
-        if (wait.Stopped() || absl::Now() >= wait.deadline) {
+        if (wait.Stopped()) return absl::AbortedError("the transfer stopped");
+        if (absl::Now() >= wait.deadline) {
           return absl::DeadlineExceededError("no peer joined the row link within the deadline");
         }
         continue;

@@ -18,6 +18,7 @@ import cachemgr
 from cachemgr.v1 import cachemgr_pb2 as pb
 from cachemgr.v1 import cachemgr_pb2_grpc as pb_grpc
 
+from test_cachemgrctl import ctl
 from test_peers import free_port, peer, peer_in_state, token_file, wait_for
 from test_transfer import TOKEN, digests, fill, model, stop, used_blocks
 
@@ -49,6 +50,10 @@ def test_rows_cross_the_link_and_the_link_is_reused(pair):
     with cachemgr.Session.attach(a.socket, "prefill", model(), num_blocks=512) as sa, \
             cachemgr.Session.attach(b.socket, "decode", model(block_size=8), num_blocks=512) as sb:
         assert peer(a, b_address)["row_links"] == ["socket"]
+        table = ctl(a, "peers").stdout
+        assert "ROW_LINKS" in table and any(
+            line.startswith(b_address) and line.split()[-1] == "socket"
+            for line in table.splitlines())
         fill(sa, "req-1", 301, seed=1)  # 301 rows of 128 bytes (K and V): 10 link messages
         fill(sa, "req-2", 5, seed=2)
         first = sa.transfer_sequence("req-1", b_address, sb.session_token, "t-1",

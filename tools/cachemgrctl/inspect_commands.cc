@@ -219,7 +219,7 @@ int RunPeers(const std::vector<std::string>& args) {
   std::string out = absl::StrCat("this daemon: node ", response.node_name(), ", boot id ",
                                  response.boot_id(), "\n");
   Table table({"PEER", "ENTRY", "STATE", "NODE", "VERSION", "RTT", "LAST_SEEN", "PROBES_OK",
-               "FAILED", "LAST_ERROR"});
+               "FAILED", "ROW_LINKS", "LAST_ERROR"});
   const int64_t now_ms = absl::ToUnixMillis(absl::Now());
   for (const v1::PeerInfo& p : response.peers()) {
     absl::string_view state = v1::PeerState_Name(p.state());
@@ -229,7 +229,8 @@ int RunPeers(const std::vector<std::string>& args) {
                   p.last_seen_unix_ms() == 0
                       ? "never"
                       : absl::StrFormat("%.1f s ago", (now_ms - p.last_seen_unix_ms()) / 1000.0),
-                  absl::StrCat(p.probes_ok()), absl::StrCat(p.probes_failed()), p.last_error()});
+                  absl::StrCat(p.probes_ok()), absl::StrCat(p.probes_failed()),
+                  p.row_links().empty() ? "-" : absl::StrJoin(p.row_links(), ","), p.last_error()});
   }
   return Print(out +
                (response.peers().empty() ? std::string("no peers (--peers)\n") : table.Render()));

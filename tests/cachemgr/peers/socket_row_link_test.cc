@@ -4,6 +4,9 @@
 // closed and refused as the cache promises.
 #include "cachemgr/peers/socket_row_link.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cstring>
@@ -16,6 +19,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "cachemgr/peers/row_links.h"
+#include "cachemgr/util/unique_fd.h"
 
 namespace cachemgr {
 namespace {
@@ -93,6 +97,34 @@ TEST_CASE("socket row link: only the offer's nonce joins", "[peers]") {
     std::byte b;
     CHECK_FALSE((*stranger)->Recv(&b, 1, Within(absl::Seconds(5))).ok());
   }
+
+  // A stranger that connects and stays silent holds the offer up for a second at most: the
+  // rightful joiner after it gets in.
+  auto second = kind->Offer(-1);
+  REQUIRE(second.ok());
+  const std::vector<std::string> p2 = absl::StrSplit((*second)->offer(), ' ');
+  absl::StatusOr<std::unique_ptr<RowLink>> rightful;
+  UniqueFd silent(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(std::stoi(p2[1])));
+  REQUIRE(::connect(silent.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  std::thread joiner([&] {
+    absl::SleepFor(absl::Milliseconds(100));  // behind the silent one
+    rightful = kind->Join((*second)->offer(), -1, Within(absl::Seconds(5)));
+  });
+  const absl::Time began = absl::Now();
+  auto done = (*second)->Complete(Within(absl::Seconds(5)));
+  joiner.join();
+  REQUIRE(done.ok());
+  CHECK(absl::Now() - began < absl::Seconds(3));
+  REQUIRE(rightful.ok());
+  const std::byte one{42};
+  std::byte got{0};
+  REQUIRE((*rightful)->Send(&one, 1, Within(absl::Seconds(5))).ok());
+  REQUIRE((*done)->Recv(&got, 1, Within(absl::Seconds(5))).ok());
+  CHECK(got == one);
 }
 
 TEST_CASE("socket row link: waits end at the deadline, the stop, or Abort", "[peers]") {
