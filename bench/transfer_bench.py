@@ -8,6 +8,10 @@
   both daemons' bookkeeping), beside a GetSequence round trip to the same daemon.
 
     python3 bench/transfer_bench.py --cachemgrd build/cachemgr/cachemgrd [--mib 64] [--repeats 5]
+        [--row_link socket]
+
+With --row_link socket both daemons run --row_links=socket, so the rows cross beside the stream
+over a socket row link (docs/MULTINODE.md "Row links") and every transfer must say so.
 
 Needs the Python client (scripts/test-venv.sh has it).
 """
@@ -37,13 +41,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_daemon(binary, workdir, name, port, peer_port, token_file):
+def start_daemon(binary, workdir, name, port, peer_port, token_file, extra=()):
     sock = os.path.join(workdir, f"{name}.sock")
     log = open(os.path.join(workdir, f"{name}.log"), "w")
     p = subprocess.Popen([binary, f"--socket={sock}", f"--tcp_address=127.0.0.1:{port}",
                           "--tcp_plaintext_loopback", f"--tcp_token_file={token_file}",
                           f"--peers=127.0.0.1:{peer_port}", "--peer_probe_interval_ms=200",
-                          f"--node_name={name}", "--memory_budget=4G"],
+                          f"--node_name={name}", "--memory_budget=4G", *extra],
                          stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while not os.path.exists(sock):
@@ -95,7 +99,10 @@ def main():
     ap.add_argument("--mib", type=int, default=64, help="payload (K and V) of the big sequence")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--small", type=int, default=50, help="one-token transfers to time")
+    ap.add_argument("--row_link", choices=["", "socket"], default="",
+                    help="rows over this row link kind (default: on the stream)")
     args = ap.parse_args()
+    extra = (["--row_links=socket", "--row_link_host=127.0.0.1"] if args.row_link else [])
 
     row_pair = 2 * HEADS * DIM * 4
     tokens = max(1, (args.mib << 20) // (row_pair * LAYERS))
@@ -108,8 +115,8 @@ def main():
         token_file.write_text(TOKEN + "\n")
         token_file.chmod(0o600)
         port_a, port_b = free_port(), free_port()
-        a, sock_a = start_daemon(args.cachemgrd, work, "a", port_a, port_b, token_file)
-        b, sock_b = start_daemon(args.cachemgrd, work, "b", port_b, port_a, token_file)
+        a, sock_a = start_daemon(args.cachemgrd, work, "a", port_a, port_b, token_file, extra)
+        b, sock_b = start_daemon(args.cachemgrd, work, "b", port_b, port_a, token_file, extra)
         try:
             sa = cachemgr.Session.attach(sock_a, "bench-a", model, num_blocks=blocks)
             sb = cachemgr.Session.attach(sock_b, "bench-b", model, num_blocks=blocks)
@@ -137,6 +144,7 @@ def main():
                                          timeout_ms=600000)
                 transfer.append(time.perf_counter() - start)
                 assert r.payload_bytes == payload, (r.payload_bytes, payload)
+                assert r.row_link == args.row_link, r
                 sb.free("big")
                 raw.append(raw_socket_seconds(payload))
             small, get = [], []
@@ -158,8 +166,11 @@ def main():
 
     gbps = lambda s: payload / s / 1e9  # noqa: E731
     best_t, best_r = min(transfer), min(raw)
+    print(f"rows over: {args.row_link or 'the stream'}")
+    stream = (f"stream {wire / 2**10:.1f} KiB (the rows over the link)" if args.row_link else
+              f"wire {wire / 2**20:.1f} MiB (+{100 * (wire - payload) / payload:.2f}%)")
     print(f"payload {payload / 2**20:.1f} MiB ({tokens} tokens x {LAYERS} layers, fp32), "
-          f"wire {wire / 2**20:.1f} MiB (+{100 * (wire - payload) / payload:.2f}%)")
+          f"{stream}")
     print(f"transfer  best {best_t * 1e3:8.1f} ms  {gbps(best_t):6.2f} GB/s   "
           f"median {statistics.median(transfer) * 1e3:8.1f} ms")
     print(f"raw TCP   best {best_r * 1e3:8.1f} ms  {gbps(best_r):6.2f} GB/s   "
