@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -414,10 +415,20 @@ void Daemon::ReapLeases() {
   const absl::Duration check_every = config_.check_invariants_interval;
   absl::Time next_check = absl::Now() + check_every;
   absl::Time next_report = absl::Now() + absl::Seconds(10);
+  absl::Time next_link_sweep = absl::Now() + absl::Seconds(1);
   uint64_t checks = 0;
   while (!shutdown_requested_.WaitForNotificationWithTimeout(std::min(
       tick, check_every > absl::ZeroDuration() ? check_every : absl::InfiniteDuration()))) {
     manager_->ExpireLeases();
+    if (row_links_ != nullptr && absl::Now() >= next_link_sweep) {
+      // Row links of peers that went down or restarted, and idle ones, are closed.
+      next_link_sweep = absl::Now() + absl::Seconds(1);
+      std::map<std::string, std::string> up;
+      for (const PeerSnapshot& p : peers_->Snapshot()) {
+        if (p.state == PeerState::kUp) up.emplace(p.address, p.boot_id);
+      }
+      row_links_->Sweep(up);
+    }
     if (check_every == absl::ZeroDuration() || absl::Now() < next_check) continue;
     next_check = absl::Now() + check_every;
     if (absl::Status s = manager_->CheckInvariants(); !s.ok()) {

@@ -46,14 +46,13 @@ RowLinkKind* RowLinks::Find(std::string_view name) const {
   return nullptr;
 }
 
-void RowLinks::SweepLocked(const std::string& address, const std::string& boot_id) {
+void RowLinks::SweepLocked(
+    const std::function<bool(const std::string& address, const std::string& boot_id)>& gone) {
   const absl::Time now = absl::Now();
-  const std::string prefix = absl::StrCat(address, std::string(1, kKeySeparator));
-  const std::string current = absl::StrCat(prefix, boot_id, std::string(1, kKeySeparator));
   for (auto it = sender_.begin(); it != sender_.end();) {
-    const bool restarted =
-        !address.empty() && it->first.rfind(prefix, 0) == 0 && it->first.rfind(current, 0) != 0;
-    if (restarted || now - it->second.since > idle_ || it->second.link->broken()) {
+    const Idle& idle = it->second;
+    if ((gone && gone(idle.address, idle.boot_id)) || now - idle.since > idle_ ||
+        idle.link->broken()) {
       it = sender_.erase(it);
       ++counters_.closed;
     } else {
@@ -70,10 +69,20 @@ void RowLinks::SweepLocked(const std::string& address, const std::string& boot_i
   }
 }
 
+void RowLinks::Sweep(const std::map<std::string, std::string>& up) {
+  absl::MutexLock lock(&mu_);
+  SweepLocked([&up](const std::string& address, const std::string& boot_id) {
+    auto it = up.find(address);
+    return it == up.end() || it->second != boot_id;
+  });
+}
+
 absl::StatusOr<RowLinks::SenderLease> RowLinks::Acquire(
     const std::string& address, const std::string& boot_id, const std::string& destination,
     int device, const std::vector<std::string>& peer_kinds) {
   SenderLease lease;
+  lease.address = address;
+  lease.boot_id = boot_id;
   lease.key =
       absl::StrCat(address, std::string(1, kKeySeparator), boot_id, std::string(1, kKeySeparator),
                    device, std::string(1, kKeySeparator), destination);
@@ -91,7 +100,9 @@ absl::StatusOr<RowLinks::SenderLease> RowLinks::Acquire(
   lease.kind = std::string(kind->name());
   {
     absl::MutexLock lock(&mu_);
-    SweepLocked(address, boot_id);
+    SweepLocked([&](const std::string& a, const std::string& b) {
+      return a == address && b != boot_id;  // the peer restarted
+    });
     if (auto r = refused_.find(lease.key); r != refused_.end()) {
       if (absl::Now() < r->second) {
         return absl::NotFoundError("the peer refused a row link to this destination lately");
@@ -124,8 +135,9 @@ void RowLinks::Release(SenderLease lease, bool ok) {
     ++counters_.closed;
     return;
   }
-  sender_.emplace(std::move(lease.key), Idle{std::move(lease.link_id), std::move(lease.kind),
-                                             std::move(lease.link), absl::Now()});
+  sender_.emplace(std::move(lease.key),
+                  Idle{std::move(lease.address), std::move(lease.boot_id), std::move(lease.link_id),
+                       std::move(lease.kind), std::move(lease.link), absl::Now()});
 }
 
 void RowLinks::Refuse(const std::string& key) {
@@ -135,7 +147,7 @@ void RowLinks::Refuse(const std::string& key) {
 
 absl::StatusOr<std::unique_ptr<RowLink>> RowLinks::Take(const std::string& link_id) {
   absl::MutexLock lock(&mu_);
-  SweepLocked("", "");
+  SweepLocked(nullptr);
   auto it = receiver_.find(link_id);
   if (it == receiver_.end()) {
     return absl::NotFoundError(absl::StrCat("no row link ", link_id, " is kept here"));
@@ -155,7 +167,7 @@ void RowLinks::Return(const std::string& link_id, std::unique_ptr<RowLink> link,
     ++counters_.closed;
     return;
   }
-  receiver_[link_id] = Idle{link_id, "", std::move(link), absl::Now()};
+  receiver_[link_id] = Idle{"", "", link_id, "", std::move(link), absl::Now()};
 }
 
 void RowLinks::CountJoined() {

@@ -9,11 +9,14 @@
 //   - the receiver keys the links it joined by link id, the id the sender's header names when
 //     it reuses one; it takes the link out while a transfer uses it, so two transfers never
 //     share one;
-//   - a link whose transfer failed is closed on both sides (never returned), and a link unused
-//     for `idle` is closed by the next call that looks (each Acquire and Take).
+//   - a link whose transfer failed is closed on both sides (never returned), a link unused for
+//     `idle` is closed by the next call that looks (each Acquire, Take and Sweep), and Sweep
+//     (the daemon calls it every second with its peers' view) closes the sender links of a peer
+//     that is down, gone or restarted.
 // Thread-safe.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -54,6 +57,7 @@ class RowLinks {
   // (pending set).
   struct SenderLease {
     std::string key;
+    std::string address, boot_id;  // the peer's
     std::string kind;
     std::string link_id;
     std::unique_ptr<RowLink> link;
@@ -80,17 +84,24 @@ class RowLinks {
   // A link joined (counted).
   void CountJoined();
 
+  // Closes idle and broken links, and the sender links of every peer not in `up` (address ->
+  // boot id of the peers whose last probe succeeded) or up under another boot id.
+  void Sweep(const std::map<std::string, std::string>& up);
+
   RowLinkCounters counters() const;
 
  private:
   struct Idle {
+    std::string address, boot_id;  // the sender's peer (empty on the receiver's side)
     std::string link_id;
     std::string kind;
     std::unique_ptr<RowLink> link;
     absl::Time since;
   };
-  // Closes what idled too long and the sender links of `address` under another boot id.
-  void SweepLocked(const std::string& address, const std::string& boot_id)
+  // Closes what idled too long or broke, and the sender links `gone` (may be empty) names by
+  // their peer's address and boot id.
+  void SweepLocked(
+      const std::function<bool(const std::string& address, const std::string& boot_id)>& gone)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::vector<std::unique_ptr<RowLinkKind>> kinds_;

@@ -2,10 +2,10 @@
 // (--backend=cuda --row_links=nccl), peers over loopback TCP, a sequence of 128 MiB of fp16 rows
 // written into A's pool with the slot-mapping kernel and transferred to B. With two GPUs (A on
 // device 0, B on device 1) the rows take the NCCL link (row_link "nccl"), the second transfer
-// reuses it, B's digests equal A's, and the link's rate is printed beside cudaMemcpyPeer of the
-// same bytes measured in the same run. With one GPU both daemons share it, which NCCL cannot
-// link: B refuses the offer at the header and the rows take the stream (row_link empty), digests
-// equal all the same. Without a CUDA device the case says so and checks nothing.
+// reuses it, B's digests equal A's, and the link's rate is printed beside cudaMemcpyPeer and raw
+// NCCL send/recv of the same bytes measured in the same run. With one GPU both daemons share it,
+// which NCCL cannot link: B refuses the offer at the header and the rows take the stream (row_link
+// empty), digests equal all the same. Without a CUDA device the case says so and checks nothing.
 #include <cuda_runtime.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -17,12 +17,14 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "cachemgr/client/client.h"
 #include "cachemgr/kernels/elem_convert.h"
+#include "cachemgr/peers/nccl_comm.h"
 #include "kernels/cuda/write_kv.h"
 #include "tests/support/daemon_process.h"
 #include "tests/support/temp_dir.h"
@@ -193,7 +195,8 @@ TEST_CASE("a sequence crosses between two daemons' GPU pools over an NCCL row li
   CHECK(r2.row_link_reused);
   CHECK(r1.wire_bytes < (1u << 20));  // the stream held the header and the end
 
-  // The same bytes device to device, in this run.
+  // The same bytes device to device, in this run: cudaMemcpyPeer, and raw NCCL send/recv
+  // between the two GPUs (one thread per rank, a communicator of this process).
   void* src = nullptr;
   void* dst = nullptr;
   REQUIRE(cudaSetDevice(0) == cudaSuccess);
@@ -206,10 +209,41 @@ TEST_CASE("a sequence crosses between two daemons' GPU pools over an NCCL row li
   REQUIRE(cudaMemcpyPeer(dst, 1, src, 0, bytes) == cudaSuccess);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   const double peer = Seconds(peer_start);
+
+  auto id = NcclComm::NewUniqueId();
+  REQUIRE(id.ok());
+  double nccl = 0;
+  absl::Status rank_status[2];
+  const auto rank = [&](int r) {
+    absl::StatusOr<NcclComm> comm = NcclComm::Init(r, 2, r, *id);
+    if (!comm.ok()) {
+      rank_status[r] = comm.status();
+      return;
+    }
+    cudaStream_t stream = nullptr;
+    cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    const NcclComm::Op op{r == 0 ? NcclComm::Op::Kind::kSend : NcclComm::Op::Kind::kRecv,
+                          r == 0 ? src : dst, bytes, 1 - r};
+    for (int i = 0; i < 2; ++i) {  // a warm-up, then the timed one
+      const auto t0 = std::chrono::steady_clock::now();
+      rank_status[r] = comm->Group({&op, 1}, stream);
+      if (!rank_status[r].ok()) break;
+      cudaStreamSynchronize(stream);
+      if (r == 1 && i == 1) nccl = Seconds(t0);
+    }
+    cudaStreamDestroy(stream);
+  };
+  std::thread rank0(rank, 0), rank1(rank, 1);
+  rank0.join();
+  rank1.join();
+  REQUIRE(rank_status[0].ok());
+  REQUIRE(rank_status[1].ok());
   std::printf(
-      "NCCL row link: %.1f MiB in %.3f s (%.2f GB/s, whole TransferSequence with digests) vs "
-      "cudaMemcpyPeer %.3f s (%.2f GB/s): ratio %.3f\n",
-      bytes / 1048576.0, took, bytes / took / 1e9, peer, bytes / peer / 1e9, peer / took);
+      "NCCL row link: %.1f MiB in %.3f s (%.2f GB/s, the whole TransferSequence with digests) vs "
+      "cudaMemcpyPeer %.3f s (%.2f GB/s) and raw NCCL send/recv %.3f s (%.2f GB/s): "
+      "link / cudaMemcpyPeer %.3f, link / raw NCCL %.3f\n",
+      bytes / 1048576.0, took, bytes / took / 1e9, peer, bytes / peer / 1e9, nccl,
+      bytes / nccl / 1e9, peer / took, nccl / took);
   cudaFree(dst);
   REQUIRE(cudaSetDevice(0) == cudaSuccess);
   cudaFree(src);

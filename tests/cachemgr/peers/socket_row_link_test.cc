@@ -279,6 +279,29 @@ TEST_CASE("row link cache: reuse, restarts, failures, refusals, idleness", "[pee
   CHECK(links.Acquire("b:1", "boot2", "host-pool", -1, peer_kinds).status().code() ==
         absl::StatusCode::kNotFound);
 
+  // The daemon's sweep: a peer that is down (absent from `up`) or up under another boot id
+  // loses its sender links; links of peers up under the same boot id stay.
+  {
+    RowLinks swept(SocketOnly());
+    auto to_b = swept.Acquire("b:1", "boot1", "d", -1, peer_kinds);
+    auto to_c = swept.Acquire("c:1", "bootc", "d", -1, peer_kinds);
+    auto to_e = swept.Acquire("e:1", "boote", "d", -1, peer_kinds);
+    REQUIRE((to_b.ok() && to_c.ok() && to_e.ok()));
+    std::unique_ptr<RowLink> far_b = CompleteLease(swept, *to_b);
+    std::unique_ptr<RowLink> far_c = CompleteLease(swept, *to_c);
+    std::unique_ptr<RowLink> far_e = CompleteLease(swept, *to_e);
+    swept.Release(*std::move(to_b), true);
+    swept.Release(*std::move(to_c), true);
+    swept.Release(*std::move(to_e), true);
+    REQUIRE(swept.counters().idle == 3);
+    swept.Sweep({{"b:1", "boot1"}, {"c:1", "bootc-restarted"}});  // e:1 is down
+    CHECK(swept.counters().idle == 1);
+    CHECK(swept.counters().closed == 2);
+    auto kept = swept.Acquire("b:1", "boot1", "d", -1, peer_kinds);
+    REQUIRE(kept.ok());
+    CHECK(kept->link != nullptr);
+  }
+
   // Idle links go at the next look.
   RowLinks brief(SocketOnly(), uint64_t{1} << 20, absl::Milliseconds(50));
   auto l = brief.Acquire("c:1", "boot", "d", -1, peer_kinds);
