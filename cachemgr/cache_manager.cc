@@ -741,6 +741,14 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
                                                       uint32_t num_new_tokens) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
+  return AllocateLocked(*client, sequence_id, num_new_tokens, /*slot_mapping=*/true);
+}
+
+absl::StatusOr<AllocateResult> CacheManager::AllocateLocked(Client& client_ref,
+                                                            const std::string& sequence_id,
+                                                            uint32_t num_new_tokens,
+                                                            bool slot_mapping) {
+  Client* client = &client_ref;
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
   if (num_new_tokens == 0 || num_new_tokens > options_.max_tokens_per_allocate) {
     return absl::InvalidArgumentError(absl::StrCat("num_new_tokens must be in [1, ",
@@ -755,7 +763,7 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
   auto reply_bytes = [&](uint64_t tokens) {
     return reply_size::AllocateReplyBytes(num_layers, tokens, pool.num_blocks, bs);
   };
-  if (reply_bytes(num_new_tokens) > options_.max_reply_bytes) {
+  if (slot_mapping && reply_bytes(num_new_tokens) > options_.max_reply_bytes) {
     uint32_t lo = 0, hi = num_new_tokens;  // reply_bytes(lo) fits (or lo == 0), hi does not
     while (hi - lo > 1) {
       const uint32_t mid = lo + (hi - lo) / 2;
@@ -865,10 +873,12 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
       table.blocks.insert(table.blocks.end(), out.new_block_ids.begin(), out.new_block_ids.end());
       total_new_blocks += plan[l].new_blocks;
     }
-    out.slot_mapping.resize(num_new_tokens);
-    for (uint32_t i = 0; i < num_new_tokens; ++i) {
-      const uint32_t t = table.num_tokens + i;
-      out.slot_mapping[i] = int64_t{table.blocks[t / bs]} * bs + t % bs;
+    if (slot_mapping) {
+      out.slot_mapping.resize(num_new_tokens);
+      for (uint32_t i = 0; i < num_new_tokens; ++i) {
+        const uint32_t t = table.num_tokens + i;
+        out.slot_mapping[i] = int64_t{table.blocks[t / bs]} * bs + t % bs;
+      }
     }
     table.num_tokens += num_new_tokens;
     out.num_tokens = table.num_tokens;
@@ -884,17 +894,21 @@ absl::StatusOr<AllocateResult> CacheManager::Allocate(const Caller& caller,
 absl::StatusOr<uint64_t> CacheManager::Free(const Caller& caller, const std::string& sequence_id) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(caller, sequence_id));
-  Client* owner = seq->owner;
+  return FreeLocked(*seq, /*by_operator=*/!caller.has_session());
+}
+
+uint64_t CacheManager::FreeLocked(Sequence& seq, bool by_operator) {
+  Client* owner = seq.owner;
+  const std::string sequence_id = seq.sequence_id;
   // The owner gives its own sequence up; an operator takes it from a client that may still be
   // writing to its blocks, so those wait out the quarantine.
   const std::optional<absl::Time> quarantine_until =
-      caller.has_session() ? std::nullopt : std::optional<absl::Time>(clock_->Now() + quarantine_);
-  const uint64_t released = ReleaseSequenceLocked(*seq, quarantine_until);
+      by_operator ? std::optional<absl::Time>(clock_->Now() + quarantine_) : std::nullopt;
+  const uint64_t released = ReleaseSequenceLocked(seq, quarantine_until);
   std::erase(owner->sequences, sequence_id);
   sequences_.erase(sequence_id);
-  PublishLocked(
-      EventType::kSequenceFreed, owner->client_id, sequence_id, owner->pool->pool_id,
-      absl::StrCat("blocks_released=", released, !caller.has_session() ? " by=operator" : ""));
+  PublishLocked(EventType::kSequenceFreed, owner->client_id, sequence_id, owner->pool->pool_id,
+                absl::StrCat("blocks_released=", released, by_operator ? " by=operator" : ""));
   return released;
 }
 
@@ -903,6 +917,15 @@ absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const Caller& caller,
                                                     const std::string& child_sequence_id) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
+  ASSIGN_OR_RETURN(Sequence * child,
+                   ForkLocked(*client, parent_sequence_id, child_sequence_id, /*reply=*/true));
+  return SnapshotLocked(*child);
+}
+
+absl::StatusOr<CacheManager::Sequence*> CacheManager::ForkLocked(
+    Client& client_ref, const std::string& parent_sequence_id,
+    const std::string& child_sequence_id, bool reply) {
+  Client* client = &client_ref;
   ASSIGN_OR_RETURN(Sequence * parent,
                    FindOwnedSequenceLocked(*client, parent_sequence_id, "parent_sequence_id"));
   RETURN_IF_ERROR(CheckNotBusy(parent_sequence_id, parent->busy));
@@ -911,7 +934,7 @@ absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const Caller& caller,
     return absl::AlreadyExistsError(
         absl::StrCat("child_sequence_id ", QuoteForMessage(child_sequence_id), " already exists"));
   }
-  {
+  if (reply) {
     std::vector<reply_size::LayerCounts> counts;
     for (const auto& t : parent->layers) counts.push_back({t.blocks.size(), 0});
     RETURN_IF_ERROR(CheckReplyBytes(
@@ -937,12 +960,12 @@ absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const Caller& caller,
   for (uint32_t l = 0; l < child->layers.size(); ++l) {
     for (uint32_t b : child->layers[l].blocks) pool.allocators[l].AddRef(b);
   }
-  SequenceSnapshot snapshot = SnapshotLocked(*child);
+  Sequence* made = child.get();
   client->sequences.push_back(child_sequence_id);
   sequences_.emplace(child_sequence_id, std::move(child));
   PublishLocked(EventType::kSequenceForked, client->client_id, child_sequence_id, pool.pool_id,
                 absl::StrCat("parent=", parent_sequence_id));
-  return snapshot;
+  return made;
 }
 
 SequenceSnapshot CacheManager::SnapshotLocked(const Sequence& seq) const {

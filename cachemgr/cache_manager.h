@@ -88,6 +88,8 @@ struct CacheManagerOptions {
   uint32_t default_block_size = 16;
   // Largest num_new_tokens one Allocate accepts.
   uint32_t max_tokens_per_allocate = 1u << 20;
+  // Ops one Step may carry.
+  uint32_t max_step_ops = 4096;
   // Largest per-client Compress input buffer an Attach may ask for.
   uint64_t max_input_buffer_bytes = uint64_t{1} << 30;
   // Threads one Compress spreads its layers over (0: one per hardware thread).
@@ -189,6 +191,21 @@ struct AllocateResult {
   uint64_t first_position = 0;
   uint64_t num_positions = 0;
   std::vector<LayerAllocationResult> layers;
+};
+
+// One op of CacheManager::Step.
+struct StepOp {
+  enum class Kind : uint8_t { kAllocate, kFree, kFork };
+  Kind kind = Kind::kAllocate;
+  std::string sequence_id;        // kAllocate, kFree; kFork: the parent
+  std::string child_sequence_id;  // kFork
+  uint32_t num_new_tokens = 0;    // kAllocate
+};
+
+struct StepOpResult {
+  absl::Status status;
+  AllocateResult allocate;       // kAllocate
+  uint64_t blocks_released = 0;  // kFree
 };
 
 struct LayerTableSnapshot {
@@ -509,6 +526,18 @@ class CacheManager {
   absl::StatusOr<SequenceSnapshot> Fork(const Caller& caller, const std::string& parent_sequence_id,
                                         const std::string& child_sequence_id);
 
+  // One scheduler step (cache_manager_step.cc, docs/API.md "Step"): `ops` applied in order under
+  // one acquisition of the lock, each exactly as its per-call version (Allocate, Free, Fork:
+  // the same checks, all or nothing, the same errors) with its own status; an op that fails
+  // changes nothing and the next ones still run. Allocations list slot mappings only with
+  // `include_slot_mapping` (they follow from the block tables). The whole step is refused,
+  // changing nothing, for the caller's session (as any call), more than options.max_step_ops
+  // ops (INVALID_ARGUMENT naming ops), or a reply that could exceed max_reply_bytes
+  // (RESOURCE_EXHAUSTED).
+  absl::StatusOr<std::vector<StepOpResult>> Step(const Caller& caller,
+                                                 absl::Span<const StepOp> ops,
+                                                 bool include_slot_mapping);
+
   // With a token, only the caller's sequences (PERMISSION_DENIED otherwise); with an empty token,
   // read-only inspection of any sequence for the operator, of the owner's sequences for anyone
   // else (NOT_FOUND for others'). A token renews the lease, as every call with one does.
@@ -711,6 +740,16 @@ class CacheManager {
   // handle; INVALID_ARGUMENT naming cuda_ipc_event_handle when the backend cannot open it.
   absl::StatusOr<std::shared_ptr<const ClientEvent>> WriteEventLocked(Client& client,
                                                                       const std::string& handle)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Allocate, Free and Fork for a client already found (Step applies many under one lock):
+  // Allocate lists slot mappings only with `slot_mapping` (and checks its per-call reply size
+  // only then); Fork checks the size of its per-call reply only with `reply`.
+  absl::StatusOr<AllocateResult> AllocateLocked(Client& client, const std::string& sequence_id,
+                                                uint32_t num_new_tokens, bool slot_mapping)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  uint64_t FreeLocked(Sequence& seq, bool by_operator) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Sequence*> ForkLocked(Client& client, const std::string& parent_sequence_id,
+                                       const std::string& child_sequence_id, bool reply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops the sequence's block references; returns the blocks whose last reference went away.
   // With `quarantine_until` those wait in quarantine until then instead of becoming free.

@@ -60,6 +60,20 @@ uint64_t AllocateReplyBytes(uint32_t num_layers, uint64_t num_new_tokens, uint32
   return Add(top, Mul(num_layers, Delimited(layer)));
 }
 
+uint64_t StepResultBytes(uint32_t num_layers, uint64_t num_new_tokens, uint32_t pool_blocks,
+                         uint32_t block_size, bool slot_mapping) {
+  const uint64_t max_slot = MaxId(uint64_t{pool_blocks} * block_size);
+  const uint64_t new_blocks = num_new_tokens == 0 ? 0 : num_new_tokens / block_size + 1;
+  const uint64_t copy = Delimited(2 * Scalar(kVarint32));
+  const uint64_t layer =
+      Sum({Scalar(kVarint32), Packed(new_blocks, MaxId(pool_blocks)),
+           slot_mapping ? Packed(num_new_tokens, max_slot) : 0, Scalar(kVarint32), copy});
+  const uint64_t result =
+      Sum({Scalar(kVarint32), Delimited(kMaxStepMessageBytes), Scalar(1), 3 * Scalar(kVarint64),
+           num_new_tokens == 0 ? 0 : Mul(num_layers, Delimited(layer))});
+  return Delimited(result);
+}
+
 uint64_t SequenceReplyBytes(absl::Span<const LayerCounts> layers, uint32_t pool_blocks) {
   uint64_t info =
       Sum({2 * Delimited(kMaxSequenceIdLength), Delimited(kMaxClientId), Scalar(kVarint64),

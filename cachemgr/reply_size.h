@@ -29,6 +29,15 @@ struct LayerCounts {
   uint64_t positions = 0;  // positions or kept positions (each < the sequence's positions)
 };
 
+// The longest status message a StepResult carries (CacheManager::Step cuts longer ones).
+inline constexpr uint64_t kMaxStepMessageBytes = 2048;
+
+// One StepResponse.results entry: an op's status and, for an allocation of `num_new_tokens`
+// tokens (0 for a free or a fork), its layers' new blocks and copies, with slot mappings only
+// with `slot_mapping`.
+uint64_t StepResultBytes(uint32_t num_layers, uint64_t num_new_tokens, uint32_t pool_blocks,
+                         uint32_t block_size, bool slot_mapping);
+
 // GetSequenceResponse or ForkResponse (a SequenceInfo) of a sequence whose layers list
 // layers[l].blocks block ids (positions ignored).
 uint64_t SequenceReplyBytes(absl::Span<const LayerCounts> layers, uint32_t pool_blocks);

@@ -331,6 +331,41 @@ grpc::ServerUnaryReactor* CacheManagerService::Fork(grpc::CallbackServerContext*
   });
 }
 
+grpc::ServerUnaryReactor* CacheManagerService::Step(grpc::CallbackServerContext* ctx,
+                                                    const v1::StepRequest* request,
+                                                    v1::StepResponse* response) {
+  return Unary(ctx, "Step", request->session_token(), [&](const Caller& caller) -> absl::Status {
+    std::vector<StepOp> ops(request->ops_size());
+    for (int i = 0; i < request->ops_size(); ++i) {
+      const v1::StepOp& in = request->ops(i);
+      StepOp& op = ops[i];
+      switch (in.op_case()) {
+        case v1::StepOp::kAllocate:
+          op.kind = StepOp::Kind::kAllocate;
+          op.sequence_id = in.allocate().sequence_id();
+          op.num_new_tokens = in.allocate().num_new_tokens();
+          break;
+        case v1::StepOp::kFree:
+          op.kind = StepOp::Kind::kFree;
+          op.sequence_id = in.free();
+          break;
+        case v1::StepOp::kFork:
+          op.kind = StepOp::Kind::kFork;
+          op.sequence_id = in.fork().parent_sequence_id();
+          op.child_sequence_id = in.fork().child_sequence_id();
+          break;
+        case v1::StepOp::OP_NOT_SET:
+          return absl::InvalidArgumentError(
+              absl::StrCat("ops[", i, "] holds none of allocate, free, fork"));
+      }
+    }
+    ASSIGN_OR_RETURN(std::vector<StepOpResult> results,
+                     manager_->Step(caller, ops, request->include_slot_mapping()));
+    StepResultsToProto(ops, results, request->include_slot_mapping(), response);
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerUnaryReactor* CacheManagerService::GetSequence(grpc::CallbackServerContext* ctx,
                                                            const v1::GetSequenceRequest* request,
                                                            v1::GetSequenceResponse* response) {

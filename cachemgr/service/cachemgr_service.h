@@ -57,6 +57,8 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
                                  v1::FreeResponse* response) override;
   grpc::ServerUnaryReactor* Fork(grpc::CallbackServerContext* ctx, const v1::ForkRequest* request,
                                  v1::ForkResponse* response) override;
+  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const v1::StepRequest* request,
+                                 v1::StepResponse* response) override;
   grpc::ServerUnaryReactor* GetSequence(grpc::CallbackServerContext* ctx,
                                         const v1::GetSequenceRequest* request,
                                         v1::GetSequenceResponse* response) override;

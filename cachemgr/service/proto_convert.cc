@@ -171,6 +171,48 @@ void AllocateResultToProto(const std::string& sequence_id, const AllocateResult&
   }
 }
 
+void StepResultsToProto(absl::Span<const StepOp> ops, absl::Span<const StepOpResult> results,
+                        bool include_slot_mapping, v1::StepResponse* p) {
+  p->mutable_results()->Reserve(static_cast<int>(results.size()));
+  for (size_t i = 0; i < results.size(); ++i) {
+    const StepOpResult& r = results[i];
+    v1::StepResult* out = p->add_results();
+    if (!r.status.ok()) {
+      out->set_code(static_cast<int>(r.status.code()));
+      out->set_message(std::string(r.status.message()));
+      continue;
+    }
+    switch (ops[i].kind) {
+      case StepOp::Kind::kAllocate: {
+        const AllocateResult& a = r.allocate;
+        out->set_created(a.created);
+        out->set_first_position(a.first_position);
+        out->set_num_positions(a.num_positions);
+        for (uint32_t l = 0; l < a.layers.size(); ++l) {
+          const LayerAllocationResult& in = a.layers[l];
+          if (!include_slot_mapping && in.new_block_ids.empty() && in.copies.empty()) continue;
+          v1::LayerAllocation* layer = out->add_layers();
+          layer->set_layer(l);
+          layer->mutable_new_block_ids()->Add(in.new_block_ids.begin(), in.new_block_ids.end());
+          layer->mutable_slot_mapping()->Add(in.slot_mapping.begin(), in.slot_mapping.end());
+          layer->set_num_tokens(in.num_tokens);
+          for (const auto& c : in.copies) {
+            v1::BlockCopy* bc = layer->add_copies();
+            bc->set_src_block(c.src);
+            bc->set_dst_block(c.dst);
+          }
+        }
+        break;
+      }
+      case StepOp::Kind::kFree:
+        out->set_blocks_released(r.blocks_released);
+        break;
+      case StepOp::Kind::kFork:
+        break;
+    }
+  }
+}
+
 void SequenceToProto(const SequenceSnapshot& s, v1::SequenceInfo* p) {
   p->set_sequence_id(s.sequence_id);
   p->set_owner_client_id(s.owner_client_id);

@@ -14,6 +14,11 @@ void ModelSpecToProto(const ModelSpec& spec, v1::ModelSpec* proto);
 
 void AttachResultToProto(const AttachResult& result, const std::string& share_socket_path,
                          v1::AttachResponse* proto);
+// Step's results, one per op; an allocation lists only the layers with new blocks or copies
+// unless `include_slot_mapping`.
+void StepResultsToProto(absl::Span<const StepOp> ops, absl::Span<const StepOpResult> results,
+                        bool include_slot_mapping, v1::StepResponse* p);
+
 void AllocateResultToProto(const std::string& sequence_id, const AllocateResult& result,
                            v1::AllocateResponse* proto);
 void SequenceToProto(const SequenceSnapshot& seq, v1::SequenceInfo* proto);

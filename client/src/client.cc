@@ -1142,6 +1142,52 @@ absl::StatusOr<Allocation> Session::Allocate(std::string_view sequence_id,
   return out;
 }
 
+absl::StatusOr<std::vector<StepResult>> Session::Step(std::span<const StepOp> ops,
+                                                     bool include_slot_mapping) {
+  pb::StepRequest request;
+  request.set_include_slot_mapping(include_slot_mapping);
+  request.mutable_ops()->Reserve(static_cast<int>(ops.size()));
+  for (const StepOp& op : ops) {
+    pb::StepOp* out = request.add_ops();
+    switch (op.kind) {
+      case StepOp::Kind::kAllocate:
+        out->mutable_allocate()->set_sequence_id(op.sequence_id);
+        out->mutable_allocate()->set_num_new_tokens(op.num_new_tokens);
+        break;
+      case StepOp::Kind::kFree:
+        out->set_free(op.sequence_id);
+        break;
+      case StepOp::Kind::kFork:
+        out->mutable_fork()->set_parent_sequence_id(op.sequence_id);
+        out->mutable_fork()->set_child_sequence_id(op.child_sequence_id);
+        break;
+    }
+  }
+  pb::StepResponse response;
+  RETURN_IF_ERROR(impl_->Call(
+      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+        request.set_session_token(token);
+        return stub.Step(context, request, &response);
+      }));
+  if (response.results_size() != static_cast<int>(ops.size())) {
+    return absl::InternalError(absl::StrCat("Step answered ", response.results_size(),
+                                            " results for ", ops.size(), " ops"));
+  }
+  std::vector<StepResult> out(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const pb::StepResult& r = response.results(static_cast<int>(i));
+    StepResult& o = out[i];
+    o.status = absl::Status(static_cast<absl::StatusCode>(r.code()), r.message());
+    o.created = r.created();
+    o.first_position = r.first_position();
+    o.num_positions = r.num_positions();
+    o.layers.reserve(r.layers_size());
+    for (const pb::LayerAllocation& layer : r.layers()) o.layers.push_back(FromProto(layer));
+    o.blocks_released = r.blocks_released();
+  }
+  return out;
+}
+
 absl::StatusOr<uint64_t> Session::Free(std::string_view sequence_id) {
   pb::FreeRequest request;
   request.set_sequence_id(std::string(sequence_id));

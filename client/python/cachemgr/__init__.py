@@ -17,11 +17,12 @@ from .pool import HostPool, bf16_to_float32, float32_to_bf16
 from .session import Session, SessionEvent, TlsOptions, list_all_sequences, stats
 from .types import (Allocation, CompressResult, FetchedLayer, LoadedPrefix, ModelSpec, ParkedLayer,
                     Policy, PrefixCodebook, RopeConfig, SequenceInfo, SequenceSummary, Stats,
-                    StoredPrefix, TransferResult)
+                    StepOp, StepResult, StoredPrefix, TransferResult)
 
 __all__ = [
     "Allocation", "CacheManagerError", "CompressResult", "FetchedLayer", "HostPool",
     "LoadedPrefix", "ModelSpec", "ParkedLayer", "Policy", "PrefixCodebook", "RopeConfig",
-    "SequenceInfo", "SequenceSummary", "Session", "SessionEvent", "Stats", "StoredPrefix", "TlsOptions", "TransferResult", "bf16_to_float32", "float32_to_bf16",
+    "SequenceInfo", "SequenceSummary", "Session", "SessionEvent", "Stats", "StepOp", "StepResult",
+    "StoredPrefix", "TlsOptions", "TransferResult", "bf16_to_float32", "float32_to_bf16",
     "list_all_sequences", "stats",
 ]

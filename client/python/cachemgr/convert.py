@@ -2,12 +2,14 @@
 
 from typing import List
 
+import grpc
 import numpy as np
 
+from .errors import CacheManagerError
 from .types import (DTYPES, LAYOUTS, ROPE_STYLES, Allocation, BlockCopy, ClientInfo,
                     CompressedLayer, CompressResult, FetchedLayer, LayerAllocation,
                     LayerBlockTable, LayerOccupancy, ModelSpec, ParkedLayer, Policy, PoolStats,
-                    RopeConfig, SequenceInfo, SequenceSummary, Stats)
+                    RopeConfig, SequenceInfo, SequenceSummary, Stats, StepOp, StepResult)
 from .v1 import cachemgr_pb2 as pb
 
 _ENUMS = {
@@ -81,6 +83,38 @@ def allocation_from_proto(r: pb.AllocateResponse) -> Allocation:
                                 num_tokens=l.num_tokens,
                                 copies=[BlockCopy(c.src_block, c.dst_block) for c in l.copies])
                 for l in r.layers])
+
+
+def _layers_from_proto(layers) -> list:
+    return [LayerAllocation(layer=l.layer, new_block_ids=list(l.new_block_ids),
+                            slot_mapping=np.array(l.slot_mapping, dtype=np.int64),
+                            num_tokens=l.num_tokens,
+                            copies=[BlockCopy(c.src_block, c.dst_block) for c in l.copies])
+            for l in layers]
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def step_results_from_proto(r: pb.StepResponse) -> list:
+    return [StepResult(
+        error=None if x.code == 0 else CacheManagerError(
+            _CODES.get(x.code, grpc.StatusCode.UNKNOWN), x.message),
+        created=x.created, first_position=x.first_position, num_positions=x.num_positions,
+        layers=_layers_from_proto(x.layers), blocks_released=x.blocks_released)
+        for x in r.results]
+
+
+def step_op_to_proto(op: StepOp) -> pb.StepOp:
+    if op.kind == "allocate":
+        return pb.StepOp(allocate=pb.StepAllocate(sequence_id=op.sequence_id,
+                                                  num_new_tokens=op.num_new_tokens))
+    if op.kind == "free":
+        return pb.StepOp(free=op.sequence_id)
+    if op.kind == "fork":
+        return pb.StepOp(fork=pb.StepFork(parent_sequence_id=op.sequence_id,
+                                          child_sequence_id=op.child_sequence_id))
+    raise ValueError(f"StepOp.kind must be allocate, free or fork (got {op.kind!r})")
 
 
 def sequence_from_proto(s: pb.SequenceInfo) -> SequenceInfo:

@@ -44,7 +44,7 @@ from .pool import HostPool, check_layer_places
 from .share_channel import fetch_shared_fds
 from .types import (Allocation, CompressResult, FetchedLayer, LoadedPrefix, ModelSpec,
                     ParkedLayer, Policy, PrefixCodebook, SequenceInfo, SequenceSummary, Stats,
-                    StoredPrefix, TransferResult)
+                    StepOp, StepResult, StoredPrefix, TransferResult)
 from .v1 import cachemgr_pb2 as pb
 from .v1 import cachemgr_pb2_grpc as pb_grpc
 
@@ -744,6 +744,16 @@ class Session:
         """Returns the blocks whose last reference went away."""
         return self._session_call("Free", lambda t: pb.FreeRequest(
             session_token=t, sequence_id=sequence_id)).blocks_released
+
+    def step(self, ops: Sequence[StepOp], include_slot_mapping: bool = False) -> List[StepResult]:
+        """A scheduler step in one call (docs/API.md "Step"): `ops` (StepOp.allocate / free /
+        fork) applied in order by the daemon, each as its own call would be (all or nothing),
+        one StepResult per op with its error, if any. Raises only for the session, more than
+        4096 ops or a reply too large. Slot mappings only with include_slot_mapping (otherwise
+        a token's slot is block_id * block_size + its offset in the block)."""
+        request_ops = [convert.step_op_to_proto(op) for op in ops]
+        return convert.step_results_from_proto(self._session_call("Step", lambda t: pb.StepRequest(
+            session_token=t, ops=request_ops, include_slot_mapping=include_slot_mapping)))
 
     def fork(self, parent_sequence_id: str, child_sequence_id: str) -> SequenceInfo:
         return convert.sequence_from_proto(self._session_call("Fork", lambda t: pb.ForkRequest(

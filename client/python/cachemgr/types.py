@@ -1,9 +1,12 @@
 """Plain data types of the client (no protobuf types leak out of the package)."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .errors import CacheManagerError
 
 DTYPES = {"fp16": 1, "bf16": 2, "fp32": 3}
 LAYOUTS = {"flash_attn": 1, "flashinfer": 2}
@@ -57,6 +60,45 @@ class Allocation:
     first_position: int
     num_positions: int
     layers: List[LayerAllocation]
+
+
+@dataclass(frozen=True)
+class StepOp:
+    """One op of Session.step: build with StepOp.allocate / free / fork."""
+    kind: str  # "allocate", "free", "fork"
+    sequence_id: str  # allocate, free; fork: the parent
+    child_sequence_id: str = ""
+    num_new_tokens: int = 0
+
+    @staticmethod
+    def allocate(sequence_id: str, num_new_tokens: int) -> "StepOp":
+        return StepOp("allocate", sequence_id, num_new_tokens=num_new_tokens)
+
+    @staticmethod
+    def free(sequence_id: str) -> "StepOp":
+        return StepOp("free", sequence_id)
+
+    @staticmethod
+    def fork(parent_sequence_id: str, child_sequence_id: str) -> "StepOp":
+        return StepOp("fork", parent_sequence_id, child_sequence_id=child_sequence_id)
+
+
+@dataclass
+class StepResult:
+    """What one op of Session.step did. `error` is None when it succeeded, else the
+    CacheManagerError its own call would have raised (nothing of the op was applied)."""
+    error: Optional["CacheManagerError"]
+    created: bool = False
+    first_position: int = 0
+    num_positions: int = 0
+    # An allocation's layers that gained blocks or copies (every layer, with slot mappings, when
+    # requested); slot_mapping is empty otherwise.
+    layers: List[LayerAllocation] = field(default_factory=list)
+    blocks_released: int = 0  # a free
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass

@@ -138,6 +138,36 @@ struct Allocation {
   std::vector<LayerAllocation> layers;
 };
 
+// One op of Session::Step (docs/API.md "Step").
+struct StepOp {
+  enum class Kind { kAllocate, kFree, kFork };
+  Kind kind = Kind::kAllocate;
+  std::string sequence_id;        // kAllocate, kFree; kFork: the parent
+  std::string child_sequence_id;  // kFork
+  uint32_t num_new_tokens = 0;    // kAllocate
+
+  static StepOp Allocate(std::string sequence_id, uint32_t num_new_tokens) {
+    return StepOp{Kind::kAllocate, std::move(sequence_id), "", num_new_tokens};
+  }
+  static StepOp Free(std::string sequence_id) {
+    return StepOp{Kind::kFree, std::move(sequence_id), "", 0};
+  }
+  static StepOp Fork(std::string parent_sequence_id, std::string child_sequence_id) {
+    return StepOp{Kind::kFork, std::move(parent_sequence_id), std::move(child_sequence_id), 0};
+  }
+};
+
+// What one op did: its status (what its own RPC would have answered) and, for an allocation,
+// the layers that gained blocks or copies (every layer, with slot mappings, on request).
+struct StepResult {
+  absl::Status status;
+  bool created = false;
+  uint64_t first_position = 0;
+  uint64_t num_positions = 0;
+  std::vector<LayerAllocation> layers;
+  uint64_t blocks_released = 0;  // a free
+};
+
 struct LayerBlockTable {
   uint32_t layer = 0;
   uint32_t num_tokens = 0;
@@ -400,6 +430,12 @@ class Session {
   absl::StatusOr<uint64_t> Free(std::string_view sequence_id);
   absl::StatusOr<SequenceInfo> Fork(std::string_view parent_sequence_id,
                                     std::string_view child_sequence_id);
+  // A scheduler step in one call: `ops` applied in order by the daemon, each as its own call
+  // would be (all or nothing) with its own status in the result; the call itself fails only
+  // for the session, more than 4096 ops, or a reply too large. Slot mappings only with
+  // `include_slot_mapping` (else derive them from the block tables).
+  absl::StatusOr<std::vector<StepResult>> Step(std::span<const StepOp> ops,
+                                               bool include_slot_mapping = false);
   absl::StatusOr<SequenceInfo> GetSequence(std::string_view sequence_id,
                                            bool include_kv_digest = false);
   // This client's sequences.
