@@ -55,25 +55,49 @@ absl::StatusOr<std::unique_ptr<SidecarCache>> SidecarCache::Attach(const Sidecar
 }
 
 absl::StatusOr<AppendedRows> SidecarCache::Append(const std::string& seq, uint32_t n) {
-  ASSIGN_OR_RETURN(client::Allocation alloc, session().Allocate(seq, n));
+  // A one-op Step: the reply lists only the layers that gained blocks or copies, and the slots
+  // follow from the block tables kept here.
+  const client::StepOp op = client::StepOp::Allocate(seq, n);
+  ASSIGN_OR_RETURN(std::vector<client::StepResult> results, session().Step({&op, 1}));
+  const client::StepResult& r = results.front();
+  RETURN_IF_ERROR(r.status);
   Sequence& s = sequences_[seq];
   s.layers.resize(config_.num_layers);
-  AppendedRows out;
-  out.first_position = alloc.first_position;
-  for (uint32_t l = 0; l < config_.num_layers; ++l) {
-    const client::LayerAllocation& la = alloc.layers[l];
-    Layer& layer = s.layers[l];
+  for (const client::LayerAllocation& la : r.layers) {
+    if (la.layer >= config_.num_layers) {
+      return absl::InternalError(absl::StrCat("Step answered for layer ", la.layer));
+    }
+    Layer& layer = s.layers[la.layer];
     for (const client::BlockCopy& copy : la.copies) {  // copy-on-write of a shared tail
       for (uint32_t& b : layer.blocks) {
         if (b == copy.src_block) b = copy.dst_block;
       }
     }
     layer.blocks.insert(layer.blocks.end(), la.new_block_ids.begin(), la.new_block_ids.end());
-    out.first_row.push_back(layer.rows);
-    layer.rows = la.num_tokens;
-    out.slots.push_back(la.slot_mapping);
+    if (la.num_tokens != layer.rows + n) {
+      return absl::InternalError(absl::StrCat("layer ", la.layer, " holds ", la.num_tokens,
+                                              " rows in the sidecar, ", layer.rows + n, " here"));
+    }
   }
-  s.positions = alloc.num_positions;
+  const uint32_t bs = layout_.block_size;
+  AppendedRows out;
+  out.first_position = r.first_position;
+  for (uint32_t l = 0; l < config_.num_layers; ++l) {
+    Layer& layer = s.layers[l];
+    if (uint64_t{layer.rows} + n > uint64_t{layer.blocks.size()} * bs) {
+      return absl::InternalError(absl::StrCat("layer ", l, " has ", layer.blocks.size(),
+                                              " blocks here for ", layer.rows + n, " rows"));
+    }
+    std::vector<int64_t> slots(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint32_t t = layer.rows + i;
+      slots[i] = int64_t{layer.blocks[t / bs]} * bs + t % bs;
+    }
+    out.first_row.push_back(layer.rows);
+    out.slots.push_back(std::move(slots));
+    layer.rows += n;
+  }
+  s.positions = r.num_positions;
   return out;
 }
 

@@ -111,7 +111,7 @@ import numpy as np
 
 from ..errors import CacheManagerError
 from ..session import Session
-from ..types import ModelSpec, Policy, PrefixCodebook
+from ..types import ModelSpec, Policy, PrefixCodebook, StepOp
 
 _log = logging.getLogger("cachemgr.vllm")
 
@@ -749,30 +749,50 @@ class CacheManagerConnector(_Base):
         return True
 
     def _save(self, t: _Transfer) -> None:
-        """Appends the transfer's tokens to the sidecar sequence in every layer; skipped (and
-        the sequence marked broken) when the sidecar is unavailable or the copy is not whole."""
+        self._save_all([t])
+
+    def _save_all(self, transfers: List[_Transfer]) -> None:
+        """Appends each transfer's tokens to its sidecar sequence in every layer, all of them in
+        one Step (docs/API.md "Step"); a transfer is skipped (and its sequence marked broken)
+        when the sidecar is unavailable, its append failed or the copy is not whole."""
         s = self._usable_session()
-        if t.first_token == 0 and s is not None:
-            if self._held_here(t.sequence_id):  # a broken copy: start over
-                self._free(t.sequence_id)
-            self._broken.discard(t.sequence_id)
-            self._generation_of[t.sequence_id] = s.generation
-        if s is None or not self._fresh(t.sequence_id):
-            self._broken.add(t.sequence_id)
-            self.stats["skipped_saves"] += 1
+        ops, eligible = [], []
+        for t in transfers:
+            if t.first_token == 0 and s is not None:
+                if self._held_here(t.sequence_id):  # a broken copy: start over
+                    self._free(t.sequence_id)
+                self._broken.discard(t.sequence_id)
+                self._generation_of[t.sequence_id] = s.generation
+            if s is None or not self._fresh(t.sequence_id):
+                self._broken.add(t.sequence_id)
+                self.stats["skipped_saves"] += 1
+                continue
+            ops.append(StepOp.allocate(t.sequence_id, t.num_tokens))
+            eligible.append((t, len(ops) - 1))
+        if not ops:
             return
         try:
-            alloc = s.allocate(t.sequence_id, t.num_tokens)
-            for layer in range(s.model.num_layers):
-                if not s.lease_ok:
-                    raise s.status
-                self._write_to_pool(s.pool, layer, t, alloc.layers[layer].slot_mapping)
+            results = s.step(ops, include_slot_mapping=True)
         except Exception as e:  # noqa: BLE001 - a copy that missed a save is never loaded
-            self._broken.add(t.sequence_id)
-            self.stats["skipped_saves"] += 1
-            self._failed(f"saving {t.sequence_id}", e)
+            for t, _ in eligible:
+                self._broken.add(t.sequence_id)
+                self.stats["skipped_saves"] += 1
+            self._failed("saving a step's tokens", e)
             return
-        self.stats["saved_tokens"] += t.num_tokens
+        for t, i in eligible:
+            try:
+                if results[i].error is not None:
+                    raise results[i].error
+                for layer in results[i].layers:
+                    if not s.lease_ok:
+                        raise s.status
+                    self._write_to_pool(s.pool, layer.layer, t, layer.slot_mapping)
+            except Exception as e:  # noqa: BLE001 - a copy that missed a save is never loaded
+                self._broken.add(t.sequence_id)
+                self.stats["skipped_saves"] += 1
+                self._failed(f"saving {t.sequence_id}", e)
+                continue
+            self.stats["saved_tokens"] += t.num_tokens
 
     def _load(self, t: _Transfer) -> None:
         """Copies one scheduled load from the sidecar into vLLM's blocks, or reports its blocks
@@ -952,8 +972,7 @@ class CacheManagerConnector(_Base):
     def _save_step(self, meta: CacheManagerConnectorMetadata) -> None:
         for p in meta.prefix_saves:
             self._store_prefix(p)
-        for t in meta.saves:
-            self._save(t)
+        self._save_all(meta.saves)
         for sequence_id in meta.compress_after_save:
             s = self._usable_session()
             if s is None or not self._fresh(sequence_id):
