@@ -23,6 +23,12 @@
 //   BM_RawStubAllocateFree/1     the same RPCs through the generated stub (no deadline, no
 //                                conversion to client types): the client library's overhead is
 //                                the difference to BM_AllocateFree/1.
+//   BM_DecodeStepPerCall/R       one decode step of R running requests (1,024-token prompts, a
+//                                token appended to each) as R Session::Allocate calls, on a
+//                                pool with Llama-8B's bookkeeping (32 layers, block 16) and tiny
+//                                heads (1 KV head of 8 dims: the bytes do not matter here).
+//   BM_DecodeStep/R              the same step as one Session::Step of R allocate ops (slots
+//                                derived by the caller): step_p50_us / step_p99_us per step.
 //   BM_Heartbeat                 Session::Heartbeat(): the floor of one trivial unary call.
 //   BM_RawStubHeartbeat          Heartbeat through the generated stub.
 //
@@ -66,6 +72,7 @@ namespace pb = ::cachemgr::v1;
 using cachemgr::client::AttachOptions;
 using cachemgr::client::ModelSpec;
 using cachemgr::client::Session;
+using cachemgr::client::StepOp;
 using Clock = std::chrono::steady_clock;
 
 constexpr uint32_t kBlockSize = 16;
@@ -214,6 +221,7 @@ struct Env {
   Daemon daemon;
   std::unique_ptr<Session> llama;
   std::unique_ptr<Session> small;
+  std::unique_ptr<Session> step;  // BM_DecodeStep*'s pool
 };
 
 Env* g_env = nullptr;
@@ -362,6 +370,106 @@ void BM_Heartbeat(benchmark::State& state) {
 }
 BENCHMARK(BM_Heartbeat)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
+// ---- A scheduler's decode step: per-call Allocates vs one Step --------------------------------
+
+constexpr uint32_t kStepPrompt = 1024, kStepMaxTokens = kStepPrompt + 512;
+
+Session& StepSession() {
+  Env& env = GetEnv();
+  if (env.step != nullptr) return *env.step;
+  env.step = [&env] {
+    ModelSpec m = LlamaLike("bench-step-32l", 32);
+    m.num_q_heads = 1;
+    m.num_kv_heads = 1;
+    m.head_dim = 8;
+    AttachOptions options;
+    options.client_name = "bench-step";
+    options.model = m;
+    options.num_blocks = 256 * (kStepMaxTokens / kBlockSize + 1);
+    auto s = Session::Attach(env.daemon.socket_path(), options);
+    if (!s.ok()) Die("Attach(bench-step): " + s.status().ToString());
+    return *std::move(s);
+  }();
+  return *env.step;
+}
+
+// `requests` sequences of kStepPrompt tokens, fresh (outside the timing).
+std::vector<std::string> Prefill(Session& s, uint32_t requests, uint32_t round) {
+  std::vector<std::string> ids;
+  std::vector<StepOp> ops;
+  for (uint32_t r = 0; r < requests; ++r) {
+    ids.push_back("step-" + std::to_string(round) + "-" + std::to_string(r));
+    ops.push_back(StepOp::Allocate(ids.back(), kStepPrompt));
+  }
+  auto done = s.Step(ops);
+  if (!done.ok()) Die("prefill Step: " + done.status().ToString());
+  for (const auto& r : *done) {
+    if (!r.status.ok()) Die("prefill: " + r.status.ToString());
+  }
+  return ids;
+}
+
+void FreeAll(Session& s, const std::vector<std::string>& ids) {
+  std::vector<StepOp> ops;
+  for (const auto& id : ids) ops.push_back(StepOp::Free(id));
+  if (!s.Step(ops).ok()) Die("free Step");
+}
+
+void RunDecodeStep(benchmark::State& state, bool one_step, const char* name) {
+  Session& s = StepSession();
+  const uint32_t requests = static_cast<uint32_t>(state.range(0));
+  Samples samples(state, name + std::string("_") + std::to_string(requests));
+  uint32_t round = 0, tokens = kStepPrompt;
+  std::vector<std::string> ids = Prefill(s, requests, round);
+  std::vector<StepOp> ops;
+  for (const auto& id : ids) ops.push_back(StepOp::Allocate(id, 1));
+  for (auto _ : state) {
+    if (tokens == kStepMaxTokens) {  // start over with fresh prompts
+      state.PauseTiming();
+      FreeAll(s, ids);
+      ids = Prefill(s, requests, ++round);
+      ops.clear();
+      for (const auto& id : ids) ops.push_back(StepOp::Allocate(id, 1));
+      tokens = kStepPrompt;
+      state.ResumeTiming();
+    }
+    const auto t0 = Clock::now();
+    if (one_step) {
+      auto done = s.Step(ops);
+      if (!done.ok() || !(*done)[0].status.ok()) {
+        state.SkipWithError("Step failed");
+        break;
+      }
+      benchmark::DoNotOptimize(done->data());
+    } else {
+      for (const auto& id : ids) {
+        auto alloc = s.Allocate(id, 1);
+        if (!alloc.ok()) {
+          state.SkipWithError(("Allocate: " + alloc.status().ToString()).c_str());
+          break;
+        }
+        benchmark::DoNotOptimize(alloc->layers.data());
+      }
+    }
+    samples.first.push_back(Samples::Ns(t0, Clock::now()));
+    ++tokens;
+  }
+  FreeAll(s, ids);
+  state.counters["step_p50_us"] = NearestRankUs(samples.first, 50);
+  state.counters["step_p99_us"] = NearestRankUs(samples.first, 99);
+  state.counters["per_request_us"] = NearestRankUs(samples.first, 50) / requests;
+}
+
+void BM_DecodeStepPerCall(benchmark::State& state) {
+  RunDecodeStep(state, /*one_step=*/false, "BM_DecodeStepPerCall");
+}
+BENCHMARK(BM_DecodeStepPerCall)->Arg(256)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_DecodeStep(benchmark::State& state) {
+  RunDecodeStep(state, /*one_step=*/true, "BM_DecodeStep");
+}
+BENCHMARK(BM_DecodeStep)->Arg(16)->Arg(256)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
 // ---- Raw generated-stub benchmarks ----------------------------------------------------------
 
 // A stub on its own channel with its own client attached to the Llama pool (same description,
@@ -502,6 +610,7 @@ int main(int argc, char** argv) {
   // shutdown has no open calls to wait for.
   env.llama.reset();
   env.small.reset();
+  env.step.reset();
   env.daemon.Stop();
   g_env = nullptr;
   return 0;

@@ -526,7 +526,7 @@ class CacheManager {
   absl::StatusOr<SequenceSnapshot> Fork(const Caller& caller, const std::string& parent_sequence_id,
                                         const std::string& child_sequence_id);
 
-  // One scheduler step (cache_manager_step.cc, docs/API.md "Step"): `ops` applied in order under
+  // One scheduler step (cache_manager_step.cc, docs/PERF.md "Step"): `ops` applied in order under
   // one acquisition of the lock, each exactly as its per-call version (Allocate, Free, Fork:
   // the same checks, all or nothing, the same errors) with its own status; an op that fails
   // changes nothing and the next ones still run. Allocations list slot mappings only with

@@ -1,5 +1,5 @@
 // CacheManager::Step: a scheduler step's allocations, frees and forks under one acquisition of
-// the manager's lock (docs/API.md "Step").
+// the manager's lock (docs/PERF.md "Step").
 #include "absl/strings/str_cat.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/cache_manager_state.h"

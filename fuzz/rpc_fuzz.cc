@@ -33,6 +33,14 @@ std::set<std::string> Named(const Request& request) {
     named.insert(request.parent_sequence_id());
     named.insert(request.child_sequence_id());
   }
+  if constexpr (std::is_same_v<Request, v1::StepRequest>) {
+    for (const v1::StepOp& op : request.ops()) {
+      named.insert(op.allocate().sequence_id());
+      named.insert(op.free());
+      named.insert(op.fork().parent_sequence_id());
+      named.insert(op.fork().child_sequence_id());
+    }
+  }
   return named;
 }
 
@@ -86,6 +94,28 @@ void CheckResponse(const v1::AllocateRequest& q, const v1::AllocateResponse& r) 
 void CheckResponse(const v1::ForkRequest& q, const v1::ForkResponse& r) {
   Check(r.child().sequence_id() == q.child_sequence_id(), "Fork answered another child");
   Check(r.child().parent_sequence_id() == q.parent_sequence_id(), "Fork: wrong parent");
+}
+
+void CheckResponse(const v1::StepRequest& q, const v1::StepResponse& r) {
+  Check(r.results_size() == q.ops_size(),
+        absl::StrCat("Step answered ", r.results_size(), " results for ", q.ops_size(), " ops"));
+  for (int i = 0; i < r.results_size() && i < q.ops_size(); ++i) {
+    const v1::StepResult& result = r.results(i);
+    Check(result.code() >= 0 && result.code() <= 16,
+          absl::StrCat("Step: ops[", i, "] has code ", result.code()));
+    Check(result.code() == 0 || !result.message().empty(),
+          absl::StrCat("Step: ops[", i, "] failed with no message"));
+    Check(result.code() != static_cast<int>(grpc::StatusCode::INTERNAL) &&
+              result.code() != static_cast<int>(grpc::StatusCode::UNKNOWN),
+          absl::StrCat("Step: ops[", i, "] answered ", result.code(), ": ", result.message()));
+    if (result.code() != 0 || !q.ops(i).has_allocate()) continue;
+    for (const v1::LayerAllocation& layer : result.layers()) {
+      const uint32_t want = q.include_slot_mapping() ? q.ops(i).allocate().num_new_tokens() : 0;
+      Check(static_cast<uint32_t>(layer.slot_mapping_size()) == want,
+            absl::StrCat("Step: ops[", i, "] layer ", layer.layer(), " has ",
+                         layer.slot_mapping_size(), " slots, not ", want));
+    }
+  }
 }
 
 void CheckResponse(const v1::StorePrefixRequest& q, const v1::StorePrefixResponse& r) {
@@ -295,6 +325,8 @@ int Dispatch(Rpc rpc, const uint8_t* data, size_t size) {
       return FuzzUnary<v1::FreeRequest, v1::FreeResponse>("Free", data, size, kChanges);
     case Rpc::kFork:
       return FuzzUnary<v1::ForkRequest, v1::ForkResponse>("Fork", data, size, kChanges);
+    case Rpc::kStep:
+      return FuzzUnary<v1::StepRequest, v1::StepResponse>("Step", data, size, kChanges);
     case Rpc::kGetSequence:
       return FuzzUnary<v1::GetSequenceRequest, v1::GetSequenceResponse>("GetSequence", data, size,
                                                                         kReadOnly);

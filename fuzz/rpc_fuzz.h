@@ -20,6 +20,7 @@ enum class Rpc {
   kAllocate,
   kFree,
   kFork,
+  kStep,
   kGetSequence,
   kListSequences,
   kStats,

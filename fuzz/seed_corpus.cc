@@ -434,6 +434,32 @@ void RpcSeeds() {
     g.set_include_kv_digest(true);
     Put("rpc_get_sequence", name, g);
   }
+  {
+    // A scheduler step over the fixture's sequences: appends (one copying a shared tail), a
+    // fork, a free, failures in between; and one asking for slot mappings.
+    v1::StepRequest step;
+    step.set_session_token("0");
+    auto allocate = [&](const char* id, uint32_t n) {
+      v1::StepAllocate* a = step.add_ops()->mutable_allocate();
+      a->set_sequence_id(id);
+      a->set_num_new_tokens(n);
+    };
+    allocate("s0", 1);
+    allocate("s1", 1);
+    v1::StepFork* fork = step.add_ops()->mutable_fork();
+    fork->set_parent_sequence_id("s0");
+    fork->set_child_sequence_id("k0");
+    allocate("k0", 2);
+    step.add_ops()->set_free("s1");
+    allocate("n0", 0);
+    allocate("c0", 1);
+    allocate("n1", 9);
+    Put("rpc_step", "decode", step);
+    step.set_include_slot_mapping(true);
+    Put("rpc_step", "slots", step);
+    step.set_session_token("1");
+    Put("rpc_step", "other-client", step);
+  }
   for (const auto& [name, parent, child] :
        std::vector<std::tuple<std::string, std::string, std::string>>{{"plain", "s0", "k0"},
                                                                       {"compressed", "c1", "k1"},

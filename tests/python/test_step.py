@@ -1,4 +1,4 @@
-"""Session.step against the real daemon (docs/API.md "Step"): a scheduler step's allocations,
+"""Session.step against the real daemon (docs/PERF.md "Step"): a scheduler step's allocations,
 frees and forks in one call give what the per-call RPCs give in the same order (two pools of the
 same shape on two daemons, one driven each way), per-op errors carry the per-call code and message, the step
 itself is refused only for its shape, and a client killed in the middle of a stream of steps

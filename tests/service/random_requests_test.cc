@@ -35,7 +35,7 @@ TEST_CASE("random requests never break the daemon or its accounting", "[service]
   for (int i = 0; i < 3000; ++i) {
     grpc::ClientContext ctx;
     grpc::Status status;
-    switch (rng() % 7) {
+    switch (rng() % 8) {
       case 0: {
         v1::AllocateRequest req;
         req.set_session_token(token());
@@ -91,6 +91,40 @@ TEST_CASE("random requests never break the daemon or its accounting", "[service]
           d.set_session_token(resp.session_token());
           v1::DetachResponse dresp;
           REQUIRE(stub->Detach(&dctx, d, &dresp).ok());
+        }
+        break;
+      }
+      case 6: {
+        v1::StepRequest req;
+        req.set_session_token(token());
+        req.set_include_slot_mapping(rng() % 2);
+        const int n = rng() % 4 == 0 ? static_cast<int>(rng() % 5000) : static_cast<int>(rng() % 8);
+        for (int j = 0; j < n; ++j) {
+          v1::StepOp* op = req.add_ops();
+          switch (rng() % 4) {
+            case 0:
+              op->mutable_allocate()->set_sequence_id(seq());
+              op->mutable_allocate()->set_num_new_tokens(rng() % 3 == 0 ? rng() : rng() % 40);
+              break;
+            case 1:
+              op->set_free(seq());
+              break;
+            case 2:
+              op->mutable_fork()->set_parent_sequence_id(seq());
+              op->mutable_fork()->set_child_sequence_id(seq());
+              break;
+            default:
+              break;  // no op set
+          }
+        }
+        v1::StepResponse resp;
+        status = stub->Step(&ctx, req, &resp);
+        if (status.ok()) {
+          REQUIRE(resp.results_size() == req.ops_size());
+          for (const v1::StepResult& r : resp.results()) {
+            REQUIRE(r.code() != static_cast<int>(grpc::StatusCode::INTERNAL));
+            REQUIRE(r.code() != static_cast<int>(grpc::StatusCode::UNKNOWN));
+          }
         }
         break;
       }

@@ -746,7 +746,7 @@ class Session:
             session_token=t, sequence_id=sequence_id)).blocks_released
 
     def step(self, ops: Sequence[StepOp], include_slot_mapping: bool = False) -> List[StepResult]:
-        """A scheduler step in one call (docs/API.md "Step"): `ops` (StepOp.allocate / free /
+        """A scheduler step in one call (docs/PERF.md "Step"): `ops` (StepOp.allocate / free /
         fork) applied in order by the daemon, each as its own call would be (all or nothing),
         one StepResult per op with its error, if any. Raises only for the session, more than
         4096 ops or a reply too large. Slot mappings only with include_slot_mapping (otherwise

@@ -138,7 +138,7 @@ struct Allocation {
   std::vector<LayerAllocation> layers;
 };
 
-// One op of Session::Step (docs/API.md "Step").
+// One op of Session::Step (docs/PERF.md "Step").
 struct StepOp {
   enum class Kind { kAllocate, kFree, kFork };
   Kind kind = Kind::kAllocate;

@@ -753,7 +753,7 @@ class CacheManagerConnector(_Base):
 
     def _save_all(self, transfers: List[_Transfer]) -> None:
         """Appends each transfer's tokens to its sidecar sequence in every layer, all of them in
-        one Step (docs/API.md "Step"); a transfer is skipped (and its sequence marked broken)
+        one Step (docs/PERF.md "Step"); a transfer is skipped (and its sequence marked broken)
         when the sidecar is unavailable, its append failed or the copy is not whole."""
         s = self._usable_session()
         ops, eligible = [], []
