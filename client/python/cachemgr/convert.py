@@ -1,5 +1,6 @@
 """Conversions between the cachemgr.v1 messages and the client's data types."""
 
+import functools
 from typing import List
 
 import grpc
@@ -97,15 +98,23 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def step_results_from_proto(r: pb.StepResponse) -> list:
-    return [StepResult(
-        error=None if x.code == 0 else CacheManagerError(
-            _CODES.get(x.code, grpc.StatusCode.UNKNOWN), x.message),
-        created=x.created, first_position=x.first_position, num_positions=x.num_positions,
-        layers=_layers_from_proto(x.layers), blocks_released=x.blocks_released)
-        for x in r.results]
+    # A decode step's results are mostly an OK with no layers: build those without the rest.
+    out = []
+    for x in r.results:
+        if x.code:
+            out.append(StepResult(CacheManagerError(
+                _CODES.get(x.code, grpc.StatusCode.UNKNOWN), x.message)))
+        else:
+            out.append(StepResult(None, x.created, x.first_position, x.num_positions,
+                                  _layers_from_proto(x.layers) if x.layers else [],
+                                  x.blocks_released))
+    return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def step_op_to_proto(op: StepOp) -> pb.StepOp:
+    """The op's message (cached: a scheduler sends the same ops step after step; StepOp is
+    frozen, and the message is only ever copied into requests)."""
     if op.kind == "allocate":
         return pb.StepOp(allocate=pb.StepAllocate(sequence_id=op.sequence_id,
                                                   num_new_tokens=op.num_new_tokens))

@@ -83,22 +83,33 @@ class StepOp:
         return StepOp("fork", parent_sequence_id, child_sequence_id=child_sequence_id)
 
 
-@dataclass
 class StepResult:
     """What one op of Session.step did. `error` is None when it succeeded, else the
-    CacheManagerError its own call would have raised (nothing of the op was applied)."""
-    error: Optional["CacheManagerError"]
-    created: bool = False
-    first_position: int = 0
-    num_positions: int = 0
-    # An allocation's layers that gained blocks or copies (every layer, with slot mappings, when
-    # requested); slot_mapping is empty otherwise.
-    layers: List[LayerAllocation] = field(default_factory=list)
-    blocks_released: int = 0  # a free
+    CacheManagerError its own call would have raised (nothing of the op was applied).
+    `layers`: an allocation's layers that gained blocks or copies (every layer, with slot
+    mappings, when requested; slot_mapping is empty otherwise). `blocks_released`: a free's.
+    A plain class with slots: a step answers hundreds of these."""
+    __slots__ = ("error", "created", "first_position", "num_positions", "layers",
+                 "blocks_released")
+
+    def __init__(self, error: Optional["CacheManagerError"], created: bool = False,
+                 first_position: int = 0, num_positions: int = 0,
+                 layers: Optional[List[LayerAllocation]] = None, blocks_released: int = 0):
+        self.error = error
+        self.created = created
+        self.first_position = first_position
+        self.num_positions = num_positions
+        self.layers = layers if layers is not None else []
+        self.blocks_released = blocks_released
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def __repr__(self) -> str:
+        return (f"StepResult(error={self.error!r}, created={self.created}, "
+                f"first_position={self.first_position}, num_positions={self.num_positions}, "
+                f"layers={self.layers!r}, blocks_released={self.blocks_released})")
 
 
 @dataclass
