@@ -23,8 +23,8 @@
 //   BM_RawStubAllocateFree/1     the same RPCs through the generated stub (no deadline, no
 //                                conversion to client types): the client library's overhead is
 //                                the difference to BM_AllocateFree/1.
-//   BM_DecodeStepPerCall/R       one decode step of R running requests (1,024-token prompts, a
-//                                token appended to each) as R Session::Allocate calls, on a
+//   BM_DecodeStepPerCall/R       one decode step of R running requests (prompts of 1k-4k tokens,
+//                                a token appended to each) as R Session::Allocate calls, on a
 //                                pool with Llama-8B's bookkeeping (32 layers, block 16) and tiny
 //                                heads (1 KV head of 8 dims: the bytes do not matter here).
 //   BM_DecodeStep/R              the same step as one Session::Step of R allocate ops (slots
@@ -58,6 +58,7 @@
 #include <grpcpp/grpcpp.h>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -372,7 +373,7 @@ BENCHMARK(BM_Heartbeat)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 // ---- A scheduler's decode step: per-call Allocates vs one Step --------------------------------
 
-constexpr uint32_t kStepPrompt = 1024, kStepMaxTokens = kStepPrompt + 512;
+constexpr uint32_t kStepPrompt = 1024, kStepMaxTokens = 4 * kStepPrompt + 512;
 
 Session& StepSession() {
   Env& env = GetEnv();
@@ -393,18 +394,23 @@ Session& StepSession() {
   return *env.step;
 }
 
-// `requests` sequences of kStepPrompt tokens, fresh (outside the timing).
+// `requests` fresh sequences of 1k-4k tokens (outside the timing).
 std::vector<std::string> Prefill(Session& s, uint32_t requests, uint32_t round) {
   std::vector<std::string> ids;
   std::vector<StepOp> ops;
   for (uint32_t r = 0; r < requests; ++r) {
     ids.push_back("step-" + std::to_string(round) + "-" + std::to_string(r));
-    ops.push_back(StepOp::Allocate(ids.back(), kStepPrompt));
+    // Prompts of 1k-4k tokens, so that requests cross block boundaries on different steps.
+    ops.push_back(StepOp::Allocate(ids.back(), kStepPrompt + (r * 389) % (3 * kStepPrompt)));
   }
-  auto done = s.Step(ops);
-  if (!done.ok()) Die("prefill Step: " + done.status().ToString());
-  for (const auto& r : *done) {
-    if (!r.status.ok()) Die("prefill: " + r.status.ToString());
+  // 32 prompts per Step: a prompt lists hundreds of blocks per layer, and a reply is bounded.
+  for (size_t first = 0; first < ops.size(); first += 32) {
+    const size_t n = std::min<size_t>(32, ops.size() - first);
+    auto done = s.Step(std::span<const StepOp>(ops.data() + first, n));
+    if (!done.ok()) Die("prefill Step: " + done.status().ToString());
+    for (const auto& r : *done) {
+      if (!r.status.ok()) Die("prefill: " + r.status.ToString());
+    }
   }
   return ids;
 }
@@ -419,18 +425,18 @@ void RunDecodeStep(benchmark::State& state, bool one_step, const char* name) {
   Session& s = StepSession();
   const uint32_t requests = static_cast<uint32_t>(state.range(0));
   Samples samples(state, name + std::string("_") + std::to_string(requests));
-  uint32_t round = 0, tokens = kStepPrompt;
+  uint32_t round = 0, steps = 0;
   std::vector<std::string> ids = Prefill(s, requests, round);
   std::vector<StepOp> ops;
   for (const auto& id : ids) ops.push_back(StepOp::Allocate(id, 1));
   for (auto _ : state) {
-    if (tokens == kStepMaxTokens) {  // start over with fresh prompts
+    if (steps == 512) {  // start over with fresh prompts
       state.PauseTiming();
       FreeAll(s, ids);
       ids = Prefill(s, requests, ++round);
       ops.clear();
       for (const auto& id : ids) ops.push_back(StepOp::Allocate(id, 1));
-      tokens = kStepPrompt;
+      steps = 0;
       state.ResumeTiming();
     }
     const auto t0 = Clock::now();
@@ -452,7 +458,7 @@ void RunDecodeStep(benchmark::State& state, bool one_step, const char* name) {
       }
     }
     samples.first.push_back(Samples::Ns(t0, Clock::now()));
-    ++tokens;
+    ++steps;
   }
   FreeAll(s, ids);
   state.counters["step_p50_us"] = NearestRankUs(samples.first, 50);

@@ -12,12 +12,16 @@ for all layers, the sidecar one per layer, as compression needs).
 Run it with the Python that has vLLM (scripts/vllm-env.sh) and the client installed:
 
     $(scripts/vllm-env.sh) bench/step_vs_vllm.py --cachemgrd build/cachemgr/cachemgrd \\
-        [--requests 256] [--steps 256] [--per_call_steps 16]
+        [--requests 256] [--steps 256] [--per_call_steps 16] \\
+        [--cxx_bench build/bench/cachemgr_bench_rpc]
+
+With --cxx_bench the same step through the C++ client (cachemgr_bench_rpc's BM_DecodeStep, its
+own daemon, the same 1k-4k prompt spread) runs right after, in the same invocation.
 """
 
 import argparse
+import json
 import os
-import pathlib
 import random
 import statistics
 import subprocess
@@ -121,6 +125,7 @@ def main():
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--per_call_steps", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cxx_bench", default="", help="cachemgr_bench_rpc, for the C++ client")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     prompts = [rng.randint(1024, 4096) for _ in range(args.requests)]
@@ -138,6 +143,15 @@ def main():
     print(line(f"cachemgrd Session.allocate x{args.requests}", per_call))
     print(f"step / vLLM (p50): {percentile(step, 50) / percentile(vllm, 50):.2f}; "
           f"per-call / step (p50): {percentile(per_call, 50) / percentile(step, 50):.1f}")
+    if args.cxx_bench:
+        out = subprocess.run(
+            [args.cxx_bench, f"--benchmark_filter=BM_DecodeStep/{args.requests}/",
+             "--benchmark_min_time=1", "--benchmark_format=json"],
+            capture_output=True, text=True, check=True).stdout
+        bench = json.loads(out[out.index("{"):])["benchmarks"][0]
+        p50, p99 = bench["step_p50_us"] / 1e3, bench["step_p99_us"] / 1e3
+        print(f"{'cachemgrd Session::Step (C++)':34s} p50 {p50:8.3f} ms   p99 {p99:8.3f} ms")
+        print(f"C++ step / vLLM (p50): {p50 / (percentile(vllm, 50) * 1e3):.2f}")
     return 0
 
 

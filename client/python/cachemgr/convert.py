@@ -86,11 +86,17 @@ def allocation_from_proto(r: pb.AllocateResponse) -> Allocation:
                 for l in r.layers])
 
 
+# The slot mapping of a Step's layers without slot mappings: one shared, read-only empty array.
+_NO_SLOTS = np.empty(0, dtype=np.int64)
+_NO_SLOTS.flags.writeable = False
+
+
 def _layers_from_proto(layers) -> list:
-    return [LayerAllocation(layer=l.layer, new_block_ids=list(l.new_block_ids),
-                            slot_mapping=np.array(l.slot_mapping, dtype=np.int64),
-                            num_tokens=l.num_tokens,
-                            copies=[BlockCopy(c.src_block, c.dst_block) for c in l.copies])
+    return [LayerAllocation(l.layer, list(l.new_block_ids),
+                            np.array(l.slot_mapping, dtype=np.int64) if l.slot_mapping
+                            else _NO_SLOTS, l.num_tokens,
+                            [BlockCopy(c.src_block, c.dst_block) for c in l.copies]
+                            if l.copies else [])
             for l in layers]
 
 
