@@ -7,6 +7,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "fuzz/fuzz_util.h"
@@ -109,7 +110,11 @@ void CheckResponse(const v1::StepRequest& q, const v1::StepResponse& r) {
               result.code() != static_cast<int>(grpc::StatusCode::UNKNOWN),
           absl::StrCat("Step: ops[", i, "] answered ", result.code(), ": ", result.message()));
     if (result.code() != 0 || !q.ops(i).has_allocate()) continue;
-    for (const v1::LayerAllocation& layer : result.layers()) {
+    Check(!result.has_all_layers() || result.layers_size() == 0,
+          absl::StrCat("Step: ops[", i, "] has both layers and all_layers"));
+    std::vector<v1::LayerAllocation> listed(result.layers().begin(), result.layers().end());
+    if (result.has_all_layers()) listed.push_back(result.all_layers());
+    for (const v1::LayerAllocation& layer : listed) {
       const uint32_t want = q.include_slot_mapping() ? q.ops(i).allocate().num_new_tokens() : 0;
       Check(static_cast<uint32_t>(layer.slot_mapping_size()) == want,
             absl::StrCat("Step: ops[", i, "] layer ", layer.layer(), " has ",

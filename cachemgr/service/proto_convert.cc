@@ -188,11 +188,22 @@ void StepResultsToProto(absl::Span<const StepOp> ops, absl::Span<const StepOpRes
         out->set_created(a.created);
         out->set_first_position(a.first_position);
         out->set_num_positions(a.num_positions);
+        // Every layer alike (and something to say): one entry for all.
+        bool uniform = a.layers.size() > 1;
+        for (uint32_t l = 1; uniform && l < a.layers.size(); ++l) {
+          const LayerAllocationResult& x = a.layers[0];
+          const LayerAllocationResult& y = a.layers[l];
+          uniform = x.new_block_ids == y.new_block_ids && x.num_tokens == y.num_tokens &&
+                    x.slot_mapping == y.slot_mapping && x.copies.size() == y.copies.size();
+          for (size_t c = 0; uniform && c < x.copies.size(); ++c) {
+            uniform = x.copies[c].src == y.copies[c].src && x.copies[c].dst == y.copies[c].dst;
+          }
+        }
         for (uint32_t l = 0; l < a.layers.size(); ++l) {
           const LayerAllocationResult& in = a.layers[l];
           if (!include_slot_mapping && in.new_block_ids.empty() && in.copies.empty()) continue;
-          v1::LayerAllocation* layer = out->add_layers();
-          layer->set_layer(l);
+          v1::LayerAllocation* layer = uniform ? out->mutable_all_layers() : out->add_layers();
+          layer->set_layer(uniform ? 0 : l);
           layer->mutable_new_block_ids()->Add(in.new_block_ids.begin(), in.new_block_ids.end());
           layer->mutable_slot_mapping()->Add(in.slot_mapping.begin(), in.slot_mapping.end());
           layer->set_num_tokens(in.num_tokens);
@@ -201,6 +212,7 @@ void StepResultsToProto(absl::Span<const StepOp> ops, absl::Span<const StepOpRes
             bc->set_src_block(c.src);
             bc->set_dst_block(c.dst);
           }
+          if (uniform) break;  // the one entry says it for every layer
         }
         break;
       }

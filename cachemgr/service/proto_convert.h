@@ -15,7 +15,8 @@ void ModelSpecToProto(const ModelSpec& spec, v1::ModelSpec* proto);
 void AttachResultToProto(const AttachResult& result, const std::string& share_socket_path,
                          v1::AttachResponse* proto);
 // Step's results, one per op; an allocation lists only the layers with new blocks or copies
-// unless `include_slot_mapping`.
+// unless `include_slot_mapping`, and lists them once (StepResult.all_layers) when every layer
+// got the same.
 void StepResultsToProto(absl::Span<const StepOp> ops, absl::Span<const StepOpResult> results,
                         bool include_slot_mapping, v1::StepResponse* p);
 

@@ -1181,8 +1181,14 @@ absl::StatusOr<std::vector<StepResult>> Session::Step(std::span<const StepOp> op
     o.created = r.created();
     o.first_position = r.first_position();
     o.num_positions = r.num_positions();
-    o.layers.reserve(r.layers_size());
-    for (const pb::LayerAllocation& layer : r.layers()) o.layers.push_back(FromProto(layer));
+    if (r.has_all_layers()) {  // every layer alike: expanded here
+      const LayerAllocation all = FromProto(r.all_layers());
+      o.layers.assign(model().num_layers, all);
+      for (uint32_t l = 0; l < o.layers.size(); ++l) o.layers[l].layer = l;
+    } else {
+      o.layers.reserve(r.layers_size());
+      for (const pb::LayerAllocation& layer : r.layers()) o.layers.push_back(FromProto(layer));
+    }
     o.blocks_released = r.blocks_released();
   }
   return out;

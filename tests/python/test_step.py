@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 import cachemgr
@@ -88,6 +89,36 @@ def test_a_step_gives_what_the_per_call_rpcs_give(daemon_factory):
             first = l.num_tokens - 2
             assert l.slot_mapping.tolist() == [blocks[t // 4] * 4 + t % 4
                                                for t in range(first, first + 2)]
+
+
+def test_layers_that_grew_alike_travel_once_and_differing_ones_each(daemon_factory):
+    """On a fresh pool every layer gets the same blocks: the reply says it once (all_layers)
+    and `layers` expands it. After a pyramid Compress the layers hold different token counts,
+    so an append gives them different blocks: listed per layer, as the per-call Allocate."""
+    a, b = daemon_factory(), daemon_factory()
+    with cachemgr.Session.attach(a.socket, "stepper", model("a"), num_blocks=64) as s, \
+            cachemgr.Session.attach(b.socket, "caller", model("a"), num_blocks=64) as c:
+        r = s.step([StepOp.allocate("x", 9)])[0]
+        assert r.ok and r.all_layers is not None
+        assert r.all_layers.new_block_ids and len(r.layers) == 3
+        assert [l.layer for l in r.layers] == [0, 1, 2]
+        assert all(l.new_block_ids == r.all_layers.new_block_ids for l in r.layers)
+        c.allocate("x", 9)
+        scores = np.ones((3, 4, 9), dtype=np.float32)
+        for sess in (s, c):
+            sess.compress("x", cachemgr.Policy("pyramidkv", window=2), reserve_ratio=0.4,
+                          scores=scores)
+        kept = [l.num_tokens for l in s.get_sequence("x").layers]
+        assert len(set(kept)) > 1, kept  # the pyramid left the layers different
+        differing = 0
+        for n in (1, 3, 4, 8):
+            r = s.step([StepOp.allocate("x", n)])[0]
+            assert stepped(StepOp.allocate("x", n), r) == per_call(c, StepOp.allocate("x", n))
+            if len({(tuple(l.new_block_ids), l.num_tokens) for l in r.layers}) > 1:
+                assert r.all_layers is None
+                differing += 1
+        assert differing > 0
+        assert tables(s) == tables(c)
 
 
 def test_step_errors_name_the_op_and_change_nothing(daemon):

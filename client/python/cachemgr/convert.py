@@ -103,13 +103,17 @@ def _layers_from_proto(layers) -> list:
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def step_results_from_proto(r: pb.StepResponse) -> list:
+def step_results_from_proto(r: pb.StepResponse, num_layers: int) -> list:
     # A decode step's results are mostly an OK with no layers: build those without the rest.
     out = []
     for x in r.results:
         if x.code:
             out.append(StepResult(CacheManagerError(
                 _CODES.get(x.code, grpc.StatusCode.UNKNOWN), x.message)))
+        elif x.HasField("all_layers"):
+            out.append(StepResult(None, x.created, x.first_position, x.num_positions, None,
+                                  x.blocks_released, _layers_from_proto([x.all_layers])[0],
+                                  num_layers))
         else:
             out.append(StepResult(None, x.created, x.first_position, x.num_positions,
                                   _layers_from_proto(x.layers) if x.layers else [],

@@ -753,7 +753,8 @@ class Session:
         a token's slot is block_id * block_size + its offset in the block)."""
         request_ops = [convert.step_op_to_proto(op) for op in ops]
         return convert.step_results_from_proto(self._session_call("Step", lambda t: pb.StepRequest(
-            session_token=t, ops=request_ops, include_slot_mapping=include_slot_mapping)))
+            session_token=t, ops=request_ops, include_slot_mapping=include_slot_mapping)),
+            self.model.num_layers)
 
     def fork(self, parent_sequence_id: str, child_sequence_id: str) -> SequenceInfo:
         return convert.sequence_from_proto(self._session_call("Fork", lambda t: pb.ForkRequest(

@@ -87,20 +87,35 @@ class StepResult:
     """What one op of Session.step did. `error` is None when it succeeded, else the
     CacheManagerError its own call would have raised (nothing of the op was applied).
     `layers`: an allocation's layers that gained blocks or copies (every layer, with slot
-    mappings, when requested; slot_mapping is empty otherwise). `blocks_released`: a free's.
+    mappings, when requested; slot_mapping is empty otherwise). When every layer got the same
+    (block tables grow in step until compression makes them differ), `all_layers` holds that one
+    allocation (its layer is 0) and `layers` expands it on first use: a scheduler that reads
+    `all_layers` when set skips building an entry per layer. `blocks_released`: a free's.
     A plain class with slots: a step answers hundreds of these."""
-    __slots__ = ("error", "created", "first_position", "num_positions", "layers",
-                 "blocks_released")
+    __slots__ = ("error", "created", "first_position", "num_positions", "_layers",
+                 "all_layers", "_num_layers", "blocks_released")
 
     def __init__(self, error: Optional["CacheManagerError"], created: bool = False,
                  first_position: int = 0, num_positions: int = 0,
-                 layers: Optional[List[LayerAllocation]] = None, blocks_released: int = 0):
+                 layers: Optional[List[LayerAllocation]] = None, blocks_released: int = 0,
+                 all_layers: Optional[LayerAllocation] = None, num_layers: int = 0):
         self.error = error
         self.created = created
         self.first_position = first_position
         self.num_positions = num_positions
-        self.layers = layers if layers is not None else []
+        self._layers = layers
+        self.all_layers = all_layers
+        self._num_layers = num_layers
         self.blocks_released = blocks_released
+
+    @property
+    def layers(self) -> List[LayerAllocation]:
+        if self._layers is None:
+            a = self.all_layers
+            self._layers = [] if a is None else [
+                LayerAllocation(l, list(a.new_block_ids), a.slot_mapping, a.num_tokens,
+                                list(a.copies)) for l in range(self._num_layers)]
+        return self._layers
 
     @property
     def ok(self) -> bool:
