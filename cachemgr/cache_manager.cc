@@ -923,8 +923,8 @@ absl::StatusOr<SequenceSnapshot> CacheManager::Fork(const Caller& caller,
 }
 
 absl::StatusOr<CacheManager::Sequence*> CacheManager::ForkLocked(
-    Client& client_ref, const std::string& parent_sequence_id,
-    const std::string& child_sequence_id, bool reply) {
+    Client& client_ref, const std::string& parent_sequence_id, const std::string& child_sequence_id,
+    bool reply) {
   Client* client = &client_ref;
   ASSIGN_OR_RETURN(Sequence * parent,
                    FindOwnedSequenceLocked(*client, parent_sequence_id, "parent_sequence_id"));

@@ -534,8 +534,7 @@ class CacheManager {
   // changing nothing, for the caller's session (as any call), more than options.max_step_ops
   // ops (INVALID_ARGUMENT naming ops), or a reply that could exceed max_reply_bytes
   // (RESOURCE_EXHAUSTED).
-  absl::StatusOr<std::vector<StepOpResult>> Step(const Caller& caller,
-                                                 absl::Span<const StepOp> ops,
+  absl::StatusOr<std::vector<StepOpResult>> Step(const Caller& caller, absl::Span<const StepOp> ops,
                                                  bool include_slot_mapping);
 
   // With a token, only the caller's sequences (PERMISSION_DENIED otherwise); with an empty token,

@@ -1143,7 +1143,7 @@ absl::StatusOr<Allocation> Session::Allocate(std::string_view sequence_id,
 }
 
 absl::StatusOr<std::vector<StepResult>> Session::Step(std::span<const StepOp> ops,
-                                                     bool include_slot_mapping) {
+                                                      bool include_slot_mapping) {
   pb::StepRequest request;
   request.set_include_slot_mapping(include_slot_mapping);
   request.mutable_ops()->Reserve(static_cast<int>(ops.size()));
