@@ -1,13 +1,11 @@
 #include "cachemgr/cache_manager.h"
 
 #include <fcntl.h>
-#include <sys/random.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cachemgr/backend/sharded_pool_memory.h"
@@ -16,24 +14,12 @@
 #include "cachemgr/util/checked_math.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/quote.h"
+#include "cachemgr/util/secret_file.h"
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr {
 
 namespace {
-
-// `N` random bytes as hex, from the kernel's CSPRNG: session tokens are bearer secrets.
-template <size_t N>
-std::string RandomHex() {
-  unsigned char bytes[N];
-  size_t got = 0;
-  while (got < sizeof(bytes)) {
-    const ssize_t n = getrandom(bytes + got, sizeof(bytes) - got, 0);
-    if (n > 0) got += static_cast<size_t>(n);
-  }
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
-}
 
 // Session tokens are "<boot id>.<secret>"; the boot id is 16 lowercase hex digits.
 constexpr char kBootIdSeparator = '.';
@@ -128,7 +114,7 @@ CacheManager::CacheManager(CacheManagerOptions options, DeviceBackend* backend, 
 CacheManager::CacheManager(CacheManagerOptions options, std::vector<DeviceBackend*> backends,
                            const Clock* clock, EventHub* events)
     : options_(options),
-      boot_id_(RandomHex<kBootIdLength / 2>()),
+      boot_id_(RandomHex(kBootIdLength / 2)),
       quarantine_(std::max(options.quarantine, options.lease_timeout)),
       backends_(std::move(backends)),
       clock_(clock),
@@ -522,7 +508,8 @@ AttachResult CacheManager::AddClientLocked(Pool& pool, const std::optional<uid_t
   auto client = std::make_unique<Client>();
   client->client_id = absl::StrCat("c", next_client_serial_++);
   client->client_name = client_name;
-  client->session_token = boot_id_ + kBootIdSeparator + RandomHex<16>();
+  // Session tokens are bearer secrets: 128 bits from the kernel's CSPRNG.
+  client->session_token = boot_id_ + kBootIdSeparator + RandomHex(16);
   client->owner = owner;
   client->pool = &pool;
   client->rank = rank;

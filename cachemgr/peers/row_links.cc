@@ -1,28 +1,17 @@
 #include "cachemgr/peers/row_links.h"
 
-#include <sys/random.h>
-
 #include <algorithm>
 #include <utility>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "cachemgr/util/secret_file.h"
 
 namespace cachemgr {
 namespace {
 
 // 64 random bits as hex: a link's id (not a secret: joining a link takes its offer, which
 // travels only in the authenticated stream).
-std::string NewLinkId() {
-  unsigned char bytes[8];
-  size_t got = 0;
-  while (got < sizeof(bytes)) {
-    const ssize_t n = getrandom(bytes + got, sizeof(bytes) - got, 0);
-    if (n > 0) got += static_cast<size_t>(n);
-  }
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
-}
+std::string NewLinkId() { return RandomHex(8); }
 
 // The sender key's parts are joined with a byte no address, boot id or token holds.
 constexpr char kKeySeparator = '\n';

@@ -5,7 +5,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -15,10 +14,10 @@
 #include <cstring>
 #include <vector>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "cachemgr/util/secret_file.h"
 #include "cachemgr/util/unique_fd.h"
 
 namespace cachemgr {
@@ -32,17 +31,6 @@ constexpr int kPollSliceMs = 5;
 
 absl::Status ErrnoStatus(const char* what, int err) {
   return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(err)));
-}
-
-std::string NewNonce() {
-  unsigned char bytes[kNonceHexBytes / 2];
-  size_t got = 0;
-  while (got < sizeof(bytes)) {
-    const ssize_t n = getrandom(bytes + got, sizeof(bytes) - got, 0);
-    if (n > 0) got += static_cast<size_t>(n);
-  }
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
 }
 
 // Waits until `fd` is ready for `events`: OK, or DEADLINE_EXCEEDED / ABORTED. `aborted` (may
@@ -184,7 +172,7 @@ class PendingSocketLink final : public PendingRowLink {
       if (!ReadAll(conn.get(), reinterpret_cast<std::byte*>(presented.data()), presented.size(),
                    nonce_wait, nullptr)
                .ok() ||
-          presented != nonce_) {
+          !ConstantTimeEquals(presented, nonce_)) {
         if (wait.Stopped()) return absl::AbortedError("the transfer stopped");
         if (absl::Now() >= wait.deadline) {
           return absl::DeadlineExceededError("no peer joined the row link within the deadline");
@@ -250,7 +238,7 @@ class SocketRowLinkKind final : public RowLinkKind {
           ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
                                             : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
       ::freeaddrinfo(found);
-      std::string nonce = NewNonce();
+      std::string nonce = RandomHex(kNonceHexBytes / 2);
       std::string offer = absl::StrCat(host_, " ", port, " ", nonce);
       return std::make_unique<PendingSocketLink>(std::move(fd), std::move(offer), std::move(nonce));
     }

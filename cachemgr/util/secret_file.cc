@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -16,16 +17,18 @@
 
 namespace cachemgr {
 
-std::string RandomHexToken() {
-  unsigned char bytes[16];
+std::string RandomHex(size_t bytes) {
+  std::vector<unsigned char> raw(bytes);
   size_t got = 0;
-  while (got < sizeof(bytes)) {
-    const ssize_t n = ::getrandom(bytes + got, sizeof(bytes) - got, 0);
+  while (got < raw.size()) {
+    const ssize_t n = ::getrandom(raw.data() + got, raw.size() - got, 0);
     if (n > 0) got += static_cast<size_t>(n);
   }
   return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
+      absl::string_view(reinterpret_cast<const char*>(raw.data()), raw.size()));
 }
+
+std::string RandomHexToken() { return RandomHex(16); }
 
 bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
   if (a.size() != b.size()) return false;

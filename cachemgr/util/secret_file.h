@@ -2,12 +2,16 @@
 // and reading a secret file only when nobody but its owner can read or change it.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
 namespace cachemgr {
+
+// `bytes` random bytes from the kernel's CSPRNG, as 2 * bytes lowercase hex characters.
+std::string RandomHex(size_t bytes);
 
 // 128 random bits from the kernel's CSPRNG, as 32 lowercase hex characters.
 std::string RandomHexToken();
