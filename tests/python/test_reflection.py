@@ -16,6 +16,7 @@ METHODS = {
     "Allocate": ("AllocateRequest", "AllocateResponse", False),
     "Free": ("FreeRequest", "FreeResponse", False),
     "Fork": ("ForkRequest", "ForkResponse", False),
+    "Step": ("StepRequest", "StepResponse", False),
     "GetSequence": ("GetSequenceRequest", "GetSequenceResponse", False),
     "ListSequences": ("ListSequencesRequest", "ListSequencesResponse", False),
     "Stats": ("StatsRequest", "StatsResponse", False),
