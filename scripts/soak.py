@@ -621,7 +621,10 @@ class Soak:
         a = self.args
         self.resume_clients(everyone=True)
         self.watcher.close()
-        while not (self.daemon.alive() and self.restart_at is None):
+        # A daemon fault of the last moments may still be under way (a SIGTERMed daemon shuts
+        # down gracefully for up to its grace period): wait for that exit and the restart.
+        while not (self.daemon.alive() and self.restart_at is None and
+                   self.expected_exit is None):
             time.sleep(0.05)
             self.tend_daemon()
         self.wait_serving()
