@@ -2,10 +2,13 @@
 // a ratio to a memcpy of the same KV bytes measured in the same benchmark function, so numbers
 // taken on a shared or throttled machine stay comparable.
 //
-//   BM_Codebook/n/d       one layer x one KV head: BuildCodebook on K (theta 0.98) and on V
-//                         (theta 0.95) of n tokens.
-//   BM_CompressLayer/n/d  the "spindlekv" preset on one layer (4 query heads, 1 KV head,
-//                         32 observation-window queries, reserve ratio 0.3) via CompressSequence.
+//   BM_Codebook/n/d/lsh   one layer x one KV head: BuildCodebook on K (theta 0.98) and on V
+//                         (theta 0.95) of n tokens, exact (lsh 0) or hashed (lsh 1) search.
+//   BM_CompressLayer/n/d/lsh  the "spindlekv" preset on one layer (4 query heads, 1 KV head,
+//                         32 observation-window queries, reserve ratio 0.3) via CompressSequence,
+//                         exact (lsh 0) or hashed (lsh 1) codebook search.
+//   BM_CodebookSequence/tokens/lsh/layers  codebook-only Compress of a SmolLM2-shaped sequence,
+//                         exact (lsh 0) or hashed (lsh 1) similarity search, every core.
 //   BM_HostStagesFromScores/n/policy/target/threads  what a CUDA pool's Compress does on the
 //                         host after the device scored the tokens (see the function).
 //   BM_Memcpy/bytes       plain memcpy baseline.
@@ -33,6 +36,7 @@
 #include <functional>
 #include <optional>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "cachemgr/compress/codebook.h"
@@ -203,6 +207,8 @@ std::optional<cachemgr::compress::SequenceResult> TimeCompress(
 void BM_Codebook(benchmark::State& state) {
   const auto n = static_cast<uint32_t>(state.range(0));
   const auto d = static_cast<uint32_t>(state.range(1));
+  cachemgr::compress::CodebookOptions options;
+  if (state.range(2) == 1) options.search = cachemgr::compress::CodebookSearch::kLsh;
   const std::vector<float> keys = MixtureVectors(n, d, kKeyNoise, 1000 + n * 7 + d);
   const std::vector<float> values = MixtureVectors(n, d, kValueNoise, 2000 + n * 7 + d);
   const size_t kv_bytes = KvFp16Bytes(n, d);
@@ -214,9 +220,9 @@ void BM_Codebook(benchmark::State& state) {
   for (auto _ : state) {
     const double c0 = ThreadCpuSeconds();
     const auto t0 = Clock::now();
-    auto k = BuildCodebook(keys, d, 0.98f);
+    auto k = BuildCodebook(keys, d, 0.98f, options);
     const auto t1 = Clock::now();
-    auto v = BuildCodebook(values, d, 0.95f);
+    auto v = BuildCodebook(values, d, 0.95f, options);
     const auto t2 = Clock::now();
     cpu_total += ThreadCpuSeconds() - c0;
     if (!k.ok() || !v.ok()) {
@@ -265,6 +271,8 @@ void BM_CompressLayer(benchmark::State& state) {
     return;
   }
   policy->window = kWindow;
+  policy->codebook_search =
+      state.range(2) == 1 ? cc::CodebookSearch::kLsh : cc::CodebookSearch::kExact;
 
   // Pre-RoPE mixtures; K rotated at its positions (stored post-RoPE, as the engine has it).
   std::vector<float> keys = MixtureVectors(n, d, kKeyNoise, 3000 + n * 7 + d);
@@ -350,6 +358,71 @@ void BM_HostStagesFromScores(benchmark::State& state) {
   if (last.has_value()) state.counters["honest_ratio"] = last->stats.honest_ratio;
 }
 
+// A codebook-only Compress of a whole SmolLM2-135M-shaped sequence (30 layers, 9 query / 3 KV
+// heads, head_dim 64: about 3 * tokens vectors per layer codebook, K and V) on every core, with
+// the exact or the hashed similarity search. Args: tokens, search (0 exact, 1 LSH), layers (30
+// for the model; fewer where exact would take minutes, e.g. 32k tokens). Every layer's K and V
+// are a mixture like BM_Codebook's (three seeds, cycled over the layers), K rotated at its
+// positions. docs/PERF.md measures the same on the real model with cachemgr-eval.
+void BM_CodebookSequence(benchmark::State& state) {
+  namespace cc = cachemgr::compress;
+  const auto tokens = static_cast<uint32_t>(state.range(0));
+  const bool lsh = state.range(1) == 1;
+  cc::ModelShape shape;
+  shape.num_layers = static_cast<uint32_t>(state.range(2));
+  shape.num_q_heads = 9;
+  shape.num_kv_heads = 3;
+  shape.head_dim = 64;
+  shape.elem_bytes = 2;
+  shape.rope_style = cc::RopeStyle::kInterleaved;
+  shape.rope_theta = 100000.0;
+  auto policy = cc::PresetPolicy("codebook");
+  if (!policy.ok()) {
+    state.SkipWithError("no codebook preset");
+    return;
+  }
+  policy->codebook_search = lsh ? cc::CodebookSearch::kLsh : cc::CodebookSearch::kExact;
+  const uint32_t rows = tokens * shape.num_kv_heads;
+  const cc::RopeParams rope = cc::RopeParamsFromShape(shape);
+  std::vector<uint32_t> positions(tokens);
+  for (uint32_t t = 0; t < tokens; ++t) positions[t] = t;
+  constexpr int kDistinctLayers = 3;
+  std::vector<std::vector<float>> keys, values;
+  for (int k = 0; k < kDistinctLayers; ++k) {
+    keys.push_back(MixtureVectors(rows, shape.head_dim, kKeyNoise, 6000 + tokens + k));
+    values.push_back(MixtureVectors(rows, shape.head_dim, kValueNoise, 7000 + tokens + k));
+    if (!cc::ApplyRope(rope, positions, shape.num_kv_heads, absl::MakeSpan(keys.back())).ok()) {
+      state.SkipWithError("ApplyRope failed");
+      return;
+    }
+  }
+  cc::SequenceInput input;
+  input.num_tokens = tokens;
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    cc::LayerInput layer;
+    layer.keys = keys[l % kDistinctLayers].data();
+    layer.values = values[l % kDistinctLayers].data();
+    input.layers.push_back(layer);
+  }
+  cc::CompressTarget target;
+  target.kind = cc::TargetKind::kReserveRatio;
+  target.value = 1.0;
+
+  MemcpyBaseline memcpy_baseline(size_t{shape.num_layers} * KvFp16Bytes(rows, shape.head_dim));
+  const std::optional<cc::SequenceResult> last = TimeCompress(state, memcpy_baseline, [&] {
+    return cc::CompressSequence(shape, *policy, input, target, /*max_threads=*/0);
+  });
+  if (!last.has_value()) return;
+  double entries = 0;
+  for (const cc::LayerResult& lr : last->layers) {
+    entries += (lr.key_codebook ? lr.key_codebook->size() : 0) +
+               (lr.value_codebook ? lr.value_codebook->size() : 0);
+  }
+  state.counters["codebook_entries"] = entries;
+  state.counters["honest_ratio"] = last->stats.honest_ratio;
+  state.counters["threads"] = std::thread::hardware_concurrency();
+}
+
 void BM_Memcpy(benchmark::State& state) {
   const auto bytes = static_cast<size_t>(state.range(0));
   std::vector<char> src(bytes, 1), dst(bytes, 0);
@@ -362,14 +435,16 @@ void BM_Memcpy(benchmark::State& state) {
 }
 
 void CodebookArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"n", "d"});
+  b->ArgNames({"n", "d", "lsh"});
   for (int64_t n : {1024, 4096}) {
-    for (int64_t d : {64, 128}) b->Args({n, d});
+    for (int64_t d : {64, 128}) b->Args({n, d, 0});
   }
+  b->Args({4096, 64, 1});  // LSH (hashing runs from 2048 vectors; exact below)
 }
 void CodebookArgsLarge(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"n", "d"});
-  for (int64_t d : {64, 128}) b->Args({16384, d});
+  b->ArgNames({"n", "d", "lsh"});
+  for (int64_t d : {64, 128}) b->Args({16384, d, 0});
+  for (int64_t d : {64, 128}) b->Args({16384, d, 1});
 }
 
 }  // namespace
@@ -386,6 +461,18 @@ BENCHMARK(BM_CompressLayer)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(3);
+BENCHMARK(BM_CodebookSequence)
+    ->ArgNames({"tokens", "lsh", "layers"})
+    ->Args({2048, 0, 30})
+    ->Args({2048, 1, 30})
+    ->Args({8192, 0, 30})
+    ->Args({8192, 1, 30})
+    ->Args({32768, 1, 30})
+    ->Args({32768, 0, 2})
+    ->Args({32768, 1, 2})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(1);
 BENCHMARK(BM_HostStagesFromScores)
     ->ArgNames({"n", "policy", "target", "threads"})
     ->ArgsProduct({{4096, 16384, 32768}, {0, 1}, {0, 1}, {1}})

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "cachemgr/compress/codebook_graph.h"
+#include "cachemgr/compress/codebook_lsh.h"
 #include "cachemgr/compress/vector_kernels.h"
 
 namespace cachemgr::compress {
@@ -140,7 +141,7 @@ class GreedyCover {
 
 // Algorithm 1 on one similarity graph over all of `vectors` (validated by the caller).
 absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t dim, float theta,
-                                    const SimilarityGraphBuilder* graph) {
+                                    const CodebookOptions& options) {
   const size_t n = vectors.size() / dim;
   Codebook codebook;
   codebook.dim = dim;
@@ -166,10 +167,17 @@ absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t di
     return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", n * words * 8,
                                                      "-byte adjacency bitset for ", n, " vectors"));
   }
-  if (graph == nullptr) {
+  if (options.search == CodebookSearch::kLsh) {
+    if (absl::Status s =
+            LshSimilarityAdjacency(unit.data(), nonzero.data(), n, dim, theta, adjacency.data(),
+                                   LshParams{}, nullptr, options.graph);
+        !s.ok()) {
+      return s;
+    }
+  } else if (options.graph == nullptr) {
     SimilarityAdjacency(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
   } else if (absl::Status s =
-                 graph->Build(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
+                 options.graph->Build(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
              !s.ok()) {
     return s;
   }
@@ -229,49 +237,62 @@ int64_t MatchEntry(absl::Span<const float> entries, uint32_t dim, const float* u
 }
 
 absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta,
-                                       uint32_t max_graph_vectors,
-                                       const SimilarityGraphBuilder* graph) {
+                                       const CodebookOptions& options) {
   if (absl::Status s = ValidateBuild(vectors, dim, theta); !s.ok()) return s;
+  const uint32_t max_graph_vectors = options.max_graph_vectors;
   if (max_graph_vectors == 0) {
     return absl::InvalidArgumentError("codebook max_graph_vectors must be > 0");
   }
   const size_t n = vectors.size() / dim;
-  if (n <= max_graph_vectors) return BuildGraph(vectors, dim, theta, graph);
+  if (n <= max_graph_vectors) return BuildGraph(vectors, dim, theta, options);
 
   // Chunks: match against the entries so far, then Algorithm 1 on what matched nothing.
   Codebook codebook;
   codebook.dim = dim;
   codebook.refs.resize(n);
   codebook.magnitudes.resize(n);
-  std::vector<float> unit(dim);
+  std::vector<float> unit;
+  std::vector<uint8_t> nonzero;
+  std::vector<int64_t> matches;
   std::vector<float> unmatched;
   std::vector<size_t> unmatched_index;
   for (size_t begin = 0; begin < n; begin += max_graph_vectors) {
     const size_t end = std::min(n, begin + max_graph_vectors);
+    const size_t count = end - begin;
     const size_t known = codebook.size();
-    unmatched.clear();
-    unmatched_index.clear();
+    unit.resize(count * dim);
+    nonzero.resize(count);
     for (size_t i = begin; i < end; ++i) {
-      const float* x = &vectors[i * dim];
-      float magnitude = 0.0f;
-      if (!Normalize(x, dim, unit.data(), &magnitude)) {
+      if (!Normalize(&vectors[i * dim], dim, &unit[(i - begin) * dim], &codebook.magnitudes[i])) {
         return absl::InvalidArgumentError(
             absl::StrCat("codebook input vector ", i, " has a non-finite element"));
       }
-      const int64_t match =
-          magnitude > 0.0f && known > 0
-              ? MatchEntry(absl::MakeConstSpan(codebook.entries.data(), known * dim), dim,
-                           unit.data(), theta)
-              : -1;
-      if (match >= 0) {
-        codebook.refs[i] = static_cast<uint32_t>(match);
-        codebook.magnitudes[i] = magnitude;
+      nonzero[i - begin] = codebook.magnitudes[i] > 0.0f;
+    }
+    matches.assign(count, -1);
+    if (options.search == CodebookSearch::kLsh) {
+      LshMatchEntries(codebook.entries.data(), known, unit.data(), nonzero.data(), count, dim,
+                      theta, matches.data());
+    } else if (known > 0) {
+      for (size_t q = 0; q < count; ++q) {
+        if (nonzero[q]) {
+          matches[q] = MatchEntry(absl::MakeConstSpan(codebook.entries.data(), known * dim), dim,
+                                  &unit[q * dim], theta);
+        }
+      }
+    }
+    unmatched.clear();
+    unmatched_index.clear();
+    for (size_t i = begin; i < end; ++i) {
+      if (matches[i - begin] >= 0) {
+        codebook.refs[i] = static_cast<uint32_t>(matches[i - begin]);
       } else {
+        const float* x = vectors.data() + i * dim;
         unmatched.insert(unmatched.end(), x, x + dim);
         unmatched_index.push_back(i);
       }
     }
-    absl::StatusOr<Codebook> part = BuildGraph(unmatched, dim, theta, graph);
+    absl::StatusOr<Codebook> part = BuildGraph(unmatched, dim, theta, options);
     if (!part.ok()) return part.status();
     const uint32_t base = codebook.size();
     codebook.entries.insert(codebook.entries.end(), part->entries.begin(), part->entries.end());

@@ -7,9 +7,11 @@
 // appends its unit vector, assigns it to that vertex and its remaining neighbours, and removes
 // them all from G. Rounds end when G is empty, so every vector gets an entry.
 //
-// Cost: one blocked pass computes the similarities (n^2 * d flops, never materialising an n x n
-// float matrix; the adjacency is a bitset, n^2 / 8 bytes); the greedy rounds then cost in
-// proportion to the edges they remove (plus a scan of each removed vertex's bitset row).
+// Cost: CodebookSearch::kExact computes every similarity in one blocked pass (n^2 * d flops,
+// never materialising an n x n float matrix; the adjacency is a bitset, n^2 / 8 bytes);
+// kLsh finds the similar pairs by hashing (codebook_lsh.h: about n * d * 32 flops plus the
+// candidates), each verified exactly. The greedy rounds then cost in proportion to the edges
+// they remove (plus a scan of each removed vertex's bitset row).
 #pragma once
 
 #include <cstdint>
@@ -30,21 +32,40 @@ struct Codebook {
   uint32_t size() const { return dim == 0 ? 0 : static_cast<uint32_t>(entries.size() / dim); }
 };
 
+// How BuildCodebook finds the edges of the similarity graph.
+enum class CodebookSearch : uint8_t {
+  // Every pair compared: Algorithm 1's graph exactly (the codebooks of every release so far).
+  kExact,
+  // Candidate pairs from locality-sensitive hashing (codebook_lsh.h), each verified by the exact
+  // edge test: the graph may lack a similar pair hashing missed (never has a false edge), and
+  // entries are matched among hashed candidates. Hashing runs on the host; where it gives way
+  // to the exact pass (few vectors, or data it cannot separate), the graph builder runs that.
+  // Sub-quadratic: docs/PERF.md measures time, pairs found and the NLL cost.
+  kLsh,
+};
+
 // Largest number of vectors whose similarity graph one Algorithm 1 run builds (its bitset is
 // n^2 / 8 bytes: 32 MiB here).
 inline constexpr uint32_t kMaxGraphVectors = 16384;
 
+struct CodebookOptions {
+  // See BuildCodebook; > 0.
+  uint32_t max_graph_vectors = kMaxGraphVectors;
+  CodebookSearch search = CodebookSearch::kExact;
+  // Builds each exact similarity graph (null: SimilarityAdjacency on this thread); its errors
+  // pass through.
+  const SimilarityGraphBuilder* graph = nullptr;
+};
+
 // `vectors` is [n, dim] row-major. theta in (0, 1] (INVALID_ARGUMENT otherwise, naming
 // "theta"). A zero vector gets magnitude 0 and is treated as similar to nothing but itself.
-// Up to max_graph_vectors vectors: Algorithm 1 exactly. More: consecutive chunks of
-// max_graph_vectors, the first by Algorithm 1, each later one as decode-time appends are coded
-// (§3.4): a vector joins the most similar entry so far when cos > theta (MatchEntry), and
-// Algorithm 1 codes the chunk's unmatched vectors on their own, appending their entries.
-// `graph` builds each similarity graph (null: SimilarityAdjacency on this thread); its errors
-// pass through.
+// Up to max_graph_vectors vectors: Algorithm 1. More: consecutive chunks of max_graph_vectors,
+// the first by Algorithm 1, each later one as decode-time appends are coded (§3.4): a vector
+// joins the most similar entry so far when cos > theta (MatchEntry; under kLsh the most similar
+// of the hashed candidates), and Algorithm 1 codes the chunk's unmatched vectors on their own,
+// appending their entries.
 absl::StatusOr<Codebook> BuildCodebook(absl::Span<const float> vectors, uint32_t dim, float theta,
-                                       uint32_t max_graph_vectors = kMaxGraphVectors,
-                                       const SimilarityGraphBuilder* graph = nullptr);
+                                       const CodebookOptions& options = {});
 
 // Reconstruction (eq. 14): out[i] = entries[refs[i]] * magnitudes[i]; `out` is [n, dim].
 void ReconstructCodebook(const Codebook& codebook, absl::Span<float> out);

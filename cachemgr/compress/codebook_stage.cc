@@ -10,7 +10,7 @@ namespace {
 
 // Builds one codebook per part of `vectors` ([parts * per_part, dim]) and concatenates them.
 absl::Status BuildParts(const std::vector<float>& vectors, uint32_t dim, uint32_t parts,
-                        float theta, const SimilarityGraphBuilder* graph, Codebook* merged,
+                        float theta, const CodebookOptions& options, Codebook* merged,
                         std::vector<uint32_t>* offsets) {
   const size_t total = vectors.size() / dim;
   const size_t per_part = total / parts;
@@ -23,7 +23,7 @@ absl::Status BuildParts(const std::vector<float>& vectors, uint32_t dim, uint32_
   offsets->assign(1, 0);
   for (uint32_t p = 0; p < parts; ++p) {
     absl::Span<const float> part(vectors.data() + p * per_part * dim, per_part * dim);
-    absl::StatusOr<Codebook> built = BuildCodebook(part, dim, theta, kMaxGraphVectors, graph);
+    absl::StatusOr<Codebook> built = BuildCodebook(part, dim, theta, options);
     if (!built.ok()) return built.status();
     const uint32_t base = merged->size();
     merged->entries.insert(merged->entries.end(), built->entries.begin(), built->entries.end());
@@ -65,18 +65,21 @@ absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& po
   RotateRows(rope, angles, result->kept, /*heads=*/1, absl::MakeSpan(keys), /*inverse=*/true);
 
   const uint32_t parts = policy.codebook_scope == CodebookScope::kKvHead ? heads : 1;
+  CodebookOptions options;
+  options.search = policy.codebook_search;
+  options.graph = graph;
   Codebook key_codebook;
   Codebook value_codebook;
   std::vector<uint32_t> key_offsets;
   std::vector<uint32_t> value_offsets;
   if (absl::Status s =
-          BuildParts(keys, dim, parts, policy.theta_k, graph, &key_codebook, &key_offsets);
+          BuildParts(keys, dim, parts, policy.theta_k, options, &key_codebook, &key_offsets);
       !s.ok()) {
     return s;
   }
   keys = {};  // release before the V build
   if (absl::Status s =
-          BuildParts(values, dim, parts, policy.theta_v, graph, &value_codebook, &value_offsets);
+          BuildParts(values, dim, parts, policy.theta_v, options, &value_codebook, &value_offsets);
       !s.ok()) {
     return s;
   }

@@ -95,6 +95,8 @@ struct PolicyConfig {
   float theta_k = 0.98f;
   float theta_v = 0.95f;
   CodebookScope codebook_scope = CodebookScope::kLayer;
+  // How the similarity graph is searched (codebook.h): every pair, or hashed candidates.
+  CodebookSearch codebook_search = CodebookSearch::kLsh;
   // A layer keeps its codebook form only if that holds fewer bytes than storing its kept
   // vectors plainly (otherwise the codebook would cost memory, not save it).
   bool codebook_only_if_smaller = true;

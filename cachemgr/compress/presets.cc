@@ -78,6 +78,11 @@ absl::Status ValidatePolicy(const PolicyConfig& policy) {
         absl::StrCat("policy.codebook_scope is not a known scope (got ",
                      static_cast<int>(policy.codebook_scope), ")"));
   }
+  if (static_cast<int>(policy.codebook_search) > static_cast<int>(CodebookSearch::kLsh)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy.codebook_search is not a known search (got ",
+                     static_cast<int>(policy.codebook_search), ")"));
+  }
   if (!(policy.beta >= 0.0 && policy.beta < 1.0)) return OutOfRange("beta", "[0, 1)", policy.beta);
   if (!(policy.zigzag_tau > 0.0 && policy.zigzag_tau <= 1.0)) {
     return OutOfRange("zigzag_tau", "(0, 1]", policy.zigzag_tau);

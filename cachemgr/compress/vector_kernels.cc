@@ -184,6 +184,54 @@ int64_t MatchEntry(const float* entries, size_t count, uint32_t dim, const float
   return best;
 }
 
+size_t SimilarListedPairs(const float* unit, uint32_t dim, float theta, const uint32_t* pairs,
+                          size_t count, size_t words, uint64_t* adjacency) {
+  size_t edges = 0;
+  for (size_t p = 0; p < count; ++p) {
+    const size_t i = pairs[2 * p];
+    const size_t j = pairs[2 * p + 1];
+    const float* a = &unit[i * dim];
+    const float* b = &unit[j * dim];
+    if (Similar(Dot(a, b, dim), theta, a, b, dim)) {
+      adjacency[i * words + j / 64] |= uint64_t{1} << (j % 64);
+      adjacency[j * words + i / 64] |= uint64_t{1} << (i % 64);
+      ++edges;
+    }
+  }
+  return edges;
+}
+
+int64_t MatchListedEntry(const float* entries, const uint32_t* candidates, size_t count,
+                         uint32_t dim, const float* unit, float theta) {
+  int64_t best = -1;
+  float best_dot = 0.0f;
+  for (size_t c = 0; c < count; ++c) {
+    const float* entry = &entries[size_t{candidates[c]} * dim];
+    const float dot = Dot(unit, entry, dim);
+    // Candidates ascend, so strictly greater keeps the lowest index on ties, as MatchEntry.
+    if (Similar(dot, theta, unit, entry, dim) && (best < 0 || dot > best_dot)) {
+      best = candidates[c];
+      best_dot = dot;
+    }
+  }
+  return best;
+}
+
+// Four 8-wide accumulators hold the 32 projections of one row; each added in k order.
+void LshProject(const float* rows, size_t n, uint32_t dim, const float* directions, float* out) {
+  static_assert(kLshProjections == 32, "four Float8 accumulators");
+  for (size_t r = 0; r < n; ++r) {
+    const float* x = &rows[r * dim];
+    Float8 acc[4] = {};
+    for (uint32_t k = 0; k < dim; ++k) {
+      const Float8 xk = Splat(x[k]);
+      const float* g = &directions[size_t{k} * kLshProjections];
+      for (int q = 0; q < 4; ++q) acc[q] += xk * Load8(g + 8 * q);
+    }
+    std::memcpy(&out[r * kLshProjections], acc, sizeof(acc));
+  }
+}
+
 // Four query rows share each load of the key block.
 void BlockLogits(const float* query_tile, uint32_t rows, uint32_t head_dim, const float* key_block,
                  float* logits, size_t stride) {
@@ -236,6 +284,9 @@ const VectorKernels CACHEMGR_ISA_TABLE = {
     .name = CACHEMGR_ISA_NAME,
     .similarity_pairs = &SimilarityPairs,
     .match_entry = &MatchEntry,
+    .similar_listed_pairs = &SimilarListedPairs,
+    .match_listed_entry = &MatchListedEntry,
+    .lsh_project = &LshProject,
     .block_logits = &BlockLogits,
 };
 

@@ -36,11 +36,33 @@ struct VectorKernels {
   int64_t (*match_entry)(const float* entries, size_t count, uint32_t dim, const float* unit,
                          float theta);
 
+  // similarity_pairs' edge test on listed pairs only (the LSH candidates, codebook_lsh.h): for
+  // each pair p, (i, j) = (pairs[2p], pairs[2p + 1]), sets bits (i, j) and (j, i) of
+  // `adjacency` [n, words] when unit vectors i and j are similar. The same arithmetic as
+  // similarity_pairs, so the same decision for every pair. Returns the number of edges set.
+  size_t (*similar_listed_pairs)(const float* unit, uint32_t dim, float theta,
+                                 const uint32_t* pairs, size_t count, size_t words,
+                                 uint64_t* adjacency);
+
+  // match_entry over the listed entries only: the most similar of entries[candidates[c]]
+  // (`candidates` ascending, `count` of them) passing the edge test, else -1; ties keep the
+  // lowest index. The same result as match_entry when the candidates hold its answer.
+  int64_t (*match_listed_entry)(const float* entries, const uint32_t* candidates, size_t count,
+                                uint32_t dim, const float* unit, float theta);
+
+  // The LSH projections of codebook_lsh.h: out[r * kLshProjections + p] = the sum over k
+  // (ascending) of rows[r * dim + k] * directions[k * kLshProjections + p], for r < n.
+  void (*lsh_project)(const float* rows, size_t n, uint32_t dim, const float* directions,
+                      float* out);
+
   // logits[r * stride + j] = query_tile[r] . key j of key_block, for r < rows, j < 8.
   // query_tile [rows, head_dim]; key_block [head_dim][8] (eight keys, transposed).
   void (*block_logits)(const float* query_tile, uint32_t rows, uint32_t head_dim,
                        const float* key_block, float* logits, size_t stride);
 };
+
+// Projections per vector of lsh_project.
+inline constexpr uint32_t kLshProjections = 32;
 
 // Keys of key_block above.
 inline constexpr uint32_t kLogitsKeyBlock = 8;

@@ -430,6 +430,18 @@ absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest
     default:
       return bad_enum("policy.codebook_scope", p.codebook_scope());
   }
+  switch (p.codebook_search()) {
+    case v1::CODEBOOK_SEARCH_UNSPECIFIED:
+      break;
+    case v1::CODEBOOK_SEARCH_EXACT:
+      c.codebook_search = compress::CodebookSearch::kExact;
+      break;
+    case v1::CODEBOOK_SEARCH_LSH:
+      c.codebook_search = compress::CodebookSearch::kLsh;
+      break;
+    default:
+      return bad_enum("policy.codebook_search", p.codebook_search());
+  }
   if (p.has_beta()) c.beta = p.beta();
   if (p.has_zigzag_tau()) c.zigzag_tau = p.zigzag_tau();
   if (p.has_zigzag_min_fraction()) c.zigzag_min_fraction = p.zigzag_min_fraction();

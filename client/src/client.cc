@@ -1311,6 +1311,7 @@ absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
   p->set_pooling(static_cast<pb::Pooling>(in.pooling));
   p->set_gqa(static_cast<pb::GqaMode>(in.gqa));
   p->set_codebook_scope(static_cast<pb::CodebookScope>(in.codebook_scope));
+  p->set_codebook_search(static_cast<pb::CodebookSearch>(in.codebook_search));
   if (in.beta) p->set_beta(*in.beta);
   if (in.zigzag_tau) p->set_zigzag_tau(*in.zigzag_tau);
   if (in.zigzag_min_fraction) p->set_zigzag_min_fraction(*in.zigzag_min_fraction);

@@ -114,6 +114,36 @@ def test_compress_fetch_park_fork_free(daemon):
         assert sum(l.used_blocks for l in cachemgr.stats(daemon.socket).pools[0].layers) == 0
 
 
+def test_codebook_search_exact_and_hashed(daemon):
+    # 1200 tokens x 2 KV heads: 2400 vectors per layer codebook, enough for the hashed search
+    # to hash (below 2048 it runs the exact pass).
+    m = model(dtype="fp32", layers=2)
+    tokens = 1200
+    with cachemgr.Session.attach(daemon.socket, "py-search", m, num_blocks=2 * tokens // 4) as s:
+        alloc = s.allocate("base", tokens)
+        rng = np.random.default_rng(5)
+        centres = rng.standard_normal((150, 8)).astype(np.float32)
+        for layer in range(2):
+            pick = rng.integers(0, 150, size=(tokens, 2))
+            k = centres[pick] + 0.02 * rng.standard_normal((tokens, 2, 8)).astype(np.float32)
+            v = centres[pick] * 2 + 0.02 * rng.standard_normal((tokens, 2, 8)).astype(np.float32)
+            s.pool.write(layer, alloc.layers[layer].slot_mapping, k, v)
+        ratios = {}
+        for search in ("exact", "lsh"):
+            s.fork("base", search)
+            r = s.compress(search, cachemgr.Policy("codebook", codebook_only_if_smaller=False,
+                                                   codebook_search=search), reserve_ratio=1.0)
+            assert all(l.codebook for l in r.layers)
+            ratios[search] = r.honest_ratio
+        assert ratios["exact"] < 0.9  # V clusters (K is un-rotated at its positions first)
+        assert ratios["lsh"] <= ratios["exact"] * 1.02  # about as many entries
+        with pytest.raises(ValueError, match="codebook_search"):
+            s.compress("base", cachemgr.Policy("codebook", codebook_search="fast"),
+                       reserve_ratio=1.0)
+        for sid in ("base", "exact", "lsh"):
+            s.free(sid)
+
+
 def test_errors_carry_status_and_field(daemon):
     with cachemgr.Session.attach(daemon.socket, "py-errors", model(), num_blocks=16) as s:
         for call, code, field in (

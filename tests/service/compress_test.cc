@@ -443,6 +443,15 @@ TEST_CASE("Compress errors name the request field and change nothing", "[service
     CHECK_THAT(st.error_message(), Catch::Contains("policy.gqa"));
   }
   raw.mutable_policy()->clear_gqa();
+  raw.mutable_policy()->set_codebook_search(static_cast<v1::CodebookSearch>(7));
+  {
+    grpc::ClientContext ctx;
+    v1::CompressResponse resp;
+    const grpc::Status st = stub->Compress(&ctx, raw, &resp);
+    CHECK(st.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK_THAT(st.error_message(), Catch::Contains("policy.codebook_search"));
+  }
+  raw.mutable_policy()->clear_codebook_search();
   raw.clear_reserve_ratio();
   {
     grpc::ClientContext ctx;

@@ -142,7 +142,8 @@ Json PolicyJson(const compress::PolicyConfig& p) {
               {"theta_k", JsonFloat(p.theta_k)},
               {"theta_v", JsonFloat(p.theta_v)},
               {"codebook_scope", CodebookScopeName(p.codebook_scope)},
-              {"codebook_only_if_smaller", p.codebook_only_if_smaller}};
+              {"codebook_only_if_smaller", p.codebook_only_if_smaller},
+              {"codebook_search", CodebookSearchName(p.codebook_search)}};
 }
 
 std::string StatsJson(const CompressOptions& options, const LoadedSequence& seq,

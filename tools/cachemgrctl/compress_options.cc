@@ -32,6 +32,8 @@ const Table<Pooling> kPoolings = {
 const Table<GqaMode> kGqaModes = {{"mean", GqaMode::kGroupMean}, {"repeat", GqaMode::kRepeat}};
 const Table<CodebookScope> kScopes = {{"layer", CodebookScope::kLayer},
                                       {"kv_head", CodebookScope::kKvHead}};
+const Table<compress::CodebookSearch> kSearches = {{"exact", compress::CodebookSearch::kExact},
+                                                   {"lsh", compress::CodebookSearch::kLsh}};
 const Table<RopeStyle> kRopes = {{"interleaved", RopeStyle::kInterleaved},
                                  {"half_split", RopeStyle::kHalfSplit},
                                  {"none", RopeStyle::kNone}};
@@ -69,6 +71,7 @@ const std::vector<std::string> kKnownFlags = {"keys",
                                               "theta_v",
                                               "codebook_scope",
                                               "codebook_only_if_smaller",
+                                              "codebook_search",
                                               "num_q_heads",
                                               "rope",
                                               "rope_theta",
@@ -93,6 +96,7 @@ absl::Status ApplyPolicyOverrides(const Flags& flags, compress::PolicyConfig* po
   RETURN_IF_ERROR(flags.GetFloat("theta_v", &policy->theta_v));
   RETURN_IF_ERROR(flags.GetChoice("codebook_scope", kScopes, &policy->codebook_scope));
   RETURN_IF_ERROR(flags.GetBool("codebook_only_if_smaller", &policy->codebook_only_if_smaller));
+  RETURN_IF_ERROR(flags.GetChoice("codebook_search", kSearches, &policy->codebook_search));
   if (absl::Status s = compress::ValidatePolicy(*policy); !s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("policy \"", policy->name, "\" with the given overrides: ", s.message()));
@@ -185,6 +189,7 @@ std::string NormalizationName(WindowNormalization value) { return NameOf(kNormal
 std::string PoolingName(Pooling value) { return NameOf(kPoolings, value); }
 std::string GqaName(GqaMode value) { return NameOf(kGqaModes, value); }
 std::string CodebookScopeName(CodebookScope value) { return NameOf(kScopes, value); }
+std::string CodebookSearchName(compress::CodebookSearch value) { return NameOf(kSearches, value); }
 std::string RopeName(RopeStyle value) { return NameOf(kRopes, value); }
 
 }  // namespace cachemgr::ctl

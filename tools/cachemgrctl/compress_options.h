@@ -41,6 +41,7 @@ std::string NormalizationName(compress::WindowNormalization value);
 std::string PoolingName(compress::Pooling value);
 std::string GqaName(compress::GqaMode value);
 std::string CodebookScopeName(compress::CodebookScope value);
+std::string CodebookSearchName(compress::CodebookSearch value);
 std::string RopeName(compress::RopeStyle value);
 
 }  // namespace cachemgr::ctl

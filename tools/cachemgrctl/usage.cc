@@ -77,6 +77,7 @@ cachemgrctl compress --keys=K.npy --values=V.npy (--queries=Q.npy | --scores=S.n
     --normalization=literal|sum   --pooling=none|avg|max   --pool_kernel=K   --sinks=N
     --gqa=mean|repeat   --codebook=true|false   --theta_k=T   --theta_v=T
     --codebook_scope=layer|kv_head   --codebook_only_if_smaller=true|false
+    --codebook_search=lsh|exact
   Target (one of; default --reserve_ratio=0.2):
     --reserve_ratio=R   fraction of tokens kept on average (paper's r)
     --byte_ratio=R      honest bytes held / full KV bytes, met within 1%

@@ -1,6 +1,7 @@
 #include "tools/eval/observations.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -8,6 +9,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "cachemgr/compress/codebook.h"
+#include "cachemgr/compress/codebook_graph.h"
+#include "cachemgr/compress/codebook_lsh.h"
+#include "cachemgr/compress/compress.h"
 #include "cachemgr/compress/rope.h"
 #include "cachemgr/util/status_macros.h"
 #include "tools/engine/ops.h"
@@ -29,6 +34,35 @@ std::vector<double> SimilarShare(const std::vector<float>& unit, size_t rows, ui
   }
   for (double& c : counts) c = pairs == 0 ? 0 : c / pairs;
   return counts;
+}
+
+// Pairs i < j that the exact pass and the hashed search find among `vectors` [n, d] (the
+// codebook's eq. 8 unit vectors), as BuildCodebook would for one graph of them all (hashing
+// forced even where BuildCodebook would run the exact pass on so few vectors).
+absl::Status SearchPairs(const std::vector<float>& vectors, uint32_t d, float theta,
+                         uint64_t* exact_pairs, uint64_t* lsh_pairs) {
+  const size_t n = vectors.size() / d;
+  std::vector<float> unit(vectors.size());
+  std::vector<uint8_t> nonzero(n);
+  for (size_t i = 0; i < n; ++i) {
+    float magnitude = 0;
+    compress::NormalizeVector(&vectors[i * d], d, &unit[i * d], &magnitude);
+    nonzero[i] = magnitude > 0;
+  }
+  const size_t words = (n + 63) / 64;
+  std::vector<uint64_t> adjacency(n * words, 0);
+  compress::SimilarityAdjacency(unit.data(), nonzero.data(), n, d, theta, adjacency.data());
+  uint64_t bits = 0;
+  for (uint64_t w : adjacency) bits += std::popcount(w);
+  *exact_pairs = (bits - n) / 2;
+  std::fill(adjacency.begin(), adjacency.end(), 0);
+  compress::LshParams params;
+  params.exact_below = 0;
+  compress::LshStats stats;
+  RETURN_IF_ERROR(compress::LshSimilarityAdjacency(unit.data(), nonzero.data(), n, d, theta,
+                                                   adjacency.data(), params, &stats));
+  *lsh_pairs = stats.edges;
+  return absl::OkStatus();
 }
 
 void Normalize(float* v, uint32_t d) {
@@ -93,6 +127,22 @@ absl::Status Observations::Add(const engine::SidecarCache& cache, const std::str
         o.key_similar[t] += ks[t] / KV;
         o.value_similar[t] += vs[t] / KV;
       }
+    }
+    // Codebook search recall on the layer's codebook inputs (layer scope: every KV head's rows).
+    {
+      std::vector<float> all_k(keys.begin(), keys.begin() + size_t{n} * kv_width);
+      std::vector<uint32_t> tokens(n);
+      std::iota(tokens.begin(), tokens.end(), 0);
+      RETURN_IF_ERROR(compress::UnapplyRope(rope, tokens, KV, absl::MakeSpan(all_k)));
+      const std::vector<float> all_v(values.begin(), values.begin() + size_t{n} * kv_width);
+      const compress::PolicyConfig defaults;
+      uint64_t ke = 0, kl = 0, ve = 0, vl = 0;
+      RETURN_IF_ERROR(SearchPairs(all_k, d, defaults.theta_k, &ke, &kl));
+      RETURN_IF_ERROR(SearchPairs(all_v, d, defaults.theta_v, &ve, &vl));
+      o.key_pairs_exact += ke;
+      o.key_pairs_lsh += kl;
+      o.value_pairs_exact += ve;
+      o.value_pairs_lsh += vl;
     }
     // Window attention on the context tokens [0, n - window).
     const uint32_t context = n - window;
@@ -160,6 +210,10 @@ std::string Observations::Json() const {
     absl::StrAppend(&out, l ? ", " : "", "{\"layer\": ", l,
                     ", \"key_similar\": ", list(layers[l].key_similar),
                     ", \"value_similar\": ", list(layers[l].value_similar),
+                    absl::StrFormat(", \"key_pairs_exact\": %d, \"key_pairs_lsh\": %d"
+                                    ", \"value_pairs_exact\": %d, \"value_pairs_lsh\": %d",
+                                    layers[l].key_pairs_exact, layers[l].key_pairs_lsh,
+                                    layers[l].value_pairs_exact, layers[l].value_pairs_lsh),
                     absl::StrFormat(", \"mass90_share\": %.6f, \"top10_mass\": %.6f}",
                                     layers[l].mass90_share, layers[l].top10_mass));
   }

@@ -48,6 +48,15 @@ std::vector<Variant> AllVariants(uint32_t window) {
   v.name = "spindlekv+headcb";
   v.policy.codebook_scope = client::CodebookScope::kKvHead;
   out.push_back(v);
+  // The exact similarity search (every pair) against the default hashed one.
+  v = Preset("codebook", window);
+  v.name = "codebook+exact";
+  v.policy.codebook_search = client::CodebookSearch::kExact;
+  out.push_back(v);
+  v = Preset("spindlekv", window);
+  v.name = "spindlekv+exact";
+  v.policy.codebook_search = client::CodebookSearch::kExact;
+  out.push_back(v);
   return out;
 }
 

@@ -26,6 +26,8 @@ struct Variant {
 //   spindlekv+mean      SpindleKV with GQA group-mean scores (eq. 3) instead of repeat
 //   spindlekv+literal   SpindleKV with eq. 2's literal (l - a) divisor instead of the plain sum
 //   spindlekv+headcb    SpindleKV with one codebook per KV head instead of per layer
+//   codebook+exact      codebook-only with the exact similarity search (every pair) instead of
+//                       the default hashed one (CodebookSearch); spindlekv+exact likewise
 std::vector<Variant> AllVariants(uint32_t window);
 
 // The variants named in `names` (comma-separated; "all" for every one). INVALID_ARGUMENT naming

@@ -20,6 +20,7 @@ _ENUMS = {
     "pooling": ("POOLING_", ("none", "avg", "max")),
     "gqa": ("GQA_MODE_", ("group_mean", "repeat")),
     "codebook_scope": ("CODEBOOK_SCOPE_", ("layer", "kv_head")),
+    "codebook_search": ("CODEBOOK_SEARCH_", ("exact", "lsh")),
 }
 _OPTIONAL = ("beta", "zigzag_tau", "zigzag_min_fraction", "window", "pool_kernel", "sinks",
              "codebook", "theta_k", "theta_v", "codebook_only_if_smaller", "append_batch")
@@ -66,7 +67,7 @@ def policy_to_proto(policy: Policy) -> pb.CompressionPolicy:
         setattr(p, field, pb.DESCRIPTOR.enum_types_by_name[
             {"schedule": "BudgetSchedule", "scoring": "Scoring",
              "normalization": "WindowNormalization", "pooling": "Pooling", "gqa": "GqaMode",
-             "codebook_scope": "CodebookScope"}[field]].values_by_name[
+             "codebook_scope": "CodebookScope", "codebook_search": "CodebookSearch"}[field]].values_by_name[
                  prefix + value.upper()].number)
     for field in _OPTIONAL:
         value = getattr(policy, field)

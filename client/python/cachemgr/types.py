@@ -319,6 +319,7 @@ class Policy:
     codebook_scope: Optional[str] = None  # "layer", "kv_head"
     codebook_only_if_smaller: Optional[bool] = None
     append_batch: Optional[int] = None
+    codebook_search: Optional[str] = None  # "exact", "lsh"
 
 
 @dataclass

@@ -265,7 +265,7 @@ TEST_CASE("more vectors than one graph: chunks match earlier entries, then Algor
       1, 0, 0, 0, 2, 0, 0, 0, 0, 1, 0, 0, 0,  0, 1, 0,  // chunk 0
       0, 3, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, -1, 0, 0, 0,  // chunk 1
   };
-  absl::StatusOr<Codebook> chunked = BuildCodebook(x, 4, 0.9f, /*max_graph_vectors=*/4);
+  absl::StatusOr<Codebook> chunked = BuildCodebook(x, 4, 0.9f, {.max_graph_vectors = 4});
   REQUIRE(chunked.ok());
   CHECK(chunked->size() == 5);  // x, y, z from chunk 0; w, -x from chunk 1
   CHECK(chunked->refs == std::vector<uint32_t>{0, 0, 1, 2, 1, 3, 3, 4});
@@ -285,7 +285,7 @@ TEST_CASE("more vectors than one graph: chunks match earlier entries, then Algor
       v[i * dim + k] = centers[(i % 8) * dim + k] + 0.05f * normal(rng);
   }
   for (uint32_t chunk : {7u, 64u, 599u, 600u}) {
-    absl::StatusOr<Codebook> cb = BuildCodebook(v, dim, 0.95f, chunk);
+    absl::StatusOr<Codebook> cb = BuildCodebook(v, dim, 0.95f, {.max_graph_vectors = chunk});
     REQUIRE(cb.ok());
     REQUIRE(cb->refs.size() == n);
     CHECK(cb->size() >= 8);
@@ -320,7 +320,8 @@ TEST_CASE("invalid arguments", "[cpu]") {
   absl::StatusOr<Codebook> big = BuildCodebook(many, 1, 0.9f);
   REQUIRE(big.ok());
   CHECK(big->size() == 1);
-  CHECK(BuildCodebook(x, 2, 0.9f, 0).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(BuildCodebook(x, 2, 0.9f, {.max_graph_vectors = 0}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
 
   absl::StatusOr<Codebook> empty = BuildCodebook({}, 4, 0.9f);
   REQUIRE(empty.ok());

@@ -41,6 +41,8 @@ TEST_CASE("preset stages", "[cpu]") {
   CHECK(spindle.theta_k == 0.98f);
   CHECK(spindle.theta_v == 0.95f);
   CHECK(spindle.codebook_scope == CodebookScope::kLayer);
+  CHECK(spindle.codebook_search == CodebookSearch::kLsh);
+  CHECK(Preset("codebook").codebook_search == CodebookSearch::kLsh);
 
   const PolicyConfig full = Preset("fullkv");
   CHECK(full.schedule == BudgetSchedule::kFull);
@@ -129,6 +131,9 @@ TEST_CASE("policy validation names the field", "[cpu]") {
   policy = Preset("spindlekv");
   policy.gqa = static_cast<GqaMode>(7);
   CHECK(Error(policy).rfind("policy.gqa", 0) == 0);
+  policy = Preset("spindlekv");
+  policy.codebook_search = static_cast<CodebookSearch>(9);
+  CHECK(Error(policy).rfind("policy.codebook_search", 0) == 0);
 
   // Window 0 is fine where nothing is scored over a window.
   policy = Preset("h2o");

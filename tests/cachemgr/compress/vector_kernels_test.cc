@@ -157,6 +157,103 @@ TEST_CASE("match_entry: the most similar entry above theta, the same in every bu
   }
 }
 
+TEST_CASE("similar_listed_pairs: similarity_pairs' decisions on the listed pairs, every build",
+          "[cpu]") {
+  for (const uint32_t dim : {3u, 8u, 64u, 67u}) {
+    const size_t n = 70;
+    for (const float theta : {0.5f, 0.9f, 1.0f}) {
+      CAPTURE(dim, theta);
+      const std::vector<float> unit = UnitVectors(n, dim, 4, dim * 31);
+      const std::vector<float> transposed = Transposed(unit, n, dim);
+      const std::vector<uint8_t> nonzero(n, 1);  // zero vectors pass no test either way
+      const size_t words = (n + 63) / 64;
+      std::vector<uint64_t> want(n * words, 0);
+      BaselineVectorKernels().similarity_pairs(unit.data(), transposed.data(), nonzero.data(), n,
+                                               dim, theta, want.data());
+      std::vector<uint32_t> pairs;  // every pair, in both orders for odd i
+      for (uint32_t i = 0; i < n; ++i) {
+        for (uint32_t j = i + 1; j < n; ++j) {
+          pairs.push_back(i % 2 ? j : i);
+          pairs.push_back(i % 2 ? i : j);
+        }
+      }
+      size_t want_edges = 0;
+      for (size_t i = 0; i < n; ++i) {
+        for (size_t j = i + 1; j < n; ++j) want_edges += Bit(want, words, i, j) ? 1 : 0;
+      }
+      for (const VectorKernels* build : AllBuilds()) {
+        CAPTURE(build->name);
+        std::vector<uint64_t> got(n * words, 0);
+        CHECK(build->similar_listed_pairs(unit.data(), dim, theta, pairs.data(), pairs.size() / 2,
+                                          words, got.data()) == want_edges);
+        CHECK(got == want);
+      }
+    }
+  }
+}
+
+TEST_CASE("match_listed_entry: match_entry among the listed entries, every build", "[cpu]") {
+  const uint32_t dim = 67;
+  const size_t count = 17;
+  const std::vector<float> entries = UnitVectors(count, dim, 3, 5);
+  const std::vector<float> queries = UnitVectors(40, dim, 3, 6);
+  std::vector<uint32_t> all(count), odd;
+  for (uint32_t e = 0; e < count; ++e) {
+    all[e] = e;
+    if (e % 2) odd.push_back(e);
+  }
+  std::vector<float> odd_entries;
+  for (uint32_t e : odd)
+    odd_entries.insert(odd_entries.end(), &entries[e * dim], &entries[(e + 1) * dim]);
+  for (const float theta : {0.3f, 0.95f, 1.0f}) {
+    for (size_t q = 0; q < 40; ++q) {
+      CAPTURE(theta, q);
+      const float* unit = &queries[q * dim];
+      const int64_t want =
+          BaselineVectorKernels().match_entry(entries.data(), count, dim, unit, theta);
+      const int64_t want_odd =
+          BaselineVectorKernels().match_entry(odd_entries.data(), odd.size(), dim, unit, theta);
+      for (const VectorKernels* build : AllBuilds()) {
+        CAPTURE(build->name);
+        CHECK(build->match_listed_entry(entries.data(), all.data(), count, dim, unit, theta) ==
+              want);
+        CHECK(build->match_listed_entry(entries.data(), odd.data(), odd.size(), dim, unit, theta) ==
+              (want_odd < 0 ? -1 : int64_t{odd[want_odd]}));
+        CHECK(build->match_listed_entry(entries.data(), all.data(), 0, dim, unit, theta) == -1);
+      }
+    }
+  }
+}
+
+TEST_CASE("lsh_project: the projections within float rounding, the same bits in every build",
+          "[cpu]") {
+  for (const uint32_t dim : {1u, 13u, 64u}) {
+    const size_t n = 9;
+    const std::vector<float> rows = UnitVectors(n, dim, 3, dim);
+    const std::vector<float> directions = UnitVectors(dim, kLshProjections, 5, 7 + dim);
+    std::vector<float> baseline;
+    for (const VectorKernels* build : AllBuilds()) {
+      CAPTURE(dim, build->name);
+      std::vector<float> out(n * kLshProjections, -1.0f);
+      build->lsh_project(rows.data(), n, dim, directions.data(), out.data());
+      for (size_t r = 0; r < n; ++r) {
+        for (uint32_t p = 0; p < kLshProjections; ++p) {
+          double want = 0.0;
+          for (uint32_t k = 0; k < dim; ++k) {
+            want += double{rows[r * dim + k]} * directions[size_t{k} * kLshProjections + p];
+          }
+          CHECK(std::abs(out[r * kLshProjections + p] - want) < 1e-5);
+        }
+      }
+      if (baseline.empty()) {
+        baseline = out;
+      } else {
+        CHECK(out == baseline);
+      }
+    }
+  }
+}
+
 TEST_CASE("block_logits: query . key within float rounding, the same bits in every build",
           "[cpu]") {
   std::mt19937 rng(5);

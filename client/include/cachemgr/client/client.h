@@ -197,6 +197,7 @@ enum class WindowNormalization { kPreset, kLiteral, kSum };
 enum class Pooling { kPreset, kNone, kAvg, kMax };
 enum class GqaMode { kPreset, kGroupMean, kRepeat };
 enum class CodebookScope { kPreset, kLayer, kKvHead };
+enum class CodebookSearch { kPreset, kExact, kLsh };
 
 // A preset plus overrides; kPreset / nullopt keep the preset's value.
 struct CompressionPolicy {
@@ -214,6 +215,7 @@ struct CompressionPolicy {
   CodebookScope codebook_scope = CodebookScope::kPreset;
   std::optional<bool> codebook_only_if_smaller;
   std::optional<uint32_t> append_batch;
+  CodebookSearch codebook_search = CodebookSearch::kPreset;
 };
 
 enum class CompressTargetKind { kReserveRatio, kByteRatio };
