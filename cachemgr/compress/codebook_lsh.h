@@ -3,20 +3,21 @@
 // Only pairs above theta (0.95-0.98 in practice) are edges, so the graph is sparse. For unit
 // vectors cos(a, b) > theta exactly when |a - b| < r = sqrt(2 (1 - theta)), so candidates come
 // from Euclidean (p-stable) locality-sensitive hashing of the unit vectors (Datar, Immorlica,
-// Indyk, Mirrokni 2004): 32 Gaussian directions g_p are shared by every table; table
-// t quantises `hashes_per_table` of them, h = floor((g_p . x + offset_t,p) / w), with w =
-// width_factor * r and its own random offsets, and keys each vector by that tuple. Two vectors
-// are candidates when they share a key in any table, and every candidate is verified by the exact
-// edge test of SimilarityAdjacency (VectorKernels::similar_listed_pairs: the same float
-// arithmetic). The graph therefore only ever lacks edges (a similar pair no table put together),
-// never has a false one; with every similar pair found it is SimilarityAdjacency's bit for bit.
+// Indyk, Mirrokni 2004): 32 Gaussian directions g_p are shared by every table; table t
+// quantises `hashes_per_table` of them, h = floor(g_p . x / w + offset_t,p), with w =
+// width_factor * r and its own random offsets in [0, 1), and keys each vector by that tuple. Two
+// vectors are candidates when they share a key in any table, and every candidate is verified by
+// the exact edge test of SimilarityAdjacency (VectorKernels::similar_listed_pairs, or
+// similarity_pairs on a gathered bucket: the same float arithmetic). The graph therefore only
+// ever lacks edges (a similar pair no table put together), never has a false one; with every
+// similar pair found it is SimilarityAdjacency's bit for bit.
 //
-// The random draws are seeded and the projections are computed by one build of this file, so a
-// given input always gives the same graph. Hashing costs n * projections * dim; verification is
-// proportional to the candidate pairs (each pair once per table that holds it, an edge already
-// set skipped). Below `exact_below` vectors, and when the candidates outnumber a quarter of all
-// pairs (data so concentrated that hashing cannot separate it), the exact pass runs instead: never
-// much slower than exact.
+// The random draws are seeded and the projections come from VectorKernels::lsh_project
+// (bit-identical in every instruction-set build), so a given input always gives the same graph.
+// Hashing costs n * 32 * dim; verification is proportional to the candidate pairs (a pair
+// listed again by a later table is skipped once it is an edge). Below `exact_below` vectors,
+// and when the candidates outnumber half of all pairs (data so concentrated that hashing cannot
+// separate it), the exact pass runs instead: never much slower than exact.
 #pragma once
 
 #include <cstddef>
