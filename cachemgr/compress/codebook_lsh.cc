@@ -19,6 +19,10 @@ constexpr double kMinRadius = 1e-3;
 // Candidate pairs are verified in batches of this many (bounded memory whatever the buckets).
 constexpr size_t kPairBatch = 16384;
 
+// LshMatchEntries lists at most this many (query, entry) candidates of a chunk (64 MiB); more,
+// and it compares every query with every entry instead.
+constexpr uint64_t kMaxListedCandidates = uint64_t{16} << 20;
+
 // SplitMix64 (Steele, Lea, Flood 2014): a small seeded generator whose sequence is the same on
 // every platform, unlike the distributions of <random>.
 class SplitMix64 {
@@ -358,9 +362,12 @@ void LshMatchEntries(const float* entries, size_t known, const float* queries,
   std::vector<uint64_t> offsets(count + 1, 0);
   for_each_shared_bucket([&](uint32_t q, const uint64_t*, size_t size) { offsets[q + 1] += size; });
   for (size_t q = 0; q < count; ++q) offsets[q + 1] += offsets[q];
-  // As many candidates as comparing every query with every entry: hashing does not separate
-  // this data; MatchEntry is then as cheap and exact.
-  if (offsets[count] > uint64_t{known} * live / 2) return match_all();
+  // As many candidates as comparing every query with every entry (hashing does not separate
+  // this data; MatchEntry is then as cheap and exact), or more than kMaxListedCandidates (their
+  // list must not grow with known * live: 96k entries x 16k queries would be gigabytes).
+  if (offsets[count] > std::min<uint64_t>(uint64_t{known} * live / 2, kMaxListedCandidates)) {
+    return match_all();
+  }
   std::vector<uint32_t> candidates(offsets[count]);
   std::vector<uint64_t> fill(offsets.begin(), offsets.end() - 1);
   for_each_shared_bucket([&](uint32_t q, const uint64_t* bucket, size_t size) {
