@@ -37,7 +37,9 @@
 //   alloc_p50_us, ...     the same for the Allocate RPCs only / the Free RPCs only
 //   iter_p50_us, iter_p99_us  one whole iteration (Allocate + Free)
 //   calls/s               RPCs per second of wall time
+#include <benchmark/benchmark.h>
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -47,7 +49,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <benchmark/benchmark.h>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -55,7 +56,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <grpcpp/grpcpp.h>
 #include <memory>
 #include <optional>
 #include <span>
@@ -112,11 +112,8 @@ class Daemon {
     socket_path_ = dir_ + "/cachemgr.sock";
     const char* binary_env = std::getenv("CACHEMGR_BENCH_DAEMON");
     const std::string binary = binary_env != nullptr ? binary_env : CACHEMGRD_PATH;
-    std::vector<std::string> args = {binary,
-                                     "--socket=" + socket_path_,
-                                     "--log_level=warning",
-                                     "--memory_budget=4G",
-                                     "--default_pool_bytes=4G"};
+    std::vector<std::string> args = {binary, "--socket=" + socket_path_, "--log_level=warning",
+                                     "--memory_budget=4G", "--default_pool_bytes=4G"};
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -130,8 +127,8 @@ class Daemon {
       prctl(PR_SET_PDEATHSIG, SIGTERM);
       if (daemon_cpu.has_value()) {
         if (!PinTo(*daemon_cpu)) {
-          std::fprintf(stderr, "cachemgr_bench_rpc: cannot pin daemon to CPU %d: %s\n",
-                       *daemon_cpu, std::strerror(errno));
+          std::fprintf(stderr, "cachemgr_bench_rpc: cannot pin daemon to CPU %d: %s\n", *daemon_cpu,
+                       std::strerror(errno));
           _exit(127);
         }
       } else {
@@ -166,8 +163,10 @@ class Daemon {
       int status = 0;
       bool exited = false;
       for (int i = 0; i < 1000 && !exited; ++i) {  // up to ~10 s (the default grace is 5 s)
-        if (waitpid(pid_, &status, WNOHANG) == pid_) exited = true;
-        else std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        if (waitpid(pid_, &status, WNOHANG) == pid_)
+          exited = true;
+        else
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
       }
       if (!exited) {
         kill(pid_, SIGKILL);
@@ -220,18 +219,21 @@ const ModelSpec& Small() {
 struct Env {
   cpu_set_t original_affinity;
   Daemon daemon;
-  std::unique_ptr<Session> llama;
-  std::unique_ptr<Session> small;
-  std::unique_ptr<Session> step;  // BM_DecodeStep*'s pool
+  // gRPC only (AttachOptions::fast_path false), and the same through the fast path.
+  std::unique_ptr<Session> llama, llama_fast;
+  std::unique_ptr<Session> small, small_fast;
+  std::unique_ptr<Session> step, step_fast;  // BM_DecodeStep*'s pool
 };
 
 Env* g_env = nullptr;
 
-std::unique_ptr<Session> AttachOrDie(const std::string& socket, const ModelSpec& model) {
+std::unique_ptr<Session> AttachOrDie(const std::string& socket, const ModelSpec& model,
+                                     bool fast_path) {
   AttachOptions options;
   options.client_name = "bench-" + model.name;
   options.model = model;
   options.num_blocks = kNumBlocks;
+  options.fast_path = fast_path;
   auto session = Session::Attach(socket, options);
   if (!session.ok()) Die("Attach(" + model.name + "): " + session.status().ToString());
   return *std::move(session);
@@ -240,8 +242,10 @@ std::unique_ptr<Session> AttachOrDie(const std::string& socket, const ModelSpec&
 Env& GetEnv() {
   if (g_env->llama == nullptr) {
     g_env->daemon.Start(g_env->original_affinity);
-    g_env->llama = AttachOrDie(g_env->daemon.socket_path(), Llama8B());
-    g_env->small = AttachOrDie(g_env->daemon.socket_path(), Small());
+    g_env->llama = AttachOrDie(g_env->daemon.socket_path(), Llama8B(), false);
+    g_env->llama_fast = AttachOrDie(g_env->daemon.socket_path(), Llama8B(), true);
+    g_env->small = AttachOrDie(g_env->daemon.socket_path(), Small(), false);
+    g_env->small_fast = AttachOrDie(g_env->daemon.socket_path(), Small(), true);
   }
   return *g_env;
 }
@@ -318,8 +322,7 @@ void Samples::Dump() const {
 
 // ---- Client-library benchmarks --------------------------------------------------------------
 
-void RunAllocateFree(benchmark::State& state, Session& session, const char* seq,
-                     const char* name) {
+void RunAllocateFree(benchmark::State& state, Session& session, const char* seq, const char* name) {
   const uint32_t tokens = static_cast<uint32_t>(state.range(0)) * kBlockSize;
   Samples s(state, name + std::string("_") + std::to_string(state.range(0)));
   for (auto _ : state) {
@@ -344,15 +347,38 @@ void RunAllocateFree(benchmark::State& state, Session& session, const char* seq,
   s.Report(state);
 }
 
+// A fast-path benchmark whose calls went through gRPC would measure the wrong thing.
+void RequireFastPath(benchmark::State& state, const Session& session, uint64_t before) {
+  if (state.iterations() > 0 && session.fast_path_calls() < before + state.iterations()) {
+    state.SkipWithError("calls did not go through the fast path");
+  }
+}
+
 void BM_AllocateFree(benchmark::State& state) {
   RunAllocateFree(state, *GetEnv().llama, "bench-seq-llama", "BM_AllocateFree");
 }
 BENCHMARK(BM_AllocateFree)->Arg(1)->Arg(64)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
+void BM_FastAllocateFree(benchmark::State& state) {
+  Session& session = *GetEnv().llama_fast;
+  const uint64_t before = session.fast_path_calls();
+  RunAllocateFree(state, session, "bench-seq-llama", "BM_FastAllocateFree");
+  RequireFastPath(state, session, before);
+}
+BENCHMARK(BM_FastAllocateFree)->Arg(1)->Arg(64)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
 void BM_AllocateFreeSmallModel(benchmark::State& state) {
   RunAllocateFree(state, *GetEnv().small, "bench-seq-small", "BM_AllocateFreeSmallModel");
 }
 BENCHMARK(BM_AllocateFreeSmallModel)->Arg(1)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_FastAllocateFreeSmallModel(benchmark::State& state) {
+  Session& session = *GetEnv().small_fast;
+  const uint64_t before = session.fast_path_calls();
+  RunAllocateFree(state, session, "bench-seq-small", "BM_FastAllocateFreeSmallModel");
+  RequireFastPath(state, session, before);
+}
+BENCHMARK(BM_FastAllocateFreeSmallModel)->Arg(1)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 void BM_Heartbeat(benchmark::State& state) {
   Session& session = *GetEnv().llama;
@@ -375,10 +401,11 @@ BENCHMARK(BM_Heartbeat)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 constexpr uint32_t kStepPrompt = 1024, kStepMaxTokens = 4 * kStepPrompt + 512;
 
-Session& StepSession() {
+Session& StepSession(bool fast_path) {
   Env& env = GetEnv();
-  if (env.step != nullptr) return *env.step;
-  env.step = [&env] {
+  std::unique_ptr<Session>& session = fast_path ? env.step_fast : env.step;
+  if (session != nullptr) return *session;
+  session = [&env, fast_path] {
     ModelSpec m = LlamaLike("bench-step-32l", 32);
     m.num_q_heads = 1;
     m.num_kv_heads = 1;
@@ -387,11 +414,12 @@ Session& StepSession() {
     options.client_name = "bench-step";
     options.model = m;
     options.num_blocks = 256 * (kStepMaxTokens / kBlockSize + 1);
+    options.fast_path = fast_path;
     auto s = Session::Attach(env.daemon.socket_path(), options);
     if (!s.ok()) Die("Attach(bench-step): " + s.status().ToString());
     return *std::move(s);
   }();
-  return *env.step;
+  return *session;
 }
 
 // `requests` fresh sequences of 1k-4k tokens (outside the timing).
@@ -421,8 +449,9 @@ void FreeAll(Session& s, const std::vector<std::string>& ids) {
   if (!s.Step(ops).ok()) Die("free Step");
 }
 
-void RunDecodeStep(benchmark::State& state, bool one_step, const char* name) {
-  Session& s = StepSession();
+void RunDecodeStep(benchmark::State& state, bool one_step, bool fast_path, const char* name) {
+  Session& s = StepSession(fast_path);
+  const uint64_t fast_before = s.fast_path_calls();
   const uint32_t requests = static_cast<uint32_t>(state.range(0));
   Samples samples(state, name + std::string("_") + std::to_string(requests));
   uint32_t round = 0, steps = 0;
@@ -464,17 +493,28 @@ void RunDecodeStep(benchmark::State& state, bool one_step, const char* name) {
   state.counters["step_p50_us"] = NearestRankUs(samples.first, 50);
   state.counters["step_p99_us"] = NearestRankUs(samples.first, 99);
   state.counters["per_request_us"] = NearestRankUs(samples.first, 50) / requests;
+  if (fast_path) RequireFastPath(state, s, fast_before);
 }
 
 void BM_DecodeStepPerCall(benchmark::State& state) {
-  RunDecodeStep(state, /*one_step=*/false, "BM_DecodeStepPerCall");
+  RunDecodeStep(state, /*one_step=*/false, /*fast_path=*/false, "BM_DecodeStepPerCall");
 }
 BENCHMARK(BM_DecodeStepPerCall)->Arg(256)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
+void BM_FastDecodeStepPerCall(benchmark::State& state) {
+  RunDecodeStep(state, /*one_step=*/false, /*fast_path=*/true, "BM_FastDecodeStepPerCall");
+}
+BENCHMARK(BM_FastDecodeStepPerCall)->Arg(256)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
 void BM_DecodeStep(benchmark::State& state) {
-  RunDecodeStep(state, /*one_step=*/true, "BM_DecodeStep");
+  RunDecodeStep(state, /*one_step=*/true, /*fast_path=*/false, "BM_DecodeStep");
 }
 BENCHMARK(BM_DecodeStep)->Arg(16)->Arg(256)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_FastDecodeStep(benchmark::State& state) {
+  RunDecodeStep(state, /*one_step=*/true, /*fast_path=*/true, "BM_FastDecodeStep");
+}
+BENCHMARK(BM_FastDecodeStep)->Arg(16)->Arg(256)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 // ---- Raw generated-stub benchmarks ----------------------------------------------------------
 

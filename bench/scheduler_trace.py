@@ -1,6 +1,7 @@
 """A replayed scheduler trace, in one run (docs/PERF.md "Step"): vLLM's in-process
-KVCacheManager and cachemgrd (one Session.step per scheduler step, Python client) do the KV
-bookkeeping of the same seeded trace, and each step's bookkeeping is timed on both sides.
+KVCacheManager and cachemgrd (one Session.step per scheduler step, Python client, once through
+the fast path and once through gRPC) do the KV bookkeeping of the same seeded trace, and each
+step's bookkeeping is timed on every side.
 
 The trace (seeded): about R concurrent requests (prompts uniform in 1k-4k tokens, D decode
 tokens each), starting at steady state (R requests at staggered progress) with Poisson arrivals
@@ -155,7 +156,7 @@ def vllm_replay(trace, prompts, decode):
     return times
 
 
-def sidecar_replay(cachemgrd, trace, decode):
+def sidecar_replay(cachemgrd, trace, decode, fast_path=True):
     import cachemgr
     from cachemgr import StepOp
 
@@ -176,7 +177,8 @@ def sidecar_replay(cachemgrd, trace, decode):
                                        block_size=BLOCK)
             peak = max(sum(1 for op in step if op[0] != "free") for step in trace)
             s = cachemgr.Session.attach(sock, "trace-bench", model,
-                                        num_blocks=(peak + 64) * ((4096 + decode) // BLOCK + 2))
+                                        num_blocks=(peak + 64) * ((4096 + decode) // BLOCK + 2),
+                                        fast_path=fast_path)
             times, ops_per_step = [], []
             for step in trace:
                 ops = []
@@ -195,6 +197,7 @@ def sidecar_replay(cachemgrd, trace, decode):
                 ops_per_step.append(len(ops))
                 bad = [r.error for r in results if not r.ok]
                 assert not bad, bad[:3]
+            assert (s.fast_path_calls >= len(trace)) == fast_path
             s.detach()
             return times, ops_per_step
         finally:
@@ -220,12 +223,14 @@ def main():
 
     # The sidecar first (vLLM's replay leaves a large heap behind), each after a full collection.
     gc.collect()
-    step, ops = sidecar_replay(args.cachemgrd, trace, args.decode)
+    step, ops = sidecar_replay(args.cachemgrd, trace, args.decode, fast_path=True)
+    gc.collect()
+    step_grpc, _ = sidecar_replay(args.cachemgrd, trace, args.decode, fast_path=False)
     gc.collect()
     vllm = vllm_replay(trace, prompts, args.decode)
     # The first step admits the whole warm start (R prefills): reported apart.
-    vllm_first, step_first = vllm[0], step[0]
-    vllm, step = vllm[1:], step[1:]
+    vllm_first, step_first, grpc_first = vllm[0], step[0], step_grpc[0]
+    vllm, step, step_grpc = vllm[1:], step[1:], step_grpc[1:]
 
     def line(name, xs):
         return (f"{name:36s} p50 {percentile(xs, 50) * 1e3:8.3f} ms   p99 "
@@ -234,11 +239,13 @@ def main():
           f"(min {min(running)}, max {max(running)}), ops {counts}, "
           f"prompts 1k-4k, {args.decode} decode tokens, {LAYERS} layers, block {BLOCK}")
     print(f"first step (warm start, {len(trace[0])} ops): vLLM {vllm_first * 1e3:.1f} ms, "
-          f"cachemgrd {step_first * 1e3:.1f} ms")
+          f"cachemgrd {step_first * 1e3:.1f} ms (gRPC {grpc_first * 1e3:.1f} ms)")
     print(line("vLLM KVCacheManager (in-process)", vllm))
-    print(line("cachemgrd Session.step (Python)", step))
-    print(f"step / vLLM: p50 {percentile(step, 50) / percentile(vllm, 50):.2f}, "
-          f"mean {statistics.mean(step) / statistics.mean(vllm):.2f}")
+    print(line("cachemgrd Session.step (fast path)", step))
+    print(line("cachemgrd Session.step (gRPC)", step_grpc))
+    for name, xs in (("fast path", step), ("gRPC", step_grpc)):
+        print(f"step ({name}) / vLLM: p50 {percentile(xs, 50) / percentile(vllm, 50):.2f}, "
+              f"mean {statistics.mean(xs) / statistics.mean(vllm):.2f}")
     return 0
 
 

@@ -116,6 +116,22 @@ const std::vector<Option>& Options() {
          c.share_socket_path = std::string(v);
          return std::string();
        }},
+      {"fast_socket", "PATH",
+       "socket of the fast path: Allocate, Free, Fork, Step, Heartbeat without gRPC (default "
+       "SOCKET.fast)",
+       [](DaemonConfig& c, absl::string_view v) {
+         c.fast_socket_path = std::string(v);
+         return std::string();
+       }},
+      {"fast_path_spin_us", "N",
+       "microseconds the fast path polls for the next request after an answer before it sleeps; "
+       "0: sleep at once (default 50)",
+       [](DaemonConfig& c, absl::string_view v) {
+         uint32_t us = 0;
+         if (std::string e = NeedUint32(v, 0, 10000, &us); !e.empty()) return e;
+         c.fast_path_spin = absl::Microseconds(us);
+         return std::string();
+       }},
       {"allowed_uids", "LIST", "more uids or user names (a,b) that may connect; sockets 0666",
        [](DaemonConfig& c, absl::string_view v) {
          c.allowed_uids.clear();
@@ -547,9 +563,11 @@ absl::Status ValidateRowLinks(DaemonConfig& c) {
 absl::Status Validate(DaemonConfig& c) {
   if (c.socket_path.empty()) return absl::InvalidArgumentError("--socket must not be empty");
   if (c.share_socket_path.empty()) c.share_socket_path = c.socket_path + ".share";
+  if (c.fast_socket_path.empty()) c.fast_socket_path = c.socket_path + ".fast";
   // sockaddr_un.sun_path holds 108 bytes including the terminator.
   for (const auto& [flag, path] :
-       {std::pair{"--socket", c.socket_path}, std::pair{"--share_socket", c.share_socket_path}}) {
+       {std::pair{"--socket", c.socket_path}, std::pair{"--share_socket", c.share_socket_path},
+        std::pair{"--fast_socket", c.fast_socket_path}}) {
     if (path.size() > 107) {
       return absl::InvalidArgumentError(
           absl::StrCat(flag, " is ", path.size(), " bytes long; Unix socket paths hold 107"));
@@ -557,6 +575,9 @@ absl::Status Validate(DaemonConfig& c) {
   }
   if (c.share_socket_path == c.socket_path) {
     return absl::InvalidArgumentError("--share_socket must differ from --socket");
+  }
+  if (c.fast_socket_path == c.socket_path || c.fast_socket_path == c.share_socket_path) {
+    return absl::InvalidArgumentError("--fast_socket must differ from --socket and --share_socket");
   }
   if (c.manager.lease_timeout <= c.manager.heartbeat_interval) {
     return absl::InvalidArgumentError(

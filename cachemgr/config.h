@@ -25,6 +25,10 @@ struct DaemonConfig {
   std::string socket_path = "/run/cachemgr/cachemgr.sock";
   // Share channel socket (pool descriptors); empty means socket_path + ".share".
   std::string share_socket_path;
+  // The fast path's socket (service/fast_path_server.h); empty means socket_path + ".fast".
+  std::string fast_socket_path;
+  // How long the fast path's thread keeps polling after an answer before it sleeps.
+  absl::Duration fast_path_spin = absl::Microseconds(50);
 
   // Who may connect to the Unix sockets (cachemgr/service/peer_policy.h): the daemon's uid,
   // root, these uids, and members of socket_group (whose gid the sockets then carry, mode 0660).

@@ -212,12 +212,16 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   // sockets (the share socket too, which may be configured apart from the gRPC socket).
   RETURN_IF_ERROR(CheckDirectory(config.socket_path, "--socket"));
   RETURN_IF_ERROR(CheckDirectory(config.share_socket_path, "--share_socket"));
+  RETURN_IF_ERROR(CheckDirectory(config.fast_socket_path, "--fast_socket"));
   ASSIGN_OR_RETURN(d->socket_lock_,
                    InstanceLock::Acquire(config.socket_path + ".lock", "--socket"));
   ASSIGN_OR_RETURN(d->share_socket_lock_,
                    InstanceLock::Acquire(config.share_socket_path + ".lock", "--share_socket"));
+  ASSIGN_OR_RETURN(d->fast_socket_lock_,
+                   InstanceLock::Acquire(config.fast_socket_path + ".lock", "--fast_socket"));
   RETURN_IF_ERROR(PrepareSocketPath(config.socket_path, "--socket", SOCK_STREAM));
   RETURN_IF_ERROR(PrepareSocketPath(config.share_socket_path, "--share_socket", SOCK_SEQPACKET));
+  RETURN_IF_ERROR(PrepareSocketPath(config.fast_socket_path, "--fast_socket", SOCK_STREAM));
 
   ASSIGN_OR_RETURN(d->backends_, MakeBackends(config));
   std::vector<DeviceBackend*> backends;
@@ -266,6 +270,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   listener_options.max_connections = config.max_connections;
   listener_options.max_connections_per_uid = config.max_connections_per_uid;
   d->peer_listener_ = std::make_unique<PeerListener>(listener_options, d->peer_policy_.get());
+  listener_options.path = config.fast_socket_path;
+  d->fast_listener_ = std::make_unique<PeerListener>(listener_options, d->peer_policy_.get());
 
   d->metrics_ = std::make_unique<Metrics>(d->manager_.get(), &d->events_, kVersion);
   TcpSecurityOptions security;
@@ -288,8 +294,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   }
   d->peers_ = std::make_unique<PeerDirectory>(std::move(peer_options));
   d->service_ = std::make_unique<CacheManagerService>(
-      d->manager_.get(), &d->events_, config.share_socket_path, d->peer_listener_.get(),
-      d->operator_token_.get(), kVersion, config.worker_threads, d->metrics_.get());
+      d->manager_.get(), &d->events_, config.share_socket_path, config.fast_socket_path,
+      d->peer_listener_.get(), d->operator_token_.get(), kVersion, config.worker_threads,
+      d->metrics_.get());
   ASSIGN_OR_RETURN(d->row_links_, MakeRowLinks(config, d->backends_));
   d->service_->set_peers(d->peers_.get(), d->row_links_.get());
   d->peer_service_ = std::make_unique<PeerService>(
@@ -358,6 +365,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
        {"boot_id", d->manager_->boot_id()},
        {"socket", config.socket_path},
        {"share_socket", config.share_socket_path},
+       {"fast_socket", config.fast_socket_path},
        {"allowed_peers", d->peer_policy_->Describe()},
        {"operator_token_file", config.operator_token_file},
        {"tcp", tcp},
@@ -382,6 +390,15 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
        {"heartbeat_interval_ms", absl::ToInt64Milliseconds(config.manager.heartbeat_interval)},
        {"lease_timeout_ms", absl::ToInt64Milliseconds(config.manager.lease_timeout)},
        {"config", config.config_file.empty() ? std::string("none") : config.config_file}});
+  // The fast path's connections pass the same peer checks.
+  ASSIGN_OR_RETURN(d->fast_server_, FastPathServer::Start(d->manager_.get(), d->metrics_.get(),
+                                                          config.fast_path_spin));
+  RETURN_IF_ERROR(d->fast_listener_->Start([daemon = d.get()](int fd) {
+    UniqueFd connection(fd);
+    const std::optional<PeerCredentials> peer =
+        daemon->fast_listener_->Lookup(absl::StrCat("fd:", fd));
+    if (peer.has_value()) daemon->fast_server_->Adopt(std::move(connection), *peer);
+  }));
   // The socket appears last, so whoever waits for it finds the line above in the log. Its
   // connections go to gRPC only after the peer checks (PeerListener).
   RETURN_IF_ERROR(d->peer_listener_->Start(
@@ -481,12 +498,15 @@ void Daemon::Shutdown() {
   // every connection at once (an idle client connection would otherwise hold Shutdown until
   // its deadline).
   service_->BeginDrain();
+  if (fast_server_ != nullptr) fast_server_->BeginDrain();
   manager_->BeginShutdown();  // Compress / Fetch / Park in flight stop at their next layer
   events_.Close();
   const bool idle = service_->WaitIdle(config_.shutdown_grace);
   if (!idle) Log(LogLevel::kWarning, "grace period over: cancelling calls still in flight");
   // No connection may be handed to a server that is shutting down.
   peer_listener_->Stop();
+  if (fast_listener_ != nullptr) fast_listener_->Stop();
+  if (fast_server_ != nullptr) fast_server_->Stop();
   // gRPC's shutdown waits for every call, and a call writing to a client that stopped reading
   // (a stopped process with a full socket) would wait for that client: its socket is shut down
   // first, which fails such writes.

@@ -19,6 +19,7 @@
 #include "cachemgr/peers/peer_directory.h"
 #include "cachemgr/peers/row_links.h"
 #include "cachemgr/service/cachemgr_service.h"
+#include "cachemgr/service/fast_path_server.h"
 #include "cachemgr/service/health_probe.h"
 #include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/peer_listener.h"
@@ -68,6 +69,7 @@ class Daemon {
   EventHub events_;
   std::unique_ptr<InstanceLock> socket_lock_;
   std::unique_ptr<InstanceLock> share_socket_lock_;
+  std::unique_ptr<InstanceLock> fast_socket_lock_;
   std::unique_ptr<PeerPolicy> peer_policy_;
   std::unique_ptr<OperatorToken> operator_token_;
   // One per device (--cuda_device may name several GPUs); the first is the default.
@@ -81,6 +83,9 @@ class Daemon {
   std::unique_ptr<CacheManagerService> service_;
   std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<ShareChannelServer> share_server_;
+  // The fast path: its socket's listener (the gRPC socket's peer checks) and its server.
+  std::unique_ptr<FastPathServer> fast_server_;
+  std::unique_ptr<PeerListener> fast_listener_;
   // Descriptors of the share channel's current reply (only its thread touches them).
   std::vector<UniqueFd> shared_fds_in_flight_;
   std::unique_ptr<grpc::Server> server_;

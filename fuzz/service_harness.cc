@@ -74,9 +74,9 @@ ServiceHarness::ServiceHarness() : options_(HarnessOptions()) {
   std::ifstream(operator_token_->path()) >> operator_credential_;
   if (operator_credential_.empty()) Fail("the operator token file is empty");
   std::atexit([] { std::filesystem::remove_all(ServiceHarness::Get().operator_token_dir_); });
-  service_ = std::make_unique<CacheManagerService>(manager_.get(), &events_, "/fuzz/share.sock",
-                                                   /*unix_peers=*/nullptr, operator_token_.get(),
-                                                   "fuzz", /*worker_threads=*/1);
+  service_ = std::make_unique<CacheManagerService>(
+      manager_.get(), &events_, "/fuzz/share.sock", "/fuzz/fast.sock", /*unix_peers=*/nullptr,
+      operator_token_.get(), "fuzz", /*worker_threads=*/1);
   service_->AdmitInProcessCallers();
   grpc::ServerBuilder builder;
   builder.RegisterService(service_.get());

@@ -9,6 +9,7 @@
 #include "absl/time/clock.h"
 #include "cachemgr/peers/sequence_sender.h"
 #include "cachemgr/service/proto_convert.h"
+#include "cachemgr/service/session_calls.h"
 #include "cachemgr/util/log.h"
 #include "cachemgr/util/quote.h"
 #include "cachemgr/util/status_macros.h"
@@ -141,6 +142,7 @@ class RefusedWatch final : public grpc::ServerWriteReactor<v1::Event> {
 
 CacheManagerService::CacheManagerService(CacheManager* manager, EventHub* events,
                                          std::string share_socket_path,
+                                         std::string fast_socket_path,
                                          const PeerListener* unix_peers,
                                          const OperatorToken* operator_token, std::string version,
                                          size_t worker_threads, Metrics* metrics)
@@ -148,6 +150,7 @@ CacheManagerService::CacheManagerService(CacheManager* manager, EventHub* events
       metrics_(metrics),
       events_(events),
       share_socket_path_(std::move(share_socket_path)),
+      fast_socket_path_(std::move(fast_socket_path)),
       unix_peers_(unix_peers),
       operator_token_(operator_token),
       version_(std::move(version)),
@@ -271,6 +274,8 @@ grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContex
     params.device = request->device();
     ASSIGN_OR_RETURN(AttachResult result, manager_->Attach(params, caller));
     AttachResultToProto(result, share_socket_path_, response);
+    // The fast path serves this host's Unix-socket clients only.
+    if (caller.peer.has_value()) response->set_fast_socket_path(fast_socket_path_);
     return absl::OkStatus();
   });
 }
@@ -278,13 +283,9 @@ grpc::ServerUnaryReactor* CacheManagerService::Attach(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerContext* ctx,
                                                          const v1::HeartbeatRequest* request,
                                                          v1::HeartbeatResponse* response) {
-  return Unary(
-      ctx, "Heartbeat", request->session_token(), [&](const Caller& caller) -> absl::Status {
-        ASSIGN_OR_RETURN(absl::Duration left, manager_->Heartbeat(caller));
-        response->set_lease_remaining_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(left)));
-        response->set_boot_id(manager_->boot_id());
-        return absl::OkStatus();
-      });
+  return Unary(ctx, "Heartbeat", request->session_token(), [&](const Caller& caller) {
+    return HeartbeatCall(*manager_, caller, *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Detach(grpc::CallbackServerContext* ctx,
@@ -301,68 +302,32 @@ grpc::ServerUnaryReactor* CacheManagerService::Detach(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* CacheManagerService::Allocate(grpc::CallbackServerContext* ctx,
                                                         const v1::AllocateRequest* request,
                                                         v1::AllocateResponse* response) {
-  return Unary(
-      ctx, "Allocate", request->session_token(), [&](const Caller& caller) -> absl::Status {
-        ASSIGN_OR_RETURN(AllocateResult r, manager_->Allocate(caller, request->sequence_id(),
-                                                              request->num_new_tokens()));
-        AllocateResultToProto(request->sequence_id(), r, response);
-        return absl::OkStatus();
-      });
+  return Unary(ctx, "Allocate", request->session_token(), [&](const Caller& caller) {
+    return AllocateCall(*manager_, caller, *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Free(grpc::CallbackServerContext* ctx,
                                                     const v1::FreeRequest* request,
                                                     v1::FreeResponse* response) {
-  return Unary(ctx, "Free", request->session_token(), [&](const Caller& caller) -> absl::Status {
-    ASSIGN_OR_RETURN(uint64_t released, manager_->Free(caller, request->sequence_id()));
-    response->set_blocks_released(released);
-    return absl::OkStatus();
+  return Unary(ctx, "Free", request->session_token(), [&](const Caller& caller) {
+    return FreeCall(*manager_, caller, *request, response);
   });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Fork(grpc::CallbackServerContext* ctx,
                                                     const v1::ForkRequest* request,
                                                     v1::ForkResponse* response) {
-  return Unary(ctx, "Fork", request->session_token(), [&](const Caller& caller) -> absl::Status {
-    ASSIGN_OR_RETURN(SequenceSnapshot child, manager_->Fork(caller, request->parent_sequence_id(),
-                                                            request->child_sequence_id()));
-    SequenceToProto(child, response->mutable_child());
-    return absl::OkStatus();
+  return Unary(ctx, "Fork", request->session_token(), [&](const Caller& caller) {
+    return ForkCall(*manager_, caller, *request, response);
   });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Step(grpc::CallbackServerContext* ctx,
                                                     const v1::StepRequest* request,
                                                     v1::StepResponse* response) {
-  return Unary(ctx, "Step", request->session_token(), [&](const Caller& caller) -> absl::Status {
-    std::vector<StepOp> ops(request->ops_size());
-    for (int i = 0; i < request->ops_size(); ++i) {
-      const v1::StepOp& in = request->ops(i);
-      StepOp& op = ops[i];
-      switch (in.op_case()) {
-        case v1::StepOp::kAllocate:
-          op.kind = StepOp::Kind::kAllocate;
-          op.sequence_id = in.allocate().sequence_id();
-          op.num_new_tokens = in.allocate().num_new_tokens();
-          break;
-        case v1::StepOp::kFree:
-          op.kind = StepOp::Kind::kFree;
-          op.sequence_id = in.free();
-          break;
-        case v1::StepOp::kFork:
-          op.kind = StepOp::Kind::kFork;
-          op.sequence_id = in.fork().parent_sequence_id();
-          op.child_sequence_id = in.fork().child_sequence_id();
-          break;
-        case v1::StepOp::OP_NOT_SET:
-          return absl::InvalidArgumentError(
-              absl::StrCat("ops[", i, "] holds none of allocate, free, fork"));
-      }
-    }
-    ASSIGN_OR_RETURN(std::vector<StepOpResult> results,
-                     manager_->Step(caller, ops, request->include_slot_mapping()));
-    StepResultsToProto(ops, results, request->include_slot_mapping(), response);
-    return absl::OkStatus();
+  return Unary(ctx, "Step", request->session_token(), [&](const Caller& caller) {
+    return StepCall(*manager_, caller, *request, response);
   });
 }
 

@@ -37,9 +37,11 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
  public:
   // `manager`, `events`, `unix_peers`, `operator_token` and `metrics` (may be null) must
   // outlive the service. `worker_threads` (>= 1) run the heavy calls.
+  // `fast_socket_path` (may be empty: none) goes to clients attaching over the Unix socket.
   CacheManagerService(CacheManager* manager, EventHub* events, std::string share_socket_path,
-                      const PeerListener* unix_peers, const OperatorToken* operator_token,
-                      std::string version, size_t worker_threads, Metrics* metrics = nullptr);
+                      std::string fast_socket_path, const PeerListener* unix_peers,
+                      const OperatorToken* operator_token, std::string version,
+                      size_t worker_threads, Metrics* metrics = nullptr);
 
   grpc::ServerUnaryReactor* Attach(grpc::CallbackServerContext* ctx,
                                    const v1::AttachRequest* request,
@@ -151,6 +153,7 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   Metrics* const metrics_;
   EventHub* const events_;
   const std::string share_socket_path_;
+  const std::string fast_socket_path_;
   const PeerListener* const unix_peers_;
   const OperatorToken* const operator_token_;
   const std::string version_;

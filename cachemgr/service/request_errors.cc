@@ -52,11 +52,8 @@ class UnparseableRequestInterceptor final : public grpc::experimental::Intercept
       // Only the status gRPC's handler substitutes for the failed deserialization.
       if (sent.error_code() == grpc::StatusCode::UNIMPLEMENTED && sent.error_message().empty()) {
         const std::string type = RequestTypeName(method_);
-        methods->ModifySendStatus(grpc::Status(
-            grpc::StatusCode::INVALID_ARGUMENT,
-            absl::StrCat("request is not a valid ", type.empty() ? "request message" : type,
-                         " (the bytes do not parse as that protobuf message, or a string field "
-                         "is not valid UTF-8)")));
+        methods->ModifySendStatus(
+            grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, UnparseableRequestMessage(type)));
         Log(LogLevel::kDebug, "unparseable request", {{"method", method_}});
       }
     }
@@ -100,6 +97,13 @@ void GrpcLogFunction(gpr_log_func_args* args) {
 }
 
 }  // namespace
+
+std::string UnparseableRequestMessage(absl::string_view request_type) {
+  return absl::StrCat("request is not a valid ",
+                      request_type.empty() ? "request message" : request_type,
+                      " (the bytes do not parse as that protobuf message, or a string field is "
+                      "not valid UTF-8)");
+}
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
 MakeUnparseableRequestInterceptorFactory() {

@@ -14,13 +14,19 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
+#include "absl/strings/string_view.h"
 #include "grpcpp/support/server_interceptor.h"
 
 namespace cachemgr {
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
 MakeUnparseableRequestInterceptorFactory();
+
+// The message of that INVALID_ARGUMENT for a request of type `request_type` (a full protobuf
+// name; empty when unknown). The fast path (fast_path_server.h) answers the same.
+std::string UnparseableRequestMessage(absl::string_view request_type);
 
 // Installs protobuf's log handler and gRPC's log function (process-wide; call once at start,
 // before threads that may log exist).

@@ -31,6 +31,7 @@
 #include "cachemgr/util/unique_fd.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 #include "cachemgr/v1/cachemgr.pb.h"
+#include "client/src/fast_path_client.h"
 #include "client/src/lease_clock.h"
 #include "client/src/mapped_region.h"
 
@@ -432,6 +433,7 @@ struct Generation {
   uint64_t number = 0;
   std::string client_id;
   std::string session_token;
+  std::string fast_socket_path;  // empty: the daemon offers this session no fast path
   std::string boot_id;
   std::string pool_id;
   uint32_t group_rank = 0;
@@ -607,6 +609,7 @@ struct Session::Impl {
     auto g = std::make_shared<Generation>();
     g->client_id = response.client_id();
     g->session_token = response.session_token();
+    g->fast_socket_path = response.fast_socket_path();
     g->boot_id = response.boot_id();
     g->heartbeat_interval_ms = response.heartbeat_interval_ms();
     g->lease_timeout_ms = response.lease_timeout_ms();
@@ -702,6 +705,15 @@ struct Session::Impl {
   // token of the generation it replaces if that one still has to be given back.
   std::optional<std::string> Adopt(std::shared_ptr<Generation> g) {
     std::optional<std::string> give_back;
+    if (options.fast_path) {
+      absl::MutexLock lock(&fast_mu);
+      if (g->fast_socket_path.empty()) {
+        fast = nullptr;
+      } else if (fast == nullptr || fast->path() != g->fast_socket_path) {
+        fast = std::make_shared<FastPathClient>(g->fast_socket_path,
+                                                absl::Microseconds(options.fast_path_spin_us));
+      }
+    }
     absl::MutexLock lock(&state_mu);
     Generation* previous = current.load(std::memory_order_relaxed);
     g->number = previous == nullptr ? 1 : previous->number + 1;
@@ -793,6 +805,7 @@ struct Session::Impl {
       absl::MutexLock lock(&calls_mu);
       for (grpc::ClientContext* call : calls) call->TryCancel();
     }
+    if (std::shared_ptr<FastPathClient> f = FastClient(); f != nullptr) f->Interrupt();
     Nudge();
     if (options.on_event) options.on_event(SessionEvent{SessionEvent::Kind::kLost, g->number, why});
   }
@@ -975,6 +988,41 @@ struct Session::Impl {
 
   // ---- Calls ----
 
+  // The fast path (null: none offered, or AttachOptions::fast_path is false).
+  absl::Mutex fast_mu;
+  std::shared_ptr<FastPathClient> fast ABSL_GUARDED_BY(fast_mu);
+  std::shared_ptr<FastPathClient> FastClient() {
+    absl::MutexLock lock(&fast_mu);
+    return fast;
+  }
+
+  // One call of the current generation through the fast path, with Call()'s checks and lease
+  // renewal; nullopt when the fast path cannot take it (nothing was sent: use Call()).
+  template <typename Request>
+  std::optional<absl::Status> FastCall(FastMethod method, Request& request,
+                                       google::protobuf::Message* response) {
+    std::shared_ptr<FastPathClient> f = FastClient();
+    if (f == nullptr) return std::nullopt;
+    {
+      absl::MutexLock lock(&stub_mu);
+      if (stub == nullptr) return std::nullopt;  // detached: Call() answers that
+    }
+    Generation* g = current.load(std::memory_order_acquire);
+    if (absl::Status usable = CheckUsable(g); !usable.ok()) return usable;
+    request.set_session_token(g->session_token);
+    const int64_t sent = BootNanos();
+    std::optional<absl::Status> status =
+        f->Call(method, request, response, absl::FromChrono(kCallDeadline));
+    if (!status.has_value()) return std::nullopt;
+    if (!status->ok()) {
+      if (lost.load(std::memory_order_acquire)) return CheckUsable(g);
+      if (MayMeanLost(status->code())) Nudge();
+      return status;
+    }
+    g->Renew(sent, g->lease_timeout_ms);
+    return CheckUsable(g);
+  }
+
   // One call of the current generation: `rpc(stub, context, token)` performs it. Fails with the
   // loss status, without calling, once the session is lost; renews the local lease when the
   // daemon answered; reports a loss that happened while the call was in flight instead of its
@@ -1006,6 +1054,19 @@ struct Session::Impl {
     }
     g->Renew(sent, g->lease_timeout_ms);
     return CheckUsable(g);
+  }
+
+  // One bookkeeping call: through the fast path when it takes it, else the RPC `rpc`.
+  template <typename Request, typename Response>
+  absl::Status FastOrGrpc(FastMethod method, Request& request, Response* response,
+                          grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Request&,
+                                                    Response*)) {
+    if (std::optional<absl::Status> fast = FastCall(method, request, response)) return *fast;
+    return Call(kCallDeadline,
+                [&](Stub& stub, grpc::ClientContext* context, const std::string& token) {
+                  request.set_session_token(token);
+                  return (stub.*rpc)(context, request, response);
+                });
   }
 
   absl::StatusOr<uint64_t> Reattach() {
@@ -1125,11 +1186,8 @@ absl::StatusOr<Allocation> Session::Allocate(std::string_view sequence_id,
   request.set_sequence_id(std::string(sequence_id));
   request.set_num_new_tokens(num_new_tokens);
   pb::AllocateResponse response;
-  RETURN_IF_ERROR(impl_->Call(
-      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
-        request.set_session_token(token);
-        return stub.Allocate(context, request, &response);
-      }));
+  RETURN_IF_ERROR(
+      impl_->FastOrGrpc(FastMethod::kAllocate, request, &response, &Impl::Stub::Allocate));
   Allocation out;
   out.sequence_id = response.sequence_id();
   out.created = response.created();
@@ -1164,11 +1222,7 @@ absl::StatusOr<std::vector<StepResult>> Session::Step(std::span<const StepOp> op
     }
   }
   pb::StepResponse response;
-  RETURN_IF_ERROR(impl_->Call(
-      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
-        request.set_session_token(token);
-        return stub.Step(context, request, &response);
-      }));
+  RETURN_IF_ERROR(impl_->FastOrGrpc(FastMethod::kStep, request, &response, &Impl::Stub::Step));
   if (response.results_size() != static_cast<int>(ops.size())) {
     return absl::InternalError(absl::StrCat("Step answered ", response.results_size(),
                                             " results for ", ops.size(), " ops"));
@@ -1198,11 +1252,7 @@ absl::StatusOr<uint64_t> Session::Free(std::string_view sequence_id) {
   pb::FreeRequest request;
   request.set_sequence_id(std::string(sequence_id));
   pb::FreeResponse response;
-  RETURN_IF_ERROR(impl_->Call(
-      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
-        request.set_session_token(token);
-        return stub.Free(context, request, &response);
-      }));
+  RETURN_IF_ERROR(impl_->FastOrGrpc(FastMethod::kFree, request, &response, &Impl::Stub::Free));
   return response.blocks_released();
 }
 
@@ -1212,11 +1262,7 @@ absl::StatusOr<SequenceInfo> Session::Fork(std::string_view parent_sequence_id,
   request.set_parent_sequence_id(std::string(parent_sequence_id));
   request.set_child_sequence_id(std::string(child_sequence_id));
   pb::ForkResponse response;
-  RETURN_IF_ERROR(impl_->Call(
-      kCallDeadline, [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
-        request.set_session_token(token);
-        return stub.Fork(context, request, &response);
-      }));
+  RETURN_IF_ERROR(impl_->FastOrGrpc(FastMethod::kFork, request, &response, &Impl::Stub::Fork));
   return FromProto(response.child());
 }
 
@@ -1439,6 +1485,11 @@ absl::StatusOr<uint32_t> Session::Heartbeat() {
 }
 
 absl::Status Session::Detach() { return impl_->Detach(); }
+
+uint64_t Session::fast_path_calls() const {
+  std::shared_ptr<FastPathClient> f = impl_->FastClient();
+  return f == nullptr ? 0 : f->calls();
+}
 
 // ---- Session-less inspection -----------------------------------------------------------------
 

@@ -260,8 +260,9 @@ def test_metrics_port_is_a_container_port(container, config):
 def test_socket_directory_is_a_host_path_at_the_same_path(pod_spec, container, config):
     assert "socket" in config, "the config must name the socket"
     directory = posixpath.dirname(config["socket"])
-    # The share socket and the operator credential default to SOCKET.share, SOCKET.operator.
-    for key in ("share_socket", "operator_token_file"):
+    # The share and fast sockets and the operator credential default to SOCKET.share,
+    # SOCKET.fast, SOCKET.operator.
+    for key in ("share_socket", "fast_socket", "operator_token_file"):
         path = config.get(key, config["socket"] + "." + key.split("_")[0])
         assert posixpath.dirname(path) == directory, f"{key} is not beside the socket"
     mount = _mount_of(container, directory)
@@ -401,7 +402,7 @@ def _local_config(config_text, directory):
     moved = {}
     lines = []
     for key, value in parse_config(config_text):
-        if key in ("socket", "share_socket", "operator_token_file"):
+        if key in ("socket", "share_socket", "fast_socket", "operator_token_file"):
             value = str(directory / posixpath.basename(value))
         elif key in ("tcp_address", "metrics_address"):
             value = "127.0.0.1:0"  # the daemon logs the port it got

@@ -61,11 +61,15 @@ def tables(session):
             for s in session.list_sequences()}
 
 
-def test_a_step_gives_what_the_per_call_rpcs_give(daemon_factory):
-    # Two daemons (sequence ids are daemon-wide), pools of the same shape.
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_step_gives_what_the_per_call_rpcs_give(daemon_factory, fast_path):
+    # Two daemons (sequence ids are daemon-wide), pools of the same shape. The per-call side
+    # goes through gRPC; the stepper through the fast path or gRPC.
     a, b = daemon_factory(), daemon_factory()
-    with cachemgr.Session.attach(a.socket, "stepper", model("a"), num_blocks=40) as s, \
-            cachemgr.Session.attach(b.socket, "caller", model("a"), num_blocks=40) as c:
+    with cachemgr.Session.attach(a.socket, "stepper", model("a"), num_blocks=40,
+                                 fast_path=fast_path) as s, \
+            cachemgr.Session.attach(b.socket, "caller", model("a"), num_blocks=40,
+                                    fast_path=False) as c:
         steps = [
             [StepOp.allocate("r1", 10), StepOp.allocate("r2", 7), StepOp.fork("r1", "beam"),
              StepOp.allocate("r3", 0), StepOp.allocate("r1", 1), StepOp.free("nobody"),
@@ -89,6 +93,7 @@ def test_a_step_gives_what_the_per_call_rpcs_give(daemon_factory):
             first = l.num_tokens - 2
             assert l.slot_mapping.tolist() == [blocks[t // 4] * 4 + t % 4
                                                for t in range(first, first + 2)]
+        assert (s.fast_path_calls > 0) == fast_path and c.fast_path_calls == 0
 
 
 def test_layers_that_grew_alike_travel_once_and_differing_ones_each(daemon_factory):
@@ -166,23 +171,25 @@ CLIENT = textwrap.dedent("""
     from cachemgr import StepOp
     s = cachemgr.Session.attach(sys.argv[1], "doomed", cachemgr.ModelSpec(
         name="k", num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8, dtype="fp16",
-        block_size=4), num_blocks=4096)
-    print("attached", flush=True)
+        block_size=4), num_blocks=4096, fast_path=sys.argv[2] == "fast")
     i = 0
     while True:
         ops = [StepOp.allocate(f"r{i}-{j}", 1 + j) for j in range(64)]
         ops += [StepOp.free(f"r{i - 1}-{j}") for j in range(0, 64, 2)] if i else []
         s.step(ops)
+        if i == 0:
+            print("attached", s.fast_path_calls, flush=True)
         i += 1
 """)
 
 
-def test_a_client_killed_mid_steps_leaves_nothing(daemon_factory):
+@pytest.mark.parametrize("path", ["fast", "grpc"])
+def test_a_client_killed_mid_steps_leaves_nothing(daemon_factory, path):
     d = daemon_factory("--heartbeat_interval_ms=100", "--lease_timeout_ms=1000")
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, d.socket], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen([sys.executable, "-c", CLIENT, d.socket, path],
+                             stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().strip() == "attached"
+        assert child.stdout.readline().strip() == f"attached {1 if path == 'fast' else 0}"
         time.sleep(1.0)  # steps in flight
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=10)

@@ -289,6 +289,7 @@ def test_lifecycle_with_preemption_and_reload(daemon):
     assert worker.stats["loaded_tokens"] > 0  # resumed requests came back from the sidecar
     assert vllm.loaded_checks > 0
     assert worker.stats["bytes_after"] < worker.stats["bytes_before"]
+    assert worker.session.fast_path_calls > 0  # its steps went through the fast path
     # Finished requests are gone from the sidecar; the pool's books balance.
     assert worker.session.list_sequences() == []
     pool = cachemgr.stats(daemon.socket).pools[0]

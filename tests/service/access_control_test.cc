@@ -228,7 +228,7 @@ TEST_CASE("--socket_group: members connect through both sockets, others cannot",
   REQUIRE(daemon.ok());
   OpenDirectory(**daemon);
   const std::string socket = (*daemon)->socket_path();
-  for (const std::string path : {socket, socket + ".share"}) {
+  for (const std::string& path : {socket, socket + ".share", socket + ".fast"}) {
     struct stat st = {};
     REQUIRE(::stat(path.c_str(), &st) == 0);
     CHECK((st.st_mode & 0777) == 0660);

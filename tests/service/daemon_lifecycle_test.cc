@@ -37,6 +37,7 @@ TEST_CASE("daemon serves on 0600 sockets, reports healthy, and stops cleanly", "
   const std::string socket = (*daemon)->socket_path();
   CHECK(FileMode(socket) == 0600);
   CHECK(FileMode(socket + ".share") == 0600);
+  CHECK(FileMode(socket + ".fast") == 0600);
   CHECK(FileMode(socket + ".operator") == 0600);
   CHECK(Health(socket, "") == grpc::health::v1::HealthCheckResponse::SERVING);
   CHECK(Health(socket, "cachemgr.v1.CacheManager") ==
@@ -54,12 +55,14 @@ TEST_CASE("daemon serves on 0600 sockets, reports healthy, and stops cleanly", "
   auto session = client::Session::Attach(socket, options);
   REQUIRE(session.ok());
   REQUIRE((*session)->Allocate("s", 20).ok());
+  CHECK((*session)->fast_path_calls() == 1);
 
   auto code = (*daemon)->Terminate(SIGTERM);
   REQUIRE(code.ok());
   CHECK(*code == 0);
   CHECK(access(socket.c_str(), F_OK) != 0);
   CHECK(access((socket + ".share").c_str(), F_OK) != 0);
+  CHECK(access((socket + ".fast").c_str(), F_OK) != 0);
   CHECK(access((socket + ".operator").c_str(), F_OK) != 0);
   CHECK(access((socket + ".lock").c_str(), F_OK) != 0);
   const std::string log = (*daemon)->log_contents();

@@ -40,6 +40,8 @@ import numpy as np
 
 from . import convert, lease
 from .errors import CacheManagerError, from_rpc_error
+from .fast_path import METHODS as FAST_METHODS
+from .fast_path import FastPath, open_fast_path
 from .pool import HostPool, check_layer_places
 from .share_channel import fetch_shared_fds
 from .types import (Allocation, CompressResult, FetchedLayer, LoadedPrefix, ModelSpec,
@@ -158,6 +160,7 @@ class _Generation:
         self.token = response.session_token
         self.client_id = response.client_id
         self.boot_id = response.boot_id
+        self.fast_socket_path = response.fast_socket_path
         pool = response.pool
         self.pool_id = pool.pool_id
         # What the pool maps: a group member's shard of the heads.
@@ -266,8 +269,10 @@ class Session:
     def __init__(self, caller: _Caller, request, model: ModelSpec, heartbeat: bool,
                  auto_reattach: bool = True,
                  on_event: Optional[Callable[[SessionEvent], None]] = None,
-                 revoke_on_loss: bool = True):
+                 revoke_on_loss: bool = True, fast_path: bool = True):
         self._call = caller
+        self._use_fast_path = fast_path
+        self._fast: Optional[FastPath] = None
         self._attach_request = request
         self._requested_model = model
         self._auto_reattach = auto_reattach
@@ -303,7 +308,8 @@ class Session:
                bearer_token: Optional[str] = None, auto_reattach: bool = True,
                on_event: Optional[Callable[[SessionEvent], None]] = None,
                tls: Optional[TlsOptions] = None, revoke_on_loss: bool = True,
-               group: Optional[Tuple] = None, device: str = "") -> "Session":
+               group: Optional[Tuple] = None, device: str = "",
+               fast_path: bool = True) -> "Session":
         """Attaches to the daemon at `target` (a Unix socket path, or host:port with
         `bearer_token` and `tls`), creating the model's pool with `num_blocks` blocks per layer
         if it is the first client of this user (0: the daemon decides), and maps the pool.
@@ -324,7 +330,10 @@ class Session:
         may act on each other's sequences; before a Compress with inputs, every rank writes its
         share of them (write_inputs) and one rank calls compress(input_written=...). A fourth
         element, the devices of the ranks' shards (e.g. GPU UUIDs), puts each on its own.
-        `device`: the daemon device the pool lives on (empty: the daemon's first)."""
+        `device`: the daemon device the pool lives on (empty: the daemon's first).
+        `fast_path`: send heartbeat-free bookkeeping (allocate, free, fork, step) through the
+        daemon's fast path socket when it offers one (local Unix-socket clients), gRPC
+        otherwise; the calls answer the same either way."""
         caller = _Caller(target, bearer_token, tls)
         request = pb.AttachRequest(client_name=client_name, model=convert.model_to_proto(model),
                                    num_blocks=num_blocks, input_buffer_bytes=input_buffer_bytes)
@@ -335,7 +344,7 @@ class Session:
                                                       devices=devices[0] if devices else []))
         try:
             return cls(caller, request, model, heartbeat, auto_reattach, on_event,
-                       revoke_on_loss)
+                       revoke_on_loss, fast_path)
         except BaseException:
             caller.close()
             raise
@@ -380,10 +389,19 @@ class Session:
             self._give_back(self._current.token)
         for g in self._generations:
             g.close()
+        if self._fast is not None:
+            self._fast.close()
         self._call.close()
         return freed
 
     # ---- the current generation -------------------------------------------------------------
+
+    @property
+    def fast_path_calls(self) -> int:
+        """Calls this session made through the fast path (0 when the daemon offers none, or
+        with fast_path=False)."""
+        fast = self._fast
+        return 0 if fast is None else fast.calls
 
     @property
     def generation(self) -> int:
@@ -487,6 +505,11 @@ class Session:
         return g
 
     def _adopt(self, g: _Generation) -> None:
+        path = g.fast_socket_path if self._use_fast_path else ""
+        if self._fast is None or self._fast.path != path:
+            if self._fast is not None:
+                self._fast.close()
+            self._fast = open_fast_path(path)
         with self._lock:
             previous = self._current
             g.number = 1 if previous is None else previous.number + 1
@@ -547,6 +570,8 @@ class Session:
             in_flight = list(self._in_flight)
         for future in in_flight:  # their replies would refer to the revoked mapping
             future.cancel()
+        if self._fast is not None:
+            self._fast.interrupt()
         self._wake.set()
         self._emit(SessionEvent("lost", g.number, error))
 
@@ -584,6 +609,20 @@ class Session:
         g = self._current
         self._check_usable(g)
         sent = lease.boot_ns()
+        fast = self._fast
+        if fast is not None and method in FAST_METHODS:
+            try:
+                response = fast.call(method, make_request(g.token), timeout)
+            except CacheManagerError as error:
+                if self._lost is not None:
+                    self._check_usable(g)
+                if error.code in (_C.UNAVAILABLE, _C.NOT_FOUND, _C.FAILED_PRECONDITION):
+                    self._wake.set()  # the heartbeat thread checks the session now
+                raise
+            if response is not None:
+                g.renew(sent, g.lease_timeout_ms)
+                self._check_usable(g)
+                return response
         future = self._call.future(method, make_request(g.token), timeout)
         with self._lock:
             self._in_flight.add(future)

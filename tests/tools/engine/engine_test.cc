@@ -87,6 +87,8 @@ TEST_CASE("FullKV through the sidecar reproduces llama2.c's greedy output", "[se
   CHECK(out->text == ref.text);
   // The KV lived in the daemon: 257 rows per layer (BOS + 256 tokens, the last not yet written).
   CHECK(s.cache->rows("golden", 0) == 256);
+  // Its appends (one Step each) went through the fast path.
+  CHECK(s.cache->session().fast_path_calls() >= 256);
   REQUIRE(s.cache->Free("golden").ok());
 }
 

@@ -95,6 +95,15 @@ struct AttachOptions {
   // checked (and the mapping revoked) only by calls and lease_ok().
   bool auto_heartbeat = true;
   bool auto_reattach = true;
+  // Send Allocate, Free, Fork and Step through the daemon's fast path socket when it offers one
+  // (local Unix-socket clients; AttachResponse.fast_socket_path), gRPC otherwise: the calls
+  // answer the same either way, the fast path in a fraction of gRPC's per-call cost
+  // (docs/PERF.md, "The fast path"). A call made while another thread's call holds the fast
+  // connection goes through gRPC.
+  bool fast_path = true;
+  // How long a fast-path call polls for its reply before it sleeps (microseconds; 0: sleeps at
+  // once). Polling spends this much CPU at most per call and saves a thread wake-up.
+  uint32_t fast_path_spin_us = 50;
   // Bytes of this client's Compress input buffer; 0: 64 float32 window queries of all layers
   // (a group member: of its rank's query heads).
   uint64_t input_buffer_bytes = 0;
@@ -466,6 +475,8 @@ class Session {
   // Ends the session; the daemon frees every sequence it owned. Later calls fail. A lost
   // session has nothing left to end: OK.
   absl::Status Detach();
+  // Calls of this session the daemon answered (OK or not) through the fast path.
+  uint64_t fast_path_calls() const;
 
   struct Impl;
 
