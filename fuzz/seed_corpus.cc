@@ -621,6 +621,55 @@ void ProgramSeeds() {
 }  // namespace
 }  // namespace cachemgr::fuzz
 
+namespace cachemgr::fuzz {
+
+// The fast path target's input: requests as [method][2-byte length][payload], or 0xff and a
+// raw stream (fast_path_fuzzer.cc).
+std::string FastRequest(uint8_t method, const std::string& payload) {
+  std::string out(1, static_cast<char>(method));
+  out.push_back(static_cast<char>(payload.size() & 0xff));
+  out.push_back(static_cast<char>(payload.size() >> 8));
+  return out + payload;
+}
+
+void FastPathSeeds() {
+  for (const char* token : {"0", "1"}) {
+    v1::HeartbeatRequest beat;
+    beat.set_session_token(token);
+    v1::AllocateRequest allocate;
+    allocate.set_session_token(token);
+    allocate.set_sequence_id("s0");
+    allocate.set_num_new_tokens(3);
+    v1::FreeRequest free;
+    free.set_session_token(token);
+    free.set_sequence_id("s1");
+    v1::ForkRequest fork;
+    fork.set_session_token(token);
+    fork.set_parent_sequence_id("c1");
+    fork.set_child_sequence_id("k1");
+    v1::StepRequest step;
+    step.set_session_token(token);
+    v1::StepAllocate* a = step.add_ops()->mutable_allocate();
+    a->set_sequence_id("k1");
+    a->set_num_new_tokens(5);
+    step.add_ops()->set_free("c0");
+    step.set_include_slot_mapping(true);
+    Put("fast_path", std::string("calls-") + token,
+        FastRequest(1, beat.SerializeAsString()) + FastRequest(2, allocate.SerializeAsString()) +
+            FastRequest(3, free.SerializeAsString()) + FastRequest(4, fork.SerializeAsString()) +
+            FastRequest(5, step.SerializeAsString()));
+  }
+  // A method that names nothing, bytes that do not parse, a request without a token.
+  Put("fast_path", "refusals",
+      FastRequest(9, "x") + FastRequest(2, std::string("\x08\xff\xff", 3)) + FastRequest(5, ""));
+  // Raw streams: a frame over the limit, an empty frame, a frame cut off.
+  Put("fast_path", "raw-over-limit", std::string("\xff\xff\xff\xff\x7f\x02", 6));
+  Put("fast_path", "raw-empty", std::string("\xff\x00\x00\x00\x00", 5));
+  Put("fast_path", "raw-cut", std::string("\xff\x10\x00\x00\x00\x01\x0a", 7));
+}
+
+}  // namespace cachemgr::fuzz
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s CORPUS_DIR\n", argv[0]);
@@ -636,5 +685,6 @@ int main(int argc, char** argv) {
   cachemgr::fuzz::RpcSeeds();
   cachemgr::fuzz::PrefixSeeds();
   cachemgr::fuzz::ProgramSeeds();
+  cachemgr::fuzz::FastPathSeeds();
   return 0;
 }

@@ -23,7 +23,7 @@ BUILD_DIR=${FUZZ_BUILD_DIR:-build-fuzz}
 ALL_TARGETS=(config npy gguf llama2c_checkpoint llama2c_tokenizer coded_layer_image
              rpc_attach rpc_heartbeat rpc_detach rpc_allocate rpc_free rpc_fork rpc_step
              rpc_get_sequence rpc_list_sequences rpc_stats rpc_compress rpc_fetch rpc_park rpc_watch
-             rpc_store_prefix rpc_match_prefix rpc_load_prefix service_program)
+             rpc_store_prefix rpc_match_prefix rpc_load_prefix service_program fast_path)
 
 # The source files each target is about (for the coverage report).
 focus_files() {
@@ -36,6 +36,8 @@ focus_files() {
     llama2c_checkpoint) echo "tools/engine/checkpoint.cc" ;;
     llama2c_tokenizer) echo "tools/engine/sentencepiece_tokenizer.cc tools/engine/tokenizer.cc" ;;
     coded_layer_image) echo "cachemgr/service/coded_layer_wire.cc cachemgr/compress/coded_layer.cc" ;;
+    fast_path) echo "cachemgr/service/fast_path_server.cc cachemgr/util/fast_path_wire.cc" \
+                    "cachemgr/service/session_calls.cc" ;;
     *) echo "cachemgr/service/cachemgr_service.cc cachemgr/service/proto_convert.cc" \
             "cachemgr/cache_manager.cc cachemgr/cache_manager_compress.cc" \
             "cachemgr/cache_manager_prefix.cc cachemgr/prefix_store.cc" ;;
@@ -46,7 +48,7 @@ focus_files() {
 # inputs than libFuzzer's default (the longest seed).
 target_flags() {
   case "$1" in
-    service_program) echo "-max_len=2048" ;;
+    service_program|fast_path) echo "-max_len=2048" ;;
     rpc_*) echo "-max_len=512" ;;
   esac
 }

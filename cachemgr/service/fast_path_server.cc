@@ -20,11 +20,11 @@
 namespace cachemgr {
 
 struct FastPathServer::Connection {
-  Connection(UniqueFd socket, PeerCredentials credentials)
+  Connection(UniqueFd socket, std::optional<PeerCredentials> credentials)
       : fd(std::move(socket)), peer(credentials), reader(kMaxFastRequestBytes) {}
 
   UniqueFd fd;
-  PeerCredentials peer;
+  std::optional<PeerCredentials> peer;
   FastFrameReader reader;
   std::string out;           // reply frames not yet sent
   size_t out_sent = 0;       // bytes of `out` already sent
@@ -104,7 +104,7 @@ FastPathServer::FastPathServer(CacheManager* manager, Metrics* metrics, absl::Du
 
 FastPathServer::~FastPathServer() { Stop(); }
 
-void FastPathServer::Adopt(UniqueFd connection, PeerCredentials peer) {
+void FastPathServer::Adopt(UniqueFd connection, std::optional<PeerCredentials> peer) {
   {
     absl::MutexLock lock(&mu_);
     if (stopped_) return;  // closes `connection`
@@ -167,7 +167,7 @@ void FastPathServer::Serve() {
 }
 
 void FastPathServer::AdoptPending() {
-  std::vector<std::pair<UniqueFd, PeerCredentials>> adopted;
+  std::vector<std::pair<UniqueFd, std::optional<PeerCredentials>>> adopted;
   {
     absl::MutexLock lock(&mu_);
     adopted.swap(pending_);
@@ -183,8 +183,10 @@ void FastPathServer::AdoptPending() {
       continue;  // closes it
     }
     c->interest = event.events;
-    Log(LogLevel::kDebug, "fast path: connection opened",
-        {{"pid", static_cast<int64_t>(peer.pid)}, {"uid", static_cast<uint64_t>(peer.uid)}});
+    if (peer.has_value()) {
+      Log(LogLevel::kDebug, "fast path: connection opened",
+          {{"pid", static_cast<int64_t>(peer->pid)}, {"uid", static_cast<uint64_t>(peer->uid)}});
+    }
     connections_.emplace(raw, std::move(c));
     absl::MutexLock lock(&mu_);
     ++open_;

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -50,9 +51,10 @@ class FastPathServer {
                                                                absl::Duration spin);
   ~FastPathServer();  // Stop()
 
-  // Takes an admitted connection (non-blocking, close-on-exec) and its peer's credentials.
-  // Thread-safe; a connection adopted after Stop() is closed.
-  void Adopt(UniqueFd connection, PeerCredentials peer);
+  // Takes an admitted connection (non-blocking, close-on-exec) and its peer's credentials
+  // (nullopt: calls made as the manager's in-process callers, for the fuzz target). Thread-safe;
+  // a connection adopted after Stop() is closed.
+  void Adopt(UniqueFd connection, std::optional<PeerCredentials> peer);
   // From now on every request is answered UNAVAILABLE "cachemgrd is shutting down".
   void BeginDrain() { draining_.store(true); }
   // Stops serving and closes every connection; a request being handled finishes first.
@@ -85,7 +87,7 @@ class FastPathServer {
   std::atomic<bool> stopping_{false};
 
   mutable absl::Mutex mu_;
-  std::vector<std::pair<UniqueFd, PeerCredentials>> pending_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<UniqueFd, std::optional<PeerCredentials>>> pending_ ABSL_GUARDED_BY(mu_);
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
   size_t open_ ABSL_GUARDED_BY(mu_) = 0;
 
