@@ -9,6 +9,7 @@
 //                         exact (lsh 0) or hashed (lsh 1) codebook search.
 //   BM_CodebookSequence/tokens/lsh/layers  codebook-only Compress of a SmolLM2-shaped sequence,
 //                         exact (lsh 0) or hashed (lsh 1) similarity search, every core.
+//   BM_SpindleSequence/tokens  the "spindlekv" preset on a Llama-3-8B-shaped sequence, every core.
 //   BM_HostStagesFromScores/n/policy/target/threads  what a CUDA pool's Compress does on the
 //                         host after the device scored the tokens (see the function).
 //   BM_Memcpy/bytes       plain memcpy baseline.
@@ -423,6 +424,72 @@ void BM_CodebookSequence(benchmark::State& state) {
   state.counters["threads"] = std::thread::hardware_concurrency();
 }
 
+// SpindleKV ("spindlekv" preset: codebooks for the shallow layers, pyramid budgets by window
+// attention for the deep ones, reserve ratio 0.3) on a Llama-3-8B-shaped sequence (32 layers,
+// 32 q / 8 KV heads, head_dim 128) on every core, the hashed codebook search: the CPU path of
+// the 32k measurement. Args: tokens. K and V as BM_CodebookSequence's (three seeds
+// cycled over the layers), 32 window queries per layer from a looser mixture.
+void BM_SpindleSequence(benchmark::State& state) {
+  namespace cc = cachemgr::compress;
+  const auto tokens = static_cast<uint32_t>(state.range(0));
+  cc::ModelShape shape;
+  shape.num_layers = 32;
+  shape.num_q_heads = 32;
+  shape.num_kv_heads = 8;
+  shape.head_dim = 128;
+  shape.elem_bytes = 2;
+  shape.rope_style = cc::RopeStyle::kHalfSplit;
+  shape.rope_theta = 500000.0;
+  constexpr uint32_t kWindow = 32;
+  auto policy = cc::PresetPolicy("spindlekv");
+  if (!policy.ok()) {
+    state.SkipWithError("no spindlekv preset");
+    return;
+  }
+  policy->window = kWindow;
+  const uint32_t rows = tokens * shape.num_kv_heads;
+  const cc::RopeParams rope = cc::RopeParamsFromShape(shape);
+  std::vector<uint32_t> positions(tokens);
+  for (uint32_t t = 0; t < tokens; ++t) positions[t] = t;
+  const std::vector<uint32_t> q_positions(positions.end() - kWindow, positions.end());
+  constexpr int kDistinctLayers = 3;
+  std::vector<std::vector<float>> keys, values, queries;
+  for (int k = 0; k < kDistinctLayers; ++k) {
+    keys.push_back(MixtureVectors(rows, shape.head_dim, kKeyNoise, 8000 + tokens + k));
+    values.push_back(MixtureVectors(rows, shape.head_dim, kValueNoise, 9000 + tokens + k));
+    queries.push_back(
+        MixtureVectors(kWindow * shape.num_q_heads, shape.head_dim, 0.3f, 9500 + tokens + k));
+    if (!cc::ApplyRope(rope, positions, shape.num_kv_heads, absl::MakeSpan(keys.back())).ok() ||
+        !cc::ApplyRope(rope, q_positions, shape.num_q_heads, absl::MakeSpan(queries.back())).ok()) {
+      state.SkipWithError("ApplyRope failed");
+      return;
+    }
+  }
+  cc::SequenceInput input;
+  input.num_tokens = tokens;
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    cc::LayerInput layer;
+    layer.keys = keys[l % kDistinctLayers].data();
+    layer.values = values[l % kDistinctLayers].data();
+    layer.queries = queries[l % kDistinctLayers].data();
+    layer.num_queries = kWindow;
+    input.layers.push_back(layer);
+  }
+  cc::CompressTarget target;
+  target.kind = cc::TargetKind::kReserveRatio;
+  target.value = 0.3;
+  MemcpyBaseline memcpy_baseline(size_t{shape.num_layers} * KvFp16Bytes(rows, shape.head_dim));
+  const std::optional<cc::SequenceResult> last = TimeCompress(state, memcpy_baseline, [&] {
+    return cc::CompressSequence(shape, *policy, input, target, /*max_threads=*/0);
+  });
+  if (!last.has_value()) return;
+  double codebook_layers = 0;
+  for (const cc::LayerResult& lr : last->layers) codebook_layers += lr.key_codebook ? 1 : 0;
+  state.counters["codebook_layers"] = codebook_layers;
+  state.counters["honest_ratio"] = last->stats.honest_ratio;
+  state.counters["threads"] = std::thread::hardware_concurrency();
+}
+
 void BM_Memcpy(benchmark::State& state) {
   const auto bytes = static_cast<size_t>(state.range(0));
   std::vector<char> src(bytes, 1), dst(bytes, 0);
@@ -470,6 +537,13 @@ BENCHMARK(BM_CodebookSequence)
     ->Args({32768, 1, 30})
     ->Args({32768, 0, 2})
     ->Args({32768, 1, 2})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(1);
+BENCHMARK(BM_SpindleSequence)
+    ->ArgNames({"tokens"})
+    ->Arg(8192)
+    ->Arg(32768)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(1);

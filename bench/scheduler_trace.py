@@ -17,10 +17,15 @@ and allocates a forked sample as a new request with the parent's prompt (what it
 without prefix caching). Bookkeeping shape: Llama-3-8B's, 32 layers, block 16.
 
     $(scripts/vllm-env.sh) bench/scheduler_trace.py --cachemgrd build/cachemgr/cachemgrd \\
-        [--requests 256] [--decode 256] [--steps 512] [--preempt 0.02] [--fork 0.1]
+        [--requests 256] [--decode 256] [--steps 512] [--preempt 0.02] [--fork 0.1] \\
+        [--cxx_replay build/bench/cachemgr_bench_trace_replay]
+
+With --cxx_replay the same trace also goes through the C++ client (bench/trace_replay.cc, the
+fast path, a daemon of its own), first, in the same invocation.
 """
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -156,10 +161,9 @@ def vllm_replay(trace, prompts, decode):
     return times
 
 
-def sidecar_replay(cachemgrd, trace, decode, fast_path=True):
-    import cachemgr
-    from cachemgr import StepOp
-
+@contextlib.contextmanager
+def daemon_socket(cachemgrd):
+    """A cachemgrd of its own, in a temporary directory; yields its socket."""
     with tempfile.TemporaryDirectory(prefix="trace-bench-") as work:
         sock = os.path.join(work, "d.sock")
         log = open(os.path.join(work, "d.log"), "w")
@@ -172,37 +176,62 @@ def sidecar_replay(cachemgrd, trace, decode, fast_path=True):
                 if time.monotonic() > deadline or daemon.poll() is not None:
                     raise RuntimeError(f"cachemgrd did not start: see {log.name}")
                 time.sleep(0.05)
-            model = cachemgr.ModelSpec(name="trace-bench", num_layers=LAYERS, num_q_heads=1,
-                                       num_kv_heads=1, head_dim=8, dtype="fp16",
-                                       block_size=BLOCK)
-            peak = max(sum(1 for op in step if op[0] != "free") for step in trace)
-            s = cachemgr.Session.attach(sock, "trace-bench", model,
-                                        num_blocks=(peak + 64) * ((4096 + decode) // BLOCK + 2),
-                                        fast_path=fast_path)
-            times, ops_per_step = [], []
-            for step in trace:
-                ops = []
-                for op in step:
-                    if op[0] == "free":
-                        ops.append(StepOp.free(op[1]))
-                    elif op[0] == "alloc":
-                        ops.append(StepOp.allocate(op[1], op[2]))
-                    elif op[0] == "fork":
-                        ops.append(StepOp.fork(op[1], op[2]))
-                    else:
-                        ops.append(StepOp.allocate(op[1], 1))
-                start = time.perf_counter()
-                results = s.step(ops)
-                times.append(time.perf_counter() - start)
-                ops_per_step.append(len(ops))
-                bad = [r.error for r in results if not r.ok]
-                assert not bad, bad[:3]
-            assert (s.fast_path_calls >= len(trace)) == fast_path
-            s.detach()
-            return times, ops_per_step
+            yield sock
         finally:
             daemon.terminate()
             daemon.wait(timeout=15)
+
+
+def pool_blocks(trace, decode):
+    peak = max(sum(1 for op in step if op[0] != "free") for step in trace)
+    return (peak + 64) * ((4096 + decode) // BLOCK + 2)
+
+
+def sidecar_replay(cachemgrd, trace, decode, fast_path=True):
+    import cachemgr
+    from cachemgr import StepOp
+
+    with daemon_socket(cachemgrd) as sock:
+        model = cachemgr.ModelSpec(name="trace-bench", num_layers=LAYERS, num_q_heads=1,
+                                   num_kv_heads=1, head_dim=8, dtype="fp16", block_size=BLOCK)
+        s = cachemgr.Session.attach(sock, "trace-bench", model,
+                                    num_blocks=pool_blocks(trace, decode), fast_path=fast_path)
+        times = []
+        for step in trace:
+            ops = []
+            for op in step:
+                if op[0] == "free":
+                    ops.append(StepOp.free(op[1]))
+                elif op[0] == "alloc":
+                    ops.append(StepOp.allocate(op[1], op[2]))
+                elif op[0] == "fork":
+                    ops.append(StepOp.fork(op[1], op[2]))
+                else:
+                    ops.append(StepOp.allocate(op[1], 1))
+            start = time.perf_counter()
+            results = s.step(ops)
+            times.append(time.perf_counter() - start)
+            bad = [r.error for r in results if not r.ok]
+            assert not bad, bad[:3]
+        assert (s.fast_path_calls >= len(trace)) == fast_path
+        s.detach()
+        return times
+
+
+def cxx_replay(cachemgrd, replay, trace, decode):
+    """The trace through the C++ client (bench/trace_replay.cc, fast path), its own daemon."""
+    codes = {"free": "f", "alloc": "a", "fork": "k", "decode": "d"}
+    with tempfile.NamedTemporaryFile("w", prefix="trace-", suffix=".txt") as f, \
+            daemon_socket(cachemgrd) as sock:
+        for step in trace:
+            f.write(";".join(" ".join([codes[op[0]], *(str(x) for x in op[1:3])])
+                             for op in step) + "\n")
+        f.flush()
+        out = subprocess.run([replay, f"--socket={sock}", f"--trace={f.name}",
+                              f"--num_blocks={pool_blocks(trace, decode)}",
+                              f"--layers={LAYERS}", f"--block_size={BLOCK}"],
+                             capture_output=True, text=True, check=True).stdout
+    return [float(line) / 1e6 for line in out.split()]
 
 
 def main():
@@ -214,6 +243,8 @@ def main():
     ap.add_argument("--preempt", type=float, default=0.02)
     ap.add_argument("--fork", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cxx_replay", default="",
+                    help="cachemgr_bench_trace_replay: the trace through the C++ client too")
     args = ap.parse_args()
     trace, prompts = make_trace(args.requests, args.decode, args.steps, args.preempt, args.fork,
                                 args.seed)
@@ -223,9 +254,11 @@ def main():
 
     # The sidecar first (vLLM's replay leaves a large heap behind), each after a full collection.
     gc.collect()
-    step, ops = sidecar_replay(args.cachemgrd, trace, args.decode, fast_path=True)
+    cxx = cxx_replay(args.cachemgrd, args.cxx_replay, trace, args.decode) \
+        if args.cxx_replay else []
+    step = sidecar_replay(args.cachemgrd, trace, args.decode, fast_path=True)
     gc.collect()
-    step_grpc, _ = sidecar_replay(args.cachemgrd, trace, args.decode, fast_path=False)
+    step_grpc = sidecar_replay(args.cachemgrd, trace, args.decode, fast_path=False)
     gc.collect()
     vllm = vllm_replay(trace, prompts, args.decode)
     # The first step admits the whole warm start (R prefills): reported apart.
@@ -243,7 +276,11 @@ def main():
     print(line("vLLM KVCacheManager (in-process)", vllm))
     print(line("cachemgrd Session.step (fast path)", step))
     print(line("cachemgrd Session.step (gRPC)", step_grpc))
-    for name, xs in (("fast path", step), ("gRPC", step_grpc)):
+    if cxx:
+        print(line("cachemgrd Session::Step (C++, fast)", cxx[1:]))
+    for name, xs in (("fast path", step), ("gRPC", step_grpc), ("C++", cxx[1:])):
+        if not xs:
+            continue
         print(f"step ({name}) / vLLM: p50 {percentile(xs, 50) / percentile(vllm, 50):.2f}, "
               f"mean {statistics.mean(xs) / statistics.mean(vllm):.2f}")
     return 0
