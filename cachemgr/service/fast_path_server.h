@@ -37,8 +37,10 @@
 
 namespace cachemgr {
 
-// Replies waiting for a slow reader past which the server stops reading its requests.
-inline constexpr size_t kMaxQueuedReplyBytes = size_t{4} << 20;
+// Replies waiting for a slow reader past which the server stops reading its requests. A
+// connection holds at most about kMaxFastRequestBytes of requests plus this (or one reply,
+// which --max_reply_bytes bounds, when that is larger).
+inline constexpr size_t kMaxQueuedReplyBytes = size_t{1} << 20;
 
 class FastPathServer {
  public:
