@@ -25,10 +25,8 @@ fast path, a daemon of its own), first, in the same invocation.
 """
 
 import argparse
-import contextlib
 import gc
 import math
-import os
 import random
 import statistics
 import subprocess
@@ -36,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from step_vs_vllm import BLOCK, LAYERS, percentile
+from step_vs_vllm import BLOCK, LAYERS, daemon_socket, percentile
 
 
 class Req:
@@ -161,27 +159,6 @@ def vllm_replay(trace, prompts, decode):
     return times
 
 
-@contextlib.contextmanager
-def daemon_socket(cachemgrd):
-    """A cachemgrd of its own, in a temporary directory; yields its socket."""
-    with tempfile.TemporaryDirectory(prefix="trace-bench-") as work:
-        sock = os.path.join(work, "d.sock")
-        log = open(os.path.join(work, "d.log"), "w")
-        daemon = subprocess.Popen([cachemgrd, f"--socket={sock}", "--memory_budget=8G",
-                                   "--log_level=warning", "--max_reply_bytes=67108864"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 20
-            while not os.path.exists(sock):
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError(f"cachemgrd did not start: see {log.name}")
-                time.sleep(0.05)
-            yield sock
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=15)
-
-
 def pool_blocks(trace, decode):
     peak = max(sum(1 for op in step if op[0] != "free") for step in trace)
     return (peak + 64) * ((4096 + decode) // BLOCK + 2)
@@ -191,7 +168,7 @@ def sidecar_replay(cachemgrd, trace, decode, fast_path=True):
     import cachemgr
     from cachemgr import StepOp
 
-    with daemon_socket(cachemgrd) as sock:
+    with daemon_socket(cachemgrd, "--max_reply_bytes=67108864") as sock:
         model = cachemgr.ModelSpec(name="trace-bench", num_layers=LAYERS, num_q_heads=1,
                                    num_kv_heads=1, head_dim=8, dtype="fp16", block_size=BLOCK)
         s = cachemgr.Session.attach(sock, "trace-bench", model,
@@ -222,7 +199,7 @@ def cxx_replay(cachemgrd, replay, trace, decode):
     """The trace through the C++ client (bench/trace_replay.cc, fast path), its own daemon."""
     codes = {"free": "f", "alloc": "a", "fork": "k", "decode": "d"}
     with tempfile.NamedTemporaryFile("w", prefix="trace-", suffix=".txt") as f, \
-            daemon_socket(cachemgrd) as sock:
+            daemon_socket(cachemgrd, "--max_reply_bytes=67108864") as sock:
         for step in trace:
             f.write(";".join(" ".join([codes[op[0]], *(str(x) for x in op[1:3])])
                              for op in step) + "\n")

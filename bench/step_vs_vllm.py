@@ -20,6 +20,7 @@ own daemon, the same 1k-4k prompt spread) runs right after, in the same invocati
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -72,50 +73,57 @@ def vllm_steps(prompts, steps):
     return times
 
 
-def sidecar_steps(cachemgrd, prompts, steps, per_call_steps):
-    import cachemgr
-    from cachemgr import StepOp
-
+@contextlib.contextmanager
+def daemon_socket(cachemgrd, *args):
+    """A cachemgrd of its own (with `args`), in a temporary directory; yields its socket."""
     with tempfile.TemporaryDirectory(prefix="step-bench-") as work:
         sock = os.path.join(work, "d.sock")
         log = open(os.path.join(work, "d.log"), "w")
         daemon = subprocess.Popen([cachemgrd, f"--socket={sock}", "--memory_budget=8G",
-                                   "--log_level=warning"], stdout=log, stderr=subprocess.STDOUT)
+                                   "--log_level=warning", *args],
+                                  stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 20
             while not os.path.exists(sock):
                 if time.monotonic() > deadline or daemon.poll() is not None:
                     raise RuntimeError(f"cachemgrd did not start: see {log.name}")
                 time.sleep(0.05)
-            # Tiny heads: the bookkeeping is the subject, not the bytes.
-            model = cachemgr.ModelSpec(name="step-bench", num_layers=LAYERS, num_q_heads=1,
-                                       num_kv_heads=1, head_dim=8, dtype="fp16",
-                                       block_size=BLOCK)
-            blocks = sum((p + steps + per_call_steps) // BLOCK + 2 for p in prompts) + 16
-            s = cachemgr.Session.attach(sock, "step-bench", model, num_blocks=blocks)
-            ids = [f"r{i}" for i in range(len(prompts))]
-            prefill = [StepOp.allocate(i, p) for i, p in zip(ids, prompts)]
-            for first in range(0, len(prefill), 32):  # prompts list many blocks: smaller replies
-                for r in s.step(prefill[first:first + 32]):
-                    assert r.ok, r.error
-            ops = [StepOp.allocate(i, 1) for i in ids]
-            step_times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                results = s.step(ops)
-                step_times.append(time.perf_counter() - start)
-                assert results[0].ok
-            per_call = []
-            for _ in range(per_call_steps):
-                start = time.perf_counter()
-                for i in ids:
-                    s.allocate(i, 1)
-                per_call.append(time.perf_counter() - start)
-            s.detach()
-            return step_times, per_call
+            yield sock
         finally:
             daemon.terminate()
             daemon.wait(timeout=15)
+
+
+def sidecar_steps(cachemgrd, prompts, steps, per_call_steps):
+    import cachemgr
+    from cachemgr import StepOp
+
+    with daemon_socket(cachemgrd) as sock:
+        # Tiny heads: the bookkeeping is the subject, not the bytes.
+        model = cachemgr.ModelSpec(name="step-bench", num_layers=LAYERS, num_q_heads=1,
+                                   num_kv_heads=1, head_dim=8, dtype="fp16", block_size=BLOCK)
+        blocks = sum((p + steps + per_call_steps) // BLOCK + 2 for p in prompts) + 16
+        s = cachemgr.Session.attach(sock, "step-bench", model, num_blocks=blocks)
+        ids = [f"r{i}" for i in range(len(prompts))]
+        prefill = [StepOp.allocate(i, p) for i, p in zip(ids, prompts)]
+        for first in range(0, len(prefill), 32):  # prompts list many blocks: smaller replies
+            for r in s.step(prefill[first:first + 32]):
+                assert r.ok, r.error
+        ops = [StepOp.allocate(i, 1) for i in ids]
+        step_times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            results = s.step(ops)
+            step_times.append(time.perf_counter() - start)
+            assert results[0].ok
+        per_call = []
+        for _ in range(per_call_steps):
+            start = time.perf_counter()
+            for i in ids:
+                s.allocate(i, 1)
+            per_call.append(time.perf_counter() - start)
+        s.detach()
+        return step_times, per_call
 
 
 def main():
