@@ -43,6 +43,7 @@
 #include "cachemgr/compress/codebook.h"
 #include "cachemgr/compress/compress.h"
 #include "cachemgr/compress/rope.h"
+#include "cachemgr/util/status_macros.h"
 
 namespace {
 
@@ -359,6 +360,53 @@ void BM_HostStagesFromScores(benchmark::State& state) {
   if (last.has_value()) state.counters["honest_ratio"] = last->stats.honest_ratio;
 }
 
+// A sequence of `tokens` tokens over every layer of `shape`, as the sequence benchmarks use: K
+// and V are mixtures like BM_Codebook's (three seeds from `seed`, cycled over the layers), K
+// rotated at its positions; with `window` > 0, that many window queries per layer (a looser
+// mixture) rotated at the last positions. `input` points into the vectors.
+struct MixtureSequence {
+  std::vector<std::vector<float>> keys, values, queries;
+  cachemgr::compress::SequenceInput input;
+};
+
+absl::StatusOr<MixtureSequence> MakeMixtureSequence(const cachemgr::compress::ModelShape& shape,
+                                                    uint32_t tokens, uint32_t window,
+                                                    uint64_t seed) {
+  namespace cc = cachemgr::compress;
+  constexpr int kDistinctLayers = 3;
+  const uint32_t rows = tokens * shape.num_kv_heads;
+  const cc::RopeParams rope = cc::RopeParamsFromShape(shape);
+  std::vector<uint32_t> positions(tokens);
+  for (uint32_t t = 0; t < tokens; ++t) positions[t] = t;
+  const std::vector<uint32_t> q_positions(positions.end() - window, positions.end());
+  MixtureSequence out;
+  for (int k = 0; k < kDistinctLayers; ++k) {
+    out.keys.push_back(MixtureVectors(rows, shape.head_dim, kKeyNoise, seed + tokens + k));
+    out.values.push_back(
+        MixtureVectors(rows, shape.head_dim, kValueNoise, seed + 1000 + tokens + k));
+    RETURN_IF_ERROR(
+        cc::ApplyRope(rope, positions, shape.num_kv_heads, absl::MakeSpan(out.keys.back())));
+    if (window > 0) {
+      out.queries.push_back(MixtureVectors(window * shape.num_q_heads, shape.head_dim, 0.3f,
+                                           seed + 1500 + tokens + k));
+      RETURN_IF_ERROR(
+          cc::ApplyRope(rope, q_positions, shape.num_q_heads, absl::MakeSpan(out.queries.back())));
+    }
+  }
+  out.input.num_tokens = tokens;
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    cc::LayerInput layer;
+    layer.keys = out.keys[l % kDistinctLayers].data();
+    layer.values = out.values[l % kDistinctLayers].data();
+    if (window > 0) {
+      layer.queries = out.queries[l % kDistinctLayers].data();
+      layer.num_queries = window;
+    }
+    out.input.layers.push_back(layer);
+  }
+  return out;
+}
+
 // A codebook-only Compress of a whole SmolLM2-135M-shaped sequence (30 layers, 9 query / 3 KV
 // heads, head_dim 64: about 3 * tokens vectors per layer codebook, K and V) on every core, with
 // the exact or the hashed similarity search. Args: tokens, search (0 exact, 1 LSH), layers (30
@@ -384,27 +432,13 @@ void BM_CodebookSequence(benchmark::State& state) {
   }
   policy->codebook_search = lsh ? cc::CodebookSearch::kLsh : cc::CodebookSearch::kExact;
   const uint32_t rows = tokens * shape.num_kv_heads;
-  const cc::RopeParams rope = cc::RopeParamsFromShape(shape);
-  std::vector<uint32_t> positions(tokens);
-  for (uint32_t t = 0; t < tokens; ++t) positions[t] = t;
-  constexpr int kDistinctLayers = 3;
-  std::vector<std::vector<float>> keys, values;
-  for (int k = 0; k < kDistinctLayers; ++k) {
-    keys.push_back(MixtureVectors(rows, shape.head_dim, kKeyNoise, 6000 + tokens + k));
-    values.push_back(MixtureVectors(rows, shape.head_dim, kValueNoise, 7000 + tokens + k));
-    if (!cc::ApplyRope(rope, positions, shape.num_kv_heads, absl::MakeSpan(keys.back())).ok()) {
-      state.SkipWithError("ApplyRope failed");
-      return;
-    }
+  absl::StatusOr<MixtureSequence> sequence =
+      MakeMixtureSequence(shape, tokens, /*window=*/0, /*seed=*/6000);
+  if (!sequence.ok()) {
+    state.SkipWithError(std::string(sequence.status().message()).c_str());
+    return;
   }
-  cc::SequenceInput input;
-  input.num_tokens = tokens;
-  for (uint32_t l = 0; l < shape.num_layers; ++l) {
-    cc::LayerInput layer;
-    layer.keys = keys[l % kDistinctLayers].data();
-    layer.values = values[l % kDistinctLayers].data();
-    input.layers.push_back(layer);
-  }
+  const cc::SequenceInput& input = sequence->input;
   cc::CompressTarget target;
   target.kind = cc::TargetKind::kReserveRatio;
   target.value = 1.0;
@@ -448,33 +482,13 @@ void BM_SpindleSequence(benchmark::State& state) {
   }
   policy->window = kWindow;
   const uint32_t rows = tokens * shape.num_kv_heads;
-  const cc::RopeParams rope = cc::RopeParamsFromShape(shape);
-  std::vector<uint32_t> positions(tokens);
-  for (uint32_t t = 0; t < tokens; ++t) positions[t] = t;
-  const std::vector<uint32_t> q_positions(positions.end() - kWindow, positions.end());
-  constexpr int kDistinctLayers = 3;
-  std::vector<std::vector<float>> keys, values, queries;
-  for (int k = 0; k < kDistinctLayers; ++k) {
-    keys.push_back(MixtureVectors(rows, shape.head_dim, kKeyNoise, 8000 + tokens + k));
-    values.push_back(MixtureVectors(rows, shape.head_dim, kValueNoise, 9000 + tokens + k));
-    queries.push_back(
-        MixtureVectors(kWindow * shape.num_q_heads, shape.head_dim, 0.3f, 9500 + tokens + k));
-    if (!cc::ApplyRope(rope, positions, shape.num_kv_heads, absl::MakeSpan(keys.back())).ok() ||
-        !cc::ApplyRope(rope, q_positions, shape.num_q_heads, absl::MakeSpan(queries.back())).ok()) {
-      state.SkipWithError("ApplyRope failed");
-      return;
-    }
+  absl::StatusOr<MixtureSequence> sequence =
+      MakeMixtureSequence(shape, tokens, kWindow, /*seed=*/8000);
+  if (!sequence.ok()) {
+    state.SkipWithError(std::string(sequence.status().message()).c_str());
+    return;
   }
-  cc::SequenceInput input;
-  input.num_tokens = tokens;
-  for (uint32_t l = 0; l < shape.num_layers; ++l) {
-    cc::LayerInput layer;
-    layer.keys = keys[l % kDistinctLayers].data();
-    layer.values = values[l % kDistinctLayers].data();
-    layer.queries = queries[l % kDistinctLayers].data();
-    layer.num_queries = kWindow;
-    input.layers.push_back(layer);
-  }
+  const cc::SequenceInput& input = sequence->input;
   cc::CompressTarget target;
   target.kind = cc::TargetKind::kReserveRatio;
   target.value = 0.3;
