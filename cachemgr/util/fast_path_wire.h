@@ -36,7 +36,8 @@ enum class FastMethod : uint8_t {
 };
 
 inline constexpr size_t kFastFrameHeaderBytes = 4;
-// Largest request body the daemon takes (a Step of 4,096 ops with 64-byte ids is ~400 KiB).
+// Largest request body the daemon takes (a Step of 4,096 ops with 64-byte ids is ~400 KiB);
+// clients send a larger request (ids of up to 256 bytes allow ~2 MiB) through gRPC instead.
 inline constexpr uint32_t kMaxFastRequestBytes = uint32_t{1} << 20;
 
 // "Allocate", ... (the gRPC method's name); nullopt for a byte that names no method.

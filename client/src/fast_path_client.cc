@@ -5,7 +5,6 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -133,26 +132,21 @@ std::optional<absl::Status> FastPathClient::CallLocked(FastMethod method,
   }
   // Receive one reply frame, polling without sleeping during the spin.
   const absl::Time spin_until = absl::Now() + spin_;
-  frame_.clear();
-  size_t want = kFastFrameHeaderBytes;
-  bool have_header = false;
+  FastFrameReader reader(std::numeric_limits<uint32_t>::max());  // the daemon bounds replies
+  char chunk[16 << 10];
+  std::string_view reply;
   for (;;) {
-    if (frame_.size() >= want) {
-      if (have_header) break;
-      const auto* b = reinterpret_cast<const unsigned char*>(frame_.data());
-      const uint32_t length =
-          uint32_t{b[0]} | uint32_t{b[1]} << 8 | uint32_t{b[2]} << 16 | uint32_t{b[3]} << 24;
-      if (length == 0) return broken("empty reply frame");
-      want = kFastFrameHeaderBytes + length;
-      have_header = true;
+    absl::StatusOr<std::optional<std::string_view>> next = reader.Next();
+    if (!next.ok()) return broken(next.status().message());
+    if (next->has_value()) {
+      reply = **next;
+      break;
+    }
+    const ssize_t n = recv(fd, chunk, sizeof(chunk), 0);
+    if (n > 0) {
+      reader.Append(std::string_view(chunk, static_cast<size_t>(n)));
       continue;
     }
-    const size_t room = std::max<size_t>(want - frame_.size(), 0);
-    const size_t old = frame_.size();
-    frame_.resize(old + std::max<size_t>(room, have_header ? 0 : 64 << 10));
-    const ssize_t n = recv(fd, frame_.data() + old, frame_.size() - old, 0);
-    frame_.resize(old + (n > 0 ? static_cast<size_t>(n) : 0));
-    if (n > 0) continue;
     if (n == 0) return broken("the daemon closed the connection");
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -162,11 +156,11 @@ std::optional<absl::Status> FastPathClient::CallLocked(FastMethod method,
     }
     return broken(std::strerror(errno));
   }
-  if (frame_.size() != want) return broken("the daemon sent more than one reply");
+  if (reader.buffered() != 0) return broken("the daemon sent more than one reply");
   calls_.fetch_add(1, std::memory_order_relaxed);
-  const auto code = static_cast<absl::StatusCode>(static_cast<unsigned char>(frame_[4]));
-  const char* payload = frame_.data() + kFastFrameHeaderBytes + 1;
-  const size_t payload_bytes = want - kFastFrameHeaderBytes - 1;
+  const auto code = static_cast<absl::StatusCode>(static_cast<unsigned char>(reply[0]));
+  const char* payload = reply.data() + 1;
+  const size_t payload_bytes = reply.size() - 1;
   if (code != absl::StatusCode::kOk) {
     return absl::Status(code, absl::string_view(payload, payload_bytes));
   }

@@ -52,7 +52,7 @@ class FastPathClient {
   const std::string path_;
   const absl::Duration spin_;
   absl::Mutex call_mu_;                          // one call at a time
-  std::string frame_ ABSL_GUARDED_BY(call_mu_);  // request and reply bytes, reused
+  std::string frame_ ABSL_GUARDED_BY(call_mu_);  // the request being sent, reused
   absl::Time retry_at_ ABSL_GUARDED_BY(call_mu_) = absl::InfinitePast();
   absl::Mutex fd_mu_;  // the descriptor, for Interrupt()
   UniqueFd fd_ ABSL_GUARDED_BY(fd_mu_);

@@ -126,3 +126,20 @@ def test_threads_share_a_session_through_the_fast_path_and_grpc(daemon):
         st = cachemgr.stats(daemon.socket)
         assert st.num_sequences == 0
         assert all(l.used_blocks == 0 for p in st.pools for l in p.layers)
+
+
+def test_a_request_over_the_fast_path_limit_goes_through_grpc(daemon_factory):
+    """A Step of 4,096 frees of 256-character ids is valid (about 1.1 MB) but over the fast
+    path's 1 MiB frame limit: the client sends it through gRPC, which answers it (the reply
+    bound of 4,096 ops needs more than the default --max_reply_bytes)."""
+    daemon = daemon_factory("--max_reply_bytes=67108864")
+    with cachemgr.Session.attach(daemon.socket, "big", model("m"), num_blocks=16) as s:
+        s.allocate("x" * 255 + "9", 1)
+        before = s.fast_path_calls
+        ops = [StepOp.free("x" * 255 + f"{i % 10}") for i in range(4096)]
+        results = s.step(ops)
+        assert len(results) == 4096
+        assert s.fast_path_calls == before  # not sent on the fast path
+        assert results[0].error is not None and results[0].error.code == grpc.StatusCode.NOT_FOUND
+        assert results[9].error is None and results[9].blocks_released > 0  # the allocated id, freed once
+        assert all(r.error is not None for i, r in enumerate(results) if i != 9)

@@ -24,6 +24,7 @@ _RESPONSES = {"Heartbeat": pb.HeartbeatResponse, "Allocate": pb.AllocateResponse
               "Free": pb.FreeResponse, "Fork": pb.ForkResponse, "Step": pb.StepResponse}
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _HEADER = struct.Struct("<I")
+MAX_REQUEST_BYTES = 1 << 20  # kMaxFastRequestBytes: a larger request goes through gRPC
 _RECONNECT_AFTER = 1.0  # seconds without trying again after a failed connect
 
 
@@ -40,8 +41,8 @@ class FastPath:
 
     def call(self, method: str, request, timeout: float):
         """The response of `method`; raises CacheManagerError with the daemon's status as gRPC
-        would. None when the fast path cannot take the call (busy, or no connection could be
-        opened): nothing was sent."""
+        would. None when the fast path cannot take the call (busy, over MAX_REQUEST_BYTES, or no
+        connection could be opened): nothing was sent."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
@@ -49,6 +50,8 @@ class FastPath:
             if sock is None:
                 return None
             body = request.SerializeToString()
+            if len(body) + 1 > MAX_REQUEST_BYTES:
+                return None
             frame = _HEADER.pack(len(body) + 1) + bytes((METHODS[method],)) + body
             try:
                 sock.settimeout(timeout)
