@@ -108,8 +108,9 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--self_test_corruption", action="store_true",
                    help="a self-test of the checks: client c00 flips one K byte of its own "
-                        "sequence behind its model's back 3 s after each start, so the run must "
-                        "FAIL with a corruption")
+                        "sequence behind its model's back 3 s after each start (each quiet point "
+                        "waits up to 60 s for one to be caught), so the run must FAIL with a "
+                        "corruption")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.clients < 1 or args.lease_ms < 200:
         p.error("--duration must be > 0, --clients >= 1, --lease_ms >= 200")
@@ -615,6 +616,20 @@ class Soak:
                 self.check_stats()
                 self.sample("run")
 
+    def await_planted_corruption(self):
+        """Self-test: a fault may have taken c00's planted corruption away before its check (a
+        kill, a lost lease, a daemon restart), and c00 plants again only after it recovers; with
+        the faults over, give it the time to plant and catch one before the clients stop."""
+        deadline = now() + 60
+        while now() < deadline:
+            with self.report.lock:
+                if self.report.corruptions:
+                    return
+            time.sleep(0.1)
+            self.tend_clients()
+        self.failures.append("self-test: c00 planted no corruption it could check within 60 s "
+                             "of the quiet point")
+
     def quiesce(self, label):
         """Stops every client, lets leases and quarantines end, checks that nothing is left,
         and samples the daemon (label). Returns the last Stats."""
@@ -628,6 +643,8 @@ class Soak:
             time.sleep(0.05)
             self.tend_daemon()
         self.wait_serving()
+        if a.self_test_corruption:
+            self.await_planted_corruption()
         for c in self.clients:
             c.signal(signal.SIGTERM)
         deadline = now() + 60
