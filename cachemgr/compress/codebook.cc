@@ -45,7 +45,10 @@ class GreedyCover {
     for (size_t i = 0; i < n; ++i) alive_[i / 64] |= uint64_t{1} << (i % 64);
     for (size_t i = 0; i < n; ++i) {
       uint32_t d = 0;
-      for (size_t w = 0; w < words; ++w) d += std::popcount(adjacency[i * words + w]);
+      for (size_t w = 0; w < words; ++w) {
+        // Most words of a sparse graph are 0, and this build's popcount is a library call.
+        if (const uint64_t bits = adjacency[i * words + w]; bits != 0) d += std::popcount(bits);
+      }
       degree_[i] = d;
     }
     leaves_ = 1;
@@ -160,9 +163,16 @@ absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t di
 
   // Eq. 9 in one blocked pass over the upper triangle, never materialising S.
   const size_t words = (n + 63) / 64;
-  std::vector<uint64_t> adjacency;
+  std::vector<uint64_t> own_adjacency;
+  std::vector<uint64_t>& adjacency =
+      options.scratch != nullptr ? options.scratch->adjacency : own_adjacency;
   try {
-    adjacency.assign(n * words, 0);
+    if (adjacency.size() >= n * words) {
+      std::fill_n(adjacency.begin(), n * words, uint64_t{0});
+    } else {
+      adjacency.clear();
+      adjacency.resize(n * words);  // zero-filled
+    }
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", n * words * 8,
                                                      "-byte adjacency bitset for ", n, " vectors"));

@@ -48,6 +48,13 @@ enum class CodebookSearch : uint8_t {
 // n^2 / 8 bytes: 32 MiB here).
 inline constexpr uint32_t kMaxGraphVectors = 16384;
 
+// Memory BuildCodebook reuses from one similarity graph to the next (the bitset is up to
+// 32 MiB: faulting its pages in anew for every graph cost more than zeroing them). One per
+// thread building codebooks; it holds the largest bitset built until it is destroyed.
+struct CodebookScratch {
+  std::vector<uint64_t> adjacency;
+};
+
 struct CodebookOptions {
   // See BuildCodebook; > 0.
   uint32_t max_graph_vectors = kMaxGraphVectors;
@@ -55,6 +62,8 @@ struct CodebookOptions {
   // Builds each exact similarity graph (null: SimilarityAdjacency on this thread); its errors
   // pass through.
   const SimilarityGraphBuilder* graph = nullptr;
+  // Reused between graphs (null: each graph allocates its own); not shared between threads.
+  CodebookScratch* scratch = nullptr;
 };
 
 // `vectors` is [n, dim] row-major. theta in (0, 1] (INVALID_ARGUMENT otherwise, naming

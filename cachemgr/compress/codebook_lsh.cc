@@ -47,23 +47,27 @@ class SplitMix64 {
   uint64_t state_;
 };
 
-// Sorts packed (32-bit key << 32 | 32-bit index) words by key, keeping the input order within a
-// key: an LSD radix sort on the key's bits (11, 11, 10), `scratch` as large as `words`.
-void SortByKey(uint64_t* words, size_t n, uint64_t* scratch) {
+// Sorts `words` by their bits [low, low + bits), keeping the input order among equal ones: an
+// LSD radix sort, 11 bits a pass; `scratch` as large as `words`.
+void RadixSort(uint64_t* words, size_t n, int low, int bits, uint64_t* scratch) {
   uint64_t* from = words;
   uint64_t* to = scratch;
-  for (int shift = 32; shift < 64; shift += 11) {
-    const int bits = std::min(11, 64 - shift);
-    const size_t buckets = size_t{1} << bits;
+  for (int shift = low; shift < low + bits; shift += 11) {
+    const int pass_bits = std::min(11, low + bits - shift);
+    const uint64_t mask = (uint64_t{1} << pass_bits) - 1;
     size_t count[2048] = {};
-    for (size_t i = 0; i < n; ++i) ++count[(from[i] >> shift) & (buckets - 1)];
+    for (size_t i = 0; i < n; ++i) ++count[(from[i] >> shift) & mask];
     size_t sum = 0;
-    for (size_t b = 0; b < buckets; ++b) sum += std::exchange(count[b], sum);
-    for (size_t i = 0; i < n; ++i) to[count[(from[i] >> shift) & (buckets - 1)]++] = from[i];
+    for (size_t b = 0; b <= mask; ++b) sum += std::exchange(count[b], sum);
+    for (size_t i = 0; i < n; ++i) to[count[(from[i] >> shift) & mask]++] = from[i];
     std::swap(from, to);
   }
-  // Three passes: the result is in `scratch`.
-  std::copy_n(from, n, words);
+  if (from != words) std::copy_n(from, n, words);
+}
+
+// Sorts packed (32-bit key << 32 | 32-bit index) words by key, keeping index order within a key.
+void SortByKey(uint64_t* words, size_t n, uint64_t* scratch) {
+  RadixSort(words, n, 32, 32, scratch);
 }
 
 // Buckets of at least this many vectors are verified all-pairs by the blocked kernel on a
@@ -121,20 +125,6 @@ size_t VerifyBucket(const VectorKernels& kernels, const float* unit, uint32_t di
   return added;
 }
 
-// Pairs of the bucket `members` (packed words) that are not edges yet.
-uint64_t UnknownPairs(const uint64_t* members, size_t size, size_t words,
-                      const uint64_t* adjacency) {
-  uint64_t unknown = 0;
-  for (size_t x = 0; x < size; ++x) {
-    const uint64_t* row = &adjacency[size_t{static_cast<uint32_t>(members[x])} * words];
-    for (size_t y = x + 1; y < size; ++y) {
-      const auto j = static_cast<uint32_t>(members[y]);
-      unknown += ((row[j / 64] >> (j % 64)) & 1) ^ 1;
-    }
-  }
-  return unknown;
-}
-
 uint64_t Mix(uint64_t h, uint64_t x) {
   h ^= x + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
   h *= 0xff51afd7ed558ccdULL;
@@ -179,17 +169,21 @@ void LshFamily::Project(const float* rows, size_t n, float* out) const {
   SelectedVectorKernels().lsh_project(rows, n, dim_, directions_.data(), out);
 }
 
-uint64_t LshFamily::Key(uint32_t table, const float* projections) const {
-  uint64_t key = table;
+void LshFamily::Keys(uint32_t table, const float* projections, size_t rows, uint64_t* keys) const {
+  std::fill_n(keys, rows, uint64_t{table});
   const size_t base = size_t{table} * params_.hashes_per_table;
+  // Hash by hash over all rows: the rows' mixing chains are independent and overlap.
   for (uint32_t h = 0; h < params_.hashes_per_table; ++h) {
-    // floor(g . x / w + offset): the projections of unit vectors are far inside int64.
-    const float value = projections[chosen_[base + h]] * inverse_width_ + offsets_[base + h];
-    auto bucket = static_cast<int64_t>(value);
-    bucket -= value < static_cast<float>(bucket) ? 1 : 0;
-    key = Mix(key, static_cast<uint64_t>(bucket));
+    const float* column = projections + chosen_[base + h];
+    const float offset = offsets_[base + h];
+    for (size_t r = 0; r < rows; ++r) {
+      // floor(g . x / w + offset): the projections of unit vectors are far inside int64.
+      const float value = column[r * kLshProjections] * inverse_width_ + offset;
+      auto bucket = static_cast<int64_t>(value);
+      bucket -= value < static_cast<float>(bucket) ? 1 : 0;
+      keys[r] = Mix(keys[r], static_cast<uint64_t>(bucket));
+    }
   }
-  return key;
 }
 
 absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, size_t n,
@@ -237,16 +231,18 @@ absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, s
   std::vector<uint64_t> keyed(size_t{tables} * m);
   std::vector<uint64_t> scratch(m);
   uint64_t candidates = 0;
+  uint64_t small_bucket_pairs = 0;  // at most tables * m * (kBlockedBucket - 2) / 2
   for (uint32_t t = 0; t < tables; ++t) {
     uint64_t* table = &keyed[size_t{t} * m];
-    for (size_t r = 0; r < m; ++r) {
-      table[r] = (family.Key(t, &projected[r * projections]) << 32) | live[r];
-    }
+    family.Keys(t, projected.data(), m, table);
+    for (size_t r = 0; r < m; ++r) table[r] = (table[r] << 32) | live[r];
     SortByKey(table, m, scratch.data());
     for (size_t a = 0; a < m;) {
       size_t b = a + 1;
       while (b < m && (table[b] >> 32) == (table[a] >> 32)) ++b;
-      candidates += uint64_t{b - a} * (b - a - 1) / 2;
+      const uint64_t pairs = uint64_t{b - a} * (b - a - 1) / 2;
+      candidates += pairs;
+      if (b - a < kBlockedBucket) small_bucket_pairs += pairs;
       a = b;
     }
   }
@@ -256,7 +252,43 @@ absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, s
   if (candidates > all_pairs / 2) return exact_pass();
   for (size_t i = 0; i < n; ++i) adjacency[i * words + i / 64] |= uint64_t{1} << (i % 64);
 
+  // A large bucket goes to the blocked kernel whole. The pairs of the small ones are collected
+  // from every table, sorted and deduplicated, and tested once each in row order: a pair that
+  // several tables put together costs one test, and the bitset is walked row by row, not at
+  // random (on diffuse data, random bit probes into an n^2 / 8-byte bitset were most of the
+  // time).
   const VectorKernels& kernels = SelectedVectorKernels();
+  const int index_bits = std::bit_width(n - 1);
+  std::vector<uint64_t> listed;  // i << index_bits | j, i < j
+  listed.reserve(small_bucket_pairs);
+  BucketScratch scratch_bucket;
+  for (uint32_t t = 0; t < tables; ++t) {
+    const uint64_t* table = &keyed[size_t{t} * m];
+    for (size_t a = 0; a < m;) {
+      size_t b = a + 1;
+      while (b < m && (table[b] >> 32) == (table[a] >> 32)) ++b;
+      if (b - a >= kBlockedBucket) {
+        s.verified_pairs += uint64_t{b - a} * (b - a - 1) / 2;
+        s.edges += VerifyBucket(kernels, unit, dim, theta, table + a, b - a, words, adjacency,
+                                &scratch_bucket);
+      } else {
+        // Members ascend (the sort keeps index order within a key), so i < j.
+        for (size_t x = a; x < b; ++x) {
+          const uint64_t i = static_cast<uint32_t>(table[x]);
+          for (size_t y = x + 1; y < b; ++y) {
+            listed.push_back(i << index_bits | static_cast<uint32_t>(table[y]));
+          }
+        }
+      }
+      a = b;
+    }
+  }
+  {
+    std::vector<uint64_t> sort_scratch(listed.size());
+    RadixSort(listed.data(), listed.size(), 0, 2 * index_bits, sort_scratch.data());
+  }
+  listed.erase(std::unique(listed.begin(), listed.end()), listed.end());
+  const uint64_t j_mask = (uint64_t{1} << index_bits) - 1;
   std::vector<uint32_t> batch;
   batch.reserve(2 * kPairBatch);
   auto flush = [&] {
@@ -265,38 +297,15 @@ absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, s
                                             adjacency);
     batch.clear();
   };
-  BucketScratch scratch_bucket;
-  for (uint32_t t = 0; t < tables; ++t) {
-    const uint64_t* table = &keyed[size_t{t} * m];
-    for (size_t a = 0; a < m;) {
-      size_t b = a + 1;
-      while (b < m && (table[b] >> 32) == (table[a] >> 32)) ++b;
-      // A large bucket whose pairs are mostly new goes to the blocked kernel; one whose pairs
-      // earlier tables mostly found already (a cluster seen again) lists the rest.
-      if (b - a >= kBlockedBucket && 4 * UnknownPairs(table + a, b - a, words, adjacency) >
-                                         uint64_t{b - a} * (b - a - 1) / 2) {
-        s.verified_pairs += uint64_t{b - a} * (b - a - 1) / 2;
-        s.edges += VerifyBucket(kernels, unit, dim, theta, table + a, b - a, words, adjacency,
-                                &scratch_bucket);
-        a = b;
-        continue;
-      }
-      for (size_t x = a; x < b; ++x) {
-        const auto i = static_cast<uint32_t>(table[x]);
-        const uint64_t* row = &adjacency[size_t{i} * words];
-        for (size_t y = x + 1; y < b; ++y) {
-          const auto j = static_cast<uint32_t>(table[y]);
-          if ((row[j / 64] >> (j % 64)) & 1) continue;  // already an edge
-          batch.push_back(i);
-          batch.push_back(j);
-          // A pair sits in one bucket per table, so a batch never holds it twice.
-          if (batch.size() == 2 * kPairBatch) flush();
-        }
-      }
-      a = b;
-    }
-    flush();  // before the next table, whose repeats of this table's edges are then skipped
+  for (const uint64_t pair : listed) {
+    const auto i = static_cast<uint32_t>(pair >> index_bits);
+    const auto j = static_cast<uint32_t>(pair & j_mask);
+    if ((adjacency[size_t{i} * words + j / 64] >> (j % 64)) & 1) continue;  // a blocked edge
+    batch.push_back(i);
+    batch.push_back(j);
+    if (batch.size() == 2 * kPairBatch) flush();
   }
+  flush();
   return absl::OkStatus();
 }
 
@@ -326,15 +335,16 @@ void LshMatchEntries(const float* entries, size_t known, const float* queries,
   std::vector<uint64_t> entry_keys(size_t{tables} * known);
   std::vector<uint64_t> query_keys(size_t{tables} * live);
   std::vector<uint64_t> scratch(std::max(known, live));
+  std::vector<uint64_t> query_key(count);
   for (uint32_t t = 0; t < tables; ++t) {
     uint64_t* ek = &entry_keys[size_t{t} * known];
-    for (size_t e = 0; e < known; ++e) {
-      ek[e] = (family.Key(t, &entry_projections[e * kLshProjections]) << 32) | e;
-    }
+    family.Keys(t, entry_projections.data(), known, ek);
+    for (size_t e = 0; e < known; ++e) ek[e] = (ek[e] << 32) | e;
     SortByKey(ek, known, scratch.data());
     uint64_t* qk = &query_keys[size_t{t} * live];
+    family.Keys(t, query_projections.data(), count, query_key.data());
     for (size_t q = 0, r = 0; q < count; ++q) {
-      if (nonzero[q]) qk[r++] = (family.Key(t, &query_projections[q * kLshProjections]) << 32) | q;
+      if (nonzero[q]) qk[r++] = (query_key[q] << 32) | q;
     }
     SortByKey(qk, live, scratch.data());
   }

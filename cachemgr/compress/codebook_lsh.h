@@ -14,8 +14,10 @@
 //
 // The random draws are seeded and the projections come from VectorKernels::lsh_project
 // (bit-identical in every instruction-set build), so a given input always gives the same graph.
-// Hashing costs n * 32 * dim; verification is proportional to the candidate pairs (a pair
-// listed again by a later table is skipped once it is an edge). Below `exact_below` vectors,
+// Hashing costs n * 32 * dim; verification is proportional to the distinct candidate pairs: a
+// bucket of 16 or more vectors goes whole to the blocked kernel, and the pairs of the smaller
+// ones are collected from every table, sorted and deduplicated, so each is tested once, in row
+// order. Below `exact_below` vectors,
 // and when the candidates outnumber half of all pairs (data so concentrated that hashing cannot
 // separate it), the exact pass runs instead: never much slower than exact.
 #pragma once
@@ -43,7 +45,7 @@ struct LshParams {
 
 struct LshStats {
   uint64_t candidate_pairs = 0;  // (table, pair) candidates, with repeats across tables
-  uint64_t verified_pairs = 0;   // candidates whose edge test ran (not already an edge)
+  uint64_t verified_pairs = 0;   // edge tests run (a listed pair once, whatever its tables)
   uint64_t edges = 0;            // pairs i < j found similar
   bool exact = false;            // SimilarityAdjacency ran instead (few vectors, or too
                                  // many candidates)
@@ -66,8 +68,9 @@ class LshFamily {
   const LshParams& params() const { return params_; }
   // out[r * kLshProjections + p] = g_p . rows[r], for r < n.
   void Project(const float* rows, size_t n, float* out) const;
-  // Table `table`'s key of a vector whose projections are `projections`.
-  uint64_t Key(uint32_t table, const float* projections) const;
+  // Table `table`'s keys of `rows` vectors whose projections (Project's layout) are
+  // `projections`: keys[r] for row r.
+  void Keys(uint32_t table, const float* projections, size_t rows, uint64_t* keys) const;
 
  private:
   uint32_t dim_;

@@ -40,7 +40,7 @@ absl::Status BuildParts(const std::vector<float>& vectors, uint32_t dim, uint32_
 absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& policy,
                                  const LayerInput& layer, const RopeParams& rope,
                                  const RopeAngles& angles, const SimilarityGraphBuilder* graph,
-                                 LayerResult* result) {
+                                 CodebookScratch* scratch, LayerResult* result) {
   result->key_codebook.reset();
   result->value_codebook.reset();
   result->key_entry_offsets.clear();
@@ -68,6 +68,7 @@ absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& po
   CodebookOptions options;
   options.search = policy.codebook_search;
   options.graph = graph;
+  options.scratch = scratch;
   Codebook key_codebook;
   Codebook value_codebook;
   std::vector<uint32_t> key_offsets;

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "cachemgr/compress/codebook.h"
 #include "cachemgr/compress/compress.h"
 #include "cachemgr/compress/rope.h"
 
@@ -19,10 +20,11 @@ namespace cachemgr::compress {
 // kKvHead one per KV head, concatenated. With policy.codebook_only_if_smaller the codebooks are
 // dropped again when their honest bytes are not below the plain bytes of the same selection.
 // `angles` holds the RoPE angles of every token of the sequence, indexed by token; `graph`
-// builds the similarity graphs (null: on the host). Errors from BuildCodebook pass through.
+// builds the similarity graphs (null: on the host); `scratch` is this thread's reusable memory
+// (CodebookOptions::scratch; null: none). Errors from BuildCodebook pass through.
 absl::Status BuildLayerCodebooks(const ModelShape& shape, const PolicyConfig& policy,
                                  const LayerInput& layer, const RopeParams& rope,
                                  const RopeAngles& angles, const SimilarityGraphBuilder* graph,
-                                 LayerResult* result);
+                                 CodebookScratch* scratch, LayerResult* result);
 
 }  // namespace cachemgr::compress

@@ -5,14 +5,17 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "cachemgr/compress/accounting.h"
 #include "cachemgr/compress/budget.h"
+#include "cachemgr/compress/codebook.h"
 #include "cachemgr/compress/codebook_stage.h"
 #include "cachemgr/compress/rope.h"
 #include "cachemgr/compress/scoring.h"
@@ -134,12 +137,30 @@ class SequenceCompressor {
                                  &layer.kept, ranker_));
     }
     if (policy_.codebook) {
-      RETURN_IF_ERROR(BuildLayerCodebooks(shape_, policy_, input_.layers[l], rope_, angles_,
-                                          similarity_graph_, &layer));
+      std::unique_ptr<CodebookScratch> scratch = TakeScratch();
+      const absl::Status built =
+          BuildLayerCodebooks(shape_, policy_, input_.layers[l], rope_, angles_, similarity_graph_,
+                              scratch.get(), &layer);
+      GiveScratch(std::move(scratch));
+      RETURN_IF_ERROR(built);
     }
     layer.bytes_held = LayerBytes(shape_, layer);
     layer.eq15_ratio = LayerEq15Ratio(shape_, layer, input_.num_tokens);
     return layer;
+  }
+
+  // The codebook scratch of the layers in flight (at most threads_), reused by later layers of
+  // this call and freed with it.
+  std::unique_ptr<CodebookScratch> TakeScratch() {
+    absl::MutexLock lock(&scratch_mutex_);
+    if (idle_scratch_.empty()) return std::make_unique<CodebookScratch>();
+    std::unique_ptr<CodebookScratch> scratch = std::move(idle_scratch_.back());
+    idle_scratch_.pop_back();
+    return scratch;
+  }
+  void GiveScratch(std::unique_ptr<CodebookScratch> scratch) {
+    absl::MutexLock lock(&scratch_mutex_);
+    idle_scratch_.push_back(std::move(scratch));
   }
 
   const ModelShape& shape_;
@@ -157,6 +178,8 @@ class SequenceCompressor {
   // The last result of each layer: a layer whose kept count did not change between two
   // evaluations of the search is not selected (or codebooked) again.
   std::vector<std::optional<LayerResult>> memo_;
+  absl::Mutex scratch_mutex_;
+  std::vector<std::unique_ptr<CodebookScratch>> idle_scratch_ ABSL_GUARDED_BY(scratch_mutex_);
 };
 
 absl::Status ByteTargetOutOfRange(double target, double low, double high,

@@ -123,6 +123,21 @@ TEST_CASE("hashed graph: tight clusters and duplicates are found whole, determin
   }
 }
 
+TEST_CASE("hashed graph: pairs tested in large buckets and in small ones are counted once",
+          "[cpu]") {
+  // Clusters of 24 around 16 (the blocked-bucket size): some tables key a cluster whole (the
+  // blocked kernel), others split it into small buckets (listed pairs), so the two ways meet on
+  // the same pairs.
+  const UnitSet s = Mixture(2400, 32, 100, 0.02f, 13);
+  LshStats stats;
+  const std::vector<uint64_t> hashed = HashedGraph(s, 0.98f, Forced(), &stats);
+  CHECK_FALSE(stats.exact);
+  CHECK(hashed == ExactGraph(s, 0.98f));
+  CHECK(stats.edges == Edges(hashed, s.n));
+  // Candidates repeat across tables; each listed pair is tested once.
+  CHECK(stats.verified_pairs < stats.candidate_pairs);
+}
+
 TEST_CASE("hashed graph: the exact pass where hashing cannot separate the data", "[cpu]") {
   // One tight cone: every pair collides in every table.
   const UnitSet cone = Mixture(2200, 16, 1, 0.02f, 3);
