@@ -37,20 +37,81 @@ bool Normalize(const float* x, uint32_t dim, float* unit, float* magnitude) {
   return true;
 }
 
-// Greedy rounds of Algorithm 1 over a symmetric adjacency bitset with the diagonal set.
+// Algorithm 1's graph as a symmetric adjacency bitset with the diagonal set.
+class BitsetGraph {
+ public:
+  BitsetGraph(size_t n, const uint64_t* adjacency) : words_((n + 63) / 64), adjacency_(adjacency) {}
+  uint32_t Degree(uint32_t v) const {
+    uint32_t d = 0;
+    for (size_t w = 0; w < words_; ++w) {
+      // Most words of a sparse graph are 0, and this build's popcount is a library call.
+      if (const uint64_t bits = adjacency_[v * words_ + w]; bits != 0) d += std::popcount(bits);
+    }
+    return d;
+  }
+  // fn(u) for every u adjacent to v (v itself included) with bit u of `alive` set.
+  template <typename Fn>
+  void ForEachAlive(uint32_t v, const uint64_t* alive, Fn&& fn) const {
+    const uint64_t* row = adjacency_ + v * words_;
+    for (size_t w = 0; w < words_; ++w) {
+      uint64_t bits = row[w] & alive[w];
+      while (bits != 0) {
+        fn(static_cast<uint32_t>(w * 64 + std::countr_zero(bits)));
+        bits &= bits - 1;
+      }
+    }
+  }
+
+ private:
+  size_t words_;
+  const uint64_t* adjacency_;
+};
+
+// The same graph as edge lists: edges (i << 32 | j, each pair once) become neighbour lists;
+// the self-loops are implied.
+class ListGraph {
+ public:
+  ListGraph(size_t n, const std::vector<uint64_t>& edges) : offsets_(n + 1, 0) {
+    for (uint64_t e : edges) {
+      ++offsets_[(e >> 32) + 1];
+      ++offsets_[static_cast<uint32_t>(e) + 1];
+    }
+    for (size_t v = 0; v < n; ++v) offsets_[v + 1] += offsets_[v];
+    neighbours_.resize(offsets_[n]);
+    std::vector<size_t> fill(offsets_.begin(), offsets_.end() - 1);
+    for (uint64_t e : edges) {
+      const auto i = static_cast<uint32_t>(e >> 32);
+      const auto j = static_cast<uint32_t>(e);
+      neighbours_[fill[i]++] = j;
+      neighbours_[fill[j]++] = i;
+    }
+  }
+  uint32_t Degree(uint32_t v) const {
+    return static_cast<uint32_t>(1 + offsets_[v + 1] - offsets_[v]);
+  }
+  template <typename Fn>
+  void ForEachAlive(uint32_t v, const uint64_t* alive, Fn&& fn) const {
+    auto is_alive = [&](uint32_t u) { return (alive[u / 64] >> (u % 64)) & 1; };
+    if (is_alive(v)) fn(v);
+    for (size_t k = offsets_[v]; k < offsets_[v + 1]; ++k) {
+      if (is_alive(neighbours_[k])) fn(neighbours_[k]);
+    }
+  }
+
+ private:
+  std::vector<size_t> offsets_;
+  std::vector<uint32_t> neighbours_;
+};
+
+// Greedy rounds of Algorithm 1 over `Graph` (BitsetGraph or ListGraph: the same rounds, since a
+// round's members and the degrees they remove do not depend on the order they are visited in).
+template <typename Graph>
 class GreedyCover {
  public:
-  GreedyCover(size_t n, size_t words, const uint64_t* adjacency)
-      : n_(n), words_(words), adjacency_(adjacency), alive_(words, 0), degree_(n, 0) {
+  GreedyCover(size_t n, const Graph& graph)
+      : n_(n), words_((n + 63) / 64), graph_(graph), alive_(words_, 0), degree_(n, 0) {
     for (size_t i = 0; i < n; ++i) alive_[i / 64] |= uint64_t{1} << (i % 64);
-    for (size_t i = 0; i < n; ++i) {
-      uint32_t d = 0;
-      for (size_t w = 0; w < words; ++w) {
-        // Most words of a sparse graph are 0, and this build's popcount is a library call.
-        if (const uint64_t bits = adjacency[i * words + w]; bits != 0) d += std::popcount(bits);
-      }
-      degree_[i] = d;
-    }
+    for (size_t i = 0; i < n; ++i) degree_[i] = graph.Degree(static_cast<uint32_t>(i));
     leaves_ = 1;
     while (leaves_ < n) leaves_ *= 2;
     tree_.assign(2 * leaves_, kNone);
@@ -122,19 +183,12 @@ class GreedyCover {
 
   template <typename Fn>
   void ForEachAliveNeighbour(uint32_t v, Fn&& fn) const {
-    const uint64_t* row = adjacency_ + v * words_;
-    for (size_t w = 0; w < words_; ++w) {
-      uint64_t bits = row[w] & alive_[w];
-      while (bits != 0) {
-        fn(static_cast<uint32_t>(w * 64 + std::countr_zero(bits)));
-        bits &= bits - 1;
-      }
-    }
+    graph_.ForEachAlive(v, alive_.data(), fn);
   }
 
   size_t n_;
   size_t words_;
-  const uint64_t* adjacency_;
+  const Graph& graph_;
   std::vector<uint64_t> alive_;
   std::vector<uint32_t> degree_;
   size_t leaves_ = 1;
@@ -164,25 +218,46 @@ absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t di
   // Eq. 9 in one blocked pass over the upper triangle, never materialising S.
   const size_t words = (n + 63) / 64;
   std::vector<uint64_t> own_adjacency;
+  size_t own_dirty = 0;
   std::vector<uint64_t>& adjacency =
       options.scratch != nullptr ? options.scratch->adjacency : own_adjacency;
+  size_t& dirty = options.scratch != nullptr ? options.scratch->dirty_words : own_dirty;
+  const size_t cells = n * words;
   try {
-    if (adjacency.size() >= n * words) {
-      std::fill_n(adjacency.begin(), n * words, uint64_t{0});
-    } else {
+    std::fill_n(adjacency.begin(), std::min(dirty, adjacency.size()), uint64_t{0});
+    dirty = 0;
+    if (adjacency.size() < cells) {
       adjacency.clear();
-      adjacency.resize(n * words);  // zero-filled
+      adjacency.resize(cells);  // zero-filled
     }
   } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", n * words * 8,
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the ", cells * 8,
                                                      "-byte adjacency bitset for ", n, " vectors"));
   }
+  dirty = cells;
+  std::vector<uint32_t> picks;
   if (options.search == CodebookSearch::kLsh) {
+    LshStats stats;
+    std::vector<uint64_t> edges;
     if (absl::Status s =
             LshSimilarityAdjacency(unit.data(), nonzero.data(), n, dim, theta, adjacency.data(),
-                                   LshParams{}, nullptr, options.graph);
+                                   LshParams{}, &stats, options.graph, &edges);
         !s.ok()) {
       return s;
+    }
+    if (!stats.exact && edges.size() == stats.edges) {
+      // A hashed graph holds a small fraction of all pairs: the rounds run on its edge lists
+      // rather than scanning n^2 / 8 bytes of bitset, and only its bits are cleared again.
+      const ListGraph graph(n, edges);
+      picks = GreedyCover<ListGraph>(n, graph).Run(&codebook.refs);
+      for (uint64_t e : edges) {
+        const size_t i = e >> 32;
+        const size_t j = static_cast<uint32_t>(e);
+        adjacency[i * words + j / 64] = 0;
+        adjacency[j * words + i / 64] = 0;
+      }
+      for (size_t i = 0; i < n; ++i) adjacency[i * words + i / 64] = 0;
+      dirty = 0;
     }
   } else if (options.graph == nullptr) {
     SimilarityAdjacency(unit.data(), nonzero.data(), n, dim, theta, adjacency.data());
@@ -191,7 +266,7 @@ absl::StatusOr<Codebook> BuildGraph(absl::Span<const float> vectors, uint32_t di
              !s.ok()) {
     return s;
   }
-  const std::vector<uint32_t> picks = GreedyCoverRounds(n, adjacency.data(), &codebook.refs);
+  if (dirty != 0) picks = GreedyCoverRounds(n, adjacency.data(), &codebook.refs);
   codebook.entries.resize(picks.size() * dim);
   for (size_t c = 0; c < picks.size(); ++c) {
     std::copy_n(&unit[size_t{picks[c]} * dim], dim, &codebook.entries[c * dim]);
@@ -233,7 +308,8 @@ void SimilarityAdjacency(const float* unit, const uint8_t* nonzero, size_t n, ui
 
 std::vector<uint32_t> GreedyCoverRounds(size_t n, const uint64_t* adjacency,
                                         std::vector<uint32_t>* refs) {
-  GreedyCover cover(n, (n + 63) / 64, adjacency);
+  const BitsetGraph graph(n, adjacency);
+  GreedyCover<BitsetGraph> cover(n, graph);
   return cover.Run(refs);
 }
 

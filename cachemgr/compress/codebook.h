@@ -49,10 +49,12 @@ enum class CodebookSearch : uint8_t {
 inline constexpr uint32_t kMaxGraphVectors = 16384;
 
 // Memory BuildCodebook reuses from one similarity graph to the next (the bitset is up to
-// 32 MiB: faulting its pages in anew for every graph cost more than zeroing them). One per
-// thread building codebooks; it holds the largest bitset built until it is destroyed.
+// 32 MiB: faulting its pages in anew for every graph cost more than zeroing them, and a hashed
+// graph clears only the bits it set). One per thread building codebooks; it holds the largest
+// bitset built until it is destroyed.
 struct CodebookScratch {
   std::vector<uint64_t> adjacency;
+  size_t dirty_words = 0;  // adjacency[0, dirty_words) may hold set bits; the rest are zero
 };
 
 struct CodebookOptions {

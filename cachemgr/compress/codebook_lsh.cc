@@ -83,10 +83,11 @@ struct BucketScratch {
 
 // All pairs of one bucket (`members`: packed words, the vector in the low half), by
 // similarity_pairs on a gathered copy: the same edge test as SimilarityAdjacency, so the same
-// decisions. Sets the edges in `adjacency`; returns how many were not set before.
+// decisions. Sets the edges in `adjacency`; returns how many were not set before, and appends
+// those to `edges` (when not null) as i << 32 | j, i < j.
 size_t VerifyBucket(const VectorKernels& kernels, const float* unit, uint32_t dim, float theta,
                     const uint64_t* members, size_t size, size_t words, uint64_t* adjacency,
-                    BucketScratch* scratch) {
+                    BucketScratch* scratch, std::vector<uint64_t>* edges) {
   const size_t local_words = (size + 63) / 64;
   scratch->rows.resize(size * dim);
   scratch->transposed.assign((size + 7) / 8 * 8 * dim, 0.0f);
@@ -118,6 +119,7 @@ size_t VerifyBucket(const VectorKernels& kernels, const float* unit, uint32_t di
         if (ij & bit) continue;
         ij |= bit;
         adjacency[size_t{j} * words + i / 64] |= uint64_t{1} << (i % 64);
+        if (edges != nullptr) edges->push_back(uint64_t{i} << 32 | j);
         ++added;
       }
     }
@@ -189,7 +191,20 @@ void LshFamily::Keys(uint32_t table, const float* projections, size_t rows, uint
 absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, size_t n,
                                     uint32_t dim, float theta, uint64_t* adjacency,
                                     const LshParams& params, LshStats* stats,
-                                    const SimilarityGraphBuilder* exact) {
+                                    const SimilarityGraphBuilder* exact,
+                                    std::vector<uint64_t>* edges) {
+  if (edges != nullptr) edges->clear();
+  // The edge list is kept while it is no larger than half the bitset (a hostile input of a few
+  // tight clusters could make it n^2 / 4 pairs); past that it is dropped, left empty.
+  std::vector<uint64_t>* edge_list = edges;
+  const size_t max_listed_edges = n * ((n + 63) / 64) / 2;
+  auto bound_edge_list = [&] {
+    if (edge_list != nullptr && edge_list->size() > max_listed_edges) {
+      edge_list->clear();
+      edge_list->shrink_to_fit();
+      edge_list = nullptr;
+    }
+  };
   LshStats local;
   LshStats& s = stats != nullptr ? *stats : local;
   s = {};
@@ -270,7 +285,8 @@ absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, s
       if (b - a >= kBlockedBucket) {
         s.verified_pairs += uint64_t{b - a} * (b - a - 1) / 2;
         s.edges += VerifyBucket(kernels, unit, dim, theta, table + a, b - a, words, adjacency,
-                                &scratch_bucket);
+                                &scratch_bucket, edge_list);
+        bound_edge_list();
       } else {
         // Members ascend (the sort keeps index order within a key), so i < j.
         for (size_t x = a; x < b; ++x) {
@@ -295,12 +311,40 @@ absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, s
     s.verified_pairs += batch.size() / 2;
     s.edges += kernels.similar_listed_pairs(unit, dim, theta, batch.data(), batch.size() / 2, words,
                                             adjacency);
+    if (edge_list != nullptr) {  // the pairs just found similar: their bits are set now
+      for (size_t p = 0; p < batch.size(); p += 2) {
+        const uint32_t i = batch[p];
+        const uint32_t j = batch[p + 1];
+        if ((adjacency[size_t{i} * words + j / 64] >> (j % 64)) & 1) {
+          edge_list->push_back(uint64_t{i} << 32 | j);
+        }
+      }
+      bound_edge_list();
+    }
     batch.clear();
   };
+  // The blocked kernel's edges are skipped: found in the bitset, or, where they were listed
+  // too, by walking them sorted beside `listed` (no probe of the bitset per pair).
+  std::vector<uint64_t> blocked;
+  const bool blocked_listed = edge_list != nullptr;
+  if (blocked_listed) {
+    blocked.reserve(edge_list->size());
+    for (uint64_t e : *edge_list) {
+      blocked.push_back((e >> 32) << index_bits | static_cast<uint32_t>(e));
+    }
+    std::vector<uint64_t> sort_scratch(blocked.size());
+    RadixSort(blocked.data(), blocked.size(), 0, 2 * index_bits, sort_scratch.data());
+  }
+  size_t next_blocked = 0;
   for (const uint64_t pair : listed) {
     const auto i = static_cast<uint32_t>(pair >> index_bits);
     const auto j = static_cast<uint32_t>(pair & j_mask);
-    if ((adjacency[size_t{i} * words + j / 64] >> (j % 64)) & 1) continue;  // a blocked edge
+    if (blocked_listed) {
+      while (next_blocked < blocked.size() && blocked[next_blocked] < pair) ++next_blocked;
+      if (next_blocked < blocked.size() && blocked[next_blocked] == pair) continue;
+    } else if ((adjacency[size_t{i} * words + j / 64] >> (j % 64)) & 1) {
+      continue;  // a blocked edge
+    }
     batch.push_back(i);
     batch.push_back(j);
     if (batch.size() == 2 * kPairBatch) flush();

@@ -54,11 +54,15 @@ struct LshStats {
 // SimilarityAdjacency's contract (codebook_graph.h: `adjacency` [n, ceil(n / 64)] words,
 // zero-filled by the caller; self-loops set here), with the pairs found by hashing. Where the
 // exact pass runs instead, `exact` builds it (null: SimilarityAdjacency on this thread); its
-// errors pass through.
+// errors pass through. Where hashing ran (stats->exact false), `edges` (when not null) gets
+// every edge once, as i << 32 | j with i < j, in no particular order: the bits set besides the
+// self-loops, for callers that would rather not scan the bitset; it is left empty instead when
+// the edges outnumber n * ceil(n / 64) / 2 (the list would outgrow half the bitset).
 absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, size_t n,
                                     uint32_t dim, float theta, uint64_t* adjacency,
                                     const LshParams& params = {}, LshStats* stats = nullptr,
-                                    const SimilarityGraphBuilder* exact = nullptr);
+                                    const SimilarityGraphBuilder* exact = nullptr,
+                                    std::vector<uint64_t>* edges = nullptr);
 
 // The hash functions for one (dim, theta, params): the shared projections and each table's key.
 class LshFamily {

@@ -4,6 +4,7 @@
 // no similar pair is missed.
 #include "cachemgr/compress/codebook_lsh.h"
 
+#include <algorithm>
 #include <bit>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -233,6 +234,90 @@ TEST_CASE("LshMatchEntries: a hashed candidate passing the edge test, or MatchEn
                          : -1;
     CHECK(small[q] == want);
   }
+}
+
+TEST_CASE("BuildCodebook kLsh: a reused scratch gives the codebooks fresh memory gives", "[cpu]") {
+  CodebookScratch scratch;
+  CodebookOptions fresh;
+  fresh.search = CodebookSearch::kLsh;
+  CodebookOptions reused = fresh;
+  reused.scratch = &scratch;
+  // Hashed graphs of different sizes, one that falls back to the exact pass (every vector in
+  // one tight cluster: hashing cannot separate it) and leaves its bits behind, then smaller
+  // hashed ones over that memory, and chunks.
+  struct Case {
+    size_t n;
+    uint32_t centres;
+    float noise;
+    uint32_t max_graph_vectors;
+    int clean;  // after the build: 1 (the last graph was hashed), 0 (exact), -1 (either)
+  };
+  for (const Case& c :
+       {Case{3000, 200, 0.18f, kMaxGraphVectors, 1}, Case{2600, 1, 0.001f, 8192, 0},
+        Case{2300, 300, 0.05f, kMaxGraphVectors, 1}, Case{5000, 400, 0.1f, 2100, -1}}) {
+    CAPTURE(c.n, c.centres);
+    const UnitSet s = Mixture(c.n, 64, c.centres, c.noise, 17, /*zero_every=*/89);
+    fresh.max_graph_vectors = reused.max_graph_vectors = c.max_graph_vectors;
+    const absl::StatusOr<Codebook> a = BuildCodebook(s.raw, s.dim, 0.95f, fresh);
+    const absl::StatusOr<Codebook> b = BuildCodebook(s.raw, s.dim, 0.95f, reused);
+    REQUIRE(a.ok());
+    REQUIRE(b.ok());
+    CHECK(a->entries == b->entries);
+    CHECK(a->refs == b->refs);
+    CHECK(a->magnitudes == b->magnitudes);
+    // A hashed graph clears what it set; the exact pass leaves its words to the next build.
+    const bool clean = std::all_of(scratch.adjacency.begin(), scratch.adjacency.end(),
+                                   [](uint64_t w) { return w == 0; });
+    CHECK(clean == (scratch.dirty_words == 0));
+    if (c.clean >= 0) CHECK(clean == (c.clean == 1));
+  }
+  CHECK(!scratch.adjacency.empty());
+}
+
+TEST_CASE("hashed graph: the edge list, and its bound", "[cpu]") {
+  // Loose clusters: a few edges per vector, all listed.
+  const UnitSet sparse = Mixture(3000, 64, 200, 0.18f, 7);
+  LshStats stats;
+  std::vector<uint64_t> edges;
+  std::vector<uint64_t> adjacency(sparse.n * ((sparse.n + 63) / 64), 0);
+  REQUIRE(LshSimilarityAdjacency(sparse.unit.data(), sparse.nonzero.data(), sparse.n, sparse.dim,
+                                 0.95f, adjacency.data(), LshParams{}, &stats, nullptr, &edges)
+              .ok());
+  REQUIRE_FALSE(stats.exact);
+  REQUIRE(stats.edges > 0);
+  CHECK(edges.size() == stats.edges);
+  std::vector<uint64_t> from_list(adjacency.size(), 0);
+  const size_t words = (sparse.n + 63) / 64;
+  for (size_t i = 0; i < sparse.n; ++i) from_list[i * words + i / 64] |= uint64_t{1} << (i % 64);
+  for (uint64_t e : edges) {
+    const size_t i = e >> 32;
+    const size_t j = static_cast<uint32_t>(e);
+    REQUIRE(i < j);
+    from_list[i * words + j / 64] |= uint64_t{1} << (j % 64);
+    from_list[j * words + i / 64] |= uint64_t{1} << (i % 64);
+  }
+  CHECK(from_list == adjacency);
+
+  // Clusters of ~44 identical directions: hashing still pays (each pair is a candidate in every
+  // table, 24 x 52k < half of all pairs), but 52k edges outnumber half the bitset's words
+  // (2400 x 38 / 2): the list is dropped, and BuildCodebook's rounds run on the bitset.
+  const UnitSet dense = Mixture(2400, 32, 55, 0.001f, 19);
+  std::vector<uint64_t> dense_adjacency(dense.n * ((dense.n + 63) / 64), 0);
+  REQUIRE(LshSimilarityAdjacency(dense.unit.data(), dense.nonzero.data(), dense.n, dense.dim, 0.95f,
+                                 dense_adjacency.data(), LshParams{}, &stats, nullptr, &edges)
+              .ok());
+  REQUIRE_FALSE(stats.exact);
+  CHECK(stats.edges > dense.n * ((dense.n + 63) / 64) / 2);
+  CHECK(edges.empty());
+  CHECK(dense_adjacency == ExactGraph(dense, 0.95f));
+  CodebookOptions lsh;
+  lsh.search = CodebookSearch::kLsh;
+  const absl::StatusOr<Codebook> fast = BuildCodebook(dense.raw, dense.dim, 0.95f, lsh);
+  const absl::StatusOr<Codebook> exact = BuildCodebook(dense.raw, dense.dim, 0.95f);
+  REQUIRE(fast.ok());
+  REQUIRE(exact.ok());
+  CHECK(fast->refs == exact->refs);
+  CHECK(fast->entries == exact->entries);
 }
 
 TEST_CASE("BuildCodebook kLsh: the exact codebook when no pair is missed; valid always", "[cpu]") {
