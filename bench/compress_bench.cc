@@ -10,6 +10,9 @@
 //   BM_CodebookSequence/tokens/lsh/layers  codebook-only Compress of a SmolLM2-shaped sequence,
 //                         exact (lsh 0) or hashed (lsh 1) similarity search, every core.
 //   BM_SpindleSequence/tokens  the "spindlekv" preset on a Llama-3-8B-shaped sequence, every core.
+//   BM_CompressCallerTime/tokens/background  how long a codebook-only Compress of a
+//                         SmolLM2-shaped sequence blocks the engine, blocking or background
+//                         (decoding meanwhile), through the CacheManager.
 //   BM_HostStagesFromScores/n/policy/target/threads  what a CUDA pool's Compress does on the
 //                         host after the device scored the tokens (see the function).
 //   BM_Memcpy/bytes       plain memcpy baseline.
@@ -40,9 +43,13 @@
 #include <thread>
 #include <vector>
 
+#include "cachemgr/backend/host_backend.h"
+#include "cachemgr/cache_manager.h"
 #include "cachemgr/compress/codebook.h"
 #include "cachemgr/compress/compress.h"
 #include "cachemgr/compress/rope.h"
+#include "cachemgr/host/memfd_region.h"
+#include "cachemgr/util/clock.h"
 #include "cachemgr/util/status_macros.h"
 
 namespace {
@@ -530,6 +537,133 @@ void CodebookArgsLarge(benchmark::internal::Benchmark* b) {
 
 }  // namespace
 
+// The engine's side of a codebook-only Compress of a SmolLM2-135M-shaped sequence (as
+// BM_CodebookSequence's, in an fp32 host pool) through the CacheManager: how long the caller is
+// blocked. Args: tokens, background. Blocking (0): the whole Compress call. Background (1):
+// Compress returns once it has what it needs; the engine then decodes one token per step
+// (Allocate 1, then a 10 ms forward it spends elsewhere: sleeping, as on a GPU) and polls
+// FinishCompress without waiting until it applies; blocked_ms sums those calls (start_ms the
+// Compress call, poll_us a poll that found it working, apply_ms the one that applied it).
+// work_ms: from the Compress call to the result applied; steps: decode steps meanwhile.
+void BM_CompressCallerTime(benchmark::State& state) {
+  namespace cc = cachemgr::compress;
+  using cachemgr::CacheManager;
+  const auto tokens = static_cast<uint32_t>(state.range(0));
+  const bool background = state.range(1) == 1;
+  cachemgr::HostBackend backend;
+  cachemgr::RealClock clock;
+  cachemgr::CacheManagerOptions options;
+  options.memory_budget_bytes = uint64_t{8} << 30;
+  options.lease_timeout = absl::Hours(1);
+  CacheManager manager(options, &backend, &clock, nullptr);
+  cachemgr::ModelSpec model;
+  model.name = "smollm2-shape";
+  model.num_layers = 30;
+  model.num_q_heads = 9;
+  model.num_kv_heads = 3;
+  model.head_dim = 64;
+  model.dtype = cachemgr::DType::kFp32;
+  model.block_size = 16;
+  model.rope.style = cachemgr::RopeStyle::kInterleaved;
+  model.rope.theta = 100000.0;
+  const uint32_t num_blocks = tokens / model.block_size + 256;  // and the decode steps
+  auto attached = manager.Attach({"bench", model, num_blocks});
+  if (!attached.ok()) {
+    state.SkipWithError(std::string(attached.status().message()).c_str());
+    return;
+  }
+  const std::string& token = attached->session_token;
+  auto fds = manager.ShareFds(token);
+  auto pool =
+      fds.ok() ? cachemgr::MemfdRegion::Map(std::move((*fds)[0]), attached->pool.regions[0].bytes)
+               : absl::StatusOr<cachemgr::MemfdRegion>(fds.status());
+  cc::ModelShape shape;
+  shape.num_layers = model.num_layers;
+  shape.num_q_heads = model.num_q_heads;
+  shape.num_kv_heads = model.num_kv_heads;
+  shape.head_dim = model.head_dim;
+  shape.elem_bytes = 4;
+  shape.rope_style = cc::RopeStyle::kInterleaved;
+  shape.rope_theta = model.rope.theta;
+  absl::StatusOr<MixtureSequence> sequence = MakeMixtureSequence(shape, tokens, 0, 6000);
+  if (!pool.ok() || !sequence.ok()) {
+    state.SkipWithError("setting the sequence up failed");
+    return;
+  }
+  const cachemgr::kernels::KvLayerLayout layout = attached->pool.model.LayerLayout(num_blocks);
+  const uint32_t hkv = model.num_kv_heads, dim = model.head_dim;
+  // Prefills "it": allocates its tokens and writes their K and V through the mapped pool.
+  auto prefill = [&]() -> bool {
+    auto alloc = manager.Allocate(token, "it", tokens);
+    if (!alloc.ok()) return false;
+    for (uint32_t l = 0; l < shape.num_layers; ++l) {
+      const cc::LayerInput& in = sequence->input.layers[l];
+      for (uint32_t t = 0; t < tokens; ++t) {
+        const int64_t slot = alloc->layers[l].slot_mapping[t];
+        for (uint32_t h = 0; h < hkv; ++h) {
+          const size_t at = (size_t{t} * hkv + h) * dim;
+          for (const auto plane :
+               {cachemgr::kernels::KvPlane::kKey, cachemgr::kernels::KvPlane::kValue}) {
+            std::byte* dst =
+                pool->data() + attached->pool.layers[l].offset +
+                layout.head_offset(plane, slot / model.block_size, slot % model.block_size, h);
+            const float* src = plane == cachemgr::kernels::KvPlane::kKey ? in.keys : in.values;
+            std::memcpy(dst, src + at, dim * sizeof(float));
+          }
+        }
+      }
+    }
+    return true;
+  };
+  cachemgr::CompressParams params;
+  params.policy = *cachemgr::ResolvePreset("codebook");
+  params.target = {cc::TargetKind::kReserveRatio, 1.0};
+  params.input = cachemgr::CompressInput::kNone;
+  params.background = background;
+  double blocked = 0, start_s = 0, polls = 0, apply_s = 0, work = 0, steps = 0, appended = 0;
+  for (auto _ : state) {
+    if (!prefill()) {
+      state.SkipWithError("the prefill failed");
+      return;
+    }
+    const auto start = Clock::now();
+    auto started = manager.Compress(token, "it", params);
+    start_s += Seconds(start, Clock::now());
+    absl::StatusOr<cachemgr::CompressResult> result = started;
+    while (result.ok() && result->pending) {
+      if (!manager.Allocate(token, "it", 1).ok()) {
+        state.SkipWithError("a decode step failed");
+        return;
+      }
+      ++steps;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // the forward
+      const auto poll = Clock::now();
+      result = manager.FinishCompress(token, "it", /*wait=*/false, "");
+      const double took = Seconds(poll, Clock::now());
+      (result.ok() && result->pending ? polls : apply_s) += took;
+    }
+    blocked += start_s + polls + apply_s;
+    work += Seconds(start, Clock::now());
+    if (!result.ok()) {
+      state.SkipWithError(std::string(result.status().message()).c_str());
+      return;
+    }
+    appended += result->rows_appended;
+    if (!manager.Free(token, "it").ok()) {
+      state.SkipWithError("free failed");
+      return;
+    }
+  }
+  const double n = static_cast<double>(state.iterations());
+  state.counters["blocked_ms"] = 1e3 * blocked / n;
+  state.counters["start_ms"] = 1e3 * start_s / n;
+  state.counters["apply_ms"] = 1e3 * apply_s / n;
+  state.counters["poll_us"] = steps > 0 ? 1e6 * polls / steps : 0;
+  state.counters["work_ms"] = 1e3 * work / n;
+  state.counters["steps"] = steps / n;
+  state.counters["rows_appended"] = appended / n;
+}
+
 BENCHMARK(BM_Codebook)->Apply(CodebookArgs)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Codebook)
     ->Apply(CodebookArgsLarge)
@@ -558,6 +692,12 @@ BENCHMARK(BM_SpindleSequence)
     ->ArgNames({"tokens"})
     ->Arg(8192)
     ->Arg(32768)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(1);
+BENCHMARK(BM_CompressCallerTime)
+    ->ArgNames({"tokens", "background"})
+    ->ArgsProduct({{2048, 8192}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(1);

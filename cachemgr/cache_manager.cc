@@ -118,7 +118,9 @@ CacheManager::CacheManager(CacheManagerOptions options, std::vector<DeviceBacken
       quarantine_(std::max(options.quarantine, options.lease_timeout)),
       backends_(std::move(backends)),
       clock_(clock),
-      events_(events) {}
+      events_(events),
+      background_(std::make_unique<WorkerPool>(1)),
+      background_finish_(std::make_unique<WorkerPool>(1)) {}
 
 absl::StatusOr<DeviceBackend*> CacheManager::FindBackend(const std::string& device,
                                                          const std::string& field) const {
@@ -133,7 +135,14 @@ absl::StatusOr<DeviceBackend*> CacheManager::FindBackend(const std::string& devi
                                                  absl::StrJoin(names, ", "), ")"));
 }
 
-CacheManager::~CacheManager() { Shutdown(); }
+CacheManager::~CacheManager() {
+  // Background Compresses stop before their next layer; their thread is joined before the state
+  // their last step locks goes.
+  BeginShutdown();
+  background_.reset();
+  background_finish_.reset();
+  Shutdown();
+}
 
 void CacheManager::PublishLocked(EventType type, const std::string& client_id,
                                  const std::string& sequence_id, const std::string& pool_id,
@@ -649,7 +658,7 @@ absl::StatusOr<DetachResult> CacheManager::Detach(const Caller& caller) {
 uint64_t CacheManager::ReleaseSequenceLocked(Sequence& seq,
                                              std::optional<absl::Time> quarantine_until) {
   Pool* pool = seq.owner->pool;
-  uint64_t released = 0;
+  uint64_t released = EndBackgroundLocked(seq, quarantine_until);
   for (uint32_t l = 0; l < seq.layers.size(); ++l) {
     BlockAllocator& alloc = pool->allocators[l];
     for (uint32_t b : seq.layers[l].blocks) {
@@ -962,6 +971,9 @@ SequenceSnapshot CacheManager::SnapshotLocked(const Sequence& seq) const {
   s.parent_sequence_id = seq.parent_sequence_id;
   s.num_positions = seq.num_positions;
   if (seq.busy != nullptr) s.busy = seq.busy;
+  s.compress_pending = seq.background != nullptr;
+  s.compress_ready = s.compress_pending && seq.background->done.HasBeenNotified();
+  if (!seq.compress_error.ok()) s.compress_error = seq.compress_error.ToString();
   s.layers.reserve(seq.layers.size());
   for (uint32_t l = 0; l < seq.layers.size(); ++l) {
     const Sequence::LayerTable& t = seq.layers[l];
@@ -1272,6 +1284,16 @@ absl::Status CacheManager::CheckInvariants() const {
     }
     bytes += seq->charge;
   }
+  absl::flat_hash_map<const Client*, uint32_t> background;
+  for (const auto& [id, seq] : sequences_) background[seq->owner] += seq->background ? 1 : 0;
+  for (const auto& [token, client] : clients_) {
+    const uint32_t want = background.contains(client.get()) ? background[client.get()] : 0;
+    if (client->background_compresses != want) {
+      return absl::InternalError(
+          absl::StrCat("client ", client->client_id, " counts ", client->background_compresses,
+                       " background Compresses but its sequences have ", want));
+    }
+  }
   for (const auto& [name, pool] : pools_) {
     bytes += pool->bytes + pool->bookkeeping_bytes + pool->building_input_charge +
              pool->prefixes.charge_bytes();
@@ -1314,6 +1336,11 @@ absl::Status CacheManager::CheckInvariants() const {
                                                   " tokens"));
         }
         for (uint32_t b : t.blocks) ++refs[l][b];
+      }
+      if (seq->background != nullptr) {
+        for (uint32_t l = 0; l < seq->background->pinned.size(); ++l) {
+          for (uint32_t b : seq->background->pinned[l]) ++refs[l][b];
+        }
       }
     }
     uint64_t prefix_charge = 0;

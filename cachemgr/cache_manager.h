@@ -74,6 +74,7 @@
 #include "cachemgr/model_spec.h"
 #include "cachemgr/util/clock.h"
 #include "cachemgr/util/unique_fd.h"
+#include "cachemgr/util/worker_pool.h"
 
 namespace cachemgr {
 
@@ -94,6 +95,10 @@ struct CacheManagerOptions {
   uint64_t max_input_buffer_bytes = uint64_t{1} << 30;
   // Threads one Compress spreads its layers over (0: one per hardware thread).
   uint32_t compress_threads = 0;
+  // Background Compresses (CompressParams::background) one client may have started and not yet
+  // finished. Each holds a private copy of its inputs (up to the client's input buffer) and
+  // keeps the blocks it reads referenced until FinishCompress.
+  uint32_t max_background_compresses_per_client = 4;
   // How long the blocks of an expired client stay quarantined (see the file comment).
   // Zero means lease_timeout; shorter values count as lease_timeout.
   absl::Duration quarantine = absl::ZeroDuration();
@@ -232,6 +237,12 @@ struct SequenceSnapshot {
   // The call working on the sequence outside the lock ("Compress", "Fetch", "Park",
   // "StorePrefix", "LoadPrefix"), or "".
   std::string busy;
+  // A background Compress was started and not finished (CacheManager::FinishCompress); ready
+  // once its work is done (its result waits for FinishCompress).
+  bool compress_pending = false;
+  bool compress_ready = false;
+  // The last background Compress's work failed: its status (FinishCompress answers it), or "".
+  std::string compress_error;
 };
 
 // ---- Compress / Fetch ----------------------------------------------------------------------
@@ -245,6 +256,9 @@ struct CompressParams {
   uint32_t num_queries = 0;  // kWindowQueries
   // A CUDA interprocess event the client recorded after its KV writes (64 bytes), or empty.
   std::string cuda_ipc_event_handle;
+  // Return once the inputs are copied; the work runs on the manager's background thread and
+  // FinishCompress applies it (see CacheManager::Compress).
+  bool background = false;
 };
 
 // The preset named `preset` ("" means compress::kDefaultPreset); INVALID_ARGUMENT naming
@@ -254,9 +268,13 @@ absl::StatusOr<compress::PolicyConfig> ResolvePreset(const std::string& preset);
 struct CompressedLayerResult {
   double context_ratio = 1.0;
   uint32_t kept_per_head = 0;  // tokens kept per KV head (window included)
-  uint32_t num_tokens = 0;     // rows the layer holds (== kept_per_head)
+  // Rows the layer holds: kept_per_head, then (FinishCompress) the rows appended since the
+  // background Compress started, one position each.
+  uint32_t num_tokens = 0;
   std::vector<uint32_t> block_ids;
-  std::vector<uint32_t> kept_positions;  // [num_kv_heads, num_tokens]
+  // [num_kv_heads, num_tokens]: the position of every row (the kept ones ascending per head,
+  // then the appended ones).
+  std::vector<uint32_t> kept_positions;
   bool codebook = false;
   uint32_t key_codebook_size = 0;
   uint32_t value_codebook_size = 0;
@@ -265,6 +283,12 @@ struct CompressedLayerResult {
 };
 
 struct CompressResult {
+  // A background Compress started (Compress) or still working (FinishCompress without wait):
+  // nothing else is set.
+  bool pending = false;
+  // FinishCompress: rows appended since the background Compress started (per layer).
+  uint32_t rows_appended = 0;
+  std::string policy_name;  // the resolved policy's name (for metrics; not on the wire)
   std::vector<CompressedLayerResult> layers;
   uint64_t bytes_before = 0;  // whole blocks held before
   uint64_t bytes_after = 0;   // whole blocks held after + codebook arena
@@ -581,9 +605,39 @@ class CacheManager {
   //   INVALID_ARGUMENT     policy.* / target.* / num_queries / input (operator calls: not NONE)
   //                        / cuda_ipc_event_handle (cannot be opened; operator calls: not empty)
   //   OUT_OF_RANGE         target.byte_ratio outside what the policy can reach here
-  //   RESOURCE_EXHAUSTED   a shared layer needs more fresh blocks than are free
+  //   RESOURCE_EXHAUSTED   a shared layer needs more fresh blocks than are free; a background
+  //                        Compress over max_background_compresses_per_client
+  //
+  // params.background (an owner's call only): the call validates, copies the inputs, keeps a
+  // reference to every block the work reads, and returns CompressResult::pending at once; the
+  // work runs on the manager's background thread. Meanwhile the sequence stays readable and
+  // appendable in its uncompressed form: Allocate / Step append rows as usual (a partial last
+  // block is copied on write, since the work holds it), Fork and GetSequence work; another
+  // Compress is FAILED_PRECONDITION. A Watch event SEQUENCE_COMPRESS_READY says when the work is
+  // done; FinishCompress applies it.
   absl::StatusOr<CompressResult> Compress(const Caller& caller, const std::string& sequence_id,
                                           const CompressParams& params);
+
+  // Applies the caller's background Compress (see Compress) once its work is done: with `wait`
+  // it waits for the work, without it returns CompressResult::pending while it is not done (nor
+  // the reconstruction of codebook layers left resident, see below: started by the first call
+  // after the work, on a background thread). Call
+  // it when the KV writes into the rows appended since the Compress started are complete (or
+  // pass the client's write event): those rows follow the kept ones in every layer, each
+  // keeping its position; a codebook layer that had rows appended is left resident, as after
+  // Fetch (Park codes the appended rows), the others park. A refusal changes nothing
+  // (the Compress stays pending; retry, or Free). A work that failed ended the background
+  // Compress when it failed, leaving the sequence as it was: this answers its error (and so does
+  // GetSequence's compress_error) until the next Compress.
+  //   FAILED_PRECONDITION  no background Compress of the sequence is pending or failed
+  //   ABORTED              another call works on the sequence (a concurrent FinishCompress)
+  //   RESOURCE_EXHAUSTED   a layer shared with a fork needs more fresh blocks than are free,
+  //                        or the reply would be too large
+  //   the work's error     INVALID_ARGUMENT / OUT_OF_RANGE for a target the policy cannot
+  //                        reach, UNAVAILABLE when the daemon's shutdown stopped it
+  absl::StatusOr<CompressResult> FinishCompress(const Caller& caller,
+                                                const std::string& sequence_id, bool wait,
+                                                const std::string& cuda_ipc_event_handle);
 
   // Makes `layers` (empty: all) resident: codebook layers are reconstructed into newly
   // allocated blocks (all or nothing: RESOURCE_EXHAUSTED changes nothing); others are
@@ -710,6 +764,28 @@ class CacheManager {
   struct Client;
   struct Sequence;
   struct Compression;
+  struct CompressJob;
+  struct ResidentCodedLayer;
+
+  // Compress in three steps (cache_manager_compress.cc): validates and copies under the lock
+  // (marking the sequence busy, or for a background job pinning the blocks it reads); computes
+  // outside it; applies under it again.
+  absl::StatusOr<std::shared_ptr<CompressJob>> BeginCompressLocked(const Caller& caller,
+                                                                   const std::string& sequence_id,
+                                                                   const CompressParams& params)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ComputeCompress(CompressJob& job) const;
+  // `resident`: the codebook layers with rows appended since the job started, reconstructed
+  // (they stay resident; the other codebook layers park).
+  absl::StatusOr<CompressResult> ApplyCompressLocked(
+      Sequence& seq, CompressJob& job, const std::vector<ResidentCodedLayer>& resident)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs a background job (on background_) and announces it ready.
+  void RunBackgroundCompress(const std::shared_ptr<CompressJob>& job);
+  // Ends the sequence's background Compress: drops its block references (into quarantine until
+  // `quarantine_until`, if set). Returns the blocks whose last reference went away.
+  uint64_t EndBackgroundLocked(Sequence& seq, std::optional<absl::Time> quarantine_until)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // The memory rank `rank` of `pool` maps: the pool's own when it is not a group's, else the
   // rank's shard of its ShardedPoolMemory.
@@ -829,6 +905,12 @@ class CacheManager {
   uint64_t next_sequence_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_pool_serial_ ABSL_GUARDED_BY(mu_) = 1;
   PrefixCounters prefix_counters_ ABSL_GUARDED_BY(mu_);
+  // One thread for background Compresses, in start order (each spreads over compress_threads),
+  // and one for what FinishCompress prepares without blocking its caller (reconstructing
+  // codebook layers that stay resident). Last, so they are joined before anything their tasks
+  // use goes (the destructor joins them).
+  std::unique_ptr<WorkerPool> background_;
+  std::unique_ptr<WorkerPool> background_finish_;
 };
 
 }  // namespace cachemgr

@@ -191,151 +191,211 @@ std::vector<uint32_t> CacheManager::RowPositionsLocked(const Sequence& seq, uint
   return out;
 }
 
-absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
-                                                      const std::string& sequence_id,
-                                                      const CompressParams& params) {
-  const char* target_field = params.target.kind == compress::TargetKind::kReserveRatio
-                                 ? "target.reserve_ratio"
-                                 : "target.byte_ratio";
-  compress::ModelShape shape;
-  uint64_t serial = 0;
-  uint32_t n = 0;
-  size_t per_layer_inputs = 0;
-  // A private copy of the inputs (the client may write the buffer concurrently), taken outside
-  // the lock: up to --max_input_buffer_bytes.
-  std::vector<float> inputs;
-  // The buffers holding them: the owner's, or a group's ranks' (each its share of the heads).
-  std::vector<std::shared_ptr<const MemfdRegion>> input_buffers;
-  // What the work outside the lock reads: the pool's memory (kept alive should the pool be
-  // released meanwhile), every layer's row slots, and which layers share a block with a fork.
-  std::shared_ptr<PoolMemory> memory;
-  std::shared_ptr<const ClientEvent> write_event;  // the client's, when it passed one
-  std::vector<std::vector<int64_t>> slots;
-  std::vector<bool> shared;
-  {
-    absl::MutexLock lock(&mu_);
-    ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(caller, sequence_id));
-    Client* client = seq->owner;
-    if (!caller.has_session() && params.input != CompressInput::kNone) {
-      return absl::InvalidArgumentError(
-          "input must be NONE for an operator Compress (no session_token): the window queries "
-          "or scores of a sequence are its owner's");
-    }
-    if (!caller.has_session() && !params.cuda_ipc_event_handle.empty()) {
-      return absl::InvalidArgumentError(
-          "cuda_ipc_event_handle must be empty for an operator Compress (no session_token): the "
-          "write event is the owner's");
-    }
-    RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
-    if (seq->compression != nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
-                       " is already compressed; compressing a sequence twice is not supported"));
-    }
-    Pool& pool = *client->pool;
-    const ModelSpec& model = pool.model;
-    const uint32_t num_layers = model.num_layers;
-    RETURN_IF_ERROR(compress::ValidatePolicy(params.policy));
-    if (!(params.target.value > 0.0 && params.target.value <= 1.0)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(target_field, " must be in (0, 1] (got ", params.target.value, ")"));
-    }
-    n = seq->layers[0].num_tokens;
-    const uint32_t hq = model.num_q_heads, dim = model.head_dim;
-    if (params.input != CompressInput::kNone) {
-      if (pool.group_size == 1) {
-        input_buffers.push_back(client->input_buffer);
-      } else {
-        for (uint32_t r = 0; r < pool.group_size; ++r) {
-          if (pool.ranks[r] == nullptr) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                "group.rank ", r, " of group ", QuoteForMessage(pool.group_name),
-                " is not attached: its input buffer holds its heads' share of the input"));
-          }
-          input_buffers.push_back(pool.ranks[r]->input_buffer);
-        }
-      }
-    }
-    // Every buffer holds its share: the smallest bounds what the input may need.
-    uint64_t buffer_bytes = UINT64_MAX;
-    for (const auto& b : input_buffers) buffer_bytes = std::min<uint64_t>(buffer_bytes, b->size());
-    const char* buffer_name =
-        pool.group_size == 1 ? "the input buffer" : "the smallest input buffer of the group";
-    if (params.input == CompressInput::kWindowQueries) {
-      if (params.num_queries == 0) {
-        return absl::InvalidArgumentError("num_queries must be >= 1 for WINDOW_QUERIES input");
-      }
-      // The window holds the last positions of the sequence; this also bounds the size math.
-      if (params.num_queries > n) {
-        return absl::InvalidArgumentError(absl::StrCat("num_queries ", params.num_queries,
-                                                       " exceeds the sequence's ", n, " tokens"));
-      }
-      // num_queries <= n < 2^32, hq, dim <= 2^12 and num_layers <= 2^10: below 2^58 * 4.
-      per_layer_inputs = size_t{params.num_queries} * hq * dim;
-      const uint64_t need =
-          CheckedProduct({num_layers, per_layer_inputs / pool.group_size, sizeof(float)})
-              .value_or(UINT64_MAX);
-      if (need > buffer_bytes) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("num_queries ", params.num_queries, " needs ", need,
-                         " bytes of window queries but ", buffer_name, " holds ", buffer_bytes));
-      }
-    } else if (params.input == CompressInput::kScores) {
-      per_layer_inputs = size_t{hq} * n;
-      const uint64_t need =
-          CheckedProduct({num_layers, per_layer_inputs / pool.group_size, sizeof(float)})
-              .value_or(UINT64_MAX);
-      if (need > buffer_bytes) {
-        return absl::InvalidArgumentError(absl::StrCat("input: scores for ", n, " tokens need ",
-                                                       need, " bytes but ", buffer_name, " holds ",
-                                                       buffer_bytes));
-      }
-    }
-    slots.resize(num_layers);
-    shared.assign(num_layers, false);
-    for (uint32_t l = 0; l < num_layers; ++l) {
-      const auto& t = seq->layers[l];
-      if (t.num_tokens != n || t.parked) {
-        return absl::InternalError(
-            absl::StrCat("layer ", l, " holds ", t.num_tokens, " rows but layer 0 holds ", n));
-      }
-      slots[l] = RowSlots(t.blocks, 0, n, model.block_size);
-      for (uint32_t b : t.blocks) shared[l] = shared[l] || pool.allocators[l].refcount(b) > 1;
-    }
-    ASSIGN_OR_RETURN(write_event, WriteEventLocked(*client, params.cuda_ipc_event_handle));
-    memory = pool.memory;
-    shape = ShapeOf(model);
-    seq->busy = "Compress";
-    serial = seq->serial;
-  }
+namespace {
 
-  // Outside the lock (the sequence is busy, so its rows cannot change; a Free meanwhile only
-  // makes the result moot), after the client's write event if it passed one: per layer, the window
-  // scores computed next to the pool (on the GPU for a CUDA pool, so the keys never leave it), and
-  // host rows where they are read: by the codebook build, and by a layer that shares a block with a
-  // fork (its kept rows go to fresh blocks). Then the policy, then the codebook layers' coded form.
-  if (per_layer_inputs > 0) {
-    inputs =
-        CopyInputs(input_buffers, params.input, shape, params.num_queries, n, per_layer_inputs);
-    input_buffers.clear();
+const char* TargetField(const CompressParams& params) {
+  return params.target.kind == compress::TargetKind::kReserveRatio ? "target.reserve_ratio"
+                                                                   : "target.byte_ratio";
+}
+
+// A failed work's status as the request names things: the library calls the target
+// "target.value", the request by its kind.
+absl::Status WorkError(const CompressParams& params, const absl::Status& status) {
+  std::string message(status.message());
+  if (const size_t at = message.find("target.value"); at != std::string::npos) {
+    message.replace(at, std::string("target.value").size(), TargetField(params));
   }
-  const uint32_t threads = options_.compress_threads == 0
-                               ? std::max(1u, std::thread::hardware_concurrency())
-                               : options_.compress_threads;
+  return absl::Status(status.code(), message);
+}
+
+// Per KV head: the kept rows' positions, then `appended` rows at positions
+// [num_positions - appended, num_positions).
+std::vector<uint32_t> PositionsWithAppended(const std::vector<uint32_t>& kept, uint32_t rows,
+                                            uint32_t num_kv_heads, uint32_t appended,
+                                            uint64_t num_positions) {
+  if (appended == 0) return kept;
+  std::vector<uint32_t> out;
+  out.reserve(size_t{num_kv_heads} * (rows + appended));
+  for (uint32_t h = 0; h < num_kv_heads; ++h) {
+    out.insert(out.end(), kept.begin() + size_t{h} * rows, kept.begin() + size_t{h + 1} * rows);
+    for (uint32_t i = 0; i < appended; ++i) {
+      out.push_back(static_cast<uint32_t>(num_positions - appended + i));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<CacheManager::CompressJob>> CacheManager::BeginCompressLocked(
+    const Caller& caller, const std::string& sequence_id, const CompressParams& params) {
+  ASSIGN_OR_RETURN(Sequence * seq, FindSequenceForCallerLocked(caller, sequence_id));
+  Client* client = seq->owner;
+  if (!caller.has_session() && params.input != CompressInput::kNone) {
+    return absl::InvalidArgumentError(
+        "input must be NONE for an operator Compress (no session_token): the window queries "
+        "or scores of a sequence are its owner's");
+  }
+  if (!caller.has_session() && !params.cuda_ipc_event_handle.empty()) {
+    return absl::InvalidArgumentError(
+        "cuda_ipc_event_handle must be empty for an operator Compress (no session_token): the "
+        "write event is the owner's");
+  }
+  if (!caller.has_session() && params.background) {
+    return absl::InvalidArgumentError(
+        "background must be false for an operator Compress (no session_token): only the owner "
+        "can finish it");
+  }
+  RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
+  if (seq->background != nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                     " has a background Compress pending: FinishCompress it first"));
+  }
+  if (seq->compression != nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                     " is already compressed; compressing a sequence twice is not supported"));
+  }
+  Pool& pool = *client->pool;
+  const ModelSpec& model = pool.model;
+  const uint32_t num_layers = model.num_layers;
+  RETURN_IF_ERROR(compress::ValidatePolicy(params.policy));
+  if (!(params.target.value > 0.0 && params.target.value <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(TargetField(params), " must be in (0, 1] (got ", params.target.value, ")"));
+  }
+  auto job = std::make_shared<CompressJob>();
+  const uint32_t n = seq->layers[0].num_tokens;
+  const uint32_t hq = model.num_q_heads, dim = model.head_dim;
+  if (params.input != CompressInput::kNone) {
+    if (pool.group_size == 1) {
+      job->input_buffers.push_back(client->input_buffer);
+    } else {
+      for (uint32_t r = 0; r < pool.group_size; ++r) {
+        if (pool.ranks[r] == nullptr) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "group.rank ", r, " of group ", QuoteForMessage(pool.group_name),
+              " is not attached: its input buffer holds its heads' share of the input"));
+        }
+        job->input_buffers.push_back(pool.ranks[r]->input_buffer);
+      }
+    }
+  }
+  // Every buffer holds its share: the smallest bounds what the input may need.
+  uint64_t buffer_bytes = UINT64_MAX;
+  for (const auto& b : job->input_buffers) {
+    buffer_bytes = std::min<uint64_t>(buffer_bytes, b->size());
+  }
+  const char* buffer_name =
+      pool.group_size == 1 ? "the input buffer" : "the smallest input buffer of the group";
+  if (params.input == CompressInput::kWindowQueries) {
+    if (params.num_queries == 0) {
+      return absl::InvalidArgumentError("num_queries must be >= 1 for WINDOW_QUERIES input");
+    }
+    // The window holds the last positions of the sequence; this also bounds the size math.
+    if (params.num_queries > n) {
+      return absl::InvalidArgumentError(absl::StrCat("num_queries ", params.num_queries,
+                                                     " exceeds the sequence's ", n, " tokens"));
+    }
+    // num_queries <= n < 2^32, hq, dim <= 2^12 and num_layers <= 2^10: below 2^58 * 4.
+    job->per_layer_inputs = size_t{params.num_queries} * hq * dim;
+    const uint64_t need =
+        CheckedProduct({num_layers, job->per_layer_inputs / pool.group_size, sizeof(float)})
+            .value_or(UINT64_MAX);
+    if (need > buffer_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("num_queries ", params.num_queries, " needs ",
+                                                     need, " bytes of window queries but ",
+                                                     buffer_name, " holds ", buffer_bytes));
+    }
+  } else if (params.input == CompressInput::kScores) {
+    job->per_layer_inputs = size_t{hq} * n;
+    const uint64_t need =
+        CheckedProduct({num_layers, job->per_layer_inputs / pool.group_size, sizeof(float)})
+            .value_or(UINT64_MAX);
+    if (need > buffer_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("input: scores for ", n, " tokens need ", need,
+                                                     " bytes but ", buffer_name, " holds ",
+                                                     buffer_bytes));
+    }
+  }
+  if (params.background &&
+      client->background_compresses >= options_.max_background_compresses_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "background: the client has ", client->background_compresses,
+        " background Compresses not yet finished, the daemon's limit; FinishCompress one first"));
+  }
+  job->slots.resize(num_layers);
+  job->shared.assign(num_layers, false);
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    const auto& t = seq->layers[l];
+    if (t.num_tokens != n || t.parked) {
+      return absl::InternalError(
+          absl::StrCat("layer ", l, " holds ", t.num_tokens, " rows but layer 0 holds ", n));
+    }
+    job->slots[l] = RowSlots(t.blocks, 0, n, model.block_size);
+    for (uint32_t b : t.blocks) {
+      job->shared[l] = job->shared[l] || pool.allocators[l].refcount(b) > 1;
+    }
+  }
+  ASSIGN_OR_RETURN(job->write_event, WriteEventLocked(*client, params.cuda_ipc_event_handle));
+  job->sequence_id = sequence_id;
+  job->serial = seq->serial;
+  job->params = params;
+  job->shape = ShapeOf(model);
+  job->n = n;
+  job->threads = options_.compress_threads == 0 ? std::max(1u, std::thread::hardware_concurrency())
+                                                : options_.compress_threads;
+  job->memory = pool.memory;
+  seq->compress_error = absl::OkStatus();
+  if (params.background) {
+    // Every block of rows [0, n) stays referenced until the job ends, so an append into the
+    // last one copies it on write and nothing else can write them meanwhile.
+    job->pinned.resize(num_layers);
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      job->pinned[l] = seq->layers[l].blocks;
+      for (uint32_t b : job->pinned[l]) pool.allocators[l].AddRef(b);
+    }
+    seq->background = job;
+    ++client->background_compresses;
+  } else {
+    seq->busy = "Compress";
+  }
+  return job;
+}
+
+void CacheManager::ComputeCompress(CompressJob& job) const {
+  // Outside the lock, on the job's private copies and the pool rows [0, n) (which nothing
+  // writes meanwhile: the sequence is busy, or the job references their blocks), after the
+  // client's write event if it passed one: per layer, the window scores computed next to the
+  // pool (on the GPU for a CUDA pool, so the keys never leave it), and host rows where they are
+  // read: by the codebook build, and by a layer that shares a block with a fork (its kept rows
+  // go to fresh blocks). Then the policy, then the codebook layers' coded form.
+  const CompressParams& params = job.params;
+  const compress::ModelShape& shape = job.shape;
+  const uint32_t n = job.n;
+  PoolMemory& memory = *job.memory;
+  if (job.per_layer_inputs > 0 && job.inputs.empty()) {
+    job.inputs = CopyInputs(job.input_buffers, params.input, shape, params.num_queries, n,
+                            job.per_layer_inputs);
+    job.input_buffers.clear();
+  }
   const bool scores_needed =
       params.input == CompressInput::kWindowQueries && compress::PolicyNeedsScores(params.policy);
-  const bool on_device = memory->computes_on_device();
+  const bool on_device = memory.computes_on_device();
   // Host rows are read for a codebook (every layer) and for a layer shared with a fork. Window
   // scores come from the pool where that saves a transfer: always on a device; on the host
   // only for a layer whose rows are not read anyway (else CompressSequence scores the rows it
   // has, bit for bit the same sums).
-  auto rows_read = [&](uint32_t l) { return params.policy.codebook || shared[l]; };
+  auto rows_read = [&](uint32_t l) { return params.policy.codebook || job.shared[l]; };
   auto scores_from_pool = [&](uint32_t l) { return scores_needed && (on_device || !rows_read(l)); };
-  std::vector<std::vector<float>> sums(shape.num_layers), keys(shape.num_layers),
-      values(shape.num_layers);
+  std::vector<std::vector<float>> sums(shape.num_layers);
+  job.keys.assign(shape.num_layers, {});
+  job.values.assign(shape.num_layers, {});
+  job.coded.assign(shape.num_layers, nullptr);
   absl::Status read = absl::OkStatus();
-  if (write_event != nullptr) {
-    if (absl::Status s = write_event->Wait(); !s.ok()) {
+  if (job.write_event != nullptr) {
+    if (absl::Status s = job.write_event->Wait(); !s.ok()) {
       read = absl::InternalError(
           absl::StrCat("waiting for the client's write event failed: ", s.message()));
     }
@@ -344,146 +404,373 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     if (shutting_down_.load()) return ShutdownCancelled("Compress");
     if (scores_from_pool(l)) {
       sums[l].resize(size_t{shape.num_q_heads} * n);
-      if (absl::Status s = memory->AttentionColumnSums(l, slots[l], shape.num_q_heads,
-                                                       inputs.data() + l * per_layer_inputs,
-                                                       params.num_queries, sums[l].data());
+      if (absl::Status s = memory.AttentionColumnSums(l, job.slots[l], shape.num_q_heads,
+                                                      job.inputs.data() + l * job.per_layer_inputs,
+                                                      params.num_queries, sums[l].data());
           !s.ok()) {
         return absl::InternalError(absl::StrCat("scoring layer ", l, " failed: ", s.message()));
       }
     }
     if (rows_read(l)) {
-      if (absl::Status s = GatherLayerRows(*memory, l, slots[l], &keys[l], &values[l]); !s.ok()) {
+      if (absl::Status s = GatherLayerRows(memory, l, job.slots[l], &job.keys[l], &job.values[l]);
+          !s.ok()) {
         return absl::InternalError(absl::StrCat("reading layer ", l, " failed: ", s.message()));
       }
     }
     return absl::OkStatus();
   };
-  if (read.ok()) read = ParallelFor(shape.num_layers, threads, read_layer);
+  if (read.ok()) read = ParallelFor(shape.num_layers, job.threads, read_layer);
+  if (!read.ok()) {
+    job.computed = read;
+    return;
+  }
   compress::SequenceInput input;
   input.num_tokens = n;
   input.layers.resize(shape.num_layers);
   for (uint32_t l = 0; l < shape.num_layers; ++l) {
     compress::LayerInput& li = input.layers[l];
-    li.keys = keys[l].empty() ? nullptr : keys[l].data();
-    li.values = values[l].empty() ? nullptr : values[l].data();
+    li.keys = job.keys[l].empty() ? nullptr : job.keys[l].data();
+    li.values = job.values[l].empty() ? nullptr : job.values[l].data();
     if (scores_from_pool(l)) {
       li.scores = sums[l].data();
     } else if (scores_needed) {
-      li.queries = inputs.data() + l * per_layer_inputs;
+      li.queries = job.inputs.data() + l * job.per_layer_inputs;
       li.num_queries = params.num_queries;
     } else if (params.input == CompressInput::kScores) {
-      li.scores = inputs.data() + l * per_layer_inputs;
+      li.scores = job.inputs.data() + l * job.per_layer_inputs;
     }
   }
-  const compress::ComputeOptions compute{threads, memory->similarity_graph(), memory->ranker(),
+  const compress::ComputeOptions compute{job.threads, memory.similarity_graph(), memory.ranker(),
                                          &shutting_down_};
-  absl::StatusOr<compress::SequenceResult> computed =
-      read.ok() ? compress::CompressSequence(shape, params.policy, input, params.target, compute)
-                : absl::StatusOr<compress::SequenceResult>(read);
-  std::vector<std::shared_ptr<const compress::CodedLayer>> coded(shape.num_layers);
-  absl::Status coding = absl::OkStatus();
-  if (computed.ok()) {
-    for (uint32_t l = 0; l < shape.num_layers && coding.ok(); ++l) {
-      const compress::LayerResult& lr = computed->layers[l];
-      if (!lr.key_codebook.has_value()) continue;
-      if (shutting_down_.load()) {
-        coding = ShutdownCancelled("Compress");
-        break;
-      }
-      absl::StatusOr<compress::CodedLayer> layer =
-          compress::CodedLayer::FromResult(shape, params.policy, lr, {});
-      if (layer.ok()) {
-        coded[l] = std::make_shared<const compress::CodedLayer>(*std::move(layer));
-      } else {
-        coding = absl::InternalError(absl::StrCat("layer ", l, ": ", layer.status().message()));
-      }
+  job.computed = compress::CompressSequence(shape, params.policy, input, params.target, compute);
+  if (!job.computed.ok()) return;
+  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+    const compress::LayerResult& lr = job.computed->layers[l];
+    if (!lr.key_codebook.has_value()) continue;
+    if (shutting_down_.load()) {
+      job.computed = ShutdownCancelled("Compress");
+      return;
     }
+    absl::StatusOr<compress::CodedLayer> layer =
+        compress::CodedLayer::FromResult(shape, params.policy, lr, {});
+    if (!layer.ok()) {
+      job.computed = absl::InternalError(absl::StrCat("layer ", l, ": ", layer.status().message()));
+      return;
+    }
+    job.coded[l] = std::make_shared<const compress::CodedLayer>(*std::move(layer));
   }
+}
 
+absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
+                                                      const std::string& sequence_id,
+                                                      const CompressParams& params) {
+  std::shared_ptr<CompressJob> job;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(job, BeginCompressLocked(caller, sequence_id, params));
+  }
+  if (params.background) {
+    // The inputs are copied before the reply, so the client may write its buffer again.
+    if (job->per_layer_inputs > 0) {
+      job->inputs = CopyInputs(job->input_buffers, params.input, job->shape, params.num_queries,
+                               job->n, job->per_layer_inputs);
+      job->input_buffers.clear();
+    }
+    background_->Submit([this, job] { RunBackgroundCompress(job); });
+    CompressResult pending;
+    pending.pending = true;
+    return pending;
+  }
+  ComputeCompress(*job);
   absl::MutexLock lock(&mu_);
-  Sequence* seq = FindSerialLocked(sequence_id, serial);
+  Sequence* seq = FindSerialLocked(sequence_id, job->serial);
   if (seq == nullptr) return FreedMeanwhile(sequence_id, "Compress");
   seq->busy = nullptr;
-  if (shutting_down_.load()) return ShutdownCancelled("Compress");
-  if (!computed.ok()) {
-    // The library names the target "target.value"; the request calls it by its kind.
-    std::string message(computed.status().message());
-    if (const size_t at = message.find("target.value"); at != std::string::npos) {
-      message.replace(at, std::string("target.value").size(), target_field);
-    }
-    return absl::Status(computed.status().code(), message);
+  return ApplyCompressLocked(*seq, *job, {});
+}
+
+void CacheManager::RunBackgroundCompress(const std::shared_ptr<CompressJob>& job) {
+  ComputeCompress(*job);
+  // The rows read are not kept until FinishCompress (a layer shared with a fork reads its kept
+  // rows again then).
+  job->keys.clear();
+  job->values.clear();
+  job->inputs.clear();
+  absl::MutexLock lock(&mu_);
+  job->done.Notify();
+  Sequence* seq = FindSerialLocked(job->sequence_id, job->serial);
+  if (seq == nullptr || seq->background != job) return;
+  std::string detail = "ok";
+  if (!job->computed.ok()) {
+    // A work that failed changed nothing; the background Compress ends here and FinishCompress
+    // answers its error.
+    seq->compress_error = shutting_down_.load() ? ShutdownCancelled("Compress")
+                                                : WorkError(job->params, job->computed.status());
+    EndBackgroundLocked(*seq, std::nullopt);
+    detail = absl::StrCat("error=", seq->compress_error.ToString());
   }
-  RETURN_IF_ERROR(coding);
-  compress::SequenceResult& sr = *computed;
-  Pool& pool = *seq->owner->pool;
+  PublishLocked(EventType::kSequenceCompressReady, seq->owner->client_id, job->sequence_id,
+                seq->owner->pool->pool_id, std::move(detail));
+}
+
+uint64_t CacheManager::EndBackgroundLocked(Sequence& seq,
+                                           std::optional<absl::Time> quarantine_until) {
+  if (seq.background == nullptr) return 0;
+  Pool& pool = *seq.owner->pool;
+  uint64_t released = 0;
+  for (uint32_t l = 0; l < seq.background->pinned.size(); ++l) {
+    BlockAllocator& alloc = pool.allocators[l];
+    for (uint32_t b : seq.background->pinned[l]) {
+      const bool last = quarantine_until.has_value()
+                            ? alloc.ReleaseToQuarantine(b, *quarantine_until)
+                            : alloc.Release(b);
+      released += last ? 1 : 0;
+    }
+  }
+  seq.background->pinned.clear();
+  --seq.owner->background_compresses;
+  seq.background = nullptr;
+  return released;
+}
+
+absl::StatusOr<CompressResult> CacheManager::FinishCompress(
+    const Caller& caller, const std::string& sequence_id, bool wait,
+    const std::string& cuda_ipc_event_handle) {
+  std::shared_ptr<CompressJob> job;
+  std::shared_ptr<const ClientEvent> write_event;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
+    ASSIGN_OR_RETURN(Sequence * seq, FindOwnedSequenceLocked(*client, sequence_id, "sequence_id"));
+    if (seq->background == nullptr) {
+      if (!seq->compress_error.ok()) return seq->compress_error;
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence_id ", QuoteForMessage(sequence_id),
+                       " has no background Compress pending (Compress with background first)"));
+    }
+    RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
+    ASSIGN_OR_RETURN(write_event, WriteEventLocked(*client, cuda_ipc_event_handle));
+    job = seq->background;
+  }
+  if (!job->done.HasBeenNotified()) {
+    if (!wait) {
+      CompressResult pending;
+      pending.pending = true;
+      return pending;
+    }
+    job->done.WaitForNotification();  // the work stops early at shutdown
+  }
+  // Rows appended since the job started follow its kept rows, moved under the lock once the
+  // client's write event completed (the sequence busy while it is waited for, so that no row is
+  // appended meanwhile). A codebook layer that had rows appended is left resident, as after
+  // Fetch, so that Park codes the appended rows when the engine parks it: its coded rows are
+  // reconstructed first, off the caller's path (the second background thread; without `wait`
+  // this answers pending meanwhile).
+  while (true) {
+    bool wait_for_resident = false;
+    {
+      absl::MutexLock lock(&mu_);
+      Sequence* seq = FindSerialLocked(sequence_id, job->serial);
+      if (seq == nullptr) return FreedMeanwhile(sequence_id, "FinishCompress");
+      if (seq->background != job) {
+        if (seq->background == nullptr && !seq->compress_error.ok()) return seq->compress_error;
+        return absl::AbortedError(absl::StrCat("the background Compress of sequence_id ",
+                                               QuoteForMessage(sequence_id),
+                                               " was finished by another call meanwhile"));
+      }
+      RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
+      const bool appended = seq->layers[0].num_tokens > job->n;
+      if (!appended || shutting_down_.load()) return ApplyCompressLocked(*seq, *job, {});
+      bool any_coded = false;
+      for (const auto& coded : job->coded) any_coded = any_coded || coded != nullptr;
+      if (any_coded && !job->resident_started) {
+        job->resident_started = true;
+        for (uint32_t l = 0; l < job->coded.size(); ++l) {
+          if (job->coded[l] != nullptr) job->resident.push_back({l, job->coded[l]});
+        }
+        // A device pool reconstructs next to its memory (only the codebooks cross PCIe).
+        background_finish_->Submit([job, on_device = job->memory->computes_on_device()] {
+          for (ResidentCodedLayer& r : job->resident) {
+            if (on_device) {
+              r.flat = r.coded->Flatten();
+            } else {
+              r.coded->Reconstruct(&r.keys, &r.values);
+            }
+          }
+          job->resident_done.Notify();
+        });
+      }
+      if (any_coded && !job->resident_done.HasBeenNotified()) {
+        if (!wait) {
+          CompressResult pending;
+          pending.pending = true;
+          return pending;
+        }
+        wait_for_resident = true;
+      } else if (write_event == nullptr) {
+        return ApplyCompressLocked(*seq, *job, job->resident);
+      } else {
+        seq->busy = "Compress";
+      }
+    }
+    if (wait_for_resident) {
+      job->resident_done.WaitForNotification();
+      continue;  // look again: the sequence may have changed meanwhile
+    }
+    absl::Status waited = write_event->Wait();
+    absl::MutexLock lock(&mu_);
+    Sequence* seq = FindSerialLocked(sequence_id, job->serial);
+    if (seq == nullptr) return FreedMeanwhile(sequence_id, "FinishCompress");
+    seq->busy = nullptr;
+    if (!waited.ok()) {
+      return absl::InternalError(
+          absl::StrCat("waiting for the client's write event failed: ", waited.message()));
+    }
+    return ApplyCompressLocked(*seq, *job, job->resident);
+  }
+}
+
+absl::StatusOr<CompressResult> CacheManager::ApplyCompressLocked(
+    Sequence& seq, CompressJob& job, const std::vector<ResidentCodedLayer>& resident) {
+  const std::string& sequence_id = job.sequence_id;
+  const CompressParams& params = job.params;
+  if (shutting_down_.load()) return ShutdownCancelled("Compress");
+  if (!job.computed.ok()) return WorkError(params, job.computed.status());
+  compress::SequenceResult& sr = *job.computed;
+  Pool& pool = *seq.owner->pool;
   const ModelSpec& model = pool.model;
-  const uint32_t num_layers = model.num_layers, bs = model.block_size;
+  const uint32_t num_layers = model.num_layers, bs = model.block_size, hkv = model.num_kv_heads;
   const kernels::KvLayerLayout& layout = pool.memory->layout();
-  // The reply lists every kept position: refuse it before the first row moves.
+  const uint32_t n = job.n;
+  // Rows appended since a background job started (every layer holds the same count).
+  const uint32_t m = seq.layers[0].num_tokens - n;
+  if (job.keys.size() != num_layers) {  // a background job dropped the rows it read
+    job.keys.assign(num_layers, {});
+    job.values.assign(num_layers, {});
+  }
+  std::vector<const ResidentCodedLayer*> resident_of(num_layers, nullptr);
+  for (const ResidentCodedLayer& r : resident) resident_of[r.layer] = &r;
+  // Codebook layers go to the arena; the others (plain ones, and codebook layers left resident)
+  // hold their kept rows, then the appended ones, in blocks.
+  auto parked = [&](uint32_t l) { return job.coded[l] != nullptr && resident_of[l] == nullptr; };
+  // The reply lists every row's position: refuse it before the first row moves.
   {
     std::vector<reply_size::LayerCounts> counts;
-    for (const compress::LayerResult& lr : sr.layers) {
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      const compress::LayerResult& lr = sr.layers[l];
       counts.push_back(
-          {lr.key_codebook.has_value() ? 0 : CeilDiv(lr.kept_per_head, bs), lr.kept.size()});
+          {parked(l) ? 0 : CeilDiv(lr.kept_per_head + m, bs), lr.kept.size() + size_t{hkv} * m});
     }
     RETURN_IF_ERROR(
-        CheckReplyBytes(reply_size::CompressReplyBytes(counts, pool.num_blocks, seq->num_positions),
+        CheckReplyBytes(reply_size::CompressReplyBytes(counts, pool.num_blocks, seq.num_positions),
                         absl::StrCat("Compress of sequence_id ", QuoteForMessage(sequence_id))));
   }
-  // A plain layer with a block shared with a fork is written to fresh blocks (the fork keeps
-  // the old ones); the others are compacted in place. Plan and validate everything before the
-  // first row moves, so a refusal changes nothing.
+  // A layer with a block shared with a fork is written to fresh blocks (the fork keeps the old
+  // ones); the others are written in place. Plan and validate everything before the first row
+  // moves, so a refusal changes nothing (a background job keeps its references until then: they
+  // are not counted as sharing, and the blocks only they hold count as free).
+  const bool background = seq.background.get() == &job;
+  std::vector<std::vector<uint32_t>> pinned(num_layers);
+  if (background) {
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      pinned[l] = job.pinned[l];
+      std::sort(pinned[l].begin(), pinned[l].end());
+    }
+  }
+  auto pins = [&](uint32_t l, uint32_t b) -> uint32_t {
+    return std::binary_search(pinned[l].begin(), pinned[l].end(), b) ? 1 : 0;
+  };
   std::vector<bool> fresh(num_layers, false);
   std::vector<uint32_t> fresh_need(num_layers, 0);
   for (uint32_t l = 0; l < num_layers; ++l) {
-    if (coded[l] != nullptr) continue;
-    for (uint32_t b : seq->layers[l].blocks) {
-      fresh[l] = fresh[l] || pool.allocators[l].refcount(b) > 1;
+    if (parked(l)) continue;
+    for (uint32_t b : seq.layers[l].blocks) {
+      fresh[l] = fresh[l] || pool.allocators[l].refcount(b) > 1 + pins(l, b);
     }
-    if (fresh[l]) fresh_need[l] = CeilDiv(sr.layers[l].kept_per_head, bs);
+    if (fresh[l]) fresh_need[l] = CeilDiv(sr.layers[l].kept_per_head + m, bs);
   }
   for (uint32_t l = 0; l < num_layers; ++l) {
-    if (coded[l] != nullptr || fresh[l]) continue;
-    RETURN_IF_ERROR(kernels::ValidateCompaction(layout, seq->layers[l].blocks, n, sr.layers[l].kept,
+    if (job.coded[l] != nullptr || fresh[l]) continue;
+    RETURN_IF_ERROR(kernels::ValidateCompaction(layout, seq.layers[l].blocks, n, sr.layers[l].kept,
                                                 sr.layers[l].kept_per_head));
   }
-  MakeRoomLocked(pool, fresh_need);  // evicts stored prefixes only if that is enough
+  std::vector<uint32_t> freed_by_pins(num_layers, 0);  // blocks only the job's references hold
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    for (uint32_t b : pinned[l]) freed_by_pins[l] += pool.allocators[l].refcount(b) == 1 ? 1 : 0;
+  }
+  std::vector<uint32_t> room(num_layers, 0);  // what must be free before the references go
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    room[l] = fresh_need[l] > freed_by_pins[l] ? fresh_need[l] - freed_by_pins[l] : 0;
+  }
+  MakeRoomLocked(pool, room);  // evicts stored prefixes only if that is enough
   for (uint32_t l = 0; l < num_layers; ++l) {
     const uint32_t need = fresh_need[l];
-    if (need > pool.allocators[l].num_free()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("layer ", l, " shares blocks with a fork, so its ",
-                       sr.layers[l].kept_per_head, " kept rows need ", need, " fresh blocks, but ",
-                       pool.allocators[l].num_free(), " are free"));
+    const uint64_t free = uint64_t{pool.allocators[l].num_free()} + freed_by_pins[l];
+    if (need > free) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "layer ", l, " shares blocks with a fork, so its ", sr.layers[l].kept_per_head + m,
+          " rows need ", need, " fresh blocks, but ", free, " are free"));
     }
   }
-  // Rows of layers that share blocks go to fresh blocks first: a failure there changes nothing.
-  std::vector<std::vector<uint32_t>> fresh_blocks(num_layers);
-  const size_t row_floats = size_t{model.num_kv_heads} * model.head_dim;
-  for (uint32_t l = 0; l < num_layers; ++l) {
-    if (!fresh[l]) continue;
+  // Everything is validated: the job's references go (FinishCompress), then rows move.
+  if (background) EndBackgroundLocked(seq, std::nullopt);
+
+  // Writes layer l's rows to `blocks` (its own, or fresh ones): the kept rows (compacted in
+  // place, copied from what the job read, or reconstructed from the codebook), then the appended
+  // rows, read first (a compaction in place writes rows < n only, but a reconstruction's rows
+  // may reach them).
+  const size_t row_floats = size_t{hkv} * model.head_dim;
+  auto write_layer = [&](uint32_t l, const std::vector<uint32_t>& blocks) -> absl::Status {
     const compress::LayerResult& lr = sr.layers[l];
     const uint32_t rows = lr.kept_per_head;
-    // Fork refuses a busy sequence, so a layer unshared when read stays so; should that change,
-    // its rows are read here.
-    if (keys[l].empty()) {
-      RETURN_IF_ERROR(GatherLayerRows(*pool.memory, l, slots[l], &keys[l], &values[l]));
+    const Sequence::LayerTable& t = seq.layers[l];
+    std::vector<float> tail_k, tail_v;
+    if (m > 0) {
+      RETURN_IF_ERROR(
+          GatherLayerRows(*pool.memory, l, RowSlots(t.blocks, n, n + m, bs), &tail_k, &tail_v));
     }
-    std::vector<float> rows_k(size_t{rows} * row_floats), rows_v(rows_k.size());
-    for (uint32_t h = 0; h < model.num_kv_heads; ++h) {
-      for (uint32_t r = 0; r < rows; ++r) {
-        const size_t src = size_t{lr.kept[size_t{h} * rows + r]} * row_floats + h * model.head_dim;
-        const size_t dst = size_t{r} * row_floats + h * model.head_dim;
-        std::copy_n(keys[l].data() + src, model.head_dim, rows_k.data() + dst);
-        std::copy_n(values[l].data() + src, model.head_dim, rows_v.data() + dst);
+    const std::vector<int64_t> kept_slots = RowSlots(blocks, 0, rows, bs);
+    if (const ResidentCodedLayer* r = resident_of[l]; r != nullptr) {
+      RETURN_IF_ERROR(r->keys.empty() ? pool.memory->ScatterCodedRows(l, kept_slots, r->flat)
+                                      : pool.memory->ScatterTokens(l, kept_slots, r->keys.data(),
+                                                                   r->values.data()));
+    } else if (&blocks == &t.blocks) {
+      RETURN_IF_ERROR(pool.memory->CompactHeads(l, t.blocks, n, lr.kept, rows));
+    } else {
+      // Fork refuses a busy sequence, so a layer unshared when read stays so for a Compress that
+      // blocks; a background one (or such a change) reads its rows here. The table's rows [0, n)
+      // hold what the job read (a last block copied on write holds the same rows).
+      if (job.keys[l].empty()) {
+        RETURN_IF_ERROR(GatherLayerRows(*pool.memory, l, RowSlots(t.blocks, 0, n, bs), &job.keys[l],
+                                        &job.values[l]));
       }
+      std::vector<float> rows_k(size_t{rows} * row_floats), rows_v(rows_k.size());
+      for (uint32_t h = 0; h < hkv; ++h) {
+        for (uint32_t r = 0; r < rows; ++r) {
+          const size_t src =
+              size_t{lr.kept[size_t{h} * rows + r]} * row_floats + h * model.head_dim;
+          const size_t dst = size_t{r} * row_floats + h * model.head_dim;
+          std::copy_n(job.keys[l].data() + src, model.head_dim, rows_k.data() + dst);
+          std::copy_n(job.values[l].data() + src, model.head_dim, rows_v.data() + dst);
+        }
+      }
+      RETURN_IF_ERROR(pool.memory->ScatterTokens(l, kept_slots, rows_k.data(), rows_v.data()));
     }
-    fresh_blocks[l] = pool.allocators[l].Allocate(CeilDiv(rows, bs)).value();  // planned
-    if (absl::Status s = pool.memory->ScatterTokens(l, RowSlots(fresh_blocks[l], 0, rows, bs),
-                                                    rows_k.data(), rows_v.data());
-        !s.ok()) {
-      for (uint32_t m = 0; m <= l; ++m) {
-        for (uint32_t b : fresh_blocks[m]) pool.allocators[m].Release(b);
+    if (m > 0) {
+      RETURN_IF_ERROR(pool.memory->ScatterTokens(l, RowSlots(blocks, rows, rows + m, bs),
+                                                 tail_k.data(), tail_v.data()));
+    }
+    return absl::OkStatus();
+  };
+  // Layers that share blocks go to fresh blocks first: a failure there leaves every table as it
+  // was.
+  std::vector<std::vector<uint32_t>> fresh_blocks(num_layers);
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    if (!fresh[l]) continue;
+    fresh_blocks[l] = pool.allocators[l].Allocate(fresh_need[l]).value();  // planned
+    if (absl::Status s = write_layer(l, fresh_blocks[l]); !s.ok()) {
+      for (uint32_t k = 0; k <= l; ++k) {
+        for (uint32_t b : fresh_blocks[k]) pool.allocators[k].Release(b);
       }
       Log(LogLevel::kError, "compaction failed", {{"layer", l}, {"error", s.ToString()}});
       return absl::InternalError(absl::StrCat("writing layer ", l, " failed: ", s.message()));
@@ -496,17 +783,19 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   compression->num_tokens = n;
   compression->layers.resize(num_layers);
   CompressResult result;
+  result.rows_appended = m;
+  result.policy_name = params.policy.name;
   result.layers.resize(num_layers);
   const uint64_t block_bytes = layout.block_bytes();
   for (uint32_t l = 0; l < num_layers; ++l) {
     compress::LayerResult& lr = sr.layers[l];
-    Sequence::LayerTable& t = seq->layers[l];
+    Sequence::LayerTable& t = seq.layers[l];
     Compression::Layer& cl = compression->layers[l];
     const uint32_t rows = lr.kept_per_head;
     result.bytes_before += t.blocks.size() * block_bytes;
+    cl.coded = job.coded[l];
     std::vector<uint32_t> dropped;  // references this sequence gives up
-    if (coded[l] != nullptr) {
-      cl.coded = coded[l];
+    if (parked(l)) {
       t.parked = true;
       dropped = std::exchange(t.blocks, {});
     } else if (fresh[l]) {
@@ -514,24 +803,24 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     } else {
       // Validated above; the host backend cannot fail here. A device fault leaves the layer's
       // rows undefined but the books consistent.
-      if (absl::Status s = pool.memory->CompactHeads(l, t.blocks, n, lr.kept, rows); !s.ok()) {
+      if (absl::Status s = write_layer(l, t.blocks); !s.ok()) {
         Log(LogLevel::kError, "compaction failed", {{"layer", l}, {"error", s.ToString()}});
       }
-      const uint32_t keep = CeilDiv(rows, bs);
+      const uint32_t keep = CeilDiv(rows + m, bs);
       dropped.assign(t.blocks.begin() + keep, t.blocks.end());
       t.blocks.resize(keep);
     }
     for (uint32_t b : dropped) result.blocks_released += pool.allocators[l].Release(b) ? 1 : 0;
-    t.num_tokens = rows;
+    t.num_tokens = rows + m;
     cl.rows = rows;
     cl.positions = lr.kept;
 
     CompressedLayerResult& out = result.layers[l];
     out.context_ratio = lr.context_ratio;
     out.kept_per_head = lr.kept_per_head;
-    out.num_tokens = rows;
+    out.num_tokens = rows + m;
     out.block_ids = t.blocks;
-    out.kept_positions = lr.kept;
+    out.kept_positions = PositionsWithAppended(lr.kept, rows, hkv, m, seq.num_positions);
     out.codebook = cl.coded != nullptr;
     out.bytes_held = lr.bytes_held;
     out.eq15_ratio = lr.eq15_ratio;
@@ -542,14 +831,15 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
     }
     result.bytes_after += t.blocks.size() * block_bytes;
   }
-  seq->compression = std::move(compression);
+  seq.compression = std::move(compression);
   result.honest_ratio = sr.stats.honest_ratio;
   result.eq15_ratio = sr.stats.eq15_ratio;
   result.reserve_ratio = sr.stats.reserve_ratio;
-  PublishLocked(EventType::kSequenceCompressed, seq->owner->client_id, sequence_id, pool.pool_id,
-                absl::StrCat("policy=", params.policy.name, " bytes_before=", result.bytes_before,
-                             " bytes_after=", result.bytes_after,
-                             " blocks_released=", result.blocks_released));
+  PublishLocked(
+      EventType::kSequenceCompressed, seq.owner->client_id, sequence_id, pool.pool_id,
+      absl::StrCat("policy=", params.policy.name, " bytes_before=", result.bytes_before,
+                   " bytes_after=", result.bytes_after, " blocks_released=", result.blocks_released,
+                   m > 0 ? absl::StrCat(" rows_appended=", m) : std::string()));
   return result;
 }
 

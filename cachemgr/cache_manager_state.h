@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/compress/coded_layer.h"
 #include "cachemgr/prefix_store.h"
@@ -74,6 +75,9 @@ struct CacheManager::Client {
   // handle; shared so a call waiting on it outside the lock keeps it open.
   std::string write_event_handle;
   std::shared_ptr<const ClientEvent> write_event;
+  // Its sequences' background Compresses not yet finished (<=
+  // max_background_compresses_per_client).
+  uint32_t background_compresses = 0;
 };
 
 // What Compress left of a sequence, per layer: the rows it kept and, for codebook layers, their
@@ -111,6 +115,57 @@ struct CacheManager::Sequence {
   // Every call that would change the sequence is refused (ABORTED) meanwhile; Free is not, and
   // the working call then finds the sequence gone and changes nothing.
   const char* busy = nullptr;
+  // A background Compress from its start until FinishCompress applies it, its work fails, or
+  // the sequence ends.
+  std::shared_ptr<CompressJob> background;
+  // Why the last background Compress's work failed (OK otherwise): what FinishCompress answers
+  // until the next Compress.
+  absl::Status compress_error;
+};
+
+// A codebook layer that had rows appended while its background Compress worked: FinishCompress
+// leaves it resident (as after Fetch), its coded rows reconstructed outside the lock, on the
+// host (keys, values [rows, num_kv_heads, head_dim]) or flat for a device pool to reconstruct.
+struct CacheManager::ResidentCodedLayer {
+  uint32_t layer = 0;
+  std::shared_ptr<const compress::CodedLayer> coded;
+  std::vector<float> keys, values;
+  compress::CodedRows flat;
+};
+
+// One Compress: what its first step copied out under the lock, and what its work computed. The
+// work reads only this and the pool memory (kept alive here), never the manager's state.
+struct CacheManager::CompressJob {
+  std::string sequence_id;
+  uint64_t serial = 0;
+  CompressParams params;
+  compress::ModelShape shape;
+  uint32_t n = 0;  // rows of every layer when it started
+  uint32_t threads = 1;
+  size_t per_layer_inputs = 0;
+  // A private copy of the inputs (the client may write the buffer again), and the buffers
+  // holding them until copied: the owner's, or a group's ranks' (each its share of the heads).
+  std::vector<float> inputs;
+  std::vector<std::shared_ptr<const MemfdRegion>> input_buffers;
+  // The pool's memory (kept alive should the pool be released meanwhile), every layer's row
+  // slots [0, n), which layers shared a block with a fork, and the client's write event.
+  std::shared_ptr<PoolMemory> memory;
+  std::shared_ptr<const ClientEvent> write_event;
+  std::vector<std::vector<int64_t>> slots;
+  std::vector<bool> shared;
+  // Background jobs: a reference to every block of rows [0, n) per layer (under the manager's
+  // lock), so that nothing writes them until the job ends.
+  std::vector<std::vector<uint32_t>> pinned;
+  // The work's results.
+  absl::StatusOr<compress::SequenceResult> computed = absl::UnknownError("not computed");
+  std::vector<std::shared_ptr<const compress::CodedLayer>> coded;
+  std::vector<std::vector<float>> keys, values;  // rows read for codebooks and shared layers
+  absl::Notification done;                       // the work finished (background jobs)
+  // Background jobs with rows appended to codebook layers: those layers reconstructed (on the
+  // manager's second background thread), started once under the lock.
+  std::vector<ResidentCodedLayer> resident;
+  bool resident_started = false;
+  absl::Notification resident_done;
 };
 
 namespace cache_manager_internal {

@@ -23,6 +23,8 @@ enum class EventType : uint8_t {
   kPoolReleased,
   kSequenceCompressed,
   kSequenceParked,
+  // A background Compress finished its work; FinishCompress applies it.
+  kSequenceCompressReady,
 };
 
 struct Event {

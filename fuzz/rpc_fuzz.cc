@@ -123,6 +123,23 @@ void CheckResponse(const v1::StepRequest& q, const v1::StepResponse& r) {
   }
 }
 
+// A finished Compress lists every layer; a pending one nothing.
+void CheckCompressed(const v1::CompressResponse& r) {
+  const size_t layers = r.pending() ? 0 : ServiceHarness::Get().fixture_pool().model.num_layers;
+  Check(static_cast<size_t>(r.layers_size()) == layers,
+        absl::StrCat("Compress answered ", r.layers_size(), " layers, pending ", r.pending()));
+}
+
+void CheckResponse(const v1::CompressRequest& q, const v1::CompressResponse& r) {
+  Check(r.pending() == q.background(), "Compress: pending differs from background");
+  CheckCompressed(r);
+}
+
+void CheckResponse(const v1::FinishCompressRequest& q, const v1::CompressResponse& r) {
+  Check(q.wait() ? !r.pending() : true, "FinishCompress with wait answered pending");
+  CheckCompressed(r);
+}
+
 void CheckResponse(const v1::StorePrefixRequest& q, const v1::StorePrefixResponse& r) {
   Check(uint64_t{r.stored()} + r.already_stored() == static_cast<uint64_t>(q.block_hashes_size()),
         absl::StrCat("StorePrefix: stored ", r.stored(), " + already_stored ", r.already_stored(),
@@ -342,6 +359,9 @@ int Dispatch(Rpc rpc, const uint8_t* data, size_t size) {
       return FuzzUnary<v1::StatsRequest, v1::StatsResponse>("Stats", data, size, kReadOnly);
     case Rpc::kCompress:
       return FuzzUnary<v1::CompressRequest, v1::CompressResponse>("Compress", data, size, kChanges);
+    case Rpc::kFinishCompress:
+      return FuzzUnary<v1::FinishCompressRequest, v1::CompressResponse>("FinishCompress", data,
+                                                                        size, kChanges);
     case Rpc::kFetch:
       return FuzzUnary<v1::FetchRequest, v1::FetchResponse>("Fetch", data, size, kChanges);
     case Rpc::kPark:

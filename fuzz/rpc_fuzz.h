@@ -25,6 +25,7 @@ enum class Rpc {
   kListSequences,
   kStats,
   kCompress,
+  kFinishCompress,
   kFetch,
   kPark,
   kWatch,

@@ -506,6 +506,28 @@ void RpcSeeds() {
       }
       Put("rpc_compress", c.name, r);
     }
+    v1::CompressRequest background;
+    background.set_session_token("0");
+    background.set_sequence_id("s1");
+    background.mutable_policy()->set_preset("snapkv");
+    background.set_input(v1::INPUT_SOURCE_SCORES);
+    background.set_reserve_ratio(0.5);
+    background.set_background(true);
+    Put("rpc_compress", "background", background);
+  }
+  for (const auto& [name, token, sequence, wait] :
+       std::vector<std::tuple<std::string, std::string, std::string, bool>>{
+           {"apply-appended", "0", "b0", true},
+           {"apply-no-wait", "0", "b0", false},
+           {"none-pending", "0", "s0", true},
+           {"compressed", "0", "c0", true},
+           {"other-client", "1", "b0", true},
+           {"operator", "", "b0", true}}) {
+    v1::FinishCompressRequest r;
+    r.set_session_token(token);
+    r.set_sequence_id(sequence);
+    r.set_wait(wait);
+    Put("rpc_finish_compress", name, r);
   }
   for (const auto& [name, sequence, layers] :
        std::vector<std::tuple<std::string, std::string, std::vector<uint32_t>>>{

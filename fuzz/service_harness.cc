@@ -1,9 +1,11 @@
 #include "fuzz/service_harness.h"
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "cachemgr/host/memfd_region.h"
@@ -173,6 +175,12 @@ void ServiceHarness::Reset() {
          "compress c1");
   OrFail(m.Fetch(t0, "c1", {}), "fetch c1");
   OrFail(m.Allocate(t0, "c1", 2), "allocate c1 again");
+  OrFail(m.Allocate(t0, "b0", 10), "allocate b0");
+  CompressParams background = FixtureCompress("streamingllm", 0.5, CompressInput::kNone);
+  background.background = true;
+  OrFail(m.Compress(t0, "b0", background), "compress b0 in the background");
+  SettleBackground("b0");
+  OrFail(m.Allocate(t0, "b0", 2), "allocate b0 again");
   OrFail(m.Allocate(tokens_[1], "t0", 6), "allocate t0");
   // The pool's prefix store: entries that sequences share and entries only the store holds.
   OrFail(m.StorePrefix(t0, "s0", 0, {"h0", "h1"}), "store s0");
@@ -241,6 +249,16 @@ void ServiceHarness::CheckSane() const {
   Check(stats.memory_used_bytes <= options_.memory_budget_bytes,
         absl::StrCat("memory in use ", stats.memory_used_bytes, " exceeds the budget ",
                      options_.memory_budget_bytes));
+}
+
+void ServiceHarness::SettleBackground(const std::string& sequence_id) const {
+  for (int i = 0; i < 100000; ++i) {
+    absl::StatusOr<SequenceSnapshot> s = manager_->GetSequence(OperatorCaller(), sequence_id,
+                                                               /*include_kv_digest=*/false);
+    if (!s.ok() || !s->compress_pending || s->compress_ready) return;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  Fail(absl::StrCat("the background Compress of ", sequence_id, " did not finish in 10 s"));
 }
 
 std::map<std::string, std::string> ServiceHarness::Sequences() const {

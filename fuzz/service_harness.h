@@ -14,6 +14,8 @@
 //               c0 (12 tokens, compressed by the codebook preset: codebook layers parked),
 //               c1 (12 tokens, compressed by spindlekv on scores, fetched, then 2 more tokens:
 //               resident codebook layers with appended rows, what Park codes).
+//               b0 (10 tokens, a background Compress by streamingllm whose work is done, then
+//               2 more tokens: what FinishCompress applies, the appended rows moved).
 //   client "1": t0 (6 tokens).
 //   prefix store: "h0", "h1" (s0's two full blocks), "g0" (t0's full block), and "e0", "e1"
 //               (the blocks of a freed 8-token sequence: only the store holds them).
@@ -87,6 +89,10 @@ class ServiceHarness {
   // blocks equal capacity, shared <= used, the pools' bytes (stored prefixes included) sum to
   // the memory in use, which is within the budget.
   void CheckSane() const;
+
+  // Waits (bounded) until the background Compress of `sequence_id`, if any, is done working:
+  // the state a snapshot sees then changes only through calls.
+  void SettleBackground(const std::string& sequence_id) const;
 
   // Every sequence as the operator sees it (block tables, compression state and the KV digest
   // of every layer), by id.

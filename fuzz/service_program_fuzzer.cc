@@ -130,7 +130,7 @@ class Program {
     bool read_only = false;  // a successful call changes no sequence, named ones included
     grpc::Status status;
     const char* what = "";
-    switch (in_.ConsumeIntegralInRange<int>(0, 16)) {
+    switch (in_.ConsumeIntegralInRange<int>(0, 17)) {
       case 0:
         what = "Attach";
         status = Attach();
@@ -197,6 +197,17 @@ class Program {
         what = "Compress";
         status = Compress(&named);
         break;
+      case 17: {
+        what = "FinishCompress";
+        v1::FinishCompressRequest r;
+        r.set_session_token(Token(ClientIndex()));
+        r.set_sequence_id(SequenceId());
+        r.set_wait(in_.ConsumeBool());
+        named.insert(r.sequence_id());
+        status = Call("FinishCompress", r);
+        h_.SettleBackground(r.sequence_id());
+        break;
+      }
       case 10:
       case 11: {
         const bool fetch = in_.ConsumeBool();
@@ -418,7 +429,12 @@ class Program {
     }
     r.set_input(static_cast<v1::InputSource>(in_.ConsumeIntegralInRange<int>(0, 4)));
     r.set_num_queries(in_.ConsumeIntegralInRange<uint32_t>(0, 8));
-    return Call("Compress", r);
+    r.set_background(in_.ConsumeBool());
+    const grpc::Status status = Call("Compress", r);
+    // A background work's end changes the sequence (ready, or its failure): before the next
+    // snapshot, so that only calls change what the checks compare.
+    h_.SettleBackground(r.sequence_id());
+    return status;
   }
 
   // An engine writing the K and V rows of the tokens a sequence's last Allocate gave it.

@@ -22,8 +22,9 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${FUZZ_BUILD_DIR:-build-fuzz}
 ALL_TARGETS=(config npy gguf llama2c_checkpoint llama2c_tokenizer coded_layer_image
              rpc_attach rpc_heartbeat rpc_detach rpc_allocate rpc_free rpc_fork rpc_step
-             rpc_get_sequence rpc_list_sequences rpc_stats rpc_compress rpc_fetch rpc_park rpc_watch
-             rpc_store_prefix rpc_match_prefix rpc_load_prefix service_program fast_path)
+             rpc_get_sequence rpc_list_sequences rpc_stats rpc_compress rpc_finish_compress
+             rpc_fetch rpc_park rpc_watch rpc_store_prefix rpc_match_prefix rpc_load_prefix
+             service_program fast_path)
 
 # The source files each target is about (for the coverage report).
 focus_files() {

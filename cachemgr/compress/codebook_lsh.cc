@@ -270,8 +270,8 @@ absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, s
   // A large bucket goes to the blocked kernel whole. The pairs of the small ones are collected
   // from every table, sorted and deduplicated, and tested once each in row order: a pair that
   // several tables put together costs one test, and the bitset is walked row by row, not at
-  // random (on diffuse data, random bit probes into an n^2 / 8-byte bitset were most of the
-  // time).
+  // random (random bit probes into an n^2 / 8-byte bitset were most of this function's time on
+  // diffuse data, mostly cache misses).
   const VectorKernels& kernels = SelectedVectorKernels();
   const int index_bits = std::bit_width(n - 1);
   std::vector<uint64_t> listed;  // i << index_bits | j, i < j

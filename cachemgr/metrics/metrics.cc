@@ -52,6 +52,8 @@ const char* EventName(EventType type) {
       return "sequence_compressed";
     case EventType::kSequenceParked:
       return "sequence_parked";
+    case EventType::kSequenceCompressReady:
+      return "sequence_compress_ready";
   }
   return "unknown";
 }

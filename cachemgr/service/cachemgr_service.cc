@@ -374,9 +374,26 @@ grpc::ServerUnaryReactor* CacheManagerService::Compress(grpc::CallbackServerCont
                              CompressResult r,
                              manager_->Compress(caller, request->sequence_id(), params));
                          CompressResultToProto(r, response);
-                         if (metrics_ != nullptr) metrics_->ObserveCompress(params.policy.name, r);
+                         if (metrics_ != nullptr && !r.pending) {
+                           metrics_->ObserveCompress(params.policy.name, r);
+                         }
                          return absl::OkStatus();
                        });
+}
+
+grpc::ServerUnaryReactor* CacheManagerService::FinishCompress(
+    grpc::CallbackServerContext* ctx, const v1::FinishCompressRequest* request,
+    v1::CompressResponse* response) {
+  return UnaryOnWorker(
+      ctx, "FinishCompress", request->session_token(),
+      [this, request, response](const Caller& caller) -> absl::Status {
+        ASSIGN_OR_RETURN(CompressResult r,
+                         manager_->FinishCompress(caller, request->sequence_id(), request->wait(),
+                                                  request->cuda_ipc_event_handle()));
+        CompressResultToProto(r, response);
+        if (metrics_ != nullptr && !r.pending) metrics_->ObserveCompress(r.policy_name, r);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::Fetch(grpc::CallbackServerContext* ctx,

@@ -26,7 +26,7 @@
 #include "cachemgr/peers/transfer_ledger.h"
 #include "cachemgr/service/operator_token.h"
 #include "cachemgr/service/peer_listener.h"
-#include "cachemgr/service/worker_pool.h"
+#include "cachemgr/util/worker_pool.h"
 #include "cachemgr/v1/cachemgr.grpc.pb.h"
 
 namespace cachemgr {
@@ -72,6 +72,9 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   grpc::ServerUnaryReactor* Compress(grpc::CallbackServerContext* ctx,
                                      const v1::CompressRequest* request,
                                      v1::CompressResponse* response) override;
+  grpc::ServerUnaryReactor* FinishCompress(grpc::CallbackServerContext* ctx,
+                                           const v1::FinishCompressRequest* request,
+                                           v1::CompressResponse* response) override;
   grpc::ServerUnaryReactor* Fetch(grpc::CallbackServerContext* ctx, const v1::FetchRequest* request,
                                   v1::FetchResponse* response) override;
   grpc::ServerUnaryReactor* Park(grpc::CallbackServerContext* ctx, const v1::ParkRequest* request,

@@ -246,6 +246,9 @@ void SequenceToProto(const SequenceSnapshot& s, v1::SequenceInfo* p) {
   p->set_compression_policy(s.compression_policy);
   p->mutable_kept_per_layer()->Add(s.kept_per_layer.begin(), s.kept_per_layer.end());
   p->set_busy(s.busy);
+  p->set_compress_pending(s.compress_pending);
+  p->set_compress_ready(s.compress_ready);
+  p->set_compress_error(s.compress_error);
 }
 
 void StatsToProto(const StatsSnapshot& s, v1::StatsResponse* p) {
@@ -321,6 +324,8 @@ v1::EventType EventTypeToProto(EventType type) {
       return v1::EVENT_TYPE_SEQUENCE_COMPRESSED;
     case EventType::kSequenceParked:
       return v1::EVENT_TYPE_SEQUENCE_PARKED;
+    case EventType::kSequenceCompressReady:
+      return v1::EVENT_TYPE_SEQUENCE_COMPRESS_READY;
     case EventType::kPoolReleased:
       return v1::EVENT_TYPE_POOL_RELEASED;
   }
@@ -342,6 +347,7 @@ absl::StatusOr<CompressParams> CompressParamsFromProto(const v1::CompressRequest
   CompressParams out;
   ASSIGN_OR_RETURN(out.policy, ResolvePreset(p.preset()));
   out.cuda_ipc_event_handle = r.cuda_ipc_event_handle();
+  out.background = r.background();
   compress::PolicyConfig& c = out.policy;
   auto bad_enum = [](const char* field, int value) {
     return absl::InvalidArgumentError(absl::StrCat(field, " holds an unknown value ", value));
@@ -503,6 +509,8 @@ void CompressResultToProto(const CompressResult& r, v1::CompressResponse* p) {
   p->set_eq15_ratio(r.eq15_ratio);
   p->set_reserve_ratio(r.reserve_ratio);
   p->set_blocks_released(r.blocks_released);
+  p->set_pending(r.pending);
+  p->set_rows_appended(r.rows_appended);
 }
 
 void FetchResultToProto(const std::vector<FetchedLayerResult>& layers, v1::FetchResponse* p) {

@@ -127,7 +127,7 @@ void SetDeadline(grpc::ClientContext& context) {
   context.set_deadline(std::chrono::system_clock::now() + kCallDeadline);
 }
 
-// Compress, Fetch and Park do CPU work proportional to the sequence (codebooks are quadratic).
+// Compress, FinishCompress, Fetch and Park do CPU work that grows with the sequence.
 constexpr auto kHeavyCallDeadline = std::chrono::minutes(10);
 
 // ---- Enum conversion -------------------------------------------------------------------------
@@ -286,6 +286,9 @@ SequenceInfo FromProto(const pb::SequenceInfo& in) {
   out.compression_policy = in.compression_policy();
   out.kept_per_layer.assign(in.kept_per_layer().begin(), in.kept_per_layer().end());
   out.busy = in.busy();
+  out.compress_pending = in.compress_pending();
+  out.compress_ready = in.compress_ready();
+  out.compress_error = in.compress_error();
   return out;
 }
 
@@ -1342,6 +1345,38 @@ absl::Status Session::RecordKvWrites(void* stream) {
   return impl_->write_event->Record(stream);
 }
 
+namespace {
+
+CompressResult CompressResultFromProto(const pb::CompressResponse& response) {
+  CompressResult out;
+  out.pending = response.pending();
+  out.rows_appended = response.rows_appended();
+  for (const pb::CompressedLayer& l : response.layers()) {
+    CompressedLayer c;
+    c.layer = l.layer();
+    c.context_ratio = l.context_ratio();
+    c.kept_per_head = l.kept_per_head();
+    c.num_tokens = l.num_tokens();
+    c.block_ids.assign(l.block_ids().begin(), l.block_ids().end());
+    c.kept_positions.assign(l.kept_positions().begin(), l.kept_positions().end());
+    c.codebook = l.codebook();
+    c.key_codebook_size = l.key_codebook_size();
+    c.value_codebook_size = l.value_codebook_size();
+    c.bytes_held = l.bytes_held();
+    c.eq15_ratio = l.eq15_ratio();
+    out.layers.push_back(std::move(c));
+  }
+  out.bytes_before = response.bytes_before();
+  out.bytes_after = response.bytes_after();
+  out.honest_ratio = response.honest_ratio();
+  out.eq15_ratio = response.eq15_ratio();
+  out.reserve_ratio = response.reserve_ratio();
+  out.blocks_released = response.blocks_released();
+  return out;
+}
+
+}  // namespace
+
 absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
                                                  const CompressOptions& options) {
   pb::CompressRequest request;
@@ -1386,6 +1421,7 @@ absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
       break;
   }
   request.set_num_queries(options.num_queries);
+  request.set_background(options.background);
   pb::CompressResponse response;
   RETURN_IF_ERROR(
       impl_->Call(kHeavyCallDeadline,
@@ -1393,29 +1429,22 @@ absl::StatusOr<CompressResult> Session::Compress(std::string_view sequence_id,
                     request.set_session_token(token);
                     return stub.Compress(context, request, &response);
                   }));
-  CompressResult out;
-  for (const pb::CompressedLayer& l : response.layers()) {
-    CompressedLayer c;
-    c.layer = l.layer();
-    c.context_ratio = l.context_ratio();
-    c.kept_per_head = l.kept_per_head();
-    c.num_tokens = l.num_tokens();
-    c.block_ids.assign(l.block_ids().begin(), l.block_ids().end());
-    c.kept_positions.assign(l.kept_positions().begin(), l.kept_positions().end());
-    c.codebook = l.codebook();
-    c.key_codebook_size = l.key_codebook_size();
-    c.value_codebook_size = l.value_codebook_size();
-    c.bytes_held = l.bytes_held();
-    c.eq15_ratio = l.eq15_ratio();
-    out.layers.push_back(std::move(c));
-  }
-  out.bytes_before = response.bytes_before();
-  out.bytes_after = response.bytes_after();
-  out.honest_ratio = response.honest_ratio();
-  out.eq15_ratio = response.eq15_ratio();
-  out.reserve_ratio = response.reserve_ratio();
-  out.blocks_released = response.blocks_released();
-  return out;
+  return CompressResultFromProto(response);
+}
+
+absl::StatusOr<CompressResult> Session::FinishCompress(std::string_view sequence_id, bool wait) {
+  pb::FinishCompressRequest request;
+  request.set_sequence_id(std::string(sequence_id));
+  request.set_wait(wait);
+  request.set_cuda_ipc_event_handle(impl_->WriteEventHandle());
+  pb::CompressResponse response;
+  RETURN_IF_ERROR(
+      impl_->Call(kHeavyCallDeadline,
+                  [&](Impl::Stub& stub, grpc::ClientContext* context, const std::string& token) {
+                    request.set_session_token(token);
+                    return stub.FinishCompress(context, request, &response);
+                  }));
+  return CompressResultFromProto(response);
 }
 
 absl::StatusOr<std::vector<FetchedLayer>> Session::Fetch(std::string_view sequence_id,

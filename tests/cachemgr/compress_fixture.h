@@ -29,8 +29,10 @@ inline ModelSpec Model() {
   return m;
 }
 
-struct Fixture {
-  Fixture() : manager({}, &backend, &clock, &hub) {
+// `Backend`: HostBackend, or a test backend built on it (gated_backend.h).
+template <typename Backend>
+struct BasicFixture {
+  BasicFixture() : manager({}, &backend, &clock, &hub) {
     hub.Subscribe([this](const Event* e) {
       if (e) events.push_back(*e);
     });
@@ -112,7 +114,7 @@ struct Fixture {
   }
 
   std::vector<Event> events;
-  HostBackend backend;
+  Backend backend;
   FakeClock clock;
   EventHub hub;
   CacheManager manager;
@@ -122,6 +124,8 @@ struct Fixture {
   std::vector<std::vector<float>> keys, values;
   std::vector<float> scores;
 };
+
+using Fixture = BasicFixture<HostBackend>;
 
 inline CompressParams Params(const std::string& preset, double r = 0.3) {
   CompressParams p;

@@ -1,6 +1,7 @@
-// A host backend whose pool memory can be made to block in DigestLayer: tests of the calls that
-// read KV outside the manager's lock (GetSequence's digests, StorePrefix, LoadPrefix) arm it,
-// wait for `entered`, act while the call is outside the lock, then `release` it.
+// A host backend whose pool memory can be made to block in DigestLayer (`armed`) or GatherTokens
+// (`gather_armed`): tests of the calls that read KV outside the manager's lock (GetSequence's
+// digests, StorePrefix, LoadPrefix, a background Compress) arm it, wait for `entered`, act while
+// the call is outside the lock, then `release` it.
 #pragma once
 
 #include <atomic>
@@ -13,12 +14,17 @@
 
 namespace cachemgr::testing {
 
-// Host pool memory whose DigestLayer blocks (once armed) until released.
+// Host pool memory whose DigestLayer / GatherTokens block (once armed) until released.
 class GatedMemory final : public PoolMemory {
  public:
   GatedMemory(std::unique_ptr<PoolMemory> inner, absl::Notification* entered,
-              absl::Notification* release, std::atomic<bool>* armed)
-      : inner_(std::move(inner)), entered_(entered), release_(release), armed_(armed) {}
+              absl::Notification* release, std::atomic<bool>* armed,
+              std::atomic<bool>* gather_armed)
+      : inner_(std::move(inner)),
+        entered_(entered),
+        release_(release),
+        armed_(armed),
+        gather_armed_(gather_armed) {}
 
   const kernels::KvLayerLayout& layout() const override { return inner_->layout(); }
   const std::vector<RegionInfo>& regions() const override { return inner_->regions(); }
@@ -29,6 +35,10 @@ class GatedMemory final : public PoolMemory {
   }
   absl::Status GatherTokens(uint32_t layer, absl::Span<const int64_t> slots, float* k,
                             float* v) const override {
+    if (gather_armed_->exchange(false)) {
+      entered_->Notify();
+      release_->WaitForNotification();
+    }
     return inner_->GatherTokens(layer, slots, k, v);
   }
   absl::Status ScatterTokens(uint32_t layer, absl::Span<const int64_t> slots, const float* k,
@@ -69,6 +79,7 @@ class GatedMemory final : public PoolMemory {
   absl::Notification* entered_;
   absl::Notification* release_;
   std::atomic<bool>* armed_;
+  std::atomic<bool>* gather_armed_;
 };
 
 // The host backend with CreatePool left to a subclass (host().CreatePool creates the memory).
@@ -98,11 +109,11 @@ class GatedBackend final : public HostBackendWrapper {
     auto inner = host().CreatePool(pool_id, layout, type, num_layers);
     if (!inner.ok()) return inner.status();
     return std::unique_ptr<PoolMemory>(
-        new GatedMemory(*std::move(inner), &entered, &release, &armed));
+        new GatedMemory(*std::move(inner), &entered, &release, &armed, &gather_armed));
   }
 
   absl::Notification entered, release;
-  std::atomic<bool> armed{false};
+  std::atomic<bool> armed{false}, gather_armed{false};
 };
 
 }  // namespace cachemgr::testing

@@ -61,6 +61,44 @@ def test_views_write_what_the_daemon_reads(daemon, layout, dtype):
             np.testing.assert_allclose(back, x, rtol=1 / 128)
 
 
+def test_background_compress_keeps_rows_appended_meanwhile(daemon):
+    """compress(background=True) returns at once; decoding appends go on; finish_compress puts
+    the appended rows after the kept ones, each with its position and its KV."""
+    m = model(dtype="fp32", name="py-background")
+    with cachemgr.Session.attach(daemon.socket, "py-background", m, num_blocks=64) as s:
+        alloc = s.allocate("seq", 40)
+        rng = np.random.default_rng(5)
+        for layer in range(3):
+            k = rng.standard_normal((40, 2, 8)).astype(np.float32)
+            s.pool.write(layer, alloc.layers[layer].slot_mapping, k, 2 * k)
+        queries = rng.standard_normal((3, 8, 4, 8)).astype(np.float32)
+        started = s.compress("seq", cachemgr.Policy("snapkv", window=8), reserve_ratio=0.5,
+                             queries=queries, background=True)
+        assert started.pending and not started.layers
+        assert s.get_sequence("seq").compress_pending
+        more = s.allocate("seq", 5)
+        appended = {}
+        for layer in range(3):
+            k = rng.standard_normal((5, 2, 8)).astype(np.float32)
+            s.pool.write(layer, more.layers[layer].slot_mapping, k, 2 * k)
+            appended[layer] = k
+        r = s.finish_compress("seq")
+        assert not r.pending and r.rows_appended == 5
+        for layer in range(3):
+            cl = r.layers[layer]
+            assert cl.num_tokens == cl.kept_per_head + 5
+            assert (cl.kept_positions[:, cl.kept_per_head:] == np.arange(40, 45)).all()
+            keys, values = s.pool.read(layer, cl.block_ids, cl.num_tokens)
+            np.testing.assert_array_equal(keys[cl.kept_per_head:], appended[layer])
+            np.testing.assert_array_equal(values[cl.kept_per_head:], 2 * appended[layer])
+        info = s.get_sequence("seq")
+        assert info.compressed and not info.compress_pending
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            s.finish_compress("seq")
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no background Compress" in e.value.message
+
+
 def test_compress_fetch_park_fork_free(daemon):
     m = model(dtype="fp32")
     with cachemgr.Session.attach(daemon.socket, "py-compress", m, num_blocks=64) as s:

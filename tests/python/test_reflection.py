@@ -22,6 +22,7 @@ METHODS = {
     "Stats": ("StatsRequest", "StatsResponse", False),
     "Watch": ("WatchRequest", "Event", True),
     "Compress": ("CompressRequest", "CompressResponse", False),
+    "FinishCompress": ("FinishCompressRequest", "CompressResponse", False),
     "Fetch": ("FetchRequest", "FetchResponse", False),
     "Park": ("ParkRequest", "ParkResponse", False),
     "StorePrefix": ("StorePrefixRequest", "StorePrefixResponse", False),

@@ -279,9 +279,11 @@ def test_adapter_module_loads_without_vllm():
     assert not connector_module.HAVE_VLLM
 
 
-def test_lifecycle_with_preemption_and_reload(daemon):
-    scheduler, worker, vllm = run(daemon, "codebook")
+@pytest.mark.parametrize("background", [True, False])
+def test_lifecycle_with_preemption_and_reload(daemon, background):
+    scheduler, worker, vllm = run(daemon, "codebook", background_compress=background)
     assert len(vllm.done) == 10
+    assert not worker._compressing  # every background compression applied or freed
     assert all(len(r.output) == r.max_new for r in vllm.done)
     assert vllm.preemptions > 0  # the block pool was small on purpose
     assert worker.stats["compressions"] == 10  # every prompt, once, after its prefill

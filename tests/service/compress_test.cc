@@ -390,6 +390,100 @@ TEST_CASE("decoding on a compressed sequence: Fetch, append, Park, Fetch", "[ser
   REQUIRE(s.Detach().ok());
 }
 
+TEST_CASE("a background Compress through the daemon: decoding goes on meanwhile", "[service]") {
+  auto daemon = DaemonProcess::Start();
+  REQUIRE(daemon.ok());
+  auto stub = RawStub((*daemon)->socket_path());
+  auto session = client::Session::Attach((*daemon)->socket_path(), Options());
+  REQUIRE(session.ok());
+  client::Session& s = **session;
+  auto alloc = s.Allocate("seq", kTokens);
+  REQUIRE(alloc.ok());
+  WrittenSequence written;
+  written.Write(s, Slots(*alloc), 0, kTokens, 7);
+  WrittenSequence::WriteQueries(s, 8, 8);
+  client::CompressOptions options;
+  options.policy.preset = "spindlekv";
+  options.policy.window = 8;
+  options.target = 0.3;
+  options.input = client::CompressInputSource::kWindowQueries;
+  options.num_queries = 8;
+  options.background = true;
+  auto started = s.Compress("seq", options);
+  REQUIRE(started.ok());
+  CHECK(started->pending);
+  CHECK(started->layers.empty());
+  auto info = s.GetSequence("seq");
+  REQUIRE(info.ok());
+  CHECK(info->compress_pending);
+  CHECK_FALSE(info->compressed);
+
+  // Five decode steps while the daemon works.
+  constexpr uint32_t kSteps = 5;
+  for (uint32_t i = 0; i < kSteps; ++i) {
+    auto step = s.Allocate("seq", 1);
+    REQUIRE(step.ok());
+    written.Write(s, Slots(*step), kTokens + i, 1, 100 + i);
+  }
+  auto done = s.FinishCompress("seq");
+  REQUIRE(done.ok());
+  CHECK_FALSE(done->pending);
+  CHECK(done->rows_appended == kSteps);
+  CHECK(done->bytes_after < done->bytes_before);
+  CHECK(AccountingBalances(*stub));
+  auto fetched = s.Fetch("seq");
+  REQUIRE(fetched.ok());
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    const client::FetchedLayer& fl = (*fetched)[l];
+    REQUIRE(fl.num_tokens == done->layers[l].kept_per_head + kSteps);
+    CHECK(fl.positions == done->layers[l].kept_positions);
+    for (uint32_t i = 0; i < kSteps; ++i)
+      CHECK(fl.positions[fl.num_tokens - kSteps + i] == kTokens + i);
+  }
+  written.CheckRows(s, *fetched, CodebookLayers(*done), 0.98f, 0.95f);
+  info = s.GetSequence("seq");
+  REQUIRE(info.ok());
+  CHECK(info->compressed);
+  CHECK_FALSE(info->compress_pending);
+
+  // Errors name what is wrong and change nothing.
+  auto none = s.FinishCompress("seq");
+  CHECK(none.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(none.status().message()), Catch::Contains("no background Compress"));
+  auto unknown = s.FinishCompress("nope");
+  CHECK(unknown.status().code() == absl::StatusCode::kNotFound);
+  CHECK_THAT(std::string(unknown.status().message()), Catch::Contains("sequence_id"));
+  REQUIRE(s.Allocate("other", 16).ok());
+  v1::CompressRequest raw;
+  raw.set_sequence_id("other");
+  raw.set_reserve_ratio(0.5);
+  raw.mutable_policy()->set_preset("streamingllm");
+  raw.set_input(v1::INPUT_SOURCE_NONE);
+  raw.set_background(true);
+  {
+    grpc::ClientContext ctx;
+    AddOperatorCredential(ctx, (*daemon)->socket_path());
+    v1::CompressResponse resp;
+    const grpc::Status st = stub->Compress(&ctx, raw, &resp);
+    CHECK(st.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK_THAT(st.error_message(), Catch::Contains("background"));
+  }
+  v1::FinishCompressRequest finish;
+  finish.set_sequence_id("other");
+  finish.set_session_token("not-a-session");
+  {
+    grpc::ClientContext ctx;
+    v1::CompressResponse resp;
+    const grpc::Status st = stub->FinishCompress(&ctx, finish, &resp);
+    CHECK(st.error_code() != grpc::StatusCode::OK);
+  }
+  auto other = s.GetSequence("other");
+  REQUIRE(other.ok());
+  CHECK_FALSE(other->compress_pending);
+  CHECK(AccountingBalances(*stub));
+  REQUIRE(s.Detach().ok());
+}
+
 TEST_CASE("Compress errors name the request field and change nothing", "[service]") {
   auto daemon = DaemonProcess::Start();
   REQUIRE(daemon.ok());

@@ -36,8 +36,18 @@ absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,
     RETURN_IF_ERROR(cache.WriteInputs(*input, outer_per_layer, inner));
   }
   ASSIGN_OR_RETURN(client::CompressResult result, cache.Compress(seq, options));
-  RETURN_IF_ERROR(cache.Fetch(seq).status());
+  if (!result.pending) RETURN_IF_ERROR(cache.Fetch(seq).status());
   return result;
+}
+
+absl::Status ApplyBackgroundCompress(SidecarCache& cache, const std::string& seq, bool wait,
+                                     std::optional<client::CompressResult>* compressed) {
+  if (!compressed->has_value() || !(*compressed)->pending) return absl::OkStatus();
+  ASSIGN_OR_RETURN(client::CompressResult r, cache.FinishCompress(seq, wait));
+  if (r.pending) return absl::OkStatus();
+  RETURN_IF_ERROR(cache.Fetch(seq).status());
+  *compressed = std::move(r);
+  return absl::OkStatus();
 }
 
 namespace {
@@ -159,11 +169,17 @@ absl::StatusOr<GenerateResult> GenerateGreedy(LlamaEngine& engine, SidecarCache&
   RETURN_IF_ERROR(DecodeLoop(
       tokenizer, vocab, prompt.back(), Argmax(logits.data(), vocab), options,
       [&](uint32_t token) -> absl::StatusOr<std::vector<float>> {
-        absl::StatusOr<ForwardResult> r = engine.Forward(seq, {&token, 1});
+        // A background compression is applied at the first step after its work is done (the
+        // forward wrote every row it appended, so none is in flight).
+        absl::Status applied = ApplyBackgroundCompress(cache, seq, /*wait=*/false, &out.compressed);
+        absl::StatusOr<ForwardResult> r = applied.ok() ? engine.Forward(seq, {&token, 1})
+                                                       : absl::StatusOr<ForwardResult>(applied);
         return with_recovery(r.ok() ? absl::StatusOr<std::vector<float>>(std::move(r->logits))
                                     : r.status());
       },
       &out));
+  // Still working when decoding ended: the sequence is left compressed all the same.
+  RETURN_IF_ERROR(ApplyBackgroundCompress(cache, seq, /*wait=*/true, &out.compressed));
   return out;
 }
 

@@ -21,7 +21,9 @@ struct GenerateOptions {
   // Stop before emitting one of these (run.c stops at BOS); empty: never.
   std::vector<uint32_t> stop_tokens;
   // Compress the prompt before decoding (window queries of the prompt's last tokens, or the
-  // prompt's attention sums for H2O); nullopt: FullKV.
+  // prompt's attention sums for H2O); nullopt: FullKV. With compress->background (GenerateGreedy
+  // only) decoding starts at once on the whole prompt and the compression is applied at the
+  // first step after the daemon finished it (the tokens decoded meanwhile kept), or at the end.
   std::optional<client::CompressOptions> compress;
   // When the sidecar fails mid-generation (the daemon restarted, the session was lost), wait up
   // to this long for it (SidecarCache::Recover), then prefill the prompt again, compress it
@@ -68,10 +70,16 @@ absl::StatusOr<GenerateResult> DecodeGreedy(LlamaEngine& engine, SidecarCache& c
                                             const GenerateOptions& options);
 
 // Compresses `seq`, a prompt just prefilled with `prefill` (its window queries or attention
-// sums, as options.input says), then fetches its codebook layers so decoding can go on.
+// sums, as options.input says), then fetches its codebook layers so decoding can go on. With
+// options.background the result is pending: ApplyBackgroundCompress applies it.
 absl::StatusOr<client::CompressResult> CompressPrefilled(SidecarCache& cache,
                                                          const std::string& seq,
                                                          const ForwardResult& prefill,
                                                          client::CompressOptions options);
+
+// Applies the background compression of `seq` if `compressed` is pending (FinishCompress, then
+// Fetch), waiting for the daemon's work only with `wait`; `compressed` becomes the result.
+absl::Status ApplyBackgroundCompress(SidecarCache& cache, const std::string& seq, bool wait,
+                                     std::optional<client::CompressResult>* compressed);
 
 }  // namespace cachemgr::engine

@@ -2,6 +2,7 @@
 //
 //   cachemgr-engine --socket=S --model=stories260K.bin --tokenizer=tok512.bin [--prompt=TEXT]
 //                   [--steps=256] [--policy=spindlekv --reserve_ratio=0.3 | --byte_ratio=0.3]
+//                   [--background_compress]
 //   cachemgr-engine --tokenize --model=FILE [--tokenizer=FILE] --text_file=F [--special]
 //   cachemgr-engine ... --prefill_only --sequence=ID [--transfer_to=PEER
 //                   --transfer_token_file=F --transfer_id=ID]
@@ -15,9 +16,10 @@
 // --prompt names the last prompt token and prefixes the printed text).
 //
 // Prefills the prompt (BOS alone when empty), optionally compresses it through the daemon, then
-// decodes greedily and prints the text. --tokenize prints the ids of F's text as a JSON array
-// (no BOS; --special parses spelled-out control tokens) and needs no daemon. Exit 0 on success
-// (and on --help), 1 on failure, 2 on bad flags.
+// decodes greedily and prints the text. --background_compress decodes on while the daemon
+// compresses (applied at the first step after it finished). --tokenize prints the ids of F's text
+// as a JSON array (no BOS; --special parses spelled-out control tokens) and needs no daemon. Exit 0
+// on success (and on --help), 1 on failure, 2 on bad flags.
 #include <sys/stat.h>
 
 #include <cstdio>
@@ -41,11 +43,14 @@ constexpr char kUsage[] =
     "usage: cachemgr-engine --socket=PATH --model=FILE [--tokenizer=FILE] [--prompt=TEXT]\n"
     "         [--steps=256] [--threads=2] [--dtype=fp32|fp16|bf16]\n"
     "         [--rope=interleaved|half_split] [--window=32]\n"
-    "         [--policy=NAME (--reserve_ratio=R | --byte_ratio=R)] [--tensor_parallel=1]\n"
+    "         [--policy=NAME (--reserve_ratio=R | --byte_ratio=R)] [--background_compress]\n"
+    "         [--tensor_parallel=1]\n"
     "       cachemgr-engine --tokenize --model=FILE [--tokenizer=FILE] --text_file=FILE\n"
     "         [--special]\n"
     "A Llama engine whose KV cache lives in a running cachemgrd: prefills the prompt (BOS alone\n"
     "when empty), optionally compresses it with --policy, decodes greedily and prints the text.\n"
+    "--background_compress decodes on while the daemon compresses; the compression is applied\n"
+    "at the first step after it finished (the tokens decoded meanwhile kept).\n"
     "--model is a Llama-architecture GGUF or a llama2.c checkpoint (which needs --tokenizer).\n"
     "--tokenize prints the ids of the file's text as a JSON array (no BOS; --special parses\n"
     "spelled-out control tokens) and needs no daemon.\n"
@@ -104,7 +109,7 @@ bool WaitFor(absl::Duration wait, Ready ready) {
 int main(int argc, char** argv) {
   std::string socket, model, tokenizer, prompt, policy, dtype = "fp32", rope = "interleaved";
   std::string text_file;
-  bool tokenize = false, special = false, prefill_only = false;
+  bool tokenize = false, special = false, prefill_only = false, background_compress = false;
   std::string sequence = "generate", transfer_to, transfer_token_file, transfer_id;
   std::string decode_from, token_file, first_token_file;
   uint32_t steps = 256, threads = 2, window = 32, wait_ms = 60000, tensor_parallel = 1;
@@ -115,8 +120,12 @@ int main(int argc, char** argv) {
       std::fputs(kUsage, stdout);
       return 0;
     }
-    if (arg == "--tokenize" || arg == "--special" || arg == "--prefill_only") {
-      (arg == "--tokenize" ? tokenize : arg == "--special" ? special : prefill_only) = true;
+    if (arg == "--tokenize" || arg == "--special" || arg == "--prefill_only" ||
+        arg == "--background_compress") {
+      (arg == "--tokenize"       ? tokenize
+       : arg == "--special"      ? special
+       : arg == "--prefill_only" ? prefill_only
+                                 : background_compress) = true;
       continue;
     }
     const size_t eq = arg.find('=');
@@ -206,6 +215,11 @@ int main(int argc, char** argv) {
   if (!policy.empty() && (reserve > 0) == (bytes > 0)) {
     return Usage("--policy needs exactly one of --reserve_ratio and --byte_ratio");
   }
+  if (background_compress && (policy.empty() || prefill_only || !decode_from.empty())) {
+    return Usage(
+        "--background_compress needs --policy, and neither --prefill_only nor "
+        "--decode_from (a prefill compresses before it hands the prompt on)");
+  }
   if (prefill_only && !decode_from.empty()) {
     return Usage("--prefill_only and --decode_from exclude each other");
   }
@@ -253,6 +267,7 @@ int main(int argc, char** argv) {
                : policy == "fullkv" || policy == "streamingllm" || policy == "codebook"
                    ? cachemgr::client::CompressInputSource::kNone
                    : cachemgr::client::CompressInputSource::kWindowQueries;
+    co.background = background_compress;
     go.compress = co;
   }
   if (prefill_only) {
@@ -329,6 +344,10 @@ int main(int argc, char** argv) {
                  policy.c_str(), out->compressed->honest_ratio,
                  static_cast<unsigned long long>(out->compressed->bytes_before),
                  static_cast<unsigned long long>(out->compressed->bytes_after));
+    if (background_compress) {
+      std::fprintf(stderr, "applied in the background, after %u decoded tokens\n",
+                   out->compressed->rows_appended);
+    }
   }
   if (out->sidecar_recoveries > 0) {
     std::fprintf(stderr, "cachemgrd failed %u time(s) during generation; the KV was recomputed\n",

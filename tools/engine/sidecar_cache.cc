@@ -202,7 +202,14 @@ absl::Status SidecarCache::Free(const std::string& seq) {
 absl::StatusOr<client::CompressResult> SidecarCache::Compress(
     const std::string& seq, const client::CompressOptions& options) {
   ASSIGN_OR_RETURN(client::CompressResult r, session().Compress(seq, options));
-  RETURN_IF_ERROR(Refresh(seq));
+  if (!r.pending) RETURN_IF_ERROR(Refresh(seq));
+  return r;
+}
+
+absl::StatusOr<client::CompressResult> SidecarCache::FinishCompress(const std::string& seq,
+                                                                    bool wait) {
+  ASSIGN_OR_RETURN(client::CompressResult r, session().FinishCompress(seq, wait));
+  if (!r.pending) RETURN_IF_ERROR(Refresh(seq));
   return r;
 }
 

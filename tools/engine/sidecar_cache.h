@@ -79,8 +79,11 @@ class SidecarCache {
 
   absl::Status Fork(const std::string& parent, const std::string& child);
   absl::Status Free(const std::string& seq);
+  // With options.background the result is pending and the tables stay as they were until
+  // FinishCompress applies it.
   absl::StatusOr<client::CompressResult> Compress(const std::string& seq,
                                                   const client::CompressOptions& options);
+  absl::StatusOr<client::CompressResult> FinishCompress(const std::string& seq, bool wait);
   absl::StatusOr<std::vector<client::FetchedLayer>> Fetch(const std::string& seq);
   absl::StatusOr<std::vector<client::ParkedLayer>> Park(const std::string& seq);
   // A sequence that arrived in this session from another daemon (TransferSequence): makes its

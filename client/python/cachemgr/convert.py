@@ -147,7 +147,8 @@ def sequence_from_proto(s: pb.SequenceInfo) -> SequenceInfo:
                 for l in s.layers],
         parent_sequence_id=s.parent_sequence_id, compressed=s.compressed,
         compression_policy=s.compression_policy, kept_per_layer=list(s.kept_per_layer),
-        busy=s.busy)
+        busy=s.busy, compress_pending=s.compress_pending, compress_ready=s.compress_ready,
+        compress_error=s.compress_error)
 
 
 def summaries_from_proto(r: pb.ListSequencesResponse) -> List[SequenceSummary]:
@@ -170,7 +171,7 @@ def compress_result_from_proto(r: pb.CompressResponse, model: ModelSpec) -> Comp
             bytes_held=l.bytes_held, eq15_ratio=l.eq15_ratio) for l in r.layers],
         bytes_before=r.bytes_before, bytes_after=r.bytes_after, honest_ratio=r.honest_ratio,
         eq15_ratio=r.eq15_ratio, reserve_ratio=r.reserve_ratio,
-        blocks_released=r.blocks_released)
+        blocks_released=r.blocks_released, pending=r.pending, rows_appended=r.rows_appended)
 
 
 def fetched_from_proto(r: pb.FetchResponse, model: ModelSpec) -> List[FetchedLayer]:

@@ -902,14 +902,17 @@ class Session:
                  reserve_ratio: Optional[float] = None, byte_ratio: Optional[float] = None,
                  queries: Optional[np.ndarray] = None,
                  scores: Optional[np.ndarray] = None,
-                 input_written: Optional[str] = None, num_queries: int = 0) -> CompressResult:
+                 input_written: Optional[str] = None, num_queries: int = 0,
+                 background: bool = False) -> CompressResult:
         """Compresses a sequence in place. Exactly one of `reserve_ratio` (the paper's r) and
         `byte_ratio` (honest bytes held / full bytes, met within 1%). Inputs, written into the
         input buffer the daemon lent: `queries` float32 [num_layers, num_queries, num_q_heads,
         head_dim] (post-RoPE observation-window queries) or `scores` float32 [num_layers,
         num_q_heads, num_tokens]; neither for policies that need none. Or, inputs already
         written (write_inputs; by every rank of a group): `input_written` "queries" (with
-        `num_queries`) or "scores"."""
+        `num_queries`) or "scores". With `background` the call returns (pending=True) once the
+        daemon copied the inputs; the sequence stays readable and appendable meanwhile and
+        finish_compress applies the result."""
         if (reserve_ratio is None) == (byte_ratio is None):
             raise ValueError("give exactly one of reserve_ratio and byte_ratio")
         if queries is not None and scores is not None:
@@ -920,7 +923,8 @@ class Session:
             raise ValueError('input_written must be "queries" or "scores"')
         request = pb.CompressRequest(sequence_id=sequence_id,
                                      policy=convert.policy_to_proto(policy),
-                                     cuda_ipc_event_handle=self._write_event_handle())
+                                     cuda_ipc_event_handle=self._write_event_handle(),
+                                     background=background)
         if reserve_ratio is not None:
             request.reserve_ratio = reserve_ratio
         else:
@@ -956,6 +960,22 @@ class Session:
             return request
         return convert.compress_result_from_proto(
             self._session_call("Compress", with_token, timeout=HEAVY_CALL_TIMEOUT),
+            self.whole_model)
+
+    def finish_compress(self, sequence_id: str, wait: bool = True) -> CompressResult:
+        """Applies a background compress: with `wait` once its work is done, without it
+        pending=True while it works. Call it when the KV writes into the rows appended since are
+        complete: those rows follow the kept ones. A refusal changes nothing (still pending:
+        retry, or free); a work that failed left the sequence as it was, uncompressed, and its
+        error is raised until the next compress."""
+        request = pb.FinishCompressRequest(sequence_id=sequence_id, wait=wait,
+                                           cuda_ipc_event_handle=self._write_event_handle())
+
+        def with_token(token):
+            request.session_token = token
+            return request
+        return convert.compress_result_from_proto(
+            self._session_call("FinishCompress", with_token, timeout=HEAVY_CALL_TIMEOUT),
             self.whole_model)
 
     def fetch(self, sequence_id: str, layers: Iterable[int] = ()) -> List[FetchedLayer]:

@@ -153,6 +153,10 @@ class SequenceInfo:
     compression_policy: str = ""
     kept_per_layer: List[int] = field(default_factory=list)
     busy: str = ""
+    # A background Compress is unfinished; ready: its work is done (finish_compress applies it).
+    compress_pending: bool = False
+    compress_ready: bool = False
+    compress_error: str = ""  # the last background compress's work failed: its status
 
 
 @dataclass
@@ -214,6 +218,11 @@ class CompressResult:
     eq15_ratio: float
     reserve_ratio: float
     blocks_released: int
+    # A background Compress started, or (finish_compress without wait) still working: nothing
+    # else is set.
+    pending: bool = False
+    # finish_compress: rows each layer had appended since the background Compress started.
+    rows_appended: int = 0
 
 
 @dataclass

@@ -190,6 +190,68 @@ TEST_CASE("a compressed cache: kept tokens decode on, fullkv at ratio 1 changes 
   }
 }
 
+TEST_CASE("a background compression: decoding goes on, the tokens decoded meanwhile stay",
+          "[service]") {
+  Setup s(cachemgr::testing::StoriesBin(), cachemgr::testing::Tok512());
+  const std::vector<uint32_t> prompt = Prompt(*s.loaded.tokenizer);
+  const std::vector<uint32_t> next = {403, 407, 261, 378};
+  ForwardOptions capture;
+  capture.window_queries = 8;
+  auto base = s.engine->Forward("p", prompt, capture);
+  REQUIRE(base.ok());
+  ForwardOptions all;
+  all.all_logits = true;
+  REQUIRE(s.cache->Fork("p", "full").ok());
+  REQUIRE(s.cache->Fork("p", "bg").ok());
+  client::CompressOptions co;
+  co.policy.preset = "snapkv";
+  co.policy.window = 8;
+  co.target = 0.5;
+  co.input = client::CompressInputSource::kWindowQueries;
+  co.background = true;
+  auto started = CompressPrefilled(*s.cache, "bg", *base, co);
+  REQUIRE(started.ok());
+  REQUIRE(started->pending);
+  // Two tokens decoded on the whole prompt while the daemon works; the same two on "full".
+  REQUIRE(s.engine->Forward("bg", {next.data(), 2}).ok());
+  REQUIRE(s.engine->Forward("full", {next.data(), 2}).ok());
+  std::optional<client::CompressResult> compressed = *started;
+  REQUIRE(ApplyBackgroundCompress(*s.cache, "bg", /*wait=*/true, &compressed).ok());
+  REQUIRE_FALSE(compressed->pending);
+  CHECK(compressed->rows_appended == 2);
+  CHECK(compressed->honest_ratio < 0.75);
+  for (uint32_t l = 0; l < 5; ++l) {
+    CHECK(s.cache->rows("bg", l) == compressed->layers[l].kept_per_head + 2);
+  }
+  auto cont = s.engine->Forward("bg", {next.data() + 2, 2}, all);
+  REQUIRE(cont.ok());
+  auto reference = s.engine->Forward("full", {next.data() + 2, 2}, all);
+  REQUIRE(reference.ok());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < cont->logits.size(); ++i) {
+    diff += std::abs(cont->logits[i] - reference->logits[i]);
+    norm += std::abs(reference->logits[i]);
+  }
+  CHECK(diff > 0);
+  CHECK(diff < 0.5 * norm);
+  CHECK(s.cache->positions("bg") == prompt.size() + next.size());
+
+  // GenerateGreedy with a background compression ends with the sequence compressed.
+  GenerateOptions go;
+  go.steps = 12;
+  go.compress = co;
+  auto out = GenerateGreedy(*s.engine, *s.cache, *s.loaded.tokenizer, "gen", prompt, go);
+  REQUIRE(out.ok());
+  CHECK(out->tokens.size() == 12);
+  REQUIRE(out->compressed.has_value());
+  CHECK_FALSE(out->compressed->pending);
+  CHECK(out->compressed->rows_appended <= 12);
+  auto info = s.cache->session().GetSequence("gen");
+  REQUIRE(info.ok());
+  CHECK(info->compressed);
+  CHECK_FALSE(info->compress_pending);
+}
+
 TEST_CASE("a daemon restart mid-generation: the engine re-attaches, recomputes, same output",
           "[service]") {
   Setup s(testing::StoriesBin(), testing::Tok512());

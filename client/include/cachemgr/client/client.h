@@ -196,6 +196,10 @@ struct SequenceInfo {
   std::string compression_policy;
   std::vector<uint32_t> kept_per_layer;
   std::string busy;  // "Compress", "Fetch" or "Park" while one works on it
+  // A background Compress is unfinished; ready: its work is done (FinishCompress applies it).
+  bool compress_pending = false;
+  bool compress_ready = false;
+  std::string compress_error;  // the last background Compress's work failed: its status
 };
 
 // ---- Compression (see docs/COMPRESSION.md) ---------------------------------------------------
@@ -239,15 +243,19 @@ struct CompressOptions {
   double target = 0.2;
   CompressInputSource input = CompressInputSource::kNone;
   uint32_t num_queries = 0;
+  // Off the caller's critical path: Compress returns (CompressResult::pending) once the daemon
+  // copied the inputs; the sequence stays readable and appendable meanwhile, and
+  // Session::FinishCompress applies the result.
+  bool background = false;
 };
 
 struct CompressedLayer {
   uint32_t layer = 0;
   double context_ratio = 1.0;
   uint32_t kept_per_head = 0;
-  uint32_t num_tokens = 0;  // rows
+  uint32_t num_tokens = 0;  // rows: the kept ones, then those appended during a background one
   std::vector<uint32_t> block_ids;
-  std::vector<uint32_t> kept_positions;  // [num_kv_heads, num_tokens]
+  std::vector<uint32_t> kept_positions;  // [num_kv_heads, num_tokens]: each row's position
   bool codebook = false;
   uint32_t key_codebook_size = 0;
   uint32_t value_codebook_size = 0;
@@ -256,6 +264,11 @@ struct CompressedLayer {
 };
 
 struct CompressResult {
+  // A background Compress started, or (FinishCompress without wait) still working: nothing
+  // else is set.
+  bool pending = false;
+  // FinishCompress: rows each layer had appended since the background Compress started.
+  uint32_t rows_appended = 0;
   std::vector<CompressedLayer> layers;
   uint64_t bytes_before = 0;
   uint64_t bytes_after = 0;
@@ -458,9 +471,17 @@ class Session {
   // pool's device at the first call. FAILED_PRECONDITION for a pool in host memory (whose
   // writes are complete when the stores return); UNIMPLEMENTED in a client built without CUDA.
   absl::Status RecordKvWrites(void* stream);
-  // Compresses a sequence in place; inputs are read from input_buffer().
+  // Compresses a sequence in place; inputs are read from input_buffer() (which may be written
+  // again once this returns, background or not).
   absl::StatusOr<CompressResult> Compress(std::string_view sequence_id,
                                           const CompressOptions& options);
+  // Applies a background Compress (CompressOptions::background): with `wait` once its work is
+  // done, without it CompressResult::pending while it works. Call it when the KV writes into the
+  // rows appended since are complete (a CUDA pool: RecordKvWrites first): those rows follow the
+  // kept ones. A refusal changes nothing (still pending: retry, or Free); a work that failed
+  // left the sequence as it was, uncompressed, and its error is answered until the next
+  // Compress.
+  absl::StatusOr<CompressResult> FinishCompress(std::string_view sequence_id, bool wait = true);
   // Makes layers (empty: all) resident: codebook layers are reconstructed into new blocks.
   absl::StatusOr<std::vector<FetchedLayer>> Fetch(std::string_view sequence_id,
                                                   const std::vector<uint32_t>& layers = {});

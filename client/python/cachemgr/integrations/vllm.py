@@ -27,8 +27,12 @@ Per-request copies (prefix_store false): the sidecar as a compressed store for r
 (sequence "vllm-<request id>" in the daemon):
   prefill    save_kv_layer copies the tokens vLLM computed this step from vLLM's paged KV into
              the sidecar pool (Allocate, then zero-copy writes through the mapped pool);
-  end of     wait_for_save compresses the saved prompt with the configured policy (Compress;
-  prefill    codebook layers park in the daemon's arena and hold no blocks);
+  end of     wait_for_save starts compressing the saved prompt with the configured policy in
+  prefill    the background (Compress with background: the call returns once the daemon has
+             the inputs, so the forward never waits for it) and a later step applies it
+             (FinishCompress, without waiting while the daemon works; waiting only when the
+             copy is needed first: a load, a preemption, a move); codebook layers park in the
+             daemon's arena and hold no blocks;
   decode     nothing is copied: vLLM keeps attending to its own blocks;
   preempted  (SchedulerOutput.preempted_req_ids) handle_preemptions fetches the sidecar copy,
              appends the tokens decoded since and parks it again (Park codes the new rows into
@@ -152,7 +156,7 @@ except Exception:  # noqa: BLE001 - vLLM absent (or another version): plain clas
 _COUNTERS = {
     "saved_tokens": "Tokens whose KV the connector copied into cachemgrd",
     "loaded_tokens": "Tokens whose KV the connector loaded from cachemgrd into vLLM's blocks",
-    "compressions": "Prompts compressed in cachemgrd",
+    "compressions": "Prompts whose compression in cachemgrd the connector started",
     "parks": "Sequences returned to cachemgrd's arena after a load or a preemption",
     "bytes_before": "KV bytes of the compressed prompts before compression",
     "bytes_after": "KV bytes of the compressed prompts after compression",
@@ -169,6 +173,7 @@ _COUNTERS = {
     "prefix_corrupt_blocks": "Stored blocks cachemgrd found corrupt at load (recomputed)",
     "load_us": "Microseconds the worker spent loading KV before the forward (start_load_kv)",
     "save_us": "Microseconds the worker spent saving KV after the forward (wait_for_save)",
+    "compress_wait_us": "Microseconds the worker waited for a background compression it needed",
 }
 
 
@@ -394,8 +399,9 @@ class CacheManagerConnector(_Base):
     """See the module docstring. `config` holds the kv_connector_extra_config keys:
     socket (required), prefix_store (true in vLLM: see the module docstring), prefix_codebook
     (false; true or {"theta_k", "theta_v"}: stored blocks held as codebooks; the keys below
-    up to window apply to the per-request path), policy ("codebook"), reserve_ratio (1.0) or
-    byte_ratio, window (32),
+    up to background_compress apply to the per-request path), policy ("codebook"),
+    reserve_ratio (1.0) or byte_ratio, window (32), background_compress (true: compressions run
+    off the forward's path; false: wait_for_save waits for each),
     client_name, reconnect_interval (1.0 s: how often a lost sidecar is probed or re-attached),
     layout (only to name a backend's layout explicitly; it is verified all the same),
     kv_mem_pool (false; true: vLLM's KV cache in a CUDA pool of the daemon, see
@@ -477,6 +483,9 @@ class CacheManagerConnector(_Base):
         self._kernel_block_size = self.block_size  # tokens per block of the KV tensors
         self._generation_of: Dict[str, int] = {}  # sequence -> session generation that saved it
         self._broken: Set[str] = set()            # sequences whose sidecar copy is incomplete
+        # Compressions started in the background and not yet applied (FinishCompress).
+        self._compressing: Set[str] = set()
+        self.background_compress = bool(config.get("background_compress", True))
         self._load_errors: Set[int] = set()       # vLLM block ids whose load failed
         self._retry_at = 0.0                      # next attach / reattach try (time.monotonic)
         self.stats = {key: 0 for key in _COUNTERS}
@@ -560,6 +569,7 @@ class CacheManagerConnector(_Base):
                 # Everything the lost session held is gone.
                 self._broken.update(self._generation_of)
                 self._generation_of.clear()
+                self._compressing.clear()
             self._publish_session_token()
             return self.session
         except CacheManagerError as e:
@@ -799,7 +809,8 @@ class CacheManagerConnector(_Base):
         as load errors."""
         s = self._usable_session()
         try:
-            if s is None or not (t.remote or self._fresh(t.sequence_id)):
+            if s is None or not (t.remote or self._fresh(t.sequence_id)) or \
+                    not self._finish_compression(s, t.sequence_id, wait=True):
                 raise CacheManagerError(grpc.StatusCode.UNAVAILABLE,
                                         f"no whole sidecar copy of {t.sequence_id}")
             fetched = s.fetch(t.sequence_id)
@@ -928,6 +939,40 @@ class CacheManagerConnector(_Base):
             return
         self.stats["parks"] += 1
 
+    def _finish_compression(self, s: Session, sequence_id: str, wait: bool) -> bool:
+        """Applies the background compression of `sequence_id` if one is pending: with `wait`
+        waits for the daemon's work, without it leaves a compression still working pending.
+        Returns False when the copy cannot be used (the compression failed: it is broken)."""
+        if sequence_id not in self._compressing:
+            return True
+        start = time.perf_counter()
+        try:
+            result = s.finish_compress(sequence_id, wait=wait)
+        except CacheManagerError as e:
+            self._compressing.discard(sequence_id)
+            self._broken.add(sequence_id)
+            self._sidecar_failed(f"compressing {sequence_id}", e)
+            return False
+        finally:
+            if wait:
+                self.stats["compress_wait_us"] += int(1e6 * (time.perf_counter() - start))
+        if result.pending:
+            return True
+        self._compressing.discard(sequence_id)
+        self.stats["bytes_before"] += result.bytes_before
+        self.stats["bytes_after"] += result.bytes_after
+        return True
+
+    def _poll_compressions(self) -> None:
+        """Applies the background compressions whose work is done (none is waited for)."""
+        if not self._compressing:
+            return
+        s = self._usable_session()
+        if s is None:
+            return
+        for sequence_id in list(self._compressing):
+            self._finish_compression(s, sequence_id, wait=False)
+
     def start_load_kv(self, forward_context=None, **kwargs) -> None:
         """Copies every scheduled load from the sidecar into vLLM's blocks (synchronously);
         loads that fail are reported by get_block_ids_with_load_errors()."""
@@ -960,6 +1005,7 @@ class CacheManagerConnector(_Base):
 
     def wait_for_save(self) -> None:
         """Saves this step's prefill tokens, and compresses the prompts that completed."""
+        self._poll_compressions()
         meta = self._connector_metadata
         if meta is None or not (meta.prefix_saves or meta.saves or meta.compress_after_save):
             return
@@ -980,14 +1026,18 @@ class CacheManagerConnector(_Base):
                 continue
             try:
                 result = s.compress(sequence_id, self.policy, reserve_ratio=self.reserve_ratio,
-                                    byte_ratio=self.byte_ratio)
+                                    byte_ratio=self.byte_ratio,
+                                    background=self.background_compress)
             except CacheManagerError as e:
                 self._broken.add(sequence_id)
                 self._sidecar_failed(f"compressing {sequence_id}", e)
                 continue
             self.stats["compressions"] += 1
-            self.stats["bytes_before"] += result.bytes_before
-            self.stats["bytes_after"] += result.bytes_after
+            if result.pending:
+                self._compressing.add(sequence_id)
+            else:
+                self.stats["bytes_before"] += result.bytes_before
+                self.stats["bytes_after"] += result.bytes_after
         for send in meta.remote_sends:
             self._send_remote(send)
 
@@ -997,7 +1047,8 @@ class CacheManagerConnector(_Base):
         decode instance then finds nothing to load and recomputes the prompt."""
         s = self._usable_session()
         try:
-            if s is None or not self._fresh(send.sequence_id):
+            if s is None or not self._fresh(send.sequence_id) or \
+                    not self._finish_compression(s, send.sequence_id, wait=True):
                 raise CacheManagerError(grpc.StatusCode.UNAVAILABLE,
                                         f"no whole sidecar copy of {send.sequence_id} to send")
             result = s.transfer_sequence(
@@ -1023,7 +1074,8 @@ class CacheManagerConnector(_Base):
             self._free(sequence_id)
         for t in meta.preempted:
             s = self._usable_session()
-            if s is None or not self._fresh(t.sequence_id):
+            if s is None or not self._fresh(t.sequence_id) or \
+                    not self._finish_compression(s, t.sequence_id, wait=True):
                 self._broken.add(t.sequence_id)
                 continue
             if t.num_tokens > 0:
@@ -1043,6 +1095,7 @@ class CacheManagerConnector(_Base):
         held = self._held_here(sequence_id)
         self._generation_of.pop(sequence_id, None)
         self._broken.discard(sequence_id)
+        self._compressing.discard(sequence_id)  # Free ends a background compression too
         s = self.session
         if not held or not s.lease_ok:
             return

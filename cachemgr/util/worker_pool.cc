@@ -1,4 +1,4 @@
-#include "cachemgr/service/worker_pool.h"
+#include "cachemgr/util/worker_pool.h"
 
 #include <utility>
 

@@ -1,6 +1,7 @@
 // WorkerPool: a fixed set of threads running queued tasks in FIFO order. The gRPC service hands
 // it the calls that do seconds of CPU work (Compress, Fetch, Park) so they never occupy gRPC's
-// callback threads, which must stay free for the microsecond calls.
+// callback threads, which must stay free for the microsecond calls; the CacheManager hands its
+// one thread the background Compresses.
 #pragma once
 
 #include <cstddef>
