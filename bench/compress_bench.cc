@@ -367,6 +367,20 @@ void BM_HostStagesFromScores(benchmark::State& state) {
   if (last.has_value()) state.counters["honest_ratio"] = last->stats.honest_ratio;
 }
 
+// SmolLM2-135M's attention shape (9 query / 3 KV heads, head_dim 64, interleaved RoPE, theta
+// 100000) with `num_layers` layers of `elem_bytes`-byte elements.
+cachemgr::compress::ModelShape SmolLm2Shape(uint32_t num_layers, uint32_t elem_bytes) {
+  cachemgr::compress::ModelShape shape;
+  shape.num_layers = num_layers;
+  shape.num_q_heads = 9;
+  shape.num_kv_heads = 3;
+  shape.head_dim = 64;
+  shape.elem_bytes = elem_bytes;
+  shape.rope_style = cachemgr::compress::RopeStyle::kInterleaved;
+  shape.rope_theta = 100000.0;
+  return shape;
+}
+
 // A sequence of `tokens` tokens over every layer of `shape`, as the sequence benchmarks use: K
 // and V are mixtures like BM_Codebook's (three seeds from `seed`, cycled over the layers), K
 // rotated at its positions; with `window` > 0, that many window queries per layer (a looser
@@ -424,14 +438,7 @@ void BM_CodebookSequence(benchmark::State& state) {
   namespace cc = cachemgr::compress;
   const auto tokens = static_cast<uint32_t>(state.range(0));
   const bool lsh = state.range(1) == 1;
-  cc::ModelShape shape;
-  shape.num_layers = static_cast<uint32_t>(state.range(2));
-  shape.num_q_heads = 9;
-  shape.num_kv_heads = 3;
-  shape.head_dim = 64;
-  shape.elem_bytes = 2;
-  shape.rope_style = cc::RopeStyle::kInterleaved;
-  shape.rope_theta = 100000.0;
+  const cc::ModelShape shape = SmolLm2Shape(static_cast<uint32_t>(state.range(2)), 2);
   auto policy = cc::PresetPolicy("codebook");
   if (!policy.ok()) {
     state.SkipWithError("no codebook preset");
@@ -556,16 +563,17 @@ void BM_CompressCallerTime(benchmark::State& state) {
   options.memory_budget_bytes = uint64_t{8} << 30;
   options.lease_timeout = absl::Hours(1);
   CacheManager manager(options, &backend, &clock, nullptr);
+  const cc::ModelShape shape = SmolLm2Shape(30, 4);
   cachemgr::ModelSpec model;
   model.name = "smollm2-shape";
-  model.num_layers = 30;
-  model.num_q_heads = 9;
-  model.num_kv_heads = 3;
-  model.head_dim = 64;
+  model.num_layers = shape.num_layers;
+  model.num_q_heads = shape.num_q_heads;
+  model.num_kv_heads = shape.num_kv_heads;
+  model.head_dim = shape.head_dim;
   model.dtype = cachemgr::DType::kFp32;
   model.block_size = 16;
   model.rope.style = cachemgr::RopeStyle::kInterleaved;
-  model.rope.theta = 100000.0;
+  model.rope.theta = shape.rope_theta;
   const uint32_t num_blocks = tokens / model.block_size + 256;  // and the decode steps
   auto attached = manager.Attach({"bench", model, num_blocks});
   if (!attached.ok()) {
@@ -577,14 +585,6 @@ void BM_CompressCallerTime(benchmark::State& state) {
   auto pool =
       fds.ok() ? cachemgr::MemfdRegion::Map(std::move((*fds)[0]), attached->pool.regions[0].bytes)
                : absl::StatusOr<cachemgr::MemfdRegion>(fds.status());
-  cc::ModelShape shape;
-  shape.num_layers = model.num_layers;
-  shape.num_q_heads = model.num_q_heads;
-  shape.num_kv_heads = model.num_kv_heads;
-  shape.head_dim = model.head_dim;
-  shape.elem_bytes = 4;
-  shape.rope_style = cc::RopeStyle::kInterleaved;
-  shape.rope_theta = model.rope.theta;
   absl::StatusOr<MixtureSequence> sequence = MakeMixtureSequence(shape, tokens, 0, 6000);
   if (!pool.ok() || !sequence.ok()) {
     state.SkipWithError("setting the sequence up failed");

@@ -119,8 +119,7 @@ CacheManager::CacheManager(CacheManagerOptions options, std::vector<DeviceBacken
       backends_(std::move(backends)),
       clock_(clock),
       events_(events),
-      background_(std::make_unique<WorkerPool>(1)),
-      background_finish_(std::make_unique<WorkerPool>(1)) {}
+      background_(std::make_unique<WorkerPool>(1)) {}
 
 absl::StatusOr<DeviceBackend*> CacheManager::FindBackend(const std::string& device,
                                                          const std::string& field) const {
@@ -140,7 +139,6 @@ CacheManager::~CacheManager() {
   // their last step locks goes.
   BeginShutdown();
   background_.reset();
-  background_finish_.reset();
   Shutdown();
 }
 

@@ -619,16 +619,16 @@ class CacheManager {
                                           const CompressParams& params);
 
   // Applies the caller's background Compress (see Compress) once its work is done: with `wait`
-  // it waits for the work, without it returns CompressResult::pending while it is not done (nor
-  // the reconstruction of codebook layers left resident, see below: started by the first call
-  // after the work, on a background thread). Call
+  // it waits for the work, without it returns CompressResult::pending while it is not done. Call
   // it when the KV writes into the rows appended since the Compress started are complete (or
   // pass the client's write event): those rows follow the kept ones in every layer, each
-  // keeping its position; a codebook layer that had rows appended is left resident, as after
-  // Fetch (Park codes the appended rows), the others park. A refusal changes nothing
-  // (the Compress stays pending; retry, or Free). A work that failed ended the background
-  // Compress when it failed, leaving the sequence as it was: this answers its error (and so does
-  // GetSequence's compress_error) until the next Compress.
+  // keeping its position. Codebook layers park in the arena when nothing was appended; when
+  // rows were, they stay resident like plain layers, holding their kept rows as they were (not
+  // yet the codebook's reconstruction) and the appended ones, until Park codes the appended
+  // rows and releases the blocks. A refusal changes nothing (the Compress stays pending; retry,
+  // or Free). A work that failed ended the background Compress when it failed, leaving the
+  // sequence as it was: this answers its error (and so does GetSequence's compress_error) until
+  // the next Compress.
   //   FAILED_PRECONDITION  no background Compress of the sequence is pending or failed
   //   ABORTED              another call works on the sequence (a concurrent FinishCompress)
   //   RESOURCE_EXHAUSTED   a layer shared with a fork needs more fresh blocks than are free,
@@ -765,7 +765,6 @@ class CacheManager {
   struct Sequence;
   struct Compression;
   struct CompressJob;
-  struct ResidentCodedLayer;
 
   // Compress in three steps (cache_manager_compress.cc): validates and copies under the lock
   // (marking the sequence busy, or for a background job pinning the blocks it reads); computes
@@ -775,10 +774,9 @@ class CacheManager {
                                                                    const CompressParams& params)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ComputeCompress(CompressJob& job) const;
-  // `resident`: the codebook layers with rows appended since the job started, reconstructed
-  // (they stay resident; the other codebook layers park).
-  absl::StatusOr<CompressResult> ApplyCompressLocked(
-      Sequence& seq, CompressJob& job, const std::vector<ResidentCodedLayer>& resident)
+  // Codebook layers park in the arena, unless rows were appended since the job started: then
+  // they stay resident like plain layers (see FinishCompress).
+  absl::StatusOr<CompressResult> ApplyCompressLocked(Sequence& seq, CompressJob& job)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs a background job (on background_) and announces it ready.
   void RunBackgroundCompress(const std::shared_ptr<CompressJob>& job);
@@ -905,12 +903,9 @@ class CacheManager {
   uint64_t next_sequence_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_pool_serial_ ABSL_GUARDED_BY(mu_) = 1;
   PrefixCounters prefix_counters_ ABSL_GUARDED_BY(mu_);
-  // One thread for background Compresses, in start order (each spreads over compress_threads),
-  // and one for what FinishCompress prepares without blocking its caller (reconstructing
-  // codebook layers that stay resident). Last, so they are joined before anything their tasks
-  // use goes (the destructor joins them).
+  // One thread for background Compresses, in start order (each spreads over compress_threads).
+  // Last, so it is joined before anything its jobs use goes (the destructor joins it).
   std::unique_ptr<WorkerPool> background_;
-  std::unique_ptr<WorkerPool> background_finish_;
 };
 
 }  // namespace cachemgr

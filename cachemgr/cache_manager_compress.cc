@@ -486,7 +486,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
   Sequence* seq = FindSerialLocked(sequence_id, job->serial);
   if (seq == nullptr) return FreedMeanwhile(sequence_id, "Compress");
   seq->busy = nullptr;
-  return ApplyCompressLocked(*seq, *job, {});
+  return ApplyCompressLocked(*seq, *job);
 }
 
 void CacheManager::RunBackgroundCompress(const std::shared_ptr<CompressJob>& job) {
@@ -562,76 +562,36 @@ absl::StatusOr<CompressResult> CacheManager::FinishCompress(
   }
   // Rows appended since the job started follow its kept rows, moved under the lock once the
   // client's write event completed (the sequence busy while it is waited for, so that no row is
-  // appended meanwhile). A codebook layer that had rows appended is left resident, as after
-  // Fetch, so that Park codes the appended rows when the engine parks it: its coded rows are
-  // reconstructed first, off the caller's path (the second background thread; without `wait`
-  // this answers pending meanwhile).
-  while (true) {
-    bool wait_for_resident = false;
-    {
-      absl::MutexLock lock(&mu_);
-      Sequence* seq = FindSerialLocked(sequence_id, job->serial);
-      if (seq == nullptr) return FreedMeanwhile(sequence_id, "FinishCompress");
-      if (seq->background != job) {
-        if (seq->background == nullptr && !seq->compress_error.ok()) return seq->compress_error;
-        return absl::AbortedError(absl::StrCat("the background Compress of sequence_id ",
-                                               QuoteForMessage(sequence_id),
-                                               " was finished by another call meanwhile"));
-      }
-      RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
-      const bool appended = seq->layers[0].num_tokens > job->n;
-      if (!appended || shutting_down_.load()) return ApplyCompressLocked(*seq, *job, {});
-      bool any_coded = false;
-      for (const auto& coded : job->coded) any_coded = any_coded || coded != nullptr;
-      if (any_coded && !job->resident_started) {
-        job->resident_started = true;
-        for (uint32_t l = 0; l < job->coded.size(); ++l) {
-          if (job->coded[l] != nullptr) job->resident.push_back({l, job->coded[l]});
-        }
-        // A device pool reconstructs next to its memory (only the codebooks cross PCIe).
-        background_finish_->Submit([job, on_device = job->memory->computes_on_device()] {
-          for (ResidentCodedLayer& r : job->resident) {
-            if (on_device) {
-              r.flat = r.coded->Flatten();
-            } else {
-              r.coded->Reconstruct(&r.keys, &r.values);
-            }
-          }
-          job->resident_done.Notify();
-        });
-      }
-      if (any_coded && !job->resident_done.HasBeenNotified()) {
-        if (!wait) {
-          CompressResult pending;
-          pending.pending = true;
-          return pending;
-        }
-        wait_for_resident = true;
-      } else if (write_event == nullptr) {
-        return ApplyCompressLocked(*seq, *job, job->resident);
-      } else {
-        seq->busy = "Compress";
-      }
-    }
-    if (wait_for_resident) {
-      job->resident_done.WaitForNotification();
-      continue;  // look again: the sequence may have changed meanwhile
-    }
-    absl::Status waited = write_event->Wait();
+  // appended meanwhile).
+  {
     absl::MutexLock lock(&mu_);
     Sequence* seq = FindSerialLocked(sequence_id, job->serial);
     if (seq == nullptr) return FreedMeanwhile(sequence_id, "FinishCompress");
-    seq->busy = nullptr;
-    if (!waited.ok()) {
-      return absl::InternalError(
-          absl::StrCat("waiting for the client's write event failed: ", waited.message()));
+    if (seq->background != job) {
+      if (seq->background == nullptr && !seq->compress_error.ok()) return seq->compress_error;
+      return absl::AbortedError(absl::StrCat("the background Compress of sequence_id ",
+                                             QuoteForMessage(sequence_id),
+                                             " was finished by another call meanwhile"));
     }
-    return ApplyCompressLocked(*seq, *job, job->resident);
+    RETURN_IF_ERROR(CheckNotBusy(sequence_id, seq->busy));
+    if (write_event == nullptr || seq->layers[0].num_tokens == job->n || shutting_down_.load()) {
+      return ApplyCompressLocked(*seq, *job);
+    }
+    seq->busy = "Compress";
   }
+  const absl::Status waited = write_event->Wait();
+  absl::MutexLock lock(&mu_);
+  Sequence* seq = FindSerialLocked(sequence_id, job->serial);
+  if (seq == nullptr) return FreedMeanwhile(sequence_id, "FinishCompress");
+  seq->busy = nullptr;
+  if (!waited.ok()) {
+    return absl::InternalError(
+        absl::StrCat("waiting for the client's write event failed: ", waited.message()));
+  }
+  return ApplyCompressLocked(*seq, *job);
 }
 
-absl::StatusOr<CompressResult> CacheManager::ApplyCompressLocked(
-    Sequence& seq, CompressJob& job, const std::vector<ResidentCodedLayer>& resident) {
+absl::StatusOr<CompressResult> CacheManager::ApplyCompressLocked(Sequence& seq, CompressJob& job) {
   const std::string& sequence_id = job.sequence_id;
   const CompressParams& params = job.params;
   if (shutting_down_.load()) return ShutdownCancelled("Compress");
@@ -648,11 +608,10 @@ absl::StatusOr<CompressResult> CacheManager::ApplyCompressLocked(
     job.keys.assign(num_layers, {});
     job.values.assign(num_layers, {});
   }
-  std::vector<const ResidentCodedLayer*> resident_of(num_layers, nullptr);
-  for (const ResidentCodedLayer& r : resident) resident_of[r.layer] = &r;
-  // Codebook layers go to the arena; the others (plain ones, and codebook layers left resident)
-  // hold their kept rows, then the appended ones, in blocks.
-  auto parked = [&](uint32_t l) { return job.coded[l] != nullptr && resident_of[l] == nullptr; };
+  // Codebook layers go to the arena unless rows were appended: then they stay resident, as the
+  // plain layers, with their kept rows as they were, then the appended ones, in blocks (Park
+  // codes the appended rows later).
+  auto parked = [&](uint32_t l) { return job.coded[l] != nullptr && m == 0; };
   // The reply lists every row's position: refuse it before the first row moves.
   {
     std::vector<reply_size::LayerCounts> counts;
@@ -690,7 +649,7 @@ absl::StatusOr<CompressResult> CacheManager::ApplyCompressLocked(
     if (fresh[l]) fresh_need[l] = CeilDiv(sr.layers[l].kept_per_head + m, bs);
   }
   for (uint32_t l = 0; l < num_layers; ++l) {
-    if (job.coded[l] != nullptr || fresh[l]) continue;
+    if (parked(l) || fresh[l]) continue;
     RETURN_IF_ERROR(kernels::ValidateCompaction(layout, seq.layers[l].blocks, n, sr.layers[l].kept,
                                                 sr.layers[l].kept_per_head));
   }
@@ -716,9 +675,8 @@ absl::StatusOr<CompressResult> CacheManager::ApplyCompressLocked(
   if (background) EndBackgroundLocked(seq, std::nullopt);
 
   // Writes layer l's rows to `blocks` (its own, or fresh ones): the kept rows (compacted in
-  // place, copied from what the job read, or reconstructed from the codebook), then the appended
-  // rows, read first (a compaction in place writes rows < n only, but a reconstruction's rows
-  // may reach them).
+  // place, or copied from what the job read), then the appended rows (a compaction in place
+  // writes rows < n only).
   const size_t row_floats = size_t{hkv} * model.head_dim;
   auto write_layer = [&](uint32_t l, const std::vector<uint32_t>& blocks) -> absl::Status {
     const compress::LayerResult& lr = sr.layers[l];
@@ -730,12 +688,11 @@ absl::StatusOr<CompressResult> CacheManager::ApplyCompressLocked(
           GatherLayerRows(*pool.memory, l, RowSlots(t.blocks, n, n + m, bs), &tail_k, &tail_v));
     }
     const std::vector<int64_t> kept_slots = RowSlots(blocks, 0, rows, bs);
-    if (const ResidentCodedLayer* r = resident_of[l]; r != nullptr) {
-      RETURN_IF_ERROR(r->keys.empty() ? pool.memory->ScatterCodedRows(l, kept_slots, r->flat)
-                                      : pool.memory->ScatterTokens(l, kept_slots, r->keys.data(),
-                                                                   r->values.data()));
-    } else if (&blocks == &t.blocks) {
-      RETURN_IF_ERROR(pool.memory->CompactHeads(l, t.blocks, n, lr.kept, rows));
+    if (&blocks == &t.blocks) {
+      // Every row kept where it is (a codebook-only layer at ratio 1, say): nothing moves.
+      bool in_place = rows == n;
+      for (size_t i = 0; i < lr.kept.size() && in_place; ++i) in_place = lr.kept[i] == i % rows;
+      if (!in_place) RETURN_IF_ERROR(pool.memory->CompactHeads(l, t.blocks, n, lr.kept, rows));
     } else {
       // Fork refuses a busy sequence, so a layer unshared when read stays so for a Compress that
       // blocks; a background one (or such a change) reads its rows here. The table's rows [0, n)

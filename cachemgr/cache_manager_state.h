@@ -123,16 +123,6 @@ struct CacheManager::Sequence {
   absl::Status compress_error;
 };
 
-// A codebook layer that had rows appended while its background Compress worked: FinishCompress
-// leaves it resident (as after Fetch), its coded rows reconstructed outside the lock, on the
-// host (keys, values [rows, num_kv_heads, head_dim]) or flat for a device pool to reconstruct.
-struct CacheManager::ResidentCodedLayer {
-  uint32_t layer = 0;
-  std::shared_ptr<const compress::CodedLayer> coded;
-  std::vector<float> keys, values;
-  compress::CodedRows flat;
-};
-
 // One Compress: what its first step copied out under the lock, and what its work computed. The
 // work reads only this and the pool memory (kept alive here), never the manager's state.
 struct CacheManager::CompressJob {
@@ -161,11 +151,6 @@ struct CacheManager::CompressJob {
   std::vector<std::shared_ptr<const compress::CodedLayer>> coded;
   std::vector<std::vector<float>> keys, values;  // rows read for codebooks and shared layers
   absl::Notification done;                       // the work finished (background jobs)
-  // Background jobs with rows appended to codebook layers: those layers reconstructed (on the
-  // manager's second background thread), started once under the lock.
-  std::vector<ResidentCodedLayer> resident;
-  bool resident_started = false;
-  absl::Notification resident_done;
 };
 
 namespace cache_manager_internal {

@@ -306,25 +306,41 @@ TEST_CASE("every preset runs through Compress and Fetch on the daemon", "[servic
   REQUIRE(s.Detach().ok());
 }
 
-TEST_CASE("decoding on a compressed sequence: Fetch, append, Park, Fetch", "[service]") {
-  auto daemon = DaemonProcess::Start();
-  REQUIRE(daemon.ok());
-  auto stub = RawStub((*daemon)->socket_path());
-  auto session = client::Session::Attach((*daemon)->socket_path(), Options());
-  REQUIRE(session.ok());
-  client::Session& s = **session;
-  auto alloc = s.Allocate("seq", kTokens);
-  REQUIRE(alloc.ok());
+// A daemon with one session and its sequence "seq": kTokens tokens written (seeds `seed`), 8
+// window queries in the input buffer (seed + 1); `options` a spindlekv Compress on them.
+struct PrefilledSession {
+  explicit PrefilledSession(uint32_t seed) {
+    auto d = DaemonProcess::Start();
+    REQUIRE(d.ok());
+    daemon = *std::move(d);
+    stub = RawStub(daemon->socket_path());
+    auto attached = client::Session::Attach(daemon->socket_path(), Options());
+    REQUIRE(attached.ok());
+    session = *std::move(attached);
+    auto alloc = session->Allocate("seq", kTokens);
+    REQUIRE(alloc.ok());
+    written.Write(*session, Slots(*alloc), 0, kTokens, seed);
+    WrittenSequence::WriteQueries(*session, 8, seed + 1);
+    options.policy.preset = "spindlekv";
+    options.policy.window = 8;
+    options.input = client::CompressInputSource::kWindowQueries;
+    options.num_queries = 8;
+  }
+  std::unique_ptr<DaemonProcess> daemon;
+  std::unique_ptr<v1::CacheManager::Stub> stub;
+  std::unique_ptr<client::Session> session;
   WrittenSequence written;
-  written.Write(s, Slots(*alloc), 0, kTokens, 11);
-  WrittenSequence::WriteQueries(s, 8, 12);
   client::CompressOptions options;
-  options.policy.preset = "spindlekv";
-  options.policy.window = 8;
+};
+
+TEST_CASE("decoding on a compressed sequence: Fetch, append, Park, Fetch", "[service]") {
+  PrefilledSession p(11);
+  client::Session& s = *p.session;
+  auto& stub = p.stub;
+  WrittenSequence& written = p.written;
+  client::CompressOptions options = p.options;
   options.policy.append_batch = 8;
   options.target = 0.5;
-  options.input = client::CompressInputSource::kWindowQueries;
-  options.num_queries = 8;
   auto r = s.Compress("seq", options);
   REQUIRE(r.ok());
   const std::vector<bool> codebook = CodebookLayers(*r);
@@ -391,23 +407,12 @@ TEST_CASE("decoding on a compressed sequence: Fetch, append, Park, Fetch", "[ser
 }
 
 TEST_CASE("a background Compress through the daemon: decoding goes on meanwhile", "[service]") {
-  auto daemon = DaemonProcess::Start();
-  REQUIRE(daemon.ok());
-  auto stub = RawStub((*daemon)->socket_path());
-  auto session = client::Session::Attach((*daemon)->socket_path(), Options());
-  REQUIRE(session.ok());
-  client::Session& s = **session;
-  auto alloc = s.Allocate("seq", kTokens);
-  REQUIRE(alloc.ok());
-  WrittenSequence written;
-  written.Write(s, Slots(*alloc), 0, kTokens, 7);
-  WrittenSequence::WriteQueries(s, 8, 8);
-  client::CompressOptions options;
-  options.policy.preset = "spindlekv";
-  options.policy.window = 8;
+  PrefilledSession p(7);
+  client::Session& s = *p.session;
+  auto& stub = p.stub;
+  WrittenSequence& written = p.written;
+  client::CompressOptions options = p.options;
   options.target = 0.3;
-  options.input = client::CompressInputSource::kWindowQueries;
-  options.num_queries = 8;
   options.background = true;
   auto started = s.Compress("seq", options);
   REQUIRE(started.ok());
@@ -462,7 +467,7 @@ TEST_CASE("a background Compress through the daemon: decoding goes on meanwhile"
   raw.set_background(true);
   {
     grpc::ClientContext ctx;
-    AddOperatorCredential(ctx, (*daemon)->socket_path());
+    AddOperatorCredential(ctx, p.daemon->socket_path());
     v1::CompressResponse resp;
     const grpc::Status st = stub->Compress(&ctx, raw, &resp);
     CHECK(st.error_code() == grpc::StatusCode::INVALID_ARGUMENT);

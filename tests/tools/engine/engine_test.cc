@@ -44,6 +44,17 @@ Reference ReadReference() {
   return r;
 }
 
+// |a - b|_1 / |b|_1.
+double RelativeL1(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff += std::abs(a[i] - b[i]);
+    norm += std::abs(b[i]);
+  }
+  return diff / norm;
+}
+
 struct Setup {
   explicit Setup(const std::string& model, const std::string& tokenizer, bool half_split = false,
                  client::DType dtype = client::DType::kFp32, const std::string& name = "") {
@@ -176,13 +187,9 @@ TEST_CASE("a compressed cache: kept tokens decode on, fullkv at ratio 1 changes 
       CHECK(r->honest_ratio < 0.75);
       CHECK(s.cache->rows(id, 0) < prompt.size() + next.size());
       // Still a language model: the continuation's logits stay close to FullKV's.
-      double diff = 0, norm = 0;
-      for (size_t i = 0; i < cont->logits.size(); ++i) {
-        diff += std::abs(cont->logits[i] - full->logits[i]);
-        norm += std::abs(full->logits[i]);
-      }
-      CHECK(diff > 0);
-      CHECK(diff < 0.5 * norm);
+      const double distance = RelativeL1(cont->logits, full->logits);
+      CHECK(distance > 0);
+      CHECK(distance < 0.5);
     }
     // The new rows continue the positions after the whole prompt.
     CHECK(s.cache->positions(id) == prompt.size() + next.size());
@@ -227,13 +234,9 @@ TEST_CASE("a background compression: decoding goes on, the tokens decoded meanwh
   REQUIRE(cont.ok());
   auto reference = s.engine->Forward("full", {next.data() + 2, 2}, all);
   REQUIRE(reference.ok());
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < cont->logits.size(); ++i) {
-    diff += std::abs(cont->logits[i] - reference->logits[i]);
-    norm += std::abs(reference->logits[i]);
-  }
-  CHECK(diff > 0);
-  CHECK(diff < 0.5 * norm);
+  const double distance = RelativeL1(cont->logits, reference->logits);
+  CHECK(distance > 0);
+  CHECK(distance < 0.5);
   CHECK(s.cache->positions("bg") == prompt.size() + next.size());
 
   // GenerateGreedy with a background compression ends with the sequence compressed.
