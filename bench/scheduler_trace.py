@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from step_vs_vllm import BLOCK, LAYERS, daemon_socket, percentile
+from step_vs_vllm import BLOCK, LAYERS, daemon_socket, percentile, vllm_kv_manager
 
 
 class Req:
@@ -112,22 +112,11 @@ def make_trace(requests, decode, steps, preempt, fork, seed):
 
 
 def vllm_replay(trace, prompts, decode):
-    import torch
     from vllm.sampling_params import SamplingParams
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
-                                            KVCacheGroupSpec)
     from vllm.v1.request import Request
 
     peak = max(sum(1 for op in step if op[0] in ("alloc", "decode", "fork")) for step in trace)
-    blocks = (peak + 64) * ((4096 + decode) // BLOCK + 2)
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=8, head_size=128,
-                             dtype=torch.float16)
-    config = KVCacheConfig(num_blocks=blocks, kv_cache_tensors=[],
-                           kv_cache_groups=[KVCacheGroupSpec(
-                               [f"model.layers.{i}.self_attn" for i in range(LAYERS)], spec)])
-    manager = KVCacheManager(config, max_model_len=16384, scheduler_block_size=BLOCK,
-                             hash_block_size=BLOCK, enable_caching=False)
+    manager = vllm_kv_manager((peak + 64) * ((4096 + decode) // BLOCK + 2), 16384)
     live = {}
     times = []
     for step in trace:

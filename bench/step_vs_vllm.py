@@ -38,22 +38,28 @@ def percentile(xs, p):
     return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
 
 
-def vllm_steps(prompts, steps):
+def vllm_kv_manager(num_blocks, max_model_len):
+    """vLLM's in-process KVCacheManager for the Llama-3-8B shape (LAYERS layers, 8 KV heads of
+    128, fp16, BLOCK-token blocks), prefix caching off."""
     import torch
-    from vllm.sampling_params import SamplingParams
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
                                             KVCacheGroupSpec)
-    from vllm.v1.request import Request
 
-    blocks = sum((p + steps) // BLOCK + 2 for p in prompts) + 16
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=8, head_size=128,
                              dtype=torch.float16)
-    config = KVCacheConfig(num_blocks=blocks, kv_cache_tensors=[],
+    config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                            kv_cache_groups=[KVCacheGroupSpec(
                                [f"model.layers.{i}.self_attn" for i in range(LAYERS)], spec)])
-    manager = KVCacheManager(config, max_model_len=8192, scheduler_block_size=BLOCK,
-                             hash_block_size=BLOCK, enable_caching=False)
+    return KVCacheManager(config, max_model_len=max_model_len, scheduler_block_size=BLOCK,
+                          hash_block_size=BLOCK, enable_caching=False)
+
+
+def vllm_steps(prompts, steps):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    manager = vllm_kv_manager(sum((p + steps) // BLOCK + 2 for p in prompts) + 16, 8192)
     requests = []
     for i, p in enumerate(prompts):
         r = Request(f"r{i}", list(range(p)), SamplingParams(max_tokens=steps + 1), None)

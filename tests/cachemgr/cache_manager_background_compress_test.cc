@@ -312,15 +312,21 @@ TEST_CASE("codebook layers with rows appended during a background Compress stay 
   REQUIRE(f.manager.CheckInvariants().ok());
 }
 
+// Fills "s" and starts a background codebook Compress of it whose work then waits inside its
+// first read of the pool, until f.backend.release.
+void StartHeldInItsRead(GatedFixture& f, uint32_t seed) {
+  f.Fill("s", seed);
+  CompressParams params = Params("codebook", 0.5);
+  params.background = true;
+  f.backend.gather_armed = true;
+  REQUIRE(f.manager.Compress(f.a.session_token, "s", params).ok());
+  f.backend.entered.WaitForNotification();
+}
+
 TEST_CASE("a background Compress ends with its sequence, its error, or the shutdown", "[cpu]") {
   SECTION("Free while the work runs") {
     GatedFixture f;
-    f.Fill("s", 2);
-    CompressParams params = Params("codebook", 0.5);
-    params.background = true;
-    f.backend.gather_armed = true;
-    REQUIRE(f.manager.Compress(f.a.session_token, "s", params).ok());
-    f.backend.entered.WaitForNotification();
+    StartHeldInItsRead(f, 2);
     REQUIRE(f.manager.Free(f.a.session_token, "s").ok());
     REQUIRE(f.manager.CheckInvariants().ok());
     CHECK(f.UsedBlocks() == 0);  // its references went with it
@@ -414,12 +420,7 @@ TEST_CASE("a background Compress ends with its sequence, its error, or the shutd
   }
   SECTION("shutdown stops the work; FinishCompress answers UNAVAILABLE") {
     GatedFixture f;
-    f.Fill("s", 4);
-    CompressParams params = Params("codebook", 0.5);
-    params.background = true;
-    f.backend.gather_armed = true;
-    REQUIRE(f.manager.Compress(f.a.session_token, "s", params).ok());
-    f.backend.entered.WaitForNotification();
+    StartHeldInItsRead(f, 4);
     f.manager.BeginShutdown();
     f.backend.release.Notify();
     auto stopped = f.manager.FinishCompress(f.a.session_token, "s", true, "");
