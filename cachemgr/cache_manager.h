@@ -200,17 +200,19 @@ struct AllocateResult {
 
 // One op of CacheManager::Step.
 struct StepOp {
-  enum class Kind : uint8_t { kAllocate, kFree, kFork };
+  enum class Kind : uint8_t { kAllocate, kFree, kFork, kMatchPrefix };
   Kind kind = Kind::kAllocate;
-  std::string sequence_id;        // kAllocate, kFree; kFork: the parent
-  std::string child_sequence_id;  // kFork
-  uint32_t num_new_tokens = 0;    // kAllocate
+  std::string sequence_id;                // kAllocate, kFree; kFork: the parent
+  std::string child_sequence_id;          // kFork
+  uint32_t num_new_tokens = 0;            // kAllocate
+  std::vector<std::string> block_hashes;  // kMatchPrefix
 };
 
 struct StepOpResult {
   absl::Status status;
   AllocateResult allocate;       // kAllocate
   uint64_t blocks_released = 0;  // kFree
+  uint32_t matched_blocks = 0;   // kMatchPrefix
 };
 
 struct LayerTableSnapshot {
@@ -551,12 +553,13 @@ class CacheManager {
                                         const std::string& child_sequence_id);
 
   // One scheduler step (cache_manager_step.cc, docs/PERF.md "Step"): `ops` applied in order under
-  // one acquisition of the lock, each exactly as its per-call version (Allocate, Free, Fork:
-  // the same checks, all or nothing, the same errors) with its own status; an op that fails
-  // changes nothing and the next ones still run. Allocations list slot mappings only with
-  // `include_slot_mapping` (they follow from the block tables). The whole step is refused,
+  // one acquisition of the lock, each exactly as its per-call version (Allocate, Free, Fork,
+  // MatchPrefix: the same checks, all or nothing, the same errors) with its own status; an op
+  // that fails changes nothing and the next ones still run. Allocations list slot mappings only
+  // with `include_slot_mapping` (they follow from the block tables). The whole step is refused,
   // changing nothing, for the caller's session (as any call), more than options.max_step_ops
-  // ops (INVALID_ARGUMENT naming ops), or a reply that could exceed max_reply_bytes
+  // ops or more than kMaxPrefixHashesPerCall block hashes in its lookups together (those within
+  // the bound each; INVALID_ARGUMENT naming ops), or a reply that could exceed max_reply_bytes
   // (RESOURCE_EXHAUSTED).
   absl::StatusOr<std::vector<StepOpResult>> Step(const Caller& caller, absl::Span<const StepOp> ops,
                                                  bool include_slot_mapping);
@@ -874,6 +877,8 @@ class CacheManager {
   Sequence* FindSerialLocked(const std::string& sequence_id, uint64_t serial)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Per layer, the position of each row (see FetchedLayerResult::positions).
+  // Threads a Compress (and a Fetch's reconstruction) spreads its layers over.
+  uint32_t CompressThreads() const;
   std::vector<uint32_t> RowPositionsLocked(const Sequence& seq, uint32_t layer) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void PublishLocked(EventType type, const std::string& client_id, const std::string& sequence_id,
@@ -903,7 +908,8 @@ class CacheManager {
   uint64_t next_sequence_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_pool_serial_ ABSL_GUARDED_BY(mu_) = 1;
   PrefixCounters prefix_counters_ ABSL_GUARDED_BY(mu_);
-  // One thread for background Compresses, in start order (each spreads over compress_threads).
+  // One thread for background Compresses (each spreads over compress_threads): each client's in
+  // start order, the clients with jobs waiting taking turns.
   // Last, so it is joined before anything its jobs use goes (the destructor joins it).
   std::unique_ptr<WorkerPool> background_;
 };

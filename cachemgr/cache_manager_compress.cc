@@ -171,6 +171,11 @@ absl::StatusOr<std::vector<uint32_t>> ResolveLayers(const std::vector<uint32_t>&
 
 }  // namespace
 
+uint32_t CacheManager::CompressThreads() const {
+  return options_.compress_threads == 0 ? std::max(1u, std::thread::hardware_concurrency())
+                                        : options_.compress_threads;
+}
+
 std::vector<uint32_t> CacheManager::RowPositionsLocked(const Sequence& seq, uint32_t layer) const {
   if (seq.compression == nullptr) return {};
   const Compression::Layer& cl = seq.compression->layers[layer];
@@ -339,13 +344,13 @@ absl::StatusOr<std::shared_ptr<CacheManager::CompressJob>> CacheManager::BeginCo
     }
   }
   ASSIGN_OR_RETURN(job->write_event, WriteEventLocked(*client, params.cuda_ipc_event_handle));
+  job->client_id = client->client_id;
   job->sequence_id = sequence_id;
   job->serial = seq->serial;
   job->params = params;
   job->shape = ShapeOf(model);
   job->n = n;
-  job->threads = options_.compress_threads == 0 ? std::max(1u, std::thread::hardware_concurrency())
-                                                : options_.compress_threads;
+  job->threads = CompressThreads();
   job->memory = pool.memory;
   seq->compress_error = absl::OkStatus();
   if (params.background) {
@@ -444,21 +449,19 @@ void CacheManager::ComputeCompress(CompressJob& job) const {
                                          &shutting_down_};
   job.computed = compress::CompressSequence(shape, params.policy, input, params.target, compute);
   if (!job.computed.ok()) return;
-  for (uint32_t l = 0; l < shape.num_layers; ++l) {
+  absl::Status coded = ParallelFor(shape.num_layers, job.threads, [&](uint32_t l) -> absl::Status {
     const compress::LayerResult& lr = job.computed->layers[l];
-    if (!lr.key_codebook.has_value()) continue;
-    if (shutting_down_.load()) {
-      job.computed = ShutdownCancelled("Compress");
-      return;
-    }
+    if (!lr.key_codebook.has_value()) return absl::OkStatus();
+    if (shutting_down_.load()) return ShutdownCancelled("Compress");
     absl::StatusOr<compress::CodedLayer> layer =
         compress::CodedLayer::FromResult(shape, params.policy, lr, {});
     if (!layer.ok()) {
-      job.computed = absl::InternalError(absl::StrCat("layer ", l, ": ", layer.status().message()));
-      return;
+      return absl::InternalError(absl::StrCat("layer ", l, ": ", layer.status().message()));
     }
     job.coded[l] = std::make_shared<const compress::CodedLayer>(*std::move(layer));
-  }
+    return absl::OkStatus();
+  });
+  if (!coded.ok()) job.computed = coded;
 }
 
 absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
@@ -476,7 +479,7 @@ absl::StatusOr<CompressResult> CacheManager::Compress(const Caller& caller,
                                job->n, job->per_layer_inputs);
       job->input_buffers.clear();
     }
-    background_->Submit([this, job] { RunBackgroundCompress(job); });
+    background_->Submit(job->client_id, [this, job] { RunBackgroundCompress(job); });
     CompressResult pending;
     pending.pending = true;
     return pending;
@@ -848,18 +851,18 @@ absl::StatusOr<std::vector<FetchedLayerResult>> CacheManager::Fetch(
 
   // Outside the lock, from the immutable coded layers: a device pool gets their flat form and
   // reconstructs next to its memory (only the codebooks cross PCIe); for a host pool the rows
-  // are rebuilt here, so the math stays out of the lock.
+  // are rebuilt here (the layers spread over compress_threads), so the math stays out of the lock.
   std::vector<compress::CodedRows> flat(which.size());
   std::vector<std::vector<float>> rec_k(which.size()), rec_v(which.size());
-  for (size_t i = 0; i < which.size(); ++i) {
-    if (parked[i] == nullptr) continue;
-    if (shutting_down_.load()) break;
+  (void)ParallelFor(static_cast<uint32_t>(which.size()), CompressThreads(), [&](uint32_t i) {
+    if (parked[i] == nullptr || shutting_down_.load()) return absl::OkStatus();
     if (on_device) {
       flat[i] = parked[i]->Flatten();
     } else {
       parked[i]->Reconstruct(&rec_k[i], &rec_v[i]);
     }
-  }
+    return absl::OkStatus();
+  });
 
   absl::MutexLock lock(&mu_);
   Sequence* seq = FindSerialLocked(sequence_id, serial);

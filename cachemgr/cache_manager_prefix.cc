@@ -4,7 +4,6 @@
 // (the sequence marked busy), apply under the lock again after finding the sequence by serial.
 #include <algorithm>
 #include <memory>
-#include <thread>
 #include <tuple>
 #include <utility>
 
@@ -21,17 +20,19 @@
 namespace cachemgr {
 
 using cache_manager_internal::CheckNotBusy;
+using cache_manager_internal::CheckPrefixHashes;
 using cache_manager_internal::CheckSequenceId;
 using cache_manager_internal::GatherLayerRows;
+using cache_manager_internal::LeadingPrefixHits;
 using cache_manager_internal::MutexUnlock;
 using cache_manager_internal::RowSlots;
 using cache_manager_internal::ShapeOf;
 using cache_manager_internal::ShutdownCancelled;
 using cache_manager_internal::SlotOf;
 
-namespace {
+namespace cache_manager_internal {
 
-absl::Status CheckHashes(const std::vector<std::string>& hashes) {
+absl::Status CheckPrefixHashes(const std::vector<std::string>& hashes) {
   if (hashes.empty() || hashes.size() > kMaxPrefixHashesPerCall) {
     return absl::InvalidArgumentError(absl::StrCat(
         "block_hashes must hold 1-", kMaxPrefixHashesPerCall, " hashes (got ", hashes.size(), ")"));
@@ -46,12 +47,15 @@ absl::Status CheckHashes(const std::vector<std::string>& hashes) {
   return absl::OkStatus();
 }
 
-// How many leading hashes `store` holds.
-uint32_t LeadingHits(const PrefixStore& store, const std::vector<std::string>& hashes) {
+uint32_t LeadingPrefixHits(const PrefixStore& store, const std::vector<std::string>& hashes) {
   uint32_t n = 0;
   while (n < hashes.size() && store.Find(hashes[n]) != nullptr) ++n;
   return n;
 }
+
+}  // namespace cache_manager_internal
+
+namespace {
 
 // Makes hashes[0, n) the most recently used, the first last (chains are evicted tails first).
 void TouchChain(PrefixStore& store, const std::vector<std::string>& hashes, size_t n) {
@@ -142,7 +146,7 @@ absl::StatusOr<std::vector<std::shared_ptr<const compress::CodedLayer>>> CodeBlo
 absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
     const Caller& caller, const std::string& sequence_id, uint32_t first_block,
     const std::vector<std::string>& hashes, const std::optional<PrefixCodebookOptions>& codebook) {
-  RETURN_IF_ERROR(CheckHashes(hashes));
+  RETURN_IF_ERROR(CheckPrefixHashes(hashes));
   std::optional<compress::PolicyConfig> policy;
   if (codebook.has_value()) {
     ASSIGN_OR_RETURN(policy, StoreCodebookPolicy(*codebook));
@@ -214,10 +218,8 @@ absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
   const uint64_t serial = seq->serial;
   const std::shared_ptr<const PoolMemory> memory = pool.memory;
   const compress::ModelShape shape = ShapeOf(pool.model);
-  const compress::ComputeOptions compute{
-      options_.compress_threads == 0 ? std::max(1u, std::thread::hardware_concurrency())
-                                     : options_.compress_threads,
-      memory->similarity_graph(), memory->ranker(), &shutting_down_};
+  const compress::ComputeOptions compute{CompressThreads(), memory->similarity_graph(),
+                                         memory->ranker(), &shutting_down_};
   const uint64_t first_position = codebook.has_value() && codebook->first_position.has_value()
                                       ? *codebook->first_position
                                       : uint64_t{first_block} * bs;
@@ -315,16 +317,16 @@ absl::StatusOr<StorePrefixResult> CacheManager::StorePrefix(
 
 absl::StatusOr<uint32_t> CacheManager::MatchPrefix(const Caller& caller,
                                                    const std::vector<std::string>& hashes) {
-  RETURN_IF_ERROR(CheckHashes(hashes));
+  RETURN_IF_ERROR(CheckPrefixHashes(hashes));
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
-  return LeadingHits(client->pool->prefixes, hashes);
+  return LeadingPrefixHits(client->pool->prefixes, hashes);
 }
 
 absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
                                                           const std::string& sequence_id,
                                                           const std::vector<std::string>& hashes) {
-  RETURN_IF_ERROR(CheckHashes(hashes));
+  RETURN_IF_ERROR(CheckPrefixHashes(hashes));
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Client * client, FindClientLocked(caller));
   RETURN_IF_ERROR(CheckSequenceId(sequence_id, "sequence_id"));
@@ -335,7 +337,7 @@ absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
   Pool& pool = *client->pool;
   const uint32_t bs = pool.model.block_size;
   const uint32_t num_layers = pool.model.num_layers;
-  uint32_t n = LeadingHits(pool.prefixes, hashes);
+  uint32_t n = LeadingPrefixHits(pool.prefixes, hashes);
   LoadPrefixResult result;
   pool.last_used = clock_->Now();
   if (n == 0) {
@@ -352,7 +354,7 @@ absl::StatusOr<LoadPrefixResult> CacheManager::LoadPrefix(const Caller& caller,
   TouchChain(pool.prefixes, hashes, n);
   uint64_t charge = SequenceChargeBytes(sequence_id, num_layers, uint64_t{n} * num_layers);
   RETURN_IF_ERROR(ChargeLocked(charge, absl::StrCat("sequence_id ", QuoteForMessage(sequence_id))));
-  if (const uint32_t left = LeadingHits(pool.prefixes, hashes); left < n) {
+  if (const uint32_t left = LeadingPrefixHits(pool.prefixes, hashes); left < n) {
     const uint64_t less = SequenceChargeBytes(sequence_id, num_layers, uint64_t{left} * num_layers);
     memory_used_bytes_ -= charge - less;
     charge = less;

@@ -126,6 +126,7 @@ struct CacheManager::Sequence {
 // One Compress: what its first step copied out under the lock, and what its work computed. The
 // work reads only this and the pool memory (kept alive here), never the manager's state.
 struct CacheManager::CompressJob {
+  std::string client_id;  // the owner's: background jobs of different clients take turns
   std::string sequence_id;
   uint64_t serial = 0;
   CompressParams params;
@@ -201,6 +202,13 @@ class MutexUnlock {
  private:
   absl::Mutex* const mu_;
 };
+
+// StorePrefix / MatchPrefix / LoadPrefix's check of their hashes (INVALID_ARGUMENT naming
+// block_hashes: 1-kMaxPrefixHashesPerCall hashes of 1-PrefixStore::kMaxHashBytes bytes each).
+absl::Status CheckPrefixHashes(const std::vector<std::string>& hashes);
+
+// How many leading hashes `store` holds.
+uint32_t LeadingPrefixHits(const PrefixStore& store, const std::vector<std::string>& hashes);
 
 // What Compress, Fetch and Park answer when the daemon's shutdown stopped them.
 inline absl::Status ShutdownCancelled(const char* call) {

@@ -1,5 +1,5 @@
-// CacheManager::Step: a scheduler step's allocations, frees and forks under one acquisition of
-// the manager's lock (docs/PERF.md "Step").
+// CacheManager::Step: a scheduler step's allocations, frees, forks and prefix lookups under one
+// acquisition of the manager's lock (docs/PERF.md "Step").
 #include "absl/strings/str_cat.h"
 #include "cachemgr/cache_manager.h"
 #include "cachemgr/cache_manager_state.h"
@@ -8,6 +8,10 @@
 #include "cachemgr/util/status_macros.h"
 
 namespace cachemgr {
+
+using cache_manager_internal::CheckPrefixHashes;
+using cache_manager_internal::LeadingPrefixHits;
+
 namespace {
 
 // The op's status with a message cut to what the reply bound allows.
@@ -26,6 +30,22 @@ absl::StatusOr<std::vector<StepOpResult>> CacheManager::Step(const Caller& calle
   if (ops.size() > options_.max_step_ops) {
     return absl::InvalidArgumentError(absl::StrCat(
         "ops holds ", ops.size(), " ops; a Step carries at most ", options_.max_step_ops));
+  }
+  // The lookups' hashes together are bounded as one MatchPrefix's; a lookup over the bound on
+  // its own is that op's error (the one MatchPrefix answers), not the step's.
+  size_t hashes = 0;
+  for (const StepOp& op : ops) {
+    if (op.kind == StepOp::Kind::kMatchPrefix &&
+        op.block_hashes.size() <= kMaxPrefixHashesPerCall) {
+      hashes += op.block_hashes.size();
+    }
+  }
+  if (hashes > kMaxPrefixHashesPerCall) {
+    return absl::InvalidArgumentError(absl::StrCat("ops: the prefix lookups hold ", hashes,
+                                                   " block hashes together; a Step "
+                                                   "carries at most ",
+                                                   kMaxPrefixHashesPerCall,
+                                                   ", as one MatchPrefix"));
   }
   const Pool& pool = *client->pool;
   uint64_t reply = 0;
@@ -67,6 +87,14 @@ absl::StatusOr<std::vector<StepOpResult>> CacheManager::Step(const Caller& calle
         absl::StatusOr<Sequence*> child =
             ForkLocked(*client, op.sequence_id, op.child_sequence_id, /*reply=*/false);
         if (!child.ok()) out.status = Bounded(child.status());
+        break;
+      }
+      case StepOp::Kind::kMatchPrefix: {
+        if (absl::Status s = CheckPrefixHashes(op.block_hashes); !s.ok()) {
+          out.status = Bounded(s);
+        } else {
+          out.matched_blocks = LeadingPrefixHits(pool.prefixes, op.block_hashes);
+        }
         break;
       }
     }

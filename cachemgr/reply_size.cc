@@ -69,7 +69,7 @@ uint64_t StepResultBytes(uint32_t num_layers, uint64_t num_new_tokens, uint32_t 
       Sum({Scalar(kVarint32), Packed(new_blocks, MaxId(pool_blocks)),
            slot_mapping ? Packed(num_new_tokens, max_slot) : 0, Scalar(kVarint32), copy});
   const uint64_t result =
-      Sum({Scalar(kVarint32), Delimited(kMaxStepMessageBytes), Scalar(1), 3 * Scalar(kVarint64),
+      Sum({2 * Scalar(kVarint32), Delimited(kMaxStepMessageBytes), Scalar(1), 3 * Scalar(kVarint64),
            num_new_tokens == 0 ? 0 : Mul(num_layers, Delimited(layer))});
   return Delimited(result);
 }

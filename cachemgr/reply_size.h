@@ -33,8 +33,8 @@ struct LayerCounts {
 inline constexpr uint64_t kMaxStepMessageBytes = 2048;
 
 // One StepResponse.results entry: an op's status and, for an allocation of `num_new_tokens`
-// tokens (0 for a free or a fork), its layers' new blocks and copies, with slot mappings only
-// with `slot_mapping`.
+// tokens (0 for a free, a fork or a prefix lookup), its layers' new blocks and copies, with slot
+// mappings only with `slot_mapping`.
 uint64_t StepResultBytes(uint32_t num_layers, uint64_t num_new_tokens, uint32_t pool_blocks,
                          uint32_t block_size, bool slot_mapping);
 

@@ -109,6 +109,12 @@ void CheckResponse(const v1::StepRequest& q, const v1::StepResponse& r) {
     Check(result.code() != static_cast<int>(grpc::StatusCode::INTERNAL) &&
               result.code() != static_cast<int>(grpc::StatusCode::UNKNOWN),
           absl::StrCat("Step: ops[", i, "] answered ", result.code(), ": ", result.message()));
+    if (result.code() == 0 && q.ops(i).has_match_prefix()) {
+      const int hashes = q.ops(i).match_prefix().block_hashes_size();
+      Check(result.matched_blocks() <= static_cast<uint32_t>(hashes),
+            absl::StrCat("Step: ops[", i, "] matched ", result.matched_blocks(), " of ", hashes,
+                         " hashes"));
+    }
     if (result.code() != 0 || !q.ops(i).has_allocate()) continue;
     Check(!result.has_all_layers() || result.layers_size() == 0,
           absl::StrCat("Step: ops[", i, "] has both layers and all_layers"));

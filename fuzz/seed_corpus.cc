@@ -454,6 +454,13 @@ void RpcSeeds() {
     allocate("n0", 0);
     allocate("c0", 1);
     allocate("n1", 9);
+    // Prefix lookups: the fixture stored "h0", "h1" (PrefixSeeds); a hit, a partial one, a bad
+    // hash.
+    for (const std::vector<std::string>& hashes :
+         std::vector<std::vector<std::string>>{{"h0", "h1"}, {"h0", "zz", "h1"}, {""}}) {
+      v1::StepMatchPrefix* m = step.add_ops()->mutable_match_prefix();
+      for (const std::string& h : hashes) m->add_block_hashes(h);
+    }
     Put("rpc_step", "decode", step);
     step.set_include_slot_mapping(true);
     Put("rpc_step", "slots", step);

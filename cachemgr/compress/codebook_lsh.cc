@@ -12,9 +12,12 @@
 namespace cachemgr::compress {
 namespace {
 
-// Radius floor: at theta = 1 (duplicates only) r would be 0; any positive width keeps
-// identical vectors in one bucket, and this one keeps the quantised values far inside int32.
+// Radius and width-factor floors: at theta = 1 (duplicates only) r would be 0; any positive width
+// keeps identical vectors in one bucket, and these keep the quantised values (|g . x| / w, a
+// Gaussian direction's projection of a unit vector, at most |g|: about sqrt(dim)) far inside
+// int32.
 constexpr double kMinRadius = 1e-3;
+constexpr double kMinWidthFactor = 1e-3;
 
 // Candidate pairs are verified in batches of this many (bounded memory whatever the buckets).
 constexpr size_t kPairBatch = 16384;
@@ -127,12 +130,6 @@ size_t VerifyBucket(const VectorKernels& kernels, const float* unit, uint32_t di
   return added;
 }
 
-uint64_t Mix(uint64_t h, uint64_t x) {
-  h ^= x + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
-  h *= 0xff51afd7ed558ccdULL;
-  return h ^ (h >> 33);
-}
-
 size_t CountEdges(const uint64_t* adjacency, size_t n) {
   const size_t words = (n + 63) / 64;
   size_t bits = 0;
@@ -148,7 +145,7 @@ LshFamily::LshFamily(uint32_t dim, float theta, const LshParams& params)
   params_.hashes_per_table = std::clamp(params_.hashes_per_table, 1u, kLshProjections);
   const double radius = std::max(kMinRadius, std::sqrt(std::max(0.0, 2.0 * (1.0 - theta))));
   inverse_width_ =
-      static_cast<float>(1.0 / (std::max(1e-6, double{params_.width_factor}) * radius));
+      static_cast<float>(1.0 / (std::max(kMinWidthFactor, double{params_.width_factor}) * radius));
   SplitMix64 rng(params_.seed);
   directions_.resize(size_t{dim} * kLshProjections);
   for (float& g : directions_) g = static_cast<float>(rng.Gaussian());
@@ -165,25 +162,39 @@ LshFamily::LshFamily(uint32_t dim, float theta, const LshParams& params)
       offsets_[size_t{t} * params_.hashes_per_table + h] = static_cast<float>(rng.Uniform());
     }
   }
+  multipliers_.resize(hashes);
+  for (uint32_t& a : multipliers_) a = static_cast<uint32_t>(rng.Next() >> 32) | 1u;
 }
 
 void LshFamily::Project(const float* rows, size_t n, float* out) const {
-  SelectedVectorKernels().lsh_project(rows, n, dim_, directions_.data(), out);
+  // The kernel writes a row's projections side by side; they are transposed a few rows at a time
+  // (the block stays in L1) so that Keys() reads each projection contiguously.
+  constexpr size_t kBlockRows = 64;
+  float block[kBlockRows * kLshProjections];
+  const VectorKernels& kernels = SelectedVectorKernels();
+  for (size_t r0 = 0; r0 < n; r0 += kBlockRows) {
+    const size_t count = std::min(kBlockRows, n - r0);
+    kernels.lsh_project(rows + r0 * dim_, count, dim_, directions_.data(), block);
+    for (uint32_t p = 0; p < kLshProjections; ++p) {
+      for (size_t r = 0; r < count; ++r) out[p * n + r0 + r] = block[r * kLshProjections + p];
+    }
+  }
 }
 
-void LshFamily::Keys(uint32_t table, const float* projections, size_t rows, uint64_t* keys) const {
-  std::fill_n(keys, rows, uint64_t{table});
+void LshFamily::Keys(uint32_t table, const float* projections, size_t n, uint32_t* keys) const {
+  std::fill_n(keys, n, 0u);
   const size_t base = size_t{table} * params_.hashes_per_table;
-  // Hash by hash over all rows: the rows' mixing chains are independent and overlap.
   for (uint32_t h = 0; h < params_.hashes_per_table; ++h) {
-    const float* column = projections + chosen_[base + h];
+    const float* column = projections + size_t{chosen_[base + h]} * n;
     const float offset = offsets_[base + h];
-    for (size_t r = 0; r < rows; ++r) {
-      // floor(g . x / w + offset): the projections of unit vectors are far inside int64.
-      const float value = column[r * kLshProjections] * inverse_width_ + offset;
-      auto bucket = static_cast<int64_t>(value);
+    const uint32_t multiplier = multipliers_[base + h];
+    // floor(g . x / w + offset) by truncation and a correction (one vectorisable loop): the
+    // projections of unit vectors are far inside int32.
+    for (size_t r = 0; r < n; ++r) {
+      const float value = column[r] * inverse_width_ + offset;
+      auto bucket = static_cast<int32_t>(value);
       bucket -= value < static_cast<float>(bucket) ? 1 : 0;
-      keys[r] = Mix(keys[r], static_cast<uint64_t>(bucket));
+      keys[r] += static_cast<uint32_t>(bucket) * multiplier;
     }
   }
 }
@@ -231,26 +242,27 @@ absl::Status LshSimilarityAdjacency(const float* unit, const uint8_t* nonzero, s
   const LshFamily family(dim, theta, params);
   constexpr uint32_t projections = kLshProjections;
   const uint32_t tables = family.params().tables;
-  std::vector<float> projected(m * projections);
+  std::vector<float> projected(size_t{projections} * m);
   if (m == n) {
     family.Project(unit, n, projected.data());
   } else {
-    for (size_t r = 0; r < m; ++r) {
-      family.Project(&unit[size_t{live[r]} * dim], 1, &projected[r * projections]);
-    }
+    std::vector<float> rows(m * dim);
+    for (size_t r = 0; r < m; ++r) std::copy_n(&unit[size_t{live[r]} * dim], dim, &rows[r * dim]);
+    family.Project(rows.data(), m, projected.data());
   }
 
   // Each table's vectors sorted by (32-bit key, index), packed in one word: a bucket is a run
-  // of equal high halves, its vectors ascending. (Keys truncated to 32 bits can only merge
-  // buckets: a few more candidates, never a missed pair.)
+  // of equal high halves, its vectors ascending. (Two tuples of buckets with the same 32-bit key
+  // only merge two buckets: a few more candidates, never a missed pair.)
   std::vector<uint64_t> keyed(size_t{tables} * m);
   std::vector<uint64_t> scratch(m);
+  std::vector<uint32_t> keys(m);
   uint64_t candidates = 0;
   uint64_t small_bucket_pairs = 0;  // at most tables * m * (kBlockedBucket - 2) / 2
   for (uint32_t t = 0; t < tables; ++t) {
     uint64_t* table = &keyed[size_t{t} * m];
-    family.Keys(t, projected.data(), m, table);
-    for (size_t r = 0; r < m; ++r) table[r] = (table[r] << 32) | live[r];
+    family.Keys(t, projected.data(), m, keys.data());
+    for (size_t r = 0; r < m; ++r) table[r] = (uint64_t{keys[r]} << 32) | live[r];
     SortByKey(table, m, scratch.data());
     for (size_t a = 0; a < m;) {
       size_t b = a + 1;
@@ -371,24 +383,25 @@ void LshMatchEntries(const float* entries, size_t known, const float* queries,
 
   const LshFamily family(dim, theta, params);
   const uint32_t tables = family.params().tables;
-  std::vector<float> entry_projections(known * kLshProjections);
-  std::vector<float> query_projections(count * kLshProjections);
+  std::vector<float> entry_projections(kLshProjections * known);
+  std::vector<float> query_projections(kLshProjections * count);
   family.Project(entries, known, entry_projections.data());
   family.Project(queries, count, query_projections.data());
   // Per table, entries and live queries sorted by key (packed as in LshSimilarityAdjacency).
   std::vector<uint64_t> entry_keys(size_t{tables} * known);
   std::vector<uint64_t> query_keys(size_t{tables} * live);
   std::vector<uint64_t> scratch(std::max(known, live));
-  std::vector<uint64_t> query_key(count);
+  std::vector<uint32_t> entry_key(known);
+  std::vector<uint32_t> query_key(count);
   for (uint32_t t = 0; t < tables; ++t) {
     uint64_t* ek = &entry_keys[size_t{t} * known];
-    family.Keys(t, entry_projections.data(), known, ek);
-    for (size_t e = 0; e < known; ++e) ek[e] = (ek[e] << 32) | e;
+    family.Keys(t, entry_projections.data(), known, entry_key.data());
+    for (size_t e = 0; e < known; ++e) ek[e] = (uint64_t{entry_key[e]} << 32) | e;
     SortByKey(ek, known, scratch.data());
     uint64_t* qk = &query_keys[size_t{t} * live];
     family.Keys(t, query_projections.data(), count, query_key.data());
     for (size_t q = 0, r = 0; q < count; ++q) {
-      if (nonzero[q]) qk[r++] = (query_key[q] << 32) | q;
+      if (nonzero[q]) qk[r++] = (uint64_t{query_key[q]} << 32) | q;
     }
     SortByKey(qk, live, scratch.data());
   }

@@ -5,8 +5,9 @@
 // from Euclidean (p-stable) locality-sensitive hashing of the unit vectors (Datar, Immorlica,
 // Indyk, Mirrokni 2004): 32 Gaussian directions g_p are shared by every table; table t
 // quantises `hashes_per_table` of them, h = floor(g_p . x / w + offset_t,p), with w =
-// width_factor * r and its own random offsets in [0, 1), and keys each vector by that tuple. Two
-// vectors are candidates when they share a key in any table, and every candidate is verified by
+// width_factor * r and its own random offsets in [0, 1), and keys each vector by that tuple
+// (hashed to 32 bits: sum of h_i * a_i mod 2^32, random odd a_i). Two vectors are candidates
+// when they share a key in any table, and every candidate is verified by
 // the exact edge test of SimilarityAdjacency (VectorKernels::similar_listed_pairs, or
 // similarity_pairs on a gathered bucket: the same float arithmetic). The graph therefore only
 // ever lacks edges (a similar pair no table put together), never has a false one; with every
@@ -36,7 +37,7 @@ namespace cachemgr::compress {
 struct LshParams {
   uint32_t tables = 24;           // a pair is a candidate if any table keys it together
   uint32_t hashes_per_table = 8;  // quantised projections per key (<= kLshProjections)
-  float width_factor = 4.0f;      // bucket width w over the radius r = sqrt(2 (1 - theta))
+  float width_factor = 4.0f;      // bucket width w over the radius r = sqrt(2 (1 - theta)); >= 1e-3
   uint64_t seed = 0x5b1d1e4b5a11ceULL;
   // Fewer nonzero vectors than this: the exact pass, which is as cheap there (and misses
   // nothing).
@@ -70,11 +71,12 @@ class LshFamily {
   LshFamily(uint32_t dim, float theta, const LshParams& params);
 
   const LshParams& params() const { return params_; }
-  // out[r * kLshProjections + p] = g_p . rows[r], for r < n.
+  // out[p * n + r] = g_p . rows[r], for r < n and p < kLshProjections (projection-major, so
+  // that Keys reads each one contiguously).
   void Project(const float* rows, size_t n, float* out) const;
-  // Table `table`'s keys of `rows` vectors whose projections (Project's layout) are
-  // `projections`: keys[r] for row r.
-  void Keys(uint32_t table, const float* projections, size_t rows, uint64_t* keys) const;
+  // Table `table`'s keys of `n` vectors whose projections (Project's layout, for the same n)
+  // are `projections`: keys[r] for row r. Equal tuples of buckets give equal keys.
+  void Keys(uint32_t table, const float* projections, size_t n, uint32_t* keys) const;
 
  private:
   uint32_t dim_;
@@ -83,6 +85,7 @@ class LshFamily {
   std::vector<float> directions_;  // [dim][kLshProjections]
   std::vector<float> offsets_;     // [tables][hashes_per_table], in [0, 1) bucket widths
   std::vector<uint32_t> chosen_;   // [tables][hashes_per_table]: projection of each hash
+  std::vector<uint32_t> multipliers_;  // [tables][hashes_per_table]: odd, for the key
 };
 
 // MatchEntry (codebook.h) for each of `queries` [count, dim] unit vectors against `entries`

@@ -115,11 +115,47 @@ bool Similar(float dot, float theta, const float* a, const float* b, uint32_t di
   return dot > kIdenticalCandidate && Identical(a, b, dim);
 }
 
-// Eight pairs (a, b_0..b_7) are computed together from the transposed blocks, with one 8-wide
-// vector per lane of Dot(): lane l of Dot() sums the products of dims k = l, l + 8, ... in
-// increasing k, and here accumulator r[l] holds exactly those partial sums for the eight pairs
-// side by side, added in the same order and combined in the same tree. The dot products are
-// therefore bit-identical to Dot()'s, with no per-pair horizontal reduction.
+// Dot() of `a` with the eight vectors of one transposed block ([dim][8]), side by side: r_l is
+// lane l of Dot() for all eight pairs (the products of dims k = l, l + 8, ... added in increasing
+// k; the last dim % 8 go to lanes 0, 1, ...), combined in Reduce()'s tree. Eight named
+// accumulators (not an array) so that they stay in registers.
+Float8 BlockDot(const float* a, const float* bt, uint32_t dim) {
+  Float8 r0 = {}, r1 = {}, r2 = {}, r3 = {}, r4 = {}, r5 = {}, r6 = {}, r7 = {};
+  uint32_t k = 0;
+  for (; k + 8 <= dim; k += 8) {
+    const float* b = bt + size_t{k} * 8;
+    r0 += Splat(a[k]) * Load8(b);
+    r1 += Splat(a[k + 1]) * Load8(b + 8);
+    r2 += Splat(a[k + 2]) * Load8(b + 16);
+    r3 += Splat(a[k + 3]) * Load8(b + 24);
+    r4 += Splat(a[k + 4]) * Load8(b + 32);
+    r5 += Splat(a[k + 5]) * Load8(b + 40);
+    r6 += Splat(a[k + 6]) * Load8(b + 48);
+    r7 += Splat(a[k + 7]) * Load8(b + 56);
+  }
+  const uint32_t tail = dim - k;
+  const float* b = bt + size_t{k} * 8;
+  if (tail > 0) r0 += Splat(a[k]) * Load8(b);
+  if (tail > 1) r1 += Splat(a[k + 1]) * Load8(b + 8);
+  if (tail > 2) r2 += Splat(a[k + 2]) * Load8(b + 16);
+  if (tail > 3) r3 += Splat(a[k + 3]) * Load8(b + 24);
+  if (tail > 4) r4 += Splat(a[k + 4]) * Load8(b + 32);
+  if (tail > 5) r5 += Splat(a[k + 5]) * Load8(b + 40);
+  if (tail > 6) r6 += Splat(a[k + 6]) * Load8(b + 48);
+  return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7));
+}
+
+// Whether any lane of `dot` is above `bound` (false for NaN lanes).
+bool AnyAbove(Float8 dot, float bound) {
+  typedef int32_t Int8 __attribute__((vector_size(32)));
+  const Int8 above = dot > Splat(bound);  // -1 where above
+  uint64_t words[4];
+  std::memcpy(words, &above, sizeof(words));
+  return (words[0] | words[1] | words[2] | words[3]) != 0;
+}
+
+// Eight pairs (a, b_0..b_7) at a time from the transposed blocks (BlockDot: bit-identical to
+// Dot()'s, with no per-pair horizontal reduction); a block with no candidate is passed over.
 void SimilarityPairs(const float* unit, const float* transposed, const uint8_t* nonzero, size_t n,
                      uint32_t dim, float theta, uint64_t* adjacency) {
   const size_t words = (n + 63) / 64;
@@ -139,16 +175,8 @@ void SimilarityPairs(const float* unit, const float* transposed, const uint8_t* 
         const size_t first = MaxSize(j0, i + 1);
         if (first >= j1) continue;
         for (size_t jb = first / 8; jb * 8 < j1; ++jb) {
-          const float* bt = &transposed[jb * 8 * dim];
-          Float8 r[8] = {};
-          uint32_t k = 0;
-          for (; k + 8 <= dim; k += 8) {
-            for (uint32_t l = 0; l < 8; ++l) {
-              r[l] += Splat(a[k + l]) * Load8(bt + size_t{k + l} * 8);
-            }
-          }
-          for (uint32_t l = 0; k < dim; ++k, ++l) r[l] += Splat(a[k]) * Load8(bt + size_t{k} * 8);
-          const Float8 dot = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+          const Float8 dot = BlockDot(a, &transposed[jb * 8 * dim], dim);
+          if (!AnyAbove(dot, candidate)) continue;
           for (uint32_t p = 0; p < 8; ++p) {
             const size_t j = jb * 8 + p;
             if (j < first || j >= j1 || !(dot[p] > candidate)) continue;

@@ -221,6 +221,9 @@ void StepResultsToProto(absl::Span<const StepOp> ops, absl::Span<const StepOpRes
         break;
       case StepOp::Kind::kFork:
         break;
+      case StepOp::Kind::kMatchPrefix:
+        out->set_matched_blocks(r.matched_blocks);
+        break;
     }
   }
 }

@@ -61,9 +61,14 @@ absl::Status StepCall(CacheManager& manager, const Caller& caller, const v1::Ste
         op.sequence_id = in.fork().parent_sequence_id();
         op.child_sequence_id = in.fork().child_sequence_id();
         break;
+      case v1::StepOp::kMatchPrefix:
+        op.kind = StepOp::Kind::kMatchPrefix;
+        op.block_hashes.assign(in.match_prefix().block_hashes().begin(),
+                               in.match_prefix().block_hashes().end());
+        break;
       case v1::StepOp::OP_NOT_SET:
         return absl::InvalidArgumentError(
-            absl::StrCat("ops[", i, "] holds none of allocate, free, fork"));
+            absl::StrCat("ops[", i, "] holds none of allocate, free, fork, match_prefix"));
     }
   }
   ASSIGN_OR_RETURN(std::vector<StepOpResult> results,

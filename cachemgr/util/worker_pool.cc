@@ -17,12 +17,14 @@ WorkerPool::~WorkerPool() {
   for (std::thread& t : threads_) t.join();
 }
 
-void WorkerPool::Submit(std::function<void()> task) {
+void WorkerPool::Submit(std::string key, std::function<void()> task) {
   absl::MutexLock lock(&mu_);
-  tasks_.push_back(std::move(task));
+  std::deque<std::function<void()>>& queue = tasks_[key];
+  if (queue.empty()) turns_.push_back(std::move(key));
+  queue.push_back(std::move(task));
 }
 
-bool WorkerPool::Ready() const { return stopping_ || !tasks_.empty(); }
+bool WorkerPool::Ready() const { return stopping_ || !turns_.empty(); }
 
 void WorkerPool::Run() {
   while (true) {
@@ -30,9 +32,17 @@ void WorkerPool::Run() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(this, &WorkerPool::Ready));
-      if (tasks_.empty()) return;  // stopping, and nothing left to run
-      task = std::move(tasks_.front());
-      tasks_.pop_front();
+      if (turns_.empty()) return;  // stopping, and nothing left to run
+      std::string key = std::move(turns_.front());
+      turns_.pop_front();
+      auto it = tasks_.find(key);
+      task = std::move(it->second.front());
+      it->second.pop_front();
+      if (it->second.empty()) {
+        tasks_.erase(it);
+      } else {
+        turns_.push_back(std::move(key));  // its next task waits for the other keys' turns
+      }
     }
     task();
   }

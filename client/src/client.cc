@@ -1222,6 +1222,10 @@ absl::StatusOr<std::vector<StepResult>> Session::Step(std::span<const StepOp> op
         out->mutable_fork()->set_parent_sequence_id(op.sequence_id);
         out->mutable_fork()->set_child_sequence_id(op.child_sequence_id);
         break;
+      case StepOp::Kind::kMatchPrefix:
+        out->mutable_match_prefix()->mutable_block_hashes()->Add(op.block_hashes.begin(),
+                                                                 op.block_hashes.end());
+        break;
     }
   }
   pb::StepResponse response;
@@ -1247,6 +1251,7 @@ absl::StatusOr<std::vector<StepResult>> Session::Step(std::span<const StepOp> op
       for (const pb::LayerAllocation& layer : r.layers()) o.layers.push_back(FromProto(layer));
     }
     o.blocks_released = r.blocks_released();
+    o.matched_blocks = r.matched_blocks();
   }
   return out;
 }

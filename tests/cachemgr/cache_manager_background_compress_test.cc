@@ -467,5 +467,32 @@ TEST_CASE("a background Compress ends with its sequence, its error, or the shutd
   }
 }
 
+TEST_CASE("background Compresses of different clients take turns", "[cpu]") {
+  GatedFixture f;
+  StartHeldInItsRead(f, 7);  // "s" of client a: its work holds the background thread
+  auto b = f.manager.Attach({"other", Model(), 64});
+  REQUIRE(b.ok());
+  const CompressParams params = BackgroundParams("streamingllm");
+  for (const char* id : {"a1", "a2"}) {
+    REQUIRE(f.manager.Allocate(f.a.session_token, id, 8).ok());
+    REQUIRE(f.manager.Compress(f.a.session_token, id, params).ok());
+  }
+  REQUIRE(f.manager.Allocate(b->session_token, "b1", 8).ok());
+  REQUIRE(f.manager.Compress(b->session_token, "b1", params).ok());
+  f.backend.release.Notify();
+  for (const char* id : {"s", "a1", "a2"}) {
+    REQUIRE(f.manager.FinishCompress(f.a.session_token, id, true, "").ok());
+  }
+  REQUIRE(f.manager.FinishCompress(b->session_token, "b1", true, "").ok());
+  // Published under the manager's lock, which FinishCompress took after.
+  std::vector<std::string> ready;
+  for (const Event& e : f.events) {
+    if (e.type == EventType::kSequenceCompressReady) ready.push_back(e.sequence_id);
+  }
+  // b1 does not wait behind all of a's queue (in start order it would come last).
+  CHECK(ready == std::vector<std::string>{"s", "a1", "b1", "a2"});
+  REQUIRE(f.manager.CheckInvariants().ok());
+}
+
 }  // namespace
 }  // namespace cachemgr

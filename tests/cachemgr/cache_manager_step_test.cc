@@ -1,8 +1,8 @@
-// CacheManager::Step: a scheduler step's allocations, frees and forks in one call do exactly what
-// the per-call Allocate / Free / Fork do in the same order (same blocks, copies, positions,
-// releases and final tables, on twin managers), each op all or nothing with the per-call error,
-// the next ops still applied; the whole step is refused, changing nothing, only for the session,
-// too many ops, or a reply that could be too large.
+// CacheManager::Step: a scheduler step's allocations, frees, forks and prefix lookups in one call
+// do exactly what the per-call Allocate / Free / Fork / MatchPrefix do in the same order (same
+// blocks, copies, positions, releases and final tables, on twin managers), each op all or nothing
+// with the per-call error, the next ops still applied; the whole step is refused, changing nothing,
+// only for the session, too many ops, or a reply that could be too large.
 #include <catch2/catch.hpp>
 #include <string>
 #include <vector>
@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "cachemgr/backend/host_backend.h"
 #include "cachemgr/cache_manager.h"
+#include "cachemgr/prefix_store.h"
 
 namespace cachemgr {
 namespace {
@@ -44,10 +45,15 @@ struct Fixture {
   std::string token;
 };
 
-StepOp Alloc(std::string id, uint32_t n) { return {StepOp::Kind::kAllocate, std::move(id), "", n}; }
-StepOp Free(std::string id) { return {StepOp::Kind::kFree, std::move(id), "", 0}; }
+StepOp Alloc(std::string id, uint32_t n) {
+  return {StepOp::Kind::kAllocate, std::move(id), "", n, {}};
+}
+StepOp Free(std::string id) { return {StepOp::Kind::kFree, std::move(id), "", 0, {}}; }
 StepOp Fork(std::string parent, std::string child) {
-  return {StepOp::Kind::kFork, std::move(parent), std::move(child), 0};
+  return {StepOp::Kind::kFork, std::move(parent), std::move(child), 0, {}};
+}
+StepOp Match(std::vector<std::string> hashes) {
+  return {StepOp::Kind::kMatchPrefix, "", "", 0, std::move(hashes)};
 }
 
 // The same op through the per-call API, as a StepOpResult.
@@ -75,6 +81,15 @@ StepOpResult PerCall(CacheManager& m, const std::string& token, const StepOp& op
     case StepOp::Kind::kFork:
       out.status = m.Fork(token, op.sequence_id, op.child_sequence_id).status();
       break;
+    case StepOp::Kind::kMatchPrefix: {
+      auto r = m.MatchPrefix(token, op.block_hashes);
+      if (r.ok()) {
+        out.matched_blocks = *r;
+      } else {
+        out.status = r.status();
+      }
+      break;
+    }
   }
   return out;
 }
@@ -117,6 +132,7 @@ TEST_CASE("a step does what the per-call ops do, in order, each with its own sta
       const StepOpResult& got = (*results)[i];
       CHECK(got.status == want.status);
       CHECK(got.blocks_released == want.blocks_released);
+      CHECK(got.matched_blocks == want.matched_blocks);
       CHECK(got.allocate.created == want.allocate.created);
       CHECK(got.allocate.first_position == want.allocate.first_position);
       CHECK(got.allocate.num_positions == want.allocate.num_positions);
@@ -150,6 +166,62 @@ TEST_CASE("a step does what the per-call ops do, in order, each with its own sta
   CHECK_THAT(std::string((*again)[2].status.message()), Catch::Contains("parent_sequence_id"));
   CHECK((*again)[3].status.code() == absl::StatusCode::kAlreadyExists);
   CHECK((*again)[4].status.code() == absl::StatusCode::kResourceExhausted);
+  REQUIRE(step.manager.CheckInvariants().ok());
+}
+
+TEST_CASE("a step's prefix lookups answer what MatchPrefix answers, among its other ops", "[cpu]") {
+  Fixture step, calls;
+  for (Fixture* f : {&step, &calls}) {
+    REQUIRE(f->manager.Allocate(f->token, "prompt", 12).ok());
+    REQUIRE(f->manager.StorePrefix(f->token, "prompt", 0, {"h0", "h1", "h2"}).ok());
+  }
+  const std::string too_long(PrefixStore::kMaxHashBytes + 1, 'x');
+  // A scheduler step: lookups for waiting requests (a full hit, a partial one, a miss, bad
+  // hashes), the admitted request's allocation and a finished request's free in between.
+  const std::vector<StepOp> ops = {Match({"h0", "h1", "h2"}),
+                                   Match({"h0", "h1", "other", "h2"}),
+                                   Alloc("r1", 9),
+                                   Match({"nope"}),
+                                   Match({}),
+                                   Match({"h0", too_long}),
+                                   Free("prompt"),
+                                   Match({"h0", "h1", "h2", "h3"})};
+  auto results = step.manager.Step(step.token, ops, false);
+  REQUIRE(results.ok());
+  REQUIRE(results->size() == ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    CAPTURE(i);
+    const StepOpResult want = PerCall(calls.manager, calls.token, ops[i]);
+    CHECK((*results)[i].status == want.status);
+    CHECK((*results)[i].matched_blocks == want.matched_blocks);
+  }
+  CHECK((*results)[0].matched_blocks == 3);
+  CHECK((*results)[1].matched_blocks == 2);
+  CHECK((*results)[3].matched_blocks == 0);
+  CHECK((*results)[4].status.code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string((*results)[4].status.message()), Catch::Contains("block_hashes"));
+  CHECK((*results)[5].status.code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string((*results)[5].status.message()), Catch::Contains("block_hashes[1]"));
+  CHECK((*results)[7].matched_blocks == 3);  // the store keeps them after the sequence
+  CHECK(Tables(step.manager, step.token) == Tables(calls.manager, calls.token));
+  REQUIRE(step.manager.CheckInvariants().ok());
+
+  // One lookup over MatchPrefix's bound is that op's error; lookups over it together, the
+  // step's (nothing applied).
+  const std::vector<std::string> half(kMaxPrefixHashesPerCall / 2 + 1, "h0");
+  const std::vector<std::string> over(kMaxPrefixHashesPerCall + 1, "h0");
+  auto alone =
+      step.manager.Step(step.token, std::vector<StepOp>{Match(over), Alloc("r2", 1)}, false);
+  REQUIRE(alone.ok());
+  CHECK((*alone)[0].status == PerCall(calls.manager, calls.token, Match(over)).status);
+  CHECK((*alone)[1].status.ok());
+  auto together = step.manager.Step(
+      step.token, std::vector<StepOp>{Match(half), Alloc("r3", 1), Match(half)}, false);
+  REQUIRE(together.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(together.status().message()), Catch::Contains("ops"));
+  CHECK_THAT(std::string(together.status().message()),
+             Catch::Contains(absl::StrCat(2 * half.size(), " block hashes")));
+  CHECK_FALSE(step.manager.GetSequence(step.token, "r3", false).ok());
   REQUIRE(step.manager.CheckInvariants().ok());
 }
 

@@ -1,5 +1,5 @@
 """Session.step against the real daemon (docs/PERF.md "Step"): a scheduler step's allocations,
-frees and forks in one call give what the per-call RPCs give in the same order (two pools of the
+frees, forks and prefix lookups in one call give what the per-call RPCs give in the same order (two pools of the
 same shape on two daemons, one driven each way), per-op errors carry the per-call code and message, the step
 itself is refused only for its shape, and a client killed in the middle of a stream of steps
 leaves nothing behind once its lease runs out."""
@@ -124,6 +124,45 @@ def test_layers_that_grew_alike_travel_once_and_differing_ones_each(daemon_facto
                 differing += 1
         assert differing > 0
         assert tables(s) == tables(c)
+
+
+def test_prefix_lookups_in_a_step_answer_as_match_prefix_does(daemon):
+    """A scheduler's lookups for its waiting requests ride in its step, over the fast path:
+    each answers what the MatchPrefix RPC answers (hits, misses, the errors naming the field);
+    Session.match_prefix is such a step."""
+    hashes = [b"h0", b"h1", b"h2"]
+    stub = pb_grpc.CacheManagerStub(grpc.insecure_channel(f"unix:{daemon.socket}"))
+    with cachemgr.Session.attach(daemon.socket, "stepper", model("a"), num_blocks=16) as s:
+        s.allocate("doc", 12)
+        assert s.store_prefix("doc", hashes).stored == 3
+
+        def rpc(block_hashes):
+            try:
+                return (None, "", stub.MatchPrefix(pb.MatchPrefixRequest(
+                    session_token=s.session_token, block_hashes=block_hashes)).matched_blocks)
+            except grpc.RpcError as e:
+                return (e.code(), e.details())
+
+        lookups = [hashes, [b"h0", b"other", b"h2"], [b"nope"], [], [b"h0", b"x" * 65],
+                   hashes + [b"h3"]]
+        ops = [StepOp.match_prefix(h) for h in lookups]
+        ops.insert(2, StepOp.allocate("admitted", 5))
+        ops.insert(5, StepOp.free("doc"))
+        before = s.fast_path_calls
+        results = s.step(ops)
+        assert s.fast_path_calls == before + 1
+        got = [(r.error.code, r.error.message) if r.error else (None, "", r.matched_blocks)
+               for op, r in zip(ops, results) if op.kind == "match_prefix"]
+        assert got == [rpc(h) for h in lookups]
+        assert [g[-1] for g in got if g[0] is None] == [3, 1, 0, 3]
+        assert "block_hashes[1]" in got[4][1]
+        assert results[2].ok and results[2].created and results[5].ok
+        # Session.match_prefix: the same answers, through the fast path.
+        assert s.match_prefix(hashes) == 3
+        assert s.fast_path_calls == before + 2
+        with pytest.raises(cachemgr.CacheManagerError) as e:
+            s.match_prefix([])
+        assert (e.value.code, e.value.message) == rpc([])
 
 
 def test_step_errors_name_the_op_and_change_nothing(daemon):

@@ -118,14 +118,22 @@ def step_results_from_proto(r: pb.StepResponse, num_layers: int) -> list:
         else:
             out.append(StepResult(None, x.created, x.first_position, x.num_positions,
                                   _layers_from_proto(x.layers) if x.layers else [],
-                                  x.blocks_released))
+                                  x.blocks_released, matched_blocks=x.matched_blocks))
     return out
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def step_op_to_proto(op: StepOp) -> pb.StepOp:
-    """The op's message (cached: a scheduler sends the same ops step after step; StepOp is
-    frozen, and the message is only ever copied into requests)."""
+    """The op's message. A lookup's is built each time (its hashes are many and seldom sent
+    twice); the others are cached."""
+    if op.kind == "match_prefix":
+        return pb.StepOp(match_prefix=pb.StepMatchPrefix(block_hashes=list(op.block_hashes)))
+    return _cached_step_op_to_proto(op)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_step_op_to_proto(op: StepOp) -> pb.StepOp:
+    """(cached: a scheduler sends the same ops step after step; StepOp is frozen, and the
+    message is only ever copied into requests)"""
     if op.kind == "allocate":
         return pb.StepOp(allocate=pb.StepAllocate(sequence_id=op.sequence_id,
                                                   num_new_tokens=op.num_new_tokens))
@@ -134,7 +142,8 @@ def step_op_to_proto(op: StepOp) -> pb.StepOp:
     if op.kind == "fork":
         return pb.StepOp(fork=pb.StepFork(parent_sequence_id=op.sequence_id,
                                           child_sequence_id=op.child_sequence_id))
-    raise ValueError(f"StepOp.kind must be allocate, free or fork (got {op.kind!r})")
+    raise ValueError(
+        f"StepOp.kind must be allocate, free, fork or match_prefix (got {op.kind!r})")
 
 
 def sequence_from_proto(s: pb.SequenceInfo) -> SequenceInfo:

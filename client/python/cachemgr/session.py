@@ -786,7 +786,7 @@ class Session:
 
     def step(self, ops: Sequence[StepOp], include_slot_mapping: bool = False) -> List[StepResult]:
         """A scheduler step in one call (docs/PERF.md "Step"): `ops` (StepOp.allocate / free /
-        fork) applied in order by the daemon, each as its own call would be (all or nothing),
+        fork / match_prefix) applied in order by the daemon, each as its own call would be (all or nothing),
         one StepResult per op with its error, if any. Raises only for the session, more than
         4096 ops or a reply too large. Slot mappings only with include_slot_mapping (otherwise
         a token's slot is block_id * block_size + its offset in the block)."""
@@ -861,9 +861,13 @@ class Session:
                             response.codebook_bytes)
 
     def match_prefix(self, block_hashes: Sequence[bytes]) -> int:
-        """How many leading block_hashes the pool has stored."""
-        return self._session_call("MatchPrefix", lambda t: pb.MatchPrefixRequest(
-            session_token=t, block_hashes=list(block_hashes))).matched_blocks
+        """How many leading block_hashes the pool has stored: a Step of one lookup, so that it
+        takes the fast path where the session has one (the same answer and errors as the
+        MatchPrefix call, which a Step too large for the fast path goes through instead)."""
+        result = self.step([StepOp.match_prefix(block_hashes)])[0]
+        if result.error is not None:
+            raise result.error
+        return result.matched_blocks
 
     def load_prefix(self, sequence_id: str, block_hashes: Sequence[bytes]) -> LoadedPrefix:
         """Creates `sequence_id` holding the stored blocks of the leading hashes (their digests

@@ -1,7 +1,7 @@
 """Plain data types of the client (no protobuf types leak out of the package)."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,11 +64,12 @@ class Allocation:
 
 @dataclass(frozen=True)
 class StepOp:
-    """One op of Session.step: build with StepOp.allocate / free / fork."""
-    kind: str  # "allocate", "free", "fork"
+    """One op of Session.step: build with StepOp.allocate / free / fork / match_prefix."""
+    kind: str  # "allocate", "free", "fork", "match_prefix"
     sequence_id: str  # allocate, free; fork: the parent
     child_sequence_id: str = ""
     num_new_tokens: int = 0
+    block_hashes: Tuple[bytes, ...] = ()  # match_prefix
 
     @staticmethod
     def allocate(sequence_id: str, num_new_tokens: int) -> "StepOp":
@@ -82,6 +83,11 @@ class StepOp:
     def fork(parent_sequence_id: str, child_sequence_id: str) -> "StepOp":
         return StepOp("fork", parent_sequence_id, child_sequence_id=child_sequence_id)
 
+    @staticmethod
+    def match_prefix(block_hashes: Sequence[bytes]) -> "StepOp":
+        """Session.match_prefix's lookup (read-only): StepResult.matched_blocks."""
+        return StepOp("match_prefix", "", block_hashes=tuple(block_hashes))
+
 
 class StepResult:
     """What one op of Session.step did. `error` is None when it succeeded, else the
@@ -91,14 +97,16 @@ class StepResult:
     (block tables grow in step until compression makes them differ), `all_layers` holds that one
     allocation (its layer is 0) and `layers` expands it on first use: a scheduler that reads
     `all_layers` when set skips building an entry per layer. `blocks_released`: a free's.
-    A plain class with slots: a step answers hundreds of these."""
+    `matched_blocks`: a prefix lookup's. A plain class with slots: a step answers hundreds of
+    these."""
     __slots__ = ("error", "created", "first_position", "num_positions", "_layers",
-                 "all_layers", "_num_layers", "blocks_released")
+                 "all_layers", "_num_layers", "blocks_released", "matched_blocks")
 
     def __init__(self, error: Optional["CacheManagerError"], created: bool = False,
                  first_position: int = 0, num_positions: int = 0,
                  layers: Optional[List[LayerAllocation]] = None, blocks_released: int = 0,
-                 all_layers: Optional[LayerAllocation] = None, num_layers: int = 0):
+                 all_layers: Optional[LayerAllocation] = None, num_layers: int = 0,
+                 matched_blocks: int = 0):
         self.error = error
         self.created = created
         self.first_position = first_position
@@ -107,6 +115,7 @@ class StepResult:
         self.all_layers = all_layers
         self._num_layers = num_layers
         self.blocks_released = blocks_released
+        self.matched_blocks = matched_blocks
 
     @property
     def layers(self) -> List[LayerAllocation]:
@@ -124,7 +133,8 @@ class StepResult:
     def __repr__(self) -> str:
         return (f"StepResult(error={self.error!r}, created={self.created}, "
                 f"first_position={self.first_position}, num_positions={self.num_positions}, "
-                f"layers={self.layers!r}, blocks_released={self.blocks_released})")
+                f"layers={self.layers!r}, blocks_released={self.blocks_released}, "
+                f"matched_blocks={self.matched_blocks})")
 
 
 @dataclass

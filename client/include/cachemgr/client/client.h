@@ -149,20 +149,25 @@ struct Allocation {
 
 // One op of Session::Step (docs/PERF.md "Step").
 struct StepOp {
-  enum class Kind { kAllocate, kFree, kFork };
+  enum class Kind { kAllocate, kFree, kFork, kMatchPrefix };
   Kind kind = Kind::kAllocate;
-  std::string sequence_id;        // kAllocate, kFree; kFork: the parent
-  std::string child_sequence_id;  // kFork
-  uint32_t num_new_tokens = 0;    // kAllocate
+  std::string sequence_id;                // kAllocate, kFree; kFork: the parent
+  std::string child_sequence_id;          // kFork
+  uint32_t num_new_tokens = 0;            // kAllocate
+  std::vector<std::string> block_hashes;  // kMatchPrefix
 
   static StepOp Allocate(std::string sequence_id, uint32_t num_new_tokens) {
-    return StepOp{Kind::kAllocate, std::move(sequence_id), "", num_new_tokens};
+    return StepOp{Kind::kAllocate, std::move(sequence_id), "", num_new_tokens, {}};
   }
   static StepOp Free(std::string sequence_id) {
-    return StepOp{Kind::kFree, std::move(sequence_id), "", 0};
+    return StepOp{Kind::kFree, std::move(sequence_id), "", 0, {}};
   }
   static StepOp Fork(std::string parent_sequence_id, std::string child_sequence_id) {
-    return StepOp{Kind::kFork, std::move(parent_sequence_id), std::move(child_sequence_id), 0};
+    return StepOp{Kind::kFork, std::move(parent_sequence_id), std::move(child_sequence_id), 0, {}};
+  }
+  // MatchPrefix's lookup: how many leading hashes the pool has stored (read-only).
+  static StepOp MatchPrefix(std::vector<std::string> block_hashes) {
+    return StepOp{Kind::kMatchPrefix, "", "", 0, std::move(block_hashes)};
   }
 };
 
@@ -175,6 +180,7 @@ struct StepResult {
   uint64_t num_positions = 0;
   std::vector<LayerAllocation> layers;
   uint64_t blocks_released = 0;  // a free
+  uint32_t matched_blocks = 0;   // a prefix lookup
 };
 
 struct LayerBlockTable {

@@ -13,8 +13,8 @@ Prefix store (docs/PREFIX_STORE.md): blocks keyed by vLLM's own chained block ha
 (Request.block_hashes; `--prefix-caching-hash-algo sha256_cbor` makes them reproducible in every
 process and language), held by the daemon for every engine attached to the same model, after
 the engine that stored them is gone, until evicted.
-  scheduler  get_num_new_matched_tokens asks the daemon (MatchPrefix, on the scheduler's own
-             session) how many leading blocks it holds and reports them past what vLLM
+  scheduler  get_num_new_matched_tokens asks the daemon (a one-lookup Step on the scheduler's
+             own session, over the fast path) how many leading blocks it holds and reports them past what vLLM
              computed; update_state_after_alloc schedules the load into the blocks vLLM gave;
              build_connector_meta schedules every block that is full of computed tokens after
              the step (prompt and output alike) to be stored once;
