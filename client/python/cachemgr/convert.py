@@ -105,45 +105,43 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def step_results_from_proto(r: pb.StepResponse, num_layers: int) -> list:
-    # A decode step's results are mostly an OK with no layers: build those without the rest.
+    # Hundreds of results a step, most an OK whose fields the caller may never read: each keeps
+    # its message and converts what is read (StepResult).
     out = []
+    append = out.append
     for x in r.results:
         if x.code:
-            out.append(StepResult(CacheManagerError(
+            append(StepResult(CacheManagerError(
                 _CODES.get(x.code, grpc.StatusCode.UNKNOWN), x.message)))
-        elif x.HasField("all_layers"):
-            out.append(StepResult(None, x.created, x.first_position, x.num_positions, None,
-                                  x.blocks_released, _layers_from_proto([x.all_layers])[0],
-                                  num_layers))
         else:
-            out.append(StepResult(None, x.created, x.first_position, x.num_positions,
-                                  _layers_from_proto(x.layers) if x.layers else [],
-                                  x.blocks_released, matched_blocks=x.matched_blocks))
+            append(StepResult(None, x, num_layers, _layers_from_proto))
     return out
 
 
-def step_op_to_proto(op: StepOp) -> pb.StepOp:
-    """The op's message. A lookup's is built each time (its hashes are many and seldom sent
-    twice); the others are cached."""
-    if op.kind == "match_prefix":
-        return pb.StepOp(match_prefix=pb.StepMatchPrefix(block_hashes=list(op.block_hashes)))
-    return _cached_step_op_to_proto(op)
+def step_ops_to_proto(ops) -> list:
+    """The ops' messages. Allocations, frees and forks are cached by their fields (a scheduler
+    sends the same ops step after step, and the messages are only ever copied into requests;
+    keyed by a tuple, whose hash and comparison are the interpreter's, not the dataclass's); a
+    lookup's is built each time (its hashes are many and seldom sent twice)."""
+    cached = _cached_step_op_to_proto
+    return [cached(op.kind, op.sequence_id, op.child_sequence_id, op.num_new_tokens)
+            if op.kind != "match_prefix" else
+            pb.StepOp(match_prefix=pb.StepMatchPrefix(block_hashes=list(op.block_hashes)))
+            for op in ops]
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _cached_step_op_to_proto(op: StepOp) -> pb.StepOp:
-    """(cached: a scheduler sends the same ops step after step; StepOp is frozen, and the
-    message is only ever copied into requests)"""
-    if op.kind == "allocate":
-        return pb.StepOp(allocate=pb.StepAllocate(sequence_id=op.sequence_id,
-                                                  num_new_tokens=op.num_new_tokens))
-    if op.kind == "free":
-        return pb.StepOp(free=op.sequence_id)
-    if op.kind == "fork":
-        return pb.StepOp(fork=pb.StepFork(parent_sequence_id=op.sequence_id,
-                                          child_sequence_id=op.child_sequence_id))
-    raise ValueError(
-        f"StepOp.kind must be allocate, free, fork or match_prefix (got {op.kind!r})")
+def _cached_step_op_to_proto(kind: str, sequence_id: str, child_sequence_id: str,
+                             num_new_tokens: int) -> pb.StepOp:
+    if kind == "allocate":
+        return pb.StepOp(allocate=pb.StepAllocate(sequence_id=sequence_id,
+                                                  num_new_tokens=num_new_tokens))
+    if kind == "free":
+        return pb.StepOp(free=sequence_id)
+    if kind == "fork":
+        return pb.StepOp(fork=pb.StepFork(parent_sequence_id=sequence_id,
+                                          child_sequence_id=child_sequence_id))
+    raise ValueError(f"StepOp.kind must be allocate, free, fork or match_prefix (got {kind!r})")
 
 
 def sequence_from_proto(s: pb.SequenceInfo) -> SequenceInfo:

@@ -790,7 +790,7 @@ class Session:
         one StepResult per op with its error, if any. Raises only for the session, more than
         4096 ops or a reply too large. Slot mappings only with include_slot_mapping (otherwise
         a token's slot is block_id * block_size + its offset in the block)."""
-        request_ops = [convert.step_op_to_proto(op) for op in ops]
+        request_ops = convert.step_ops_to_proto(ops)
         return convert.step_results_from_proto(self._session_call("Step", lambda t: pb.StepRequest(
             session_token=t, ops=request_ops, include_slot_mapping=include_slot_mapping)),
             self.model.num_layers)
